@@ -1,0 +1,37 @@
+# clipdr: `make demo` and `make test` are the whole set-up on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: setup demo test lint format lock clean
+
+setup: $(STAMP)
+
+# The venv is (re)installed when the dependency pins change; torch comes from the exact pins in constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/clipdr demo --config jobs/configs/demo.toml
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+lock: setup
+	{ echo '# The exact stack clipdr is tested with (pip freeze of a fresh `make` venv). Regenerate with `make lock`.'; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^clipdr'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

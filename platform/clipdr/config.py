@@ -1,0 +1,255 @@
+"""Typed, frozen run configuration: one TOML file per run, overridden by ``--set section.key=value``.
+
+A run's whole configuration is one `Config`; each component reads its own section. Every field carries
+its help text in ``metadata["help"]`` so the CLI can list the keys of a section with their defaults.
+
+Loading is strict: an unknown section or key, or a value of the wrong type, raises ``ConfigError`` with
+the dotted key, where it came from (file or ``--set``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not fit the typed config."""
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and its help text."""
+    if isinstance(default, list | dict | set):
+        raise TypeError("config defaults must be immutable (use tuples)")
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """How the synthetic student corpus' web alt-text goes wrong."""
+
+    drop_count: float = _f(0.9, "probability that a noisy caption omits the object count")
+    drop_size: float = _f(0.85, "probability that a noisy caption omits an object's size")
+    drop_position: float = _f(0.9, "probability that a noisy caption omits an object's position")
+    drop_background: float = _f(0.85, "probability that a noisy caption omits the background")
+    drop_object: float = _f(0.3, "probability that a noisy caption omits each object after the first")
+    wrong_rate: float = _f(0.15, "probability that a stated colour or shape is wrong")
+    filler_rate: float = _f(0.6, "probability of adding web filler words")
+    irrelevant_rate: float = _f(0.1, "probability that the caption is unrelated to the image")
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """The built-in synthetic image-text world (the embedded default data)."""
+
+    output: str = _f("data/synth", "where the world is written: a path, file:// or s3:// URI")
+    seed: int = _f(0, "seed of the world; every sample is a pure function of (seed, split, index)")
+    image_size: int = _f(64, "side of the square images in pixels")
+    formats: tuple[str, ...] = _f(("webdataset",), "source formats to write: webdataset and/or parquet")
+    shard_size: int = _f(1000, "samples per shard")
+    num_teacher: int = _f(20000, "samples in the clean teacher corpus")
+    num_student: int = _f(10000, "samples in the noisy student corpus")
+    num_zeroshot: int = _f(2000, "images in the zero-shot classification split")
+    num_retrieval: int = _f(1000, "image-caption pairs in the retrieval split")
+    workers: int = _f(1, "processes that render shards in parallel")
+    noise: NoiseConfig = _f(NoiseConfig(), "noise of the student corpus' captions")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The stored augmentations: RandomResizedCrop, then RandAugment, optional horizontal flip."""
+
+    scale: tuple[float, float] = _f((0.08, 1.0), "RandomResizedCrop range of the crop's area fraction")
+    ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "RandomResizedCrop range of the crop's aspect ratio")
+    num_ops: int = _f(2, "RandAugment operations per view")
+    magnitude: int = _f(9, "RandAugment magnitude bin")
+    num_magnitude_bins: int = _f(31, "RandAugment magnitude bins")
+    hflip: float = _f(0.0, "probability of a horizontal flip")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. Jobs read the sections they need."""
+
+    synth: SynthConfig = _f(SynthConfig(), "the synthetic world")
+    augment: AugmentConfig = _f(AugmentConfig(), "the stored augmentations")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Checks ``value`` against the annotation ``tp``; returns it in the dataclass' own form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    def fail(expected: str) -> typing.NoReturn:
+        raise ConfigError(f"{key}: expected {expected}, got {type(value).__name__} {value!r} ({where})")
+
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"a table of {tp.__name__} keys")
+        return _build(tp, value, key, where)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        fail(" or ".join(_type_name(a) for a in args))
+    if origin is typing.Literal:
+        if value not in args:
+            fail(f"one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            fail(f"a list ({_type_name(tp)})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]", where) for i, v in enumerate(value))
+        if len(value) != len(args):
+            fail(f"a list of {len(args)} items")
+        return tuple(_coerce(v, a, f"{key}[{i}]", where) for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            fail("a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"{key}: unsupported config annotation {tp!r}")  # an internal bug, not a user error
+
+
+def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for name, value in table.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r} ({where}){hint}; allowed: {', '.join(allowed)}")
+        kwargs[name] = _coerce(value, hints[name], key, where)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = base
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses ``section.key=value``; the value is read as TOML, or taken as a bare string."""
+    dotted, sep, raw = text.partition("=")
+    dotted = dotted.strip()
+    if not sep or not dotted or any(not part for part in dotted.split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return dotted, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Reads a TOML run file (or the defaults when ``path`` is None) and applies ``--set`` overrides."""
+    table: dict[str, Any] = {}
+    if path is not None:
+        try:
+            table = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {str(path)!r} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {e}") from None
+    where = f"in {path}" if path is not None else "defaults"
+    _build(Config, table, "", where)  # so that a bad file key is reported against the file
+    for text in overrides:
+        dotted, value = parse_override(text)
+        single: dict[str, Any] = {}
+        _merge(single, dotted, value)
+        # Validate the override on its own so its error names --set, then apply it on top of the file.
+        _build(Config, single, "", f"--set {text}")
+        _merge(table, dotted, value)
+    return _build(Config, table, "", where if not overrides else f"{where} + --set")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain TOML/JSON-able data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "stored config") -> Any:
+    """Rebuilds a config dataclass from `to_dict` output, with the same strict checks."""
+    return _build(cls, data, "", where)
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` for every leaf of a config (or a nested dict), as trackers want params."""
+    if dataclasses.is_dataclass(data):
+        data = to_dict(data)
+    flat: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """``(dotted key, default, help)`` for every leaf of a config dataclass, for ``--help``."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            rows.extend(describe(type(default), f"{key}."))
+        else:
+            shown = to_dict(default) if isinstance(default, tuple) else default
+            rows.append((key, repr(shown) if isinstance(shown, str) else str(shown), f.metadata.get("help", "")))
+    return rows

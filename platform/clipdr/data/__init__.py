@@ -1,0 +1,1 @@
+"""Data: source readers and writers, the synthetic image-text world."""

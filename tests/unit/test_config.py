@@ -1,0 +1,90 @@
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from clipdr.config import AugmentConfig, Config, ConfigError, describe, flatten, from_dict, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_frozen_and_complete():
+    cfg = load_config()
+    assert cfg == Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.synth.seed = 1  # type: ignore[misc]
+
+
+def test_file_then_overrides(tmp_path):
+    path = write(tmp_path, '[synth]\nseed = 3\nformats = ["parquet"]\n[synth.noise]\nwrong_rate = 0.5\n')
+    cfg = load_config(path, ["synth.seed=7", "augment.scale=[0.5, 1]", "synth.output=s3://bucket/world"])
+    assert cfg.synth.seed == 7
+    assert cfg.synth.formats == ("parquet",)
+    assert cfg.synth.noise.wrong_rate == 0.5
+    assert cfg.augment.scale == (0.5, 1.0)  # ints are accepted where floats are expected
+    assert cfg.synth.output == "s3://bucket/world"  # bare strings need no TOML quoting
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["synth.num_teachr=5"],
+            r"unknown config key 'synth.num_teachr' \(--set synth.num_teachr=5\) "
+            r"\(did you mean 'num_teacher'\?\); allowed: output, seed",
+        ),
+        (["nope.x=1"], r"unknown config key 'nope'.*allowed: synth, augment"),
+        (["synth.seed=abc"], r"synth.seed: expected an integer, got str 'abc' \(--set synth.seed=abc\)"),
+        (["synth.seed=true"], r"synth.seed: expected an integer, got bool"),
+        (["augment.scale=[1]"], r"augment.scale: expected a list of 2 items"),
+        (["augment.hflip=yes"], r"augment.hflip: expected a number"),
+        (["synth=3"], r"synth: expected a table of SynthConfig keys"),
+        (["synth.formats=webdataset"], r"synth.formats: expected a list"),
+        (["synth.formats=[1]"], r"synth.formats\[0\]: expected a string"),
+        (["synth.seed"], r"expected section.key=value"),
+        (["synth.seed.x=1"], r"'seed' is a value, not a section|synth.seed: expected an integer"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_file_keys_name_the_file(tmp_path):
+    path = write(tmp_path, "[augment]\nmagnitud = 9\n")
+    with pytest.raises(ConfigError, match=rf"unknown config key 'augment.magnitud' \(in {path}\).*'magnitude'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[synth\n"))
+
+
+def test_round_trips_and_flatten():
+    cfg = load_config(None, ["augment.hflip=0.5"])
+    assert from_dict(Config, to_dict(cfg)) == cfg
+    assert from_dict(AugmentConfig, tomllib.loads("scale = [0.1, 1.0]")).scale == (0.1, 1.0)
+    flat = flatten(cfg)
+    assert flat["augment.hflip"] == 0.5
+    assert flat["synth.noise.wrong_rate"] == cfg.synth.noise.wrong_rate
+    assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_every_field_is_documented():
+    rows = describe(Config)
+    assert {key for key, _, _ in rows} == set(flatten(Config()))
+    assert all(help_text for _, _, help_text in rows)
+
+
+def test_shipped_configs_load():
+    configs = sorted((REPO / "jobs" / "configs").glob("*.toml"))
+    assert configs, "jobs/configs/ holds the run files"
+    for path in configs:
+        load_config(path)
