@@ -1,0 +1,552 @@
+"""Stored augmentations: sample a view's parameters once, replay them at any resolution.
+
+This module is the contract between the reinforcement job and the training job. Reinforcement samples
+`K` views per image (`sample_views`), renders them at each teacher's resolution (`replay`, or `render`
+for both at once) and stores only the parameters next to the teacher embeddings. Training draws one
+stored view and replays it at the student's resolution and normalisation.
+
+A view is torchvision's ``Compose([RandomResizedCrop, RandomHorizontalFlip, RandAugment])``, split into
+what is drawn (`AugParams`) and what is applied (`replay`):
+
+1. crop window ``(top, left, height, width)`` in pixels of the source image, resized to the view size
+   (antialiased, bicubic by default);
+2. horizontal flip, with probability ``AugmentConfig.hflip``;
+3. ``num_ops`` RandAugment operations, applied in order with torchvision's own kernels, torchvision's
+   default nearest interpolation and black fill (as ``RandAugment()._apply_image_or_video_transform``).
+
+Sampling makes the same random draws, in the same order, as those three torchvision v2 transforms do
+from the global generator, but from a private ``torch.Generator`` seeded by `derive_seed(seed, key,
+aug_index)`: a blake2b hash, so reruns, workers and machines reproduce every view exactly, and the
+global torch RNG is never touched. Replay is a pure function of (image, params, size, interpolation).
+
+Resolution-free magnitudes. The crop window is in source pixels, so it does not depend on the view size.
+RandAugment magnitudes are stored so that they do not either; `to_torchvision_magnitude` turns one into
+torchvision's value at a view size:
+
+==========================================  ======================================  ========================
+op                                          stored magnitude                        at a view of H x W
+==========================================  ======================================  ========================
+Identity, AutoContrast, Equalize            0                                       -
+ShearX, ShearY                              signed shear factor (<= 0.3)            same (about the top-left)
+TranslateX / TranslateY                     signed fraction of the view's W / H     ``int(m * W)`` pixels
+                                            (<= 150/331)                            (``int(m * H)``)
+Rotate                                      signed degrees (<= 30)                  same
+Brightness, Color, Contrast, Sharpness      signed factor offset (factor = 1 + m)   same
+Posterize                                   bits kept (4..8)                        same
+Solarize                                    threshold as a fraction of white        ``255 * m``
+==========================================  ======================================  ========================
+
+The pixel translation truncates toward zero exactly like torchvision's ``int(magnitude)``; it can differ
+from torchvision's by one pixel only when ``m * W`` lands within float32 rounding of an integer.
+
+Stored representation. One view encodes (`AugParams.to_array`) to a fixed-length float32 vector::
+
+    [top, left, height, width, flip, op_0, magnitude_0, ..., op_{n-1}, magnitude_{n-1}]
+
+of `encoded_length(num_ops)` = ``5 + 2 * num_ops`` values (9 for the default two ops; `ARRAY_FIELDS` names
+the first five). A sample's `K` views stack (`views_to_array`) to a ``(K, L)`` float32 array, which pyarrow
+stores as ``fixed_size_list<fixed_size_list<float32, L>, K>``. Why a fixed-size numeric list, not a struct:
+36 bytes a view next to ~100 KB of embeddings, a column of N rows turns into an ``(N, K, L)`` numpy array
+without copying (``col.flatten().flatten().to_numpy().reshape(N, K, L)``) where a ``list<struct>`` column
+costs one Arrow child array per field and a Python dict per view when Ray Data hands out rows, and the
+layout is fixed by ``num_ops``, which the manifest's augmentation config records. float32 is lossless here:
+crop coordinates are integers below 2**24, and every magnitude is a float32 value (torchvision draws them
+from float32 ``torch.linspace``; `AugParams` rounds hand-made ones to float32 when it is built).
+`AugParams.to_dict` / `from_dict` give the same content as JSON for manifests, logs and tests.
+
+Shape suffixes: C channels (3), H and W pixel rows and columns, K views of a sample, L encoded length.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from clipdr.config import AugmentConfig
+
+# torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE, in its order: op_index indexes this tuple.
+OP_NAMES: tuple[str, ...] = (
+    "Identity",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "Rotate",
+    "Brightness",
+    "Color",
+    "Contrast",
+    "Sharpness",
+    "Posterize",
+    "Solarize",
+    "AutoContrast",
+    "Equalize",
+)
+SIGNED_OPS: frozenset[str] = frozenset(
+    {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast", "Sharpness"}
+)
+ARRAY_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")  # then (op, magnitude) pairs
+
+_OP_INDEX = {name: index for index, name in enumerate(OP_NAMES)}
+_TRANSLATE_MAX = 150.0 / 331.0  # torchvision's largest translation, as a fraction of the image side
+_MAX_COORD = 2**24  # float32 holds every integer up to here exactly
+_OP_INTERPOLATION = InterpolationMode.NEAREST  # torchvision RandAugment's default for the geometric ops
+_RESIZE_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # those tensor kernels support
+
+
+# --------------------------------------------------------------------------- parameters
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if not math.isfinite(value) or int(value) != value:
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _as_float32(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    rounded = float(np.float32(value))
+    if not math.isfinite(rounded):
+        raise ValueError(f"{name} must be finite (in float32), got {value!r}")
+    return rounded + 0.0  # -0.0 -> 0.0, so equal views encode identically
+
+
+@dataclass(frozen=True)
+class AugParams:
+    """One stored view: crop window in source pixels, flip, and RandAugment ops with resolution-free magnitudes.
+
+    Built values are canonicalised: coordinates become ints, ``flip`` a bool, ``ops`` a tuple of
+    ``(op_index, magnitude)`` with the magnitude rounded to float32, so every encoding round-trips exactly.
+
+    Attributes:
+        top: First source row of the crop.
+        left: First source column of the crop.
+        height: Crop height in source pixels.
+        width: Crop width in source pixels.
+        flip: Whether the view is flipped horizontally (after the resize, before the ops).
+        ops: ``(op_index, magnitude)`` pairs applied in order; op_index indexes `OP_NAMES`, the magnitude
+            follows the module docstring's convention.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool = False
+    ops: tuple[tuple[int, float], ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ARRAY_FIELDS[:4]:
+            object.__setattr__(self, name, _as_int(getattr(self, name), name))
+        if self.top < 0 or self.left < 0 or self.height < 1 or self.width < 1:
+            raise ValueError(f"crop window {self.window} must have top, left >= 0 and height, width >= 1")
+        if self.top + self.height > _MAX_COORD or self.left + self.width > _MAX_COORD:
+            raise ValueError(f"crop window {self.window} reaches past {_MAX_COORD} pixels")
+        if isinstance(self.flip, bool | np.bool_) or self.flip in (0, 1):
+            object.__setattr__(self, "flip", bool(self.flip))
+        else:
+            raise ValueError(f"flip must be a bool (or 0/1), got {self.flip!r}")
+        ops = []
+        for position, op in enumerate(self.ops):
+            if len(op) != 2:
+                raise ValueError(f"ops[{position}] must be an (op_index, magnitude) pair, got {op!r}")
+            op_index = _as_int(op[0], f"ops[{position}] op_index")
+            if not 0 <= op_index < len(OP_NAMES):
+                raise ValueError(f"ops[{position}] op_index {op_index} is not in [0, {len(OP_NAMES)}): {OP_NAMES}")
+            ops.append((op_index, _as_float32(op[1], f"ops[{position}] magnitude")))
+        object.__setattr__(self, "ops", tuple(ops))
+
+    @property
+    def window(self) -> tuple[int, int, int, int]:
+        """The crop window ``(top, left, height, width)`` in source pixels."""
+        return (self.top, self.left, self.height, self.width)
+
+    @property
+    def num_ops(self) -> int:
+        return len(self.ops)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: ``{"top", "left", "height", "width", "flip", "ops": [[op_index, magnitude], ...]}``."""
+        return {
+            "top": self.top,
+            "left": self.left,
+            "height": self.height,
+            "width": self.width,
+            "flip": self.flip,
+            "ops": [[op_index, magnitude] for op_index, magnitude in self.ops],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AugParams:
+        """Inverse of `to_dict`; unknown or missing keys raise ValueError."""
+        expected = {*ARRAY_FIELDS, "ops"}
+        if set(data) != expected:
+            unknown, missing = sorted(set(data) - expected), sorted(expected - set(data))
+            raise ValueError(f"AugParams dict has unknown keys {unknown} and lacks {missing}")
+        return cls(
+            top=data["top"],
+            left=data["left"],
+            height=data["height"],
+            width=data["width"],
+            flip=data["flip"],
+            ops=tuple(tuple(op) for op in data["ops"]),
+        )
+
+    def to_array(self) -> np.ndarray:
+        """The fixed-length float32 encoding ``[top, left, height, width, flip, op_0, magnitude_0, ...]``."""
+        values = [self.top, self.left, self.height, self.width, float(self.flip)]
+        for op_index, magnitude in self.ops:
+            values += [op_index, magnitude]
+        return np.asarray(values, dtype=np.float32)
+
+    @classmethod
+    def from_array(cls, array_L: np.ndarray | Sequence[float]) -> AugParams:
+        """Inverse of `to_array`; the number of ops follows from the length."""
+        values_L = np.asarray(array_L, dtype=np.float32)
+        if values_L.ndim != 1 or values_L.size < len(ARRAY_FIELDS) or (values_L.size - len(ARRAY_FIELDS)) % 2:
+            raise ValueError(
+                f"an encoded view has shape (5 + 2 * num_ops,), got {values_L.shape}: fields {ARRAY_FIELDS} "
+                "then (op, magnitude) pairs"
+            )
+        values = values_L.tolist()
+        pairs = values[len(ARRAY_FIELDS) :]
+        top, left, height, width, flip = values[: len(ARRAY_FIELDS)]
+        if flip not in (0.0, 1.0):
+            raise ValueError(f"encoded flip must be 0 or 1, got {flip}")
+        return cls(top, left, height, width, flip == 1.0, tuple(zip(pairs[::2], pairs[1::2], strict=True)))
+
+
+def encoded_length(num_ops: int) -> int:
+    """Length of `AugParams.to_array` for views with ``num_ops`` RandAugment ops."""
+    return len(ARRAY_FIELDS) + 2 * num_ops
+
+
+def views_to_array(views: Sequence[AugParams]) -> np.ndarray:
+    """Stacks a sample's views into the ``(K, L)`` float32 array that a record stores."""
+    if not views:
+        raise ValueError("views_to_array needs at least one view")
+    num_ops = {view.num_ops for view in views}
+    if len(num_ops) != 1:
+        raise ValueError(f"all views of a sample must have the same number of ops, got {sorted(num_ops)}")
+    return np.stack([view.to_array() for view in views])
+
+
+def views_from_array(views_KL: np.ndarray) -> list[AugParams]:
+    """Inverse of `views_to_array`."""
+    views_KL = np.asarray(views_KL)
+    if views_KL.ndim != 2:
+        raise ValueError(f"encoded views have shape (K, L), got {views_KL.shape}")
+    return [AugParams.from_array(row_L) for row_L in views_KL]
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def check_config(cfg: AugmentConfig) -> None:
+    """Raises ValueError, naming the field, when an augmentation config cannot be sampled."""
+
+    def _pair(name: str) -> tuple[float, float]:
+        value = getattr(cfg, name)
+        if len(value) != 2 or not all(isinstance(v, int | float) and math.isfinite(v) for v in value):
+            raise ValueError(f"augment.{name} must be a (min, max) pair of numbers, got {value!r}")
+        return float(value[0]), float(value[1])
+
+    scale, ratio = _pair("scale"), _pair("ratio")
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"augment.scale must satisfy 0 < min <= max <= 1, got {cfg.scale!r}")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"augment.ratio must satisfy 0 < min <= max, got {cfg.ratio!r}")
+    for name in ("num_ops", "magnitude", "num_magnitude_bins"):
+        if isinstance(getattr(cfg, name), bool) or not isinstance(getattr(cfg, name), int):
+            raise ValueError(f"augment.{name} must be an integer, got {getattr(cfg, name)!r}")
+    if cfg.num_ops < 0:
+        raise ValueError(f"augment.num_ops must be >= 0, got {cfg.num_ops}")
+    if cfg.num_magnitude_bins < 2:
+        raise ValueError(f"augment.num_magnitude_bins must be >= 2, got {cfg.num_magnitude_bins}")
+    if not 0 <= cfg.magnitude < cfg.num_magnitude_bins:
+        raise ValueError(
+            f"augment.magnitude must be a bin in [0, {cfg.num_magnitude_bins - 1}] "
+            f"(augment.num_magnitude_bins = {cfg.num_magnitude_bins}), got {cfg.magnitude}"
+        )
+    if isinstance(cfg.hflip, bool) or not isinstance(cfg.hflip, int | float) or not 0.0 <= cfg.hflip <= 1.0:
+        raise ValueError(f"augment.hflip must be a probability in [0, 1], got {cfg.hflip!r}")
+
+
+def derive_seed(seed: int, key: str, aug_index: int) -> int:
+    """The 63-bit seed of one view: a blake2b hash of (seed, key, aug_index), stable across processes."""
+    payload = json.dumps([int(seed), str(key), int(aug_index)]).encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little") >> 1
+
+
+@functools.lru_cache(maxsize=16)
+def _op_magnitudes(num_bins: int, magnitude: int) -> tuple[float, ...]:
+    """Resolution-free unsigned magnitude of each op at one bin, computed as torchvision does (float32)."""
+    tables = {
+        "ShearX": torch.linspace(0.0, 0.3, num_bins),
+        "ShearY": torch.linspace(0.0, 0.3, num_bins),
+        "TranslateX": torch.linspace(0.0, _TRANSLATE_MAX, num_bins),
+        "TranslateY": torch.linspace(0.0, _TRANSLATE_MAX, num_bins),
+        "Rotate": torch.linspace(0.0, 30.0, num_bins),
+        "Brightness": torch.linspace(0.0, 0.9, num_bins),
+        "Color": torch.linspace(0.0, 0.9, num_bins),
+        "Contrast": torch.linspace(0.0, 0.9, num_bins),
+        "Sharpness": torch.linspace(0.0, 0.9, num_bins),
+        "Posterize": (8 - (torch.arange(num_bins) / ((num_bins - 1) / 4))).round().int(),
+        "Solarize": torch.linspace(1.0, 0.0, num_bins),
+    }
+    return tuple(float(tables[name][magnitude]) if name in tables else 0.0 for name in OP_NAMES)
+
+
+def _sample_crop(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """torchvision.transforms.v2.RandomResizedCrop.make_params, drawing from ``generator``."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        log_aspect = torch.empty(1).uniform_(float(log_ratio[0]), float(log_ratio[1]), generator=generator)
+        aspect_ratio = torch.exp(log_aspect).item()
+        w = round(math.sqrt(target_area * aspect_ratio))
+        h = round(math.sqrt(target_area / aspect_ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    # Fallback to a central crop with the closest allowed aspect ratio.
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample(image_size: tuple[int, int], key: str, aug_index: int, cfg: AugmentConfig, seed: int = 0) -> AugParams:
+    """Draws one view's parameters, reproducibly from ``(seed, key, aug_index)``.
+
+    The draws are those of torchvision v2 ``RandomResizedCrop(scale, ratio)``, then
+    ``RandomHorizontalFlip(hflip)`` (one draw even when hflip is 0), then ``RandAugment(num_ops, magnitude,
+    num_magnitude_bins)``, in that order, as if the global generator had been seeded with `derive_seed`.
+
+    Args:
+        image_size: ``(width, height)`` of the source image, as ``PIL.Image.size`` gives it.
+        key: The sample's key in its dataset.
+        aug_index: Which of the sample's views, 0 to K-1.
+        cfg: The augmentation config.
+        seed: Dataset-level seed.
+
+    Returns:
+        The view's parameters; magnitudes follow the module docstring's convention.
+    """
+    check_config(cfg)
+    width, height = (_as_int(side, "image_size") for side in image_size)
+    if width < 1 or height < 1:
+        raise ValueError(f"image_size (width, height) must be positive, got {image_size!r}")
+    if isinstance(aug_index, bool) or not isinstance(aug_index, int) or aug_index < 0:
+        raise ValueError(f"aug_index must be a non-negative integer, got {aug_index!r}")
+    generator = torch.Generator().manual_seed(derive_seed(seed, key, aug_index))
+
+    top, left, crop_h, crop_w = _sample_crop(height, width, cfg.scale, cfg.ratio, generator)
+    # RandomHorizontalFlip skips when rand >= p.
+    flip = bool(torch.rand(1, generator=generator).item() < cfg.hflip)
+    magnitudes = _op_magnitudes(cfg.num_magnitude_bins, cfg.magnitude)
+    ops = []
+    for _ in range(cfg.num_ops):
+        op_index = int(torch.randint(len(OP_NAMES), (), generator=generator))
+        magnitude = magnitudes[op_index]
+        # torchvision draws the sign only for signed ops that have a magnitude table.
+        if OP_NAMES[op_index] in SIGNED_OPS and torch.rand((), generator=generator).item() <= 0.5:
+            magnitude = -magnitude
+        ops.append((op_index, magnitude))
+    return AugParams(top, left, crop_h, crop_w, flip, tuple(ops))
+
+
+def sample_views(
+    image_size: tuple[int, int], key: str, num_views: int, cfg: AugmentConfig, seed: int = 0
+) -> list[AugParams]:
+    """The sample's ``num_views`` (K) views: `sample` for aug_index 0 to K-1."""
+    if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
+        raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
+    return [sample(image_size, key, aug_index, cfg, seed) for aug_index in range(num_views)]
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def to_torchvision_magnitude(op_index: int, magnitude: float, height: int, width: int) -> float:
+    """torchvision RandAugment's magnitude for a stored (resolution-free) one, on a view of height x width."""
+    name = OP_NAMES[op_index]
+    if name == "TranslateX":
+        return magnitude * width
+    if name == "TranslateY":
+        return magnitude * height
+    return magnitude
+
+
+def apply_op(image_CHW: torch.Tensor, op_index: int, magnitude: float) -> torch.Tensor:
+    """Applies one RandAugment op with a stored magnitude, as ``RandAugment._apply_image_or_video_transform``.
+
+    Args:
+        image_CHW: uint8 view.
+        op_index: Index into `OP_NAMES`.
+        magnitude: Resolution-free magnitude (module docstring); pixel amounts follow the view's size.
+
+    Returns:
+        The uint8 view after the op.
+    """
+    name = OP_NAMES[op_index]
+    height, width = image_CHW.shape[-2:]
+    magnitude = to_torchvision_magnitude(op_index, magnitude, height, width)
+    geometric = {"interpolation": _OP_INTERPOLATION, "fill": None}
+    if name == "Identity":
+        return image_CHW
+    if name in ("ShearX", "ShearY"):
+        # torchvision shears by atan(magnitude) degrees about the top-left corner (as the AutoAugment paper).
+        degrees = math.degrees(math.atan(magnitude))
+        shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
+        return F.affine(image_CHW, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **geometric)
+    if name in ("TranslateX", "TranslateY"):
+        translate = [int(magnitude), 0] if name == "TranslateX" else [0, int(magnitude)]
+        return F.affine(image_CHW, angle=0.0, translate=translate, scale=1.0, shear=[0.0, 0.0], **geometric)
+    if name == "Rotate":
+        return F.rotate(image_CHW, angle=magnitude, **geometric)
+    if name == "Brightness":
+        return F.adjust_brightness(image_CHW, brightness_factor=1.0 + magnitude)
+    if name == "Color":
+        return F.adjust_saturation(image_CHW, saturation_factor=1.0 + magnitude)
+    if name == "Contrast":
+        return F.adjust_contrast(image_CHW, contrast_factor=1.0 + magnitude)
+    if name == "Sharpness":
+        return F.adjust_sharpness(image_CHW, sharpness_factor=1.0 + magnitude)
+    if name == "Posterize":
+        return F.posterize(image_CHW, bits=int(magnitude))
+    if name == "Solarize":
+        return F.solarize(image_CHW, threshold=255.0 * magnitude)
+    if name == "AutoContrast":
+        return F.autocontrast(image_CHW)
+    assert name == "Equalize", name
+    return F.equalize(image_CHW)
+
+
+def _view_size(size: int | tuple[int, int]) -> tuple[int, int]:
+    sides = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+    if len(sides) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ValueError(f"size must be a positive int or a (height, width) pair of them, got {size!r}")
+    return sides[0], sides[1]
+
+
+def _interpolation(interpolation: str) -> InterpolationMode:
+    if interpolation not in _RESIZE_INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {_RESIZE_INTERPOLATIONS}, got {interpolation!r}")
+    return InterpolationMode(interpolation)
+
+
+def _crop(image: PIL.Image.Image | torch.Tensor, params: AugParams) -> torch.Tensor:
+    """The crop window of a PIL image or a uint8 CHW tensor, as a contiguous uint8 CHW tensor."""
+    if isinstance(image, PIL.Image.Image):
+        width, height = image.size
+    elif isinstance(image, torch.Tensor):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(
+                f"a tensor image must be uint8 with shape (3, H, W), got {image.dtype} {tuple(image.shape)}"
+            )
+        height, width = image.shape[-2:]
+    else:
+        raise ValueError(f"image must be a PIL image or a uint8 (3, H, W) tensor, got {type(image).__name__}")
+    if params.top + params.height > height or params.left + params.width > width:
+        raise ValueError(
+            f"crop window (top, left, height, width) = {params.window} falls outside the image of "
+            f"(width, height) = ({width}, {height}): were the params sampled for another image size?"
+        )
+    if isinstance(image, torch.Tensor):
+        crop_CHW = image[:, params.top : params.top + params.height, params.left : params.left + params.width]
+    else:
+        box = (params.left, params.top, params.left + params.width, params.top + params.height)
+        crop_CHW = F.pil_to_tensor(image.crop(box).convert("RGB"))
+    # One memory layout whatever the input, so PIL and tensor inputs give bit-identical views.
+    return crop_CHW.contiguous()
+
+
+def replay_uint8(
+    image: PIL.Image.Image | torch.Tensor,
+    params: AugParams,
+    size: int | tuple[int, int],
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """Re-applies a stored view to an image: crop, resize, flip, RandAugment ops; stops before normalising.
+
+    Args:
+        image: The source image the params were sampled for: PIL (converted to RGB) or a uint8 (3, H, W) tensor.
+        params: The stored view.
+        size: View size: an int for a square, or ``(height, width)`` as torchvision takes it.
+        interpolation: Resize interpolation of the crop: nearest, nearest-exact, bilinear or bicubic
+            (antialiased). The RandAugment ops always use torchvision's default, nearest.
+
+    Returns:
+        The uint8 view, shape (3, height, width); a fresh tensor, never the input's memory.
+    """
+    view_h, view_w = _view_size(size)
+    mode = _interpolation(interpolation)
+    crop_CHW = _crop(image, params)
+    view_CHW = F.resize(crop_CHW, [view_h, view_w], interpolation=mode, antialias=True)
+    if params.flip:
+        view_CHW = F.horizontal_flip(view_CHW)
+    for op_index, magnitude in params.ops:
+        view_CHW = apply_op(view_CHW, op_index, magnitude)
+    if isinstance(image, torch.Tensor) and view_CHW.untyped_storage().data_ptr() == image.untyped_storage().data_ptr():
+        view_CHW = view_CHW.clone()  # nothing changed the pixels: do not hand back the caller's storage
+    return view_CHW
+
+
+def replay(
+    image: PIL.Image.Image | torch.Tensor,
+    params: AugParams,
+    size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: str = "bicubic",
+) -> torch.Tensor:
+    """`replay_uint8`, then scaled to [0, 1] and normalised with the model's mean and std.
+
+    Returns:
+        The float32 view, shape (3, height, width).
+    """
+    view_CHW = replay_uint8(image, params, size, interpolation)
+    return F.normalize(F.to_dtype(view_CHW, torch.float32, scale=True), mean=list(mean), std=list(std))
+
+
+def render(
+    image: PIL.Image.Image | torch.Tensor,
+    key: str,
+    aug_index: int,
+    cfg: AugmentConfig,
+    size: int | tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    seed: int = 0,
+    interpolation: str = "bicubic",
+) -> tuple[torch.Tensor, AugParams]:
+    """Samples a view for this image and replays it: what the reinforcement job does per (sample, view).
+
+    Returns:
+        The normalised float32 view (3, height, width) and the params to store.
+    """
+    image_size = image.size if isinstance(image, PIL.Image.Image) else (image.shape[-1], image.shape[-2])
+    params = sample(image_size, key, aug_index, cfg, seed)
+    return replay(image, params, size, mean, std, interpolation), params
