@@ -1,0 +1,777 @@
+"""Source image-text shards: read webdataset tars and parquet files, write both.
+
+Two source layouts are read, from a local path, ``file://`` or ``s3://`` (all IO goes through
+:mod:`clipdr.storage`, and tars are streamed, so nothing needs a seekable local file):
+
+- **webdataset tar** (img2dataset / DataComp): ``key.jpg|jpeg|png|webp`` + ``key.txt`` [+ ``key.json``].
+  Members are grouped the webdataset way: consecutive members share a sample when their key (the path up
+  to the first ``.`` of the basename) is equal; the rest of the basename, lowercased, is the extension.
+  Members with other extensions (``.cls``, ...), basenames starting with ``.`` or holding no ``.``, and
+  non-file members are ignored.
+- **parquet**: one row per sample, columns ``key``, ``image``, ``caption`` [, ``meta``] by default (names
+  configurable in :class:`ReaderConfig`). The image column is binary or a Hugging Face style struct
+  ``{bytes, path}``; without a key column, keys are ``<file stem>-<row index>``.
+
+Bad input never raises: each skipped sample, and each shard that cannot be read (or breaks part-way), is
+counted by :class:`SkipReason` in a caller's ``collections.Counter``, and reading goes on. Mistakes in how
+the reader is called (an unsupported suffix, a configured column that a parquet file lacks, a source URI
+that does not exist) raise ``ValueError`` / ``FileNotFoundError`` instead, since skipping would hide them.
+
+Images are decoded with Pillow restricted to JPEG, PNG and WebP (other decoders, some of which shell out,
+are never reached), refused by header size before the pixels are decoded, fully loaded so that truncation
+is detected, and converted to RGB (:func:`to_rgb`). The original encoded bytes are kept unchanged in
+:attr:`SourceSample.image_bytes`.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import logging
+import posixpath
+import tarfile
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+
+from clipdr import storage
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp")
+"""Image member extensions of a webdataset sample, in order of preference when a sample has several."""
+CAPTION_EXTENSION = "txt"
+META_EXTENSION = "json"
+TAR_SUFFIXES: tuple[str, ...] = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
+
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192
+DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_TEXT_BYTES = 1024 * 1024
+
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP")  # MPO (multi-picture JPEG) opens through the JPEG entry
+_FORMAT_EXTENSION = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_READ_BUFFER_BYTES = 8 * 1024 * 1024  # one S3 GET per 8 MiB instead of per tar record (10 KiB)
+_PARQUET_ROWS_PER_GROUP = 256
+
+
+class SkipReason(StrEnum):
+    """Why a sample or a shard was skipped; the values are the keys of the ``skipped`` counters.
+
+    A sample gets exactly one reason, the first that applies in this order: key, caption, then image
+    checks (captions are checked first because they are cheap and the image would be decoded for nothing).
+    """
+
+    DUPLICATE_KEY = "duplicate_key"
+    """The key already appeared earlier in the same shard (the first occurrence wins, whether or not it was
+    kept), or a tar sample holds the same extension twice."""
+    MISSING_CAPTION = "missing_caption"
+    """No ``.txt`` member / null caption."""
+    CAPTION_TOO_LONG = "caption_too_long"
+    """The caption exceeds ``ReaderConfig.max_text_bytes`` (a safety valve, not a tokenizer limit)."""
+    UNDECODABLE_CAPTION = "undecodable_caption"
+    """The caption bytes are not valid UTF-8."""
+    EMPTY_CAPTION = "empty_caption"
+    """The caption is empty or whitespace only."""
+    MISSING_IMAGE = "missing_image"
+    """No image member / null image (a Hugging Face struct with only a ``path`` counts as missing)."""
+    EMPTY_IMAGE = "empty_image"
+    """Zero image bytes."""
+    IMAGE_TOO_LARGE = "image_too_large"
+    """More than ``max_pixels`` by its header (or Pillow's own decompression-bomb limit), or more than
+    ``max_image_bytes`` encoded."""
+    CORRUPT_IMAGE = "corrupt_image"
+    """Not readable as JPEG, PNG or WebP: unknown format, garbage header, or a WebP cut short (libwebp
+    validates the whole container when opening)."""
+    TRUNCATED_IMAGE = "truncated_image"
+    """The header is fine but the pixel data is incomplete or fails to decode."""
+    UNREADABLE_SHARD = "unreadable_shard"
+    """The shard could not be opened at all: missing, unreadable, not a tar / parquet file."""
+    BROKEN_TAR = "broken_tar"
+    """The tar broke part-way (truncated, garbage header, no end marker); the samples completed before the
+    break are kept, the rest of the shard is lost. Counted once per shard."""
+    BROKEN_PARQUET = "broken_parquet"
+    """A parquet row group failed to read; the rows before it are kept. Counted once per shard."""
+
+
+class InvalidSampleError(ValueError):
+    """A sample that must be skipped; ``reason`` says why."""
+
+    def __init__(self, reason: SkipReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SourceSample:
+    """One image-text pair from a source shard.
+
+    Attributes:
+        key: Sample key, unique within its shard.
+        image_bytes: The encoded image exactly as stored in the source.
+        caption: The caption, stripped of surrounding whitespace.
+        meta: JSON metadata (img2dataset's ``key.json``), empty when absent or invalid.
+        image_ext: Format of ``image_bytes`` (``jpg``, ``png`` or ``webp``); readers set it from the decoded
+            content, not from the member name.
+        image: The decoded RGB image, filled by readers; writers ignore it.
+    """
+
+    key: str
+    image_bytes: bytes
+    caption: str
+    meta: dict = field(default_factory=dict)
+    image_ext: str = "jpg"
+    image: Image.Image | None = None
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How source shards are read.
+
+    Attributes:
+        key_column: Parquet column of sample keys; optional in the file.
+        image_column: Parquet column of encoded images (binary, or a struct with a ``bytes`` field).
+        caption_column: Parquet column of captions (string or binary).
+        meta_column: Parquet column of JSON metadata strings; optional in the file.
+        max_pixels: Images with more pixels (by header) are skipped before their pixels are decoded.
+        max_image_bytes: Encoded images larger than this are skipped; tar members are not even read.
+        max_text_bytes: Captions larger than this are skipped, larger JSON metadata is dropped.
+        parquet_batch_rows: Rows per parquet read batch.
+    """
+
+    key_column: str = "key"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    meta_column: str = "meta"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    parquet_batch_rows: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_pixels", "max_image_bytes", "max_text_bytes", "parquet_batch_rows"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ReaderConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("key_column", "image_column", "caption_column", "meta_column"):
+            if not getattr(self, name):
+                raise ValueError(f"ReaderConfig.{name} must not be empty")
+
+
+DEFAULT_READER_CONFIG = ReaderConfig()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Converts any Pillow image to 8-bit RGB.
+
+    Transparency (alpha channels, ``tRNS`` palette / gray / RGB keys) is composited onto white. 16-bit and
+    32-bit integer images (``I;16*``, ``I``: what 16-bit grayscale PNGs open as) are scaled from 0..65535
+    to 0..255, not clipped; float images (``F``) are clipped to 0..255 as Pillow does.
+
+    Args:
+        image: A Pillow image in any mode.
+
+    Returns:
+        An RGB image; ``image`` itself when it already is plain RGB.
+    """
+    mode = image.mode
+    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
+        values = np.asarray(image).astype(np.float64)
+        gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+        gray = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "RGBa", "LA", "La", "PA") or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")  # also un-premultiplies RGBa / La and applies tRNS keys
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    return image.convert("RGB")
+
+
+def _decode(image_bytes: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """Decodes, validates and converts an image; returns it with the extension of its actual format."""
+    if not image_bytes:
+        raise InvalidSampleError(SkipReason.EMPTY_IMAGE)
+    try:
+        image = Image.open(io.BytesIO(image_bytes), formats=_PIL_FORMATS)
+    except Image.DecompressionBombError as e:
+        raise InvalidSampleError(SkipReason.IMAGE_TOO_LARGE, str(e)) from None
+    except MemoryError:
+        raise
+    except Exception as e:  # Pillow raises many types on garbage: OSError, SyntaxError, struct.error, ...
+        raise InvalidSampleError(SkipReason.CORRUPT_IMAGE, f"{type(e).__name__}: {e}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise InvalidSampleError(SkipReason.IMAGE_TOO_LARGE, f"{width}x{height} > {max_pixels} pixels")
+    try:
+        image.load()  # decodes all pixel data: a truncated file fails here, not at open
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InvalidSampleError(SkipReason.TRUNCATED_IMAGE, f"{type(e).__name__}: {e}") from None
+    try:
+        rgb = to_rgb(image)
+    except MemoryError:
+        raise
+    except Exception as e:  # an exotic mode Pillow cannot convert
+        raise InvalidSampleError(SkipReason.CORRUPT_IMAGE, f"mode {image.mode}: {e}") from None
+    return rgb, _FORMAT_EXTENSION.get(image.format or "", "jpg")
+
+
+def decode_rgb(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decodes an encoded JPEG, PNG or WebP image to RGB.
+
+    The size is checked from the header before any pixel is decoded, then the whole image is loaded, so a
+    truncated file is an error (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone and must stay False).
+
+    Args:
+        image_bytes: The encoded image.
+        max_pixels: Images with more pixels than this are refused.
+
+    Returns:
+        The image converted with :func:`to_rgb`.
+
+    Raises:
+        InvalidSampleError: With ``reason`` one of ``empty_image``, ``image_too_large``, ``corrupt_image``,
+            ``truncated_image``.
+    """
+    return _decode(image_bytes, max_pixels)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sample validation shared by both formats
+
+
+class _TooLarge:
+    """Stands in for a tar member that was not read because of its size."""
+
+    def __init__(self, num_bytes: int) -> None:
+        self.num_bytes = num_bytes
+
+
+def _check_caption(raw: bytes | _TooLarge | None, max_text_bytes: int) -> str:
+    if raw is None:
+        raise InvalidSampleError(SkipReason.MISSING_CAPTION)
+    if isinstance(raw, _TooLarge):
+        raise InvalidSampleError(SkipReason.CAPTION_TOO_LONG, f"{raw.num_bytes} bytes")
+    if len(raw) > max_text_bytes:
+        raise InvalidSampleError(SkipReason.CAPTION_TOO_LONG, f"{len(raw)} bytes")
+    try:
+        caption = raw.decode("utf-8-sig")  # -sig: drop a byte-order mark some tools write
+    except UnicodeDecodeError as e:
+        raise InvalidSampleError(SkipReason.UNDECODABLE_CAPTION, str(e)) from None
+    caption = caption.strip()
+    if not caption:
+        raise InvalidSampleError(SkipReason.EMPTY_CAPTION)
+    return caption
+
+
+def _parse_meta(raw: object, max_text_bytes: int) -> dict:
+    """JSON metadata as a dict; anything else (invalid or oversized JSON, not an object) is dropped: it is only
+    metadata."""
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, bytes | str) or len(raw) > max_text_bytes:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, RecursionError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _build_sample(
+    key: str,
+    image_bytes: bytes | _TooLarge | None,
+    caption_raw: bytes | _TooLarge | None,
+    meta_raw: object,
+    config: ReaderConfig,
+) -> SourceSample:
+    caption = _check_caption(caption_raw, config.max_text_bytes)
+    if image_bytes is None:
+        raise InvalidSampleError(SkipReason.MISSING_IMAGE)
+    if isinstance(image_bytes, _TooLarge) or len(image_bytes) > config.max_image_bytes:
+        num_bytes = image_bytes.num_bytes if isinstance(image_bytes, _TooLarge) else len(image_bytes)
+        raise InvalidSampleError(SkipReason.IMAGE_TOO_LARGE, f"{num_bytes} encoded bytes")
+    image, image_ext = _decode(image_bytes, config.max_pixels)
+    return SourceSample(
+        key=key,
+        image_bytes=image_bytes,
+        caption=caption,
+        meta=_parse_meta(meta_raw, config.max_text_bytes),
+        image_ext=image_ext,
+        image=image,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Webdataset tar
+
+
+class _UnreadableShardError(Exception):
+    pass
+
+
+class _BrokenShardError(Exception):
+    pass
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """Makes a bad header an error; plain ``tarfile`` silently ends the archive at one.
+
+    ``TarFile.next`` treats a garbage, partial or missing header after the first member as the end of the
+    archive, so a tar cut or corrupted at a header would lose its tail without a trace. Only the all-zero
+    end-of-archive block is a clean end.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            raise
+        except tarfile.HeaderError as e:
+            raise tarfile.ReadError(f"bad tar header at offset {tarfile_.offset}: {e}") from None
+
+
+_TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+
+
+def _split_member_name(name: str) -> tuple[str, str] | None:
+    """``(key, extension)`` by webdataset's rule, or None for names that hold no sample part."""
+    while name.startswith("./"):
+        name = name[2:]
+    directory, base = posixpath.split(name)
+    if base.startswith(".") or "." not in base:
+        return None
+    stem, ext = base.split(".", 1)
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _iter_tar_groups(uri: str, config: ReaderConfig) -> Iterator[tuple[str, dict[str | None, Any]]]:
+    """Yields ``(key, {extension: bytes | _TooLarge})`` per run of consecutive members with one key.
+
+    A group is yielded as soon as the header of a member with another key has been read, so a break inside
+    that member loses nothing before it. A repeated extension within a group is recorded under the ``None``
+    key, which marks the group as a duplicate. Raises ``_UnreadableShardError`` if the tar cannot be opened
+    and ``_BrokenShardError`` if it breaks later; the group in progress at a break is dropped, since it may
+    be incomplete.
+    """
+    wanted = {*IMAGE_EXTENSIONS, CAPTION_EXTENSION, META_EXTENSION}
+    with _open_stream(uri) as stream:
+        try:
+            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115 - entered below
+        except _TAR_READ_ERRORS as e:
+            raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+        with archive:
+            key: str | None = None
+            group: dict[str | None, Any] = {}
+            members = iter(archive)
+            while True:
+                try:
+                    member = next(members, None)
+                except _TAR_READ_ERRORS as e:
+                    raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+                if member is None:
+                    break
+                parsed = _split_member_name(member.name) if member.isfile() else None
+                if parsed is None or parsed[1] not in wanted:
+                    continue
+                member_key, ext = parsed
+                if member_key != key:
+                    if key is not None:
+                        yield key, group
+                    key, group = member_key, {}
+                limit = config.max_image_bytes if ext in IMAGE_EXTENSIONS else config.max_text_bytes
+                try:
+                    data = _TooLarge(member.size) if member.size > limit else _read_member(archive, member)
+                except _TAR_READ_ERRORS as e:
+                    raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+                group[None if ext in group else ext] = data
+            if key is not None:
+                yield key, group
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    member_file = archive.extractfile(member)
+    assert member_file is not None, "regular files always have data"
+    data = member_file.read()
+    if len(data) != member.size:
+        raise tarfile.ReadError(f"member {member.name} ends after {len(data)} of {member.size} bytes")
+    return data
+
+
+@contextmanager
+def _open_stream(uri: str) -> Iterator[pa.NativeFile]:
+    """A buffered sequential stream over a shard; failing to open it raises ``_UnreadableShardError``."""
+    try:
+        fs, path = storage.resolve(uri)
+        stream = fs.open_input_stream(path, buffer_size=_READ_BUFFER_BYTES)
+    except (OSError, ValueError) as e:
+        raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+    with stream:
+        yield stream
+
+
+def _iter_tar_samples(uri: str, skipped: collections.Counter, config: ReaderConfig) -> Iterator[SourceSample]:
+    seen: set[str] = set()
+    for key, group in _iter_tar_groups(uri, config):
+        try:
+            duplicate = key in seen or None in group
+            seen.add(key)
+            if duplicate:
+                raise InvalidSampleError(SkipReason.DUPLICATE_KEY, key)
+            image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in group), None)
+            image = group[image_ext] if image_ext else None
+            sample = _build_sample(key, image, group.get(CAPTION_EXTENSION), group.get(META_EXTENSION), config)
+        except InvalidSampleError as e:
+            skipped[e.reason] += 1
+            logger.debug("skipping %s in %s: %s", key, uri, e)
+            continue
+        yield sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parquet
+
+
+def _column_as_pylist(column: pa.Array | pa.ChunkedArray) -> list:
+    """Python values of a column; strings come back as bytes so that invalid UTF-8 is caught per row."""
+    if pa.types.is_string(column.type):
+        column = column.cast(pa.binary())
+    elif pa.types.is_large_string(column.type):
+        column = column.cast(pa.large_binary())
+    return column.to_pylist()
+
+
+_TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+
+
+def _key_str(key: object) -> str:
+    return key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
+
+
+def _image_column_bytes(column: pa.Array) -> list[bytes | None]:
+    if pa.types.is_struct(column.type):
+        return [None if value is None else value.get("bytes") for value in column.to_pylist()]
+    return column.to_pylist()
+
+
+def _check_parquet_schema(schema: pa.Schema, uri: str, config: ReaderConfig) -> None:
+    for name in (config.image_column, config.caption_column):
+        if name not in schema.names:
+            raise ValueError(
+                f"parquet shard {uri} has no column {name!r} (columns: {', '.join(schema.names)}); "
+                "set the column names in the reader config"
+            )
+    image_type = schema.field(config.image_column).type
+    image_ok = pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+    if pa.types.is_struct(image_type):
+        image_ok = image_type.get_field_index("bytes") >= 0
+    if not image_ok:
+        raise ValueError(
+            f"parquet column {config.image_column!r} of {uri} is {image_type}: expected binary or a struct with "
+            "a 'bytes' field"
+        )
+    caption_type = schema.field(config.caption_column).type
+    if not any(is_type(caption_type) for is_type in _TEXT_TYPES):
+        raise ValueError(
+            f"parquet column {config.caption_column!r} of {uri} is {caption_type}: expected string or binary"
+        )
+
+
+def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, Any, Any, Any]]:
+    """Yields ``(key, image, caption, meta)`` raw values per row; raises the private shard errors."""
+    try:
+        fs, path = storage.resolve(uri)
+        source = fs.open_input_file(path)
+    except (OSError, ValueError) as e:
+        raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+    with source:
+        try:
+            parquet_file = pq.ParquetFile(source)
+            schema = parquet_file.schema_arrow
+        except (OSError, ValueError, pa.ArrowException) as e:
+            raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+        _check_parquet_schema(schema, uri, config)
+        has_key = config.key_column in schema.names
+        has_meta = config.meta_column in schema.names
+        columns = [config.image_column, config.caption_column]
+        columns += [config.key_column] if has_key else []
+        columns += [config.meta_column] if has_meta else []
+        stem = storage.basename(uri).removesuffix(".parquet")
+        batches = parquet_file.iter_batches(batch_size=config.parquet_batch_rows, columns=columns)
+        row_index = 0
+        while True:
+            try:
+                batch = next(batches, None)
+                if batch is None:
+                    break
+                images = _image_column_bytes(batch.column(config.image_column))
+                captions = _column_as_pylist(batch.column(config.caption_column))
+                keys = batch.column(config.key_column).to_pylist() if has_key else [None] * batch.num_rows
+                metas = _column_as_pylist(batch.column(config.meta_column)) if has_meta else [None] * batch.num_rows
+            except (OSError, ValueError, pa.ArrowException) as e:
+                raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+            for key, image, caption, meta in zip(keys, images, captions, metas, strict=True):
+                yield (f"{stem}-{row_index:06d}" if key is None else _key_str(key)), image, caption, meta
+                row_index += 1
+
+
+def _iter_parquet_samples(uri: str, skipped: collections.Counter, config: ReaderConfig) -> Iterator[SourceSample]:
+    seen: set[str] = set()
+    for key, image, caption, meta in _iter_parquet_rows(uri, config):
+        try:
+            if key in seen:
+                raise InvalidSampleError(SkipReason.DUPLICATE_KEY, key)
+            seen.add(key)
+            sample = _build_sample(key, image, caption, meta, config)
+        except InvalidSampleError as e:
+            skipped[e.reason] += 1
+            logger.debug("skipping %s in %s: %s", key, uri, e)
+            continue
+        yield sample
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading: shards and sources
+
+
+def _is_tar(uri: str) -> bool:
+    return uri.lower().endswith(TAR_SUFFIXES)
+
+
+def _is_parquet(uri: str) -> bool:
+    return uri.lower().endswith(PARQUET_SUFFIXES)
+
+
+def iter_shard(
+    uri: str, skipped: collections.Counter, *, config: ReaderConfig = DEFAULT_READER_CONFIG
+) -> Iterator[SourceSample]:
+    """Streams the valid samples of one source shard, counting what it skips.
+
+    Args:
+        uri: A ``.tar`` (``.tar.gz``, ``.tgz``) or ``.parquet`` shard.
+        skipped: Incremented by :class:`SkipReason` for every skipped sample, unreadable or broken shard.
+        config: Column names and limits.
+
+    Yields:
+        Samples in shard order, with ``image`` decoded to RGB.
+
+    Raises:
+        ValueError: The suffix is not a supported shard format, or a parquet shard lacks a configured column.
+    """
+    if _is_tar(uri):
+        samples, broken = _iter_tar_samples(uri, skipped, config), SkipReason.BROKEN_TAR
+    elif _is_parquet(uri):
+        samples, broken = _iter_parquet_samples(uri, skipped, config), SkipReason.BROKEN_PARQUET
+    else:
+        raise ValueError(
+            f"unsupported source shard {uri!r}: expected one of {', '.join(TAR_SUFFIXES + PARQUET_SUFFIXES)}"
+        )
+    try:
+        yield from samples
+    except _UnreadableShardError as e:
+        skipped[SkipReason.UNREADABLE_SHARD] += 1
+        logger.warning("skipping unreadable source shard %s: %s", uri, e)
+    except _BrokenShardError as e:
+        skipped[broken] += 1
+        logger.warning("source shard %s is broken, keeping the samples before the break: %s", uri, e)
+
+
+def list_shards(uri: str) -> list[str]:
+    """Source shard URIs under a directory (recursively), sorted; ``[uri]`` when ``uri`` is one shard.
+
+    A source is one format: when a directory holds tar shards, its parquet files are taken to be
+    img2dataset's per-shard metadata sidecars (``00000.parquet`` beside ``00000.tar``) and are not listed.
+
+    Args:
+        uri: A directory (prefix) or a single shard file.
+
+    Returns:
+        Shard URIs; empty when the directory holds none.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+        ValueError: ``uri`` is a file that is not a supported shard.
+    """
+    fs, path = storage.resolve(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"source {uri!r} does not exist")
+    if info.type == pafs.FileType.File:
+        if not (_is_tar(uri) or _is_parquet(uri)):
+            raise ValueError(
+                f"unsupported source shard {uri!r}: expected one of {', '.join(TAR_SUFFIXES + PARQUET_SUFFIXES)}"
+            )
+        return [uri]
+    files = storage.list_files(uri, recursive=True)
+    tars = [f for f in files if _is_tar(f)]
+    return tars or [f for f in files if _is_parquet(f)]
+
+
+def iter_source(
+    uri: str, skipped: collections.Counter, *, config: ReaderConfig = DEFAULT_READER_CONFIG
+) -> Iterator[SourceSample]:
+    """Streams the valid samples of every shard of a source, in shard order (see :func:`iter_shard`).
+
+    Keys are unique within a shard only. An unreadable or broken shard is counted and reading goes on with
+    the next one.
+
+    Args:
+        uri: A directory of shards or a single shard.
+        skipped: Incremented by :class:`SkipReason`.
+        config: Column names and limits.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+        ValueError: ``uri`` holds no shards.
+    """
+    shards = list_shards(uri)
+    if not shards:
+        raise ValueError(f"no source shards ({', '.join(TAR_SUFFIXES + PARQUET_SUFFIXES)}) under {uri!r}")
+    for shard in shards:
+        yield from iter_shard(shard, skipped, config=config)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def _check_member_name(key: str, ext: str) -> None:
+    if not key or key.startswith(("/", "./")) or key.endswith("/"):
+        raise ValueError(f"invalid sample key {key!r}")
+    base = posixpath.basename(key)
+    if "." in base:
+        raise ValueError(f"sample key {key!r} has a '.' in its basename: readers would split it differently")
+    if not ext or "/" in ext or ext != ext.lower() or ext.startswith("."):
+        raise ValueError(f"invalid member extension {ext!r} for key {key!r}: use a lowercase name without '.'/'/'")
+
+
+def write_tar_shard(uri: str, members: Iterable[tuple[str, dict[str, bytes]]]) -> int:
+    """Writes a webdataset tar shard atomically, with reproducible member headers.
+
+    Args:
+        uri: Destination; the file appears only once complete.
+        members: ``(key, {extension: bytes})`` per sample, e.g. ``("000001", {"jpg": ..., "txt": ...})``.
+
+    Returns:
+        The number of samples written.
+
+    Raises:
+        ValueError: A key repeats or contains a ``.`` in its basename, or an extension is not lowercase.
+    """
+    num_samples = 0
+    seen: set[str] = set()
+    with storage.atomic_write(uri) as out, tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key, parts in members:
+            if key in seen:
+                raise ValueError(f"duplicate sample key {key!r} in {uri}")
+            seen.add(key)
+            for ext, data in parts.items():
+                _check_member_name(key, ext)
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+            num_samples += 1
+    return num_samples
+
+
+def _check_image_ext(sample: SourceSample) -> str:
+    if sample.image_ext not in IMAGE_EXTENSIONS:
+        raise ValueError(
+            f"sample {sample.key!r} has image_ext {sample.image_ext!r}; expected one of {IMAGE_EXTENSIONS}"
+        )
+    return sample.image_ext
+
+
+def write_webdataset_shard(uri: str, samples: Iterable[SourceSample]) -> int:
+    """Writes samples in the img2dataset / DataComp layout: ``key.<image_ext>``, ``key.txt``, ``key.json``.
+
+    Args:
+        uri: Destination ``.tar``.
+        samples: Samples to write; ``image`` is ignored.
+
+    Returns:
+        The number of samples written.
+    """
+    members = (
+        (
+            sample.key,
+            {
+                _check_image_ext(sample): sample.image_bytes,
+                CAPTION_EXTENSION: sample.caption.encode("utf-8"),
+                META_EXTENSION: json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"),
+            },
+        )
+        for sample in samples
+    )
+    return write_tar_shard(uri, members)
+
+
+PARQUET_SOURCE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),
+        pa.field("caption", pa.string(), nullable=False),
+        pa.field("meta", pa.string(), nullable=False),
+    ]
+)
+"""Schema written by :func:`write_parquet_shard` and read by the default :class:`ReaderConfig`."""
+
+
+def write_parquet_shard(uri: str, samples: Iterable[SourceSample]) -> int:
+    """Writes samples as a parquet source shard (:data:`PARQUET_SOURCE_SCHEMA`), atomically.
+
+    Args:
+        uri: Destination ``.parquet``.
+        samples: Samples to write; ``image`` and ``image_ext`` are ignored (readers detect the format).
+
+    Returns:
+        The number of samples written.
+
+    Raises:
+        ValueError: A key repeats.
+    """
+    num_samples = 0
+    seen: set[str] = set()
+    rows: dict[str, list] = {name: [] for name in PARQUET_SOURCE_SCHEMA.names}
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        if rows["key"]:
+            writer.write_table(pa.table(rows, schema=PARQUET_SOURCE_SCHEMA))
+            for values in rows.values():
+                values.clear()
+
+    with storage.atomic_write(uri) as out, pq.ParquetWriter(out, PARQUET_SOURCE_SCHEMA) as writer:
+        for sample in samples:
+            if sample.key in seen:
+                raise ValueError(f"duplicate sample key {sample.key!r} in {uri}")
+            seen.add(sample.key)
+            rows["key"].append(sample.key)
+            rows["image"].append(bytes(sample.image_bytes))
+            rows["caption"].append(sample.caption)
+            rows["meta"].append(json.dumps(sample.meta, ensure_ascii=False))
+            num_samples += 1
+            if len(rows["key"]) >= _PARQUET_ROWS_PER_GROUP:
+                flush(writer)
+        flush(writer)
+    return num_samples
