@@ -1,0 +1,892 @@
+"""The reinforced record: the Parquet schema of a reinforced shard and the manifest beside the shards.
+
+This module is the contract between the reinforcement job (writes) and the training job (reads); no other
+module spells a column name. A reinforced dataset is a directory (local or ``s3://``)::
+
+    <dataset>/manifest.json          written LAST, and only describing complete shards
+    <dataset>/<shard>.parquet ...    one row per sample, paths relative to the directory
+
+Columns of a shard (N rows; K views a sample, S synthetic captions, D a teacher's embedding width, L the
+length of one encoded view, `augment.encoded_length`)::
+
+    key                      string                                   unique id of the sample in its source
+    image                    binary                                   encoded image bytes (dataset is self-contained)
+    image_ext                string                                   "jpg", "png", "webp", ... (lowercase, no dot)
+    caption                  string                                   the real caption
+    syn_captions             fixed_size_list<string, S>               synthetic captions (absent when S = 0)
+    aug_params               fixed_size_list<fixed_size_list<float32, L>, K>   `augment.AugParams.to_array` per view
+    image_emb__<teacher>     fixed_size_list<fixed_size_list<float16, D>, K>   one row per view
+    text_emb__<teacher>      fixed_size_list<fixed_size_list<float16, D>, 1+S> row 0 the real caption, rows 1..S
+                                                                      the synthetic captions in `syn_captions` order
+
+Every field is non-nullable. Embeddings are L2-normalised fp16, one column per teacher, so a teacher can be
+added (its two columns appended to every shard) without recomputing the others.
+
+Why nested fixed-size lists of float16 for embeddings. The shape (K, D) lives in the Arrow type itself, so a
+shard's footer alone says whether it fits a manifest, no field-metadata convention has to survive Ray Data or
+other tools, and a column turns into an ``(N, K, D)`` numpy view without copying (two ``flatten`` calls,
+`image_embeddings`). Parquet stores float16 as its FLOAT16 logical type, so the values stay typed for any
+reader. Measured with pyarrow 25 on 1000 rows of K=30, D=768 (46 MB, one core): without dictionary encoding
+or compression the column decodes in ~0.12-0.15 s; a flat ``fixed_size_list<float16, K*D>`` decodes ~15 %
+faster (one repetition level less) but needs the shape in field metadata; ``fixed_size_binary`` decodes ~10x
+faster but is opaque bytes to every other tool; pyarrow's default dictionary encoding is ~4-5x slower (fp16
+has too many distinct values); zstd saves ~8 % at ~1.3x the decode time. Next to the JPEG decode and view
+replay of training (milliseconds a sample) ~0.15 ms a sample of embedding decode is noise, so the typed,
+self-describing layout wins. `write_shard` turns dictionary encoding off for embeddings and image bytes,
+leaves them uncompressed by default (the image bytes are compressed already) and uses zstd for text.
+
+Shape suffixes: N rows, K views a sample, S synthetic captions, D embedding width, L encoded view length.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import difflib
+import json
+import re
+import types
+import typing
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from clipdr import __version__, augment, config, storage
+from clipdr.config import AugmentConfig
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_SUFFIX = ".parquet"
+
+KEY = "key"
+IMAGE = "image"
+IMAGE_EXT = "image_ext"
+CAPTION = "caption"
+SYN_CAPTIONS = "syn_captions"
+AUG_PARAMS = "aug_params"
+IMAGE_EMB_PREFIX = "image_emb__"
+TEXT_EMB_PREFIX = "text_emb__"
+
+NORM_TOLERANCE = 0.02  # |norm - 1| allowed for a stored embedding: fp16 rounding plus bf16/fp16 teacher math
+_TEACHER_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+_MAX_TEACHER_NAME = 48
+_IMAGE_EXT_VALUE = re.compile(r"[a-z0-9]+")
+_FOOTER_READERS = 16  # concurrent footer reads in `open_dataset` (S3 latency, not CPU, is the cost)
+
+
+class RecordsError(ValueError):
+    """A reinforced dataset, shard or manifest that does not fit the contract, or a caller's wrong input."""
+
+
+class RecordsWarning(UserWarning):
+    """Something harmless but suspicious in a reinforced dataset (e.g. parquet files the manifest does not list)."""
+
+
+# --------------------------------------------------------------------------- column names
+
+
+def validate_teacher_name(name: str) -> str:
+    """Returns ``name`` if it can name a teacher's columns; raises RecordsError otherwise.
+
+    Teacher names are lowercase identifiers with single underscores (``openai``, ``datacomp_xl``,
+    ``dfn2b_l14``): column names stay valid SQL identifiers, cannot collide in case-insensitive engines, and
+    ``__`` separates the prefix from the name without ambiguity.
+    """
+    if not isinstance(name, str) or len(name) > _MAX_TEACHER_NAME or not _TEACHER_NAME.fullmatch(name):
+        raise RecordsError(
+            f"invalid teacher name {name!r}: use a lowercase identifier of at most {_MAX_TEACHER_NAME} "
+            "characters, letters and digits joined by single underscores, starting with a letter "
+            "(e.g. 'openai', 'datacomp_xl')"
+        )
+    return name
+
+
+def image_emb_column(teacher: str) -> str:
+    """Name of the column holding ``teacher``'s (K, D) image embeddings."""
+    return IMAGE_EMB_PREFIX + validate_teacher_name(teacher)
+
+
+def text_emb_column(teacher: str) -> str:
+    """Name of the column holding ``teacher``'s (1+S, D) text embeddings."""
+    return TEXT_EMB_PREFIX + validate_teacher_name(teacher)
+
+
+# --------------------------------------------------------------------------- specs and manifest
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise RecordsError(message)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """One teacher CLIP model whose embeddings a dataset stores.
+
+    Attributes:
+        name: Label of the teacher in column names (`validate_teacher_name`), e.g. ``openai``.
+        model: open_clip architecture name, e.g. ``ViT-L-14``.
+        pretrained: open_clip pretrained tag, ``hf-hub:`` id or weights file.
+        embed_dim: D, the width of its embeddings.
+        logit_scale: The model's own learned inverse temperature, exp(t) (the loss may use another a_k).
+        image_size: Side of the square views it embedded, in pixels.
+        mean: Per-channel normalisation mean of its preprocessing.
+        std: Per-channel normalisation std of its preprocessing.
+        interpolation: Resize interpolation of its preprocessing (``bicubic``, ``bilinear``, ...).
+    """
+
+    name: str
+    model: str
+    pretrained: str
+    embed_dim: int
+    logit_scale: float
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        validate_teacher_name(self.name)
+        where = f"teacher {self.name!r}"
+        _check(bool(self.model), f"{where}: model must name an open_clip architecture")
+        _check(
+            _is_int(self.embed_dim) and self.embed_dim >= 1, f"{where}: embed_dim must be >= 1, got {self.embed_dim!r}"
+        )
+        _check(_is_int(self.image_size) and self.image_size >= 1, f"{where}: image_size must be >= 1")
+        _check(self.logit_scale > 0, f"{where}: logit_scale must be > 0, got {self.logit_scale!r}")
+        _check(len(self.mean) == 3 and len(self.std) == 3, f"{where}: mean and std need 3 channels each")
+        _check(all(s > 0 for s in self.std), f"{where}: std must be > 0, got {self.std!r}")
+
+
+@dataclass(frozen=True)
+class CaptionerSpec:
+    """The model that wrote a dataset's synthetic captions, and how it sampled them.
+
+    Attributes:
+        name: Free-form label, e.g. ``coca_l14``.
+        kind: Implementation: ``open_clip`` (a CoCa model's ``generate``) or ``synthetic`` (the built-in world).
+        model: Architecture name, e.g. ``coca_ViT-L-14``.
+        pretrained: Pretrained tag, ``hf-hub:`` id or weights file.
+        generation_type: Decoding: ``top_p``, ``top_k`` or ``beam_search``.
+        top_p: Nucleus mass for ``top_p`` sampling.
+        temperature: Softmax temperature of sampling.
+        max_len: Most tokens a caption may have.
+        seed: Seed of the sampling.
+    """
+
+    name: str
+    kind: str
+    model: str
+    pretrained: str
+    generation_type: str = "top_p"
+    top_p: float = 0.9
+    temperature: float = 1.0
+    max_len: int = 76
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        where = f"captioner {self.name!r}"
+        _check(bool(self.name) and bool(self.kind), f"{where}: name and kind must be non-empty")
+        _check(0.0 < self.top_p <= 1.0, f"{where}: top_p must be in (0, 1], got {self.top_p!r}")
+        _check(self.temperature > 0, f"{where}: temperature must be > 0, got {self.temperature!r}")
+        _check(_is_int(self.max_len) and self.max_len >= 1, f"{where}: max_len must be >= 1, got {self.max_len!r}")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One complete shard of a dataset.
+
+    Attributes:
+        path: Path relative to the dataset directory, ``/``-separated, ending in ``.parquet``.
+        num_rows: Rows in the shard (equal to its Parquet footer's count).
+    """
+
+    path: str
+    num_rows: int
+
+    def __post_init__(self) -> None:
+        parts = self.path.split("/") if isinstance(self.path, str) else []
+        _check(
+            bool(parts)
+            and self.path.endswith(SHARD_SUFFIX)
+            and "\\" not in self.path
+            and "://" not in self.path
+            and all(part and part not in (".", "..") and not part.startswith((".", "_")) for part in parts),
+            f"shard path {self.path!r} must be relative, '/'-separated, free of '..' and hidden ('.', '_') parts, "
+            f"and end in {SHARD_SUFFIX}",
+        )
+        _check(_is_int(self.num_rows) and self.num_rows >= 0, f"shard {self.path!r}: num_rows must be >= 0")
+
+
+def _utc_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a reinforced dataset holds and how it was made; ``manifest.json`` beside the shards.
+
+    A reinforcement job may build its manifest up front (empty ``shards``) and hand it to `build_table`, which
+    only needs the layout; it fills in ``shards``, ``skipped`` and ``created_at`` with `dataclasses.replace`
+    once every shard is complete, and writes it last with `write_manifest`.
+
+    Attributes:
+        teachers: Teachers whose embeddings every row stores, in column order.
+        augment: Augmentation config the views were sampled with.
+        num_augmentations: K, stored views a sample.
+        num_syn_captions: S, synthetic captions a sample (0: no captioner ran).
+        source_uri: The source dataset that was reinforced.
+        source_fingerprint: Identifies the source's content (e.g. a hash of its shard names and sizes).
+        captioner: Model that wrote the synthetic captions; required when S > 0.
+        augment_seed: Dataset-level seed of view sampling (`augment.sample`'s ``seed``).
+        shards: Complete shards, in read order.
+        skipped: Source rows left out, as ``(reason, count)`` pairs sorted by reason; a mapping is accepted.
+        code_version: ``clipdr.__version__`` of the writer.
+        created_at: ISO 8601 time the manifest was made (UTC).
+        schema_version: Version of this record layout; this code reads `SCHEMA_VERSION`.
+    """
+
+    teachers: tuple[TeacherSpec, ...]
+    augment: AugmentConfig
+    num_augmentations: int
+    num_syn_captions: int
+    source_uri: str
+    source_fingerprint: str
+    captioner: CaptionerSpec | None = None
+    augment_seed: int = 0
+    shards: tuple[ShardInfo, ...] = ()
+    skipped: tuple[tuple[str, int], ...] = ()
+    code_version: str = __version__
+    created_at: str = field(default_factory=_utc_now)
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "teachers", tuple(self.teachers))
+        object.__setattr__(self, "shards", tuple(self.shards))
+        skipped = self.skipped.items() if isinstance(self.skipped, Mapping) else self.skipped
+        object.__setattr__(self, "skipped", tuple(sorted((r, c) for r, c in skipped)))
+        _check(self.schema_version == SCHEMA_VERSION, _version_message(self.schema_version, "manifest"))
+        _check(len(self.teachers) >= 1, "a manifest needs at least one teacher")
+        names = [t.name for t in self.teachers]
+        _check(len(set(names)) == len(names), f"teacher names must be unique, got {names}")
+        _check(_is_int(self.num_augmentations) and self.num_augmentations >= 1, "num_augmentations (K) must be >= 1")
+        _check(_is_int(self.num_syn_captions) and self.num_syn_captions >= 0, "num_syn_captions (S) must be >= 0")
+        _check(
+            self.captioner is not None or self.num_syn_captions == 0,
+            f"num_syn_captions is {self.num_syn_captions} but no captioner is recorded",
+        )
+        _check(_is_int(self.augment.num_ops) and self.augment.num_ops >= 0, "augment.num_ops must be >= 0")
+        paths = [s.path for s in self.shards]
+        _check(len(set(paths)) == len(paths), "shard paths must be unique")
+        reasons = [r for r, _ in self.skipped]
+        _check(len(set(reasons)) == len(reasons), f"skipped reasons must be unique, got {reasons}")
+        _check(
+            all(isinstance(r, str) and r and _is_int(c) and c >= 0 for r, c in self.skipped),
+            f"skipped must map non-empty reasons to counts >= 0, got {dict(self.skipped)}",
+        )
+        try:
+            datetime.datetime.fromisoformat(self.created_at)
+        except (TypeError, ValueError):
+            raise RecordsError(f"created_at must be an ISO 8601 time, got {self.created_at!r}") from None
+
+    # ----------------------------------------------------------------------- derived
+
+    @property
+    def teacher_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.teachers)
+
+    @property
+    def embed_dims(self) -> dict[str, int]:
+        """Teacher name -> D."""
+        return {t.name: t.embed_dim for t in self.teachers}
+
+    def teacher(self, name: str) -> TeacherSpec:
+        """The spec of teacher ``name``; RecordsError lists the known ones."""
+        for spec in self.teachers:
+            if spec.name == name:
+                return spec
+        raise RecordsError(f"no teacher {name!r} in this dataset; it has {list(self.teacher_names)}")
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    @property
+    def num_skipped(self) -> int:
+        return sum(c for _, c in self.skipped)
+
+    @property
+    def aug_param_length(self) -> int:
+        """L, the length of one encoded view."""
+        return augment.encoded_length(self.augment.num_ops)
+
+    @property
+    def embedding_bytes_per_sample(self) -> int:
+        """fp16 bytes of all embeddings of one sample: ``(K + 1 + S) * sum(D) * 2``."""
+        return (self.num_augmentations + 1 + self.num_syn_captions) * sum(self.embed_dims.values()) * 2
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema every shard of this dataset has."""
+        return reinforced_schema(
+            self.teachers, self.num_augmentations, self.num_syn_captions, num_aug_ops=self.augment.num_ops
+        )
+
+    def shard_uris(self, uri_dir: str) -> list[str]:
+        """URIs of the shards under the dataset directory ``uri_dir``, in manifest order."""
+        return [storage.join(uri_dir, *s.path.split("/")) for s in self.shards]
+
+    # ----------------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data; ``skipped`` becomes a ``{reason: count}`` object."""
+        data = config.to_dict(self)
+        data["skipped"] = dict(self.skipped)
+        return {"schema_version": data.pop("schema_version"), **data}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "manifest") -> Manifest:
+        """Rebuilds a manifest strictly: unknown, missing or mistyped keys raise RecordsError naming the key."""
+        if not isinstance(data, dict):
+            raise RecordsError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        if "schema_version" not in data:
+            raise RecordsError(f"{where}: missing key 'schema_version'")
+        _check(data["schema_version"] == SCHEMA_VERSION, _version_message(data["schema_version"], where))
+        _check_keys(cls, data, "", where)
+        data = dict(data)
+        skipped = data["skipped"]
+        if not isinstance(skipped, dict):
+            raise RecordsError(f"skipped: expected an object of reason -> count, got {skipped!r} ({where})")
+        data["skipped"] = [[reason, count] for reason, count in skipped.items()]
+        try:
+            return config.from_dict(cls, data, where)
+        except config.ConfigError as e:
+            raise RecordsError(str(e)) from None
+        except RecordsError as e:
+            raise RecordsError(f"{e} ({where})") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:
+        """Parses `to_json` output with the checks of `from_dict`."""
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RecordsError(f"{where} is not valid JSON: {e}") from None
+        return cls.from_dict(data, where)
+
+
+def _version_message(version: Any, where: str) -> str:
+    if _is_int(version) and version > SCHEMA_VERSION:
+        return (
+            f"{where} has schema_version {version}: written by a newer clipdr? "
+            f"This code (clipdr {__version__}) reads version {SCHEMA_VERSION}"
+        )
+    return f"{where} has unknown schema_version {version!r}; this code reads version {SCHEMA_VERSION}"
+
+
+def _nested_dataclasses(tp: Any, value: Any, key: str) -> list[tuple[type, dict[str, Any], str]]:
+    """The dataclass-typed parts of ``value`` under annotation ``tp``, for the key check below."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return [(tp, value, key)] if isinstance(value, dict) else []
+    if origin in (typing.Union, types.UnionType):
+        classes = [a for a in args if dataclasses.is_dataclass(a)]
+        return [(classes[0], value, key)] if len(classes) == 1 and isinstance(value, dict) else []
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and isinstance(value, list):
+        return [part for i, v in enumerate(value) for part in _nested_dataclasses(args[0], v, f"{key}[{i}]")]
+    return []
+
+
+def _check_keys(cls: type, data: dict[str, Any], prefix: str, where: str) -> None:
+    """Refuses unknown and missing keys, recursively; types are left to `config.from_dict`."""
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    for name in data:
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecordsError(f"unknown key {prefix + name!r} in {where}{hint}; allowed: {', '.join(allowed)}")
+    for name in allowed:
+        if name not in data:
+            raise RecordsError(f"{where}: missing key {prefix + name!r}")
+        for sub_cls, sub_data, sub_key in _nested_dataclasses(hints[name], data[name], prefix + name):
+            _check_keys(sub_cls, sub_data, f"{sub_key}.", where)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def _fixed_list(value_type: pa.DataType, *shape: int) -> pa.DataType:
+    """Non-nullable nested fixed-size lists of ``value_type`` with the given outer-to-inner shape."""
+    for size in reversed(shape):
+        value_type = pa.list_(pa.field("item", value_type, nullable=False), size)
+    return value_type
+
+
+def reinforced_schema(
+    teachers: Sequence[TeacherSpec],
+    num_augmentations: int,
+    num_syn_captions: int,
+    num_aug_ops: int = AugmentConfig().num_ops,
+) -> pa.Schema:
+    """The Arrow schema of a reinforced shard (module docstring).
+
+    Args:
+        teachers: Teachers, in column order.
+        num_augmentations: K.
+        num_syn_captions: S; 0 leaves out the ``syn_captions`` column.
+        num_aug_ops: RandAugment ops a view (``AugmentConfig.num_ops``), which fixes L.
+    """
+    for spec in teachers:
+        validate_teacher_name(spec.name)
+    fields = [
+        pa.field(KEY, pa.string(), nullable=False),
+        pa.field(IMAGE, pa.binary(), nullable=False),
+        pa.field(IMAGE_EXT, pa.string(), nullable=False),
+        pa.field(CAPTION, pa.string(), nullable=False),
+    ]
+    if num_syn_captions > 0:  # pyarrow cannot write a fixed_size_list of size 0
+        fields.append(pa.field(SYN_CAPTIONS, _fixed_list(pa.string(), num_syn_captions), nullable=False))
+    fields.append(
+        pa.field(AUG_PARAMS, _fixed_list(pa.float32(), num_augmentations, augment.encoded_length(num_aug_ops)), False)
+    )
+    for spec in teachers:
+        fields += [
+            pa.field(image_emb_column(spec.name), _fixed_list(pa.float16(), num_augmentations, spec.embed_dim), False),
+            pa.field(
+                text_emb_column(spec.name), _fixed_list(pa.float16(), 1 + num_syn_captions, spec.embed_dim), False
+            ),
+        ]
+    return pa.schema(fields)
+
+
+def _describe_type(value_type: pa.DataType) -> str:
+    """``(30, 768) float16`` for nested fixed-size lists, the Arrow type name otherwise."""
+    shape = []
+    while pa.types.is_fixed_size_list(value_type):
+        shape.append(value_type.list_size)
+        value_type = value_type.value_type
+    name = np.dtype(value_type.to_pandas_dtype()).name if pa.types.is_floating(value_type) else str(value_type)
+    return f"{tuple(shape)} {name}" if shape else name
+
+
+def schema_differences(expected: pa.Schema, actual: pa.Schema) -> list[str]:
+    """Human-readable differences between an expected and an actual shard schema; empty when they fit.
+
+    Types are compared by shape and leaf type (child field names and nullability are ignored, so a file
+    written by another Parquet tool still fits).
+    """
+    problems = []
+    missing = [name for name in expected.names if name not in actual.names]
+    unexpected = [name for name in actual.names if name not in expected.names]
+    if missing:
+        problems.append(f"missing columns {missing}")
+    if unexpected:
+        problems.append(f"unexpected columns {unexpected}")
+    for name in expected.names:
+        if name in actual.names:
+            want, got = _describe_type(expected.field(name).type), _describe_type(actual.field(name).type)
+            if want != got:
+                problems.append(f"column {name!r} is {got}, the manifest says {want}")
+    return problems
+
+
+# --------------------------------------------------------------------------- building tables
+
+
+def _strings(values: Any, column: str, num_rows: int) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray | pa.Array):
+        values = values.to_pylist()
+    try:
+        array = pa.array(list(values), type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RecordsError(f"column {column!r} must hold strings: {e}") from None
+    _check(len(array) == num_rows, f"column {column!r} has {len(array)} rows, {KEY!r} has {num_rows}")
+    _check(array.null_count == 0, f"column {column!r} has {array.null_count} missing values")
+    return array
+
+
+def _fixed_shape(values: Any, dtype: type[np.generic], shape: tuple[int, ...], column: str) -> np.ndarray:
+    """``values`` as a C-contiguous array of exactly ``shape``, or RecordsError naming the column and shapes."""
+    if isinstance(values, pa.Array | pa.ChunkedArray) and pa.types.is_fixed_size_list(values.type):
+        values = fixed_shape_numpy(values)  # a column of a stored shard, e.g. when adding a teacher
+    try:
+        array = np.asarray(values, dtype=dtype)
+    except (ValueError, TypeError) as e:
+        raise RecordsError(f"column {column!r}: expected a numeric array of shape {shape}: {e}") from None
+    if array.size == 0 and shape[0] == 0:
+        array = array.reshape(shape)
+    _check(array.shape == shape, f"column {column!r} has shape {array.shape}, expected {shape}")
+    return np.ascontiguousarray(array)
+
+
+def _nested_array(values_NX: np.ndarray) -> pa.Array:
+    """Wraps an (N, ...) C-contiguous array as nested fixed-size lists of its dtype, without copying."""
+    array = pa.array(values_NX.reshape(-1))
+    for depth in range(values_NX.ndim - 1, 0, -1):
+        array = pa.FixedSizeListArray.from_arrays(array, type=_fixed_list(array.type, values_NX.shape[depth]))
+    return array
+
+
+def _encode_aug_params(values: Any, num_rows: int, num_augmentations: int, length: int) -> np.ndarray:
+    """The (N, K, L) float32 encoding of the views: already-encoded arrays, or `augment.AugParams` objects."""
+    if not isinstance(values, np.ndarray | pa.Array | pa.ChunkedArray):
+        values = [
+            augment.views_to_array(views) if len(views) and isinstance(views[0], augment.AugParams) else views
+            for views in values
+        ]
+    values_NKL = _fixed_shape(values, np.float32, (num_rows, num_augmentations, length), AUG_PARAMS)
+    _check(bool(np.isfinite(values_NKL).all()), f"column {AUG_PARAMS!r} has non-finite values")
+    return values_NKL
+
+
+def _embeddings(values: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Embeddings as fp16 (N, R, D), checked to be finite and L2-normalised."""
+    values_NRD = _fixed_shape(values, np.float16, shape, column)
+    if values_NRD.size:
+        norms_NR = np.linalg.norm(values_NRD.astype(np.float32), axis=-1)
+        bad = ~(np.abs(norms_NR - 1.0) <= NORM_TOLERANCE)  # NaN and inf count as bad
+        if bad.any():
+            row, index = (int(i) for i in np.argwhere(bad)[0])
+            raise RecordsError(
+                f"column {column!r}: {int(bad.sum())} embeddings are not L2-normalised (after fp16), e.g. row {row} "
+                f"[{index}] has norm {norms_NR[row, index]:.4f}; tolerance {NORM_TOLERANCE}"
+            )
+    return values_NRD
+
+
+def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
+    """Builds one shard's table from columnar data, checking every column against the manifest's layout.
+
+    Args:
+        columns: Exactly the columns of ``manifest.schema()``, keyed by this module's names: `KEY`,
+            `CAPTION`, `IMAGE_EXT` string sequences (image_ext lowercase without a dot, e.g. ``jpg``);
+            `IMAGE` a sequence of bytes; `SYN_CAPTIONS` (when S > 0) N sequences of S strings;
+            `AUG_PARAMS` an (N, K, L) numeric array or N sequences of K `augment.AugParams`;
+            `image_emb_column(t)` (N, K, D) and `text_emb_column(t)` (N, 1+S, D) arrays of any float dtype
+            (numpy, or anything ``np.asarray`` takes), L2-normalised; they are stored as fp16. The columns
+            of a stored shard are accepted as they are read, so adding a teacher is: read the shard, add the
+            new teacher's two columns, build with the new manifest, write.
+        manifest: Gives teachers, K, S and the number of RandAugment ops; its shards are not used.
+
+    Returns:
+        A table with ``manifest.schema()``, one chunk a column.
+
+    Raises:
+        RecordsError: A missing or unknown column, a wrong row count or shape, missing values, duplicate keys,
+            or embeddings that are not finite and L2-normalised. The message names the column.
+    """
+    schema = manifest.schema()
+    missing = [name for name in schema.names if name not in columns]
+    unknown = [name for name in columns if name not in schema.names]
+    _check(not missing and not unknown, f"build_table: missing columns {missing}, unknown columns {unknown}")
+    keys = _strings(columns[KEY], KEY, len(columns[KEY]))
+    num_rows = len(keys)
+    _check(len(set(keys.to_pylist())) == num_rows, f"column {KEY!r} has duplicate keys")
+    K, S = manifest.num_augmentations, manifest.num_syn_captions
+    arrays: dict[str, pa.Array] = {KEY: keys}
+    arrays[CAPTION] = _strings(columns[CAPTION], CAPTION, num_rows)
+    arrays[IMAGE_EXT] = _strings(columns[IMAGE_EXT], IMAGE_EXT, num_rows)
+    bad_ext = sorted({ext for ext in arrays[IMAGE_EXT].to_pylist() if not _IMAGE_EXT_VALUE.fullmatch(ext)})
+    _check(not bad_ext, f"column {IMAGE_EXT!r} values must be lowercase extensions without a dot, got {bad_ext}")
+
+    images = columns[IMAGE]
+    try:
+        images = images if isinstance(images, pa.Array | pa.ChunkedArray) else pa.array(list(images), pa.binary())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise RecordsError(f"column {IMAGE!r} must hold encoded image bytes: {e}") from None
+    images = images.combine_chunks() if isinstance(images, pa.ChunkedArray) else images
+    arrays[IMAGE] = images.cast(pa.binary())
+    _check(len(arrays[IMAGE]) == num_rows, f"column {IMAGE!r} has {len(arrays[IMAGE])} rows, {KEY!r} has {num_rows}")
+    _check(arrays[IMAGE].null_count == 0, f"column {IMAGE!r} has {arrays[IMAGE].null_count} missing values")
+
+    if S > 0:
+        syn = columns[SYN_CAPTIONS]
+        syn = syn.to_pylist() if isinstance(syn, pa.Array | pa.ChunkedArray) else syn
+        syn = [list(captions) for captions in syn]
+        lengths = {len(captions) for captions in syn}
+        _check(len(syn) == num_rows, f"column {SYN_CAPTIONS!r} has {len(syn)} rows, {KEY!r} has {num_rows}")
+        _check(lengths <= {S}, f"column {SYN_CAPTIONS!r} must hold S={S} captions a row, got lengths {sorted(lengths)}")
+        flat = _strings([c for captions in syn for c in captions], SYN_CAPTIONS, num_rows * S)
+        arrays[SYN_CAPTIONS] = pa.FixedSizeListArray.from_arrays(flat, type=schema.field(SYN_CAPTIONS).type)
+
+    aug_NKL = _encode_aug_params(columns[AUG_PARAMS], num_rows, K, manifest.aug_param_length)
+    arrays[AUG_PARAMS] = _nested_array(aug_NKL)
+    for spec in manifest.teachers:
+        for column, rows in ((image_emb_column(spec.name), K), (text_emb_column(spec.name), 1 + S)):
+            arrays[column] = _nested_array(_embeddings(columns[column], column, (num_rows, rows, spec.embed_dim)))
+
+    table = pa.Table.from_arrays([arrays[name] for name in schema.names], schema=schema)
+    assert table.schema.equals(schema), "build_table produced a schema other than the manifest's"
+    return table
+
+
+# --------------------------------------------------------------------------- reading arrays
+
+
+def _column(data: pa.Table | pa.RecordBatch, name: str) -> pa.ChunkedArray | pa.Array:
+    if name not in data.schema.names:
+        raise RecordsError(f"no column {name!r}; the data has {data.schema.names}")
+    return data.column(name)
+
+
+def fixed_shape_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A column of nested fixed-size lists as an (N, *shape) numpy array.
+
+    Zero-copy (a read-only view of Arrow memory) when the column is a single chunk, as a shard written by
+    `write_shard` and read whole is; several chunks are concatenated (one copy).
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    shape = []
+    value_type = column.type
+    while pa.types.is_fixed_size_list(value_type):
+        shape.append(value_type.list_size)
+        value_type = value_type.value_type
+    if not shape:
+        raise RecordsError(f"expected a fixed-size list column, got {column.type}")
+    parts = []
+    for chunk in chunks:
+        values = chunk
+        for _ in shape:
+            _check(values.null_count == 0, "a fixed-size list column has missing values")
+            values = values.flatten()  # respects slice offsets, unlike .values
+        parts.append(values.to_numpy(zero_copy_only=True).reshape(len(chunk), *shape))
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.empty((0, *shape), dtype=value_type.to_pandas_dtype())
+    return np.concatenate(parts)
+
+
+def image_embeddings(data: pa.Table | pa.RecordBatch, teacher: str) -> np.ndarray:
+    """``teacher``'s image embeddings, fp16 (N, K, D); row k is view k of `aug_params`."""
+    return fixed_shape_numpy(_column(data, image_emb_column(teacher)))
+
+
+def text_embeddings(data: pa.Table | pa.RecordBatch, teacher: str) -> np.ndarray:
+    """``teacher``'s text embeddings, fp16 (N, 1+S, D); row 0 the real caption, rows 1..S `syn_captions`."""
+    return fixed_shape_numpy(_column(data, text_emb_column(teacher)))
+
+
+def aug_params(data: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """The encoded views, float32 (N, K, L); ``augment.AugParams.from_array(views_NKL[i, k])`` decodes one."""
+    return fixed_shape_numpy(_column(data, AUG_PARAMS))
+
+
+# --------------------------------------------------------------------------- shard files
+
+
+def write_shard(
+    uri: str, table: pa.Table, row_group_size: int | None = None, embedding_compression: str = "none"
+) -> None:
+    """Writes a table (from `build_table`) as one Parquet shard, atomically.
+
+    The file appears under ``uri`` only once complete (`storage.atomic_write`). Embeddings and image bytes are
+    written without dictionary encoding, image bytes uncompressed, text columns with zstd (module docstring).
+
+    Args:
+        uri: Destination, ending in ``.parquet``.
+        table: The shard's rows.
+        row_group_size: Rows a row group; None writes one row group for shards of up to ~1M rows, so a
+            whole-shard read gives single-chunk columns and zero-copy embedding arrays.
+        embedding_compression: Parquet codec of the embedding columns: ``none`` decodes fastest, ``zstd``
+            stores ~8 % fewer bytes (less network from object storage) at ~1.3x the decode time. Readers
+            handle either, so this is the writer's choice, not part of the schema.
+    """
+    _check(uri.endswith(SHARD_SUFFIX), f"shard URI {uri!r} must end in {SHARD_SUFFIX}")
+    embeddings = {n for n in table.column_names if n.startswith((IMAGE_EMB_PREFIX, TEXT_EMB_PREFIX))}
+    codecs = {
+        n: embedding_compression if n in embeddings else "none" if n == IMAGE else "zstd" for n in table.column_names
+    }
+    with storage.atomic_write(uri) as out:
+        pq.write_table(
+            table,
+            out,
+            row_group_size=row_group_size,
+            compression=codecs,
+            use_dictionary=[IMAGE_EXT] if IMAGE_EXT in table.column_names else False,
+            write_statistics=[KEY] if KEY in table.column_names else False,
+        )
+
+
+def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
+    """Reads a shard (or some of its columns)."""
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=list(columns) if columns is not None else None)
+
+
+def read_shard_footer(uri: str) -> tuple[int, pa.Schema]:
+    """``(num_rows, schema)`` of a shard from its Parquet footer only (no data pages are read)."""
+    fs, path = storage.resolve(uri)
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        return parquet.metadata.num_rows, parquet.schema_arrow
+
+
+# --------------------------------------------------------------------------- manifest files and datasets
+
+
+def manifest_uri(uri_dir: str) -> str:
+    return storage.join(uri_dir, MANIFEST_NAME)
+
+
+def read_manifest(uri_dir: str) -> Manifest:
+    """Reads and strictly parses ``<uri_dir>/manifest.json``; RecordsError when it is missing or malformed."""
+    uri = manifest_uri(uri_dir)
+    if not storage.exists(uri):
+        orphans = storage.list_files(uri_dir, (SHARD_SUFFIX,), recursive=True)
+        hint = (
+            f"; {len(orphans)} parquet files lie there without one: a reinforcement job that has not finished "
+            "or crashed (the manifest is written last)"
+            if orphans
+            else ""
+        )
+        raise RecordsError(f"no {MANIFEST_NAME} under {uri_dir!r}: not a reinforced dataset{hint}")
+    return Manifest.from_json(storage.read_bytes(uri), where=f"manifest {uri}")
+
+
+def _shard_problem(uri: str, info: ShardInfo, expected: pa.Schema) -> str | None:
+    try:
+        num_rows, schema = read_shard_footer(uri)
+    except (OSError, pa.ArrowException) as e:
+        return f"{info.path}: cannot read its Parquet footer: {e}"
+    problems = schema_differences(expected, schema)
+    if num_rows != info.num_rows:
+        problems.insert(0, f"the manifest says {info.num_rows} rows, the Parquet footer {num_rows}")
+    return f"{info.path}: {'; '.join(problems)}" if problems else None
+
+
+def check_dataset(
+    uri_dir: str,
+    manifest: Manifest,
+    check_shards: bool = True,
+    extra_files: Literal["warn", "error"] = "warn",
+) -> list[str]:
+    """Checks that the shards under ``uri_dir`` are those the manifest describes; returns their URIs.
+
+    Raises:
+        RecordsError: A listed shard is missing; with ``check_shards``, a footer's row count or schema differs
+            from the manifest (all such shards are named); with ``extra_files="error"``, parquet files lie
+            there that the manifest does not list.
+
+    Extra parquet files only warn (`RecordsWarning`) by default: readers take the manifest's shards, never a
+    directory listing, so files left by a crashed or partial rerun cannot leak into training; refusing would
+    make a complete dataset unusable over a harmless leftover. Pass ``extra_files="error"`` to refuse them.
+    """
+    return _check_dataset(uri_dir, manifest, check_shards, extra_files, stacklevel=3)
+
+
+def _check_dataset(
+    uri_dir: str, manifest: Manifest, check_shards: bool, extra_files: str, stacklevel: int
+) -> list[str]:
+    _check(extra_files in ("warn", "error"), f"extra_files must be 'warn' or 'error', got {extra_files!r}")
+    uris = manifest.shard_uris(uri_dir)
+    present = set(storage.list_files(uri_dir, (SHARD_SUFFIX,), recursive=True))
+    missing = [s.path for s, uri in zip(manifest.shards, uris, strict=True) if uri not in present]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise RecordsError(f"dataset {uri_dir!r}: {len(missing)} shards listed in its manifest are missing: {shown}")
+    extra = sorted(present - set(uris))
+    if extra:
+        prefix = storage.join(uri_dir, "")
+        shown = ", ".join(u.removeprefix(prefix) for u in extra[:5]) + (" ..." if len(extra) > 5 else "")
+        message = (
+            f"dataset {uri_dir!r} holds {len(extra)} parquet files its manifest does not list ({shown}); "
+            "left by a crashed or partial run? They are not read."
+        )
+        if extra_files == "error":
+            raise RecordsError(message)
+        warnings.warn(message, RecordsWarning, stacklevel=stacklevel)
+    if check_shards and uris:
+        expected = manifest.schema()
+        with concurrent.futures.ThreadPoolExecutor(min(_FOOTER_READERS, len(uris))) as pool:
+            found = pool.map(_shard_problem, uris, manifest.shards, [expected] * len(uris))
+            problems = [p for p in found if p is not None]
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (
+                f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            )
+            raise RecordsError(f"dataset {uri_dir!r}: {len(problems)} shards do not match its manifest:\n  {shown}")
+    return uris
+
+
+def write_manifest(uri_dir: str, manifest: Manifest, verify: bool = True) -> str:
+    """Writes ``<uri_dir>/manifest.json`` atomically; returns its URI.
+
+    Jobs write the manifest LAST, after every shard it lists is complete: its presence is what marks a
+    dataset finished, and it describes only complete shards. A job that rewrites an existing dataset
+    directory deletes the old manifest first, so readers never pair it with new shards.
+
+    Args:
+        uri_dir: The dataset directory.
+        manifest: The final manifest.
+        verify: First check the listed shards exist and their footers match (`check_dataset`), so a bad
+            manifest is caught by the job that made it rather than by the next training run.
+    """
+    if verify:
+        _check_dataset(uri_dir, manifest, check_shards=True, extra_files="warn", stacklevel=3)
+    uri = manifest_uri(uri_dir)
+    storage.write_bytes(uri, manifest.to_json().encode())
+    return uri
+
+
+@dataclass(frozen=True)
+class ReinforcedDataset:
+    """A validated reinforced dataset: its manifest and the URIs of its shards, in manifest order."""
+
+    uri: str
+    manifest: Manifest
+    shard_uris: tuple[str, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.num_rows
+
+
+def open_dataset(
+    uri_dir: str,
+    require_teachers: Sequence[str] = (),
+    min_syn_captions: int = 0,
+    check_shards: bool = True,
+    extra_files: Literal["warn", "error"] = "warn",
+) -> ReinforcedDataset:
+    """Opens a reinforced dataset after checking it is complete and fits what the caller needs.
+
+    Args:
+        uri_dir: The dataset directory (path, ``file://`` or ``s3://``).
+        require_teachers: Teachers whose embeddings the caller needs.
+        min_syn_captions: Fewest synthetic captions a sample the caller needs.
+        check_shards: Read every shard's Parquet footer (metadata only) to compare row counts and schemas.
+        extra_files: What parquet files the manifest does not list cause: ``warn`` or ``error`` (`check_dataset`).
+
+    Raises:
+        RecordsError: Saying what differs: no manifest; a schema_version this code does not read; required
+            teachers the data lacks (both sets listed); too few synthetic captions; missing shards; footers
+            whose row counts or column shapes differ from the manifest; extra files with ``extra_files="error"``.
+    """
+    manifest = read_manifest(uri_dir)
+    lacking = [t for t in require_teachers if t not in manifest.teacher_names]
+    if lacking:
+        raise RecordsError(
+            f"dataset {uri_dir!r} lacks teachers {lacking}: it has {list(manifest.teacher_names)}, "
+            f"the caller requires {list(require_teachers)}"
+        )
+    if manifest.num_syn_captions < min_syn_captions:
+        raise RecordsError(
+            f"dataset {uri_dir!r} has {manifest.num_syn_captions} synthetic captions a sample, "
+            f"the caller needs at least {min_syn_captions}"
+        )
+    uris = _check_dataset(uri_dir, manifest, check_shards, extra_files, stacklevel=3)
+    return ReinforcedDataset(uri=uri_dir, manifest=manifest, shard_uris=tuple(uris))
