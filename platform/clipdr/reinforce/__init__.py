@@ -1,0 +1,1 @@
+"""Dataset reinforcement: teacher embeddings over stored augmentations, synthetic captions, reinforced shards."""
