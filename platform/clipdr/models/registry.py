@@ -1,0 +1,180 @@
+"""Every MobileCLIP variant this project trains, with the paper's numbers, registered with open_clip by name.
+
+Architectures are data: each variant is an open_clip JSON config. open_clip 3.3 ships MobileCLIP-S1/S2/B and
+MobileCLIP2-S0/S2/B/S3/S4/L-14; this package adds ``configs/*.json`` (MobileCLIP-S0 and the tiny debug
+variants) through ``open_clip.add_model_config``.
+
+MobileCLIP-S0's text tower (MCt) is not an open_clip architecture. Its config marks the text tower with
+``"clipdr_text_tower": "mct"``, and ``register()`` wraps open_clip's text-tower builder so that marked configs
+build ``clipdr.models.mct.MCt`` and every other config goes to open_clip unchanged. This keeps all of open_clip's
+factory (``create_model``, ``pretrained=<file>`` strict loading with its Apple-checkpoint conversion, precision,
+preprocessing config) working for S0 rather than re-implementing it around a swapped tower; docs/models.md
+discusses the choice.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import open_clip.model
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from clipdr.models import mci  # noqa: F401  (registers the tiny MCi towers with timm)
+from clipdr.models.mct import build_mct, is_mct_cfg
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Inference preprocessing of a variant (open_clip ``PreprocessCfg`` keys); image size comes from its config.
+
+    open_clip keeps these with the *pretrained tag*, so a model built with ``pretrained=None`` or a local file
+    would otherwise fall back to OpenAI mean/std and bicubic resizing.
+    """
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    resize_mode: str = "shortest"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+        }
+
+
+# MobileCLIP: pixels in [0, 1], no normalisation. MobileCLIP2-S3/S4/L-14 were trained with OpenAI mean/std.
+MOBILECLIP_PREPROCESS = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+OPENAI_PREPROCESS = Preprocess(mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One model variant and what the papers report for it.
+
+    Attributes:
+        name: open_clip model name.
+        family: ``MobileCLIP``, ``MobileCLIP2`` or ``debug``.
+        image_tower: Short description of the image tower.
+        text_tower: Short description of the text tower.
+        paper_params_m: (image, text) parameters in millions, from the paper's table; None for debug variants.
+        paper_iphone_ms: (image, text) latency on an iPhone 12 Pro Max in ms, where the paper gives it.
+        preprocess: Inference preprocessing.
+        config_source: ``clipdr`` for configs shipped in this package, ``open_clip`` for open_clip's own.
+    """
+
+    name: str
+    family: str
+    image_tower: str
+    text_tower: str
+    paper_params_m: tuple[float, float] | None = None
+    paper_iphone_ms: tuple[float, float] | None = None
+    preprocess: Preprocess = MOBILECLIP_PREPROCESS
+    config_source: str = "open_clip"
+
+
+_MCI0, _MCI2, _VIT_B = "MCi0 (2-6-10-2, 64..512)", "MCi2 (4-12-24-4, 80..640)", "ViT-B/16, conv stem"
+_T512, _T512_CAUSAL, _T768 = "12 x 512, non-causal", "12 x 512, causal", "12 x 768, non-causal"
+_TINY_MCI = "tiny MCi (1-1-1-1, 16..128)"
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(
+        "MobileCLIP-S0",
+        "MobileCLIP",
+        _MCI0,
+        "MCt: RepMixer + 4 x 512 + RepMixer",
+        paper_params_m=(11.4, 42.4),
+        paper_iphone_ms=(1.5, 1.6),
+        config_source="clipdr",
+    ),
+    Variant("MobileCLIP-S1", "MobileCLIP", "MCi1 (4-12-20-4, 64..512)", _T512, paper_params_m=(21.5, 63.4)),
+    Variant("MobileCLIP-S2", "MobileCLIP", _MCI2, _T512, paper_params_m=(35.7, 63.4), paper_iphone_ms=(3.6, 3.3)),
+    Variant(
+        "MobileCLIP-B", "MobileCLIP", _VIT_B, _T512_CAUSAL, paper_params_m=(86.3, 63.4), paper_iphone_ms=(10.4, 3.3)
+    ),
+    Variant("MobileCLIP2-S0", "MobileCLIP2", _MCI0, _T512, paper_params_m=(11.4, 63.4)),
+    Variant("MobileCLIP2-S2", "MobileCLIP2", _MCI2, _T512, paper_params_m=(35.7, 63.4)),
+    Variant("MobileCLIP2-B", "MobileCLIP2", _VIT_B, _T512_CAUSAL, paper_params_m=(86.3, 63.4)),
+    Variant(
+        "MobileCLIP2-S3",
+        "MobileCLIP2",
+        "MCi3 (5 stages, 96..1536)",
+        _T768,
+        paper_params_m=(125.1, 123.6),
+        preprocess=OPENAI_PREPROCESS,
+    ),
+    Variant(
+        "MobileCLIP2-S4",
+        "MobileCLIP2",
+        "MCi4 (5 stages, 128..2048)",
+        _T768,
+        paper_params_m=(321.6, 123.6),
+        preprocess=OPENAI_PREPROCESS,
+    ),
+    Variant(
+        "MobileCLIP2-L-14",
+        "MobileCLIP2",
+        "ViT-L/14",
+        _T768,
+        paper_params_m=(304.3, 123.6),
+        preprocess=replace(OPENAI_PREPROCESS, interpolation="bicubic"),
+    ),
+    Variant("clipdr-tiny-mct", "debug", _TINY_MCI, "MCt: RepMixer + 1 x 64 + RepMixer", config_source="clipdr"),
+    Variant("clipdr-tiny-mci", "debug", _TINY_MCI, "2 x 64, non-causal", config_source="clipdr"),
+)
+
+_BY_NAME = {v.name: v for v in VARIANTS}
+FAMILIES = ("MobileCLIP", "MobileCLIP2", "debug")
+
+
+def list_variants(family: str | None = None) -> list[str]:
+    """Names of the registered variants, optionally of one family (``MobileCLIP``, ``MobileCLIP2``, ``debug``)."""
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown variant family {family!r}; valid families: {', '.join(FAMILIES)}")
+    return [v.name for v in VARIANTS if family is None or v.family == family]
+
+
+def get_variant(name: str) -> Variant:
+    """The registry entry of ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown model variant {name!r}; valid variants: {', '.join(_BY_NAME)}") from None
+
+
+def _install_mct_text_tower() -> None:
+    """Makes open_clip build MCt for text configs marked ``clipdr_text_tower: mct`` (idempotent).
+
+    ``CustomTextCLIP.__init__`` looks ``_build_text_tower`` up in ``open_clip.model`` at call time, so wrapping
+    that one function is enough; open_clip is pinned (3.3.0) and tests/unit/test_models.py checks the hook.
+    """
+    original = open_clip.model._build_text_tower
+    if getattr(original, "clipdr_mct_hook", False):
+        return
+
+    @functools.wraps(original)
+    def build_text_tower(embed_dim: int, text_cfg: Any, quick_gelu: bool = False, cast_dtype: Any = None) -> Any:
+        if is_mct_cfg(text_cfg):
+            return build_mct(embed_dim, text_cfg, quick_gelu=quick_gelu, cast_dtype=cast_dtype)
+        return original(embed_dim, text_cfg, quick_gelu, cast_dtype)
+
+    build_text_tower.clipdr_mct_hook = True
+    open_clip.model._build_text_tower = build_text_tower
+
+
+def register() -> None:
+    """Registers this package's configs and the MCt text tower with open_clip; safe to call repeatedly."""
+    _install_mct_text_tower()
+    known = set(open_clip.list_models())
+    if not all(v.name in known for v in VARIANTS if v.config_source == "clipdr"):
+        open_clip.add_model_config(CONFIG_DIR)
+    missing = [v.name for v in VARIANTS if v.name not in open_clip.list_models()]
+    assert not missing, f"variants without an open_clip config: {missing}"
