@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None
         try:
             urllib.request.urlopen(url, timeout=2).close()
             return
+        except urllib.error.HTTPError:
+            return  # it answers (e.g. 401 from a server that wants a token): it is up
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
@@ -82,3 +85,16 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"clipdr-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the whole session (start-up costs seconds); more logical CPUs than cores so that
+    model actors, read tasks and Train workers cannot starve each other on a 2-core machine."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

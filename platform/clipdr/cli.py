@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from clipdr import benchmarks  # light: a benchmark's module is imported only when it runs
 from clipdr.config import Config, ConfigError, describe, load_config, to_dict
 
 
@@ -22,6 +23,7 @@ class Stage:
     summary: str
     sections: tuple[str, ...]
     run: Callable[[Config, argparse.Namespace], int]
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # stage-specific options
 
 
 def _print_progress(message: str) -> None:
@@ -33,6 +35,37 @@ def _run_synth(cfg: Config, args: argparse.Namespace) -> int:
 
     summary = synthetic.generate(cfg.synth, progress=_print_progress)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _run_reinforce(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.reinforce.run import ReinforceError, run
+
+    try:
+        run(cfg, log=_print_progress)
+    except ReinforceError as e:
+        print(f"clipdr reinforce: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_datacompdr(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.reinforce import datacompdr
+    from clipdr.reinforce.pipeline import map_shards_on_ray
+
+    c = cfg.datacompdr
+    if not c.source or not c.output:
+        print("clipdr datacompdr: set datacompdr.source and datacompdr.output", file=sys.stderr)
+        return 2
+    layout = datacompdr.DataCompDRLayout(
+        num_augmentations=c.num_augmentations, reference_max_side=c.reference_max_side or None
+    )
+    try:
+        manifest = datacompdr.convert(c.source, c.output, layout=layout, map_shards=map_shards_on_ray)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"clipdr datacompdr: {e}", file=sys.stderr)
+        return 2
+    _print_progress(f"{manifest.num_rows} samples ({manifest.num_skipped} skipped) -> {c.output}")
     return 0
 
 
@@ -50,10 +83,35 @@ def _run_config(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_models(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr import models
+
+    print(models.describe_variants())
+    return 0
+
+
+def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
+    return benchmarks.main([args.benchmark, *args.benchmark_args], prog="clipdr bench")
+
+
 STAGES = (
     Stage("synth", "Write the synthetic image-text world (webdataset/Parquet shards).", ("synth",), _run_synth),
+    Stage(
+        "reinforce",
+        "Reinforce source shards: teacher embeddings of K stored views + S synthetic captions -> Parquet.",
+        ("reinforce", "augment", "tracking"),
+        _run_reinforce,
+    ),
+    Stage(
+        "datacompdr",
+        "Convert Apple's DataCompDR (joined with images) into clipdr's reinforced Parquet, without recomputing.",
+        ("datacompdr",),
+        _run_datacompdr,
+    ),
     Stage("demo", "Run the whole lifecycle on the embedded default, offline.", ("synth", "augment"), _run_demo),
     Stage("config", "Print the resolved config (file + --set overrides) as JSON.", ("synth", "augment"), _run_config),
+    Stage("models", "List every model variant with its parameter counts beside the paper's.", (), _run_models),
+    Stage("bench", "Run a benchmark, e.g. `clipdr bench latency --quick`.", (), _run_bench, benchmarks.add_arguments),
 )
 
 
@@ -76,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
             stage.name,
             help=stage.summary,
             description=stage.summary,
-            epilog=_epilog(stage.sections),
+            epilog=_epilog(stage.sections) if stage.sections else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         sub.add_argument("--config", metavar="PATH", help="TOML run file (default: built-in defaults)")
@@ -88,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help="override one config key, e.g. --set synth.seed=3 (repeatable; values are TOML or bare strings)",
         )
+        if stage.add_arguments is not None:
+            stage.add_arguments(sub)
         sub.set_defaults(stage_obj=stage)
     return parser
 

@@ -37,32 +37,41 @@ def _f(default: Any, help: str) -> Any:
 
 @dataclass(frozen=True)
 class NoiseConfig:
-    """How the synthetic student corpus' web alt-text goes wrong."""
+    """How the synthetic student corpus' web alt-text goes wrong (every field is a probability)."""
 
-    drop_count: float = _f(0.9, "probability that a noisy caption omits the object count")
+    drop_count: float = _f(0.9, "probability that a noisy caption omits the object count (2-3 objects)")
     drop_size: float = _f(0.85, "probability that a noisy caption omits an object's size")
     drop_position: float = _f(0.9, "probability that a noisy caption omits an object's position")
     drop_background: float = _f(0.85, "probability that a noisy caption omits the background")
-    drop_object: float = _f(0.3, "probability that a noisy caption omits each object after the first")
-    wrong_rate: float = _f(0.15, "probability that a stated colour or shape is wrong")
-    filler_rate: float = _f(0.6, "probability of adding web filler words")
-    irrelevant_rate: float = _f(0.1, "probability that the caption is unrelated to the image")
+    drop_colour: float = _f(0.1, "probability that a noisy caption omits an object's colour")
+    drop_shape: float = _f(0.1, "probability that a noisy caption says 'shape' instead of the shape's name")
+    drop_object: float = _f(0.4, "probability that a noisy caption omits each object after the first")
+    wrong_rate: float = _f(0.15, "probability that each attribute a noisy caption states is wrong")
+    filler_rate: float = _f(0.6, "probability of adding web filler ('stock photo', '#design', ...)")
+    shuffle_rate: float = _f(0.2, "probability that a noisy caption's words and phrases are reordered")
+    irrelevant_rate: float = _f(0.1, "probability that the caption is unrelated to the image ('IMG_4821')")
 
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """The built-in synthetic image-text world (the embedded default data)."""
+    """The built-in synthetic image-text world (the embedded default data).
+
+    Default sizes suit the 15-minute CPU demo: 20k clean teacher samples are ~8 epochs for a teacher
+    trained ~1.2k steps at batch 128; 10k noisy student samples; 2k zero-shot images (~31 per class of
+    the 64-way object task); 1k retrieval pairs. The whole world renders in well under a minute.
+    """
 
     output: str = _f("data/synth", "where the world is written: a path, file:// or s3:// URI")
     seed: int = _f(0, "seed of the world; every sample is a pure function of (seed, split, index)")
-    image_size: int = _f(64, "side of the square images in pixels")
-    formats: tuple[str, ...] = _f(("webdataset",), "source formats to write: webdataset and/or parquet")
+    image_size: int = _f(64, "side of the square images in pixels (at least 16)")
+    formats: tuple[str, ...] = _f(("webdataset",), "source formats of the caption splits: webdataset and/or parquet")
     shard_size: int = _f(1000, "samples per shard")
     num_teacher: int = _f(20000, "samples in the clean teacher corpus")
     num_student: int = _f(10000, "samples in the noisy student corpus")
-    num_zeroshot: int = _f(2000, "images in the zero-shot classification split")
+    num_zeroshot: int = _f(2000, "single-object images in the zero-shot classification split")
     num_retrieval: int = _f(1000, "image-caption pairs in the retrieval split")
-    workers: int = _f(1, "processes that render shards in parallel")
+    max_objects: int = _f(3, "most objects in an image (1-3)")
+    workers: int = _f(1, "processes that render shards in parallel (0: one per CPU)")
     noise: NoiseConfig = _f(NoiseConfig(), "noise of the student corpus' captions")
 
 
@@ -79,11 +88,82 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """One CLIP teacher of the ensemble (an open_clip model)."""
+
+    name: str = _f("", "short id used in column names: lowercase letters, digits, single underscores")
+    model: str = _f("", "open_clip architecture, e.g. ViT-L-14")
+    pretrained: str = _f("", "open_clip tag, hf-hub:org/name, or a local checkpoint file; empty: random init")
+    logit_scale: float = _f(100.0, "the teacher's inverse temperature a_k in the distillation targets")
+
+
+@dataclass(frozen=True)
+class CaptionerConfig:
+    """The model that writes synthetic captions."""
+
+    kind: str = _f("coca", "captioner kind (registry name)")
+    model: str = _f("coca_ViT-L-14", "open_clip CoCa architecture")
+    pretrained: str = _f("mscoco_finetuned_laion2b_s13b_b90k", "open_clip tag, hf-hub id, or local checkpoint file")
+    top_p: float = _f(0.9, "nucleus sampling: keep the smallest token set with this probability mass")
+    temperature: float = _f(1.0, "sampling temperature")
+    max_len: int = _f(30, "most tokens a synthetic caption may have")
+
+
+@dataclass(frozen=True)
+class ReinforceResources:
+    """Where reinforcement runs and how wide; set here, applied in reinforce/pipeline.py only."""
+
+    device: str = _f("auto", "auto (cuda when the cluster has GPUs), cuda or cpu")
+    batch_size: int = _f(64, "samples per model batch")
+    teacher_actors: int = _f(1, "actors running the teacher ensemble")
+    captioner_actors: int = _f(1, "actors running the captioner")
+    cpus_per_actor: float = _f(1.0, "CPUs reserved per model actor (also its torch threads)")
+    gpus_per_actor: float = _f(1.0, "GPUs per model actor when device is cuda")
+
+
+@dataclass(frozen=True)
+class ReinforceConfig:
+    """Reinforcement: source shards -> teacher embeddings of K stored views + S synthetic captions."""
+
+    source: str = _f("", "source shards: a directory or shard file (webdataset tar or Parquet), path or s3://")
+    output: str = _f("", "reinforced dataset directory, path or s3://")
+    num_augmentations: int = _f(10, "K, stored augmented views per image")
+    num_syn_captions: int = _f(5, "S, synthetic captions per image")
+    seed: int = _f(0, "seed of view sampling and caption sampling")
+    teachers: tuple[TeacherConfig, ...] = _f((), "the teacher ensemble, as [[reinforce.teachers]] tables")
+    captioner: CaptionerConfig = _f(CaptionerConfig(), "the captioner")
+    resources: ReinforceResources = _f(ReinforceResources(), "devices and parallelism")
+    dry_run: bool = _f(False, "validate the config and source and print the plan; load no model, write nothing")
+
+
+@dataclass(frozen=True)
+class DataCompDRConfig:
+    """Import of Apple's released DataCompDR (joined with its images) into clipdr's reinforced format."""
+
+    source: str = _f("", "DataCompDR webdataset tars joined with images (jpg/txt), path or s3://")
+    output: str = _f("", "reinforced dataset directory to write, path or s3://")
+    num_augmentations: int = _f(30, "K stored in the source: 30 for DataCompDR-12M, 10 for DataCompDR-1B")
+    reference_max_side: int = _f(
+        512, "longest image side the crop windows refer to (DataComp's img2dataset resize); 0: use images as they are"
+    )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
+
+    uri: str = _f("", "MLflow tracking URI; empty: sqlite file mlflow.db in the working directory")
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole run. Jobs read the sections they need."""
 
     synth: SynthConfig = _f(SynthConfig(), "the synthetic world")
     augment: AugmentConfig = _f(AugmentConfig(), "the stored augmentations")
+    reinforce: ReinforceConfig = _f(ReinforceConfig(), "the reinforcement job")
+    datacompdr: DataCompDRConfig = _f(DataCompDRConfig(), "DataCompDR import")
+    tracking: TrackingConfig = _f(TrackingConfig(), "experiment tracking")
 
 
 # --------------------------------------------------------------------------- loading

@@ -23,6 +23,8 @@ from clipdr.data.sources import (
     SkipReason,
     SourceSample,
     decode_rgb,
+    describe_shards,
+    fingerprint,
     iter_shard,
     iter_source,
     list_shards,
@@ -644,3 +646,18 @@ def test_skip_reasons_are_plain_strings():
     counter = Counter({SkipReason.EMPTY_IMAGE: 2})
     assert counter["empty_image"] == 2
     assert json.loads(json.dumps(counter)) == {"empty_image": 2}
+
+
+def test_describe_shards_paths_sizes_and_fingerprint(tmp_path):
+    sample = SourceSample(key="a", image_bytes=_encode(_noise_rgb(), "JPEG"), caption="a caption")
+    write_webdataset_shard(str(tmp_path / "sub" / "x-0.tar"), [sample])
+    write_webdataset_shard(str(tmp_path / "x-1.tar"), [sample])
+    shards = describe_shards(str(tmp_path))
+    assert [s.path for s in shards] == ["sub/x-0.tar", "x-1.tar"]
+    assert [s.output_path for s in shards] == ["sub/x-0.parquet", "x-1.parquet"]
+    assert all(s.size == (tmp_path / s.path).stat().st_size for s in shards)
+    before = fingerprint(shards)
+    assert before == fingerprint(list(reversed(shards)))
+    more = [SourceSample(f"k{i}", _encode(_noise_rgb(64, seed=i), "JPEG"), "another") for i in range(4)]
+    write_webdataset_shard(str(tmp_path / "x-1.tar"), more)  # another size: shard names + sizes are what count
+    assert fingerprint(describe_shards(str(tmp_path))) != before

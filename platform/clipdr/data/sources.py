@@ -26,13 +26,14 @@ is detected, and converted to RGB (:func:`to_rgb`). The original encoded bytes a
 from __future__ import annotations
 
 import collections
+import hashlib
 import io
 import json
 import logging
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -260,17 +261,17 @@ def decode_rgb(image_bytes: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Imag
 # Sample validation shared by both formats
 
 
-class _TooLarge:
+class TooLarge:
     """Stands in for a tar member that was not read because of its size."""
 
     def __init__(self, num_bytes: int) -> None:
         self.num_bytes = num_bytes
 
 
-def _check_caption(raw: bytes | _TooLarge | None, max_text_bytes: int) -> str:
+def _check_caption(raw: bytes | TooLarge | None, max_text_bytes: int) -> str:
     if raw is None:
         raise InvalidSampleError(SkipReason.MISSING_CAPTION)
-    if isinstance(raw, _TooLarge):
+    if isinstance(raw, TooLarge):
         raise InvalidSampleError(SkipReason.CAPTION_TOO_LONG, f"{raw.num_bytes} bytes")
     if len(raw) > max_text_bytes:
         raise InvalidSampleError(SkipReason.CAPTION_TOO_LONG, f"{len(raw)} bytes")
@@ -298,18 +299,18 @@ def _parse_meta(raw: object, max_text_bytes: int) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _build_sample(
+def build_sample(
     key: str,
-    image_bytes: bytes | _TooLarge | None,
-    caption_raw: bytes | _TooLarge | None,
+    image_bytes: bytes | TooLarge | None,
+    caption_raw: bytes | TooLarge | None,
     meta_raw: object,
     config: ReaderConfig,
 ) -> SourceSample:
     caption = _check_caption(caption_raw, config.max_text_bytes)
     if image_bytes is None:
         raise InvalidSampleError(SkipReason.MISSING_IMAGE)
-    if isinstance(image_bytes, _TooLarge) or len(image_bytes) > config.max_image_bytes:
-        num_bytes = image_bytes.num_bytes if isinstance(image_bytes, _TooLarge) else len(image_bytes)
+    if isinstance(image_bytes, TooLarge) or len(image_bytes) > config.max_image_bytes:
+        num_bytes = image_bytes.num_bytes if isinstance(image_bytes, TooLarge) else len(image_bytes)
         raise InvalidSampleError(SkipReason.IMAGE_TOO_LARGE, f"{num_bytes} encoded bytes")
     image, image_ext = _decode(image_bytes, config.max_pixels)
     return SourceSample(
@@ -326,11 +327,11 @@ def _build_sample(
 # Webdataset tar
 
 
-class _UnreadableShardError(Exception):
+class UnreadableShardError(Exception):
     pass
 
 
-class _BrokenShardError(Exception):
+class BrokenShardError(Exception):
     pass
 
 
@@ -366,21 +367,29 @@ def _split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if directory else stem), ext.lower()
 
 
-def _iter_tar_groups(uri: str, config: ReaderConfig) -> Iterator[tuple[str, dict[str | None, Any]]]:
-    """Yields ``(key, {extension: bytes | _TooLarge})`` per run of consecutive members with one key.
+def iter_tar_groups(
+    uri: str,
+    config: ReaderConfig,
+    wanted: frozenset[str] | None = None,
+    large_extensions: frozenset[str] | tuple[str, ...] = IMAGE_EXTENSIONS,
+) -> Iterator[tuple[str, dict[str | None, Any]]]:
+    """Yields ``(key, {extension: bytes | TooLarge})`` per run of consecutive members with one key.
+
+    ``wanted`` are the member extensions kept (default: images, caption, json); members whose extension is in
+    ``large_extensions`` may be up to ``config.max_image_bytes``, the others up to ``config.max_text_bytes``.
 
     A group is yielded as soon as the header of a member with another key has been read, so a break inside
     that member loses nothing before it. A repeated extension within a group is recorded under the ``None``
-    key, which marks the group as a duplicate. Raises ``_UnreadableShardError`` if the tar cannot be opened
-    and ``_BrokenShardError`` if it breaks later; the group in progress at a break is dropped, since it may
+    key, which marks the group as a duplicate. Raises ``UnreadableShardError`` if the tar cannot be opened
+    and ``BrokenShardError`` if it breaks later; the group in progress at a break is dropped, since it may
     be incomplete.
     """
-    wanted = {*IMAGE_EXTENSIONS, CAPTION_EXTENSION, META_EXTENSION}
+    wanted = wanted or frozenset({*IMAGE_EXTENSIONS, CAPTION_EXTENSION, META_EXTENSION})
     with _open_stream(uri) as stream:
         try:
             archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115 - entered below
         except _TAR_READ_ERRORS as e:
-            raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+            raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
         with archive:
             key: str | None = None
             group: dict[str | None, Any] = {}
@@ -389,7 +398,7 @@ def _iter_tar_groups(uri: str, config: ReaderConfig) -> Iterator[tuple[str, dict
                 try:
                     member = next(members, None)
                 except _TAR_READ_ERRORS as e:
-                    raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+                    raise BrokenShardError(f"{type(e).__name__}: {e}") from None
                 if member is None:
                     break
                 parsed = _split_member_name(member.name) if member.isfile() else None
@@ -400,11 +409,11 @@ def _iter_tar_groups(uri: str, config: ReaderConfig) -> Iterator[tuple[str, dict
                     if key is not None:
                         yield key, group
                     key, group = member_key, {}
-                limit = config.max_image_bytes if ext in IMAGE_EXTENSIONS else config.max_text_bytes
+                limit = config.max_image_bytes if ext in large_extensions else config.max_text_bytes
                 try:
-                    data = _TooLarge(member.size) if member.size > limit else _read_member(archive, member)
+                    data = TooLarge(member.size) if member.size > limit else _read_member(archive, member)
                 except _TAR_READ_ERRORS as e:
-                    raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+                    raise BrokenShardError(f"{type(e).__name__}: {e}") from None
                 group[None if ext in group else ext] = data
             if key is not None:
                 yield key, group
@@ -421,19 +430,19 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 @contextmanager
 def _open_stream(uri: str) -> Iterator[pa.NativeFile]:
-    """A buffered sequential stream over a shard; failing to open it raises ``_UnreadableShardError``."""
+    """A buffered sequential stream over a shard; failing to open it raises ``UnreadableShardError``."""
     try:
         fs, path = storage.resolve(uri)
         stream = fs.open_input_stream(path, buffer_size=_READ_BUFFER_BYTES)
     except (OSError, ValueError) as e:
-        raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+        raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
     with stream:
         yield stream
 
 
 def _iter_tar_samples(uri: str, skipped: collections.Counter, config: ReaderConfig) -> Iterator[SourceSample]:
     seen: set[str] = set()
-    for key, group in _iter_tar_groups(uri, config):
+    for key, group in iter_tar_groups(uri, config):
         try:
             duplicate = key in seen or None in group
             seen.add(key)
@@ -441,7 +450,7 @@ def _iter_tar_samples(uri: str, skipped: collections.Counter, config: ReaderConf
                 raise InvalidSampleError(SkipReason.DUPLICATE_KEY, key)
             image_ext = next((ext for ext in IMAGE_EXTENSIONS if ext in group), None)
             image = group[image_ext] if image_ext else None
-            sample = _build_sample(key, image, group.get(CAPTION_EXTENSION), group.get(META_EXTENSION), config)
+            sample = build_sample(key, image, group.get(CAPTION_EXTENSION), group.get(META_EXTENSION), config)
         except InvalidSampleError as e:
             skipped[e.reason] += 1
             logger.debug("skipping %s in %s: %s", key, uri, e)
@@ -504,13 +513,13 @@ def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, An
         fs, path = storage.resolve(uri)
         source = fs.open_input_file(path)
     except (OSError, ValueError) as e:
-        raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+        raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
     with source:
         try:
             parquet_file = pq.ParquetFile(source)
             schema = parquet_file.schema_arrow
         except (OSError, ValueError, pa.ArrowException) as e:
-            raise _UnreadableShardError(f"{type(e).__name__}: {e}") from None
+            raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
         _check_parquet_schema(schema, uri, config)
         has_key = config.key_column in schema.names
         has_meta = config.meta_column in schema.names
@@ -530,7 +539,7 @@ def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, An
                 keys = batch.column(config.key_column).to_pylist() if has_key else [None] * batch.num_rows
                 metas = _column_as_pylist(batch.column(config.meta_column)) if has_meta else [None] * batch.num_rows
             except (OSError, ValueError, pa.ArrowException) as e:
-                raise _BrokenShardError(f"{type(e).__name__}: {e}") from None
+                raise BrokenShardError(f"{type(e).__name__}: {e}") from None
             for key, image, caption, meta in zip(keys, images, captions, metas, strict=True):
                 yield (f"{stem}-{row_index:06d}" if key is None else _key_str(key)), image, caption, meta
                 row_index += 1
@@ -543,7 +552,7 @@ def _iter_parquet_samples(uri: str, skipped: collections.Counter, config: Reader
             if key in seen:
                 raise InvalidSampleError(SkipReason.DUPLICATE_KEY, key)
             seen.add(key)
-            sample = _build_sample(key, image, caption, meta, config)
+            sample = build_sample(key, image, caption, meta, config)
         except InvalidSampleError as e:
             skipped[e.reason] += 1
             logger.debug("skipping %s in %s: %s", key, uri, e)
@@ -589,10 +598,10 @@ def iter_shard(
         )
     try:
         yield from samples
-    except _UnreadableShardError as e:
+    except UnreadableShardError as e:
         skipped[SkipReason.UNREADABLE_SHARD] += 1
         logger.warning("skipping unreadable source shard %s: %s", uri, e)
-    except _BrokenShardError as e:
+    except BrokenShardError as e:
         skipped[broken] += 1
         logger.warning("source shard %s is broken, keeping the samples before the break: %s", uri, e)
 
@@ -626,6 +635,54 @@ def list_shards(uri: str) -> list[str]:
     files = storage.list_files(uri, recursive=True)
     tars = [f for f in files if _is_tar(f)]
     return tars or [f for f in files if _is_parquet(f)]
+
+
+@dataclass(frozen=True)
+class SourceShard:
+    """One source shard and where its reinforced counterpart goes.
+
+    Attributes:
+        uri: Its URI.
+        path: Its path relative to the source directory (``/``-separated); its name for a single-shard source.
+        size: Its size in bytes.
+    """
+
+    uri: str
+    path: str
+    size: int
+
+    @property
+    def output_path(self) -> str:
+        """Relative path of the shard a job derives from it: the same path, ending in ``.parquet``."""
+        lower = self.path.lower()
+        stem = next((self.path[: -len(s)] for s in TAR_SUFFIXES + PARQUET_SUFFIXES if lower.endswith(s)), self.path)
+        return stem + ".parquet"
+
+
+def describe_shards(uri: str) -> list[SourceShard]:
+    """`list_shards` with each shard's relative path and size (one listing call), sorted by path.
+
+    Raises:
+        FileNotFoundError: Nothing exists at ``uri``.
+        ValueError: ``uri`` is a file that is not a supported shard.
+    """
+    uris = list_shards(uri)
+    if not uris:
+        return []
+    fs, _ = storage.resolve(uri)
+    infos = fs.get_file_info([storage.resolve(u)[1] for u in uris])
+    prefix = storage.join(uri, "")
+    shards = [
+        SourceShard(uri=u, path=u[len(prefix) :] if u.startswith(prefix) else storage.basename(u), size=int(i.size))
+        for u, i in zip(uris, infos, strict=True)
+    ]
+    return sorted(shards, key=lambda s: s.path)
+
+
+def fingerprint(shards: Sequence[SourceShard]) -> str:
+    """``sha256:<hex>`` of the sorted shard paths and sizes: cheap (a listing) and stable across machines."""
+    payload = json.dumps(sorted([s.path, s.size] for s in shards)).encode()
+    return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
 def iter_source(

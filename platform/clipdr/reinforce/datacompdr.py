@@ -99,15 +99,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
-import tarfile
 import zipfile
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -120,7 +120,7 @@ import torch
 from clipdr import augment, records, storage
 from clipdr.config import AugmentConfig
 from clipdr.data import sources
-from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason
+from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason, SourceShard
 from clipdr.records import CaptionerSpec, Manifest, ShardInfo, TeacherSpec
 
 logger = logging.getLogger(__name__)
@@ -171,22 +171,7 @@ DATACOMP_MAX_SIDE = 512
 """Longest side of DataComp's image download (img2dataset ``keep_ratio_largest``, only if bigger)."""
 
 # apple/ml-mobileclip(-dr) dr/transforms.py RandAugment.op_names: op_index in a record indexes this tuple.
-DATACOMPDR_OP_NAMES: tuple[str, ...] = (
-    "Identity",
-    "ShearX",
-    "ShearY",
-    "TranslateX",
-    "TranslateY",
-    "Rotate",
-    "Brightness",
-    "Color",
-    "Contrast",
-    "Sharpness",
-    "Posterize",
-    "Solarize",
-    "AutoContrast",
-    "Equalize",
-)
+DATACOMPDR_OP_NAMES: tuple[str, ...] = augment.OP_NAMES  # Apple's dr/transforms.py keeps torchvision's order
 
 # Transforms with random parameters, in the order Apple's Compose composes (and compresses) them.
 _RECORD_ORDER = (
@@ -558,7 +543,7 @@ def _member(group: Mapping[str | None, Any], ext: str, missing: str, invalid: st
     data = group.get(ext)
     if data is None:
         raise _skip(missing)
-    if isinstance(data, sources._TooLarge):
+    if isinstance(data, sources.TooLarge):
         raise _skip(invalid, f"{ext} member of {data.num_bytes} bytes")
     return data
 
@@ -687,47 +672,10 @@ def split_embeddings(
 
 
 def _iter_groups(uri: str, config: ReaderConfig) -> Iterator[tuple[str, dict[str | None, Any]]]:
-    """``(key, {extension: bytes | _TooLarge})`` per run of consecutive tar members with one key.
-
-    The DataCompDR twin of `sources`' tar grouping (same strict headers, streaming and size limits), keeping the
-    DataCompDR members too. A repeated extension is recorded under ``None``. Raises `sources`' private shard errors.
-    """
-    wanted = {*sources.IMAGE_EXTENSIONS, *_TEXT_MEMBERS, *_EMBEDDING_MEMBERS}
-    with sources._open_stream(uri) as stream:
-        try:
-            # sources' strict header class: a bad header is an error, not a silent end of the archive
-            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=sources._StrictTarInfo)  # noqa: SIM115
-        except sources._TAR_READ_ERRORS as e:
-            raise sources._UnreadableShardError(f"{type(e).__name__}: {e}") from None
-        with archive:
-            key: str | None = None
-            group: dict[str | None, Any] = {}
-            members = iter(archive)
-            while True:
-                try:
-                    member = next(members, None)
-                except sources._TAR_READ_ERRORS as e:
-                    raise sources._BrokenShardError(f"{type(e).__name__}: {e}") from None
-                if member is None:
-                    break
-                parsed = sources._split_member_name(member.name) if member.isfile() else None
-                if parsed is None or parsed[1] not in wanted:
-                    continue
-                member_key, ext = parsed
-                if member_key != key:
-                    if key is not None:
-                        yield key, group
-                    key, group = member_key, {}
-                limit = config.max_text_bytes if ext in _TEXT_MEMBERS else config.max_image_bytes
-                try:
-                    data = (
-                        sources._TooLarge(member.size) if member.size > limit else sources._read_member(archive, member)
-                    )
-                except sources._TAR_READ_ERRORS as e:
-                    raise sources._BrokenShardError(f"{type(e).__name__}: {e}") from None
-                group[None if ext in group else ext] = data
-            if key is not None:
-                yield key, group
+    """`sources.iter_tar_groups` keeping the DataCompDR members too (embeddings may be as large as images)."""
+    wanted = frozenset({*sources.IMAGE_EXTENSIONS, *_TEXT_MEMBERS, *_EMBEDDING_MEMBERS})
+    large = frozenset({*sources.IMAGE_EXTENSIONS, *_EMBEDDING_MEMBERS})
+    return sources.iter_tar_groups(uri, config, wanted=wanted, large_extensions=large)
 
 
 def _text(raw: Any) -> str | None:
@@ -763,12 +711,12 @@ def _build(
     image_emb, image_error = split_embeddings(image_KE, teachers, layout.norm_tolerance)
     text_emb, text_error = split_embeddings(text_RE, teachers, layout.norm_tolerance)
     try:
-        source = sources._build_sample(
+        source = sources.build_sample(
             key, group[image_ext], group.get(sources.CAPTION_EXTENSION), group.get(sources.META_EXTENSION), config
         )
     except sources.InvalidSampleError as e:
         raise _skip(e.reason, str(e).partition(": ")[2]) from None
-    assert source.image is not None, "sources._build_sample decodes the image"
+    assert source.image is not None, "sources.build_sample decodes the image"
     views = tuple(map_view(view, source.image.size, layout) for view in record_views)
     uid = source.meta.get("uid")
     return DataCompDRSample(
@@ -823,36 +771,15 @@ def iter_shard(
                 logger.debug("skipping %s in %s: %s", key, uri, e)
                 continue
             yield sample
-    except sources._UnreadableShardError as e:
+    except sources.UnreadableShardError as e:
         skipped[str(SkipReason.UNREADABLE_SHARD)] += 1
         logger.warning("skipping unreadable DataCompDR shard %s: %s", uri, e)
-    except sources._BrokenShardError as e:
+    except sources.BrokenShardError as e:
         skipped[str(SkipReason.BROKEN_TAR)] += 1
         logger.warning("DataCompDR shard %s is broken, keeping the samples before the break: %s", uri, e)
 
 
 # --------------------------------------------------------------------------- conversion
-
-
-@dataclass(frozen=True)
-class SourceShard:
-    """One source tar.
-
-    Attributes:
-        uri: Its URI.
-        path: Its path relative to the source directory (``/``-separated).
-        size: Its size in bytes.
-    """
-
-    uri: str
-    path: str
-    size: int
-
-    @property
-    def output_path(self) -> str:
-        """The relative path of its reinforced shard: the same name, ending in ``.parquet``."""
-        stem = next((self.path[: -len(s)] for s in sources.TAR_SUFFIXES if self.path.lower().endswith(s)), self.path)
-        return stem + records.SHARD_SUFFIX
 
 
 @dataclass(frozen=True)
@@ -881,22 +808,9 @@ def list_source_shards(source_uri: str) -> list[SourceShard]:
         FileNotFoundError: Nothing exists at ``source_uri``.
         DataCompDRError: It holds no tar shards.
     """
-    uris = [u for u in sources.list_shards(source_uri) if u.lower().endswith(sources.TAR_SUFFIXES)]
-    _check(bool(uris), f"no DataCompDR tar shards ({', '.join(sources.TAR_SUFFIXES)}) under {source_uri!r}")
-    fs, _ = storage.resolve(source_uri)
-    infos = fs.get_file_info([storage.resolve(u)[1] for u in uris])
-    prefix = storage.join(source_uri, "")
-    shards = []
-    for uri, info in zip(uris, infos, strict=True):
-        path = uri[len(prefix) :] if uri.startswith(prefix) else storage.basename(uri)
-        shards.append(SourceShard(uri=uri, path=path.replace("\\", "/"), size=int(info.size)))
-    return sorted(shards, key=lambda s: s.path)
-
-
-def source_fingerprint(shards: Sequence[SourceShard]) -> str:
-    """``sha256:<hex>`` of the sorted shard paths and sizes: cheap (a listing) and stable across machines."""
-    payload = json.dumps(sorted([s.path, s.size] for s in shards)).encode()
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+    shards = [s for s in sources.describe_shards(source_uri) if s.path.lower().endswith(sources.TAR_SUFFIXES)]
+    _check(bool(shards), f"no DataCompDR tar shards ({', '.join(sources.TAR_SUFFIXES)}) under {source_uri!r}")
+    return shards
 
 
 def _settings_digest(teachers: Sequence[TeacherSpec], layout: DataCompDRLayout) -> str:
@@ -928,7 +842,7 @@ def build_manifest(
         num_augmentations=layout.num_augmentations,
         num_syn_captions=layout.num_syn_captions,
         source_uri=source_uri,
-        source_fingerprint=source_fingerprint(shards),
+        source_fingerprint=sources.fingerprint(shards),
         captioner=captioner,
         augment_seed=0,  # meaningless here: Apple's generator drew the views
         shards=tuple(r.info for r in results if r.info is not None),
@@ -1079,6 +993,10 @@ def _without_time(manifest: Manifest) -> dict[str, Any]:
     return data
 
 
+def _map_in_order(fn: Callable[[SourceShard], ShardResult], shards: list[SourceShard]) -> list[ShardResult]:
+    return [fn(shard) for shard in shards]
+
+
 def convert(
     source_uri: str,
     output_uri: str,
@@ -1089,6 +1007,7 @@ def convert(
     config: ReaderConfig = DEFAULT_READER_CONFIG,
     embedding_compression: str = "none",
     row_group_size: int | None = None,
+    map_shards: Callable[[Callable[[SourceShard], ShardResult], list[SourceShard]], list[ShardResult]] = _map_in_order,
 ) -> Manifest:
     """Converts a joined DataCompDR source into a clipdr reinforced dataset, one Parquet shard per source tar.
 
@@ -1106,6 +1025,8 @@ def convert(
         config: Reader limits.
         embedding_compression: Parquet codec of the embedding columns.
         row_group_size: Rows a Parquet row group; None writes one per shard (`convert_shard` on memory).
+        map_shards: Runs the per-shard conversion over the shards still to do and returns the results in order:
+            in this process by default; the reinforce pipeline passes one that runs a Ray task per shard.
 
     Returns:
         The manifest now in ``output_uri``.
@@ -1122,16 +1043,20 @@ def convert(
     logger.info("DataCompDR %s -> %s: %d shards, %d to convert", source_uri, output_uri, len(shards), len(todo))
     if todo:
         storage.delete(records.manifest_uri(output_uri))  # never pair an old manifest with new shards
-    for i in todo:
-        results[i] = convert_shard(
-            shards[i],
-            output_uri,
-            manifest,
+    converted = map_shards(
+        functools.partial(
+            convert_shard,
+            output_uri=output_uri,
+            manifest=manifest,
             layout=layout,
             config=config,
             embedding_compression=embedding_compression,
             row_group_size=row_group_size,
-        )
+        ),
+        [shards[i] for i in todo],
+    )
+    for i, result in zip(todo, converted, strict=True):
+        results[i] = result
     done = [r for r in results if r is not None]
     unreadable = [r.shard.path for r in done if r.info is None]
     if unreadable:

@@ -1,0 +1,125 @@
+"""Ray Data wiring of the reinforcement stages; every resource setting of the job is applied here and only here.
+
+    source shards --ReadShards (tasks, CPU)--> samples + K sampled views
+        --Caption (actor pool)--> + S synthetic captions
+        --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
+        --WriteShards (one actor)--> complete output shards, one per source shard
+
+Only encoded image bytes and small arrays travel between stages: model stages decode the bytes themselves and
+render the views they need, so no pixel tensor goes through the object store. The captioner runs before the
+teachers so that a single actor embeds both the views and the 1+S captions with the teachers loaded once.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import ray
+
+from clipdr import records
+from clipdr.config import AugmentConfig, ReinforceConfig
+from clipdr.reinforce.stages import Caption, Embed, ReadShards, ShardTask, WriteShards
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def ensure_ray() -> None:
+    """Joins the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local Ray."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # More logical CPUs than cores, so that model actors and read tasks cannot starve each other on a laptop.
+        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+
+
+# Storage settings of the submitting process that the stages need to reach the same buckets. On a cloud cluster
+# these usually come from the nodes' own identity (IRSA) and none is set; locally they point at an endpoint.
+_STORAGE_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
+
+
+def storage_runtime_env() -> dict:
+    """A Ray runtime_env that gives every stage the driver's AWS storage settings."""
+    env_vars = {k: os.environ[k] for k in _STORAGE_ENV if k in os.environ}
+    return {"env_vars": env_vars} if env_vars else {}
+
+
+def map_shards_on_ray(fn: Callable[[T], R], items: list[T]) -> list[R]:
+    """Runs ``fn`` over ``items`` as one Ray task each (one task owns one shard); results in input order."""
+    ensure_ray()
+    task = ray.remote(num_cpus=1, runtime_env=storage_runtime_env())(fn)
+    return ray.get([task.remote(item) for item in items])
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"reinforce.resources.device must be auto, cpu or cuda, got {requested!r}")
+    return requested
+
+
+def run_pipeline(
+    cfg: ReinforceConfig,
+    augment_cfg: AugmentConfig,
+    tasks: Sequence[ShardTask],
+    manifest: records.Manifest,
+    run_fingerprint: str,
+    on_shard: Callable[[str, int, float], None],
+) -> None:
+    """Reinforces ``tasks`` into ``cfg.output``; calls ``on_shard(name, rows, written_at)`` as each output shard
+    lands (``written_at``: the writer's ``time.time()`` when the file was complete)."""
+    res = cfg.resources
+    device = resolve_device(res.device)
+    threads = max(1, int(res.cpus_per_actor))
+    gpus = res.gpus_per_actor if device == "cuda" else 0
+    runtime_env = storage_runtime_env()
+    model_actor = {
+        "num_cpus": res.cpus_per_actor,
+        "num_gpus": gpus,
+        "batch_size": res.batch_size,
+        "runtime_env": runtime_env,
+    }
+
+    ds = ray.data.from_items([{"source": t.source, "output": t.output} for t in tasks], override_num_blocks=len(tasks))
+    read = ReadShards(
+        augment_cfg, cfg.num_augmentations, cfg.seed, res.batch_size, cfg.output, manifest, run_fingerprint
+    )
+    ds = ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env)  # an instance: run as tasks
+    if cfg.num_syn_captions > 0:
+        ds = ds.map_batches(
+            Caption,
+            fn_constructor_args=(manifest.captioner, cfg.num_syn_captions, device, threads),
+            compute=ray.data.ActorPoolStrategy(size=res.captioner_actors),
+            **model_actor,
+        )
+    ds = ds.map_batches(
+        Embed,
+        fn_constructor_args=(cfg.teachers, device, threads),
+        compute=ray.data.ActorPoolStrategy(size=res.teacher_actors),
+        **model_actor,
+    )
+    ds = ds.map_batches(
+        WriteShards,
+        batch_size=res.batch_size,  # a bounded batch: otherwise Ray bundles small blocks and shards land late
+        fn_constructor_args=(cfg.output, manifest, run_fingerprint, {t.output: t.source for t in tasks}),
+        # One writer: all rows of a shard must meet in the same process.
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=0.5,
+        runtime_env=runtime_env,
+    )
+    for row in ds.iter_rows():
+        on_shard(str(row["shard"]), int(row["num_rows"]), float(row["written_at"]))

@@ -1,0 +1,273 @@
+"""The reinforcement job: validate, plan (resume), run the Ray Data pipeline, write the manifest last, track.
+
+Resume and idempotence. Every output shard is written atomically and carries, in its Parquet footer, the
+fingerprint of the settings that made it (teachers, captioner, views, seeds, source). A rerun with the same
+config keeps the shards whose fingerprint matches and reinforces only the missing source shards; output made
+with other settings is refused rather than mixed in. The manifest is written only when every source shard
+has its output, and describes exactly those shards. The MLflow run id is kept beside the data
+(``_reinforce_run.json``), so a resumed job continues the same run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+from clipdr import augment, records, storage
+from clipdr.config import Config, flatten, to_dict
+from clipdr.data import sources
+from clipdr.reinforce.stages import ShardTask, read_shard_metadata
+
+RUN_STATE = "_reinforce_run.json"  # hidden: listings and readers ignore it
+EXPERIMENT = "reinforce"
+
+
+class ReinforceError(ValueError):
+    """A reinforcement that cannot start as configured; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do, decided before any model is loaded."""
+
+    manifest: records.Manifest | None  # layout and provenance; shards and skip counts are filled in at the end
+    fingerprint: str
+    tasks: tuple[ShardTask, ...]  # every source shard
+    done: tuple[str, ...]  # output shards already complete from an earlier run with the same settings
+    complete: bool  # a manifest with these settings exists: nothing to do
+    notes: tuple[str, ...] = ()  # what a dry run could not check
+
+    @property
+    def pending(self) -> tuple[ShardTask, ...]:
+        return tuple(t for t in self.tasks if t.output not in self.done)
+
+    def describe(self) -> str:
+        m = self.manifest
+        if m is None:
+            return "\n".join(f"note          {n}" for n in self.notes)
+        lines = [
+            f"source        {m.source_uri} ({len(self.tasks)} shards, fingerprint {m.source_fingerprint[:16]})",
+            f"views         K={m.num_augmentations}, synthetic captions S={m.num_syn_captions}",
+            *(
+                f"teacher       {t.name}: {t.model} ({t.pretrained or 'random init'}), D={t.embed_dim}, "
+                f"{t.image_size}px, logit scale {t.logit_scale:g}"
+                for t in m.teachers
+            ),
+            f"captioner     {m.captioner.kind} {m.captioner.model} ({m.captioner.pretrained or 'random init'}), "
+            f"top-p {m.captioner.top_p}"
+            if m.captioner
+            else "captioner     none",
+            f"storage       {m.embedding_bytes_per_sample:,} bytes of fp16 embeddings a sample "
+            f"((K + 1 + S) x sum(D) x 2)",
+            f"progress      {len(self.done)}/{len(self.tasks)} shards done"
+            + (", dataset complete" if self.complete else ""),
+            *(f"note          {n}" for n in self.notes),
+        ]
+        return "\n".join(lines)
+
+
+def _fingerprint(data: object) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _check_writable(output: str) -> None:
+    probe = storage.join(output, "_write_probe")
+    try:
+        storage.write_bytes(probe, b"")
+        storage.delete(probe)
+    except OSError as e:
+        raise ReinforceError(f"reinforce.output {output!r} is not writable: {e}") from None
+
+
+def _settings_differences(expected: records.Manifest, found: records.Manifest) -> list[str]:
+    fields = ("teachers", "captioner", "augment", "num_augmentations", "num_syn_captions", "augment_seed")
+    diffs = [f for f in fields if getattr(expected, f) != getattr(found, f)]
+    if expected.source_fingerprint != found.source_fingerprint:
+        diffs.append("source (shard names or sizes changed)")
+    return diffs
+
+
+def plan(config: Config) -> Plan:
+    """Validates everything that can be checked without models and compute, and decides what is left to do."""
+    from clipdr.models.captioners import validate_captioner
+    from clipdr.reinforce.teachers import TeacherError, teacher_spec
+
+    cfg = config.reinforce
+    if not cfg.source or not cfg.output:
+        raise ReinforceError("reinforce.source and reinforce.output must both be set")
+    if cfg.num_augmentations < 1 or cfg.num_syn_captions < 1:
+        raise ReinforceError(
+            f"reinforce.num_augmentations (K={cfg.num_augmentations}) and reinforce.num_syn_captions "
+            f"(S={cfg.num_syn_captions}) must both be >= 1"
+        )
+    if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
+        raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
+    try:
+        augment.check_config(config.augment)
+    except ValueError as e:
+        raise ReinforceError(str(e)) from None
+    if not cfg.teachers:
+        raise ReinforceError("reinforce.teachers is empty: add at least one [[reinforce.teachers]] table")
+    names = [t.name for t in cfg.teachers]
+    if len(set(names)) != len(names):
+        raise ReinforceError(f"reinforce.teachers: duplicate names {names}")
+    try:
+        resolved = [(t, teacher_spec(t, offline=cfg.dry_run)) for t in cfg.teachers]
+    except (TeacherError, records.RecordsError) as e:
+        raise ReinforceError(str(e)) from None
+    teachers = tuple(spec for _, spec in resolved if spec is not None)
+    notes = tuple(
+        f"teacher {t.name}: {t.model} keeps its config on the hub; resolved when loaded"
+        for t, spec in resolved
+        if spec is None
+    )
+    captioner = records.CaptionerSpec(
+        name=cfg.captioner.model,
+        kind=cfg.captioner.kind,
+        model=cfg.captioner.model,
+        pretrained=cfg.captioner.pretrained,
+        top_p=cfg.captioner.top_p,
+        temperature=cfg.captioner.temperature,
+        max_len=cfg.captioner.max_len,
+        seed=cfg.seed,
+    )
+    try:
+        validate_captioner(captioner)
+    except ValueError as e:
+        raise ReinforceError(f"reinforce.captioner: {e}") from None
+
+    if cfg.dry_run and (storage.is_s3(cfg.source) or storage.is_s3(cfg.output)):
+        # A dry run validates what needs no network; object storage may be out of reach from here.
+        shards, fingerprint_of_source = [], "unchecked"
+        notes += ("source and output are on object storage: not checked in a dry run",)
+    else:
+        try:
+            shards = sources.describe_shards(cfg.source)
+        except (FileNotFoundError, ValueError) as e:
+            raise ReinforceError(f"reinforce.source: {e}") from None
+        if not shards:
+            raise ReinforceError(f"reinforce.source {cfg.source!r} holds no .tar or .parquet shards")
+        fingerprint_of_source = sources.fingerprint(shards)
+    tasks = tuple(ShardTask(s.uri, s.output_path) for s in shards)
+    if not teachers:  # only possible in a dry run of hub-only teachers
+        return Plan(None, "", tasks, (), complete=False, notes=notes)
+    manifest = records.Manifest(
+        teachers=teachers,
+        captioner=captioner,
+        augment=config.augment,
+        num_augmentations=cfg.num_augmentations,
+        num_syn_captions=cfg.num_syn_captions,
+        augment_seed=cfg.seed,
+        source_uri=cfg.source,
+        source_fingerprint=fingerprint_of_source,
+    )
+    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    fingerprint = _fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
+    if not shards:
+        return Plan(manifest, fingerprint, tasks, (), complete=False, notes=notes)
+    _check_writable(cfg.output)
+
+    if storage.exists(records.manifest_uri(cfg.output)):
+        found = records.read_manifest(cfg.output)
+        diffs = _settings_differences(manifest, found)
+        if diffs:
+            raise ReinforceError(
+                f"reinforce.output {cfg.output!r} already holds a dataset made with other settings "
+                f"({', '.join(diffs)}): choose another output or delete it"
+            )
+        return Plan(manifest, fingerprint, tasks, tuple(t.output for t in tasks), complete=True)
+
+    expected = {t.output for t in tasks}
+    done = []
+    for uri in storage.list_files(cfg.output, (records.SHARD_SUFFIX,), recursive=True):
+        name = uri[len(cfg.output.rstrip("/")) + 1 :]
+        meta = read_shard_metadata(records.read_shard_footer(uri)[1])
+        if name not in expected or meta is None or meta.get("run_fingerprint") != fingerprint:
+            raise ReinforceError(
+                f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier run made with other settings or "
+                "from another source: choose another output or delete it"
+            )
+        done.append(name)
+    return Plan(manifest, fingerprint, tasks, tuple(sorted(done)), complete=False)
+
+
+def _finish_manifest(cfg_output: str, p: Plan) -> records.Manifest:
+    shards, skipped = [], Counter()
+    for task in p.tasks:
+        num_rows, schema = records.read_shard_footer(storage.join(cfg_output, task.output))
+        shards.append(records.ShardInfo(task.output, num_rows))
+        skipped.update(read_shard_metadata(schema)["skipped"])
+    manifest = dataclasses.replace(p.manifest, shards=tuple(shards), skipped=dict(skipped))
+    records.write_manifest(cfg_output, manifest)
+    return manifest
+
+
+def _tracker(config: Config, p: Plan):
+    from clipdr.tracking import Tracker
+
+    state_uri = storage.join(config.reinforce.output, RUN_STATE)
+    run_id = None
+    if storage.exists(state_uri):
+        state = json.loads(storage.read_bytes(state_uri))
+        run_id = state["mlflow_run_id"] if state.get("fingerprint") == p.fingerprint else None
+    tracker = Tracker.start(
+        EXPERIMENT, run_id=run_id, uri=config.tracking.uri, tags={"output": config.reinforce.output}
+    )
+    if run_id is None:
+        storage.write_bytes(
+            state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "fingerprint": p.fingerprint}).encode()
+        )
+        tracker.log_params({**flatten(config.reinforce, "reinforce."), **flatten(config.augment, "augment.")})
+        tracker.log_dict([dataclasses.asdict(t) for t in p.manifest.teachers], "teachers.json")
+        tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")
+    return tracker
+
+
+def run(config: Config, log=print) -> records.Manifest | None:
+    """Runs (or resumes) a reinforcement; returns the manifest of the complete dataset (None for a dry run)."""
+    from clipdr.reinforce.pipeline import ensure_ray, run_pipeline
+
+    cfg = config.reinforce
+    p = plan(config)
+    log(p.describe())
+    if cfg.dry_run:
+        log("dry run: the configuration is valid; no model was loaded and nothing was written")
+        return None
+    if p.complete:
+        log(f"{cfg.output} is already complete: nothing to do")
+        return records.read_manifest(cfg.output)
+
+    with _tracker(config, p) as tracker:
+        log(f"MLflow run {tracker.run_id} (experiment {EXPERIMENT!r})")
+        started = time.monotonic()
+        progress = {"shards": len(p.done), "rows": 0}
+
+        def on_shard(name: str, num_rows: int, written_at: float) -> None:
+            progress["shards"] += 1
+            progress["rows"] += num_rows
+            rate = progress["rows"] / max(time.monotonic() - started, 1e-9)
+            log(f"shard {name}: {num_rows} rows ({progress['shards']}/{len(p.tasks)} shards, {rate:.1f} samples/s)")
+
+        if p.pending:
+            ensure_ray()
+            run_pipeline(cfg, config.augment, p.pending, p.manifest, p.fingerprint, on_shard)
+        elapsed = time.monotonic() - started
+        manifest = _finish_manifest(cfg.output, p)
+        tracker.log_metrics(
+            {
+                "num_rows": manifest.num_rows,
+                "num_shards": len(manifest.shards),
+                "num_skipped": manifest.num_skipped,
+                **{f"skipped.{reason}": count for reason, count in manifest.skipped},
+                "elapsed_s": elapsed,
+                "samples_per_s": progress["rows"] / elapsed if elapsed > 0 else 0.0,
+                "bytes_per_sample_embeddings": manifest.embedding_bytes_per_sample,
+            }
+        )
+        tracker.log_dict(json.loads(manifest.to_json()), records.MANIFEST_NAME)
+        log(f"reinforced {manifest.num_rows} samples ({manifest.num_skipped} skipped) -> {cfg.output}")
+        return manifest

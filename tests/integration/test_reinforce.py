@@ -1,0 +1,174 @@
+"""The reinforcement job end to end on a local Ray, with tiny teachers and a tiny CoCa on the synthetic world."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from clipdr import augment, records, storage
+from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceResources, SynthConfig, TeacherConfig
+from clipdr.data import sources, synthetic
+from clipdr.models.captioners import TINY_COCA, build_coca
+from clipdr.reinforce.run import ReinforceError, run
+from clipdr.reinforce.teachers import Teacher
+
+pytestmark = pytest.mark.integration
+
+BAD_SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A small noisy student corpus (3 shards + 1 shard of bad input) and tiny teacher/captioner checkpoints."""
+    root = tmp_path_factory.mktemp("reinforce")
+    world = SynthConfig(
+        output=str(root / "world"), num_teacher=0, num_student=60, num_zeroshot=0, num_retrieval=0, shard_size=20
+    )
+    synthetic.generate(world)
+    source = str(root / "world" / "student")
+    good = next(iter(sources.iter_shard(sources.list_shards(source)[0], collections.Counter())))
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(jpeg, "JPEG")
+    sources.write_tar_shard(
+        storage.join(source, "zz-bad.tar"),
+        [
+            ("ok-0", {"jpg": jpeg.getvalue(), "txt": b"a red rectangle"}),
+            ("bad-corrupt", {"jpg": b"not an image", "txt": b"a caption"}),
+            ("bad-empty-caption", {"jpg": good.image_bytes, "txt": b"   "}),
+            ("bad-no-image", {"txt": b"a caption without an image"}),
+        ],
+    )
+    checkpoints = {}
+    for name, model_name in (("vit", "clipdr-tiny-vit"), ("mci", "clipdr-tiny-mci")):
+        torch.manual_seed(len(name))
+        from clipdr import models
+
+        model = models.create_model(model_name)
+        checkpoints[name] = str(root / f"{name}.pt")
+        torch.save(model.state_dict(), checkpoints[name])
+    torch.manual_seed(0)
+    coca, _ = build_coca(TINY_COCA)
+    checkpoints["coca"] = str(root / "coca.pt")
+    torch.save(coca.state_dict(), checkpoints["coca"])
+    config = Config(
+        reinforce=ReinforceConfig(
+            source=source,
+            output=str(root / "out"),
+            num_augmentations=2,
+            num_syn_captions=2,
+            seed=7,
+            teachers=(
+                TeacherConfig(name="vit", model="clipdr-tiny-vit", pretrained=checkpoints["vit"], logit_scale=100.0),
+                TeacherConfig(name="mci", model="clipdr-tiny-mci", pretrained=checkpoints["mci"], logit_scale=70.0),
+            ),
+            captioner=CaptionerConfig(model=TINY_COCA, pretrained=checkpoints["coca"], max_len=10),
+            resources=ReinforceResources(batch_size=16, cpus_per_actor=1.0),
+        ),
+    )
+    config = dataclasses.replace(
+        config, tracking=dataclasses.replace(config.tracking, uri=f"sqlite:///{root}/mlflow.db")
+    )
+    valid_keys = sorted(s.key for s in sources.iter_source(source, collections.Counter()))
+    return config, valid_keys, root
+
+
+def with_output(config: Config, output: str) -> Config:
+    return dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, output=output))
+
+
+def test_reinforce_to_s3_matches_direct_teacher_forward(setup, ray_local, s3_bucket):
+    config, valid_keys, _ = setup
+    config = with_output(config, storage.join(s3_bucket, "reinforced"))
+    manifest = run(config, log=lambda message: None)
+
+    dataset = records.open_dataset(config.reinforce.output, require_teachers=["vit", "mci"], min_syn_captions=2)
+    assert dict(manifest.skipped) == BAD_SKIPS
+    assert manifest.num_rows == len(valid_keys) == 61
+    assert [s.path for s in manifest.shards] == [f"student-0000{i}.parquet" for i in range(3)] + ["zz-bad.parquet"]
+    tables = [records.read_shard(uri) for uri in dataset.shard_uris]
+    keys = sorted(k for t in tables for k in t.column(records.KEY).to_pylist())
+    assert keys == valid_keys  # every valid input key exactly once
+
+    table = tables[0]
+    for teacher in ("vit", "mci"):
+        for emb in (records.image_embeddings(table, teacher), records.text_embeddings(table, teacher)):
+            np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=-1), 1.0, atol=2e-3)
+    assert all(
+        len(c) == 2 and all(isinstance(s, str) for s in c) for c in table.column(records.SYN_CAPTIONS).to_pylist()
+    )
+
+    # Replay consistency end to end: the stored embedding of view k equals a direct forward of the replayed view.
+    teacher_cfg = config.reinforce.teachers[1]
+    teacher = Teacher(teacher_cfg, torch.device("cpu"), spec=manifest.teacher("mci"))
+    views_NKL = records.aug_params(table)
+    for row in (0, 5):
+        image = sources.decode_rgb(table.column(records.IMAGE)[row].as_py())
+        views = augment.views_from_array(views_NKL[row])
+        direct = teacher.embed_views([torch.from_numpy(np.asarray(image)).permute(2, 0, 1)], [views])[0]
+        np.testing.assert_allclose(records.image_embeddings(table, "mci")[row], direct, atol=2e-3)
+        captions = [table.column(records.CAPTION)[row].as_py(), *table.column(records.SYN_CAPTIONS)[row].as_py()]
+        np.testing.assert_allclose(
+            records.text_embeddings(table, "mci")[row], teacher.embed_texts([captions])[0], atol=2e-3
+        )
+
+    client = MlflowClient(config.tracking.uri)
+    experiment = client.get_experiment_by_name("reinforce")
+    (mlflow_run,) = client.search_runs([experiment.experiment_id])
+    assert mlflow_run.info.status == "FINISHED"
+    assert mlflow_run.data.metrics["num_rows"] == 61
+    assert mlflow_run.data.metrics["skipped.corrupt_image"] == 1
+    assert mlflow_run.data.metrics["samples_per_s"] > 0
+    assert mlflow_run.data.params["reinforce.num_augmentations"] == "2"
+    assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}
+
+
+def test_resume_after_crash_is_exactly_once_and_deterministic(setup, ray_local, tmp_path):
+    config, valid_keys, _ = setup
+    config = with_output(config, str(tmp_path / "out"))
+    first = run(config, log=lambda message: None)
+    out = config.reinforce.output
+    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
+    original = records.read_shard(os.path.join(out, "student-00001.parquet"))
+
+    # A crash: the manifest was never written, one shard is missing and a partial temporary file lies around.
+    os.remove(os.path.join(out, records.MANIFEST_NAME))
+    os.remove(os.path.join(out, "student-00001.parquet"))
+    with open(os.path.join(out, ".student-00001.parquet.tmp-dead"), "wb") as f:
+        f.write(b"PAR1 partial")
+    messages = []
+    resumed = run(config, log=messages.append)
+
+    assert any("3/4 shards done" in m for m in messages)  # the plan saw three complete shards
+    after = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
+    assert {p: t for p, t in after.items() if p != "student-00001.parquet"} == {
+        p: t for p, t in before.items() if p != "student-00001.parquet"
+    }  # finished shards were not redone
+    assert dataclasses.replace(resumed, created_at=first.created_at) == first
+    keys = sorted(k for uri in records.open_dataset(out).shard_uris for k in records.read_shard(uri)["key"].to_pylist())
+    assert keys == valid_keys
+
+    # Same config and seed: the redone shard holds the same captions, views and (within fp16) embeddings.
+    redone = records.read_shard(os.path.join(out, "student-00001.parquet"))
+    for column in (records.KEY, records.CAPTION, records.SYN_CAPTIONS, records.AUG_PARAMS):
+        assert redone.column(column).equals(original.column(column)), column
+    for teacher in ("vit", "mci"):
+        np.testing.assert_allclose(
+            records.image_embeddings(redone, teacher), records.image_embeddings(original, teacher), atol=2e-3
+        )
+
+    # A complete dataset is left alone; other settings on the same output are refused.
+    assert run(config, log=messages.append).num_rows == first.num_rows
+    assert "already complete" in messages[-1]
+    other = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, num_augmentations=3))
+    with pytest.raises(ReinforceError, match=r"other settings.*num_augmentations"):
+        run(other, log=lambda message: None)
+    shutil.rmtree(out)

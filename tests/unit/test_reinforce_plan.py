@@ -1,0 +1,83 @@
+"""The reinforcement job refuses bad configs before loading a model or starting Ray."""
+
+import dataclasses
+
+import pytest
+
+from clipdr.config import CaptionerConfig, Config, ReinforceConfig, SynthConfig, TeacherConfig, load_config
+from clipdr.data import synthetic
+from clipdr.reinforce.run import ReinforceError, plan
+
+TINY = TeacherConfig(name="vit", model="clipdr-tiny-vit")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    synthetic.generate(
+        SynthConfig(output=str(out), num_teacher=0, num_student=10, num_zeroshot=0, num_retrieval=0, shard_size=5)
+    )
+    return str(out / "student")
+
+
+def config(source_dir, tmp_path, **changes) -> Config:
+    base = ReinforceConfig(
+        source=source_dir,
+        output=str(tmp_path / "out"),
+        num_augmentations=2,
+        num_syn_captions=1,
+        teachers=(TINY,),
+        captioner=CaptionerConfig(model="clipdr-tiny-coca", pretrained=""),
+    )
+    return Config(reinforce=dataclasses.replace(base, **changes))
+
+
+def test_valid_plan_lists_every_shard(source, tmp_path):
+    p = plan(config(source, tmp_path))
+    assert [t.output for t in p.pending] == ["student-00000.parquet", "student-00001.parquet"]
+    assert p.manifest.embedding_bytes_per_sample == (2 + 1 + 1) * 64 * 2
+    assert not (tmp_path / "out" / "_write_probe").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"num_augmentations": 0}, r"K=0\) and reinforce.num_syn_captions \(S=1\) must both be >= 1"),
+        ({"num_syn_captions": 0}, r"S=0\) must both be >= 1"),
+        ({"teachers": ()}, r"reinforce.teachers is empty"),
+        ({"teachers": (TINY, TINY)}, r"duplicate names \['vit', 'vit'\]"),
+        ({"teachers": (TeacherConfig(name="x", model="ViT-Nope"),)}, r"unknown model 'ViT-Nope'"),
+        ({"teachers": (TeacherConfig(name="Bad-Name", model="clipdr-tiny-vit"),)}, r"teacher name"),
+        (
+            {"teachers": (TeacherConfig(name="l", model="ViT-L-14", pretrained="nope"),)},
+            r"neither a file nor an open_clip tag",
+        ),
+        (
+            {"captioner": CaptionerConfig(kind="gpt", model="clipdr-tiny-coca", pretrained="")},
+            r"unknown captioner kind 'gpt'",
+        ),
+        ({"source": "/does/not/exist"}, r"reinforce.source: source '/does/not/exist' does not exist"),
+        ({"output": "/proc/clipdr-out"}, r"reinforce.output '/proc/clipdr-out' is not writable"),
+    ],
+)
+def test_bad_configs_fail_fast_naming_the_problem(source, tmp_path, changes, message):
+    with pytest.raises(ReinforceError, match=message):
+        plan(config(source, tmp_path, **changes))
+
+
+def test_bad_augment_config_is_refused(source, tmp_path):
+    cfg = dataclasses.replace(config(source, tmp_path), augment=load_config(None, ["augment.scale=[0.9, 0.1]"]).augment)
+    with pytest.raises(ReinforceError, match=r"augment\.scale"):
+        plan(cfg)
+
+
+@pytest.mark.parametrize("recipe", ["datacompdr12m", "mobileclip2_reinforce"])
+def test_real_recipes_validate_offline_in_a_dry_run(recipe):
+    p = plan(load_config(f"jobs/configs/{recipe}.toml", ["reinforce.dry_run=true"]))
+    assert p.manifest.num_augmentations == 30 and p.manifest.num_syn_captions == 5
+    assert all(t.embed_dim == 768 and t.image_size == 224 for t in p.manifest.teachers)
+    if recipe == "datacompdr12m":
+        assert p.manifest.embedding_bytes_per_sample == 110_592  # (30 + 1 + 5) x 2 x 768 x 2
+    else:
+        assert [t.logit_scale for t in p.manifest.teachers] == [70.0]
+        assert any("hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B" in note for note in p.notes)
