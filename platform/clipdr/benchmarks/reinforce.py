@@ -2,9 +2,9 @@
 
 Everything is measured in one run on the same samples, so the ratios hold on a noisy shared machine:
 
-* bare teachers: the teacher ensemble's forward over pre-rendered views and tokenised captions (what the job
-  cannot avoid paying), one process;
-* bare models: the same plus the captioner's generation (every model the job runs);
+* bare teacher forward: the teacher ensemble's forward over pre-rendered views and tokenised captions, one process;
+* bare rendering + teachers + captioner: everything the models need done per sample (replaying K views at every
+  teacher's resolution, the forward, generating S captions), back to back in one process;
 * pipeline: the whole job (read, decode, sample and render views, caption, embed, write Parquet): the wall time
   of a run over all shards minus that of a run over one shard, so that actor start-up and model loading (paid by
   both) cancel out.
@@ -39,8 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
 
 
-def _bare_rate(ensemble, captioner, samples, views, num_captions: int, batch_size: int) -> tuple[float, float]:
-    """Samples/s of the bare teacher forward, and of teachers + captioner, on pre-decoded inputs."""
+def _bare_rates(ensemble, captioner, samples, views, num_captions: int, batch_size: int) -> dict[str, float]:
+    """Samples/s of the bare model work on decoded inputs: view rendering, teacher forward, caption generation."""
+    began = time.perf_counter()
     rendered = {
         t.spec.name: [
             torch.stack(
@@ -53,6 +54,7 @@ def _bare_rate(ensemble, captioner, samples, views, num_captions: int, batch_siz
         ]
         for t in ensemble.teachers
     }
+    render_s = time.perf_counter() - began
     captions = [[s.caption] * (1 + num_captions) for s in samples]
     tokens = {t.spec.name: t.tokenizer([c for cs in captions for c in cs]) for t in ensemble.teachers}
     teacher_s = 0.0
@@ -70,7 +72,13 @@ def _bare_rate(ensemble, captioner, samples, views, num_captions: int, batch_siz
                 [s.image for s in samples[start:stop]], [s.key for s in samples[start:stop]], num_captions
             )
             caption_s += time.perf_counter() - began
-    return len(samples) / teacher_s, len(samples) / (teacher_s + caption_s)
+    n = len(samples)
+    return {
+        "teachers": n / teacher_s,
+        "render": n / render_s,
+        "captioner": n / caption_s,
+        "all": n / (render_s + teacher_s + caption_s),
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -119,7 +127,7 @@ def main(args: argparse.Namespace) -> int:
         views = [augment.sample_views(s.image.size, s.key, args.views, config.augment, 0) for s in samples]
         ensemble = TeacherEnsemble(teachers)
         captioner = build_captioner(p.manifest.captioner)
-        bare_teachers, bare_models = _bare_rate(ensemble, captioner, samples, views, args.captions, args.batch_size)
+        bare = _bare_rates(ensemble, captioner, samples, views, args.captions, args.batch_size)
         del ensemble, captioner
 
         # The pipeline: a run over one shard and a run over all of them pay the same start-up (actors, model
@@ -153,12 +161,14 @@ def main(args: argparse.Namespace) -> int:
         arithmetic = p.manifest.embedding_bytes_per_sample
 
     rows = [
-        ("bare teacher forward (samples/s)", f"{bare_teachers:.1f}"),
-        ("bare teachers + captioner (samples/s)", f"{bare_models:.1f}"),
+        ("bare teacher forward (samples/s)", f"{bare['teachers']:.1f}"),
+        ("bare view rendering, K views x each teacher (samples/s)", f"{bare['render']:.1f}"),
+        ("bare caption generation (samples/s)", f"{bare['captioner']:.1f}"),
+        ("bare rendering + teachers + captioner, one process (samples/s)", f"{bare['all']:.1f}"),
         ("pipeline, start-up excluded (samples/s)", f"{pipeline:.1f}"),
         ("pipeline, whole run incl. start-up (samples/s)", f"{all_rows / all_s:.1f}"),
-        ("pipeline / bare teacher forward", f"{pipeline / bare_teachers:.2f}"),
-        ("pipeline / bare teachers + captioner", f"{pipeline / bare_models:.2f}"),
+        ("pipeline / bare teacher forward", f"{pipeline / bare['teachers']:.2f}"),
+        ("pipeline / bare rendering + teachers + captioner", f"{pipeline / bare['all']:.2f}"),
         ("stored embedding bytes a sample", f"{emb_bytes / rows_total:,.0f}"),
         ("fp16 arithmetic (K+1+S) x sum(D) x 2", f"{arithmetic:,}"),
         ("stored / arithmetic", f"{emb_bytes / rows_total / arithmetic:.3f}"),
