@@ -7,6 +7,7 @@ Every stage takes ``--config PATH`` (a TOML run file, e.g. ``jobs/configs/demo.t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -74,7 +75,10 @@ def _run_demo(cfg: Config, args: argparse.Namespace) -> int:
 
     _print_progress(f"demo 1/1: synthetic world -> {cfg.synth.output}")
     synthetic.generate(cfg.synth, progress=_print_progress)
-    _print_progress("demo finished: the world is ready (reinforce, train and evaluate stages join as they land)")
+    _print_progress(
+        "demo finished: the world is ready. Next stage (training and evaluation join the demo as they land):\n"
+        "  .venv/bin/python jobs/reinforce.py --config jobs/configs/demo.toml"
+    )
     return 0
 
 
@@ -109,7 +113,12 @@ STAGES = (
         _run_datacompdr,
     ),
     Stage("demo", "Run the whole lifecycle on the embedded default, offline.", ("synth", "augment"), _run_demo),
-    Stage("config", "Print the resolved config (file + --set overrides) as JSON.", ("synth", "augment"), _run_config),
+    Stage(
+        "config",
+        "Print the resolved config (file + --set overrides) as JSON.",
+        tuple(f.name for f in dataclasses.fields(Config)),
+        _run_config,
+    ),
     Stage("models", "List every model variant with its parameter counts beside the paper's.", (), _run_models),
     Stage("bench", "Run a benchmark, e.g. `clipdr bench latency --quick`.", (), _run_bench, benchmarks.add_arguments),
 )
