@@ -323,7 +323,7 @@ def test_generate_writes_the_layout_with_exact_counts(world):
             samples = read_tar(tar)
             assert all(set(parts) == {"jpg", "txt", "json"} for parts in samples.values())
             keys += samples
-            parquet = pq.read_table(tar.with_suffix(".parquet"))
+            parquet = pq.read_table(tar.parent / "parquet" / tar.with_suffix(".parquet").name)
             assert parquet.column_names == ["key", "image", "caption", "meta"]
             assert parquet.column("key").to_pylist() == list(samples)
         assert keys == [synth.sample_key(split, i) for i in range(COUNTS[split])]

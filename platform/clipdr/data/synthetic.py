@@ -18,7 +18,8 @@ Splits (disjoint: every split draws from its own random streams and keys carry t
 
 Layout under ``SynthConfig.output``::
 
-    teacher/teacher-00000.tar ...        webdataset: key.jpg, key.txt, key.json (and/or .parquet shards)
+    teacher/teacher-00000.tar ...        webdataset: key.jpg, key.txt, key.json
+    teacher/parquet/teacher-00000.parquet ...   with "parquet" in formats: key, image, caption, meta
     student/student-00000.tar ...
     retrieval/retrieval-00000.tar ...
     zeroshot/<task>/classnames.txt
@@ -54,7 +55,7 @@ from clipdr.config import NoiseConfig, SynthConfig, to_dict
 from clipdr.data.sources import SourceSample, write_parquet_shard, write_tar_shard, write_webdataset_shard
 
 # Bump whenever the rendered bytes or captions of a given config change, so cached worlds regenerate.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 # --------------------------------------------------------------------------- vocabulary
 
@@ -698,7 +699,10 @@ def _shard_ranges(cfg: SynthConfig, split: str) -> list[tuple[int, int]]:
 
 # Shard names are relative to the world's root, "/"-separated; storage.join splits them per part.
 def _shard_name(split: str, shard: int, fmt: str) -> str:
-    return f"{split}/{split}-{shard:05d}{_FORMAT_SUFFIX[fmt]}"
+    # Parquet shards get their own folder: a source directory is read as one format (tars win, see
+    # sources.list_shards), so both formats side by side would hide the Parquet copy.
+    folder = f"{split}/parquet" if fmt == "parquet" else split
+    return f"{folder}/{split}-{shard:05d}{_FORMAT_SUFFIX[fmt]}"
 
 
 def _zeroshot_shard_name(task: str, shard: int) -> str:
