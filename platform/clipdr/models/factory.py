@@ -7,8 +7,10 @@ from a pretrained *tag*, so ``pretrained=None`` or a local checkpoint file would
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import open_clip
@@ -16,6 +18,24 @@ import torch
 from torch import nn
 
 from clipdr.models.registry import get_variant, list_variants, register
+
+
+class _NoWeightsNotice(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded" warning where random init is what was asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    notice = _NoWeightsNotice()
+    root = logging.getLogger()  # open_clip logs through the root logger
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
 
 
 def _check_name(name: str) -> dict[str, Any] | None:
@@ -46,7 +66,8 @@ def create_model(name: str, pretrained: str | None = None, **kwargs: Any) -> nn.
     preprocess = _check_name(name)
     if preprocess is not None:
         kwargs["force_preprocess_cfg"] = {**preprocess, **(kwargs.get("force_preprocess_cfg") or {})}
-    return open_clip.create_model(name, pretrained=pretrained, **kwargs)
+    with _quiet_random_init() if not pretrained else contextlib.nullcontext():
+        return open_clip.create_model(name, pretrained=pretrained, **kwargs)
 
 
 def create_model_and_transforms(
@@ -106,7 +127,8 @@ def count_params(name: str, fused: bool = False) -> tuple[int, int]:
 
     _check_name(name)
     with torch.device("meta"):
-        model = open_clip.create_model(name, device="meta")
+        with _quiet_random_init():
+            model = open_clip.create_model(name, device="meta")
         if fused:
             model = reparameterize(model, inplace=True)
     image = sum(p.numel() for p in model.visual.parameters())
