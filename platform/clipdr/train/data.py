@@ -1,0 +1,380 @@
+"""The training data path: per sample, draw a stored view and a synthetic caption, replay, tokenise, select targets.
+
+The reinforced dataset (`clipdr.records`) stores, per sample, the image bytes, K augmentation parameter sets, S
+synthetic captions and every teacher's embeddings of the K views and of the 1+S captions. Training does no
+teacher work: for each sample and epoch it
+
+1. draws an augmentation index ``k`` in [0, K) and a synthetic caption index ``j`` in [0, S) from a blake2b hash
+   of ``(seed, epoch, key)`` (`draw_indices`): stable across processes, workers and batch layouts, and never
+   touching a global RNG;
+2. decodes the image and replays view ``k`` at the student's resolution, interpolation and normalisation
+   (`augment.replay`, the same function the reinforcement job rendered the teachers' views with);
+3. tokenises the real caption and synthetic caption ``j`` with the student's tokenizer;
+4. in ``reinforced`` mode, selects each teacher's stored embeddings of exactly that view and those captions:
+   image row ``k``, text row 0 (real caption), text row ``1 + j`` (synthetic caption ``j``).
+
+`ReplayBatch` does this for one batch of rows and is meant to run as a Ray Data ``map_batches`` UDF (a callable
+class: the tokenizer loads once per actor) over ``batch_format="pyarrow"`` batches; it also takes a dict of
+numpy arrays. Each output row depends only on its own input row and ``(seed, epoch)``, so outputs are identical
+whatever the batch size, the split into blocks or the row order. `check_dataset` opens a dataset for a training
+mode and refuses one that lacks what the mode needs.
+
+Output columns (module constants; ``<t>`` a teacher name)::
+
+    image                    float32 (N, 3, H, W)  view k, normalised with the student's mean/std
+    text                     int64 (N, T)          the real caption's tokens
+    syn_text                 int64 (N, T)          synthetic caption j's tokens         (with use_syn_captions)
+    aug_index                int64 (N,)            k
+    syn_index                int64 (N,)            j                                    (with use_syn_captions)
+    teacher_image__<t>       float32 (N, D_t)      image_emb__<t>[:, k]                 (reinforced)
+    teacher_text__<t>        float32 (N, D_t)      text_emb__<t>[:, 0]                  (reinforced)
+    teacher_syn_text__<t>    float32 (N, D_t)      text_emb__<t>[:, 1 + j]              (reinforced, use_syn_captions)
+
+Shape suffixes: N rows of a batch, K stored views a sample, L encoded view length, S synthetic captions, D a
+teacher's embedding width, E = 1 + S text embeddings a sample, C channels (3), H and W the student's input size,
+T the tokenizer's context length.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from clipdr import augment, models, records
+from clipdr.data import sources
+
+# --------------------------------------------------------------------------- names
+
+REINFORCED = "reinforced"  # stored teacher embeddings are the distillation targets
+CLIP = "clip"  # plain CLIP baseline: no teacher targets
+ONLINE_DISTILL = "online_distill"  # teachers run inside the train step; no stored embeddings are read
+MODES: tuple[str, ...] = (REINFORCED, CLIP, ONLINE_DISTILL)
+
+IMAGE = "image"
+TEXT = "text"
+SYN_TEXT = "syn_text"
+AUG_INDEX = "aug_index"
+SYN_INDEX = "syn_index"
+TEACHER_IMAGE_PREFIX = "teacher_image__"
+TEACHER_TEXT_PREFIX = "teacher_text__"
+TEACHER_SYN_TEXT_PREFIX = "teacher_syn_text__"
+
+_INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # those `augment.replay` supports
+
+
+def teacher_image_column(teacher: str) -> str:
+    """Output column of ``teacher``'s embedding of the drawn view."""
+    return TEACHER_IMAGE_PREFIX + records.validate_teacher_name(teacher)
+
+
+def teacher_text_column(teacher: str) -> str:
+    """Output column of ``teacher``'s embedding of the real caption."""
+    return TEACHER_TEXT_PREFIX + records.validate_teacher_name(teacher)
+
+
+def teacher_syn_text_column(teacher: str) -> str:
+    """Output column of ``teacher``'s embedding of the drawn synthetic caption."""
+    return TEACHER_SYN_TEXT_PREFIX + records.validate_teacher_name(teacher)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"unknown training mode {mode!r}; valid modes: {', '.join(MODES)}")
+
+
+# --------------------------------------------------------------------------- dataset check
+
+
+def check_dataset(
+    uri: str, mode: str, teachers_required: Sequence[str] = (), min_syn_captions: int = 0
+) -> records.ReinforcedDataset:
+    """Opens a reinforced dataset for training in ``mode``, refusing one that lacks what the mode needs.
+
+    Args:
+        uri: The dataset directory (path, ``file://`` or ``s3://``).
+        mode: ``reinforced`` needs the stored embeddings of every teacher in ``teachers_required`` (at least one);
+            ``clip`` and ``online_distill`` read no stored embeddings, so ``teachers_required`` is not checked.
+        teachers_required: Teachers whose embeddings the run distils from (``reinforced`` only).
+        min_syn_captions: Fewest synthetic captions a sample the run needs: 1 when it trains on synthetic
+            captions, 0 otherwise (any mode).
+
+    Returns:
+        The opened dataset (manifest checked against every shard's footer).
+
+    Raises:
+        ValueError: An unknown mode, or ``reinforced`` without teachers.
+        records.RecordsError: The dataset does not fit; the message names the mode and what differs.
+    """
+    _check_mode(mode)
+    if isinstance(min_syn_captions, bool) or not isinstance(min_syn_captions, int) or min_syn_captions < 0:
+        raise ValueError(f"min_syn_captions must be an integer >= 0, got {min_syn_captions!r}")
+    teachers = list(teachers_required) if mode == REINFORCED else []
+    if mode == REINFORCED and not teachers:
+        raise ValueError("mode 'reinforced' distils from stored teacher embeddings: name at least one teacher")
+    for name in teachers:
+        records.validate_teacher_name(name)
+    try:
+        return records.open_dataset(uri, require_teachers=teachers, min_syn_captions=min_syn_captions)
+    except records.RecordsError as e:
+        raise records.RecordsError(f"cannot train in mode {mode!r} on this dataset: {e}") from None
+
+
+# --------------------------------------------------------------------------- student preprocessing
+
+
+@dataclass(frozen=True)
+class StudentPreprocess:
+    """What the data path needs of a student: its input size and normalisation, and its text context length.
+
+    Attributes:
+        image_size: ``(height, width)`` of the student's input views.
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation std.
+        interpolation: Resize interpolation of the crop (one `augment.replay` supports).
+        context_length: T, tokens a caption is padded or truncated to.
+    """
+
+    image_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str
+    context_length: int
+
+    def __post_init__(self) -> None:
+        size = self.image_size
+        size = (size, size) if isinstance(size, int) and not isinstance(size, bool) else tuple(size)
+        if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+            raise ValueError(f"image_size must be a positive int or a (height, width) pair, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", size)
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(s > 0 for s in self.std):
+            raise ValueError(f"mean and std need 3 channels each, std > 0; got mean {self.mean}, std {self.std}")
+        if self.interpolation not in _INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation {self.interpolation!r} cannot replay stored views; use one of {_INTERPOLATIONS}"
+            )
+        if isinstance(self.context_length, bool) or not isinstance(self.context_length, int) or self.context_length < 1:
+            raise ValueError(f"context_length must be a positive integer, got {self.context_length!r}")
+
+    @classmethod
+    def from_preprocess_cfg(cls, cfg: Mapping[str, Any], context_length: int) -> StudentPreprocess:
+        """From an open_clip ``preprocess_cfg`` dict (``model.visual.preprocess_cfg``)."""
+        return cls(
+            image_size=cfg["size"],
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+            interpolation=cfg["interpolation"],
+            context_length=context_length,
+        )
+
+
+def student_preprocess(name: str) -> StudentPreprocess:
+    """The preprocessing of student ``name``, from its own config.
+
+    A registered variant (`models.list_variants`) needs no model: the size and context length come from its
+    open_clip JSON config, mean/std/interpolation from the registry (what `models.create_model` attaches). Any
+    other open_clip model is built on the meta device (nothing allocated, no weights) and its
+    ``visual.preprocess_cfg`` read.
+    """
+    if name in models.list_variants():
+        cfg = models.model_config(name)
+        preprocess = models.get_variant(name).preprocess
+        size = cfg["vision_cfg"]["image_size"]
+        return StudentPreprocess(
+            image_size=size,
+            mean=preprocess.mean,
+            std=preprocess.std,
+            interpolation=preprocess.interpolation,
+            context_length=cfg["text_cfg"]["context_length"],
+        )
+    with torch.device("meta"):
+        model = models.create_model(name, device="meta")
+    return StudentPreprocess.from_preprocess_cfg(model.visual.preprocess_cfg, int(model.context_length))
+
+
+# --------------------------------------------------------------------------- draws
+
+
+def _hash64(seed: int, epoch: int, key: str, what: str) -> int:
+    payload = json.dumps([int(seed), int(epoch), str(key), what]).encode()
+    return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def draw_indices(
+    seed: int, epoch: int, keys: Sequence[str], num_augmentations: int, num_syn_captions: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The view and synthetic caption each sample uses in one epoch, a pure function of ``(seed, epoch, key)``.
+
+    Args:
+        seed: Run-level seed.
+        epoch: Epoch number; each epoch draws afresh.
+        keys: The samples' keys (`records.KEY`).
+        num_augmentations: K, stored views a sample.
+        num_syn_captions: S, synthetic captions a sample; 0 gives j = -1 (none).
+
+    Returns:
+        ``(aug_index_N, syn_index_N)``, int64: k in [0, K) and j in [0, S). Independent hashes, so k and j are
+        uncorrelated; the 64-bit hash makes the modulo bias negligible.
+    """
+    if num_augmentations < 1:
+        raise ValueError(f"num_augmentations (K) must be >= 1, got {num_augmentations}")
+    aug_index_N = np.array([_hash64(seed, epoch, key, "aug") % num_augmentations for key in keys], dtype=np.int64)
+    if num_syn_captions < 1:
+        return aug_index_N, np.full(len(keys), -1, dtype=np.int64)
+    syn_index_N = np.array([_hash64(seed, epoch, key, "syn") % num_syn_captions for key in keys], dtype=np.int64)
+    return aug_index_N, syn_index_N
+
+
+# --------------------------------------------------------------------------- the batch transform
+
+Batch = pa.Table | pa.RecordBatch | Mapping[str, Any]
+
+
+def _stack(values: Any) -> np.ndarray:
+    """A (possibly object-dtype, nested) array of arrays as one regular numpy array."""
+    array = np.asarray(values)
+    if array.dtype != object or array.size == 0:
+        return array
+    return np.stack([_stack(v) for v in array])
+
+
+def _column(batch: pa.Table | pa.RecordBatch, name: str) -> pa.Array | pa.ChunkedArray:
+    if name not in batch.schema.names:
+        raise records.RecordsError(f"no column {name!r}; the batch has {batch.schema.names}")
+    return batch.column(name)
+
+
+def _strings(batch: Batch, name: str) -> list[str]:
+    if isinstance(batch, pa.Table | pa.RecordBatch):
+        return [str(s) for s in _column(batch, name).to_pylist()]
+    if name not in batch:
+        raise records.RecordsError(f"no column {name!r}; the batch has {list(batch)}")
+    return [str(s) for s in batch[name]]
+
+
+def _images(batch: Batch) -> list[bytes]:
+    if isinstance(batch, pa.Table | pa.RecordBatch):
+        return _column(batch, records.IMAGE).to_pylist()
+    return [bytes(b) for b in batch[records.IMAGE]]
+
+
+def _syn_captions(batch: Batch, num_rows: int) -> list[list[str]]:
+    if isinstance(batch, pa.Table | pa.RecordBatch):
+        rows = _column(batch, records.SYN_CAPTIONS).to_pylist()
+    else:
+        rows = batch[records.SYN_CAPTIONS]
+    rows = [[str(c) for c in row] for row in rows]
+    assert len(rows) == num_rows, (len(rows), num_rows)
+    return rows
+
+
+def _nested(batch: Batch, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Column ``name`` as an (N, *shape) array; RecordsError when it has another shape."""
+    if isinstance(batch, pa.Table | pa.RecordBatch):
+        array = records.fixed_shape_numpy(_column(batch, name))
+    elif name not in batch:
+        raise records.RecordsError(f"no column {name!r}; the batch has {list(batch)}")
+    else:
+        array = _stack(batch[name])
+        if array.size == 0:
+            array = array.reshape(0, *shape)
+    if array.shape[1:] != shape:
+        raise records.RecordsError(f"column {name!r} has rows of shape {array.shape[1:]}, the manifest says {shape}")
+    return array
+
+
+class ReplayBatch:
+    """Turns a batch of reinforced records into a student batch (module docstring); a Ray Data UDF.
+
+    Args:
+        manifest: The dataset's manifest (K, S, aug param length, teachers and their D).
+        preprocess: The student's preprocessing (`student_preprocess`).
+        tokenizer_name: Model name whose open_clip tokenizer encodes the captions (the student's).
+        seed: Run-level seed of the draws.
+        epoch: Epoch of the draws.
+        mode: One of `MODES`. Only ``reinforced`` reads and outputs teacher embeddings.
+        use_syn_captions: Also draw, tokenise (and in ``reinforced`` mode, select the embedding of) one
+            synthetic caption a sample; needs S >= 1.
+        teachers: Teachers to output in ``reinforced`` mode; None for all of the manifest's, in its order.
+    """
+
+    def __init__(
+        self,
+        manifest: records.Manifest,
+        preprocess: StudentPreprocess,
+        tokenizer_name: str,
+        seed: int,
+        epoch: int,
+        mode: str = REINFORCED,
+        use_syn_captions: bool = True,
+        teachers: Sequence[str] | None = None,
+    ) -> None:
+        _check_mode(mode)
+        if use_syn_captions and manifest.num_syn_captions < 1:
+            raise ValueError(
+                "use_syn_captions needs synthetic captions, but the dataset has none (num_syn_captions = 0)"
+            )
+        names = list(manifest.teacher_names if teachers is None else teachers)
+        for name in names:
+            manifest.teacher(name)  # RecordsError naming the known teachers
+        self.manifest = manifest
+        self.preprocess = preprocess
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.mode = mode
+        self.use_syn_captions = bool(use_syn_captions)
+        self.teachers = tuple(names) if mode == REINFORCED else ()
+        self.tokenizer = models.get_tokenizer(tokenizer_name, context_length=preprocess.context_length)
+
+    def _tokenize(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, self.preprocess.context_length), dtype=np.int64)
+        tokens_NT = self.tokenizer(texts)
+        return tokens_NT.numpy().astype(np.int64, copy=False)
+
+    def _replay(self, images: list[bytes], views_NKL: np.ndarray, aug_index_N: np.ndarray) -> np.ndarray:
+        pre = self.preprocess
+        image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.float32)
+        for i, (image_bytes, k) in enumerate(zip(images, aug_index_N, strict=True)):
+            params = augment.AugParams.from_array(views_NKL[i, k])
+            view_CHW = augment.replay(
+                sources.decode_rgb(image_bytes), params, pre.image_size, pre.mean, pre.std, pre.interpolation
+            )
+            image_NCHW[i] = view_CHW.numpy()
+        return image_NCHW
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        manifest = self.manifest
+        K, S = manifest.num_augmentations, manifest.num_syn_captions
+        keys = _strings(batch, records.KEY)
+        N = len(keys)
+        aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, S if self.use_syn_captions else 0)
+        views_NKL = _nested(batch, records.AUG_PARAMS, (K, manifest.aug_param_length))
+        rows_N = np.arange(N)
+
+        out = {
+            IMAGE: self._replay(_images(batch), views_NKL, aug_index_N),
+            TEXT: self._tokenize(_strings(batch, records.CAPTION)),
+            AUG_INDEX: aug_index_N,
+        }
+        if self.use_syn_captions:
+            syn = _syn_captions(batch, N)
+            out[SYN_TEXT] = self._tokenize([syn[i][j] for i, j in zip(rows_N, syn_index_N, strict=True)])
+            out[SYN_INDEX] = syn_index_N
+        for name in self.teachers:
+            D = manifest.teacher(name).embed_dim
+            image_emb_NKD = _nested(batch, records.image_emb_column(name), (K, D))
+            text_emb_NED = _nested(batch, records.text_emb_column(name), (1 + S, D))
+            out[teacher_image_column(name)] = image_emb_NKD[rows_N, aug_index_N].astype(np.float32)
+            out[teacher_text_column(name)] = text_emb_NED[:, 0].astype(np.float32)
+            if self.use_syn_captions:
+                out[teacher_syn_text_column(name)] = text_emb_NED[rows_N, 1 + syn_index_N].astype(np.float32)
+        return out

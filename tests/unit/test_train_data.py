@@ -1,0 +1,232 @@
+"""The training data path: dataset checks, student preprocessing, deterministic replay and target selection."""
+
+import dataclasses
+import io
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from clipdr import augment, models, records
+from clipdr.config import AugmentConfig
+from clipdr.data import sources
+from clipdr.train import data
+
+K, S, NUM_ROWS, SIDE = 3, 2, 8, 32
+STUDENT = "clipdr-tiny-mci"
+DIMS = {"alpha": 16, "beta_xl": 24}  # different D, so a mix-up of teachers cannot pass
+
+
+def teacher(name: str, dim: int) -> records.TeacherSpec:
+    return records.TeacherSpec(
+        name=name,
+        model="clipdr-tiny-vit",
+        pretrained="",
+        embed_dim=dim,
+        logit_scale=100.0,
+        image_size=32,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.25, 0.25, 0.25),
+    )
+
+
+def make_manifest(num_syn_captions: int = S) -> records.Manifest:
+    return records.Manifest(
+        teachers=tuple(teacher(name, dim) for name, dim in DIMS.items()),
+        augment=AugmentConfig(hflip=0.5),
+        num_augmentations=K,
+        num_syn_captions=num_syn_captions,
+        source_uri="synthetic://world",
+        source_fingerprint="sha256:0",
+        captioner=records.CaptionerSpec(name="tiny", kind="synthetic", model="none", pretrained="")
+        if num_syn_captions
+        else None,
+    )
+
+
+def encode(rng: np.random.Generator, fmt: str) -> bytes:
+    pixels = rng.integers(0, 256, (SIDE, SIDE, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(out, format=fmt)
+    return out.getvalue()
+
+
+def unit_fp16(rng: np.random.Generator, *shape: int) -> np.ndarray:
+    x = rng.standard_normal(shape).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+
+
+def write_dataset(root, num_syn_captions: int = S) -> tuple[str, records.Manifest]:
+    manifest = make_manifest(num_syn_captions)
+    rng = np.random.default_rng(0)
+    keys = [f"sample-{i}" for i in range(NUM_ROWS)]
+    columns = {
+        records.KEY: keys,
+        records.IMAGE: [encode(rng, "JPEG" if i % 2 else "PNG") for i in range(NUM_ROWS)],
+        records.IMAGE_EXT: ["jpg" if i % 2 else "png" for i in range(NUM_ROWS)],
+        records.CAPTION: [f"a photo of thing {i}" for i in range(NUM_ROWS)],
+        records.AUG_PARAMS: [augment.sample_views((SIDE, SIDE), key, K, manifest.augment) for key in keys],
+    }
+    if num_syn_captions:
+        columns[records.SYN_CAPTIONS] = [
+            [f"synthetic {i} {j}" for j in range(num_syn_captions)] for i in range(NUM_ROWS)
+        ]
+    for name, dim in DIMS.items():
+        columns[records.image_emb_column(name)] = unit_fp16(rng, NUM_ROWS, K, dim)
+        columns[records.text_emb_column(name)] = unit_fp16(rng, NUM_ROWS, 1 + num_syn_captions, dim)
+    table = records.build_table(columns, manifest)
+    records.write_shard(str(root / "part-00000.parquet"), table)
+    manifest = dataclasses.replace(manifest, shards=(records.ShardInfo("part-00000.parquet", NUM_ROWS),))
+    records.write_manifest(str(root), manifest)
+    return str(root), manifest
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    uri, _ = write_dataset(tmp_path_factory.mktemp("reinforced"))
+    opened = data.check_dataset(uri, data.REINFORCED, list(DIMS), min_syn_captions=1)
+    return opened.manifest, records.read_shard(opened.shard_uris[0])
+
+
+@pytest.fixture(scope="module")
+def preprocess():
+    return data.student_preprocess(STUDENT)
+
+
+def replay_batch(manifest, preprocess, epoch=0, mode=data.REINFORCED, use_syn_captions=True):
+    return data.ReplayBatch(
+        manifest, preprocess, STUDENT, seed=7, epoch=epoch, mode=mode, use_syn_captions=use_syn_captions
+    )
+
+
+# --------------------------------------------------------------------------- preprocessing and checks
+
+
+@pytest.mark.parametrize("name", [STUDENT, "clipdr-tiny-vit"])
+def test_student_preprocess_matches_the_built_model(name):
+    built = models.create_model(name)
+    expected = data.StudentPreprocess.from_preprocess_cfg(built.visual.preprocess_cfg, built.context_length)
+    assert data.student_preprocess(name) == expected
+
+
+def test_tiny_mci_preprocess(preprocess):
+    assert preprocess == data.StudentPreprocess((64, 64), (0.0,) * 3, (1.0,) * 3, "bilinear", 77)
+    with pytest.raises(ValueError, match="interpolation 'random'"):
+        dataclasses.replace(preprocess, interpolation="random")
+
+
+def test_check_dataset_refuses_what_a_mode_lacks(tmp_path):
+    uri, _ = write_dataset(tmp_path / "with", num_syn_captions=S)
+    with pytest.raises(records.RecordsError, match=r"mode 'reinforced'.*lacks teachers \['gamma'\]"):
+        data.check_dataset(uri, data.REINFORCED, ["alpha", "gamma"])
+    with pytest.raises(ValueError, match="at least one teacher"):
+        data.check_dataset(uri, data.REINFORCED, [])
+    with pytest.raises(ValueError, match="unknown training mode 'distill'"):
+        data.check_dataset(uri, "distill", ["alpha"])
+    # clip and online_distill read no stored embeddings: teachers the data lacks do not matter.
+    assert data.check_dataset(uri, data.CLIP, ["gamma"]).num_rows == NUM_ROWS
+    assert data.check_dataset(uri, data.ONLINE_DISTILL, ["gamma"], min_syn_captions=S).num_rows == NUM_ROWS
+
+    bare, manifest = write_dataset(tmp_path / "without", num_syn_captions=0)
+    with pytest.raises(records.RecordsError, match=r"mode 'reinforced'.*0 synthetic captions.*at least 1"):
+        data.check_dataset(bare, data.REINFORCED, ["alpha"], min_syn_captions=1)
+    assert data.check_dataset(bare, data.REINFORCED, ["alpha"]).manifest.num_syn_captions == 0
+    with pytest.raises(ValueError, match="num_syn_captions = 0"):
+        data.ReplayBatch(manifest, data.student_preprocess(STUDENT), STUDENT, 0, 0, use_syn_captions=True)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def test_outputs_select_stored_rows_and_replay_view_k(dataset, preprocess):
+    manifest, table = dataset
+    out = replay_batch(manifest, preprocess)(table)
+    N, (H, W), T = NUM_ROWS, preprocess.image_size, preprocess.context_length
+    assert out[data.IMAGE].shape == (N, 3, H, W) and out[data.IMAGE].dtype == np.float32
+    for name in (data.TEXT, data.SYN_TEXT):
+        assert out[name].shape == (N, T) and out[name].dtype == np.int64
+    k_N, j_N = out[data.AUG_INDEX], out[data.SYN_INDEX]
+    assert k_N.dtype == j_N.dtype == np.int64 and k_N.shape == j_N.shape == (N,)
+    assert set(k_N) <= set(range(K)) and set(j_N) <= set(range(S))
+
+    teacher_columns = sorted(c for c in out if c.startswith("teacher_"))
+    assert teacher_columns == sorted(f(n) for n in DIMS for f in (
+        data.teacher_image_column, data.teacher_text_column, data.teacher_syn_text_column
+    ))  # fmt: skip
+    for name, dim in DIMS.items():
+        image_emb_NKD, text_emb_NED = records.image_embeddings(table, name), records.text_embeddings(table, name)
+        for column in (data.teacher_image_column(name), data.teacher_text_column(name)):
+            assert out[column].shape == (N, dim) and out[column].dtype == np.float32
+        for i in range(N):
+            assert np.array_equal(out[data.teacher_image_column(name)][i], image_emb_NKD[i, k_N[i]].astype(np.float32))
+            assert np.array_equal(out[data.teacher_text_column(name)][i], text_emb_NED[i, 0].astype(np.float32))
+            assert np.array_equal(
+                out[data.teacher_syn_text_column(name)][i], text_emb_NED[i, 1 + j_N[i]].astype(np.float32)
+            )
+
+    tokenizer = models.get_tokenizer(STUDENT)
+    views_NKL = records.aug_params(table)
+    rows = table.to_pylist()
+    for i, row in enumerate(rows):
+        params = augment.views_from_array(views_NKL[i])[k_N[i]]
+        expected_CHW = augment.replay(
+            sources.decode_rgb(row[records.IMAGE]), params, (H, W), preprocess.mean, preprocess.std, "bilinear"
+        )
+        assert torch.equal(torch.from_numpy(out[data.IMAGE][i]), expected_CHW)
+        assert np.array_equal(out[data.TEXT][i], tokenizer([row[records.CAPTION]])[0].numpy())
+        assert np.array_equal(out[data.SYN_TEXT][i], tokenizer([row[records.SYN_CAPTIONS][j_N[i]]])[0].numpy())
+
+
+def test_same_seed_and_epoch_give_the_same_rows_whatever_the_batching(dataset, preprocess):
+    manifest, table = dataset
+    transform = replay_batch(manifest, preprocess)
+    whole = transform(table)
+    halves = [transform(table.slice(0, 3)), transform(table.slice(3))]
+    permutation = np.random.default_rng(1).permutation(NUM_ROWS)
+    shuffled = transform(table.take(permutation))
+    as_numpy = transform({name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names})
+    fresh = replay_batch(manifest, preprocess)(table.to_batches()[0])
+    for name, values in whole.items():
+        assert np.array_equal(np.concatenate([h[name] for h in halves]), values), name
+        assert np.array_equal(shuffled[name], values[permutation]), name
+        assert np.array_equal(as_numpy[name], values), name
+        assert np.array_equal(fresh[name], values), name
+
+
+def test_epoch_changes_the_draws_and_draws_cover_every_index(dataset, preprocess):
+    manifest, table = dataset
+    epoch0, epoch1 = (replay_batch(manifest, preprocess, epoch=e)(table) for e in (0, 1))
+    assert not np.array_equal(epoch0[data.AUG_INDEX], epoch1[data.AUG_INDEX])
+    assert not np.array_equal(epoch0[data.IMAGE], epoch1[data.IMAGE])
+
+    keys = [f"key-{i}" for i in range(600)]
+    k_N, j_N = data.draw_indices(7, 0, keys, K, S)
+    assert np.bincount(k_N, minlength=K).min() > 600 / K / 2
+    assert np.bincount(j_N, minlength=S).min() > 600 / S / 2
+    k_next_N, _ = data.draw_indices(7, 1, keys, K, S)
+    assert 0.5 < np.mean(k_N != k_next_N) < 0.85  # fresh draws: about (K-1)/K differ
+    assert np.array_equal(data.draw_indices(7, 0, keys, K, S)[0], k_N)
+    assert not np.array_equal(data.draw_indices(8, 0, keys, K, S)[0], k_N)
+
+
+def test_clip_mode_needs_no_embedding_columns(dataset, preprocess):
+    manifest, table = dataset
+    embeddings = [c for c in table.column_names if c.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX))]
+    bare = table.drop_columns(embeddings)
+    for mode in (data.CLIP, data.ONLINE_DISTILL):
+        out = replay_batch(manifest, preprocess, mode=mode, use_syn_captions=False)(bare)
+        assert sorted(out) == sorted([data.IMAGE, data.TEXT, data.AUG_INDEX])
+    reinforced = replay_batch(manifest, preprocess)(table)
+    clip = replay_batch(manifest, preprocess, mode=data.CLIP)(bare)
+    assert np.array_equal(clip[data.IMAGE], reinforced[data.IMAGE])
+    assert np.array_equal(clip[data.SYN_TEXT], reinforced[data.SYN_TEXT])
+    with pytest.raises(records.RecordsError, match="no column 'image_emb__alpha'"):
+        replay_batch(manifest, preprocess)(bare)
+
+
+def test_empty_batch(dataset, preprocess):
+    manifest, table = dataset
+    out = replay_batch(manifest, preprocess)(table.slice(0, 0))
+    assert out[data.IMAGE].shape == (0, 3, 64, 64) and out[data.TEXT].shape == (0, 77)
+    assert out[data.teacher_syn_text_column("beta_xl")].shape == (0, DIMS["beta_xl"])
