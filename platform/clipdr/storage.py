@@ -80,11 +80,6 @@ def exists(uri: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def makedirs(uri: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(path, recursive=True)
-
-
 def list_files(uri: str, suffixes: tuple[str, ...] = (), recursive: bool = False) -> list[str]:
     """Sorted URIs of the files under ``uri`` whose names end with one of ``suffixes``.
 

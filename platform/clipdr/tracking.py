@@ -92,10 +92,6 @@ class Tracker:
         for i in range(0, len(items), _BATCH * 10):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH * 10])
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, k, v)
-
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Writes ``data`` as JSON under the run's artifacts (``artifact_file`` may include folders)."""
         with tempfile.TemporaryDirectory() as tmp:

@@ -97,24 +97,28 @@ def teacher_spec(cfg: TeacherConfig, offline: bool = False) -> TeacherSpec | Non
     if cfg.model.startswith("hf-hub:"):
         return None if offline else Teacher(cfg, torch.device("cpu")).spec
     model_cfg = models.model_config(cfg.model)
-    size = model_cfg["vision_cfg"]["image_size"]
+    return _make_spec(cfg, model_cfg["embed_dim"], model_cfg["vision_cfg"]["image_size"], _preprocess(cfg))
+
+
+def _make_spec(cfg: TeacherConfig, embed_dim: int, size: int | Sequence[int], pp: dict) -> TeacherSpec:
+    """A `TeacherSpec`, refusing inputs that view replay cannot serve (non-square sizes, odd interpolations)."""
     if not isinstance(size, int):
         if len(set(size)) != 1:
             raise TeacherError(f"teacher {cfg.name!r}: non-square input size {size} cannot be served")
         size = size[0]
-    pp = _preprocess(cfg)
-    if pp["interpolation"] not in _SUPPORTED_INTERPOLATIONS:
-        raise TeacherError(f"teacher {cfg.name!r}: interpolation {pp['interpolation']!r} cannot be replayed")
+    interpolation = pp.get("interpolation", "bicubic")
+    if interpolation not in _SUPPORTED_INTERPOLATIONS:
+        raise TeacherError(f"teacher {cfg.name!r}: interpolation {interpolation!r} cannot be replayed")
     return TeacherSpec(
         name=cfg.name,
         model=cfg.model,
         pretrained=cfg.pretrained,
-        embed_dim=int(model_cfg["embed_dim"]),
+        embed_dim=int(embed_dim),
         logit_scale=cfg.logit_scale,
         image_size=int(size),
         mean=tuple(float(m) for m in pp["mean"]),
         std=tuple(float(s) for s in pp["std"]),
-        interpolation=pp["interpolation"],
+        interpolation=interpolation,
     )
 
 
@@ -128,21 +132,10 @@ class Teacher:
             self.model = models.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device).eval()
         self.tokenizer = models.get_tokenizer(cfg.model)
         if spec is None:  # an hf-hub model: take what the hub's config attached to the model
-            pp = self.model.visual.preprocess_cfg
-            size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
             with torch.inference_mode():
                 embed_dim = self.model.encode_text(self.tokenizer(["a"]).to(device)).shape[-1]
-            spec = TeacherSpec(
-                name=cfg.name,
-                model=cfg.model,
-                pretrained=cfg.pretrained,
-                embed_dim=int(embed_dim),
-                logit_scale=cfg.logit_scale,
-                image_size=int(size),
-                mean=tuple(float(m) for m in pp["mean"]),
-                std=tuple(float(s) for s in pp["std"]),
-                interpolation=pp.get("interpolation", "bicubic"),
-            )
+            pp = self.model.visual.preprocess_cfg
+            spec = _make_spec(cfg, embed_dim, pp["size"], pp)
         self.spec = spec
 
     @torch.inference_mode()
@@ -183,9 +176,7 @@ class TeacherEnsemble:
         if len(set(names)) != len(names):
             raise TeacherError(f"reinforce.teachers: duplicate teacher names in {names}")
         self.device = torch.device(device)
-        self.teachers = [
-            Teacher(t, self.device, None if t.model.startswith("hf-hub:") else teacher_spec(t)) for t in teachers
-        ]
+        self.teachers = [Teacher(t, self.device, teacher_spec(t, offline=True)) for t in teachers]
 
     @property
     def specs(self) -> tuple[TeacherSpec, ...]:
