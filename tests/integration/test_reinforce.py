@@ -18,8 +18,8 @@ from clipdr import augment, records, storage
 from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceResources, SynthConfig, TeacherConfig
 from clipdr.data import sources, synthetic
 from clipdr.models.captioners import TINY_COCA, build_coca
+from clipdr.models.teachers import Teacher
 from clipdr.reinforce.run import ReinforceError, run
-from clipdr.reinforce.teachers import Teacher
 
 pytestmark = pytest.mark.integration
 

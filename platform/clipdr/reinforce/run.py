@@ -94,7 +94,7 @@ def _settings_differences(expected: records.Manifest, found: records.Manifest) -
 def plan(config: Config) -> Plan:
     """Validates everything that can be checked without models and compute, and decides what is left to do."""
     from clipdr.models.captioners import validate_captioner
-    from clipdr.reinforce.teachers import TeacherError, teacher_spec
+    from clipdr.models.teachers import TeacherError, teacher_spec
 
     cfg = config.reinforce
     if not cfg.source or not cfg.output:

@@ -136,7 +136,7 @@ class Caption:
         import torch
 
         from clipdr.models.captioners import build_captioner
-        from clipdr.reinforce.teachers import seeded_init
+        from clipdr.models.teachers import seeded_init
 
         torch.set_num_threads(threads)
         with seeded_init(spec.name):  # a captioner without weights is the same in every actor and rerun
@@ -164,7 +164,7 @@ class Embed:
     def __init__(self, teachers: Sequence[TeacherConfig], device: str, threads: int) -> None:
         import torch
 
-        from clipdr.reinforce.teachers import TeacherEnsemble
+        from clipdr.models.teachers import TeacherEnsemble
 
         torch.set_num_threads(threads)
         self.ensemble = TeacherEnsemble(teachers, device=device)

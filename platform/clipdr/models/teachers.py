@@ -1,4 +1,4 @@
-"""The teacher ensemble: open_clip CLIP models that embed stored views and captions.
+"""Teacher CLIP models (open_clip) that embed stored views and captions: reinforcement, online distillation.
 
 Each teacher replays the same stored views (`augment.replay`) at its own input size, interpolation and
 mean/std, so teachers of different resolutions see the same crops. Embeddings are L2-normalised in fp32 and
