@@ -149,6 +149,64 @@ class DataCompDRConfig:
 
 
 @dataclass(frozen=True)
+class TrainResources:
+    """How wide training runs (Ray Train scaling and the replay loader)."""
+
+    workers: int = _f(1, "Ray Train workers (DDP ranks)")
+    use_gpu: bool = _f(False, "one or more GPUs per worker (bf16 autocast); false trains in fp32 on CPU")
+    cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (also its torch threads)")
+    gpus_per_worker: float = _f(1.0, "GPUs per worker when use_gpu")
+    loader_actors: int = _f(1, "Ray Data actors replaying views and tokenising (the CPU map stage)")
+    loader_batch_size: int = _f(64, "rows a replay actor processes at once")
+    cpus_per_loader: float = _f(1.0, "CPUs reserved per replay actor")
+    max_failures: int = _f(2, "worker failures survived by restarting from the last checkpoint")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training a student: reinforced distillation, or a baseline, on Ray Train.
+
+    Training length is counted in samples seen (`samples`), so runs with different batch sizes or worker
+    counts compare at equal data. A job resubmitted with the same `output` and `run_name` resumes from its
+    last checkpoint and continues the same MLflow run.
+    """
+
+    data: str = _f("", "training data: a reinforced dataset directory, or raw source shards (mode clip only)")
+    output: str = _f("runs", "storage for checkpoints: <output>/<run_name>/..., path or s3://")
+    run_name: str = _f("", "run name (Ray Train and MLflow); resubmitting the same name resumes; empty: derived")
+    experiment: str = _f("clipdr-train", "MLflow experiment")
+    mode: str = _f("reinforced", "reinforced (stored teacher targets), clip (plain baseline) or online_distill")
+    model: str = _f("clipdr-tiny-mci", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config")
+    pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
+    teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
+    kd_weight: float = _f(1.0, "lambda: loss = (1 - lambda) * clip + lambda * kd (0 with mode clip)")
+    use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
+    caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
+    samples: int = _f(100_000, "training length in samples seen")
+    batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
+    accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-6, "AdamW epsilon")
+    weight_decay: float = _f(0.2, "AdamW weight decay (not on norms, biases, embeddings, logit scale)")
+    warmup_samples: int = _f(10_000, "samples of linear learning-rate warmup")
+    grad_clip: float = _f(1.0, "global gradient norm clip; 0: off")
+    max_logit_scale: float = _f(100.0, "clamp of the student's logit scale after every step")
+    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
+    grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")
+    seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
+    log_every: int = _f(10, "optimizer steps between metric logs")
+    checkpoint_every: int = _f(100, "optimizer steps between checkpoints (one is always written at the end)")
+    keep_checkpoints: int = _f(2, "checkpoints kept on storage")
+    eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")
+    evaluate: bool = _f(False, "evaluate on the [evaluate] datasets during and after training")
+    register: str = _f("", "registered model name for the final model; empty: log it without registering")
+    resources: TrainResources = _f(TrainResources(), "workers, devices and the replay loader")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
@@ -163,6 +221,7 @@ class Config:
     augment: AugmentConfig = _f(AugmentConfig(), "the stored augmentations")
     reinforce: ReinforceConfig = _f(ReinforceConfig(), "the reinforcement job")
     datacompdr: DataCompDRConfig = _f(DataCompDRConfig(), "DataCompDR import")
+    train: TrainConfig = _f(TrainConfig(), "training a student")
     tracking: TrackingConfig = _f(TrackingConfig(), "experiment tracking")
 
 

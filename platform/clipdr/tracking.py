@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,82 @@ class Tracker:
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
     return text if len(text) <= _PARAM_VALUE_LIMIT else text[: _PARAM_VALUE_LIMIT - 3] + "..."
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class LoggedModel:
+    """Where a logged model went: its ``runs:/`` URI, and its registry name and version when registered."""
+
+    uri: str
+    registered_name: str = ""
+    version: str = ""
+
+
+def log_model(
+    tracker: Tracker,
+    model: Any,
+    *,
+    name: str = "model",
+    input_example: Any = None,
+    output_example: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+    registered_model_name: str = "",
+    version_tags: Mapping[str, str] | None = None,
+) -> LoggedModel:
+    """Logs a torch module with ``mlflow.pytorch`` (pickled with cloudpickle) under ``tracker``'s run.
+
+    The signature is inferred from ``input_example`` -> ``output_example`` (numpy arrays; a batch of at least 2
+    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a new version
+    and ``version_tags`` are set on it.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    signature = infer_signature(input_example, output_example) if input_example is not None else None
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracker.client.tracking_uri)
+    try:
+        # log_model attaches to the active run of the fluent API: open ours without touching its status.
+        with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
+            info = mlflow.pytorch.log_model(
+                model,
+                name=name,
+                signature=signature,
+                input_example=input_example,
+                metadata=dict(metadata or {}),
+                serialization_format="pickle",
+                registered_model_name=registered_model_name or None,
+            )
+        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    uri = f"runs:/{tracker.run_id}/{name}"
+    if not registered_model_name:
+        return LoggedModel(uri)
+    version = str(info.registered_model_version)
+    for key, value in (version_tags or {}).items():
+        tracker.client.set_model_version_tag(registered_model_name, version, key, str(value))
+    return LoggedModel(uri, registered_model_name, version)
+
+
+def load_model(uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """A model logged by `log_model` (``runs:/...``, ``models:/name/3``, ``models:/name@alias``) and its metadata.
+
+    The tracking URI in force (`tracking_uri`) resolves the URI. clipdr's training logs a
+    `clipdr.models.ClipEmbedder`: its ``.clip`` is the open_clip model, ``metadata["clipdr_model"]`` its name.
+    """
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        metadata = dict(get_model_info(uri).metadata or {})
+        return mlflow.pytorch.load_model(uri, map_location=device), metadata
+    finally:
+        mlflow.set_tracking_uri(previous)

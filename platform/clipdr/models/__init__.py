@@ -12,6 +12,7 @@ the tiny debug variants) and the tiny MCi timm towers. Typical use::
 ``models.list_variants()`` names every variant; ``models.get_variant(name)`` has the paper's numbers.
 """
 
+from clipdr.models.embedder import ClipEmbedder
 from clipdr.models.factory import (
     count_params,
     create_model,
@@ -29,6 +30,7 @@ register()
 
 __all__ = [
     "VARIANTS",
+    "ClipEmbedder",
     "MCt",
     "MCtCfg",
     "Preprocess",
