@@ -82,10 +82,11 @@ def _bare_rates(ensemble, captioner, samples, views, num_captions: int, batch_si
 
 
 def main(args: argparse.Namespace) -> int:
+    from clipdr.cluster import ensure_ray
     from clipdr.models import create_model
     from clipdr.models.captioners import TINY_COCA, build_captioner, build_coca
     from clipdr.models.teachers import TeacherEnsemble
-    from clipdr.reinforce.pipeline import ensure_ray, run_pipeline
+    from clipdr.reinforce.pipeline import run_pipeline
     from clipdr.reinforce.run import plan
 
     torch.set_num_threads(2)

@@ -12,49 +12,18 @@ teachers so that a single actor embeds both the views and the 1+S captions with 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import ray
 
 from clipdr import records
+from clipdr.cluster import ensure_ray, storage_runtime_env
 from clipdr.config import AugmentConfig, ReinforceConfig
 from clipdr.reinforce.stages import Caption, Embed, ReadShards, ShardTask, WriteShards
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def ensure_ray() -> None:
-    """Joins the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local Ray."""
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # More logical CPUs than cores, so that model actors and read tasks cannot starve each other on a laptop.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
-
-
-# Storage settings of the submitting process that the stages need to reach the same buckets. On a cloud cluster
-# these usually come from the nodes' own identity (IRSA) and none is set; locally they point at an endpoint.
-_STORAGE_ENV = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_PROFILE",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-)
-
-
-def storage_runtime_env() -> dict:
-    """A Ray runtime_env that gives every stage the driver's AWS storage settings."""
-    env_vars = {k: os.environ[k] for k in _STORAGE_ENV if k in os.environ}
-    return {"env_vars": env_vars} if env_vars else {}
 
 
 def map_shards_on_ray(fn: Callable[[T], R], items: list[T]) -> list[R]:

@@ -229,7 +229,8 @@ def _tracker(config: Config, p: Plan):
 
 def run(config: Config, log=print) -> records.Manifest | None:
     """Runs (or resumes) a reinforcement; returns the manifest of the complete dataset (None for a dry run)."""
-    from clipdr.reinforce.pipeline import ensure_ray, run_pipeline
+    from clipdr.cluster import ensure_ray
+    from clipdr.reinforce.pipeline import run_pipeline
 
     cfg = config.reinforce
     p = plan(config)
