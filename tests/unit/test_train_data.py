@@ -214,15 +214,57 @@ def test_clip_mode_needs_no_embedding_columns(dataset, preprocess):
     manifest, table = dataset
     embeddings = [c for c in table.column_names if c.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX))]
     bare = table.drop_columns(embeddings)
-    for mode in (data.CLIP, data.ONLINE_DISTILL):
-        out = replay_batch(manifest, preprocess, mode=mode, use_syn_captions=False)(bare)
-        assert sorted(out) == sorted([data.IMAGE, data.TEXT, data.AUG_INDEX])
+    out = replay_batch(manifest, preprocess, mode=data.CLIP, use_syn_captions=False)(bare)
+    assert sorted(out) == sorted([data.IMAGE, data.TEXT, data.AUG_INDEX])
     reinforced = replay_batch(manifest, preprocess)(table)
     clip = replay_batch(manifest, preprocess, mode=data.CLIP)(bare)
     assert np.array_equal(clip[data.IMAGE], reinforced[data.IMAGE])
     assert np.array_equal(clip[data.SYN_TEXT], reinforced[data.SYN_TEXT])
     with pytest.raises(records.RecordsError, match="no column 'image_emb__alpha'"):
         replay_batch(manifest, preprocess)(bare)
+
+
+def test_online_distill_feeds_each_teacher_the_students_view_and_captions(dataset, preprocess):
+    manifest, table = dataset
+    embeddings = [c for c in table.column_names if c.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX))]
+    out = replay_batch(manifest, preprocess, mode=data.ONLINE_DISTILL)(table.drop_columns(embeddings))
+    assert not [c for c in out if c.startswith(data.TEACHER_IMAGE_PREFIX)]  # no stored targets are read
+    tokenizer = models.get_tokenizer("clipdr-tiny-vit")
+    images = table.column(records.IMAGE).to_pylist()
+    captions = table.column(records.CAPTION).to_pylist()
+    syn = table.column(records.SYN_CAPTIONS).to_pylist()
+    for name in DIMS:
+        spec = manifest.teacher(name)
+        view_NCHW = out[data.teacher_view_column(name)]
+        assert view_NCHW.shape == (NUM_ROWS, 3, spec.image_size, spec.image_size)
+        for i in (0, NUM_ROWS - 1):
+            params = augment.views_from_array(records.aug_params(table)[i])[out[data.AUG_INDEX][i]]
+            expected = augment.replay(
+                sources.decode_rgb(images[i]), params, spec.image_size, spec.mean, spec.std, spec.interpolation
+            )
+            assert torch.equal(torch.from_numpy(view_NCHW[i]), expected)
+        assert np.array_equal(out[data.teacher_tokens_column(name)], tokenizer(captions).numpy())
+        drawn = [syn[i][j] for i, j in enumerate(out[data.SYN_INDEX])]
+        assert np.array_equal(out[data.teacher_syn_tokens_column(name)], tokenizer(drawn).numpy())
+
+
+def test_augment_batch_samples_a_fresh_deterministic_view_per_epoch(dataset, preprocess):
+    _, table = dataset
+    cfg = AugmentConfig(scale=(0.3, 1.0), hflip=0.5)
+    rows = table.select([records.KEY, records.IMAGE, records.CAPTION])
+    epoch0 = data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=0)(rows)
+    assert sorted(epoch0) == [data.IMAGE, data.TEXT]
+    assert np.array_equal(
+        data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=0)(rows)[data.IMAGE], epoch0[data.IMAGE]
+    )
+    epoch1 = data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=1)(rows)
+    assert not np.array_equal(epoch1[data.IMAGE], epoch0[data.IMAGE])
+    key = table.column(records.KEY)[2].as_py()
+    image = sources.decode_rgb(table.column(records.IMAGE)[2].as_py())
+    params = augment.sample(image.size, key, 1, cfg, 3)
+    pre = preprocess
+    expected = augment.replay(image, params, pre.image_size, pre.mean, pre.std, pre.interpolation)
+    assert torch.equal(torch.from_numpy(epoch1[data.IMAGE][2]), expected)
 
 
 def test_empty_batch(dataset, preprocess):

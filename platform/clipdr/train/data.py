@@ -29,6 +29,16 @@ Output columns (module constants; ``<t>`` a teacher name)::
     teacher_image__<t>       float32 (N, D_t)      image_emb__<t>[:, k]                 (reinforced)
     teacher_text__<t>        float32 (N, D_t)      text_emb__<t>[:, 0]                  (reinforced)
     teacher_syn_text__<t>    float32 (N, D_t)      text_emb__<t>[:, 1 + j]              (reinforced, use_syn_captions)
+    teacher_view__<t>        float32 (N, 3, S_t, S_t) view k at teacher t's preprocessing (online_distill)
+    teacher_tokens__<t>      int64 (N, T_t)        the real caption in teacher t's tokens (online_distill)
+    teacher_syn_tokens__<t>  int64 (N, T_t)        caption j in teacher t's tokens (online_distill, use_syn_captions)
+
+In ``online_distill`` mode the teachers run inside the train step on exactly the views and captions the student
+sees, so the loss is the reinforced loss with targets computed live instead of read.
+
+Raw source shards (no reinforcement, mode ``clip`` only; used to train the demo's own teachers) go through
+`AugmentBatch`: a fresh view is sampled per (seed, epoch, key) with `augment.sample` and rendered at the
+student's preprocessing, giving ``image`` and ``text``.
 
 Shape suffixes: N rows of a batch, K stored views a sample, L encoded view length, S synthetic captions, D a
 teacher's embedding width, E = 1 + S text embeddings a sample, C channels (3), H and W the student's input size,
@@ -65,6 +75,9 @@ SYN_INDEX = "syn_index"
 TEACHER_IMAGE_PREFIX = "teacher_image__"
 TEACHER_TEXT_PREFIX = "teacher_text__"
 TEACHER_SYN_TEXT_PREFIX = "teacher_syn_text__"
+TEACHER_VIEW_PREFIX = "teacher_view__"
+TEACHER_TOKENS_PREFIX = "teacher_tokens__"
+TEACHER_SYN_TOKENS_PREFIX = "teacher_syn_tokens__"
 
 _INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic")  # those `augment.replay` supports
 
@@ -82,6 +95,21 @@ def teacher_text_column(teacher: str) -> str:
 def teacher_syn_text_column(teacher: str) -> str:
     """Output column of ``teacher``'s embedding of the drawn synthetic caption."""
     return TEACHER_SYN_TEXT_PREFIX + records.validate_teacher_name(teacher)
+
+
+def teacher_view_column(teacher: str) -> str:
+    """Output column of the drawn view rendered at ``teacher``'s preprocessing (``online_distill``)."""
+    return TEACHER_VIEW_PREFIX + records.validate_teacher_name(teacher)
+
+
+def teacher_tokens_column(teacher: str) -> str:
+    """Output column of the real caption in ``teacher``'s tokens (``online_distill``)."""
+    return TEACHER_TOKENS_PREFIX + records.validate_teacher_name(teacher)
+
+
+def teacher_syn_tokens_column(teacher: str) -> str:
+    """Output column of the drawn synthetic caption in ``teacher``'s tokens (``online_distill``)."""
+    return TEACHER_SYN_TOKENS_PREFIX + records.validate_teacher_name(teacher)
 
 
 def _check_mode(mode: str) -> None:
@@ -333,23 +361,15 @@ class ReplayBatch:
         self.use_syn_captions = bool(use_syn_captions)
         self.teachers = tuple(names) if mode == REINFORCED else ()
         self.tokenizer = models.get_tokenizer(tokenizer_name, context_length=preprocess.context_length)
+        # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
+        self.online: list[tuple[records.TeacherSpec, Any]] = []
+        if mode == ONLINE_DISTILL:
+            for name in names:
+                spec = manifest.teacher(name)
+                self.online.append((spec, models.get_tokenizer(spec.model)))
 
     def _tokenize(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.preprocess.context_length), dtype=np.int64)
-        tokens_NT = self.tokenizer(texts)
-        return tokens_NT.numpy().astype(np.int64, copy=False)
-
-    def _replay(self, images: list[bytes], views_NKL: np.ndarray, aug_index_N: np.ndarray) -> np.ndarray:
-        pre = self.preprocess
-        image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.float32)
-        for i, (image_bytes, k) in enumerate(zip(images, aug_index_N, strict=True)):
-            params = augment.AugParams.from_array(views_NKL[i, k])
-            view_CHW = augment.replay(
-                sources.decode_rgb(image_bytes), params, pre.image_size, pre.mean, pre.std, pre.interpolation
-            )
-            image_NCHW[i] = view_CHW.numpy()
-        return image_NCHW
+        return _tokenize(self.tokenizer, texts, self.preprocess.context_length)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         manifest = self.manifest
@@ -360,15 +380,26 @@ class ReplayBatch:
         views_NKL = _nested(batch, records.AUG_PARAMS, (K, manifest.aug_param_length))
         rows_N = np.arange(N)
 
+        images = [sources.decode_rgb(b) for b in _images(batch)]
+        params = [augment.AugParams.from_array(views_NKL[i, k]) for i, k in zip(rows_N, aug_index_N, strict=True)]
+        captions = _strings(batch, records.CAPTION)
         out = {
-            IMAGE: self._replay(_images(batch), views_NKL, aug_index_N),
-            TEXT: self._tokenize(_strings(batch, records.CAPTION)),
+            IMAGE: _render(images, params, self.preprocess),
+            TEXT: self._tokenize(captions),
             AUG_INDEX: aug_index_N,
         }
         if self.use_syn_captions:
             syn = _syn_captions(batch, N)
-            out[SYN_TEXT] = self._tokenize([syn[i][j] for i, j in zip(rows_N, syn_index_N, strict=True)])
+            syn_captions = [syn[i][j] for i, j in zip(rows_N, syn_index_N, strict=True)]
+            out[SYN_TEXT] = self._tokenize(syn_captions)
             out[SYN_INDEX] = syn_index_N
+        for spec, tokenizer in self.online:
+            pre = StudentPreprocess(spec.image_size, spec.mean, spec.std, spec.interpolation, 1)
+            out[teacher_view_column(spec.name)] = _render(images, params, pre)
+            length = int(getattr(tokenizer, "context_length", 77))
+            out[teacher_tokens_column(spec.name)] = _tokenize(tokenizer, captions, length)
+            if self.use_syn_captions:
+                out[teacher_syn_tokens_column(spec.name)] = _tokenize(tokenizer, syn_captions, length)
         for name in self.teachers:
             D = manifest.teacher(name).embed_dim
             image_emb_NKD = _nested(batch, records.image_emb_column(name), (K, D))
@@ -378,3 +409,54 @@ class ReplayBatch:
             if self.use_syn_captions:
                 out[teacher_syn_text_column(name)] = text_emb_NED[rows_N, 1 + syn_index_N].astype(np.float32)
         return out
+
+
+def _tokenize(tokenizer: Any, texts: list[str], context_length: int) -> np.ndarray:
+    if not texts:
+        return np.zeros((0, context_length), dtype=np.int64)
+    return tokenizer(texts).numpy().astype(np.int64, copy=False)
+
+
+def _render(images: Sequence[Any], params: Sequence[augment.AugParams], pre: StudentPreprocess) -> np.ndarray:
+    """(N, 3, H, W) float32: each image's view replayed at ``pre``'s size, interpolation and normalisation."""
+    image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.float32)
+    for i, (image, view) in enumerate(zip(images, params, strict=True)):
+        image_NCHW[i] = augment.replay(image, view, pre.image_size, pre.mean, pre.std, pre.interpolation).numpy()
+    return image_NCHW
+
+
+class AugmentBatch:
+    """Turns a batch of raw source samples (``key``, ``image`` bytes, ``caption``) into a ``clip`` student batch.
+
+    Nothing is stored to replay, so each sample's view is sampled afresh from ``(seed, key, epoch)``
+    (`augment.sample` with the epoch as the view index): deterministic, and different every epoch.
+
+    Args:
+        augment_cfg: The augmentations to sample.
+        preprocess: The student's preprocessing (`student_preprocess`).
+        tokenizer_name: Model name whose open_clip tokenizer encodes the captions.
+        seed: Run-level seed of the views.
+        epoch: Epoch of the views.
+    """
+
+    def __init__(
+        self, augment_cfg: Any, preprocess: StudentPreprocess, tokenizer_name: str, seed: int, epoch: int
+    ) -> None:
+        augment.check_config(augment_cfg)
+        self.augment_cfg = augment_cfg
+        self.preprocess = preprocess
+        self.seed = int(seed)
+        self.epoch = int(epoch)
+        self.tokenizer = models.get_tokenizer(tokenizer_name, context_length=preprocess.context_length)
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        keys = _strings(batch, records.KEY)
+        images = [sources.decode_rgb(b) for b in _images(batch)]
+        params = [
+            augment.sample(image.size, key, self.epoch, self.augment_cfg, self.seed)
+            for image, key in zip(images, keys, strict=True)
+        ]
+        return {
+            IMAGE: _render(images, params, self.preprocess),
+            TEXT: _tokenize(self.tokenizer, _strings(batch, records.CAPTION), self.preprocess.context_length),
+        }
