@@ -70,15 +70,28 @@ def _run_datacompdr(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_demo(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.data import synthetic
+def _run_train(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.train.run import TrainError, run
 
-    _print_progress(f"demo 1/1: synthetic world -> {cfg.synth.output}")
-    synthetic.generate(cfg.synth, progress=_print_progress)
-    _print_progress(
-        "demo finished: the world is ready. Next stage (training and evaluation join the demo as they land):\n"
-        "  .venv/bin/python jobs/reinforce.py --config jobs/configs/demo.toml"
-    )
+    try:
+        result = run(cfg, log=_print_progress)
+    except TrainError as e:
+        print(f"clipdr train: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(result), indent=2))
+    return 0
+
+
+def _run_demo(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr import demo
+    from clipdr.reinforce.run import ReinforceError
+    from clipdr.train.run import TrainError
+
+    try:
+        demo.run(cfg, log=_print_progress)
+    except (TrainError, ReinforceError) as e:
+        print(f"clipdr demo: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -98,6 +111,41 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
     return benchmarks.main([args.benchmark, *args.benchmark_args], prog="clipdr bench")
 
 
+def _run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.evaluate.run import EvaluateError, run
+
+    try:
+        run(cfg, log=_print_progress)
+    except EvaluateError as e:
+        print(f"clipdr evaluate: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_export(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.export import ExportError, run
+
+    try:
+        result = run(cfg, log=_print_progress)
+    except ExportError as e:
+        print(f"clipdr export: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.manifest, indent=2))
+    return 0
+
+
+def _run_promote(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr.lifecycle import LifecycleError, run
+
+    try:
+        decision = run(cfg, log=_print_progress)
+    except LifecycleError as e:
+        print(f"clipdr promote: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dataclasses.asdict(decision), indent=2))
+    return 0
+
+
 STAGES = (
     Stage("synth", "Write the synthetic image-text world (webdataset/Parquet shards).", ("synth",), _run_synth),
     Stage(
@@ -107,12 +155,41 @@ STAGES = (
         _run_reinforce,
     ),
     Stage(
+        "train",
+        "Train a student on Ray Train: reinforced distillation, or the clip / online_distill baselines.",
+        ("train", "augment", "evaluate", "tracking"),
+        _run_train,
+    ),
+    Stage(
         "datacompdr",
         "Convert Apple's DataCompDR (joined with images) into clipdr's reinforced Parquet, without recomputing.",
         ("datacompdr",),
         _run_datacompdr,
     ),
-    Stage("demo", "Run the whole lifecycle on the embedded default, offline.", ("synth", "augment"), _run_demo),
+    Stage(
+        "evaluate",
+        "Evaluate a model (MLflow URI, checkpoint or name): zero-shot classification + retrieval -> MLflow.",
+        ("evaluate", "tracking"),
+        _run_evaluate,
+    ),
+    Stage(
+        "export",
+        "Export a model: open_clip-loadable weights, the re-parameterised model, ONNX encoders, a model card.",
+        ("export", "tracking"),
+        _run_export,
+    ),
+    Stage(
+        "promote",
+        "Promotion gate: move alias champion to the candidate version if it beats the champion's metric.",
+        ("lifecycle", "tracking"),
+        _run_promote,
+    ),
+    Stage(
+        "demo",
+        "Run the whole lifecycle on the embedded default, offline: world, teachers, reinforce, students, compare.",
+        ("demo", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
+        _run_demo,
+    ),
     Stage(
         "config",
         "Print the resolved config (file + --set overrides) as JSON.",

@@ -156,7 +156,7 @@ class TrainResources:
     use_gpu: bool = _f(False, "one or more GPUs per worker (bf16 autocast); false trains in fp32 on CPU")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per worker (also its torch threads)")
     gpus_per_worker: float = _f(1.0, "GPUs per worker when use_gpu")
-    loader_actors: int = _f(1, "Ray Data actors replaying views and tokenising (the CPU map stage)")
+    loader_tasks: int = _f(1, "concurrent Ray Data tasks replaying views and tokenising (the CPU map stage)")
     loader_batch_size: int = _f(64, "rows a replay actor processes at once")
     cpus_per_loader: float = _f(1.0, "CPUs reserved per replay actor")
     max_failures: int = _f(2, "worker failures survived by restarting from the last checkpoint")
@@ -207,6 +207,85 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class EvaluateConfig:
+    """Zero-shot classification and image-text retrieval (`clipdr evaluate`, and evaluation during training).
+
+    Datasets are in clip_benchmark's webdataset layout, so real benchmarks exported that way plug in unchanged;
+    the synthetic world's ``zeroshot`` and ``retrieval`` folders are in it too. Metrics are fractions in [0, 1].
+    """
+
+    zeroshot: tuple[str, ...] = _f(
+        (),
+        "zero-shot classification datasets: a clip_benchmark task folder (classnames.txt, "
+        "zeroshot_classification_templates.txt, test/*.tar of image + cls) or a folder of them (the world's "
+        "zeroshot/); path or s3://",
+    )
+    retrieval: tuple[str, ...] = _f(
+        (),
+        "image-text retrieval datasets: a folder of webdataset tars of image + txt (one caption a line) or "
+        "json captions, clip_benchmark's <name>/test/*.tar included (the world's retrieval/); path or s3://",
+    )
+    tasks: tuple[str, ...] = _f((), "evaluate only these datasets (zero-shot task or retrieval names); empty: all")
+    batch_size: int = _f(256, "images or texts per forward pass")
+    max_samples: int = _f(0, "evaluate the first this many samples of each dataset; 0: all")
+    model: str = _f(
+        "",
+        "model to evaluate: runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version>, a training "
+        "checkpoint folder (model.pt + meta.json), or an open_clip model name",
+    )
+    pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    run_id: str = _f("", "MLflow run to log to; empty: the model's training run when known, else a new run")
+    experiment: str = _f("clipdr-train", "MLflow experiment of new evaluation runs (beside training runs, to compare)")
+    step: int = _f(-1, "metric step; -1: the model's samples seen (training's eval step), else the run's last step")
+    device: str = _f("auto", "auto (cuda when available), cuda or cpu; bf16 autocast on cuda")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Export of a trained model: open_clip-loadable weights, the fused (re-parameterised) model, ONNX encoders."""
+
+    model: str = _f("", "model to export: same forms as evaluate.model")
+    pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    output: str = _f("export", "folder the export is written to, path or s3://")
+    onnx: bool = _f(True, "also export ONNX image and text encoders (of the fused model), checked with onnxruntime")
+    onnx_exporter: str = _f("dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)")
+    tolerance: float = _f(1e-4, "largest abs difference of embeddings allowed between exported and trained model")
+    log_artifacts: bool = _f(True, "also log the export folder to the model's MLflow run, when it has one")
+
+
+@dataclass(frozen=True)
+class LifecycleConfig:
+    """Model lifecycle in the MLflow registry: alias `candidate`, promoted to `champion` by an evaluation gate."""
+
+    model: str = _f("", "registered model name")
+    version: int = _f(0, "version to gate (it becomes the candidate); 0: the version with alias candidate")
+    metric: str = _f("zeroshot/mean_top1", "evaluation metric that decides (higher is better), read from each run")
+    min_delta: float = _f(0.0, "the candidate must beat the champion by more than this")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The one-command demo on the embedded default: the paper in miniature.
+
+    [synth] makes the world; each of [reinforce]'s teachers (its `model`) and its captioner are first trained
+    here with plain CLIP (the captioner with its caption loss) on the clean teacher corpus; [reinforce] then
+    reinforces the noisy student corpus with them; the [train] student is trained once per mode in `modes`, on
+    the same data for the same samples seen, evaluated on [evaluate] every train.eval_every samples.
+    """
+
+    output: str = _f("data/demo", "where runs (<output>/runs) and the report (<output>/report) go")
+    experiment: str = _f("clipdr-demo", "MLflow experiment of all the demo's runs")
+    teacher_samples: int = _f(60_000, "samples seen by each teacher")
+    teacher_batch_size: int = _f(128, "teachers' global batch size")
+    teacher_lr: float = _f(2e-3, "teachers' peak learning rate")
+    captioner_samples: int = _f(30_000, "samples seen by the captioner")
+    captioner_batch_size: int = _f(64, "captioner's global batch size")
+    captioner_lr: float = _f(2e-3, "captioner's peak learning rate")
+    modes: tuple[str, ...] = _f(("clip", "reinforced"), "student training modes compared, at equal samples seen")
+    metric: str = _f("zeroshot/mean_top1", "the headline metric of the comparison")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
@@ -222,6 +301,10 @@ class Config:
     reinforce: ReinforceConfig = _f(ReinforceConfig(), "the reinforcement job")
     datacompdr: DataCompDRConfig = _f(DataCompDRConfig(), "DataCompDR import")
     train: TrainConfig = _f(TrainConfig(), "training a student")
+    demo: DemoConfig = _f(DemoConfig(), "the one-command demo")
+    evaluate: EvaluateConfig = _f(EvaluateConfig(), "zero-shot classification and retrieval evaluation")
+    export: ExportConfig = _f(ExportConfig(), "exporting a model (open_clip weights, fused model, ONNX)")
+    lifecycle: LifecycleConfig = _f(LifecycleConfig(), "registry aliases and the promotion gate")
     tracking: TrackingConfig = _f(TrackingConfig(), "experiment tracking")
 
 

@@ -93,6 +93,10 @@ class Tracker:
         for i in range(0, len(items), _BATCH * 10):
             self.client.log_batch(self.run_id, metrics=items[i : i + _BATCH * 10])
 
+    def last_step(self, key: str) -> int | None:
+        """The largest step metric ``key`` was logged at in this run; None when never."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=None)
+
     def log_dict(self, data: Any, artifact_file: str) -> None:
         """Writes ``data`` as JSON under the run's artifacts (``artifact_file`` may include folders)."""
         with tempfile.TemporaryDirectory() as tmp:
@@ -102,6 +106,21 @@ class Tracker:
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> Any:
+        """Samples CPU, memory, disk, network (and GPU where present) into the run every ``interval_s`` seconds
+        until the returned monitor's ``finish()``; ``node_id`` prefixes the metrics when several processes log."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            self.run_id,
+            sampling_interval=interval_s,
+            resume_logging=True,
+            node_id=node_id,
+            tracking_uri=self.client.tracking_uri,
+        )
+        monitor.start()
+        return monitor
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
@@ -158,6 +177,7 @@ def log_model(
                 input_example=input_example,
                 metadata=dict(metadata or {}),
                 serialization_format="pickle",
+                pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
                 registered_model_name=registered_model_name or None,
             )
         tracker.client.update_run(tracker.run_id, status="RUNNING")
@@ -172,10 +192,22 @@ def log_model(
     return LoggedModel(uri, registered_model_name, version)
 
 
-def load_model(uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+def _requirements() -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pins = []
+    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy"):
+        try:
+            pins.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pins
+
+
+def load_model(uri: str, device: str = "cpu", *, tracking: str = "") -> tuple[Any, dict[str, Any]]:
     """A model logged by `log_model` (``runs:/...``, ``models:/name/3``, ``models:/name@alias``) and its metadata.
 
-    The tracking URI in force (`tracking_uri`) resolves the URI. clipdr's training logs a
+    ``tracking`` (else the tracking URI in force, `tracking_uri`) resolves the URI. clipdr's training logs a
     `clipdr.models.ClipEmbedder`: its ``.clip`` is the open_clip model, ``metadata["clipdr_model"]`` its name.
     """
     import mlflow
@@ -183,9 +215,223 @@ def load_model(uri: str, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
     from mlflow.models import get_model_info
 
     previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(tracking))
     try:
         metadata = dict(get_model_info(uri).metadata or {})
         return mlflow.pytorch.load_model(uri, map_location=device), metadata
     finally:
         mlflow.set_tracking_uri(previous)
+
+
+# --- registry
+# Registered model versions, their aliases and the runs behind them, for `clipdr.lifecycle`, evaluation and
+# export. Plain data comes back (`ModelVersion`, dicts), so callers never touch mlflow entities.
+
+
+class RegistryError(ValueError):
+    """A registered model, version, alias or run that does not exist, or a model URI that names none."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a registered model.
+
+    Attributes:
+        name: The registered model's name.
+        version: Its version number, as MLflow spells it (a string).
+        run_id: The run that produced it ("" when none is recorded).
+        source: Where its files are (``models:/m-...`` for models logged with MLflow 3).
+        aliases: Aliases pointing at it.
+        tags: Its version tags.
+    """
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    aliases: tuple[str, ...]
+    tags: Mapping[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a run recorded: latest metric values, params and tags."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    metrics: Mapping[str, float]
+    params: Mapping[str, str]
+    tags: Mapping[str, str]
+
+
+def _client(uri: str = "") -> MlflowClient:
+    return MlflowClient(tracking_uri=tracking_uri(uri))
+
+
+def _is_missing(error: Exception) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(error, MlflowException) and error.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def _model_version(mv: Any) -> ModelVersion:
+    return ModelVersion(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id or "",
+        source=mv.source or "",
+        aliases=tuple(mv.aliases or ()),
+        tags=dict(mv.tags or {}),
+    )
+
+
+def get_model_version(name: str, version: str, *, uri: str = "") -> ModelVersion:
+    """Version ``version`` of registered model ``name``; raises `RegistryError` when there is none."""
+    try:
+        return _model_version(_client(uri).get_model_version(name, str(version)))
+    except Exception as e:
+        if _is_missing(e):
+            raise RegistryError(f"registered model {name!r} has no version {version!r} ({tracking_uri(uri)})") from None
+        raise
+
+
+def get_model_version_by_alias(name: str, alias: str, *, uri: str = "") -> ModelVersion | None:
+    """The version of ``name`` that ``alias`` points at; None when the alias is not set.
+
+    Raises:
+        RegistryError: No registered model is called ``name``.
+    """
+    client = _client(uri)
+    try:
+        registered = client.get_registered_model(name)
+    except Exception as e:
+        if _is_missing(e):
+            raise RegistryError(f"no registered model {name!r} ({tracking_uri(uri)})") from None
+        raise
+    version = (registered.aliases or {}).get(alias)
+    return None if version is None else _model_version(client.get_model_version(name, str(version)))
+
+
+def set_model_alias(name: str, alias: str, version: str, *, uri: str = "") -> None:
+    """Points ``alias`` of registered model ``name`` at ``version`` (moving it from any other version)."""
+    get_model_version(name, version, uri=uri)  # a clear error for a missing version
+    _client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any], *, uri: str = "") -> None:
+    client = _client(uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, str(value))
+
+
+def register_model_version(
+    model_uri: str, name: str, *, tags: Mapping[str, str] | None = None, uri: str = ""
+) -> ModelVersion:
+    """Registers the model at ``model_uri`` (``runs:/<id>/model``, ``models:/m-<id>``) as a new version of ``name``.
+
+    The registered model is created on first use.
+    """
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    try:
+        # The fluent call resolves runs:/ URIs of MLflow 3 logged models to their models:/m-<id> source.
+        mv = mlflow.register_model(model_uri, name, tags=dict(tags or {}))
+    finally:
+        mlflow.set_tracking_uri(previous)
+    return get_model_version(name, str(mv.version), uri=uri)
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str, str]:
+    """Splits an MLflow model URI into ``(kind, name_or_id, version_or_alias)``.
+
+    ``runs:/<id>/<path>`` -> ``("run", id, path)``; ``models:/<name>/<version>`` -> ``("version", name, version)``;
+    ``models:/<name>@<alias>`` -> ``("alias", name, alias)``; ``models:/m-<id>`` -> ``("logged", id, "")``.
+
+    Raises:
+        RegistryError: ``model_uri`` is none of these.
+    """
+    if model_uri.startswith("runs:/"):
+        run_id, _, path = model_uri.removeprefix("runs:/").strip("/").partition("/")
+        if run_id and path:
+            return "run", run_id, path
+    elif model_uri.startswith("models:/"):
+        rest = model_uri.removeprefix("models:/").strip("/")
+        if "@" in rest:
+            name, _, alias = rest.rpartition("@")
+            if name and alias:
+                return "alias", name, alias
+        elif "/" in rest:
+            name, _, version = rest.rpartition("/")
+            if name and version.isdigit():
+                return "version", name, version
+        elif rest:
+            return "logged", rest, ""
+    raise RegistryError(
+        f"model URI {model_uri!r} is none of runs:/<run id>/<path>, models:/<name>/<version>, "
+        "models:/<name>@<alias>, models:/<model id>"
+    )
+
+
+def model_version_of(model_uri: str, *, uri: str = "") -> ModelVersion | None:
+    """The registered version a ``models:/<name>/<version>`` or ``models:/<name>@<alias>`` URI names, else None."""
+    kind, name, which = parse_model_uri(model_uri)
+    if kind == "version":
+        return get_model_version(name, which, uri=uri)
+    if kind == "alias":
+        version = get_model_version_by_alias(name, which, uri=uri)
+        if version is None:
+            raise RegistryError(f"registered model {name!r} has no alias {which!r} ({tracking_uri(uri)})")
+        return version
+    return None
+
+
+def model_run_id(model_uri: str, *, uri: str = "") -> str:
+    """The run that produced the model at ``model_uri`` ("" when the registry records none)."""
+    kind, name, _ = parse_model_uri(model_uri)
+    if kind == "run":
+        return name
+    if kind == "logged":
+        return _client(uri).get_logged_model(name).source_run_id or ""
+    version = model_version_of(model_uri, uri=uri)
+    return version.run_id if version is not None else ""
+
+
+def run_summary(run_id: str, *, uri: str = "") -> RunSummary:
+    """Latest metrics, params and tags of run ``run_id``; raises `RegistryError` when there is no such run."""
+    try:
+        run = _client(uri).get_run(run_id)
+    except Exception as e:
+        if _is_missing(e):
+            raise RegistryError(f"no MLflow run {run_id!r} ({tracking_uri(uri)})") from None
+        raise
+    return RunSummary(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        metrics=dict(run.data.metrics),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+    )
+
+
+def open_run(run_id: str, *, uri: str = "") -> Tracker:
+    """A `Tracker` on an existing run that leaves its status alone (do not `finish` it): evaluation results
+    go to a training run that may be running, finished or failed, and must stay so."""
+    summary = run_summary(run_id, uri=uri)
+    return Tracker(_client(uri), run_id, summary.experiment_id)
+
+
+def last_step(run_id: str, *, uri: str = "") -> int | None:
+    """The largest step any metric of ``run_id`` was logged at; None when it has no metrics."""
+    client = _client(uri)
+    steps = [m.step for key in client.get_run(run_id).data.metrics for m in client.get_metric_history(run_id, key)]
+    return max(steps) if steps else None

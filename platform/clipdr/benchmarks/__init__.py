@@ -15,6 +15,7 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "latency": ("clipdr.benchmarks.latency", "image/text encoder latency of every variant, fused and not"),
     "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline throughput against a bare model forward"),
+    "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 
 

@@ -1,0 +1,507 @@
+"""The training loop one Ray Train worker runs (one DDP rank): model, optimiser, the step, checkpoints.
+
+Everything a worker needs arrives in a `TrainPlan` (built once by the driver, `clipdr.train.run`), so every rank
+and every restart sees the same decisions. The loop:
+
+1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway), AdamW with decay only on
+   weight matrices, warmup + cosine on the optimizer step, and the loss (`losses.DistillationLoss`, plus the
+   captioning loss when the student is a CoCa);
+2. restores the latest checkpoint Ray Train hands it (``ray.train.get_checkpoint()``): weights, optimiser,
+   scheduler, step, samples seen, micro-batches consumed, RNG state; then skips the micro-batches its dataset
+   stream has already delivered (the driver starts the stream at the checkpoint's epoch, so at most one epoch);
+3. steps through ``get_dataset_shard("train").iter_torch_batches`` with gradient accumulation, clipping,
+   bf16 autocast on GPU, and the logit-scale clamp after every optimiser step;
+4. every ``log_every`` steps rank 0 logs the loss parts, learning rate, logit scale and throughput to the run's
+   MLflow run (reopened by id, so restarts continue it); every ``checkpoint_every`` steps and at the end every
+   rank calls ``ray.train.report`` and rank 0 attaches the checkpoint.
+
+MLflow steps are samples seen, the unit of training length, so runs of different batch sizes line up.
+
+A checkpoint directory holds ``model.pt`` (a plain open_clip state dict: ``open_clip.create_model(name,
+pretrained=path)`` loads it), ``train_state.pt`` (optimiser, scheduler, RNG) and ``meta.json`` (`CheckpointMeta`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clipdr import losses, models, records
+from clipdr.config import TeacherConfig
+from clipdr.train import data
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+
+# --------------------------------------------------------------------------- plan and checkpoint meta
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What every worker of a run does, decided once by the driver (plain data: it travels to the workers).
+
+    Attributes:
+        run_name: The run's name (Ray Train storage folder and MLflow run name).
+        model: The student's open_clip / clipdr name.
+        pretrained: Initial weights of the student ("" for random init).
+        mode: One of `data.MODES`.
+        teachers: Teacher specs as dicts (`records.TeacherSpec` fields), in loss order; empty for ``clip``.
+        kd_weight: lambda of the loss.
+        use_syn_captions: Whether one synthetic caption a sample is trained on.
+        caption_loss_weight: Weight of the captioning loss (CoCa students only).
+        global_batch: Samples per micro-batch over all workers.
+        local_batch: Samples per micro-batch per worker.
+        accum_steps: Micro-batches per optimiser step.
+        total_steps: Optimiser steps of the whole run.
+        warmup_steps: Optimiser steps of linear warmup.
+        lr, min_lr, beta1, beta2, eps, weight_decay, grad_clip, max_logit_scale: Optimisation settings.
+        precision: ``fp32`` or ``bf16`` (resolved from ``auto`` by the driver).
+        grad_checkpointing: Activation checkpointing of the towers.
+        seed: Initialisation seed.
+        log_every, checkpoint_every: In optimiser steps.
+        eval_every: In samples seen (0: at the end only); used when ``evaluate`` is set.
+        evaluate: Whether rank 0 evaluates on ``config["evaluate"]`` during training.
+        start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
+        mlflow_run_id: The run's MLflow run id (reopened by rank 0).
+        tracking_uri: Where that run lives.
+        threads: torch threads per worker.
+        config: The whole run config as a dict (for evaluation settings).
+    """
+
+    run_name: str
+    model: str
+    pretrained: str
+    mode: str
+    teachers: tuple[dict, ...]
+    kd_weight: float
+    use_syn_captions: bool
+    caption_loss_weight: float
+    global_batch: int
+    local_batch: int
+    accum_steps: int
+    total_steps: int
+    warmup_steps: int
+    lr: float
+    min_lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float
+    max_logit_scale: float
+    precision: str
+    grad_checkpointing: bool
+    seed: int
+    log_every: int
+    checkpoint_every: int
+    eval_every: int
+    evaluate: bool
+    start_batches: int
+    mlflow_run_id: str
+    tracking_uri: str
+    threads: int
+    config: dict
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.global_batch * self.accum_steps
+
+    @property
+    def total_samples(self) -> int:
+        return self.total_steps * self.samples_per_step
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """``meta.json`` of a checkpoint: what it holds and where in the run it was taken."""
+
+    model: str
+    mode: str
+    run_name: str
+    mlflow_run_id: str
+    step: int
+    samples_seen: int
+    batches: int  # micro-batches each worker had consumed
+    total_steps: int
+
+    @classmethod
+    def read(cls, directory: str | Path) -> CheckpointMeta:
+        raw = json.loads((Path(directory) / META_FILE).read_text())
+        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+
+    def write(self, directory: str | Path) -> None:
+        (Path(directory) / META_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def lr_at(step: int, plan: TrainPlan) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine down to ``min_lr``."""
+    if plan.warmup_steps and step < plan.warmup_steps:
+        return plan.lr * (step + 1) / plan.warmup_steps
+    span = max(1, plan.total_steps - plan.warmup_steps)
+    progress = min(1.0, (step - plan.warmup_steps) / span)
+    return plan.min_lr + 0.5 * (plan.lr - plan.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+_NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "embedding", "pos_embed", "cls_token", "norm", "ln_", "bn")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on weight matrices and kernels only, not on norms, biases, embeddings or the
+    logit scale (open_clip's rule, with embeddings and position/class tokens added)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        leaf = name.lower()
+        if param.ndim < 2 or any(part in leaf for part in _NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
+    """The student, initialised from ``plan.seed`` (or ``plan.pretrained``), in train mode on ``device``."""
+    from open_clip import CoCa
+
+    torch.manual_seed(plan.seed)
+    model = models.create_model(plan.model, pretrained=plan.pretrained or None, device=device)
+    if isinstance(model, CoCa) and not plan.pretrained:
+        from clipdr.models.captioners import init_coca_decoder
+
+        init_coca_decoder(model)
+    if plan.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model.train()
+
+
+class OnlineTeachers(nn.Module):
+    """The teacher ensemble run inside the step (``online_distill``), frozen, on the student's views."""
+
+    def __init__(self, specs: list[records.TeacherSpec], device: torch.device) -> None:
+        from clipdr.models.teachers import Teacher
+
+        super().__init__()
+        self.names = [s.name for s in specs]
+        self.teachers = nn.ModuleList()
+        for spec in specs:
+            cfg = TeacherConfig(name=spec.name, model=spec.model, pretrained=spec.pretrained, logit_scale=1.0)
+            teacher = Teacher(cfg, device, spec).model.eval().requires_grad_(False)
+            self.teachers.append(teacher)
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, Tensor], use_syn: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        img, txt, syn = [], [], []
+        for name, teacher in zip(self.names, self.teachers, strict=True):
+            img.append(F.normalize(teacher.encode_image(batch[data.teacher_view_column(name)]).float(), dim=-1))
+            txt.append(F.normalize(teacher.encode_text(batch[data.teacher_tokens_column(name)]).float(), dim=-1))
+            if use_syn:
+                tokens = batch[data.teacher_syn_tokens_column(name)]
+                syn.append(F.normalize(teacher.encode_text(tokens).float(), dim=-1))
+        return img, txt, syn
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Step:
+    """The forward and loss of one micro-batch, for any mode: student features -> `DistillationLoss` (+ caption)."""
+
+    def __init__(self, model: nn.Module, plan: TrainPlan, device: torch.device) -> None:
+        from open_clip import CoCa
+
+        self.model = model
+        self.plan = plan
+        self.device = device
+        self.is_coca = isinstance(_unwrap(model), CoCa)
+        specs = [records.TeacherSpec(**t) for t in plan.teachers]
+        self.teacher_names = [s.name for s in specs]
+        with_teachers = plan.mode != data.CLIP and plan.kd_weight > 0
+        self.loss = losses.DistillationLoss(
+            plan.kd_weight if with_teachers else 0.0,
+            [s.logit_scale for s in specs] if with_teachers else (),
+            use_syn_captions=plan.use_syn_captions,
+            max_logit_scale=plan.max_logit_scale,
+        )
+        self.online = OnlineTeachers(specs, device) if plan.mode == data.ONLINE_DISTILL and with_teachers else None
+        self.with_teachers = with_teachers
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        plan = self.plan
+        image, text = batch[data.IMAGE], batch[data.TEXT]
+        B = text.shape[0]
+        # One forward over the real and synthetic captions together: DDP sees one graph per step.
+        tokens = torch.cat([text, batch[data.SYN_TEXT]]) if plan.use_syn_captions else text
+        with _autocast(self.device, plan.precision):
+            if self.is_coca:
+                out = self.model(image, tokens)
+            else:
+                out = self.model(image, tokens)
+                if not isinstance(out, dict):
+                    out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
+        img_BD = out["image_features"].float()
+        txt_2BD = out["text_features"].float()
+        txt_BD, syn_BD = (txt_2BD[:B], txt_2BD[B:]) if plan.use_syn_captions else (txt_2BD, None)
+
+        t_img = t_txt = t_syn = None
+        if self.online is not None:
+            with _autocast(self.device, plan.precision):
+                t_img, t_txt, t_syn = self.online(batch, plan.use_syn_captions)
+        elif self.with_teachers:
+            t_img = [batch[data.teacher_image_column(n)] for n in self.teacher_names]
+            t_txt = [batch[data.teacher_text_column(n)] for n in self.teacher_names]
+            if plan.use_syn_captions:
+                t_syn = [batch[data.teacher_syn_text_column(n)] for n in self.teacher_names]
+        parts = self.loss(img_BD, txt_BD, out["logit_scale"], syn_BD, t_img, t_txt, t_syn or None)
+
+        if self.is_coca:
+            logits_BTV = out["logits"].float()[:B]
+            labels_BT = out["labels"][:B]
+            caption = F.cross_entropy(logits_BTV.permute(0, 2, 1), labels_BT, ignore_index=0)
+            parts["caption_loss"] = caption.detach()
+            parts["loss"] = parts["loss"] + plan.caption_loss_weight * caption
+        return parts
+
+
+def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan, step: int) -> Tensor:
+    """The optimiser step ``step`` (0-based) on the accumulated gradients: set its learning rate, clip the global
+    gradient norm, AdamW, zero the gradients, clamp the logit scale. Returns the norm before clipping."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, plan)
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip if plan.grad_clip > 0 else math.inf)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        _unwrap(model).logit_scale.clamp_(0, math.log(plan.max_logit_scale))
+    return grad_norm
+
+
+# --------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:
+    """Writes a checkpoint directory (module docstring); ``meta.json`` last, so its presence means complete."""
+    state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
+    torch.save(state_dict, directory / MODEL_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, directory / STATE_FILE)
+    meta.write(directory)
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    samples_seen: int = 0
+    batches: int = 0
+
+
+def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan) -> Progress:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return Progress()
+    with checkpoint.as_directory() as directory:
+        meta = CheckpointMeta.read(directory)
+        if meta.model != plan.model or meta.total_steps != plan.total_steps:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} is of model {meta.model!r} with {meta.total_steps} steps; this run "
+                f"trains {plan.model!r} for {plan.total_steps}: use another run_name, or the same settings"
+            )
+        _unwrap(model).load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu"))
+        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+    return Progress(meta.step, meta.samples_seen, meta.batches)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _batches(plan: TrainPlan, device: torch.device, skip: int) -> Iterator[dict[str, Tensor]]:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    stream = shard.iter_torch_batches(batch_size=plan.local_batch, drop_last=True, device=device)
+    for i, batch in enumerate(stream):
+        if i >= skip:
+            yield batch
+
+
+def _evaluate(model: nn.Module, plan: TrainPlan, device: torch.device) -> dict[str, float]:
+    from clipdr import evaluate
+    from clipdr.config import Config, from_dict
+
+    cfg = from_dict(Config, plan.config)
+    raw = _unwrap(model)
+    raw.eval()
+    try:
+        return evaluate.evaluate_model(raw, plan.model, cfg.evaluate, device)
+    finally:
+        raw.train()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config = {"plan": dataclasses.asdict(TrainPlan)}``."""
+    import ray.train
+    import ray.train.torch
+
+    plan = TrainPlan(**config["plan"])
+    torch.set_num_threads(plan.threads)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    model = build_student(plan, device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, plan.weight_decay), lr=plan.lr, betas=(plan.beta1, plan.beta2), eps=plan.eps
+    )
+    progress = _restore(model, optimizer, plan)
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
+
+    tracker = None
+    if rank == 0:
+        from clipdr.tracking import Tracker
+
+        tracker = Tracker.start("", run_id=plan.mlflow_run_id, uri=plan.tracking_uri)
+        monitor = tracker.start_system_metrics()
+    try:
+        _train(plan, model, optimizer, progress, tracker, rank, world_size, device)
+    finally:
+        if tracker is not None:
+            monitor.finish()
+
+
+def _train(
+    plan: TrainPlan,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: Progress,
+    tracker: Any,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> None:
+    import ray.train
+
+    step_fn = Step(model, plan, device)
+    raw = _unwrap(model)
+    # Steps redone after a restart (between the checkpoint and the crash) were logged already: not twice.
+    logged_until = (tracker.last_step("train/loss") if tracker is not None else None) or -1
+
+    def report() -> None:
+        metrics = {"step": progress.step, "samples_seen": progress.samples_seen}
+        if rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = CheckpointMeta(
+                model=plan.model,
+                mode=plan.mode,
+                run_name=plan.run_name,
+                mlflow_run_id=plan.mlflow_run_id,
+                step=progress.step,
+                samples_seen=progress.samples_seen,
+                batches=progress.batches,
+                total_steps=plan.total_steps,
+            )
+            save_checkpoint(Path(tmp), model, optimizer, meta)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    next_eval = (progress.samples_seen // plan.eval_every + 1) * plan.eval_every if plan.eval_every else 0
+    if progress.step >= plan.total_steps:
+        report()
+        return
+
+    skip = progress.batches - plan.start_batches
+    if skip < 0:
+        raise RuntimeError(
+            f"the data stream starts at micro-batch {plan.start_batches}, after this worker's checkpoint "
+            f"({progress.batches}): resubmit the job so the driver restarts the stream from the checkpoint"
+        )
+    window_start, window_samples, window_steps = time.perf_counter(), 0, 0
+    sums: dict[str, float] = {}
+    micro = 0
+    for batch in _batches(plan, device, skip):
+        last_micro = micro == plan.accum_steps - 1
+        sync = contextlib.nullcontext() if last_micro or world_size == 1 else model.no_sync()
+        with sync:
+            parts = step_fn(batch)
+            (parts["loss"] / plan.accum_steps).backward()
+        for name, value in parts.items():
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.accum_steps
+        progress.batches += 1
+        progress.samples_seen += plan.global_batch
+        window_samples += plan.global_batch
+        micro += 1
+        if not last_micro:
+            continue
+
+        micro = 0
+        grad_norm = apply_update(model, optimizer, plan, progress.step)
+        progress.step += 1
+        window_steps += 1
+        done = progress.step >= plan.total_steps
+
+        if progress.step % plan.log_every == 0 or done:
+            if tracker is not None and progress.samples_seen > logged_until:
+                elapsed = time.perf_counter() - window_start
+                metrics = {f"train/{name}": value / window_steps for name, value in sums.items()}
+                metrics |= {
+                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/logit_scale": float(raw.logit_scale.detach().exp()),
+                    "train/grad_norm": float(grad_norm),
+                    "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "train/samples_seen": progress.samples_seen,
+                    "train/step": progress.step,
+                }
+                tracker.log_metrics(metrics, step=progress.samples_seen)
+            sums, window_start, window_samples, window_steps = {}, time.perf_counter(), 0, 0
+
+        evaluate_now = done or (next_eval and progress.samples_seen >= next_eval)
+        if plan.evaluate and tracker is not None and evaluate_now and progress.samples_seen > logged_until:
+            tracker.log_metrics(_evaluate(model, plan, device), step=progress.samples_seen)
+            while next_eval and next_eval <= progress.samples_seen:
+                next_eval += plan.eval_every
+        if done or progress.step % plan.checkpoint_every == 0:
+            report()
+        if done:
+            break
+    if progress.step < plan.total_steps:
+        raise RuntimeError(
+            f"the data stream ended at step {progress.step} of {plan.total_steps}: the driver planned too few epochs"
+        )

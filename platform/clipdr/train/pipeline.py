@@ -1,0 +1,126 @@
+"""Ray Data wiring of the training input; every loader resource setting is applied here and only here.
+
+    reinforced Parquet shards (epoch e: shard order permuted by (seed, e))
+        --read_parquet (only the columns the mode needs)--> ReplayBatch(epoch=e) (CPU tasks)
+        --limit to whole global batches--> epoch e's rows
+    union over epochs [start_epoch, num_epochs) --> TorchTrainer(datasets={"train": ...}) --> streaming_split
+        --> each worker: iter_torch_batches(local batch)
+
+Raw source shards (``clip`` mode on data that was never reinforced) are read one Ray task per shard with the
+source readers (`clipdr.data.sources`, so corrupt samples are skipped the same way) and go through
+`data.AugmentBatch` instead.
+
+Each epoch's draws (view k, caption j) are fixed by ``(seed, epoch, key)`` whatever the block layout; with one
+loader actor and ``preserve_order`` the row order is fixed too, so a single-worker run is reproducible end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from clipdr import records, storage
+from clipdr.cluster import storage_runtime_env
+from clipdr.config import AugmentConfig, TrainConfig
+from clipdr.data import sources
+from clipdr.train import data
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """The training data as the driver found it.
+
+    Attributes:
+        uri: Where it is.
+        files: Its shard files (reinforced Parquet, or raw source shards).
+        num_rows: Rows of one epoch.
+        manifest: The reinforced dataset's manifest; None for raw source shards.
+    """
+
+    uri: str
+    files: tuple[str, ...]
+    num_rows: int
+    manifest: records.Manifest | None
+
+
+def _epoch_order(files: Sequence[str], seed: int, epoch: int) -> list[str]:
+    digest = hashlib.blake2b(f"{seed}:{epoch}".encode(), digest_size=8).digest()
+    order = np.random.default_rng(int.from_bytes(digest, "little")).permutation(len(files))
+    return [files[i] for i in order]
+
+
+def _columns(manifest: records.Manifest, mode: str, use_syn: bool, teachers: Sequence[str]) -> list[str]:
+    columns = [records.KEY, records.IMAGE, records.CAPTION, records.AUG_PARAMS]
+    if use_syn:
+        columns.append(records.SYN_CAPTIONS)
+    if mode == data.REINFORCED:
+        for name in teachers:
+            columns += [records.image_emb_column(name), records.text_emb_column(name)]
+    return columns
+
+
+def _read_source_shard(row: dict) -> list[dict]:
+    """All valid samples of one raw source shard as rows (key, image bytes, caption); skips are counted away."""
+    import collections
+
+    skipped: collections.Counter = collections.Counter()
+    return [
+        {records.KEY: s.key, records.IMAGE: s.image_bytes, records.CAPTION: s.caption}
+        for s in sources.iter_shard(row["uri"], skipped)
+    ]
+
+
+def count_source_rows(files: Sequence[str]) -> int:
+    """Valid samples in raw source shards (one Ray task a shard reads them: done once per run)."""
+    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+    return ds.flat_map(_read_source_shard, runtime_env=storage_runtime_env()).count()
+
+
+def build_dataset(
+    source: DataSource,
+    cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    preprocess: data.StudentPreprocess,
+    teachers: Sequence[str],
+    rows_per_epoch: int,
+    epochs: range,
+) -> ray.data.Dataset:
+    """The run's input stream: epochs ``epochs`` back to back, each cut to ``rows_per_epoch`` rows."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
+    res = cfg.resources
+    runtime_env = storage_runtime_env()
+    # The map stage runs as tasks of a callable instance (tokenizer built once here, shipped with it): task
+    # workers are pooled and reused across epochs and runs, where an actor pool per epoch would start (and
+    # import torch in) a fresh process for every epoch.
+    tasks = {
+        "compute": ray.data.TaskPoolStrategy(size=res.loader_tasks),
+        "batch_size": res.loader_batch_size,
+        "num_cpus": res.cpus_per_loader,
+        "batch_format": "pyarrow",
+        "runtime_env": runtime_env,
+    }
+    use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
+    per_epoch = []
+    for epoch in epochs:
+        files = _epoch_order(source.files, cfg.seed, epoch)
+        if source.manifest is None:
+            ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
+            ds = ds.flat_map(_read_source_shard, runtime_env=runtime_env)
+            ds = ds.map_batches(data.AugmentBatch(augment_cfg, preprocess, cfg.model, cfg.seed, epoch), **tasks)
+        else:
+            fs, _ = storage.resolve(source.uri)
+            paths = [storage.resolve(f)[1] for f in files]
+            columns = _columns(source.manifest, cfg.mode, use_syn, teachers)
+            ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
+            replay = data.ReplayBatch(
+                source.manifest, preprocess, cfg.model, cfg.seed, epoch, cfg.mode, use_syn, list(teachers)
+            )
+            ds = ds.map_batches(replay, **tasks)
+        per_epoch.append(ds.limit(rows_per_epoch))
+    return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]

@@ -1,0 +1,273 @@
+"""The training job end to end on a local Ray: three modes, resume after a killed driver, a killed worker under
+FailureConfig, two DDP workers, MLflow tracking and the registered model."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from clipdr import models
+from clipdr.config import (
+    CaptionerConfig,
+    Config,
+    ReinforceConfig,
+    ReinforceResources,
+    SynthConfig,
+    TeacherConfig,
+    TrainConfig,
+    TrainResources,
+)
+from clipdr.data import synthetic
+from clipdr.models.captioners import TINY_COCA
+from clipdr.reinforce.run import run as reinforce
+from clipdr.train.loop import MODEL_FILE, CheckpointMeta
+from clipdr.train.run import latest_checkpoint
+from clipdr.train.run import run as train
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+STUDENT = "clipdr-tiny-vit"
+BATCH = 32
+SAMPLES = 16 * BATCH  # 16 optimiser steps
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, ray_local):
+    """A tiny world at 32 px and its noisy student corpus reinforced by a tiny ViT teacher and a tiny CoCa."""
+    root = tmp_path_factory.mktemp("train")
+    synthetic.generate(
+        SynthConfig(
+            output=str(root / "world"),
+            image_size=32,
+            num_teacher=128,
+            num_student=256,
+            num_zeroshot=0,
+            num_retrieval=0,
+            shard_size=64,
+        )
+    )
+    teacher = TeacherConfig(name="vit", model="clipdr-tiny-vit", logit_scale=100.0)
+    config = Config(
+        reinforce=ReinforceConfig(
+            source=str(root / "world" / "student"),
+            output=str(root / "reinforced"),
+            num_augmentations=2,
+            num_syn_captions=2,
+            teachers=(teacher,),
+            captioner=CaptionerConfig(model=TINY_COCA, pretrained="", max_len=8),
+            resources=ReinforceResources(batch_size=32),
+        )
+    )
+    config = dataclasses.replace(
+        config, tracking=dataclasses.replace(config.tracking, uri=f"sqlite:///{root}/mlflow.db")
+    )
+    reinforce(config, log=lambda message: None)
+    return root, config
+
+
+def train_config(world, run_name: str, **changes) -> Config:
+    root, config = world
+    resources = changes.pop("resources", TrainResources(workers=1, cpus_per_worker=1.0, max_failures=0))
+    tc = TrainConfig(
+        data=str(root / "reinforced"),
+        output=str(root / "runs"),
+        run_name=run_name,
+        experiment="test-train",
+        model=STUDENT,
+        samples=SAMPLES,
+        batch_size=BATCH,
+        lr=5e-3,
+        warmup_samples=2 * BATCH,
+        log_every=2,
+        checkpoint_every=4,
+        resources=resources,
+    )
+    return dataclasses.replace(config, train=dataclasses.replace(tc, **changes))
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a metric, in step order; a step logged twice fails (restarts must not re-log)."""
+    points = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    steps = [s for s, _ in points]
+    assert len(set(steps)) == len(steps), f"{key} logged twice at a step: {steps}"
+    return points
+
+
+def assert_learns(client: MlflowClient, run_id: str) -> None:
+    losses = [v for _, v in history(client, run_id, "train/loss")]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.9 * np.mean(losses[:2]), losses
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    found = latest_checkpoint(str(run_dir))
+    assert found is not None
+    return torch.load(Path(found[0]) / MODEL_FILE)
+
+
+@pytest.fixture(scope="module")
+def straight(world):
+    cfg = train_config(world, "straight", register="clipdr-test-student")
+    return cfg, train(cfg, log=lambda message: None)
+
+
+def test_reinforced_run_learns_tracks_and_registers(world, straight):
+    cfg, result = straight
+    client = MlflowClient(cfg.tracking.uri)
+    assert result.steps == 16 and result.samples_seen == SAMPLES
+    assert_learns(client, result.mlflow_run_id)
+
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "straight"
+    assert run.data.params["train.mode"] == "reinforced"
+    assert run.data.params["data.fingerprint"].startswith("sha256:")
+    assert '"model": "clipdr-tiny-vit"' in run.data.params["teacher.vit"]
+    for key in ("clip_loss", "kd_loss", "kd_loss_real", "kd_loss_syn", "clip_loss_syn", "lr", "logit_scale"):
+        assert f"train/{key}" in run.data.metrics, key
+    assert [s for s, _ in history(client, result.mlflow_run_id, "train/loss")] == [2 * BATCH * i for i in range(1, 9)]
+    assert history(client, result.mlflow_run_id, "train/samples_per_s")[0][1] > 0
+    lrs = [v for _, v in history(client, result.mlflow_run_id, "train/lr")]
+    assert lrs[0] == pytest.approx(5e-3, rel=0.05) and lrs[-1] < 1e-4  # warmup done, cosine to ~0
+    assert any(k.startswith("system/") for k in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"config.json", "checkpoint", "data"} <= artifacts
+
+    # The registered model loads back with mlflow.pytorch and embeds exactly like the final checkpoint.
+    version = client.get_model_version("clipdr-test-student", result.registered_version)
+    assert version.tags["mode"] == "reinforced" and version.tags["student"] == STUDENT
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    loaded = mlflow.pytorch.load_model(f"models:/clipdr-test-student/{result.registered_version}")
+    reference = models.create_model(STUDENT).eval()
+    reference.load_state_dict(torch.load(Path(result.checkpoint) / MODEL_FILE))
+    images = torch.randn(3, 3, 32, 32)
+    expected = torch.nn.functional.normalize(reference.encode_image(images), dim=-1)
+    torch.testing.assert_close(loaded(images), expected)
+
+
+def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp_path):
+    """N steps straight == the same run killed after a checkpoint and resubmitted (same MLflow run)."""
+    cfg = train_config(world, "resumed")
+    root = world[0]
+    run_dir = root / "runs" / "resumed"
+    args = [f"--set=train.{k}={v}" for k, v in _overrides(cfg.train).items()]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    driver = subprocess.Popen(
+        [sys.executable, str(REPO / "jobs" / "train.py"), *args, f"--set=tracking.uri={cfg.tracking.uri}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint(str(run_dir)) is None:
+            assert driver.poll() is None, "the training job exited before its first checkpoint"
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    killed_at = latest_checkpoint(str(run_dir))[1]
+    assert killed_at.step < 16
+    client = MlflowClient(cfg.tracking.uri)
+    first_id = killed_at.mlflow_run_id
+
+    result = train(cfg, log=lambda message: None)
+    assert result.mlflow_run_id == first_id
+    assert result.steps == 16
+    runs = client.search_runs(
+        [client.get_experiment_by_name("test-train").experiment_id], "attributes.run_name = 'resumed'"
+    )
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = {s for s, _ in history(client, first_id, "train/loss")}
+    assert steps == {2 * BATCH * i for i in range(1, 9)}  # no gaps across the restart
+    resumed, reference = final_weights(run_dir), final_weights(root / "runs" / "straight")
+    for name, value in reference.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _overrides(tc: TrainConfig) -> dict[str, object]:
+    out = {}
+    for field in dataclasses.fields(tc):
+        value = getattr(tc, field.name)
+        if field.name == "resources" or value == field.default:
+            continue
+        out[field.name] = f'"{value}"' if isinstance(value, str) else value
+    out["resources.workers"] = tc.resources.workers
+    out["resources.max_failures"] = tc.resources.max_failures
+    return out
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    """SIGKILLs a Train worker of this test's Ray (a descendant of this process) once a checkpoint exists."""
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if latest_checkpoint(str(run_dir)) is not None:
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
+                        proc.kill()
+                        killed.append(proc.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.2)
+
+
+def test_clip_on_raw_shards_survives_a_killed_worker(world):
+    """Plain CLIP on never-reinforced source shards; a worker is killed mid-run and FailureConfig restarts it."""
+    root = world[0]
+    cfg = train_config(
+        world,
+        "clip-raw",
+        mode="clip",
+        data=str(root / "world" / "teacher"),
+        resources=TrainResources(workers=1, cpus_per_worker=1.0, max_failures=1),
+    )
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(root / "runs" / "clip-raw", killed))
+    killer.start()
+    try:
+        result = train(cfg, log=lambda message: None)
+    finally:
+        killer.join()
+    assert killed, "no worker was killed"
+    assert result.steps == 16
+    client = MlflowClient(cfg.tracking.uri)
+    run = client.get_run(result.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert "train/kd_loss" not in run.data.metrics and "train/clip_loss_syn" not in run.data.metrics
+    assert_learns(client, result.mlflow_run_id)
+    meta = CheckpointMeta.read(result.checkpoint)
+    assert meta.mode == "clip" and meta.samples_seen == SAMPLES
+
+
+def test_online_distill_on_two_ddp_workers(world):
+    cfg = train_config(
+        world,
+        "online-ddp",
+        mode="online_distill",
+        resources=TrainResources(workers=2, cpus_per_worker=1.0, max_failures=0),
+    )
+    result = train(cfg, log=lambda message: None)
+    client = MlflowClient(cfg.tracking.uri)
+    assert result.steps == 16
+    assert_learns(client, result.mlflow_run_id)
+    assert "train/kd_loss_syn" in client.get_run(result.mlflow_run_id).data.metrics

@@ -1,0 +1,163 @@
+"""The training step without Ray: schedule, weight-decay groups, and DDP equivalence of whole optimiser steps."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from clipdr import models
+from clipdr.train import data
+from clipdr.train.loop import Step, TrainPlan, apply_update, build_student, lr_at, param_groups
+
+STUDENT = "clipdr-tiny-vit"
+WORLD_SIZE, GLOBAL_B, STEPS, ACCUM = 2, 8, 3, 2
+TEACHER = {
+    "name": "t",
+    "model": "clipdr-tiny-vit",
+    "pretrained": "",
+    "embed_dim": 64,
+    "logit_scale": 100.0,
+    "image_size": 32,
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.25, 0.25, 0.25),
+    "interpolation": "bicubic",
+}
+
+
+def make_plan(**changes) -> TrainPlan:
+    plan = TrainPlan(
+        run_name="unit",
+        model=STUDENT,
+        pretrained="",
+        mode=data.REINFORCED,
+        teachers=(TEACHER,),
+        kd_weight=0.7,
+        use_syn_captions=True,
+        caption_loss_weight=2.0,
+        global_batch=GLOBAL_B,
+        local_batch=GLOBAL_B,
+        accum_steps=ACCUM,
+        total_steps=10,
+        warmup_steps=2,
+        lr=1e-2,
+        min_lr=1e-4,
+        beta1=0.9,
+        beta2=0.95,
+        eps=1e-6,
+        weight_decay=0.2,
+        grad_clip=0.5,
+        max_logit_scale=20.0,
+        precision="fp32",
+        grad_checkpointing=False,
+        seed=0,
+        log_every=1,
+        checkpoint_every=1,
+        eval_every=0,
+        evaluate=False,
+        start_batches=0,
+        mlflow_run_id="",
+        tracking_uri="",
+        threads=1,
+        config={},
+    )
+    return dataclasses.replace(plan, **changes)
+
+
+def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
+    plan = make_plan()
+    assert [lr_at(s, plan) for s in (0, 1)] == pytest.approx([5e-3, 1e-2])
+    assert lr_at(2, plan) == pytest.approx(1e-2)
+    assert lr_at(6, plan) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))  # half way through the cosine
+    assert lr_at(10, plan) == pytest.approx(1e-4)
+    lrs = [lr_at(s, plan) for s in range(2, 11)]
+    assert all(a >= b for a, b in itertools.pairwise(lrs))
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
+    model = models.create_model(STUDENT)
+    decay, no_decay = param_groups(model, 0.2)
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    exempt = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | exempt == set(names.values()) and not decayed & exempt
+    for name in ("logit_scale", "token_embedding.weight", "positional_embedding", "ln_final.weight"):
+        assert name in exempt, name
+    assert not any(n.endswith(".bias") or "ln_" in n or "embedding" in n for n in decayed)
+    assert "text_projection" in decayed and any("attn.in_proj_weight" in n for n in decayed)
+
+
+def synthetic_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """STEPS x ACCUM global micro-batches with every column the reinforced step reads."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(STEPS * ACCUM):
+
+        def unit(*shape: int) -> torch.Tensor:
+            return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+
+        out.append(
+            {
+                data.IMAGE: torch.randn(GLOBAL_B, 3, 32, 32, generator=g),
+                data.TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
+                data.SYN_TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
+                data.teacher_image_column("t"): unit(GLOBAL_B, 64),
+                data.teacher_text_column("t"): unit(GLOBAL_B, 64),
+                data.teacher_syn_text_column("t"): unit(GLOBAL_B, 64),
+            }
+        )
+    return out
+
+
+def run_steps(model: torch.nn.Module, plan: TrainPlan, rows: slice) -> dict[str, torch.Tensor]:
+    """What the worker loop does per optimiser step: ACCUM micro-batches (no_sync on all but the last), then
+    `apply_update`."""
+    optimizer = torch.optim.AdamW(param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-6)
+    step_fn = Step(model, plan, torch.device("cpu"))
+    batches = synthetic_batches()
+    for step in range(STEPS):
+        for micro in range(ACCUM):
+            batch = {k: v[rows] for k, v in batches[step * ACCUM + micro].items()}
+            last = micro == ACCUM - 1
+            sync = (
+                model.no_sync() if isinstance(model, DistributedDataParallel) and not last else contextlib.nullcontext()
+            )
+            with sync:
+                (step_fn(batch)["loss"] / ACCUM).backward()
+        apply_update(model, optimizer, plan, step)
+    raw = model.module if isinstance(model, DistributedDataParallel) else model
+    return {k: v.detach().clone() for k, v in raw.state_dict().items()}
+
+
+def ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    try:
+        plan = make_plan(local_batch=GLOBAL_B // WORLD_SIZE)
+        model = DistributedDataParallel(build_student(plan, torch.device("cpu")))
+        local = GLOBAL_B // WORLD_SIZE
+        torch.save(run_steps(model, plan, slice(rank * local, (rank + 1) * local)), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_two_ddp_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path):
+    """Whole optimiser steps (accumulation, global-batch loss, clipping, AdamW, logit clamp): 2 ranks x b == 1 x 2b."""
+    mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
+    plan = make_plan()
+    single = run_steps(build_student(plan, torch.device("cpu")), plan, slice(None))
+    initial = build_student(plan, torch.device("cpu")).state_dict()
+    assert any(not torch.equal(single[k], initial[k]) for k in single)  # the steps did change the weights
+    for rank in ranks:
+        for name, want in single.items():
+            torch.testing.assert_close(rank[name], want, rtol=1e-4, atol=1e-5, msg=name)

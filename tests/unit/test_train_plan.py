@@ -1,0 +1,81 @@
+"""The training job refuses bad settings and unfit data before any Ray or model work, saying what and where."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from clipdr.config import SynthConfig, TrainConfig, TrainResources
+from clipdr.data import synthetic
+from clipdr.train.run import TrainError, check_config, default_run_name, open_data
+from tests.unit.test_train_data import write_dataset
+
+GOOD = TrainConfig(data="somewhere", samples=1024, batch_size=64)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data": ""}, r"train.data is empty"),
+        ({"mode": "distill"}, r"train.mode 'distill' is not one of reinforced, clip, online_distill"),
+        ({"kd_weight": 1.5}, r"kd_weight \(lambda\) must be in \[0, 1\]"),
+        ({"kd_weight": 0.0}, r"mode 'reinforced' distils: train.kd_weight must be > 0"),
+        ({"batch_size": 1}, r"batch_size must be >= 2"),
+        ({"batch_size": 63, "resources": TrainResources(workers=2)}, r"batch_size 63 must divide evenly"),
+        ({"samples": 10}, r"train.samples is less than one optimiser step"),
+        ({"precision": "fp16"}, r"train.precision must be auto, fp32 or bf16"),
+        ({"checkpoint_every": 0}, r"train.checkpoint_every must be >= 1"),
+        ({"run_name": "a b/c"}, r"train.run_name"),
+        ({"accum_steps": 0}, r"accum_steps must be >= 1"),
+    ],
+)
+def test_bad_settings_are_refused_by_key(changes, message):
+    with pytest.raises(TrainError, match=message):
+        check_config(dataclasses.replace(GOOD, **changes))
+
+
+def test_clip_mode_accepts_lambda_zero():
+    check_config(dataclasses.replace(GOOD, mode="clip", kd_weight=0.0))
+
+
+def test_reinforced_dataset_must_hold_the_teachers_the_run_distils_from(tmp_path):
+    uri, _ = write_dataset(tmp_path / "ds")
+    _, dataset, files = open_data(dataclasses.replace(GOOD, data=uri, teachers=("alpha",)))
+    assert dataset is not None and len(files) == len(dataset.shard_uris) >= 1
+    with pytest.raises(TrainError, match=r"cannot train in mode 'reinforced'.*'openai'"):
+        open_data(dataclasses.replace(GOOD, data=uri, teachers=("openai",)))
+
+
+def test_synthetic_captions_are_required_only_when_trained_on(tmp_path):
+    uri, _ = write_dataset(tmp_path / "ds", num_syn_captions=0)
+    with pytest.raises(TrainError, match=r"synthetic caption"):
+        open_data(dataclasses.replace(GOOD, data=uri))
+    open_data(dataclasses.replace(GOOD, data=uri, use_syn_captions=False))
+    open_data(dataclasses.replace(GOOD, data=uri, mode="clip", kd_weight=0.0))  # clip never reads them
+
+
+def test_raw_source_shards_train_only_plain_clip(tmp_path):
+    synthetic.generate(
+        SynthConfig(
+            output=str(tmp_path / "w"),
+            image_size=16,
+            num_teacher=8,
+            num_student=0,
+            num_zeroshot=0,
+            num_retrieval=0,
+            shard_size=4,
+        )
+    )
+    raw = str(tmp_path / "w" / "teacher")
+    _, dataset, files = open_data(dataclasses.replace(GOOD, data=raw, mode="clip", kd_weight=0.0))
+    assert dataset is None and len(files) == 2
+    with pytest.raises(TrainError, match=r"raw source shards.*only mode 'clip'.*clipdr reinforce"):
+        open_data(dataclasses.replace(GOOD, data=raw))
+    with pytest.raises(TrainError, match=r"no manifest.json"):
+        open_data(dataclasses.replace(GOOD, data=str(tmp_path / "nothing")))
+
+
+def test_default_run_name_names_student_mode_data_and_length():
+    cfg = dataclasses.replace(GOOD, data="s3://bucket/reinforced/", model="MobileCLIP2-S0", mode="clip")
+    assert default_run_name(cfg) == "MobileCLIP2-S0-clip-reinforced-1024"
