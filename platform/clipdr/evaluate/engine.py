@@ -1,0 +1,421 @@
+"""Evaluate a CLIP model on the configured datasets: `evaluate_model` (what training calls) and `evaluate`.
+
+Cheap to call repeatedly (training evaluates every ``eval_every`` samples): decoded, preprocessed images are
+cached in the process per (dataset, preprocessing), as uint8 pixels when the model's preprocessing ends in
+ToTensor + Normalize (4x smaller than floats; normalised on the device per batch), and identical images are
+stored and embedded once (the synthetic world's zero-shot tasks share their images). Prompts are tokenised
+once per (task, tokenizer). Text classifiers and all embeddings are recomputed on every call, since the
+weights change between calls.
+
+Shape suffixes: N images, C classes, T templates, M texts, D embedding dim, B batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from clipdr import models
+from clipdr.config import EvaluateConfig
+from clipdr.data import sources
+from clipdr.evaluate import datasets, metrics
+from clipdr.evaluate.datasets import RetrievalSet, ZeroShotTask
+
+ZEROSHOT = "zeroshot"
+RETRIEVAL = "retrieval"
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """A model's inference preprocessing, split into a cacheable part and a per-batch part.
+
+    Attributes:
+        key: Identifies the preprocessing (the model's ``preprocess_cfg`` as sorted items).
+        to_pixels: PIL image -> cached ``(3, H, W)`` tensor: uint8 when ``mean``/``std`` are set, else the
+            final float tensor (a transform that does not end in ToTensor + Normalize is cached whole).
+        mean: Per-channel mean applied per batch, or None.
+        std: Per-channel std applied per batch, or None.
+    """
+
+    key: tuple
+    to_pixels: Callable[[Image.Image], Tensor]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+    def batch(self, pixels: Sequence[Tensor], device: torch.device) -> Tensor:
+        """Stacks cached pixels into a model input batch on ``device``, normalised like the full transform."""
+        batch_BCHW = torch.stack(list(pixels)).to(device, non_blocking=True)
+        if self.mean is None or self.std is None:
+            return batch_BCHW
+        # The same float ops as ToTensor + Normalize, so results match the model's own transform.
+        mean = torch.tensor(self.mean, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, -1, 1, 1)
+        return batch_BCHW.float().div(255).sub(mean).div(std)
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return tuple(_hashable(v) for v in value)
+    return value
+
+
+def preprocess_of(model: nn.Module) -> Preprocess:
+    """The evaluation preprocessing of ``model``, from its own ``visual.preprocess_cfg`` (what open_clip attaches).
+
+    Raises:
+        ValueError: The model carries no ``visual.preprocess_cfg`` (build it with `clipdr.models.create_model`).
+    """
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    cfg = getattr(getattr(model, "visual", None), "preprocess_cfg", None)
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"{type(model).__name__} has no visual.preprocess_cfg: build it with clipdr.models.create_model or "
+            "open_clip, which attach the preprocessing of the model's config"
+        )
+    known = {f.name for f in dataclasses.fields(PreprocessCfg)}
+    pp_cfg = PreprocessCfg(**{k: _hashable(v) for k, v in cfg.items() if k in known})
+    transform = image_transform_v2(pp_cfg, is_train=False)
+    key = tuple(sorted(dataclasses.asdict(pp_cfg).items()))
+    steps = list(getattr(transform, "transforms", [transform]))
+    names = [type(step).__name__ for step in steps]
+    split = next((i for i, n in enumerate(names) if n in ("ToTensor", "MaybeToTensor")), None)
+    if split is not None and names[split + 1 :] == ["Normalize"]:
+        head, normalize = steps[:split], steps[split + 1]
+
+        def to_pixels(image: Image.Image) -> Tensor:
+            for step in head:
+                image = step(image)
+            array_HWC = np.asarray(image.convert("RGB"), dtype=np.uint8)
+            return torch.from_numpy(array_HWC.copy()).permute(2, 0, 1).contiguous()
+
+        return Preprocess(key, to_pixels, tuple(normalize.mean), tuple(normalize.std))
+    return Preprocess(key, transform, None, None)
+
+
+# --------------------------------------------------------------------------- the in-process cache
+
+
+@dataclass
+class _Bank:
+    """Preprocessed images of one preprocessing, each stored once, found by the digest of its encoded bytes."""
+
+    pixels: list[Tensor] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """A dataset read for one preprocessing: per sample the bank row of its image, and its label or captions."""
+
+    kind: str
+    name: str
+    uri: str
+    rows: tuple[int, ...]
+    labels: tuple[int, ...] = ()
+    captions: tuple[tuple[str, ...], ...] = ()
+    skipped: dict[str, int] = field(default_factory=dict)
+    task: ZeroShotTask | None = None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
+
+
+_BANKS: dict[tuple, _Bank] = {}
+_LOADED: dict[tuple, LoadedDataset] = {}
+_TOKENS: dict[tuple, Tensor] = {}
+
+
+def clear_cache() -> None:
+    """Drops every cached image, dataset listing and tokenised prompt of this process."""
+    _BANKS.clear()
+    _LOADED.clear()
+    _TOKENS.clear()
+    _discover_zeroshot.cache_clear()
+    _discover_retrieval.cache_clear()
+    _tokenizer.cache_clear()
+
+
+@functools.cache
+def _discover_zeroshot(uri: str) -> tuple[ZeroShotTask, ...]:
+    return tuple(datasets.find_zeroshot_tasks(uri))
+
+
+@functools.cache
+def _discover_retrieval(uri: str) -> RetrievalSet:
+    return datasets.find_retrieval_set(uri)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(model_name: str) -> Callable[..., Tensor]:
+    return models.get_tokenizer(model_name)
+
+
+def _tokens(dataset: LoadedDataset, model_name: str) -> Tensor:
+    """Tokens of a dataset's texts (zero-shot: every class x template prompt, class-major; retrieval: every
+    caption, image-major), tokenised once per process."""
+    key = (dataset.kind, dataset.uri, dataset.name, dataset.num_samples, model_name)
+    if key not in _TOKENS:
+        if dataset.task is not None:
+            texts = dataset.task.prompts()
+        else:
+            texts = [caption for captions in dataset.captions for caption in captions]
+        _TOKENS[key] = _tokenizer(model_name)(texts)
+    return _TOKENS[key]
+
+
+def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: Preprocess, skipped: collections.Counter) -> int | None:
+    digest = hashlib.blake2b(image_bytes, digest_size=16).hexdigest()
+    row = bank.rows.get(digest)
+    if row is None:
+        try:
+            image = sources.decode_rgb(image_bytes)
+        except sources.InvalidSampleError as e:
+            skipped[str(e.reason)] += 1
+            return None
+        bank.pixels.append(preprocess.to_pixels(image))
+        row = bank.rows[digest] = len(bank.pixels) - 1
+    return row
+
+
+def _load(kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, preprocess: Preprocess) -> LoadedDataset:
+    key = (kind, dataset.uri, dataset.name, max_samples, preprocess.key)
+    if key in _LOADED:
+        return _LOADED[key]
+    bank = _BANKS.setdefault(preprocess.key, _Bank())
+    skipped: collections.Counter = collections.Counter()
+    rows, labels, captions = [], [], []
+    if isinstance(dataset, ZeroShotTask):
+        samples: Iterator[datasets.EvalSample] = datasets.iter_zeroshot_samples(dataset, skipped, max_samples)
+    else:
+        samples = datasets.iter_retrieval_samples(dataset, skipped, max_samples)
+    for sample in samples:
+        row = _bank_row(bank, sample.image_bytes, preprocess, skipped)
+        if row is None:
+            continue
+        rows.append(row)
+        labels.append(sample.label)
+        captions.append(sample.captions)
+    if not rows:
+        raise ValueError(f"{kind} dataset {dataset.name!r} ({dataset.uri}) has no readable samples: {dict(skipped)}")
+    loaded = LoadedDataset(
+        kind=kind,
+        name=dataset.name,
+        uri=dataset.uri,
+        rows=tuple(rows),
+        labels=tuple(labels) if kind == ZEROSHOT else (),
+        captions=tuple(captions) if kind == RETRIEVAL else (),
+        skipped={str(k): v for k, v in skipped.items()},
+        task=dataset if isinstance(dataset, ZeroShotTask) else None,
+    )
+    _LOADED[key] = loaded
+    return loaded
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    """Metrics of one evaluation, and what each dataset contributed (for the logged JSON and the console)."""
+
+    metrics: dict[str, float]
+    datasets: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "datasets": self.datasets}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else as torch spells it."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"evaluate.device must be auto, cpu or cuda[:index], got {device!r}")
+    return torch.device(device)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    inner = getattr(model, "clip", None)  # clipdr.models.ClipEmbedder, the logged form
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def _encode(encode: Callable[[Tensor], Tensor], batches: Iterator[Tensor], device: torch.device) -> Tensor:
+    chunks = []
+    for batch in batches:
+        with _autocast(device):
+            chunks.append(encode(batch.to(device)).float())
+    return torch.cat(chunks)
+
+
+def _datasets(cfg: EvaluateConfig) -> list[tuple[str, ZeroShotTask | RetrievalSet]]:
+    found: list[tuple[str, ZeroShotTask | RetrievalSet]] = []
+    for uri in cfg.zeroshot:
+        found += [(ZEROSHOT, task) for task in _discover_zeroshot(uri)]
+    for uri in cfg.retrieval:
+        found.append((RETRIEVAL, _discover_retrieval(uri)))
+    if not found:
+        raise ValueError("nothing to evaluate: evaluate.zeroshot and evaluate.retrieval are both empty")
+    seen: dict[tuple[str, str], str] = {}
+    for kind, dataset in found:
+        if (kind, dataset.name) in seen:
+            raise ValueError(
+                f"two {kind} datasets are named {dataset.name!r} ({seen[kind, dataset.name]} and {dataset.uri}): "
+                "their metrics would collide; rename a folder"
+            )
+        seen[kind, dataset.name] = dataset.uri
+    if cfg.tasks:
+        names = [dataset.name for _, dataset in found]
+        unknown = [t for t in cfg.tasks if t not in names]
+        if unknown:
+            raise ValueError(f"evaluate.tasks names unknown datasets {unknown}; available: {', '.join(names)}")
+        found = [(kind, dataset) for kind, dataset in found if dataset.name in cfg.tasks]
+    return found
+
+
+def _check_config(cfg: EvaluateConfig) -> None:
+    if cfg.batch_size < 1:
+        raise ValueError(f"evaluate.batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.max_samples < 0:
+        raise ValueError(f"evaluate.max_samples must be >= 0 (0: all), got {cfg.max_samples}")
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str | torch.device = "cpu") -> EvalReport:
+    """Zero-shot classification and retrieval of ``model`` on the datasets of ``cfg``; see `evaluate_model`.
+
+    Returns:
+        The metrics and, per dataset, its kind, folder, sample count and skipped samples.
+    """
+    _check_config(cfg)
+    device = resolve_device(device)
+    clip = _unwrap(model)
+    preprocess = preprocess_of(clip)
+    loaded = [_load(kind, dataset, cfg.max_samples, preprocess) for kind, dataset in _datasets(cfg)]
+    bank = _BANKS[preprocess.key]
+
+    was_training = clip.training
+    clip.eval()
+    try:
+        # Every distinct image once, for all datasets together.
+        rows = sorted({row for dataset in loaded for row in dataset.rows})
+        position = {row: i for i, row in enumerate(rows)}
+        image_batches = (
+            preprocess.batch([bank.pixels[r] for r in rows[i : i + cfg.batch_size]], device)
+            for i in range(0, len(rows), cfg.batch_size)
+        )
+        image_emb_ND = _encode(clip.encode_image, image_batches, device)
+
+        results: dict[str, float] = {}
+        described = []
+        for dataset in loaded:
+            index_N = torch.tensor([position[r] for r in dataset.rows], device=device)
+            dataset_emb_ND = image_emb_ND[index_N]
+            if dataset.kind == ZEROSHOT:
+                assert dataset.task is not None
+                part = _zeroshot(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
+                extra = {"num_classes": len(dataset.task.classnames), "num_templates": len(dataset.task.templates)}
+            else:
+                part = _retrieval(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
+                extra = {"num_captions": sum(len(c) for c in dataset.captions)}
+            results.update({metrics.metric_name(dataset.kind, dataset.name, k): v for k, v in part.items()})
+            described.append(
+                {"kind": dataset.kind, "name": dataset.name, "uri": dataset.uri, "num_samples": dataset.num_samples}
+                | extra
+                | {"skipped": dataset.skipped}
+            )
+    finally:
+        clip.train(was_training)
+
+    top1 = [results[metrics.metric_name(ZEROSHOT, d.name, "top1")] for d in loaded if d.kind == ZEROSHOT]
+    if top1:
+        results[metrics.metric_name(ZEROSHOT, "mean_top1")] = sum(top1) / len(top1)
+    recall = [results[metrics.metric_name(RETRIEVAL, d.name, "mean_recall")] for d in loaded if d.kind == RETRIEVAL]
+    if recall:
+        results[metrics.metric_name(RETRIEVAL, "mean_recall")] = sum(recall) / len(recall)
+    return EvalReport(results, described)
+
+
+def _encode_tokens(clip: nn.Module, tokens_ML: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    batches = (tokens_ML[i : i + batch_size] for i in range(0, len(tokens_ML), batch_size))
+    return _encode(clip.encode_text, batches, device)
+
+
+def _zeroshot(
+    clip: nn.Module,
+    model_name: str,
+    dataset: LoadedDataset,
+    image_emb_ND: Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    task = dataset.task
+    assert task is not None
+    tokens_ML = _tokens(dataset, model_name)
+    text_emb_MD = _encode_tokens(clip, tokens_ML, batch_size, device)
+    num_classes, num_templates = len(task.classnames), len(task.templates)
+    classifier_CD = metrics.classifier_weights(text_emb_MD.view(num_classes, num_templates, -1))
+    logits_NC = torch.nn.functional.normalize(image_emb_ND, dim=-1) @ classifier_CD.T
+    return metrics.zeroshot_metrics(logits_NC, torch.tensor(dataset.labels, device=device))
+
+
+def _retrieval(
+    clip: nn.Module,
+    model_name: str,
+    dataset: LoadedDataset,
+    image_emb_ND: Tensor,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    text_image_M = torch.tensor([i for i, captions in enumerate(dataset.captions) for _ in captions], device=device)
+    tokens_ML = _tokens(dataset, model_name)
+    text_emb_MD = _encode_tokens(clip, tokens_ML, batch_size, device)
+    return metrics.retrieval_metrics(image_emb_ND, text_emb_MD, text_image_M)
+
+
+def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: Any) -> dict[str, float]:
+    """Zero-shot classification and image-text retrieval metrics of ``model`` on the datasets of ``cfg``.
+
+    What training calls on rank 0 for periodic evaluation. The model must already be on ``device``; it is put
+    in eval mode for the call and restored to its previous mode. On cuda the forward passes run under bf16
+    autocast; embeddings and metrics are float32.
+
+    Args:
+        model: An open_clip model (or one wrapped in DDP, or a `clipdr.models.ClipEmbedder`), with the
+            ``visual.preprocess_cfg`` open_clip attaches: images are preprocessed with it.
+        model_name: Its open_clip / clipdr name (for the tokenizer).
+        cfg: Datasets (``zeroshot``, ``retrieval``), ``tasks``, ``batch_size``, ``max_samples``.
+        device: Where the forward passes run.
+
+    Returns:
+        Flat, MLflow-safe metric names (fractions in [0, 1]): ``zeroshot/<task>/top1``, ``.../top5``,
+        ``.../mean_per_class_recall``, ``zeroshot/mean_top1`` (over the tasks evaluated),
+        ``retrieval/<name>/image_to_text_R{1,5,10}``, ``retrieval/<name>/text_to_image_R{1,5,10}``,
+        ``retrieval/<name>/mean_recall`` (of those six) and ``retrieval/mean_recall`` (over the datasets).
+    """
+    return evaluate(model, model_name, cfg, device).metrics

@@ -1,0 +1,139 @@
+"""Zero-shot classification and image-text retrieval metrics, from embeddings: pure tensor functions.
+
+Shape suffixes: N images, C classes, T prompt templates, M texts (captions), D embedding dim.
+Every metric is a fraction in [0, 1] (clip_benchmark's convention), returned as a plain float.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10)
+_UNSAFE = re.compile(r"[^\w.\-]+")  # MLflow metric names allow \w . - space : / ; "/" separates our levels
+
+
+def metric_name(*parts: str) -> str:
+    """A flat MLflow metric name ``a/b/c``; characters MLflow refuses (and ``/`` inside a part) become ``_``."""
+    cleaned = [_UNSAFE.sub("_", part).strip("_") for part in parts]
+    if not all(cleaned):
+        raise ValueError(f"metric name parts must not be empty, got {parts!r}")
+    return "/".join(cleaned)
+
+
+def classifier_weights(text_emb_CTD: Tensor) -> Tensor:
+    """Zero-shot classifier: per class, the mean of its L2-normalised template embeddings, normalised again.
+
+    Args:
+        text_emb_CTD: Text embeddings of every (class, template) prompt, unnormalised.
+
+    Returns:
+        ``(C, D)`` float32 unit vectors.
+    """
+    if text_emb_CTD.ndim != 3:
+        raise ValueError(f"expected (classes, templates, dim) text embeddings, got shape {tuple(text_emb_CTD.shape)}")
+    emb_CTD = F.normalize(text_emb_CTD.float(), dim=-1)
+    return F.normalize(emb_CTD.mean(dim=1), dim=-1)
+
+
+def zeroshot_metrics(logits_NC: Tensor, labels_N: Tensor) -> dict[str, float]:
+    """Top-1, top-5 accuracy and mean per-class recall of classification scores.
+
+    Args:
+        logits_NC: Scores of every image for every class (any monotone scale: cosine similarities will do).
+        labels_N: True class indices.
+
+    Returns:
+        ``top1``, ``top5`` (top-C when there are fewer than 5 classes) and ``mean_per_class_recall``: the top-1
+        recall of each class that has images, averaged over those classes (balanced accuracy).
+    """
+    num_images, num_classes = logits_NC.shape
+    if labels_N.shape != (num_images,):
+        raise ValueError(f"{num_images} images but labels of shape {tuple(labels_N.shape)}")
+    if num_images == 0:
+        raise ValueError("zero-shot metrics of no images")
+    labels_N = labels_N.to(logits_NC.device).long()
+    if int(labels_N.min()) < 0 or int(labels_N.max()) >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels_N.min())}, {int(labels_N.max())}]")
+    top_NK = logits_NC.topk(min(5, num_classes), dim=1).indices
+    hit_NK = top_NK == labels_N[:, None]
+    correct1_N = hit_NK[:, 0].float()
+    per_class_hits_C = torch.zeros(num_classes, device=logits_NC.device).index_add_(0, labels_N, correct1_N)
+    per_class_count_C = torch.bincount(labels_N, minlength=num_classes).float()
+    present_C = per_class_count_C > 0
+    return {
+        "top1": correct1_N.mean().item(),
+        "top5": hit_NK.any(dim=1).float().mean().item(),
+        "mean_per_class_recall": (per_class_hits_C[present_C] / per_class_count_C[present_C]).mean().item(),
+    }
+
+
+def retrieval_metrics(
+    image_emb_ND: Tensor,
+    text_emb_MD: Tensor,
+    text_image_M: Tensor,
+    ks: tuple[int, ...] = RECALL_KS,
+    chunk: int = 1024,
+) -> dict[str, float]:
+    """Recall@k in both directions, for a caption set with any number of captions per image.
+
+    Image-to-text: an image counts as found at k when any of its captions is among its k most similar texts.
+    Text-to-image: a caption counts as found at k when its image is among its k most similar images. k larger
+    than the candidate count is clamped to it (recall 1 there). Similarities are computed in row chunks so
+    that memory stays bounded for COCO-sized sets (5k images x 25k captions).
+
+    Args:
+        image_emb_ND: Image embeddings (normalised or not: they are normalised here).
+        text_emb_MD: Caption embeddings.
+        text_image_M: For each caption, the index of its image.
+        ks: The k of recall@k.
+        chunk: Rows of the similarity matrix computed at once.
+
+    Returns:
+        ``image_to_text_R{k}`` and ``text_to_image_R{k}`` for every k, and ``mean_recall``: their mean.
+    """
+    num_images, num_texts = image_emb_ND.shape[0], text_emb_MD.shape[0]
+    if num_images == 0 or num_texts == 0:
+        raise ValueError(f"retrieval metrics need images and texts, got {num_images} images and {num_texts} texts")
+    if text_image_M.shape != (num_texts,):
+        raise ValueError(f"{num_texts} texts but text_image of shape {tuple(text_image_M.shape)}")
+    device = image_emb_ND.device
+    text_image_M = text_image_M.to(device).long()
+    if int(text_image_M.min()) < 0 or int(text_image_M.max()) >= num_images:
+        raise ValueError(f"text_image must index the {num_images} images")
+    image_emb_ND = F.normalize(image_emb_ND.float(), dim=-1)
+    text_emb_MD = F.normalize(text_emb_MD.to(device).float(), dim=-1)
+    max_k_texts, max_k_images = min(max(ks), num_texts), min(max(ks), num_images)
+
+    # Rank at which each image first finds one of its captions (0-based), and each caption its image.
+    first_hit_N = torch.empty(num_images, dtype=torch.long, device=device)
+    for start in range(0, num_images, chunk):
+        sim_nM = image_emb_ND[start : start + chunk] @ text_emb_MD.T
+        top_nK = sim_nM.topk(max_k_texts, dim=1).indices
+        image_n = torch.arange(start, start + sim_nM.shape[0], device=device)
+        hit_nK = text_image_M[top_nK] == image_n[:, None]
+        first_hit_N[start : start + sim_nM.shape[0]] = _first_true(hit_nK)
+    first_hit_M = torch.empty(num_texts, dtype=torch.long, device=device)
+    for start in range(0, num_texts, chunk):
+        sim_mN = text_emb_MD[start : start + chunk] @ image_emb_ND.T
+        top_mK = sim_mN.topk(max_k_images, dim=1).indices
+        hit_mK = top_mK == text_image_M[start : start + sim_mN.shape[0], None]
+        first_hit_M[start : start + sim_mN.shape[0]] = _first_true(hit_mK)
+
+    metrics = {}
+    for k in ks:
+        metrics[f"image_to_text_R{k}"] = (first_hit_N < k).float().mean().item()
+    for k in ks:
+        metrics[f"text_to_image_R{k}"] = (first_hit_M < k).float().mean().item()
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
+def _first_true(hit_nK: Tensor) -> Tensor:
+    """Index of the first True of each row; K (past the end) for rows without one."""
+    num_k = hit_nK.shape[1]
+    position_nK = torch.arange(num_k, device=hit_nK.device).expand_as(hit_nK)
+    return torch.where(hit_nK, position_nK, num_k).min(dim=1).values

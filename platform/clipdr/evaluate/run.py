@@ -1,0 +1,91 @@
+"""The evaluation job: load the model `evaluate.model` names, evaluate it, log the metrics to MLflow.
+
+Where metrics go: ``evaluate.run_id`` when set; else the model's training run (an MLflow model's source run, or
+a checkpoint's ``mlflow_run_id``), so the MLflow UI compares runs on them; else a new run in
+``evaluate.experiment`` tagged with what it evaluated. Metrics are logged at the step training uses (samples
+seen) when the model records it, so a final evaluation lands at the end of the training curves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from clipdr import tracking
+from clipdr.config import Config, flatten
+from clipdr.evaluate import engine, loading
+
+EVALUATION_TAG = "clipdr.evaluation_of"  # on new evaluation runs: the model they evaluated
+SOURCE_RUN_TAG = "clipdr.source_run_id"  # ... and the run that trained it, when known
+
+
+class EvaluateError(ValueError):
+    """A config or model that cannot be evaluated; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """What `run` did: the metrics, the MLflow run and step they were logged at, and the model evaluated."""
+
+    metrics: dict[str, float]
+    run_id: str
+    step: int
+    model_name: str
+    report: engine.EvalReport
+
+
+def _target_run(cfg: Config, loaded: loading.LoadedModel, log: Callable[[str], None]) -> tuple[tracking.Tracker, bool]:
+    """The tracker to log to and whether it is a new run (to be finished here)."""
+    ec, uri = cfg.evaluate, cfg.tracking.uri
+    run_id = ec.run_id or loaded.run_id
+    if run_id:
+        try:
+            return tracking.open_run(run_id, uri=uri), False
+        except tracking.RegistryError:
+            if ec.run_id:
+                raise EvaluateError(
+                    f"evaluate.run_id {ec.run_id!r} is not a run of {tracking.tracking_uri(uri)}"
+                ) from None
+            log(f"evaluate: the model's training run {run_id} is not in {tracking.tracking_uri(uri)}; new run")
+    tags = {EVALUATION_TAG: ec.model, "clipdr.job": "evaluate", "clipdr.student": loaded.name}
+    if loaded.run_id:
+        tags[SOURCE_RUN_TAG] = loaded.run_id
+    tracker = tracking.Tracker.start(ec.experiment, f"eval-{loaded.name}", uri=uri, tags=tags)
+    tracker.log_params(flatten(ec, "evaluate."))
+    return tracker, True
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
+    """Evaluates ``cfg.evaluate.model`` on the ``[evaluate]`` datasets and logs the metrics (see the module doc)."""
+    ec = cfg.evaluate
+    if not ec.model:
+        raise EvaluateError("set evaluate.model: runs:/<id>/model, models:/<name>@<alias>, a checkpoint or a name")
+    try:
+        device = engine.resolve_device(ec.device)
+        loaded = loading.load(ec.model, ec.pretrained, device, tracking_uri=cfg.tracking.uri)
+        log(f"evaluate: {loaded.name} from {loaded.source} on {device}")
+        report = engine.evaluate(loaded.model, loaded.name, ec, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise EvaluateError(str(e)) from None
+
+    tracker, new_run = _target_run(cfg, loaded, log)
+    if ec.step >= 0:
+        step = ec.step
+    elif loaded.samples_seen is not None:
+        step = loaded.samples_seen
+    else:
+        step = (tracking.last_step(tracker.run_id, uri=cfg.tracking.uri) or 0) if not new_run else 0
+    tracker.log_metrics(report.metrics, step=step)
+    tracker.log_dict({**report.to_dict(), "model": ec.model, "step": step}, f"evaluation/step-{step:012d}.json")
+    if new_run:
+        tracker.finish()
+
+    width = max(len(k) for k in report.metrics)
+    for key, value in sorted(report.metrics.items()):
+        log(f"  {key:<{width}}  {value:.4f}")
+    for dataset in report.datasets:
+        if dataset["skipped"]:
+            log(f"evaluate: {dataset['kind']} {dataset['name']}: skipped {dataset['skipped']}")
+    where = "new evaluation run" if new_run else "run"
+    log(f"evaluate: {len(report.metrics)} metrics -> MLflow {where} {tracker.run_id} at step {step}")
+    return EvaluationResult(report.metrics, tracker.run_id, step, loaded.name, report)

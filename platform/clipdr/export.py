@@ -1,0 +1,524 @@
+"""Export a trained model for use outside clipdr: open_clip weights, the fused model, ONNX encoders, a model card.
+
+An export folder holds::
+
+    open_clip_model.safetensors   the trained (unfused) weights: open_clip.create_model_and_transforms(name,
+                                  pretrained=<this file>) loads them (after ``import clipdr.models`` for the
+                                  clipdr-only configs: the tiny ones and MobileCLIP-S0)
+    open_clip_config.json         open_clip's model_cfg + preprocess_cfg: create_model_and_transforms(
+                                  "local-dir:<folder>") loads config, weights *and* preprocessing in one call
+    fused_model.safetensors       the re-parameterised weights (every MobileOne / RepMixer branch fused):
+                                  clipdr.export.load_fused(name, <this file>)
+    image_encoder.onnx            fused image tower: image (B, 3, H, W) float32, preprocessed -> image_embedding
+    text_encoder.onnx             fused text tower: text (B, L) int64 tokens -> text_embedding (both L2-normalised)
+    export.json                   what was exported, from where, checksums, parity measurements
+    MODEL_CARD.md                 architecture, parameters, training data and teachers, metrics, usage
+
+Why two weight files: open_clip builds a model from its JSON config, and the configs describe the train-time
+architecture (timm's FastViT / MCi with MobileOne branches, MCt's RepMixers); open_clip 3.3 forwards no timm
+kwargs (such as ``inference_mode``) that would build fused modules instead. A fused state dict therefore has
+keys no open_clip config produces. So the open_clip file keeps the trained, unfused weights (which also stay
+fine-tunable: fusing folds BatchNorm statistics in and cannot be undone), and the fused form, for inference,
+is a separate file and the ONNX graphs. Fusing changes outputs only by float rounding: the export checks that
+fused and ONNX embeddings match the trained model's within ``export.tolerance`` and records the differences.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import clipdr
+from clipdr import models, storage
+from clipdr.config import Config, ExportConfig
+from clipdr.evaluate.loading import LoadedModel
+
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+FUSED_WEIGHTS = "fused_model.safetensors"
+IMAGE_ONNX = "image_encoder.onnx"
+TEXT_ONNX = "text_encoder.onnx"
+MANIFEST = "export.json"
+MODEL_CARD = "MODEL_CARD.md"
+_ALL_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG, FUSED_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, MANIFEST, MODEL_CARD)
+EXPORTERS = ("dynamo", "torchscript")
+_EXAMPLE_CAPTIONS = ("a photo of a red circle.", "two small blue squares on a striped background.", "a dog")
+_ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with room: larger graphs keep weights beside
+
+
+class ExportError(ValueError):
+    """A model or setting that cannot be exported, or an export that fails its parity checks."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Where the export went and its manifest (the content of ``export.json``)."""
+
+    output: str
+    manifest: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- encoders and parity
+
+
+class ImageEncoder(nn.Module):
+    """``image_BCHW -> image_emb_BD``, L2-normalised: the image tower as exported."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, image_BCHW: Tensor) -> Tensor:
+        return F.normalize(self.clip.encode_image(image_BCHW), dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """``tokens_BL -> text_emb_BD``, L2-normalised: the text tower as exported."""
+
+    def __init__(self, clip: nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, tokens_BL: Tensor) -> Tensor:
+        return F.normalize(self.clip.encode_text(tokens_BL), dim=-1)
+
+
+def example_inputs(model: nn.Module, name: str, batch_size: int = 2, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """A reproducible batch of preprocessed-looking images (uniform pixels, the model's normalisation) and tokens."""
+    pp = model.visual.preprocess_cfg
+    size = pp["size"]
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    pixels_BCHW = torch.rand(batch_size, 3, height, width, generator=generator)
+    mean = torch.tensor(pp["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(pp["std"]).view(1, 3, 1, 1)
+    captions = [_EXAMPLE_CAPTIONS[i % len(_EXAMPLE_CAPTIONS)] for i in range(batch_size)]
+    return (pixels_BCHW - mean) / std, models.get_tokenizer(name)(captions)
+
+
+@torch.inference_mode()
+def embeddings(model: nn.Module, image_BCHW: Tensor, tokens_BL: Tensor) -> tuple[Tensor, Tensor]:
+    """L2-normalised (image, text) embeddings of ``model`` (eval mode), float32 on CPU."""
+    return ImageEncoder(model)(image_BCHW).float(), TextEncoder(model)(tokens_BL).float()
+
+
+def max_abs_diff(a: Tensor, b: Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def fuse(model: nn.Module, name: str, tolerance: float) -> tuple[nn.Module, dict[str, float]]:
+    """A re-parameterised copy of ``model`` and the largest embedding differences to it (image, text).
+
+    Raises:
+        ExportError: A difference exceeds ``tolerance``.
+    """
+    reference = model.eval()
+    fused = models.reparameterize(reference)
+    image_BCHW, tokens_BL = example_inputs(reference, name, batch_size=4)
+    ref_image, ref_text = embeddings(reference, image_BCHW, tokens_BL)
+    image, text = embeddings(fused, image_BCHW, tokens_BL)
+    parity = {"image": max_abs_diff(image, ref_image), "text": max_abs_diff(text, ref_text)}
+    _check(parity, tolerance, "fused model vs trained model")
+    return fused, parity
+
+
+def _check(parity: Mapping[str, float], tolerance: float, what: str) -> None:
+    bad = {k: v for k, v in parity.items() if not v <= tolerance}  # "not <=" also catches NaN
+    if bad:
+        raise ExportError(f"{what}: embeddings differ by {bad} (max abs), more than export.tolerance {tolerance:g}")
+
+
+def load_fused(name: str, path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """The fused model of an export: ``name``'s architecture, re-parameterised, with ``fused_model.safetensors``.
+
+    Fusing a freshly built model gives the fused module structure; the file then fills it (strict).
+    """
+    from safetensors.torch import load_file
+
+    model = models.reparameterize(models.create_model(name), inplace=True)
+    model.load_state_dict(load_file(str(path), device="cpu"))
+    return model.to(device).eval()
+
+
+def _state_dict(model: nn.Module) -> dict[str, Tensor]:
+    # Cloned and contiguous: safetensors refuses tensors that share storage or are strided views.
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- ONNX
+
+
+def export_onnx(
+    module: nn.Module, example: Tensor, path: Path, input_name: str, output_name: str, exporter: str
+) -> None:
+    """Exports one encoder with a dynamic batch dimension (the rest of the input shape is fixed)."""
+    module = module.eval()
+    num_params = sum(p.numel() * p.element_size() for p in module.parameters())
+    if exporter == "dynamo":
+        # torch.export based (the default exporter since torch 2.9); it prints progress unless verbose=False.
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            dynamo=True,
+            external_data=num_params > _ONNX_SINGLE_FILE_LIMIT,
+            verbose=False,
+        )
+    elif exporter == "torchscript":
+        with warnings.catch_warnings():
+            # The legacy exporter announces its deprecation and traces Python conditionals: known, not news.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", "Exporting aten::index operator", UserWarning)
+            torch.onnx.export(
+                module,
+                (example,),
+                str(path),
+                input_names=[input_name],
+                output_names=[output_name],
+                dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+                dynamo=False,
+            )
+    else:
+        raise ExportError(f"export.onnx_exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
+
+
+def run_onnx(path: Path, inputs: Tensor) -> Tensor:
+    """Runs an exported encoder with onnxruntime on CPU."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+    return torch.from_numpy(output)
+
+
+def export_encoders(
+    fused: nn.Module, reference: nn.Module, name: str, folder: Path, exporter: str, tolerance: float
+) -> dict[str, float]:
+    """Writes the ONNX image and text encoders of ``fused``; checks them against ``reference`` with onnxruntime.
+
+    The check uses a batch size other than the export's (3 vs 2), so the batch dimension is known to be free.
+
+    Returns:
+        Max abs embedding differences: ONNX vs the fused torch model, and vs the trained model (image, text).
+    """
+    image_BCHW, tokens_BL = example_inputs(fused, name, batch_size=2)
+    export_onnx(ImageEncoder(fused), image_BCHW, folder / IMAGE_ONNX, "image", "image_embedding", exporter)
+    export_onnx(TextEncoder(fused), tokens_BL, folder / TEXT_ONNX, "text", "text_embedding", exporter)
+    image_BCHW, tokens_BL = example_inputs(fused, name, batch_size=3, seed=1)
+    fused_image, fused_text = embeddings(fused, image_BCHW, tokens_BL)
+    ref_image, ref_text = embeddings(reference, image_BCHW, tokens_BL)
+    onnx_image, onnx_text = run_onnx(folder / IMAGE_ONNX, image_BCHW), run_onnx(folder / TEXT_ONNX, tokens_BL)
+    parity = {
+        "image_vs_fused": max_abs_diff(onnx_image, fused_image),
+        "text_vs_fused": max_abs_diff(onnx_text, fused_text),
+        "image_vs_trained": max_abs_diff(onnx_image, ref_image),
+        "text_vs_trained": max_abs_diff(onnx_text, ref_text),
+    }
+    _check(parity, tolerance, "ONNX (onnxruntime) vs torch")
+    return parity
+
+
+# --------------------------------------------------------------------------- open_clip files
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def open_clip_config(model: nn.Module, name: str) -> dict[str, Any]:
+    """open_clip's ``open_clip_config.json`` (what hf-hub / local-dir models carry): model and preprocess config."""
+    try:
+        model_cfg = models.model_config(name)
+    except ValueError as e:
+        raise ExportError(f"cannot export {name!r}: {e}") from None
+    preprocess = {k: _plain(v) for k, v in model.visual.preprocess_cfg.items()}
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess, "clipdr": {"model": name}}
+
+
+def _tower_params(model: nn.Module) -> tuple[int, int]:
+    image = sum(p.numel() for p in model.visual.parameters())
+    text = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual.") and "logit_" not in n)
+    return image, text
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
+    """The markdown model card of an export (``run``: the training run's `tracking.RunSummary`, when known)."""
+    name = manifest["model"]
+    arch = manifest["architecture"]
+    params = manifest["parameters"]
+    pp = manifest["preprocess"]
+    lines = [
+        f"# {name}",
+        "",
+        f"Exported by clipdr {manifest['clipdr_version']} on {manifest['exported_at']} from `{manifest['source']}`.",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| model | `{name}` ({arch['family']}) |",
+        f"| image tower | {arch['image_tower']} |",
+        f"| text tower | {arch['text_tower']} |",
+        f"| embedding dim | {arch['embed_dim']} |",
+        f"| input | {pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean {pp['mean']}, "
+        f"std {pp['std']} |",
+        f"| text | {arch['context_length']} tokens, open_clip tokenizer of `{name}` |",
+        f"| parameters (M) | image {params['image_fused'] / 1e6:.2f} fused / {params['image'] / 1e6:.2f} "
+        f"train-time; text {params['text_fused'] / 1e6:.2f} fused / {params['text'] / 1e6:.2f} train-time |",
+        f"| logit scale | {manifest['logit_scale']:.2f} |",
+        "",
+        "## Training",
+        "",
+    ]
+    training = manifest.get("training") or {}
+    if training:
+        lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in training.items()]
+    else:
+        lines.append("Unknown: the model was not loaded from a clipdr training checkpoint or MLflow run.")
+    lines += ["", "## Evaluation", ""]
+    metrics = {
+        k: v for k, v in sorted((run.metrics if run else {}).items()) if k.startswith(("zeroshot/", "retrieval/"))
+    }
+    if metrics:
+        lines += ["Latest values on the training run (fractions in [0, 1]).", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+    else:
+        lines.append("Not evaluated yet: run `clipdr evaluate` on the model.")
+    lines += [
+        "",
+        "## Files",
+        "",
+        "| file | what | sha256 |",
+        "|---|---|---|",
+    ]
+    what = {
+        OPEN_CLIP_WEIGHTS: "trained (unfused) open_clip weights",
+        OPEN_CLIP_CONFIG: "open_clip model + preprocess config",
+        FUSED_WEIGHTS: "re-parameterised weights, for inference",
+        IMAGE_ONNX: "fused image encoder -> L2-normalised embedding",
+        TEXT_ONNX: "fused text encoder -> L2-normalised embedding",
+    }
+    lines += [f"| `{f}` | {what[f]} | `{info['sha256'][:16]}` |" for f, info in manifest["files"].items()]
+    parity = manifest["parity"]
+    lines += [
+        "",
+        "## Checks",
+        "",
+        f"Max abs embedding difference (tolerance {manifest['tolerance']:g}): fused vs trained "
+        f"{parity['fused']}; ONNX (onnxruntime) {parity.get('onnx', 'not exported')}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "import open_clip",
+        "import clipdr.models  # registers clipdr's configs; not needed for open_clip's own architectures",
+        "",
+        "# Config, weights and preprocessing in one call; or create_model_and_transforms(name, pretrained=...)",
+        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<this folder>")',
+        'tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")',
+        "fused = clipdr.models.reparameterize(model)  # or clipdr.export.load_fused(name, 'fused_model.safetensors')",
+        "```",
+        "",
+        "ONNX: `onnxruntime.InferenceSession('image_encoder.onnx').run(None, {'image': pixels})` with pixels "
+        "preprocessed as above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
+        "",
+        "The open_clip weights are the trained, unfused ones: open_clip's configs describe the train-time "
+        "architecture (MobileOne / RepMixer branches), so fused weights would not load into them. Fusing is "
+        "exact up to float rounding (see Checks).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _training_info(loaded: LoadedModel, run: Any | None) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    params = dict(run.params) if run else {}
+    tags = dict(run.tags) if run else {}
+    mode = loaded.meta.get("mode") or params.get("train.mode") or tags.get("clipdr.mode")
+    for key, value in (
+        ("mode", mode),
+        ("data", params.get("train.data")),
+        ("samples seen", loaded.samples_seen),
+        ("knowledge-distillation weight", params.get("train.kd_weight")),
+        ("synthetic captions", params.get("train.use_syn_captions")),
+        ("initialised from", params.get("train.pretrained") or None),
+        ("MLflow run", f"{run.run_name} ({run.run_id})" if run else loaded.run_id or None),
+    ):
+        if value not in (None, ""):
+            info[key] = value
+    teachers = []
+    for key, value in sorted(params.items()):
+        if key.startswith("teacher."):
+            try:
+                spec = json.loads(value)
+                teachers.append(
+                    f"{spec.get('name', key[8:])}: {spec.get('model')} ({spec.get('pretrained') or 'random'})"
+                )
+            except ValueError:
+                teachers.append(key[8:])
+    if teachers:
+        info["teachers"] = "; ".join(teachers)
+    return info
+
+
+# --------------------------------------------------------------------------- the export
+
+
+@contextlib.contextmanager
+def _local_folder(output: str) -> Iterator[Path]:
+    """A local folder to write into; for an ``s3://`` output, a temporary one uploaded when the block ends."""
+    if storage.is_s3(output):
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+            for path in sorted(Path(tmp).iterdir()):
+                storage.write_bytes(storage.join(output, path.name), path.read_bytes())
+        return
+    folder = Path(storage.resolve(output)[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in _ALL_FILES:  # a previous export's files must not pass for this one's
+        with contextlib.suppress(FileNotFoundError):
+            (folder / stale).unlink()
+    yield folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_model(
+    loaded: LoadedModel,
+    cfg: ExportConfig,
+    run: Any | None = None,
+    log: Callable[[str], None] = print,
+) -> ExportResult:
+    """Writes the export of ``loaded`` to ``cfg.output`` (see the module docstring).
+
+    Args:
+        loaded: The model (on CPU) and what is known about it.
+        cfg: Output folder, ONNX settings, tolerance.
+        run: The training run's `tracking.RunSummary`, for the model card's training data and metrics.
+        log: Progress lines.
+
+    Raises:
+        ExportError: Unknown exporter, a model open_clip has no config for, or a failed parity check.
+    """
+    from safetensors.torch import save_file
+
+    if cfg.onnx and cfg.onnx_exporter not in EXPORTERS:
+        raise ExportError(f"export.onnx_exporter must be one of {list(EXPORTERS)}, got {cfg.onnx_exporter!r}")
+    if not cfg.tolerance > 0:
+        raise ExportError(f"export.tolerance must be positive, got {cfg.tolerance}")
+    name, model = loaded.name, loaded.model.to("cpu").eval()
+    config = open_clip_config(model, name)
+    fused, fused_parity = fuse(model, name, cfg.tolerance)
+    log(f"export: fused {name}; max abs embedding difference {fused_parity}")
+    variant = models.get_variant(name) if name in models.list_variants() else None
+    (image, text), (image_fused, text_fused) = _tower_params(model), _tower_params(fused)
+    manifest: dict[str, Any] = {
+        "model": name,
+        "source": loaded.source,
+        "mlflow_run_id": loaded.run_id,
+        "clipdr_version": clipdr.__version__,
+        "exported_at": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "architecture": {
+            "family": variant.family if variant else "open_clip",
+            "image_tower": variant.image_tower if variant else json.dumps(config["model_cfg"].get("vision_cfg")),
+            "text_tower": variant.text_tower if variant else json.dumps(config["model_cfg"].get("text_cfg")),
+            "embed_dim": config["model_cfg"]["embed_dim"],
+            "context_length": int(getattr(model, "context_length", 77)),
+        },
+        "parameters": {"image": image, "text": text, "image_fused": image_fused, "text_fused": text_fused},
+        "preprocess": config["preprocess_cfg"],
+        "logit_scale": float(model.logit_scale.detach().exp()),
+        "training": _training_info(loaded, run),
+        "tolerance": cfg.tolerance,
+        "parity": {"fused": fused_parity},
+        "files": {},
+    }
+    with _local_folder(cfg.output) as folder:
+        save_file(_state_dict(model), str(folder / OPEN_CLIP_WEIGHTS), metadata={"clipdr_model": name})
+        (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        save_file(_state_dict(fused), str(folder / FUSED_WEIGHTS), metadata={"clipdr_model": name, "fused": "true"})
+        if cfg.onnx:
+            log(f"export: ONNX encoders ({cfg.onnx_exporter} exporter)")
+            manifest["parity"]["onnx"] = export_encoders(fused, model, name, folder, cfg.onnx_exporter, cfg.tolerance)
+            manifest["onnx"] = {
+                "exporter": cfg.onnx_exporter,
+                "image": {"input": "image", "output": "image_embedding"},
+                "text": {"input": "text", "output": "text_embedding"},
+            }
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in (MANIFEST, MODEL_CARD):
+                manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        (folder / MODEL_CARD).write_text(model_card(manifest, run))
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    log(f"export: {len(manifest['files']) + 2} files -> {cfg.output}")
+    return ExportResult(cfg.output, manifest)
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> ExportResult:
+    """``clipdr export``: loads ``export.model``, exports it, and logs the folder to its MLflow run if it has one."""
+    from clipdr import tracking
+    from clipdr.evaluate import loading
+
+    ec = cfg.export
+    try:
+        loaded = loading.load(ec.model, ec.pretrained, "cpu", tracking_uri=cfg.tracking.uri)
+    except (ValueError, FileNotFoundError) as e:
+        raise ExportError(f"export.model: {e}") from None
+    run_summary = None
+    if loaded.run_id:
+        try:
+            run_summary = tracking.run_summary(loaded.run_id, uri=cfg.tracking.uri)
+        except tracking.RegistryError:
+            log(f"export: training run {loaded.run_id} is not in {tracking.tracking_uri(cfg.tracking.uri)}")
+    result = export_model(loaded, ec, run_summary, log)
+    if ec.log_artifacts and run_summary is not None:
+        tracker = tracking.open_run(run_summary.run_id, uri=cfg.tracking.uri)
+        with _downloaded(ec.output) as folder:
+            for path in sorted(folder.iterdir()):
+                tracker.log_artifact(path, "export")
+        log(f"export: logged to MLflow run {run_summary.run_id} under export/")
+    return result
+
+
+@contextlib.contextmanager
+def _downloaded(output: str) -> Iterator[Path]:
+    if not storage.is_s3(output):
+        yield Path(storage.resolve(output)[1])
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for uri in storage.list_files(output):
+            (Path(tmp) / storage.basename(uri)).write_bytes(storage.read_bytes(uri))
+        yield Path(tmp)
