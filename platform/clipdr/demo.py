@@ -1,0 +1,269 @@
+"""The one-command demo: the whole lifecycle on the embedded default, as a miniature of the paper.
+
+    synthesize the world
+    -> train two teachers of different architectures and a CoCa captioner on the clean teacher corpus
+    -> reinforce the noisy student corpus with them (stored views, teacher embeddings, synthetic captions)
+    -> train the same student per mode (clip, reinforced, ...) for the same samples seen, evaluating as it goes
+    -> compare: a table, the samples the reinforced student needs to match the plain one, a learning-curve plot
+
+Every stage is a real job (`synthetic.generate`, `train.run.run` on Ray Train, `reinforce.run.run` on Ray Data)
+and caches its product: the world has ``world.json``, a finished training run its ``clipdr_result.json``, the
+reinforced dataset its manifest; a second `run` skips what is done. Every run goes to one MLflow experiment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipdr import storage
+from clipdr.config import Config
+from clipdr.train import data
+
+CURVE_FILE = "learning_curves.png"
+REPORT_FILE = "report.md"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """A metric against samples seen, from a run's MLflow history."""
+
+    samples: tuple[int, ...]
+    values: tuple[float, ...]
+
+    def samples_to_reach(self, target: float) -> float | None:
+        """Samples seen at which the curve first reaches ``target`` (linear between evaluations); None if never."""
+        previous = (0, None)
+        for x, y in zip(self.samples, self.values, strict=True):
+            if y >= target:
+                x0, y0 = previous
+                if y0 is None or y == y0:
+                    return float(x)
+                return x0 + (target - y0) * (x - x0) / (y - y0)
+            previous = (x, y)
+        return None
+
+
+def _stage(cfg: Config, **train_changes: object) -> Config:
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_changes))
+
+
+def _model_file(checkpoint: str) -> str:
+    return storage.join(checkpoint, "model.pt")
+
+
+def _train_base(cfg: Config) -> Config:
+    """The demo's training settings common to every stage: runs under <demo.output>/runs, one experiment."""
+    return _stage(cfg, output=storage.join(cfg.demo.output, "runs"), experiment=cfg.demo.experiment, evaluate=True)
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
+    """Runs the demo (module docstring); returns the comparison (also written to <demo.output>/report)."""
+    from clipdr.data import synthetic
+    from clipdr.reinforce.run import run as reinforce
+    from clipdr.train.run import run as train
+
+    demo = cfg.demo
+    started = time.monotonic()
+    total = 4 + len(demo.modes) + len(cfg.reinforce.teachers)
+    step = iter(range(1, total + 1))
+
+    def stage(message: str) -> None:
+        log(f"demo {next(step)}/{total} [{time.monotonic() - started:5.0f} s]: {message}")
+
+    stage(f"synthetic world -> {cfg.synth.output}")
+    synthetic.generate(cfg.synth, progress=log)
+    teacher_corpus = storage.join(cfg.synth.output, "teacher")
+    base = _train_base(cfg)
+    results = {}
+
+    trained_teachers = []
+    for teacher in cfg.reinforce.teachers:
+        stage(f"teacher {teacher.name!r} ({teacher.model}): plain CLIP on the clean teacher corpus")
+        result = train(
+            _stage(
+                base,
+                data=teacher_corpus,
+                mode=data.CLIP,
+                kd_weight=0.0,
+                model=teacher.model,
+                pretrained="",
+                samples=demo.teacher_samples,
+                batch_size=demo.teacher_batch_size,
+                lr=demo.teacher_lr,
+                run_name=f"teacher-{teacher.name}",
+                eval_every=0,
+            ),
+            log=log,
+        )
+        results[f"teacher {teacher.name} ({teacher.model})"] = result
+        trained_teachers.append(dataclasses.replace(teacher, pretrained=_model_file(result.checkpoint)))
+
+    captioner = cfg.reinforce.captioner
+    stage(f"captioner ({captioner.model}): CoCa, contrastive + caption loss on the clean teacher corpus")
+    result = train(
+        _stage(
+            base,
+            data=teacher_corpus,
+            mode=data.CLIP,
+            kd_weight=0.0,
+            model=captioner.model,
+            pretrained="",
+            samples=demo.captioner_samples,
+            batch_size=demo.captioner_batch_size,
+            lr=demo.captioner_lr,
+            run_name="captioner",
+            evaluate=False,
+            eval_every=0,
+        ),
+        log=log,
+    )
+    reinforce_cfg = dataclasses.replace(
+        cfg.reinforce,
+        teachers=tuple(trained_teachers),
+        captioner=dataclasses.replace(captioner, pretrained=_model_file(result.checkpoint)),
+    )
+
+    stage(f"reinforce the noisy student corpus -> {reinforce_cfg.output}")
+    reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
+
+    for mode in demo.modes:
+        stage(f"student {cfg.train.model!r}, mode {mode!r}, {cfg.train.samples} samples")
+        result = train(
+            _stage(
+                base,
+                data=reinforce_cfg.output,
+                mode=mode,
+                kd_weight=0.0 if mode == data.CLIP else cfg.train.kd_weight,
+                run_name=f"student-{mode}",
+            ),
+            log=log,
+        )
+        results[f"student {mode}"] = result
+
+    stage("compare")
+    report = compare(cfg, results, log)
+    log(f"demo finished in {time.monotonic() - started:.0f} s")
+    return report
+
+
+def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> dict:
+    """The comparison table, sample-efficiency ratio and learning-curve plot, logged to a ``demo-report`` run."""
+    from mlflow import MlflowClient
+
+    from clipdr import tracking
+
+    demo = cfg.demo
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    client = MlflowClient(uri)
+    metric = demo.metric
+    rows = []
+    curves: dict[str, Curve] = {}
+    for label, result in results.items():
+        run = client.get_run(result.mlflow_run_id)
+        metrics = run.data.metrics
+        rows.append(
+            {
+                "run": label,
+                "run_id": result.mlflow_run_id,
+                "samples_seen": result.samples_seen,
+                **{k: v for k, v in sorted(metrics.items()) if k.startswith(("zeroshot/", "retrieval/"))},
+            }
+        )
+        if label.startswith("student"):
+            history = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, metric))
+            curves[label.removeprefix("student ")] = Curve(tuple(s for s, _ in history), tuple(v for _, v in history))
+
+    summary: dict = {"metric": metric, "rows": rows}
+    if "clip" in curves and "reinforced" in curves and curves["clip"].values:
+        clip_final = curves["clip"].values[-1]
+        reinforced_final = curves["reinforced"].values[-1]
+        reached = curves["reinforced"].samples_to_reach(clip_final)
+        summary |= {
+            "clip_final": clip_final,
+            "reinforced_final": reinforced_final,
+            "gain": reinforced_final - clip_final,
+            "reinforced_samples_to_clip_final": reached,
+            "sample_ratio": (curves["clip"].samples[-1] / reached) if reached else None,
+        }
+
+    out_dir = Path(storage.join(demo.output, "report"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot(curves, rows, metric, out_dir / CURVE_FILE)
+    text = _markdown(summary, curves)
+    (out_dir / REPORT_FILE).write_text(text)
+    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
+
+    with tracking.Tracker.start(demo.experiment, "demo-report", uri=cfg.tracking.uri, tags={"clipdr.job": "demo"}) as t:
+        if "gain" in summary:
+            t.log_metrics({k: summary[k] for k in ("clip_final", "reinforced_final", "gain") if summary[k] is not None})
+        for name in (CURVE_FILE, REPORT_FILE, "report.json"):
+            t.log_artifact(out_dir / name)
+        summary["report_run_id"] = t.run_id
+    log(text)
+    experiment = client.get_experiment_by_name(demo.experiment)
+    log(
+        f"report: {out_dir / REPORT_FILE}, plot: {out_dir / CURVE_FILE}\n"
+        f"open the runs in the MLflow UI (then http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}):\n"
+        f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
+    )
+    return summary
+
+
+def _markdown(summary: dict, curves: dict[str, Curve]) -> str:
+    metric = summary["metric"]
+    rows = summary["rows"]
+    keys = [k for k in rows[0] if k.startswith(("zeroshot/", "retrieval/"))] if rows else []
+    keys = [k for k in keys if k.endswith(("top1", "mean_recall"))]
+    lines = [f"# Demo: {metric} at equal samples seen", ""]
+    if "gain" in summary:
+        reached = summary["reinforced_samples_to_clip_final"]
+        lines += [
+            f"- plain CLIP student, final: {summary['clip_final']:.3f}",
+            f"- reinforced student, final: {summary['reinforced_final']:.3f} "
+            f"({summary['gain']:+.3f}, {summary['gain'] / max(summary['clip_final'], 1e-9):+.0%})",
+            (
+                f"- the reinforced student reached the plain student's final {metric} after {reached:,.0f} samples: "
+                f"{summary['sample_ratio']:.1f}x fewer"
+                if reached
+                else f"- the reinforced student never reached the plain student's final {metric}"
+            ),
+            "",
+        ]
+    short = [k.replace("zeroshot/", "zs/").replace("retrieval/", "ret/") for k in keys]
+    lines += ["| run | samples | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(keys)]
+    for row in rows:
+        values = " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys)
+        lines.append(f"| {row['run']} | {row['samples_seen']:,} | {values} |")
+    lines += ["", f"Learning curves ({metric} vs samples seen): " + CURVE_FILE]
+    for mode, curve in curves.items():
+        points = ", ".join(f"{s:,}: {v:.3f}" for s, v in zip(curve.samples, curve.values, strict=True))
+        lines.append(f"- {mode}: {points}")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(curves: dict[str, Curve], rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for mode, curve in curves.items():
+        ax.plot(curve.samples, curve.values, marker="o", label=f"student, {mode}")
+    for row in rows:
+        if row["run"].startswith("teacher") and metric in row:
+            ax.axhline(row[metric], linestyle="--", linewidth=1, color="grey")
+            ax.annotate(row["run"], (0, row[metric]), fontsize=7, color="grey", va="bottom")
+    ax.set_xlabel("samples seen")
+    ax.set_ylabel(metric)
+    ax.set_title("clipdr demo: reinforced vs plain CLIP at equal samples seen")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
