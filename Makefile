@@ -3,9 +3,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+TOOLS       := .venv-tools
+TOOLS_STAMP := $(TOOLS)/.installed-stamp
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup demo test lint format lock clean
+.PHONY: setup tools demo test lint format lock clean
 
 setup: $(STAMP)
 
@@ -15,10 +17,18 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# checkov (the infra scanner) pins boto3 and others apart from the project's stack: it gets its own venv.
+tools: $(TOOLS_STAMP)
+
+$(TOOLS_STAMP): infra/checkov-constraints.txt
+	test -x $(TOOLS)/bin/python || $(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet -c infra/checkov-constraints.txt checkov
+	touch $(TOOLS_STAMP)
+
 demo: setup
 	$(BIN)/clipdr demo --config jobs/configs/demo.toml
 
-test: setup
+test: setup tools
 	$(BIN)/python -m pytest
 
 lint: setup
@@ -34,4 +44,4 @@ lock: setup
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^clipdr'; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TOOLS) .pytest_cache .ruff_cache
