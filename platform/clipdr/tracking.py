@@ -10,11 +10,12 @@ Where runs go: ``MLFLOW_TRACKING_URI`` if set, else the URI given by the config,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,21 @@ class LoggedModel:
     version: str = ""
 
 
+@contextlib.contextmanager
+def _fluent_tracking_uri(uri: str) -> Iterator[None]:
+    """Points mlflow's fluent API (which log_model/load_model use) at ``uri``, then restores it *and* the
+    ``MLFLOW_TRACKING_URI`` environment variable that ``mlflow.set_tracking_uri`` also sets: left behind, it
+    would redirect every later `Tracker` of the process (the environment wins over configured URIs)."""
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets the variable and mlflow's global
+
+
 def log_model(
     tracker: Tracker,
     model: Any,
@@ -165,9 +181,7 @@ def log_model(
     from mlflow.models import infer_signature
 
     signature = infer_signature(input_example, output_example) if input_example is not None else None
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracker.client.tracking_uri)
-    try:
+    with _fluent_tracking_uri(tracker.client.tracking_uri):
         # log_model attaches to the active run of the fluent API: open ours without touching its status.
         with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pytorch.log_model(
@@ -181,8 +195,6 @@ def log_model(
                 registered_model_name=registered_model_name or None,
             )
         tracker.client.update_run(tracker.run_id, status="RUNNING")
-    finally:
-        mlflow.set_tracking_uri(previous)
     uri = f"runs:/{tracker.run_id}/{name}"
     if not registered_model_name:
         return LoggedModel(uri)
@@ -214,13 +226,9 @@ def load_model(uri: str, device: str = "cpu", *, tracking: str = "") -> tuple[An
     import mlflow.pytorch
     from mlflow.models import get_model_info
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri(tracking))
-    try:
+    with _fluent_tracking_uri(tracking_uri(tracking)):
         metadata = dict(get_model_info(uri).metadata or {})
         return mlflow.pytorch.load_model(uri, map_location=device), metadata
-    finally:
-        mlflow.set_tracking_uri(previous)
 
 
 # --- registry
@@ -339,13 +347,9 @@ def register_model_version(
     """
     import mlflow
 
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking_uri(uri))
-    try:
+    with _fluent_tracking_uri(tracking_uri(uri)):
         # The fluent call resolves runs:/ URIs of MLflow 3 logged models to their models:/m-<id> source.
         mv = mlflow.register_model(model_uri, name, tags=dict(tags or {}))
-    finally:
-        mlflow.set_tracking_uri(previous)
     return get_model_version(name, str(mv.version), uri=uri)
 
 
