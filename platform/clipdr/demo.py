@@ -26,6 +26,7 @@ from clipdr.train import data
 
 CURVE_FILE = "learning_curves.png"
 REPORT_FILE = "report.md"
+RETRIEVAL_METRIC = "retrieval/mean_recall"  # mean of R@1/5/10 both ways over the retrieval sets
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
     metric = demo.metric
     rows = []
     curves: dict[str, Curve] = {}
+    retrieval_curves: dict[str, Curve] = {}
     for label, result in results.items():
         run = client.get_run(result.mlflow_run_id)
         metrics = run.data.metrics
@@ -175,8 +177,11 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
             }
         )
         if label.startswith("student"):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, metric))
-            curves[label.removeprefix("student ")] = Curve(tuple(s for s, _ in history), tuple(v for _, v in history))
+            mode = label.removeprefix("student ")
+            for key in (metric, RETRIEVAL_METRIC):
+                history = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
+                curve = Curve(tuple(s for s, _ in history), tuple(v for _, v in history))
+                (curves if key == metric else retrieval_curves)[mode] = curve
 
     summary: dict = {"metric": metric, "rows": rows}
     if "clip" in curves and "reinforced" in curves and curves["clip"].values:
@@ -193,7 +198,7 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
 
     out_dir = Path(storage.join(demo.output, "report"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot(curves, rows, metric, out_dir / CURVE_FILE)
+    _plot({metric: curves, RETRIEVAL_METRIC: retrieval_curves}, rows, out_dir / CURVE_FILE)
     text = _markdown(summary, curves)
     (out_dir / REPORT_FILE).write_text(text)
     (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -217,8 +222,9 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
 def _markdown(summary: dict, curves: dict[str, Curve]) -> str:
     metric = summary["metric"]
     rows = summary["rows"]
-    keys = [k for k in rows[0] if k.startswith(("zeroshot/", "retrieval/"))] if rows else []
-    keys = [k for k in keys if k.endswith(("top1", "mean_recall"))]
+    found = sorted({k for row in rows for k in row})
+    keys = [k for k in found if k.startswith("zeroshot/") and k.endswith("top1")]
+    keys += [k for k in found if k.startswith("retrieval/") and k.endswith("_R1")]
     lines = [f"# Demo: {metric} at equal samples seen", ""]
     if "gain" in summary:
         reached = summary["reinforced_samples_to_clip_final"]
@@ -234,7 +240,7 @@ def _markdown(summary: dict, curves: dict[str, Curve]) -> str:
             ),
             "",
         ]
-    short = [k.replace("zeroshot/", "zs/").replace("retrieval/", "ret/") for k in keys]
+    short = [k.removeprefix("zeroshot/").removesuffix("/top1").removeprefix("retrieval/") for k in keys]
     lines += ["| run | samples | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(keys)]
     for row in rows:
         values = " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys)
@@ -246,24 +252,34 @@ def _markdown(summary: dict, curves: dict[str, Curve]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(curves: dict[str, Curve], rows: list[dict], metric: str, path: Path) -> None:
+def _plot(panels: dict[str, dict[str, Curve]], rows: list[dict], path: Path) -> None:
+    """One panel per metric: each student mode's curve against samples seen, the teachers' final values dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for mode, curve in curves.items():
-        ax.plot(curve.samples, curve.values, marker="o", label=f"student, {mode}")
-    for row in rows:
-        if row["run"].startswith("teacher") and metric in row:
-            ax.axhline(row[metric], linestyle="--", linewidth=1, color="grey")
-            ax.annotate(row["run"], (0, row[metric]), fontsize=7, color="grey", va="bottom")
-    ax.set_xlabel("samples seen")
-    ax.set_ylabel(metric)
-    ax.set_title("clipdr demo: reinforced vs plain CLIP at equal samples seen")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (metric, curves) in zip(axes[0], panels.items(), strict=True):
+        for mode, curve in curves.items():
+            ax.plot(curve.samples, curve.values, marker="o", label=f"student, {mode}")
+        for row in rows:
+            if row["run"].startswith("teacher") and metric in row:
+                ax.axhline(row[metric], linestyle="--", linewidth=1, color="grey")
+                ax.annotate(
+                    row["run"],
+                    (0.99, row[metric]),
+                    xycoords=("axes fraction", "data"),
+                    ha="right",
+                    va="bottom",
+                    fontsize=7,
+                    color="grey",
+                )
+        ax.set_xlabel("samples seen")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right")
+    fig.suptitle("clipdr demo: reinforced vs plain CLIP student at equal samples seen")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
