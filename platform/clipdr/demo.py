@@ -82,46 +82,42 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     base = _train_base(cfg)
     results = {}
 
+    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool):
+        """Plain CLIP from scratch on the clean teacher corpus (a CoCa adds its caption loss)."""
+        stage_cfg = _stage(
+            base,
+            data=teacher_corpus,
+            mode=data.CLIP,
+            kd_weight=0.0,
+            model=model,
+            pretrained="",
+            samples=samples,
+            batch_size=batch_size,
+            lr=lr,
+            run_name=run_name,
+            evaluate=evaluate,
+            eval_every=0,
+        )
+        return train(stage_cfg, log=log)
+
     trained_teachers = []
     for teacher in cfg.reinforce.teachers:
         stage(f"teacher {teacher.name!r} ({teacher.model}): plain CLIP on the clean teacher corpus")
-        result = train(
-            _stage(
-                base,
-                data=teacher_corpus,
-                mode=data.CLIP,
-                kd_weight=0.0,
-                model=teacher.model,
-                pretrained="",
-                samples=demo.teacher_samples,
-                batch_size=demo.teacher_batch_size,
-                lr=demo.teacher_lr,
-                run_name=f"teacher-{teacher.name}",
-                eval_every=0,
-            ),
-            log=log,
+        result = pretrain(
+            teacher.model,
+            demo.teacher_samples,
+            demo.teacher_batch_size,
+            demo.teacher_lr,
+            f"teacher-{teacher.name}",
+            True,
         )
         results[f"teacher {teacher.name} ({teacher.model})"] = result
         trained_teachers.append(dataclasses.replace(teacher, pretrained=_model_file(result.checkpoint)))
 
     captioner = cfg.reinforce.captioner
     stage(f"captioner ({captioner.model}): CoCa, contrastive + caption loss on the clean teacher corpus")
-    result = train(
-        _stage(
-            base,
-            data=teacher_corpus,
-            mode=data.CLIP,
-            kd_weight=0.0,
-            model=captioner.model,
-            pretrained="",
-            samples=demo.captioner_samples,
-            batch_size=demo.captioner_batch_size,
-            lr=demo.captioner_lr,
-            run_name="captioner",
-            evaluate=False,
-            eval_every=0,
-        ),
-        log=log,
+    result = pretrain(
+        captioner.model, demo.captioner_samples, demo.captioner_batch_size, demo.captioner_lr, "captioner", False
     )
     reinforce_cfg = dataclasses.replace(
         cfg.reinforce,
@@ -132,6 +128,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     stage(f"reinforce the noisy student corpus -> {reinforce_cfg.output}")
     reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
 
+    from clipdr import lifecycle
+
     for mode in demo.modes:
         stage(f"student {cfg.train.model!r}, mode {mode!r}, {cfg.train.samples} samples")
         result = train(
@@ -141,10 +139,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 mode=mode,
                 kd_weight=0.0 if mode == data.CLIP else cfg.train.kd_weight,
                 run_name=f"student-{mode}",
+                register=demo.registered_model,
             ),
             log=log,
         )
         results[f"student {mode}"] = result
+        if demo.registered_model and result.registered_version:
+            # Each new student version is the candidate; the gate makes it champion only if it beats the champion.
+            decision = lifecycle.promote(
+                demo.registered_model, result.registered_version, demo.metric, uri=cfg.tracking.uri
+            )
+            log(f"lifecycle: {decision.reason}")
 
     stage("compare")
     report = compare(cfg, results, log)

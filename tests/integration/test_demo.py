@@ -90,6 +90,12 @@ def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local):
     assert {"learning_curves.png", "report.md", "report.json"} <= artifacts
     assert (tmp_path / "demo" / "report" / "learning_curves.png").stat().st_size > 10_000
     assert any("mlflow ui --backend-store-uri" in m for m in messages)
+    # Both students were registered; the gate made one of them champion and said why.
+    versions = client.search_model_versions("name = 'clipdr-demo-student'")
+    assert len(versions) == 2
+    champion = client.get_model_version_by_alias("clipdr-demo-student", "champion")
+    assert champion.tags["gate.promoted"] == "true" and champion.tags["gate.reason"]
+    assert sum(m.startswith("lifecycle: ") for m in messages) == 2
 
     # Everything is cached: a second run trains nothing and reinforces nothing, and only adds a report run.
     messages.clear()
