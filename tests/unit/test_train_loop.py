@@ -161,3 +161,20 @@ def test_two_ddp_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path
     for rank in ranks:
         for name, want in single.items():
             torch.testing.assert_close(rank[name], want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_loss():
+    from clipdr.models.captioners import TINY_COCA
+
+    length = models.model_config(TINY_COCA)["text_cfg"]["context_length"]
+    size = models.model_config(TINY_COCA)["vision_cfg"]["image_size"]
+    plan = make_plan(model=TINY_COCA, accum_steps=1)
+    model = build_student(plan, torch.device("cpu"))
+    batch = synthetic_batches()[0]
+    batch[data.IMAGE] = torch.randn(GLOBAL_B, 3, size, size)
+    batch[data.TEXT] = batch[data.TEXT][:, :length]
+    batch[data.SYN_TEXT] = batch[data.SYN_TEXT][:, :length]
+    parts = Step(model, plan, torch.device("cpu"))(batch)
+    assert {"caption_loss", "clip_loss_syn", "kd_loss_syn"} <= set(parts)
+    parts["loss"].backward()
+    assert model.text_decoder.text_projection.grad is not None

@@ -129,6 +129,10 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant("clipdr-tiny-mct", "debug", _TINY_MCI, "MCt: RepMixer + 1 x 64 + RepMixer", config_source="clipdr"),
     Variant("clipdr-tiny-mci", "debug", _TINY_MCI, "2 x 64, non-causal", config_source="clipdr"),
+    # The demo's student and second teacher: the tiny MCi at 32 px, text context 48 (the demo world's captions).
+    Variant(
+        "clipdr-demo-mci", "debug", _TINY_MCI + " @ 32 px", "2 x 64, non-causal, 48 tokens", config_source="clipdr"
+    ),
 )
 
 _BY_NAME = {v.name: v for v in VARIANTS}

@@ -257,14 +257,14 @@ class Step:
         B = text.shape[0]
         # One forward over the real and synthetic captions together: DDP sees one graph per step.
         tokens = torch.cat([text, batch[data.SYN_TEXT]]) if plan.use_syn_captions else text
+        if self.is_coca and plan.use_syn_captions:
+            # CoCa's decoder pairs every caption with its image: both caption sets need the image.
+            image = torch.cat([image, image])
         with _autocast(self.device, plan.precision):
-            if self.is_coca:
-                out = self.model(image, tokens)
-            else:
-                out = self.model(image, tokens)
-                if not isinstance(out, dict):
-                    out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
-        img_BD = out["image_features"].float()
+            out = self.model(image, tokens)
+        if not isinstance(out, dict):
+            out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
+        img_BD = out["image_features"].float()[:B]
         txt_2BD = out["text_features"].float()
         txt_BD, syn_BD = (txt_2BD[:B], txt_2BD[B:]) if plan.use_syn_captions else (txt_2BD, None)
 
@@ -280,8 +280,8 @@ class Step:
         parts = self.loss(img_BD, txt_BD, out["logit_scale"], syn_BD, t_img, t_txt, t_syn or None)
 
         if self.is_coca:
-            logits_BTV = out["logits"].float()[:B]
-            labels_BT = out["labels"][:B]
+            logits_BTV = out["logits"].float()
+            labels_BT = out["labels"]
             caption = F.cross_entropy(logits_BTV.permute(0, 2, 1), labels_BT, ignore_index=0)
             parts["caption_loss"] = caption.detach()
             parts["loss"] = parts["loss"] + plan.caption_loss_weight * caption
