@@ -67,6 +67,14 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute (S3 and ``file://`` URIs unchanged, "" stays ""): for
+    settings read by processes whose working directory is not the submitter's (Ray Train workers)."""
+    if not uri or is_s3(uri) or uri.startswith(FILE_SCHEME):
+        return uri
+    return os.path.abspath(uri)
+
+
 def basename(uri: str) -> str:
     return posixpath.basename(uri.rstrip("/"))
 

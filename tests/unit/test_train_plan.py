@@ -79,3 +79,24 @@ def test_raw_source_shards_train_only_plain_clip(tmp_path):
 def test_default_run_name_names_student_mode_data_and_length():
     cfg = dataclasses.replace(GOOD, data="s3://bucket/reinforced/", model="MobileCLIP2-S0", mode="clip")
     assert default_run_name(cfg) == "MobileCLIP2-S0-clip-reinforced-1024"
+
+
+def test_relative_paths_are_resolved_for_workers_and_eval_data_checked_up_front(tmp_path, monkeypatch):
+    from clipdr.config import Config, EvaluateConfig
+    from clipdr.train.run import check_evaluation, resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "zs").mkdir()
+    cfg = Config(
+        train=dataclasses.replace(GOOD, data="data/x", output="runs", evaluate=True),
+        evaluate=EvaluateConfig(zeroshot=("zs",), retrieval=("s3://bucket/retrieval",)),
+    )
+    resolved = resolve_paths(cfg)
+    assert resolved.train.data == str(tmp_path / "data" / "x") and resolved.train.output == str(tmp_path / "runs")
+    assert resolved.evaluate.zeroshot == (str(tmp_path / "zs"),)
+    assert resolved.evaluate.retrieval == ("s3://bucket/retrieval",)
+    check_evaluation(dataclasses.replace(resolved, evaluate=EvaluateConfig(zeroshot=(str(tmp_path / "zs"),))))
+    with pytest.raises(TrainError, match=r"evaluate.zeroshot: .*missing does not exist"):
+        check_evaluation(dataclasses.replace(resolved, evaluate=EvaluateConfig(zeroshot=(str(tmp_path / "missing"),))))
+    with pytest.raises(TrainError, match=r"names no zeroshot/retrieval data"):
+        check_evaluation(dataclasses.replace(resolved, evaluate=EvaluateConfig()))

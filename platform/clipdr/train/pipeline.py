@@ -16,6 +16,7 @@ loader actor and ``preserve_order`` the row order is fixed too, so a single-work
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ def _read_source_shard(row: dict) -> list[dict]:
     ]
 
 
-def count_source_rows(files: Sequence[str]) -> int:
-    """Valid samples in raw source shards (one Ray task a shard reads them: done once per run)."""
+@functools.lru_cache(maxsize=16)
+def count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
+    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them. Remembered per process
+    by the shards' fingerprint (names and sizes), so several runs on one corpus (the demo's) count it once."""
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
     return ds.flat_map(_read_source_shard, runtime_env=storage_runtime_env()).count()
 

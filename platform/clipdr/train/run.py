@@ -89,6 +89,33 @@ def check_config(cfg: TrainConfig) -> None:
     _check(not cfg.run_name or re.fullmatch(r"[\w.-]+", cfg.run_name) is not None, "train.run_name: use [A-Za-z0-9_.-]")
 
 
+def resolve_paths(cfg: Config) -> Config:
+    """The config with relative local paths made absolute: Ray Train workers do not run in the submitter's
+    working directory."""
+    tc, ev = cfg.train, cfg.evaluate
+    pretrained = storage.absolute(tc.pretrained) if tc.pretrained and Path(tc.pretrained).exists() else tc.pretrained
+    train = dataclasses.replace(
+        tc, data=storage.absolute(tc.data), output=storage.absolute(tc.output), pretrained=pretrained
+    )
+    evaluate = dataclasses.replace(
+        ev,
+        zeroshot=tuple(storage.absolute(u) for u in ev.zeroshot),
+        retrieval=tuple(storage.absolute(u) for u in ev.retrieval),
+    )
+    return dataclasses.replace(cfg, train=train, evaluate=evaluate)
+
+
+def check_evaluation(cfg: Config) -> None:
+    """With train.evaluate, the [evaluate] datasets must exist now, not fail the run at its first evaluation."""
+    if not cfg.train.evaluate:
+        return
+    ev = cfg.evaluate
+    _check(bool(ev.zeroshot or ev.retrieval), "train.evaluate is set but [evaluate] names no zeroshot/retrieval data")
+    for key, uris in (("zeroshot", ev.zeroshot), ("retrieval", ev.retrieval)):
+        for uri in uris:
+            _check(storage.exists(uri), f"evaluate.{key}: {uri} does not exist (train.evaluate is set)")
+
+
 def open_data(cfg: TrainConfig) -> tuple[str, records.ReinforcedDataset | None, list[str]]:
     """``(uri, dataset or None for raw shards, shard files)``, refusing data that does not fit the mode."""
     uri = cfg.data
@@ -241,8 +268,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     from clipdr.cluster import ensure_ray, storage_runtime_env
     from clipdr.train import pipeline
 
+    cfg = resolve_paths(cfg)
     tc = cfg.train
     check_config(tc)
+    check_evaluation(cfg)
     uri, dataset, files = open_data(tc)
     manifest = dataset.manifest if dataset else None
     teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ()))
@@ -257,7 +286,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     run_dir = _run_dir(tc, run_name)
     run_file = storage.join(run_dir, RUN_FILE)
     recipe = _recipe(cfg)
-    data_fingerprint = _fingerprint(manifest.to_json() if manifest else json.dumps(files))
+    data_fingerprint = (
+        _fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
+    )
     ensure_ray()
 
     previous = json.loads(storage.read_bytes(run_file)) if storage.exists(run_file) else None
@@ -276,7 +307,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             log(f"train: run {run_name!r} is complete ({result.steps} steps); nothing to do")
             return result
     else:
-        num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(files)
+        num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(tuple(files), data_fingerprint)
         rows_per_epoch = (num_rows // tc.batch_size) * tc.batch_size
     _check(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({tc.batch_size})")
 
