@@ -283,7 +283,7 @@ def _plot(panels: dict[str, dict[str, Curve]], rows: list[dict], path: Path) -> 
         ax.set_xlabel("samples seen")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
+        ax.legend(loc="best")
     fig.suptitle("clipdr demo: reinforced vs plain CLIP student at equal samples seen")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
