@@ -6,7 +6,7 @@ All in one process and one run, on the same rows, so the ratios hold on a noisy 
   update of the same student on the same batch size, timed over ``--steps`` steps after ``--warmup`` steps. The
   batches come ready-made from the loader, so the step is measured alone. ``reinforced`` reads its targets;
   ``online_distill`` runs the teachers inside the step. Ratios are against ``clip`` (no distillation at all).
-* loader, per mode: the CPU map stage (`data.ReplayBatch`: decode, replay view k at the student's resolution,
+* loader, per mode (interleaved with the steps): the CPU map stage (`data.ReplayBatch`: decode, replay view k at the student's resolution,
   tokenise, select targets; for ``online_distill`` also render each teacher's view and tokens) in samples/s on
   one process, and the loader processes one trainer needs to never wait: trainer samples/s / loader samples/s.
 
@@ -34,9 +34,9 @@ from clipdr.train import data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--student", default="clipdr-tiny-mci", help="student model name")
+    parser.add_argument("--student", default="clipdr-demo-mci", help="student model name")
     parser.add_argument(
-        "--teachers", default="clipdr-tiny-vit,clipdr-tiny-mci", help="comma-separated teacher model names"
+        "--teachers", default="clipdr-demo-vit,clipdr-demo-mci", help="comma-separated teacher model names"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (interleaved across modes)")
@@ -66,13 +66,23 @@ def _table(samples: list[sources.SourceSample], manifest: records.Manifest, rng:
     return records.build_table(columns, manifest)
 
 
-def _loader_rate(table, manifest, preprocess, student: str, mode: str, syn: bool, batch_size: int):
-    """Samples/s of the replay stage in this process, and the batches it made."""
-    replay = data.ReplayBatch(manifest, preprocess, student, seed=0, epoch=0, mode=mode, use_syn_captions=syn)
-    replay(table.slice(0, 2))  # first-call costs (tokenizer caches) are start-up, not throughput
-    began = time.perf_counter()
-    batches = [replay(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)]
-    return table.num_rows / (time.perf_counter() - began), batches
+class _Loader:
+    """One mode's replay stage (`data.ReplayBatch`) over the benchmark's rows, in this process."""
+
+    def __init__(self, table, manifest, preprocess, student: str, mode: str, syn: bool, batch_size: int) -> None:
+        self.table = table
+        self.batch_size = batch_size
+        self.replay = data.ReplayBatch(manifest, preprocess, student, seed=0, epoch=0, mode=mode, use_syn_captions=syn)
+
+    def batches(self) -> list[dict]:
+        table, n = self.table, self.batch_size
+        return [self.replay(table.slice(start, n)) for start in range(0, table.num_rows, n)]
+
+    def time_batch(self) -> float:
+        """Seconds to build one batch."""
+        began = time.perf_counter()
+        self.replay(self.table.slice(0, self.batch_size))
+        return time.perf_counter() - began
 
 
 class _Trainer:
@@ -151,7 +161,8 @@ def main(args: argparse.Namespace) -> int:
     ]
     trainers, loaders = {}, {}
     for label, mode, syn in variants:
-        loaders[label], batches = _loader_rate(table, manifest, preprocess, args.student, mode, syn, args.batch_size)
+        loaders[label] = _Loader(table, manifest, preprocess, args.student, mode, syn, args.batch_size)
+        batches = loaders[label].batches()  # also the loader's warm-up
         train_cfg = dataclasses.replace(
             TrainConfig(),
             model=args.student,
@@ -163,12 +174,20 @@ def main(args: argparse.Namespace) -> int:
         )
         trainers[label] = _Trainer(Config(train=train_cfg), manifest, batches, device)
         trainers[label].time_steps(args.warmup)
-    # Modes take turns, one step each per round, so drift in the machine's load hits them alike.
+    # Modes take turns, one step and one loader batch each per round, so drift in the machine's load hits them alike.
     seconds = {label: [] for label in trainers}
+    loader_seconds = {label: [] for label in trainers}
     for _ in range(args.steps):
         for label, trainer in trainers.items():
             seconds[label].append(trainer.time_steps(1))
-    results = {label: (args.batch_size / float(np.median(seconds[label])), loaders[label]) for label in trainers}
+            loader_seconds[label].append(loaders[label].time_batch())
+    results = {
+        label: (
+            args.batch_size / float(np.median(seconds[label])),
+            args.batch_size / float(np.median(loader_seconds[label])),
+        )
+        for label in trainers
+    }
 
     clip_step = results["clip"][0]
     lines = [
