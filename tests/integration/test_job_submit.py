@@ -47,6 +47,12 @@ def head_node(tmp_path):
             f"--dashboard-port={dashboard}",
             "--num-cpus=4",
             "--include-dashboard=true",
+            # The agents' default ports are taken when another Ray (the suite's ray_local) runs on this machine.
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--ray-client-server-port={free_port()}",
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
