@@ -6,9 +6,10 @@ All in one process and one run, on the same rows, so the ratios hold on a noisy 
   update of the same student on the same batch size, timed over ``--steps`` steps after ``--warmup`` steps. The
   batches come ready-made from the loader, so the step is measured alone. ``reinforced`` reads its targets;
   ``online_distill`` runs the teachers inside the step. Ratios are against ``clip`` (no distillation at all).
-* loader, per mode (interleaved with the steps): the CPU map stage (`data.ReplayBatch`: decode, replay view k at the student's resolution,
-  tokenise, select targets; for ``online_distill`` also render each teacher's view and tokens) in samples/s on
-  one process, and the loader processes one trainer needs to never wait: trainer samples/s / loader samples/s.
+* loader, per mode (interleaved with the steps): the CPU map stage (`data.ReplayBatch`: decode, replay view k at
+  the student's resolution, tokenise, select targets; for ``online_distill`` also render each teacher's view and
+  tokens) in samples/s on one process, and the loader processes one trainer needs to never wait: trainer
+  samples/s / loader samples/s.
 
 Rows are a synthetic-world corpus with sampled stored views and random unit teacher embeddings: neither cost
 depends on the embedding values, so no teacher has to run to build them.
