@@ -141,7 +141,11 @@ class CheckpointMeta:
 
     @classmethod
     def read(cls, directory: str | Path) -> CheckpointMeta:
-        raw = json.loads((Path(directory) / META_FILE).read_text())
+        return cls.from_json((Path(directory) / META_FILE).read_bytes())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> CheckpointMeta:
+        raw = json.loads(text)
         return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
 
     def write(self, directory: str | Path) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from clipdr import records, storage
 from clipdr.config import Config, TrainConfig, flatten, to_dict
 from clipdr.data import sources
@@ -163,12 +165,8 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
 
 def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
     """The complete checkpoint (``meta.json`` present) with the most steps under ``run_dir``, if any."""
-    if not storage.exists(run_dir):
-        return None
     best: tuple[str, CheckpointMeta] | None = None
     fs, path = storage.resolve(run_dir)
-    import pyarrow.fs as pafs
-
     for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
         name = Path(info.path).name
         if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
@@ -177,8 +175,7 @@ def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
         meta_uri = storage.join(uri, META_FILE)
         if not storage.exists(meta_uri):
             continue
-        raw = json.loads(storage.read_bytes(meta_uri))
-        meta = CheckpointMeta(**{f.name: raw[f.name] for f in dataclasses.fields(CheckpointMeta)})
+        meta = CheckpointMeta.from_json(storage.read_bytes(meta_uri))
         if best is None or meta.step > best[1].step:
             best = (uri, meta)
     return best
