@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from clipdr.cluster import free_port
+
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
@@ -93,7 +88,9 @@ def ray_local() -> Iterator[None]:
     model actors, read tasks and Train workers cannot starve each other on a 2-core machine."""
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from clipdr.cluster import start_local
+
+    start_local(num_cpus=6, log_to_driver=False, configure_logging=False)
     try:
         yield
     finally:

@@ -6,6 +6,7 @@ Used by the jobs that run on Ray (reinforcement, training); neither imports the 
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
 
@@ -19,7 +20,45 @@ def ensure_ray() -> None:
     else:
         # More logical CPUs than cores, so that model actors, Train workers and read tasks cannot starve each other
         # on a laptop.
-        ray.init(address="local", num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        start_local(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+
+
+def start_local(num_cpus: int, **init_kwargs: object) -> None:
+    """Starts a Ray on this machine (with its dashboard) for this process; ``init_kwargs`` go to ``ray.init``.
+
+    Ray Train's placement-group cleaner (an actor of every fit) finds its cluster's State API through the address
+    Ray last recorded (/tmp/ray/ray_current_cluster, written by `ray start`), not through the cluster it runs in.
+    A recorded node that is gone (or another one that still runs) makes each of its checks time out and every fit
+    stall ~12 s at its end. The local cluster's processes inherit the environment of this call, so they are told
+    their own dashboard; the calling process's environment is left as it was.
+    """
+    dashboard_port = free_port()
+    saved = os.environ.get(_API_SERVER_ENV)
+    os.environ[_API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=dashboard_port,
+            **init_kwargs,
+        )
+    finally:
+        if saved is None:
+            os.environ.pop(_API_SERVER_ENV)
+        else:
+            os.environ[_API_SERVER_ENV] = saved
+
+
+_API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # Storage and tracking settings of the submitting process that Ray workers need to reach the same buckets and

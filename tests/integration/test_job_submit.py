@@ -6,17 +6,19 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 from clipdr import models, records
+from clipdr.cluster import free_port
 from clipdr.config import SynthConfig
 from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA, build_coca
 
-from ..conftest import free_port, wait_http
+from ..conftest import wait_http
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +73,11 @@ def head_node(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+        # `ray start` recorded this node as the machine's current cluster; a record of a node that is gone
+        # misleads every later Ray process that looks the cluster up (Ray Train's placement-group cleaner).
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if current.exists() and current.read_text().strip().endswith(f":{port}"):
+            current.unlink()
 
 
 def test_ray_job_submit_reinforce_round_trip(head_node, tmp_path):

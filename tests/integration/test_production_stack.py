@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import free_port, wait_http
+from clipdr.cluster import free_port
+
+from ..conftest import wait_http
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

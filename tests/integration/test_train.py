@@ -33,6 +33,7 @@ from clipdr.config import (
 from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA
 from clipdr.reinforce.run import run as reinforce
+from clipdr.train import data
 from clipdr.train.loop import MODEL_FILE, CheckpointMeta
 from clipdr.train.run import latest_checkpoint
 from clipdr.train.run import run as train
@@ -257,3 +258,39 @@ def test_online_distill_on_two_ddp_workers_survives_a_killed_worker(world):
     assert "train/kd_loss_syn" in run.data.metrics
     assert_learns(client, result.mlflow_run_id)  # every step logged exactly once across the restart
     assert CheckpointMeta.read(result.checkpoint).mode == "online_distill"
+
+
+def test_what_ray_ships_loads_without_torch(world):
+    """Ray Train's controller, its dataset manager and Ray Data's split coordinator unpickle the input stream and
+    the train function in fresh processes before the first step: none of it may import torch or open_clip."""
+    import ray
+
+    from clipdr.train import pipeline, remote
+    from clipdr.train.run import open_data, resolve_paths
+
+    root, _ = world
+    cfg = resolve_paths(train_config(world, "shipped"))
+    uri, dataset, files = open_data(cfg.train)
+    preprocess = data.student_preprocess(STUDENT)
+    source = pipeline.DataSource(uri, tuple(files), 256, dataset.manifest)
+    reinforced = pipeline.build_dataset(source, cfg.train, cfg.augment, preprocess, ["vit"], 256, range(2))
+    raw_cfg = dataclasses.replace(cfg.train, data=str(root / "world" / "teacher"), mode="clip")
+    raw_uri, _, raw_files = open_data(raw_cfg)
+    raw = pipeline.build_dataset(
+        pipeline.DataSource(raw_uri, tuple(raw_files), 128, None), raw_cfg, cfg.augment, preprocess, [], 128, range(2)
+    )
+    blob = ray.cloudpickle.dumps((reinforced, raw, remote.train_loop))
+
+    def load(payload: bytes) -> list[str]:
+        import pickle
+        import sys
+
+        pickle.loads(payload)
+        return sorted(m for m in ("torch", "open_clip", "clipdr.train.data", "clipdr.train.loop") if m in sys.modules)
+
+    # Its own runtime_env gives the task a fresh worker process (not one a loader task has already warmed).
+    fresh = {"env_vars": {"CLIPDR_TEST_FRESH_WORKER": str(time.time_ns())}}
+    assert ray.get(ray.remote(load).options(num_cpus=0, runtime_env=fresh).remote(blob)) == []
+    # The stream itself still yields the student batches.
+    batch = next(iter(reinforced.iter_batches(batch_size=8, batch_format="numpy")))
+    assert batch[data.IMAGE].shape == (8, 3, 32, 32) and batch[data.teacher_image_column("vit")].shape[0] == 8

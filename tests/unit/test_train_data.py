@@ -2,6 +2,7 @@
 
 import dataclasses
 import io
+import pickle
 
 import numpy as np
 import PIL.Image
@@ -9,9 +10,9 @@ import pytest
 import torch
 
 from clipdr import augment, models, records
-from clipdr.config import AugmentConfig
+from clipdr.config import AugmentConfig, to_dict
 from clipdr.data import sources
-from clipdr.train import data
+from clipdr.train import data, remote
 
 K, S, NUM_ROWS, SIDE = 3, 2, 8, 32
 STUDENT = "clipdr-tiny-mci"
@@ -265,6 +266,49 @@ def test_augment_batch_samples_a_fresh_deterministic_view_per_epoch(dataset, pre
     pre = preprocess
     expected = augment.replay(image, params, pre.image_size, pre.mean, pre.std, pre.interpolation)
     assert torch.equal(torch.from_numpy(epoch1[data.IMAGE][2]), expected)
+
+
+@pytest.mark.parametrize("mode", [data.REINFORCED, data.ONLINE_DISTILL])
+def test_shipped_replay_equals_the_replay_batch(dataset, preprocess, mode):
+    manifest, table = dataset
+    shipped = remote.BatchTransform(
+        remote.REPLAY,
+        manifest=manifest.to_dict(),
+        preprocess=dataclasses.asdict(preprocess),
+        tokenizer_name=STUDENT,
+        seed=7,
+        epoch=1,
+        mode=mode,
+        use_syn_captions=True,
+        teachers=None,
+    )
+    out = pickle.loads(pickle.dumps(shipped))(table)
+    expected = replay_batch(manifest, preprocess, epoch=1, mode=mode)(table)
+    assert sorted(out) == sorted(expected)
+    for name, value in expected.items():
+        assert np.array_equal(out[name], value), name
+
+
+def test_shipped_augment_equals_the_augment_batch(dataset, preprocess):
+    _, table = dataset
+    cfg = AugmentConfig(scale=(0.3, 1.0), hflip=0.5)
+    rows = table.select([records.KEY, records.IMAGE, records.CAPTION])
+    shipped = remote.BatchTransform(
+        remote.AUGMENT,
+        augment_cfg=to_dict(cfg),
+        preprocess=dataclasses.asdict(preprocess),
+        tokenizer_name=STUDENT,
+        seed=3,
+        epoch=2,
+    )
+    out = pickle.loads(pickle.dumps(shipped))(rows)
+    expected = data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=2)(rows)
+    assert all(np.array_equal(out[name], expected[name]) for name in (data.IMAGE, data.TEXT))
+
+
+def test_shipped_transforms_refuse_an_unknown_kind():
+    with pytest.raises(ValueError, match="unknown batch transform 'resize'"):
+        remote.BatchTransform("resize")
 
 
 def test_empty_batch(dataset, preprocess):

@@ -47,6 +47,7 @@ T the tokenizer's context length.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -360,13 +361,13 @@ class ReplayBatch:
         self.mode = mode
         self.use_syn_captions = bool(use_syn_captions)
         self.teachers = tuple(names) if mode == REINFORCED else ()
-        self.tokenizer = models.get_tokenizer(tokenizer_name, context_length=preprocess.context_length)
+        self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
         # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
         self.online: list[tuple[records.TeacherSpec, Any]] = []
         if mode == ONLINE_DISTILL:
             for name in names:
                 spec = manifest.teacher(name)
-                self.online.append((spec, models.get_tokenizer(spec.model)))
+                self.online.append((spec, _tokenizer(spec.model)))
 
     def _tokenize(self, texts: list[str]) -> np.ndarray:
         return _tokenize(self.tokenizer, texts, self.preprocess.context_length)
@@ -411,6 +412,12 @@ class ReplayBatch:
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str, context_length: int | None = None) -> Any:
+    """Model ``name``'s open_clip tokenizer, built once per process (transforms are rebuilt per epoch)."""
+    return models.get_tokenizer(name, **({} if context_length is None else {"context_length": context_length}))
+
+
 def _tokenize(tokenizer: Any, texts: list[str], context_length: int) -> np.ndarray:
     if not texts:
         return np.zeros((0, context_length), dtype=np.int64)
@@ -447,7 +454,7 @@ class AugmentBatch:
         self.preprocess = preprocess
         self.seed = int(seed)
         self.epoch = int(epoch)
-        self.tokenizer = models.get_tokenizer(tokenizer_name, context_length=preprocess.context_length)
+        self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
 
     def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
         keys = _strings(batch, records.KEY)

@@ -12,13 +12,18 @@ source readers (`clipdr.data.sources`, so corrupt samples are skipped the same w
 
 Each epoch's draws (view k, caption j) are fixed by ``(seed, epoch, key)`` whatever the block layout; with one
 loader actor and ``preserve_order`` the row order is fixed too, so a single-worker run is reproducible end to end.
+
+The map functions go into the stream as `remote` objects (plain data, built where they run), so that Ray's
+control-plane processes that unpickle the stream do not import torch and open_clip.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +31,8 @@ import ray
 
 from clipdr import records, storage
 from clipdr.cluster import storage_runtime_env
-from clipdr.config import AugmentConfig, TrainConfig
-from clipdr.data import sources
-from clipdr.train import data
+from clipdr.config import AugmentConfig, TrainConfig, to_dict
+from clipdr.train import data, remote
 
 
 @dataclass(frozen=True)
@@ -64,23 +68,12 @@ def _columns(manifest: records.Manifest, mode: str, use_syn: bool, teachers: Seq
     return columns
 
 
-def _read_source_shard(row: dict) -> list[dict]:
-    """All valid samples of one raw source shard as rows (key, image bytes, caption); skips are counted away."""
-    import collections
-
-    skipped: collections.Counter = collections.Counter()
-    return [
-        {records.KEY: s.key, records.IMAGE: s.image_bytes, records.CAPTION: s.caption}
-        for s in sources.iter_shard(row["uri"], skipped)
-    ]
-
-
 @functools.lru_cache(maxsize=16)
 def count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
     """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them. Remembered per process
     by the shards' fingerprint (names and sizes), so several runs on one corpus (the demo's) count it once."""
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return ds.flat_map(_read_source_shard, runtime_env=storage_runtime_env()).count()
+    return ds.flat_map(remote.read_source_shard, runtime_env=storage_runtime_env()).count()
 
 
 def build_dataset(
@@ -93,14 +86,10 @@ def build_dataset(
     epochs: range,
 ) -> ray.data.Dataset:
     """The run's input stream: epochs ``epochs`` back to back, each cut to ``rows_per_epoch`` rows."""
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
     res = cfg.resources
     runtime_env = storage_runtime_env()
-    # The map stage runs as tasks of a callable instance (tokenizer built once here, shipped with it): task
-    # workers are pooled and reused across epochs and runs, where an actor pool per epoch would start (and
-    # import torch in) a fresh process for every epoch.
+    # The map stage runs as pooled tasks: task workers are reused across epochs and runs, where an actor pool per
+    # epoch would start (and import torch in) a fresh process for every epoch.
     tasks = {
         "compute": ray.data.TaskPoolStrategy(size=res.loader_tasks),
         "batch_size": res.loader_batch_size,
@@ -108,21 +97,71 @@ def build_dataset(
         "batch_format": "pyarrow",
         "runtime_env": runtime_env,
     }
+    # A map task hands its output on in blocks of at most this size; about one local batch of views, so that the
+    # first step waits for one batch rather than for a whole shard.
+    height, width = preprocess.image_size
+    local_batch = cfg.batch_size // res.workers
+    with _stream_context(block_bytes=local_batch * 3 * height * width * np.dtype(np.float32).itemsize):
+        return _epochs(source, cfg, augment_cfg, preprocess, teachers, rows_per_epoch, epochs, tasks)
+
+
+@contextlib.contextmanager
+def _stream_context(block_bytes: int) -> Iterator[None]:
+    """Ray Data settings of the datasets created inside. A dataset keeps the context it was created under, so the
+    process's context (which other jobs of the same driver use) is restored after."""
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
+    ctx.execution_options.preserve_order = True  # reproducible row order (module docstring)
+    ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
+    ctx.target_max_block_size = min(block_bytes, saved[2] or block_bytes)
+    try:
+        yield
+    finally:
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+
+
+def _epochs(
+    source: DataSource,
+    cfg: TrainConfig,
+    augment_cfg: AugmentConfig,
+    preprocess: data.StudentPreprocess,
+    teachers: Sequence[str],
+    rows_per_epoch: int,
+    epochs: range,
+    tasks: dict,
+) -> ray.data.Dataset:
+    runtime_env = tasks["runtime_env"]
     use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
     per_epoch = []
     for epoch in epochs:
         files = _epoch_order(source.files, cfg.seed, epoch)
         if source.manifest is None:
             ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-            ds = ds.flat_map(_read_source_shard, runtime_env=runtime_env)
-            ds = ds.map_batches(data.AugmentBatch(augment_cfg, preprocess, cfg.model, cfg.seed, epoch), **tasks)
+            ds = ds.flat_map(remote.read_source_shard, runtime_env=runtime_env)
+            augment = remote.BatchTransform(
+                remote.AUGMENT,
+                augment_cfg=to_dict(augment_cfg),
+                preprocess=dataclasses.asdict(preprocess),
+                tokenizer_name=cfg.model,
+                seed=cfg.seed,
+                epoch=epoch,
+            )
+            ds = ds.map_batches(augment, **tasks)
         else:
             fs, _ = storage.resolve(source.uri)
             paths = [storage.resolve(f)[1] for f in files]
             columns = _columns(source.manifest, cfg.mode, use_syn, teachers)
             ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
-            replay = data.ReplayBatch(
-                source.manifest, preprocess, cfg.model, cfg.seed, epoch, cfg.mode, use_syn, list(teachers)
+            replay = remote.BatchTransform(
+                remote.REPLAY,
+                manifest=source.manifest.to_dict(),
+                preprocess=dataclasses.asdict(preprocess),
+                tokenizer_name=cfg.model,
+                seed=cfg.seed,
+                epoch=epoch,
+                mode=cfg.mode,
+                use_syn_captions=use_syn,
+                teachers=list(teachers),
             )
             ds = ds.map_batches(replay, **tasks)
         per_epoch.append(ds.limit(rows_per_epoch))

@@ -263,7 +263,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
     from clipdr import tracking
     from clipdr.cluster import ensure_ray, storage_runtime_env
-    from clipdr.train import pipeline
+    from clipdr.train import pipeline, remote
 
     cfg = resolve_paths(cfg)
     tc = cfg.train
@@ -355,7 +355,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     fs, storage_path = storage.resolve(tc.output)
     res = tc.resources
     trainer = TorchTrainer(
-        _train_loop,
+        remote.train_loop,
         train_loop_config={"plan": dataclasses.asdict(plan)},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers,
@@ -380,12 +380,6 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
         raise
     log(f"train: fit finished in {time.perf_counter() - started:.1f} s")
     return _finish(cfg, tracker, result, run_name, log)
-
-
-def _train_loop(config: dict) -> None:
-    from clipdr.train.loop import train_loop_per_worker
-
-    train_loop_per_worker(config)
 
 
 def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
