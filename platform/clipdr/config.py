@@ -282,6 +282,9 @@ class DemoConfig:
     captioner_batch_size: int = _f(64, "captioner's global batch size")
     captioner_lr: float = _f(2e-3, "captioner's peak learning rate")
     modes: tuple[str, ...] = _f(("clip", "reinforced"), "student training modes compared, at equal samples seen")
+    parallel_jobs: int = _f(
+        2, "training jobs run at once (the teachers and captioner; the students): Ray Train start-up overlaps"
+    )
     metric: str = _f("zeroshot/mean_top1", "the headline metric of the comparison, and of the promotion gate")
     registered_model: str = _f(
         "clipdr-demo-student", "registry name of the students (each version candidate, gated to champion); empty: none"

@@ -9,16 +9,22 @@
 Every stage is a real job (`synthetic.generate`, `train.run.run` on Ray Train, `reinforce.run.run` on Ray Data)
 and caches its product: the world has ``world.json``, a finished training run its ``clipdr_result.json``, the
 reinforced dataset its manifest; a second `run` skips what is done. Every run goes to one MLflow experiment.
+
+The training jobs of a stage run ``demo.parallel_jobs`` at a time, from threads of this process: much of a Ray
+Train job's start-up on a small machine is one process waiting for another to start, which a second job fills.
+Each run's data order, initialisation and thread count are fixed, so its result does not depend on its neighbour.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clipdr import storage
 from clipdr.config import Config
@@ -64,27 +70,39 @@ def _train_base(cfg: Config) -> Config:
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Runs the demo (module docstring); returns the comparison (also written to <demo.output>/report)."""
+    from clipdr import lifecycle
+    from clipdr.cluster import ensure_ray
     from clipdr.data import synthetic
     from clipdr.reinforce.run import run as reinforce
     from clipdr.train.run import run as train
 
     demo = cfg.demo
+    if demo.parallel_jobs < 1:
+        raise ValueError(f"demo.parallel_jobs must be >= 1, got {demo.parallel_jobs}")
     started = time.monotonic()
-    total = 4 + len(demo.modes) + len(cfg.reinforce.teachers)
-    step = iter(range(1, total + 1))
+    step = iter(range(1, 6))
 
     def stage(message: str) -> None:
-        log(f"demo {next(step)}/{total} [{time.monotonic() - started:5.0f} s]: {message}")
+        log(f"demo {next(step)}/5 [{time.monotonic() - started:5.0f} s]: {message}")
+
+    def train_all(jobs: dict[str, Config]) -> dict[str, Any]:
+        """Trains ``jobs`` (name -> config), ``demo.parallel_jobs`` at a time; every log line names its job."""
+
+        def one(name: str) -> Any:
+            return train(jobs[name], log=lambda message: log(f"[{name}] {message}"))
+
+        with concurrent.futures.ThreadPoolExecutor(demo.parallel_jobs, thread_name_prefix="demo-job") as pool:
+            return dict(zip(jobs, pool.map(one, jobs), strict=True))
 
     stage(f"synthetic world -> {cfg.synth.output}")
     synthetic.generate(cfg.synth, progress=log)
+    ensure_ray()
     teacher_corpus = storage.join(cfg.synth.output, "teacher")
     base = _train_base(cfg)
-    results = {}
 
-    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool):
+    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
         """Plain CLIP from scratch on the clean teacher corpus (a CoCa adds its caption loss)."""
-        stage_cfg = _stage(
+        return _stage(
             base,
             data=teacher_corpus,
             mode=data.CLIP,
@@ -98,51 +116,55 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
             evaluate=evaluate,
             eval_every=0,
         )
-        return train(stage_cfg, log=log)
-
-    trained_teachers = []
-    for teacher in cfg.reinforce.teachers:
-        stage(f"teacher {teacher.name!r} ({teacher.model}): plain CLIP on the clean teacher corpus")
-        result = pretrain(
-            teacher.model,
-            demo.teacher_samples,
-            demo.teacher_batch_size,
-            demo.teacher_lr,
-            f"teacher-{teacher.name}",
-            True,
-        )
-        results[f"teacher {teacher.name} ({teacher.model})"] = result
-        trained_teachers.append(dataclasses.replace(teacher, pretrained=_model_file(result.checkpoint)))
 
     captioner = cfg.reinforce.captioner
-    stage(f"captioner ({captioner.model}): CoCa, contrastive + caption loss on the clean teacher corpus")
-    result = pretrain(
+    jobs = {
+        f"teacher-{t.name}": pretrain(
+            t.model, demo.teacher_samples, demo.teacher_batch_size, demo.teacher_lr, f"teacher-{t.name}", True
+        )
+        for t in cfg.reinforce.teachers
+    }
+    jobs["captioner"] = pretrain(
         captioner.model, demo.captioner_samples, demo.captioner_batch_size, demo.captioner_lr, "captioner", False
     )
+    names = ", ".join(f"{t.name!r} ({t.model})" for t in cfg.reinforce.teachers)
+    stage(
+        f"teachers {names} (plain CLIP) and the captioner ({captioner.model}, CoCa: + caption loss) on the clean "
+        f"teacher corpus, {demo.parallel_jobs} jobs at a time"
+    )
+    pretrained = train_all(jobs)
+    results = {f"teacher {t.name} ({t.model})": pretrained[f"teacher-{t.name}"] for t in cfg.reinforce.teachers}
     reinforce_cfg = dataclasses.replace(
         cfg.reinforce,
-        teachers=tuple(trained_teachers),
-        captioner=dataclasses.replace(captioner, pretrained=_model_file(result.checkpoint)),
+        teachers=tuple(
+            dataclasses.replace(t, pretrained=_model_file(pretrained[f"teacher-{t.name}"].checkpoint))
+            for t in cfg.reinforce.teachers
+        ),
+        captioner=dataclasses.replace(captioner, pretrained=_model_file(pretrained["captioner"].checkpoint)),
     )
 
     stage(f"reinforce the noisy student corpus -> {reinforce_cfg.output}")
     reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
 
-    from clipdr import lifecycle
-
-    for mode in demo.modes:
-        stage(f"student {cfg.train.model!r}, mode {mode!r}, {cfg.train.samples} samples")
-        result = train(
-            _stage(
+    stage(
+        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.samples} samples each, "
+        f"{demo.parallel_jobs} jobs at a time"
+    )
+    students = train_all(
+        {
+            f"student-{mode}": _stage(
                 base,
                 data=reinforce_cfg.output,
                 mode=mode,
                 kd_weight=0.0 if mode == data.CLIP else cfg.train.kd_weight,
                 run_name=f"student-{mode}",
                 register=demo.registered_model,
-            ),
-            log=log,
-        )
+            )
+            for mode in demo.modes
+        }
+    )
+    for mode in demo.modes:  # in mode order, so that the gate's decisions do not depend on which job ended first
+        result = students[f"student-{mode}"]
         results[f"student {mode}"] = result
         if demo.registered_model and result.registered_version:
             # Each new student version is the candidate; the gate makes it champion only if it beats the champion.

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -67,13 +68,7 @@ class Tracker:
             run = client.get_run(run_id)
             client.update_run(run_id, status="RUNNING")
             return cls(client, run_id, run.info.experiment_id)
-        found = client.get_experiment_by_name(experiment)
-        if found is None:
-            experiment_id = client.create_experiment(
-                experiment, artifact_location=_default_artifact_location(resolved), tags=dict([EXPERIMENT_KIND_TAG])
-            )
-        else:
-            experiment_id = found.experiment_id
+        experiment_id = _experiment_id(client, experiment, resolved)
         run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
         return cls(client, run.info.run_id, experiment_id)
 
@@ -144,6 +139,28 @@ class LoggedModel:
     version: str = ""
 
 
+def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
+    """The id of ``experiment``, created if missing; jobs that start at once (the demo's) may race to create it."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(
+            experiment, artifact_location=_default_artifact_location(uri), tags=dict([EXPERIMENT_KIND_TAG])
+        )
+    except MlflowException:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+# mlflow's fluent API keeps one tracking URI per process: jobs driven from threads of one process take turns.
+_FLUENT_LOCK = threading.RLock()
+
+
 @contextlib.contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Points mlflow's fluent API (which log_model/load_model use) at ``uri``, then restores it *and* the
@@ -151,12 +168,13 @@ def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     would redirect every later `Tracker` of the process (the environment wins over configured URIs)."""
     import mlflow
 
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved)  # None unsets the variable and mlflow's global
+    with _FLUENT_LOCK:
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved)  # None unsets the variable and mlflow's global
 
 
 def log_model(

@@ -103,7 +103,7 @@ def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local):
     # Everything is cached: a second run trains nothing and reinforces nothing, and only adds a report run.
     messages.clear()
     demo.run(cfg, log=messages.append)
-    finished = [m for m in messages if m.startswith("train: run") and "is complete" in m]
+    finished = [m for m in messages if "] train: run" in m and "is complete" in m]
     assert len(finished) == 4  # teacher, captioner, two students
     assert any("is already complete: nothing to do" in m for m in messages)  # the reinforced dataset
     reruns = client.search_runs([experiment.experiment_id])

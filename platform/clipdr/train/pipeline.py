@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -68,10 +69,19 @@ def _columns(manifest: records.Manifest, mode: str, use_syn: bool, teachers: Seq
     return columns
 
 
-@functools.lru_cache(maxsize=16)
 def count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
     """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them. Remembered per process
-    by the shards' fingerprint (names and sizes), so several runs on one corpus (the demo's) count it once."""
+    by the shards' fingerprint (names and sizes), so several runs on one corpus (the demo's, also from threads at
+    once) count it once."""
+    with _COUNT_LOCK:
+        return _count_source_rows(files, fingerprint)
+
+
+_COUNT_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=16)
+def _count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
     return ds.flat_map(remote.read_source_shard, runtime_env=storage_runtime_env()).count()
 
@@ -97,27 +107,35 @@ def build_dataset(
         "batch_format": "pyarrow",
         "runtime_env": runtime_env,
     }
-    # A map task hands its output on in blocks of at most this size; about one local batch of views, so that the
-    # first step waits for one batch rather than for a whole shard.
-    height, width = preprocess.image_size
-    local_batch = cfg.batch_size // res.workers
-    with _stream_context(block_bytes=local_batch * 3 * height * width * np.dtype(np.float32).itemsize):
+    with _stream_context():
         return _epochs(source, cfg, augment_cfg, preprocess, teachers, rows_per_epoch, epochs, tasks)
 
 
+def ingest_options() -> ray.data.ExecutionOptions:
+    """How Ray Train executes the stream it splits over the workers: Train's defaults, in order."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = True  # reproducible row order (module docstring)
+    return options
+
+
 @contextlib.contextmanager
-def _stream_context(block_bytes: int) -> Iterator[None]:
+def _stream_context() -> Iterator[None]:
     """Ray Data settings of the datasets created inside. A dataset keeps the context it was created under, so the
     process's context (which other jobs of the same driver use) is restored after."""
-    ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size)
-    ctx.execution_options.preserve_order = True  # reproducible row order (module docstring)
-    ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
-    ctx.target_max_block_size = min(block_bytes, saved[2] or block_bytes)
-    try:
-        yield
-    finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars, ctx.target_max_block_size = saved
+    with _CONTEXT_LOCK:  # one process-wide context: runs driven from threads (the demo's) take turns
+        ctx = ray.data.DataContext.get_current()
+        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+        ctx.execution_options.preserve_order = True
+        ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
+        try:
+            yield
+        finally:
+            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+
+
+_CONTEXT_LOCK = threading.Lock()
 
 
 def _epochs(

@@ -371,6 +371,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             worker_runtime_env=storage_runtime_env(),
         ),
         datasets={"train": dataset_stream},
+        dataset_config=ray.train.DataConfig(execution_options=pipeline.ingest_options()),
     )
     started = time.perf_counter()
     try:
