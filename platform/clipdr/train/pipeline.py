@@ -82,8 +82,13 @@ _COUNT_LOCK = threading.Lock()
 
 @functools.lru_cache(maxsize=16)
 def _count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
+    return _source_samples(files, storage_runtime_env()).count()
+
+
+def _source_samples(files: Sequence[str], runtime_env: dict) -> ray.data.Dataset:
+    """The valid samples of raw source shards ``files``, in their order: one Ray task a shard."""
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-    return ds.flat_map(remote.read_source_shard, runtime_env=storage_runtime_env()).count()
+    return ds.flat_map(remote.read_source_shard, runtime_env=runtime_env)
 
 
 def build_dataset(
@@ -107,8 +112,35 @@ def build_dataset(
         "batch_format": "pyarrow",
         "runtime_env": runtime_env,
     }
+    use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
+    common = {"preprocess": dataclasses.asdict(preprocess), "tokenizer_name": cfg.model, "seed": cfg.seed}
+    if source.manifest is None:
+        kind, arguments = remote.AUGMENT, {**common, "augment_cfg": to_dict(augment_cfg)}
+    else:
+        fs, _ = storage.resolve(source.uri)
+        columns = _columns(source.manifest, cfg.mode, use_syn, teachers)
+        kind, arguments = (
+            remote.REPLAY,
+            {
+                **common,
+                "manifest": source.manifest.to_dict(),
+                "mode": cfg.mode,
+                "use_syn_captions": use_syn,
+                "teachers": list(teachers),
+            },
+        )
     with _stream_context():
-        return _epochs(source, cfg, augment_cfg, preprocess, teachers, rows_per_epoch, epochs, tasks)
+        per_epoch = []
+        for epoch in epochs:
+            files = _epoch_order(source.files, cfg.seed, epoch)
+            if source.manifest is None:
+                ds = _source_samples(files, runtime_env)
+            else:
+                paths = [storage.resolve(f)[1] for f in files]
+                ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
+            ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
+            per_epoch.append(ds.limit(rows_per_epoch))
+        return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
 
 
 def ingest_options() -> ray.data.ExecutionOptions:
@@ -136,51 +168,3 @@ def _stream_context() -> Iterator[None]:
 
 
 _CONTEXT_LOCK = threading.Lock()
-
-
-def _epochs(
-    source: DataSource,
-    cfg: TrainConfig,
-    augment_cfg: AugmentConfig,
-    preprocess: data.StudentPreprocess,
-    teachers: Sequence[str],
-    rows_per_epoch: int,
-    epochs: range,
-    tasks: dict,
-) -> ray.data.Dataset:
-    runtime_env = tasks["runtime_env"]
-    use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
-    per_epoch = []
-    for epoch in epochs:
-        files = _epoch_order(source.files, cfg.seed, epoch)
-        if source.manifest is None:
-            ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=len(files))
-            ds = ds.flat_map(remote.read_source_shard, runtime_env=runtime_env)
-            augment = remote.BatchTransform(
-                remote.AUGMENT,
-                augment_cfg=to_dict(augment_cfg),
-                preprocess=dataclasses.asdict(preprocess),
-                tokenizer_name=cfg.model,
-                seed=cfg.seed,
-                epoch=epoch,
-            )
-            ds = ds.map_batches(augment, **tasks)
-        else:
-            fs, _ = storage.resolve(source.uri)
-            paths = [storage.resolve(f)[1] for f in files]
-            columns = _columns(source.manifest, cfg.mode, use_syn, teachers)
-            ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
-            replay = remote.BatchTransform(
-                remote.REPLAY,
-                manifest=source.manifest.to_dict(),
-                preprocess=dataclasses.asdict(preprocess),
-                tokenizer_name=cfg.model,
-                seed=cfg.seed,
-                epoch=epoch,
-                mode=cfg.mode,
-                use_syn_captions=use_syn,
-                teachers=list(teachers),
-            )
-            ds = ds.map_batches(replay, **tasks)
-        per_epoch.append(ds.limit(rows_per_epoch))
-    return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
