@@ -95,18 +95,18 @@ def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
     assert "text_projection" in decayed and any("attn.in_proj_weight" in n for n in decayed)
 
 
-def synthetic_batches(seed: int = 0) -> list[dict[str, torch.Tensor]]:
+def synthetic_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> list[dict[str, torch.Tensor]]:
     """STEPS x ACCUM global micro-batches with every column the reinforced step reads."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(STEPS * ACCUM):
 
         def unit(*shape: int) -> torch.Tensor:
-            return torch.nn.functional.normalize(torch.randn(*shape, generator=g), dim=-1)
+            return torch.nn.functional.normalize(torch.randn(*shape, generator=g, dtype=dtype), dim=-1)
 
         out.append(
             {
-                data.IMAGE: torch.randn(GLOBAL_B, 3, 32, 32, generator=g),
+                data.IMAGE: torch.randn(GLOBAL_B, 3, 32, 32, generator=g, dtype=dtype),
                 data.TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
                 data.SYN_TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
                 data.teacher_image_column("t"): unit(GLOBAL_B, 64),
@@ -122,7 +122,7 @@ def run_steps(model: torch.nn.Module, plan: TrainPlan, rows: slice) -> dict[str,
     `apply_update`."""
     optimizer = torch.optim.AdamW(param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-6)
     step_fn = Step(model, plan, torch.device("cpu"))
-    batches = synthetic_batches()
+    batches = synthetic_batches(dtype=next(model.parameters()).dtype)
     for step in range(STEPS):
         for micro in range(ACCUM):
             batch = {k: v[rows] for k, v in batches[step * ACCUM + micro].items()}
@@ -142,11 +142,19 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
         plan = make_plan(local_batch=GLOBAL_B // WORLD_SIZE)
-        model = DistributedDataParallel(build_student(plan, torch.device("cpu")))
+        model = DistributedDataParallel(build_student(plan, torch.device("cpu")).double())
         local = GLOBAL_B // WORLD_SIZE
         torch.save(run_steps(model, plan, slice(rank * local, (rank + 1) * local)), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+# Training runs in float64 so that the test judges the algorithm, not float32 summation order (which differs
+# between CPUs). Bound on a weight's difference: AdamW's update lr * m / (sqrt(v) + eps) changes by at most
+# lr / (4 * eps) per unit of gradient change (its steepest point is |g| ~ eps), i.e. 2.5e3 here; float64 gradients
+# of O(1) sums differ by ~1e-15 between summation orders, so STEPS steps move a weight by < 1e-11. atol 1e-9 keeps
+# a 100x margin, while a real DDP error (a gradient not averaged, a rank's rows missing) moves weights by ~lr.
+DDP_ATOL = 1e-9
 
 
 @pytest.mark.timeout(180)
@@ -155,12 +163,13 @@ def test_two_ddp_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path
     mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
     plan = make_plan()
-    single = run_steps(build_student(plan, torch.device("cpu")), plan, slice(None))
-    initial = build_student(plan, torch.device("cpu")).state_dict()
+    single = run_steps(build_student(plan, torch.device("cpu")).double(), plan, slice(None))
+    initial = build_student(plan, torch.device("cpu")).double().state_dict()
     assert any(not torch.equal(single[k], initial[k]) for k in single)  # the steps did change the weights
     for rank in ranks:
         for name, want in single.items():
-            torch.testing.assert_close(rank[name], want, rtol=1e-4, atol=1e-5, msg=name)
+            assert rank[name].dtype == want.dtype
+            torch.testing.assert_close(rank[name], want, rtol=0, atol=DDP_ATOL, msg=name)
 
 
 def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_loss():

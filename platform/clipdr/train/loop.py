@@ -215,12 +215,19 @@ class OnlineTeachers(nn.Module):
     def forward(self, batch: dict[str, Tensor], use_syn: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         img, txt, syn = [], [], []
         for name, teacher in zip(self.names, self.teachers, strict=True):
-            img.append(F.normalize(teacher.encode_image(batch[data.teacher_view_column(name)]).float(), dim=-1))
-            txt.append(F.normalize(teacher.encode_text(batch[data.teacher_tokens_column(name)]).float(), dim=-1))
+            view, tokens = batch[data.teacher_view_column(name)], batch[data.teacher_tokens_column(name)]
+            img.append(F.normalize(_at_least_fp32(teacher.encode_image(view)), dim=-1))
+            txt.append(F.normalize(_at_least_fp32(teacher.encode_text(tokens)), dim=-1))
             if use_syn:
-                tokens = batch[data.teacher_syn_tokens_column(name)]
-                syn.append(F.normalize(teacher.encode_text(tokens).float(), dim=-1))
+                syn_tokens = batch[data.teacher_syn_tokens_column(name)]
+                syn.append(F.normalize(_at_least_fp32(teacher.encode_text(syn_tokens)), dim=-1))
         return img, txt, syn
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Upcasts bf16/fp16 outputs of an autocast region to float32; float64 stays float64 (the DDP-equivalence test
+    trains in float64 so that it compares the algorithm, not float32 summation order)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -268,8 +275,8 @@ class Step:
             out = self.model(image, tokens)
         if not isinstance(out, dict):
             out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
-        img_BD = out["image_features"].float()[:B]
-        txt_2BD = out["text_features"].float()
+        img_BD = _at_least_fp32(out["image_features"])[:B]
+        txt_2BD = _at_least_fp32(out["text_features"])
         txt_BD, syn_BD = (txt_2BD[:B], txt_2BD[B:]) if plan.use_syn_captions else (txt_2BD, None)
 
         t_img = t_txt = t_syn = None
@@ -284,7 +291,7 @@ class Step:
         parts = self.loss(img_BD, txt_BD, out["logit_scale"], syn_BD, t_img, t_txt, t_syn or None)
 
         if self.is_coca:
-            logits_BTV = out["logits"].float()
+            logits_BTV = _at_least_fp32(out["logits"])
             labels_BT = out["labels"]
             caption = F.cross_entropy(logits_BTV.permute(0, 2, 1), labels_BT, ignore_index=0)
             parts["caption_loss"] = caption.detach()
