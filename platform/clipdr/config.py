@@ -114,7 +114,9 @@ class ReinforceResources:
     """Where reinforcement runs and how wide; set here, applied in reinforce/pipeline.py only."""
 
     device: str = _f("auto", "auto (cuda when the cluster has GPUs), cuda or cpu")
-    batch_size: int = _f(64, "samples per model batch")
+    batch_size: int = _f(
+        64, "samples per model forward: a fixed chunk of one shard, so outputs do not depend on scheduling"
+    )
     teacher_actors: int = _f(1, "actors running the teacher ensemble")
     captioner_actors: int = _f(1, "actors running the captioner")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per model actor (also its torch threads)")

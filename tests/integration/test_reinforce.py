@@ -85,10 +85,20 @@ def with_output(config: Config, output: str) -> Config:
     return dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, output=output))
 
 
-def test_reinforce_to_s3_matches_direct_teacher_forward(setup, ray_local, s3_bucket):
-    config, valid_keys, _ = setup
-    config = with_output(config, storage.join(s3_bucket, "reinforced"))
-    manifest = run(config, log=lambda message: None)
+@pytest.fixture(scope="module")
+def s3_run(setup, ray_local, s3_endpoint):
+    """One reinforcement of the corpus onto the S3 emulator (one actor per model stage)."""
+    import boto3
+
+    config, _, _ = setup
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="clipdr-reinforce-test")
+    config = with_output(config, "s3://clipdr-reinforce-test/reinforced")
+    return config, run(config, log=lambda message: None)
+
+
+def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
+    _, valid_keys, _ = setup
+    config, manifest = s3_run
 
     dataset = records.open_dataset(config.reinforce.output, require_teachers=["vit", "mci"], min_syn_captions=2)
     assert dict(manifest.skipped) == BAD_SKIPS
@@ -131,13 +141,21 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, ray_local, s3_buc
     assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}
 
 
-def test_resume_after_crash_is_exactly_once_and_deterministic(setup, ray_local, tmp_path):
+def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path):
     config, valid_keys, _ = setup
+    # Other parallelism than the S3 run (two actors per model stage): Ray bundles the stream differently.
+    wide = dataclasses.replace(config.reinforce.resources, teacher_actors=2, captioner_actors=2)
     config = with_output(config, str(tmp_path / "out"))
+    config = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, resources=wide))
     first = run(config, log=lambda message: None)
     out = config.reinforce.output
+    s3_config, s3_manifest = s3_run
+    assert [s.path for s in first.shards] == [s.path for s in s3_manifest.shards]
+    for shard in first.shards:  # every output shard is a function of (config, source shard): the same bytes
+        local_bytes = (tmp_path / "out" / shard.path).read_bytes()
+        assert local_bytes == storage.read_bytes(storage.join(s3_config.reinforce.output, shard.path)), shard.path
     before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
-    original = records.read_shard(os.path.join(out, "student-00001.parquet"))
+    original_bytes = (tmp_path / "out" / "student-00001.parquet").read_bytes()
 
     # A crash: the manifest was never written, one shard is missing and a partial temporary file lies around.
     os.remove(os.path.join(out, records.MANIFEST_NAME))
@@ -156,14 +174,8 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, ray_local, 
     keys = sorted(k for uri in records.open_dataset(out).shard_uris for k in records.read_shard(uri)["key"].to_pylist())
     assert keys == valid_keys
 
-    # Same config and seed: the redone shard holds the same captions, views and (within fp16) embeddings.
-    redone = records.read_shard(os.path.join(out, "student-00001.parquet"))
-    for column in (records.KEY, records.CAPTION, records.SYN_CAPTIONS, records.AUG_PARAMS):
-        assert redone.column(column).equals(original.column(column)), column
-    for teacher in ("vit", "mci"):
-        np.testing.assert_allclose(
-            records.image_embeddings(redone, teacher), records.image_embeddings(original, teacher), atol=2e-3
-        )
+    # Same config and seed: the redone shard is the original, byte for byte.
+    assert (tmp_path / "out" / "student-00001.parquet").read_bytes() == original_bytes
 
     # A complete dataset is left alone; other settings on the same output are refused.
     assert run(config, log=messages.append).num_rows == first.num_rows

@@ -1,13 +1,16 @@
 """Ray Data wiring of the reinforcement stages; every resource setting of the job is applied here and only here.
 
-    source shards --ReadShards (tasks, CPU)--> samples + K sampled views
+    source shards --ReadShards (tasks, CPU, streaming)--> chunks: samples + K sampled views
         --Caption (actor pool)--> + S synthetic captions
         --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
         --WriteShards (one actor)--> complete output shards, one per source shard
 
-Only encoded image bytes and small arrays travel between stages: model stages decode the bytes themselves and
-render the views they need, so no pixel tensor goes through the object store. The captioner runs before the
-teachers so that a single actor embeds both the views and the 1+S captions with the teachers loaded once.
+A stream row is one chunk of ``reinforce.resources.batch_size`` samples of one shard (see `stages`), so every
+model forward sees the same samples together whatever the parallelism: the output is a function of the config
+and the source alone. Only encoded image bytes and small arrays travel between stages: model stages decode the
+bytes themselves and render the views they need, so no pixel tensor goes through the object store. The captioner
+runs before the teachers so that a single actor embeds both the views and the 1+S captions with the teachers
+loaded once.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ def run_pipeline(
     model_actor = {
         "num_cpus": res.cpus_per_actor,
         "num_gpus": gpus,
-        "batch_size": res.batch_size,
+        "batch_size": 1,  # one chunk (res.batch_size samples of one shard) a call
         "runtime_env": runtime_env,
     }
 
@@ -83,7 +86,7 @@ def run_pipeline(
     )
     ds = ds.map_batches(
         WriteShards,
-        batch_size=res.batch_size,  # a bounded batch: otherwise Ray bundles small blocks and shards land late
+        batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
         fn_constructor_args=(cfg.output, manifest, run_fingerprint, {t.output: t.source for t in tasks}),
         # One writer: all rows of a shard must meet in the same process.
         compute=ray.data.ActorPoolStrategy(size=1),

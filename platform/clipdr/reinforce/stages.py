@@ -2,10 +2,15 @@
 
 Nothing here imports Ray, so each stage runs (and is tested) on its own. Batches are dicts of numpy arrays.
 
-The stream between stages carries, per sample, the record's own columns (`records.KEY`, ...) plus three
-bookkeeping columns: the output shard the sample belongs to, how many valid samples that shard has, and its
-skip counts. The writer collects a shard's rows until it has all of them, then writes the shard in one
-atomic file, so every output shard is either complete or absent, whatever order batches arrive in.
+The unit of the stream is a *chunk*: up to ``chunk_rows`` consecutive valid samples of one source shard, packed
+into one row (`pack_chunk`). Model stages run their forward over exactly one chunk at a time, so what a model
+computes for a sample depends only on (config, source shard), never on how Ray bundled blocks: numerics of a
+batched forward depend on the batch's composition and size, and a stream of single samples would let Ray regroup
+them freely. A chunk row carries bookkeeping besides the packed samples: its output shard, its index in the
+shard, whether it is the shard's last chunk, and (on the last chunk) the shard's valid-sample and skip counts.
+Reading streams: a shard is never held whole, only one chunk of decoded images at a time. The writer collects a
+shard's chunks until it has all of them, then writes them in chunk order in one atomic file, so every output
+shard is either complete or absent, the same bytes whatever order chunks arrive in.
 
 Shape suffixes: N samples, K views a sample, L encoded view length, S synthetic captions, D embedding width.
 """
@@ -13,6 +18,7 @@ Shape suffixes: N samples, K views a sample, L encoded view length, S synthetic 
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import time
 from collections.abc import Iterator, Sequence
@@ -26,8 +32,11 @@ from clipdr.config import AugmentConfig, TeacherConfig
 from clipdr.data import sources
 
 SHARD = "_shard"  # output shard path, relative to the dataset directory
-SHARD_ROWS = "_shard_rows"  # valid samples in that shard
-SHARD_SKIPPED = "_shard_skipped"  # JSON {reason: count} of that shard
+CHUNK = "_chunk"  # the chunk's samples, packed (`pack_chunk`)
+CHUNK_INDEX = "_chunk_index"  # position of the chunk in its shard
+LAST_CHUNK = "_last_chunk"  # the shard's last chunk: it also carries the two counts below
+SHARD_ROWS = "_shard_rows"  # valid samples in the shard (on its last chunk)
+SHARD_SKIPPED = "_shard_skipped"  # JSON {reason: count} of the shard (on its last chunk)
 SYN_PREFIX = "_syn_"  # synthetic caption j travels as column _syn_<j> (flat strings convert to Arrow cleanly)
 SHARD_METADATA_KEY = b"clipdr.reinforce"  # Parquet footer metadata of an output shard: provenance + skip counts
 
@@ -60,8 +69,54 @@ def write_output_shard(
     return table.num_rows
 
 
+_SHAPE = b"shape"  # Arrow field metadata of a packed column: the per-sample shape of an n-d array
+
+
+def pack_chunk(columns: dict[str, np.ndarray]) -> bytes:
+    """Packs per-sample columns (equal length N) into Arrow IPC bytes: object arrays of str/bytes as string/binary
+    columns, numeric (N, ...) arrays as fixed-size lists of their flattened rows with the row shape recorded."""
+    arrays, fields = [], []
+    for name, values in columns.items():
+        if values.dtype == object:
+            array = pa.array(list(values))
+            fields.append(pa.field(name, array.type))
+        else:
+            flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+            row_shape = values.shape[1:]
+            array = pa.FixedSizeListArray.from_arrays(flat, int(np.prod(row_shape))) if row_shape else flat
+            fields.append(pa.field(name, array.type, metadata={_SHAPE: json.dumps(list(row_shape)).encode()}))
+        arrays.append(array)
+    batch = pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, batch.schema) as writer:
+        writer.write_batch(batch)
+    return sink.getvalue().to_pybytes()
+
+
+def unpack_chunk(data: bytes) -> dict[str, np.ndarray]:
+    """The columns `pack_chunk` packed, with their dtypes and shapes."""
+    table = pa.ipc.open_stream(data).read_all()
+    columns = {}
+    for field, column in zip(table.schema, table.columns, strict=True):
+        array = column.combine_chunks()
+        if field.metadata is None or _SHAPE not in field.metadata:
+            columns[field.name] = np.array(array.to_pylist(), dtype=object)
+            continue
+        row_shape = tuple(json.loads(field.metadata[_SHAPE]))
+        flat = array.flatten() if row_shape else array
+        columns[field.name] = flat.to_numpy(zero_copy_only=False).reshape(len(array), *row_shape)
+    return columns
+
+
+def _stream_row(row: dict[str, object]) -> dict[str, np.ndarray]:
+    """A one-row batch (what a Ray Data stage yields) from plain values."""
+    return {
+        name: np.array([value], dtype=object if isinstance(value, str | bytes) else None) for name, value in row.items()
+    }
+
+
 class ReadShards:
-    """Source shard -> validated samples with their K sampled views (CPU stage).
+    """Source shard -> chunks of validated samples with their K sampled views (CPU stage, streaming).
 
     A shard whose samples are all invalid has nothing to send down the stream, so this stage writes its
     (empty) output shard itself, carrying the skip counts.
@@ -87,50 +142,68 @@ class ReadShards:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         for source, output in zip(batch["source"], batch["output"], strict=True):
-            yield from self.read(ShardTask(str(source), str(output)))
+            for row in self.read(ShardTask(str(source), str(output))):
+                yield _stream_row(row)
 
-    def read(self, task: ShardTask) -> Iterator[dict[str, np.ndarray]]:
+    def _pack(self, chunk: list[sources.SourceSample]) -> dict[str, np.ndarray]:
+        views_NKL = np.stack(
+            [
+                augment.views_to_array(
+                    augment.sample_views(s.image.size, s.key, self.num_views, self.augment_cfg, self.seed)
+                )
+                for s in chunk
+            ]
+        )
+        return {
+            records.KEY: np.array([s.key for s in chunk], dtype=object),
+            records.IMAGE: np.array([s.image_bytes for s in chunk], dtype=object),
+            records.IMAGE_EXT: np.array([s.image_ext for s in chunk], dtype=object),
+            records.CAPTION: np.array([s.caption for s in chunk], dtype=object),
+            records.AUG_PARAMS: views_NKL,
+        }
+
+    def read(self, task: ShardTask) -> Iterator[dict[str, object]]:
+        """The shard's chunk rows, holding at most two chunks of decoded samples at a time (one read ahead, so
+        that the last chunk is known and carries the shard's counts)."""
         skipped: collections.Counter[str] = collections.Counter()
-        samples = list(sources.iter_shard(task.source, skipped))
-        skipped_json = json.dumps(dict(skipped), sort_keys=True)
-        if not samples:
+        samples = sources.iter_shard(task.source, skipped)
+        chunks = iter(lambda: list(itertools.islice(samples, self.chunk_rows)), [])
+        current = next(chunks, None)
+        if current is None:
             empty = {name: [] for name in self.manifest.schema().names}
-            write_output_shard(
-                self.output_dir,
-                task.output,
-                empty,
-                self.manifest,
-                shard_metadata(self.run_fingerprint, task.source, dict(skipped)),
-            )
+            metadata = shard_metadata(self.run_fingerprint, task.source, dict(skipped))
+            write_output_shard(self.output_dir, task.output, empty, self.manifest, metadata)
             return
-        for start in range(0, len(samples), self.chunk_rows):
-            chunk = samples[start : start + self.chunk_rows]
-            views_NKL = np.stack(
-                [
-                    augment.views_to_array(
-                        augment.sample_views(s.image.size, s.key, self.num_views, self.augment_cfg, self.seed)
-                    )
-                    for s in chunk
-                ]
-            )
+        num_rows = 0
+        for index in itertools.count():
+            following = next(chunks, None)
+            num_rows += len(current)
+            last = following is None  # the source is exhausted: the skip counts are final
             yield {
-                records.KEY: np.array([s.key for s in chunk], dtype=object),
-                records.IMAGE: np.array([s.image_bytes for s in chunk], dtype=object),
-                records.IMAGE_EXT: np.array([s.image_ext for s in chunk], dtype=object),
-                records.CAPTION: np.array([s.caption for s in chunk], dtype=object),
-                records.AUG_PARAMS: views_NKL,
-                SHARD: np.array([task.output] * len(chunk), dtype=object),
-                SHARD_ROWS: np.full(len(chunk), len(samples), dtype=np.int64),
-                SHARD_SKIPPED: np.array([skipped_json] * len(chunk), dtype=object),
+                SHARD: task.output,
+                CHUNK_INDEX: index,
+                CHUNK: pack_chunk(self._pack(current)),
+                LAST_CHUNK: last,
+                SHARD_ROWS: num_rows if last else -1,
+                SHARD_SKIPPED: json.dumps(dict(skipped), sort_keys=True) if last else "",
             }
+            if last:
+                return
+            current = following
 
 
 def _decode(images: Sequence[bytes]) -> list:
     return [sources.decode_rgb(bytes(b)) for b in images]
 
 
+def _map_chunks(batch: dict[str, np.ndarray], fn) -> dict[str, np.ndarray]:
+    """Applies ``fn(samples) -> samples`` to every chunk of a stream batch, one chunk at a time."""
+    batch[CHUNK] = np.array([pack_chunk(fn(unpack_chunk(bytes(packed)))) for packed in batch[CHUNK]], dtype=object)
+    return batch
+
+
 class Caption:
-    """Adds S synthetic captions per sample (model stage: one captioner per actor)."""
+    """Adds S synthetic captions per sample (model stage: one captioner per actor), one chunk per forward."""
 
     def __init__(self, spec: records.CaptionerSpec, num_captions: int, device: str, threads: int) -> None:
         import torch
@@ -144,22 +217,26 @@ class Caption:
         self.num_captions = num_captions
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keys = [str(k) for k in batch[records.KEY]]
-        captions = self.captioner.generate(_decode(batch[records.IMAGE]), keys, self.num_captions)
+        return _map_chunks(batch, self.caption)
+
+    def caption(self, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keys = [str(k) for k in samples[records.KEY]]
+        captions = self.captioner.generate(_decode(samples[records.IMAGE]), keys, self.num_captions)
         for j in range(self.num_captions):
-            batch[f"{SYN_PREFIX}{j}"] = np.array([sample_captions[j] for sample_captions in captions], dtype=object)
-        return batch
+            samples[f"{SYN_PREFIX}{j}"] = np.array([sample_captions[j] for sample_captions in captions], dtype=object)
+        return samples
 
 
-def syn_captions(batch: dict[str, np.ndarray]) -> list[list[str]]:
-    """The S synthetic captions of each row of a batch (empty lists before the captioner ran)."""
-    columns = sorted((c for c in batch if c.startswith(SYN_PREFIX)), key=lambda c: int(c[len(SYN_PREFIX) :]))
-    num_rows = len(batch[records.KEY])
-    return [[str(batch[c][i]) for c in columns] for i in range(num_rows)]
+def syn_captions(samples: dict[str, np.ndarray]) -> list[list[str]]:
+    """The S synthetic captions of each sample (empty lists before the captioner ran)."""
+    columns = sorted((c for c in samples if c.startswith(SYN_PREFIX)), key=lambda c: int(c[len(SYN_PREFIX) :]))
+    num_rows = len(samples[records.KEY])
+    return [[str(samples[c][i]) for c in columns] for i in range(num_rows)]
 
 
 class Embed:
-    """Adds every teacher's image embeddings of the K stored views and text embeddings of 1+S captions."""
+    """Adds every teacher's image embeddings of the K stored views and text embeddings of 1+S captions, one chunk
+    per forward."""
 
     def __init__(self, teachers: Sequence[TeacherConfig], device: str, threads: int) -> None:
         import torch
@@ -170,19 +247,23 @@ class Embed:
         self.ensemble = TeacherEnsemble(teachers, device=device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        views = [augment.views_from_array(views_KL) for views_KL in batch[records.AUG_PARAMS]]
-        captions = [[str(real), *syn] for real, syn in zip(batch[records.CAPTION], syn_captions(batch), strict=True)]
-        embedded = self.ensemble.embed(_decode(batch[records.IMAGE]), views, captions)
+        return _map_chunks(batch, self.embed)
+
+    def embed(self, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        views = [augment.views_from_array(views_KL) for views_KL in samples[records.AUG_PARAMS]]
+        captions = [
+            [str(real), *syn] for real, syn in zip(samples[records.CAPTION], syn_captions(samples), strict=True)
+        ]
+        embedded = self.ensemble.embed(_decode(samples[records.IMAGE]), views, captions)
         for name, (image_emb_NKD, text_emb_NTD) in embedded.items():
-            batch[records.image_emb_column(name)] = image_emb_NKD
-            batch[records.text_emb_column(name)] = text_emb_NTD
-        return batch
+            samples[records.image_emb_column(name)] = image_emb_NKD
+            samples[records.text_emb_column(name)] = text_emb_NTD
+        return samples
 
 
 class WriteShards:
-    """Collects each output shard's rows and writes the shard once all of them arrived (one actor only).
-
-    Emits one row per completed shard: its name, row count and the time it was written.
+    """Collects each output shard's chunks and writes the shard, in chunk order, once all of them arrived (one actor
+    only). Emits one row per completed shard: its name, row count and the time it was written.
     """
 
     def __init__(
@@ -193,27 +274,23 @@ class WriteShards:
         self.run_fingerprint = run_fingerprint
         self.sources_by_output = sources_by_output
         self.columns = manifest.schema().names
-        self.pending: dict[str, list[dict[str, np.ndarray]]] = collections.defaultdict(list)
-        self.counts: collections.Counter[str] = collections.Counter()
+        self.pending: dict[str, dict[int, bytes]] = collections.defaultdict(dict)
+        self.last: dict[str, tuple[int, int, str]] = {}  # shard -> (last chunk index, rows, skip counts JSON)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done_names: list[str] = []
         done_rows: list[int] = []
         done_at: list[float] = []
-        shards = batch[SHARD]
-        for name in dict.fromkeys(str(s) for s in shards):
-            rows = np.flatnonzero(shards == name)
-            part = {
-                c: batch[c][rows] for c in batch if c in self.columns or c.startswith(SYN_PREFIX) or c == SHARD_SKIPPED
-            }
-            self.pending[name].append(part)
-            self.counts[name] += len(rows)
-            expected = int(batch[SHARD_ROWS][rows[0]])
-            if self.counts[name] == expected:
+        for i, name in enumerate(str(s) for s in batch[SHARD]):
+            index = int(batch[CHUNK_INDEX][i])
+            assert index not in self.pending[name], f"shard {name} got chunk {index} twice"
+            self.pending[name][index] = bytes(batch[CHUNK][i])
+            if batch[LAST_CHUNK][i]:
+                self.last[name] = (index, int(batch[SHARD_ROWS][i]), str(batch[SHARD_SKIPPED][i]))
+            if name in self.last and len(self.pending[name]) == self.last[name][0] + 1:
                 done_names.append(name)
                 done_rows.append(self._write(name))
                 done_at.append(time.time())
-            assert self.counts[name] <= expected, f"shard {name} got {self.counts[name]} rows, expected {expected}"
         return {
             "shard": np.array(done_names, dtype=object),
             "num_rows": np.array(done_rows, dtype=np.int64),
@@ -221,12 +298,13 @@ class WriteShards:
         }
 
     def _write(self, name: str) -> int:
-        parts = self.pending.pop(name)
-        del self.counts[name]
+        chunks = self.pending.pop(name)
+        _, expected_rows, skipped_json = self.last.pop(name)
+        parts = [unpack_chunk(chunks[index]) for index in sorted(chunks)]
         merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+        assert len(merged[records.KEY]) == expected_rows, f"shard {name}: {len(merged[records.KEY])} rows"
         columns = {c: merged[c] for c in self.columns if c != records.SYN_CAPTIONS}
         if records.SYN_CAPTIONS in self.columns:
             columns[records.SYN_CAPTIONS] = syn_captions(merged)
-        skipped = json.loads(str(parts[0][SHARD_SKIPPED][0]))
-        metadata = shard_metadata(self.run_fingerprint, self.sources_by_output[name], skipped)
+        metadata = shard_metadata(self.run_fingerprint, self.sources_by_output[name], json.loads(skipped_json))
         return write_output_shard(self.output_dir, name, columns, self.manifest, metadata)

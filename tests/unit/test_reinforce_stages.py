@@ -1,0 +1,76 @@
+"""The stream between reinforcement stages, without Ray: the chunk codec and the writer's order independence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from clipdr import augment, records
+from clipdr.reinforce import stages
+from tests.unit.test_records import make_columns, make_manifest
+
+
+def test_a_packed_chunk_round_trips_dtypes_shapes_and_values():
+    rng = np.random.default_rng(0)
+    columns = {
+        "key": np.array(["a", "é", ""], dtype=object),
+        "image": np.array([b"\x00\xff", b"", b"jpeg"], dtype=object),
+        "views": rng.standard_normal((3, 4, 9)).astype(np.float32),
+        "emb": rng.standard_normal((3, 2, 5)).astype(np.float16),
+        "count": np.array([1, 2, 3], dtype=np.int64),
+    }
+    unpacked = stages.unpack_chunk(stages.pack_chunk(columns))
+    assert list(unpacked) == list(columns)
+    for name, want in columns.items():
+        got = unpacked[name]
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert np.array_equal(got, want), name
+
+
+def _stream_chunks(manifest: records.Manifest, num_rows: int, chunk_rows: int) -> list[dict[str, np.ndarray]]:
+    """The chunk rows the embed stage would hand the writer for one shard of ``num_rows`` samples."""
+    columns = make_columns(manifest, num_rows)
+    samples = {
+        records.KEY: np.array(columns[records.KEY], dtype=object),
+        records.IMAGE: np.array(columns[records.IMAGE], dtype=object),
+        records.IMAGE_EXT: np.array(columns[records.IMAGE_EXT], dtype=object),
+        records.CAPTION: np.array(columns[records.CAPTION], dtype=object),
+        records.AUG_PARAMS: np.stack([augment.views_to_array(v) for v in columns[records.AUG_PARAMS]]),
+    }
+    for j in range(manifest.num_syn_captions):
+        samples[f"{stages.SYN_PREFIX}{j}"] = np.array([c[j] for c in columns[records.SYN_CAPTIONS]], dtype=object)
+    for spec in manifest.teachers:
+        for column in (records.image_emb_column(spec.name), records.text_emb_column(spec.name)):
+            samples[column] = columns[column].astype(np.float16)
+    starts = list(range(0, num_rows, chunk_rows))
+    return [
+        {
+            stages.SHARD: np.array(["part.parquet"], dtype=object),
+            stages.CHUNK_INDEX: np.array([index]),
+            stages.CHUNK: np.array(
+                [stages.pack_chunk({c: v[start : start + chunk_rows] for c, v in samples.items()})], dtype=object
+            ),
+            stages.LAST_CHUNK: np.array([index == len(starts) - 1]),
+            stages.SHARD_ROWS: np.array([num_rows if index == len(starts) - 1 else -1]),
+            stages.SHARD_SKIPPED: np.array([json.dumps({"corrupt_image": 2}) if index == len(starts) - 1 else ""]),
+        }
+        for index, start in enumerate(starts)
+    ]
+
+
+def test_the_writer_writes_the_same_bytes_whatever_order_chunks_arrive_in(tmp_path):
+    manifest = make_manifest()
+    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    written = {}
+    for name, order in (("in_order", [0, 1, 2, 3]), ("last_first", [3, 1, 0, 2])):
+        out = tmp_path / name
+        writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
+        done = [writer(chunks[i]) for i in order]
+        assert [list(d["shard"]) for d in done] == [[], [], [], ["part.parquet"]]  # complete only with all chunks
+        assert int(done[-1]["num_rows"][0]) == 10
+        written[name] = (out / "part.parquet").read_bytes()
+    assert written["in_order"] == written["last_first"]
+    table = records.read_shard(str(tmp_path / "in_order" / "part.parquet"))
+    assert table.column(records.KEY).to_pylist() == [f"k{i}" for i in range(10)]
+    assert stages.read_shard_metadata(table.schema)["skipped"] == {"corrupt_image": 2}
