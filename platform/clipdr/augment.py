@@ -139,7 +139,7 @@ def check_op(op_index: int, magnitude: float) -> None:
     name = OP_NAMES[op_index]
     if name in _FACTOR_OPS and magnitude < -1.0:
         raise ValueError(f"{name} magnitude {magnitude!r} gives a negative factor 1 + m; it must be >= -1")
-    if name == "Posterize" and not (magnitude == int(magnitude) and 0 <= magnitude <= 8):
+    if name == "Posterize" and not (0 <= magnitude <= 8 and magnitude == int(magnitude)):  # inf, nan fail first
         raise ValueError(f"Posterize keeps an integer 0..8 bits, got {magnitude!r}")
     if name == "Solarize" and not 0.0 <= magnitude <= 1.0:
         raise ValueError(f"Solarize threshold {magnitude!r} must be a fraction of white in [0, 1]")

@@ -446,19 +446,18 @@ def _replay_rows(
         One (N, 3, H, W) float32 array per preprocessing, and ``rows_N``: the input row each output row comes from
         (``i`` itself, or the row that stands in for it), to select its captions and embeddings with.
     """
-    rendered: list[list[np.ndarray] | None] = []
+    N = len(keys)
+    out = [np.empty((N, 3, *pre.image_size), dtype=np.float32) for pre in pres]
+    good_N = np.ones(N, dtype=bool)
     failures = []
-    for key, image_bytes, views_KL, k in zip(keys, images, views_NKL, aug_index_N, strict=True):
+    for i, (key, image_bytes, views_KL, k) in enumerate(zip(keys, images, views_NKL, aug_index_N, strict=True)):
         try:
             image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(views_KL[k])
-            rendered.append(
-                [augment.replay(image, view, p.image_size, p.mean, p.std, p.interpolation).numpy() for p in pres]
-            )
+            for view_NCHW, p in zip(out, pres, strict=True):
+                view_NCHW[i] = augment.replay(image, view, p.image_size, p.mean, p.std, p.interpolation).numpy()
         except ValueError as e:  # sources.InvalidSampleError is one
-            rendered.append(None)
+            good_N[i] = False
             failures.append(f"{key} (view {k}): {e}")
-    N = len(keys)
-    good_N = np.array([r is not None for r in rendered], dtype=bool)
     rows_N = np.arange(N)
     if failures:
         if not good_N.any():
@@ -466,12 +465,8 @@ def _replay_rows(
         logger.warning("replaced %d of %d rows that do not replay: %s", len(failures), N, "; ".join(failures))
         rows_N = np.maximum.accumulate(np.where(good_N, rows_N, -1))  # the last good row at or before each row
         rows_N[rows_N < 0] = np.flatnonzero(good_N)[0]  # rows before the first good row take that one
-    out = []
-    for p, pre in enumerate(pres):
-        view_NCHW = np.empty((N, 3, *pre.image_size), dtype=np.float32)
-        for i, row in enumerate(rows_N):
-            view_NCHW[i] = rendered[row][p]
-        out.append(view_NCHW)
+        for view_NCHW in out:
+            view_NCHW[:] = view_NCHW[rows_N]
     return out, rows_N
 
 
