@@ -36,6 +36,11 @@ Posterize                                   bits kept (4..8)                    
 Solarize                                    threshold as a fraction of white        ``255 * m``
 ==========================================  ======================================  ========================
 
+Valid magnitudes (`check_op`): the kernels are defined only for a factor ``1 + m >= 0`` (Brightness, Color,
+Contrast, Sharpness), an integer Posterize in 0..8 and a Solarize threshold in [0, 1] of white; any other finite
+magnitude replays. `AugParams` refuses an op outside that domain, so a stored view either replays or fails to
+load with a ValueError that names the op, and a converter can check a foreign view before storing it.
+
 The pixel translation truncates toward zero exactly like torchvision's ``int(magnitude)``; it can differ
 from torchvision's by one pixel only when ``m * W`` lands within float32 rounding of an integer.
 
@@ -97,6 +102,7 @@ SIGNED_OPS: frozenset[str] = frozenset(
 )
 ARRAY_FIELDS: tuple[str, ...] = ("top", "left", "height", "width", "flip")  # then (op, magnitude) pairs
 
+_FACTOR_OPS = frozenset({"Brightness", "Color", "Contrast", "Sharpness"})  # factor = 1 + m, must be >= 0
 _OP_INDEX = {name: index for index, name in enumerate(OP_NAMES)}
 _TRANSLATE_MAX = 150.0 / 331.0  # torchvision's largest translation, as a fraction of the image side
 _MAX_COORD = 2**24  # float32 holds every integer up to here exactly
@@ -124,6 +130,21 @@ def _as_float32(value: Any, name: str) -> float:
     return rounded + 0.0  # -0.0 -> 0.0, so equal views encode identically
 
 
+def check_op(op_index: int, magnitude: float) -> None:
+    """Raises ValueError, naming the op, when replay cannot apply ``magnitude`` (module docstring: valid magnitudes).
+
+    The one validity check of a stored op: `AugParams` (and so replay and the training loader) and converters of
+    foreign views (`clipdr.reinforce.datacompdr`) all use it.
+    """
+    name = OP_NAMES[op_index]
+    if name in _FACTOR_OPS and magnitude < -1.0:
+        raise ValueError(f"{name} magnitude {magnitude!r} gives a negative factor 1 + m; it must be >= -1")
+    if name == "Posterize" and not (0 <= magnitude <= 8 and magnitude == int(magnitude)):  # inf, nan fail first
+        raise ValueError(f"Posterize keeps an integer 0..8 bits, got {magnitude!r}")
+    if name == "Solarize" and not 0.0 <= magnitude <= 1.0:
+        raise ValueError(f"Solarize threshold {magnitude!r} must be a fraction of white in [0, 1]")
+
+
 @dataclass(frozen=True)
 class AugParams:
     """One stored view: crop window in source pixels, flip, and RandAugment ops with resolution-free magnitudes.
@@ -138,7 +159,7 @@ class AugParams:
         width: Crop width in source pixels.
         flip: Whether the view is flipped horizontally (after the resize, before the ops).
         ops: ``(op_index, magnitude)`` pairs applied in order; op_index indexes `OP_NAMES`, the magnitude
-            follows the module docstring's convention.
+            follows the module docstring's convention and must be valid for its op (`check_op`).
     """
 
     top: int
@@ -166,7 +187,12 @@ class AugParams:
             op_index = _as_int(op[0], f"ops[{position}] op_index")
             if not 0 <= op_index < len(OP_NAMES):
                 raise ValueError(f"ops[{position}] op_index {op_index} is not in [0, {len(OP_NAMES)}): {OP_NAMES}")
-            ops.append((op_index, _as_float32(op[1], f"ops[{position}] magnitude")))
+            magnitude = _as_float32(op[1], f"ops[{position}] magnitude")
+            try:
+                check_op(op_index, magnitude)
+            except ValueError as e:
+                raise ValueError(f"ops[{position}]: {e}") from None
+            ops.append((op_index, magnitude))
         object.__setattr__(self, "ops", tuple(ops))
 
     @property
@@ -409,7 +435,11 @@ def apply_op(image_CHW: torch.Tensor, op_index: int, magnitude: float) -> torch.
 
     Returns:
         The uint8 view after the op.
+
+    Raises:
+        ValueError: A magnitude outside the op's domain (`check_op`).
     """
+    check_op(op_index, magnitude)
     name = OP_NAMES[op_index]
     height, width = image_CHW.shape[-2:]
     magnitude = to_torchvision_magnitude(op_index, magnitude, height, width)

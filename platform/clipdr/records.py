@@ -13,14 +13,19 @@ length of one encoded view, `augment.encoded_length`)::
     image                    binary                                   encoded image bytes (dataset is self-contained)
     image_ext                string                                   "jpg", "png", "webp", ... (lowercase, no dot)
     caption                  string                                   the real caption
+    uid                      string, nullable                         the source's own id of the sample, e.g.
+                                                                      DataComp's uid (only with ``has_uid``)
     syn_captions             fixed_size_list<string, S>               synthetic captions (absent when S = 0)
     aug_params               fixed_size_list<fixed_size_list<float32, L>, K>   `augment.AugParams.to_array` per view
     image_emb__<teacher>     fixed_size_list<fixed_size_list<float16, D>, K>   one row per view
     text_emb__<teacher>      fixed_size_list<fixed_size_list<float16, D>, 1+S> row 0 the real caption, rows 1..S
                                                                       the synthetic captions in `syn_captions` order
 
-Every field is non-nullable. Embeddings are L2-normalised fp16, one column per teacher, so a teacher can be
-added (its two columns appended to every shard) without recomputing the others.
+Every field but ``uid`` is non-nullable. ``uid`` exists only in datasets whose manifest says ``has_uid`` (a
+DataCompDR conversion: it is how users join back to DataComp's metadata), and is null for a sample whose source
+gave none; a manifest without ``has_uid`` (every dataset written before the column existed) omits the key, so
+their bytes and fingerprints are unchanged. Embeddings are L2-normalised fp16, one column per teacher, so a
+teacher can be added (its two columns appended to every shard) without recomputing the others.
 
 Why nested fixed-size lists of float16 for embeddings. The shape (K, D) lives in the Arrow type itself, so a
 shard's footer alone says whether it fits a manifest, no field-metadata convention has to survive Ray Data or
@@ -68,6 +73,7 @@ KEY = "key"
 IMAGE = "image"
 IMAGE_EXT = "image_ext"
 CAPTION = "caption"
+UID = "uid"
 SYN_CAPTIONS = "syn_captions"
 AUG_PARAMS = "aug_params"
 IMAGE_EMB_PREFIX = "image_emb__"
@@ -251,6 +257,8 @@ class Manifest:
         augment_seed: Dataset-level seed of view sampling (`augment.sample`'s ``seed``).
         shards: Complete shards, in read order.
         skipped: Source rows left out, as ``(reason, count)`` pairs sorted by reason; a mapping is accepted.
+        has_uid: Whether shards carry the nullable `UID` column (the source's own sample ids); ``manifest.json``
+            holds the key only when true, so manifests of datasets without it keep their bytes.
         code_version: ``clipdr.__version__`` of the writer.
         created_at: ISO 8601 time the manifest was made (UTC).
         schema_version: Version of this record layout; this code reads `SCHEMA_VERSION`.
@@ -266,6 +274,7 @@ class Manifest:
     augment_seed: int = 0
     shards: tuple[ShardInfo, ...] = ()
     skipped: tuple[tuple[str, int], ...] = ()
+    has_uid: bool = False
     code_version: str = __version__
     created_at: str = field(default_factory=_utc_now)
     schema_version: int = SCHEMA_VERSION
@@ -286,6 +295,7 @@ class Manifest:
             f"num_syn_captions is {self.num_syn_captions} but no captioner is recorded",
         )
         _check(_is_int(self.augment.num_ops) and self.augment.num_ops >= 0, "augment.num_ops must be >= 0")
+        _check(isinstance(self.has_uid, bool), f"has_uid must be a bool, got {self.has_uid!r}")
         paths = [s.path for s in self.shards]
         _check(len(set(paths)) == len(paths), "shard paths must be unique")
         reasons = [r for r, _ in self.skipped]
@@ -338,7 +348,11 @@ class Manifest:
     def schema(self) -> pa.Schema:
         """The Arrow schema every shard of this dataset has."""
         return reinforced_schema(
-            self.teachers, self.num_augmentations, self.num_syn_captions, num_aug_ops=self.augment.num_ops
+            self.teachers,
+            self.num_augmentations,
+            self.num_syn_captions,
+            num_aug_ops=self.augment.num_ops,
+            has_uid=self.has_uid,
         )
 
     def shard_uris(self, uri_dir: str) -> list[str]:
@@ -348,9 +362,11 @@ class Manifest:
     # ----------------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data; ``skipped`` becomes a ``{reason: count}`` object."""
+        """Plain JSON-able data; ``skipped`` becomes a ``{reason: count}`` object; ``has_uid`` only when true."""
         data = config.to_dict(self)
         data["skipped"] = dict(self.skipped)
+        if not self.has_uid:
+            del data["has_uid"]
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self) -> str:
@@ -364,8 +380,8 @@ class Manifest:
         if "schema_version" not in data:
             raise RecordsError(f"{where}: missing key 'schema_version'")
         _check(data["schema_version"] == SCHEMA_VERSION, _version_message(data["schema_version"], where))
+        data = {"has_uid": False, **data}  # absent: a dataset without the uid column (`to_dict`)
         _check_keys(cls, data, "", where)
-        data = dict(data)
         skipped = data["skipped"]
         if not isinstance(skipped, dict):
             raise RecordsError(f"skipped: expected an object of reason -> count, got {skipped!r} ({where})")
@@ -440,6 +456,7 @@ def reinforced_schema(
     num_augmentations: int,
     num_syn_captions: int,
     num_aug_ops: int = AugmentConfig().num_ops,
+    has_uid: bool = False,
 ) -> pa.Schema:
     """The Arrow schema of a reinforced shard (module docstring).
 
@@ -448,6 +465,7 @@ def reinforced_schema(
         num_augmentations: K.
         num_syn_captions: S; 0 leaves out the ``syn_captions`` column.
         num_aug_ops: RandAugment ops a view (``AugmentConfig.num_ops``), which fixes L.
+        has_uid: Include the nullable ``uid`` column.
     """
     for spec in teachers:
         validate_teacher_name(spec.name)
@@ -457,6 +475,8 @@ def reinforced_schema(
         pa.field(IMAGE_EXT, pa.string(), nullable=False),
         pa.field(CAPTION, pa.string(), nullable=False),
     ]
+    if has_uid:
+        fields.append(pa.field(UID, pa.string(), nullable=True))
     if num_syn_captions > 0:  # pyarrow cannot write a fixed_size_list of size 0
         fields.append(pa.field(SYN_CAPTIONS, _fixed_list(pa.string(), num_syn_captions), nullable=False))
     fields.append(
@@ -506,7 +526,7 @@ def schema_differences(expected: pa.Schema, actual: pa.Schema) -> list[str]:
 # --------------------------------------------------------------------------- building tables
 
 
-def _strings(values: Any, column: str, num_rows: int) -> pa.Array:
+def _strings(values: Any, column: str, num_rows: int, nullable: bool = False) -> pa.Array:
     if isinstance(values, pa.ChunkedArray | pa.Array):
         values = values.to_pylist()
     try:
@@ -514,7 +534,7 @@ def _strings(values: Any, column: str, num_rows: int) -> pa.Array:
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise RecordsError(f"column {column!r} must hold strings: {e}") from None
     _check(len(array) == num_rows, f"column {column!r} has {len(array)} rows, {KEY!r} has {num_rows}")
-    _check(array.null_count == 0, f"column {column!r} has {array.null_count} missing values")
+    _check(nullable or array.null_count == 0, f"column {column!r} has {array.null_count} missing values")
     return array
 
 
@@ -573,7 +593,8 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
     Args:
         columns: Exactly the columns of ``manifest.schema()``, keyed by this module's names: `KEY`,
             `CAPTION`, `IMAGE_EXT` string sequences (image_ext lowercase without a dot, e.g. ``jpg``);
-            `IMAGE` a sequence of bytes; `SYN_CAPTIONS` (when S > 0) N sequences of S strings;
+            `IMAGE` a sequence of bytes; `UID` (when ``manifest.has_uid``) strings or None;
+            `SYN_CAPTIONS` (when S > 0) N sequences of S strings;
             `AUG_PARAMS` an (N, K, L) numeric array or N sequences of K `augment.AugParams`;
             `image_emb_column(t)` (N, K, D) and `text_emb_column(t)` (N, 1+S, D) arrays of any float dtype
             (numpy, or anything ``np.asarray`` takes), L2-normalised; they are stored as fp16. The columns
@@ -599,6 +620,8 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
     arrays: dict[str, pa.Array] = {KEY: keys}
     arrays[CAPTION] = _strings(columns[CAPTION], CAPTION, num_rows)
     arrays[IMAGE_EXT] = _strings(columns[IMAGE_EXT], IMAGE_EXT, num_rows)
+    if manifest.has_uid:
+        arrays[UID] = _strings(columns[UID], UID, num_rows, nullable=True)
     bad_ext = sorted({ext for ext in arrays[IMAGE_EXT].to_pylist() if not _IMAGE_EXT_VALUE.fullmatch(ext)})
     _check(not bad_ext, f"column {IMAGE_EXT!r} values must be lowercase extensions without a dot, got {bad_ext}")
 

@@ -362,3 +362,30 @@ def test_crop_outside_the_image_is_a_value_error():
 def test_bad_params_and_arguments_are_value_errors(build):
     with pytest.raises(ValueError):
         build()
+
+
+@pytest.mark.parametrize(
+    ("name", "valid", "invalid"),
+    [
+        ("Brightness", (-1.0, 0.9, 5.0), (-1.01,)),
+        ("Color", (-1.0, -0.9), (-1.5,)),
+        ("Contrast", (-1.0,), (-2.0,)),
+        ("Sharpness", (-1.0,), (-1.25,)),
+        ("Posterize", (0.0, 4.0, 8.0), (4.5, 9.0, -1.0)),
+        ("Solarize", (0.0, 0.7, 1.0), (1.01, -0.1)),
+        ("Rotate", (-400.0, 30.0), ()),
+    ],
+)
+def test_one_magnitude_check_for_storing_and_replaying(name, valid, invalid):
+    # What check_op accepts, replay applies; what it refuses cannot be stored in AugParams, nor applied.
+    image_CHW = F.pil_to_tensor(noise_image(16, 12))
+    for magnitude in valid:
+        augment.check_op(OP[name], magnitude)
+        augment.replay_uint8(image_CHW, AugParams(0, 0, 12, 16, ops=((OP[name], magnitude),)), 8)
+    for magnitude in invalid:
+        with pytest.raises(ValueError, match=name):
+            augment.check_op(OP[name], magnitude)
+        with pytest.raises(ValueError, match=rf"ops\[0\]: {name}"):
+            AugParams(0, 0, 12, 16, ops=((OP[name], magnitude),))
+        with pytest.raises(ValueError, match=name):
+            augment.apply_op(image_CHW, OP[name], magnitude)

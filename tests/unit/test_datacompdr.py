@@ -118,7 +118,7 @@ class Fixture:
             self.bad("a7", DataCompDRSkipReason.MISSING_EMBEDDINGS, drop=("npz",)),
         ]
         shard_b = [
-            self.good("b0", encode_image(20, 40, 4), "pth"),
+            self.good("b0", encode_image(20, 40, 4), "pth", drop=("json",)),  # no uid: a null in the uid column
             self.bad(
                 "b1", DataCompDRSkipReason.INVALID_EMBEDDINGS, kind="pth", replace={"pth.gz": b"\x1f\x8b garbage"}
             ),
@@ -127,6 +127,7 @@ class Fixture:
             self.bad("b4", DataCompDRSkipReason.UNNORMALIZED_EMBEDDINGS, half_scale=0.5),
             self.bad("b5", "missing_caption", drop=("txt",)),
             self.bad("b6", DataCompDRSkipReason.MISSING_SYN_CAPTIONS, drop=("syn.json",)),
+            self.bad("b8", DataCompDRSkipReason.INVALID_MAGNITUDE, ops=[[0, 0.0], [7, -1.5]]),  # Color factor < 0
             self.good("b7", encode_image(24, 24, 5), "npz_split", norm=1.005),  # RayGen's text_emb + syn_text_emb
         ]
         write_tar_shard(storage.join(self.src, "00000000.tar"), shard_a)
@@ -137,6 +138,8 @@ class Fixture:
         paug = records_for(self.rng, frame)
         if "crop" in bad:
             paug[0][0] = bad["crop"]
+        if "ops" in bad:
+            paug[-1][1] = bad["ops"]
         image_KE = unit_rows(self.rng, bad.get("image_rows", K)) * norm
         text_RE = unit_rows(self.rng, 1 + S) * norm
         if "half_scale" in bad:
@@ -163,11 +166,13 @@ class Fixture:
         parts.update(bad.get("replace", {}))
         return {"parts": parts, "paug": paug, "syn": syn, "image_KE": image_KE, "text_RE": text_RE}
 
-    def good(self, key: str, image: bytes, kind: str, norm: float = 1.0) -> tuple[str, dict]:
+    def good(
+        self, key: str, image: bytes, kind: str, norm: float = 1.0, drop: tuple[str, ...] = ()
+    ) -> tuple[str, dict]:
         width, height = Image.open(io.BytesIO(image)).size
         scale = max(width, height) / 48 if max(width, height) > 48 else 1.0
         frame = (round(width / scale), round(height / scale))
-        built = self.members(key, image, kind, frame, norm)
+        built = self.members(key, image, kind, frame, norm, drop=drop)
 
         def split(rows: np.ndarray) -> dict[str, np.ndarray]:
             halves = np.split(rows, len(TEACHERS), axis=1)
@@ -177,6 +182,7 @@ class Fixture:
             "image": image,
             "ext": "jpg" if image[:2] == b"\xff\xd8" else "png",
             "caption": f"real caption of {key}",
+            "uid": None if "json" in drop else f"uid-{key}",
             "syn": built["syn"],
             "views": [expected_view(r, (height / frame[1], width / frame[0])) for r in built["paug"]],
             "image_emb": split(built["image_KE"]),
@@ -221,6 +227,9 @@ def test_converted_dataset_matches_the_fixture(fixture: Fixture, tmp_path: Path)
 
     table = pa.concat_tables([records.read_shard(uri) for uri in dataset.shard_uris])
     assert table.column(records.KEY).to_pylist() == fixture.keys
+    assert manifest.has_uid and table.column(records.UID).to_pylist() == [
+        fixture.expected[k]["uid"] for k in fixture.keys
+    ]
     views_NKL = records.aug_params(table)
     for i, key in enumerate(fixture.keys):
         want = fixture.expected[key]
@@ -391,7 +400,10 @@ def test_record_variants():
         ([[1, 2.5, 3, 4], None], None, "invalid"),
         ([[1, 2, 3, 4], [[14, 0.0]]], None, "invalid"),
         ([[1, 2, 3, 4], [[5, float("nan")]]], None, "invalid"),
-        ([[1, 2, 3, 4], [[10, 6.5]]], None, "invalid"),
+        ([[1, 2, 3, 4], [[10, 6.5]]], None, "magnitude"),  # Posterize keeps a whole number of bits
+        ([[1, 2, 3, 4], [[10, 9.0]]], None, "magnitude"),
+        ([[1, 2, 3, 4], [[0, 0.0], [7, -1.5]]], None, "magnitude"),  # Color factor 1 + m below 0
+        ([[1, 2, 3, 4], [[11, 300.0]]], None, "magnitude"),  # Solarize threshold past white
         ([[1, 2, 3, 4], [[0, 0.0]] * 3], None, "invalid"),
         ([[1, 2, 3, 4]], None, "invalid"),
         ({"crop": [1, 2, 3, 4]}, None, "invalid"),
@@ -402,10 +414,12 @@ def test_bad_records_are_skipped_with_a_reason(record, layout, reason):
     layout = DataCompDRLayout(transforms=layout) if layout else datacompdr.DEFAULT_LAYOUT
     with pytest.raises(DataCompDRSampleError) as e:
         datacompdr.parse_record(record, layout)
-    want = (
-        DataCompDRSkipReason.UNSUPPORTED_AUGMENTATION if reason == "unsupported" else DataCompDRSkipReason.INVALID_PAUG
-    )
-    assert e.value.reason == want
+    want = {
+        "unsupported": DataCompDRSkipReason.UNSUPPORTED_AUGMENTATION,
+        "invalid": DataCompDRSkipReason.INVALID_PAUG,
+        "magnitude": DataCompDRSkipReason.INVALID_MAGNITUDE,
+    }
+    assert e.value.reason == want[reason]
 
 
 def test_embedding_split_and_tolerance():

@@ -345,6 +345,27 @@ def test_manifest_json_round_trip_and_properties():
     assert records.Manifest.from_json(no_captioner.to_json()) == no_captioner
 
 
+def test_uid_column_is_optional_and_nullable(tmp_path):
+    plain = make_manifest()
+    # Datasets without the column keep their manifest bytes (and so their fingerprints) and their schema.
+    assert "has_uid" not in plain.to_dict() and records.UID not in plain.schema().names
+    assert records.Manifest.from_json(plain.to_json()) == plain
+    manifest = make_manifest(has_uid=True)
+    field = manifest.schema().field(records.UID)
+    assert field.type == pa.string() and field.nullable
+    with pytest.raises(records.RecordsError, match=r"missing columns \['uid'\]"):
+        records.build_table(make_columns(manifest, 1), manifest)
+    table = records.build_table({**make_columns(manifest, 3), records.UID: ["uid-0", None, "uid-2"]}, manifest)
+    records.write_shard(str(tmp_path / "part.parquet"), table)
+    final = dataclasses.replace(manifest, shards=(records.ShardInfo("part.parquet", 3),))
+    records.write_manifest(str(tmp_path), final)
+    assert json.loads(final.to_json())["has_uid"] is True
+    dataset = records.open_dataset(str(tmp_path))
+    assert dataset.manifest == final
+    assert records.read_shard(dataset.shard_uris[0], [records.UID]).column(0).to_pylist() == ["uid-0", None, "uid-2"]
+    assert records.schema_differences(manifest.schema(), plain.schema()) == ["missing columns ['uid']"]
+
+
 def _edited(edit) -> str:
     data = make_manifest(shards=(records.ShardInfo("p.parquet", 1),)).to_dict()
     edit(data)
@@ -373,6 +394,7 @@ def _edited(edit) -> str:
         (lambda d: d.update(captioner=None), r"num_syn_captions is 2 but no captioner is recorded"),
         (lambda d: d["shards"][0].update(path="../p.parquet"), r"shard path '../p.parquet' must be relative"),
         (lambda d: d.update(created_at="yesterday"), r"created_at must be an ISO 8601 time"),
+        (lambda d: d.update(has_uid="yes"), r"has_uid: expected true or false"),
     ],
 )
 def test_manifest_from_json_is_strict(edit, match):

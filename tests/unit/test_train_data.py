@@ -316,3 +316,28 @@ def test_empty_batch(dataset, preprocess):
     out = replay_batch(manifest, preprocess)(table.slice(0, 0))
     assert out[data.IMAGE].shape == (0, 3, 64, 64) and out[data.TEXT].shape == (0, 77)
     assert out[data.teacher_syn_text_column("beta_xl")].shape == (0, DIMS["beta_xl"])
+
+
+def test_a_row_that_does_not_replay_is_replaced_not_fatal(dataset, preprocess, caplog):
+    # Rows 0 and 3: every stored view has a Color factor below 0 (a dataset converted before magnitudes were
+    # checked); row 5: a corrupt image. The batch keeps its size, each bad row takes the previous good row's
+    # outputs (row 0, with none before it, the next good one), and a warning names each.
+    manifest, table = dataset
+    bad_views = records.aug_params(table).copy()
+    bad_views[[0, 3], :, 5:7] = [augment.OP_NAMES.index("Color"), -1.5]
+    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    columns[records.AUG_PARAMS] = bad_views
+    columns[records.IMAGE] = columns[records.IMAGE].copy()
+    columns[records.IMAGE][5] = b"\x89PNG not an image"
+    transform = replay_batch(manifest, preprocess)
+    good = transform(table)
+    with caplog.at_level("WARNING", logger=data.__name__):
+        out = transform(columns)
+    assert "replaced 3 of 8 rows" in caplog.text and "sample-3 (view" in caplog.text and "Color" in caplog.text
+    source = [1, 1, 2, 2, 4, 4, 6, 7]
+    for name, values in good.items():
+        assert np.array_equal(out[name], values[source]), name
+
+    columns[records.AUG_PARAMS] = np.broadcast_to(bad_views[:1], bad_views.shape)
+    with pytest.raises(ValueError, match="no row of a batch of 8 replays"):
+        transform(columns)

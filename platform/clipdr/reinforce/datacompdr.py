@@ -57,6 +57,8 @@ rand_augment [[op_index, m], ...]               ops, op by name (identical table
   Brightness, Color, Contrast, Sharpness        same (factor offset, factor = 1 + m)
   Posterize (bits kept, 4..8)                   same
   Solarize (threshold, 0..255)                  m / 255 (fraction of white)
+  a magnitude replay cannot apply               skipped, ``invalid_magnitude`` (`augment.check_op`: a factor
+                                                below 0, a non-integer Posterize, ...)
 rand_augment null (skipped when p < 1)          ``num_ops`` Identity ops, which replay to the same pixels
 fewer ops than ``augment.num_ops``              padded with Identity ops
 random_erase / mixup / cutmix, when applied     NOT reproducible: the sample is skipped, counted as
@@ -83,6 +85,10 @@ renormalised in float32: a sample whose largest ``|norm - 1|`` exceeds ``norm_to
 storage stays well within it) is skipped as ``unnormalized_embeddings``, since that means a wrong teacher split or
 corrupt data, not rounding; each sample reports its error (`DataCompDRSample.norm_error`), every converted shard
 records its largest in its footer, and `convert` logs it.
+
+DataComp's uid. The ``json`` member's ``uid`` is kept in the nullable `records.UID` column (the manifest says
+``has_uid``), null for a sample without one: the tar key is often just img2dataset's running number
+(``000000000``), so the uid is the only way back to DataComp's metadata.
 
 Conversion (`convert`): one source tar -> one reinforced Parquet shard of the same relative name, written with
 `records.build_table` / `records.write_shard` (atomic); the manifest is written last with `records.write_manifest`.
@@ -216,6 +222,10 @@ class DataCompDRSkipReason(StrEnum):
     INVALID_PAUG = "invalid_paug"
     """``paug.json`` is not JSON, has no ``param_aug`` list of K records, or a record has the wrong structure,
     a non-integer crop coordinate, an unknown op index, a non-finite magnitude or more ops than configured."""
+    INVALID_MAGNITUDE = "invalid_magnitude"
+    """A RandAugment magnitude that clipdr's replay cannot apply (`augment.check_op`): a Brightness, Color,
+    Contrast or Sharpness factor below 0, a Posterize that is not an integer 0..8, a Solarize threshold outside
+    0..255. Checked here so that training never meets it."""
     UNSUPPORTED_AUGMENTATION = "unsupported_augmentation"
     """A view applied a transform clipdr's replay cannot reproduce (random erasing, mixup, cutmix)."""
     CROP_OUTSIDE_IMAGE = "crop_outside_image"
@@ -416,10 +426,12 @@ def _parse_ops(value: Any, num_ops: int, view_size: int) -> tuple[tuple[int, flo
         if not 0 <= op_index < len(DATACOMPDR_OP_NAMES):
             raise _skip(DataCompDRSkipReason.INVALID_PAUG, f"op {position} index {op_index} is not a RandAugment op")
         name = DATACOMPDR_OP_NAMES[op_index]
-        magnitude = _number(op[1], f"op {position} ({name}) magnitude")
-        if name == "Posterize" and not (magnitude == int(magnitude) and 0 <= magnitude <= 8):
-            raise _skip(DataCompDRSkipReason.INVALID_PAUG, f"Posterize keeps 0..8 bits, got {magnitude!r}")
-        ops.append((augment.OP_NAMES.index(name), to_clipdr_magnitude(name, magnitude, view_size)))
+        magnitude = to_clipdr_magnitude(name, _number(op[1], f"op {position} ({name}) magnitude"), view_size)
+        try:
+            augment.check_op(augment.OP_NAMES.index(name), magnitude)  # what replay enforces, so training replays it
+        except ValueError as e:
+            raise _skip(DataCompDRSkipReason.INVALID_MAGNITUDE, f"op {position}: {e}") from None
+        ops.append((augment.OP_NAMES.index(name), magnitude))
     ops += [(augment.OP_NAMES.index("Identity"), 0.0)] * (num_ops - len(ops))
     return tuple(ops)
 
@@ -847,6 +859,7 @@ def build_manifest(
         augment_seed=0,  # meaningless here: Apple's generator drew the views
         shards=tuple(r.info for r in results if r.info is not None),
         skipped=dict(skipped),
+        has_uid=True,  # DataComp's uid, from each sample's json member: how users join back to DataComp metadata
     )
 
 
@@ -919,7 +932,9 @@ def convert_shard(
         "layout and manifest disagree on K, S or the augmentation config",
     )
     skipped: collections.Counter = collections.Counter()
-    rows: dict[str, list] = {name: [] for name in (records.KEY, records.IMAGE, records.IMAGE_EXT, records.CAPTION)}
+    rows: dict[str, list] = {
+        name: [] for name in (records.KEY, records.IMAGE, records.IMAGE_EXT, records.CAPTION, records.UID)
+    }
     syn_captions, views = [], []
     image_emb: dict[str, list[np.ndarray]] = {t.name: [] for t in teachers}
     text_emb: dict[str, list[np.ndarray]] = {t.name: [] for t in teachers}
@@ -929,6 +944,7 @@ def convert_shard(
         rows[records.IMAGE].append(sample.image_bytes)
         rows[records.IMAGE_EXT].append(sample.image_ext)
         rows[records.CAPTION].append(sample.caption)
+        rows[records.UID].append(sample.uid)
         syn_captions.append(list(sample.syn_captions))
         views.append(augment.views_to_array(sample.views))
         for spec in teachers:  # fp16 right away: half the memory of a shard held whole

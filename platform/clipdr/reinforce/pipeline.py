@@ -29,11 +29,20 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _apply(fn: Callable[[T], R], item: T) -> R:
+    return fn(item)
+
+
 def map_shards_on_ray(fn: Callable[[T], R], items: list[T]) -> list[R]:
-    """Runs ``fn`` over ``items`` as one Ray task each (one task owns one shard); results in input order."""
+    """Runs ``fn`` over ``items`` as one Ray task each (one task owns one shard); results in input order.
+
+    ``fn`` may be any picklable callable, a `functools.partial` included: ``ray.remote`` accepts only functions
+    and classes, so the task is a plain function that receives ``fn``, put in the object store once for all tasks.
+    """
     ensure_ray()
-    task = ray.remote(num_cpus=1, runtime_env=storage_runtime_env())(fn)
-    return ray.get([task.remote(item) for item in items])
+    task = ray.remote(_apply).options(num_cpus=1, runtime_env=storage_runtime_env())
+    fn_ref = ray.put(fn)
+    return ray.get([task.remote(fn_ref, item) for item in items])
 
 
 def resolve_device(requested: str) -> str:

@@ -16,8 +16,10 @@ teacher work: for each sample and epoch it
 `ReplayBatch` does this for one batch of rows and is meant to run as a Ray Data ``map_batches`` UDF (a callable
 class: the tokenizer loads once per actor) over ``batch_format="pyarrow"`` batches; it also takes a dict of
 numpy arrays. Each output row depends only on its own input row and ``(seed, epoch)``, so outputs are identical
-whatever the batch size, the split into blocks or the row order. `check_dataset` opens a dataset for a training
-mode and refuses one that lacks what the mode needs.
+whatever the batch size, the split into blocks or the row order; the one exception is a row whose view does not
+replay (a corrupt image, or a magnitude outside `augment.check_op`): the previous good row of its batch stands in
+for it, and a warning names it (`_replay_rows` says why it is replaced rather than dropped). `check_dataset`
+opens a dataset for a training mode and refuses one that lacks what the mode needs.
 
 Output columns (module constants; ``<t>`` a teacher name)::
 
@@ -50,6 +52,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +63,8 @@ import torch
 
 from clipdr import augment, models, records
 from clipdr.data import sources
+
+logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- names
 
@@ -376,27 +381,24 @@ class ReplayBatch:
         manifest = self.manifest
         K, S = manifest.num_augmentations, manifest.num_syn_captions
         keys = _strings(batch, records.KEY)
-        N = len(keys)
         aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, S if self.use_syn_captions else 0)
         views_NKL = _nested(batch, records.AUG_PARAMS, (K, manifest.aug_param_length))
-        rows_N = np.arange(N)
+        pres = [self.preprocess] + [
+            StudentPreprocess(spec.image_size, spec.mean, spec.std, spec.interpolation, 1) for spec, _ in self.online
+        ]
+        views, rows_N = _replay_rows(keys, _images(batch), views_NKL, aug_index_N, pres)
+        aug_index_N, syn_index_N = aug_index_N[rows_N], syn_index_N[rows_N]
 
-        images = [sources.decode_rgb(b) for b in _images(batch)]
-        params = [augment.AugParams.from_array(views_NKL[i, k]) for i, k in zip(rows_N, aug_index_N, strict=True)]
-        captions = _strings(batch, records.CAPTION)
-        out = {
-            IMAGE: _render(images, params, self.preprocess),
-            TEXT: self._tokenize(captions),
-            AUG_INDEX: aug_index_N,
-        }
+        real_captions = _strings(batch, records.CAPTION)
+        captions = [real_captions[i] for i in rows_N]
+        out = {IMAGE: views[0], TEXT: self._tokenize(captions), AUG_INDEX: aug_index_N}
         if self.use_syn_captions:
-            syn = _syn_captions(batch, N)
+            syn = _syn_captions(batch, len(keys))
             syn_captions = [syn[i][j] for i, j in zip(rows_N, syn_index_N, strict=True)]
             out[SYN_TEXT] = self._tokenize(syn_captions)
             out[SYN_INDEX] = syn_index_N
-        for spec, tokenizer in self.online:
-            pre = StudentPreprocess(spec.image_size, spec.mean, spec.std, spec.interpolation, 1)
-            out[teacher_view_column(spec.name)] = _render(images, params, pre)
+        for (spec, tokenizer), view_NCHW in zip(self.online, views[1:], strict=True):
+            out[teacher_view_column(spec.name)] = view_NCHW
             length = int(getattr(tokenizer, "context_length", 77))
             out[teacher_tokens_column(spec.name)] = _tokenize(tokenizer, captions, length)
             if self.use_syn_captions:
@@ -406,7 +408,7 @@ class ReplayBatch:
             image_emb_NKD = _nested(batch, records.image_emb_column(name), (K, D))
             text_emb_NED = _nested(batch, records.text_emb_column(name), (1 + S, D))
             out[teacher_image_column(name)] = image_emb_NKD[rows_N, aug_index_N].astype(np.float32)
-            out[teacher_text_column(name)] = text_emb_NED[:, 0].astype(np.float32)
+            out[teacher_text_column(name)] = text_emb_NED[rows_N, 0].astype(np.float32)
             if self.use_syn_captions:
                 out[teacher_syn_text_column(name)] = text_emb_NED[rows_N, 1 + syn_index_N].astype(np.float32)
         return out
@@ -422,6 +424,50 @@ def _tokenize(tokenizer: Any, texts: list[str], context_length: int) -> np.ndarr
     if not texts:
         return np.zeros((0, context_length), dtype=np.int64)
     return tokenizer(texts).numpy().astype(np.int64, copy=False)
+
+
+def _replay_rows(
+    keys: Sequence[str],
+    images: Sequence[bytes],
+    views_NKL: np.ndarray,
+    aug_index_N: np.ndarray,
+    pres: Sequence[StudentPreprocess],
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each row's drawn view replayed at every preprocessing of ``pres``; a row that fails is stood in for.
+
+    A row whose image does not decode or whose stored view does not load or replay (a ValueError: e.g. a magnitude
+    outside `augment.check_op`, from a dataset written before conversions checked it) must not fail the batch, nor
+    shorten it: every rank steps on whole batches of a fixed size, and an epoch is cut to a row count the plan
+    fixed, so a missing row would desynchronise the ranks or end the stream early. The row is replaced by the
+    previous good row of the batch (the next one for the first), which keeps every count; each replacement is
+    logged with its key and reason. A batch with no good row raises: that is a broken dataset, not a bad sample.
+
+    Returns:
+        One (N, 3, H, W) float32 array per preprocessing, and ``rows_N``: the input row each output row comes from
+        (``i`` itself, or the row that stands in for it), to select its captions and embeddings with.
+    """
+    N = len(keys)
+    out = [np.empty((N, 3, *pre.image_size), dtype=np.float32) for pre in pres]
+    good_N = np.ones(N, dtype=bool)
+    failures = []
+    for i, (key, image_bytes, views_KL, k) in enumerate(zip(keys, images, views_NKL, aug_index_N, strict=True)):
+        try:
+            image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(views_KL[k])
+            for view_NCHW, p in zip(out, pres, strict=True):
+                view_NCHW[i] = augment.replay(image, view, p.image_size, p.mean, p.std, p.interpolation).numpy()
+        except ValueError as e:  # sources.InvalidSampleError is one
+            good_N[i] = False
+            failures.append(f"{key} (view {k}): {e}")
+    rows_N = np.arange(N)
+    if failures:
+        if not good_N.any():
+            raise ValueError(f"no row of a batch of {N} replays, e.g. {failures[0]}")
+        logger.warning("replaced %d of %d rows that do not replay: %s", len(failures), N, "; ".join(failures))
+        rows_N = np.maximum.accumulate(np.where(good_N, rows_N, -1))  # the last good row at or before each row
+        rows_N[rows_N < 0] = np.flatnonzero(good_N)[0]  # rows before the first good row take that one
+        for view_NCHW in out:
+            view_NCHW[:] = view_NCHW[rows_N]
+    return out, rows_N
 
 
 def _render(images: Sequence[Any], params: Sequence[augment.AugParams], pre: StudentPreprocess) -> np.ndarray:
