@@ -94,11 +94,20 @@ def test_documented_make_targets_exist():
 
 
 @pytest.mark.parametrize("command", PROJECT_COMMANDS, ids=lambda c: c.where)
-def test_documented_config_and_keys_load_for_their_stage(command):
-    """Every clipdr / jobs command, however it is exercised: its --config loads, its --set keys exist, type-check
-    and belong to the sections its stage reads (a key of another section would be silently ignored)."""
+def test_documented_arguments_parse_and_load_for_their_stage(command, capsys):
+    """Every clipdr / jobs command, however it is exercised: the stage's own parser accepts its options, its
+    --config loads, its --set keys exist, type-check and belong to the sections the stage reads (a key of another
+    section would be silently ignored)."""
     stage = dc.stage_of(command.inner)
-    config, overrides = dc.config_args(command.inner)
+    assert stage in STAGE_SECTIONS, f"{command.where}: clipdr has no stage {stage!r}"
+    args = command.inner[2:]  # after `clipdr <stage>`, or after `python jobs/<stage>.py`
+    try:
+        cli.build_parser().parse_args([stage, *args])
+    except SystemExit as e:  # 0 for a documented --help
+        assert e.code == 0, (
+            f"{command.where}: clipdr {stage} refuses its documented arguments: {capsys.readouterr().err}"
+        )
+    config, overrides = dc.config_args(args)
     # A <placeholder> config is the reader's own file: the overrides are still checked, over the defaults.
     path = None if config is None or "<" in config else REPO / config
     try:
