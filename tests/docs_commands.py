@@ -274,11 +274,10 @@ _TOY_SYNTH = (
     "--set", "synth.num_zeroshot=4", "--set", "synth.num_retrieval=4", "--set", "synth.image_size=16",
 )  # fmt: skip
 _TOY_LATENCY = ("--variants", "clipdr-tiny-mct", "--reference", "clipdr-tiny-mci", "--output", "{tmp}/latency.md")
-_CONSOLE = "the documented console session: the same exit status and the output it shows"
 
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
-    "make demo": External("creates .venv (pip, network) and runs the 13-minute demo; `clipdr demo` is test_demo's"),
+    "make demo": External("creates .venv (pip, network) and runs the 13-minute demo; test_demo runs it at toy size"),
     "make test": External("creates .venv (pip, network) and runs this whole suite, which this test is part of"),
     # README: configuration and the synthetic world.
     "clipdr synth --config jobs/configs/demo.toml --set synth.num_teacher --set synth.output": Run(_TOY_SYNTH),
@@ -433,21 +432,16 @@ def repo_paths(argv: tuple[str, ...]) -> list[str]:
     return paths
 
 
-def test_invocations(spec: str) -> set[str] | None:
-    """String constants and called names in the test function ``path::name``; None when it does not exist."""
+def strings_in_test(spec: str) -> set[str] | None:
+    """The string constants in the test function ``path::name`` (stage names, script paths, ...); None when it
+    does not exist."""
     path, _, name = spec.partition("::")
     file = REPO / path
     if not file.is_file():
         return None
     for node in ast.walk(ast.parse(file.read_text())):
         if isinstance(node, ast.FunctionDef) and node.name == name:
-            names: set[str] = set()
-            for child in ast.walk(node):
-                if isinstance(child, ast.Constant) and isinstance(child.value, str):
-                    names.add(child.value)
-                elif isinstance(child, ast.Call):
-                    names.add(ast.unparse(child.func))
-            return names
+            return {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
     return None
 
 

@@ -127,7 +127,7 @@ def test_covering_tests_exist_and_invoke_the_command():
         command = BY_SHAPE[shape][0]
         found: set[str] = set()
         for spec in entry.tests:
-            names = dc.test_invocations(spec)
+            names = dc.strings_in_test(spec)
             if names is None:
                 problems.append(f"{command.where}: covering test {spec} does not exist")
                 break
