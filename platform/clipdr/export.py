@@ -2,9 +2,7 @@
 
 An export folder holds::
 
-    open_clip_model.safetensors   the trained (unfused) weights: open_clip.create_model_and_transforms(name,
-                                  pretrained=<this file>) loads them (after ``import clipdr.models`` for the
-                                  clipdr-only configs: the tiny ones and MobileCLIP-S0)
+    open_clip_model.safetensors   the trained (unfused) weights, for open_clip (see "Loading" below)
     open_clip_config.json         open_clip's model_cfg + preprocess_cfg: create_model_and_transforms(
                                   "local-dir:<folder>") loads config, weights *and* preprocessing in one call
     fused_model.safetensors       the re-parameterised weights (every MobileOne / RepMixer branch fused):
@@ -21,6 +19,14 @@ keys no open_clip config produces. So the open_clip file keeps the trained, unfu
 fine-tunable: fusing folds BatchNorm statistics in and cannot be undone), and the fused form, for inference,
 is a separate file and the ONNX graphs. Fusing changes outputs only by float rounding: the export checks that
 fused and ONNX embeddings match the trained model's within ``export.tolerance`` and records the differences.
+
+Loading: `load_routes` writes the exact open_clip calls into ``export.json`` and the model card, and lists only
+calls that give the trained preprocessing. ``create_model_and_transforms(name, pretrained=<file>)`` alone does
+not: open_clip takes preprocessing from a pretrained *tag* and otherwise falls back to its defaults (OpenAI
+mean/std, bicubic), so that route passes the preprocessing as ``image_*`` arguments. ``local-dir:`` reads it from
+``open_clip_config.json``. Architectures with clipdr's own towers (the tiny MCi timm model, the MCt text tower)
+need ``import clipdr.models`` first on either route: open_clip 3.3 forwards no timm kwargs, so no stock timm name
+can describe the tiny MCi.
 """
 
 from __future__ import annotations
@@ -56,6 +62,8 @@ _ALL_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG, FUSED_WEIGHTS, IMAGE_ONNX, TE
 EXPORTERS = ("dynamo", "torchscript")
 _EXAMPLE_CAPTIONS = ("a photo of a red circle.", "two small blue squares on a striped background.", "a dog")
 _ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with room: larger graphs keep weights beside
+# Stands for the export folder in the loading snippets: the folder moves (S3, MLflow artifacts, downloads).
+FOLDER = "<this folder>"
 
 
 class ExportError(ValueError):
@@ -255,6 +263,52 @@ def open_clip_config(model: nn.Module, name: str) -> dict[str, Any]:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess, "clipdr": {"model": name}}
 
 
+def load_routes(config: Mapping[str, Any]) -> dict[str, str]:
+    """The documented ways to load an export with open_clip: Python snippets, with `FOLDER` for the export folder.
+
+    Each snippet defines ``model`` (eval mode, trained weights), ``preprocess`` (the inference preprocessing the
+    model was trained with) and ``tokenizer``.
+
+    Args:
+        config: The export's ``open_clip_config.json`` content (`open_clip_config`).
+
+    Returns:
+        ``{"local-dir": ..., "name": ...}``: config, weights and preprocessing from the folder; or the model's
+        name with the weights file and the preprocessing spelled out. No ``name`` route for a model named
+        ``hf-hub:`` / ``local-dir:``: open_clip ignores ``pretrained`` for those and would load their own weights.
+    """
+    name, pp = config["clipdr"]["model"], config["preprocess_cfg"]
+    q = json.dumps  # a Python string literal in double quotes
+    needs_towers = models.needs_clipdr(config["model_cfg"])
+    towers = "import clipdr.models  # registers clipdr's towers (tiny MCi, MCt): open_clip alone cannot build them\n"
+    configs = "import clipdr.models  # registers clipdr's model configs and towers\n"
+    local_dir = (
+        "import open_clip\n"
+        + (towers if needs_towers else "")
+        + f"\nmodel, _, preprocess = open_clip.create_model_and_transforms({q('local-dir:' + FOLDER)})\n"
+        + "model.eval()\n"
+        + f"tokenizer = open_clip.get_tokenizer({q('local-dir:' + FOLDER)})\n"
+    )
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return {"local-dir": local_dir}
+    by_name = (
+        "import open_clip\n"
+        + (configs if needs_towers or models.is_clipdr_config(name) else "")
+        + "\n# The image_* arguments are needed: without them open_clip uses its defaults (OpenAI mean/std, bicubic).\n"
+        + "model, _, preprocess = open_clip.create_model_and_transforms(\n"
+        + f"    {q(name)},\n"
+        + f"    pretrained={q(FOLDER + '/' + OPEN_CLIP_WEIGHTS)},\n"
+        + f"    image_mean={tuple(pp['mean'])!r},\n"
+        + f"    image_std={tuple(pp['std'])!r},\n"
+        + f"    image_interpolation={q(pp['interpolation'])},\n"
+        + f"    image_resize_mode={q(pp['resize_mode'])},\n"
+        + ")\n"
+        + "model.eval()\n"
+        + f"tokenizer = open_clip.get_tokenizer({q(name)})\n"
+    )
+    return {"local-dir": local_dir, "name": by_name}
+
+
 def _tower_params(model: nn.Module) -> tuple[int, int]:
     image = sum(p.numel() for p in model.visual.parameters())
     text = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("visual.") and "logit_" not in n)
@@ -336,18 +390,33 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "",
         "## Use",
         "",
-        "```python",
-        "import open_clip",
-        "import clipdr.models  # registers clipdr's configs; not needed for open_clip's own architectures",
+        "Each snippet gives the trained model (`model`), the preprocessing it was trained with (`preprocess`: "
+        f"{pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean {pp['mean']}, std {pp['std']}) "
+        "and its tokenizer; `<this folder>` is this folder.",
         "",
-        "# Config, weights and preprocessing in one call; or create_model_and_transforms(name, pretrained=...)",
-        'model, _, preprocess = open_clip.create_model_and_transforms("local-dir:<this folder>")',
-        'tokenizer = open_clip.get_tokenizer("local-dir:<this folder>")',
-        "fused = clipdr.models.reparameterize(model)  # or clipdr.export.load_fused(name, 'fused_model.safetensors')",
+        "Config, weights and preprocessing from this folder (`open_clip_config.json`):",
+        "",
+        "```python",
+        manifest["load"]["local-dir"].rstrip("\n"),
         "```",
         "",
+    ]
+    if "name" in manifest["load"]:
+        lines += [
+            "By name, with the weights file and this model's preprocessing (without it, wrong embeddings and no "
+            "warning):",
+            "",
+            "```python",
+            manifest["load"]["name"].rstrip("\n"),
+            "```",
+            "",
+        ]
+    lines += [
+        "Fused, for inference: `clipdr.models.reparameterize(model)`, or "
+        f'`clipdr.export.load_fused("{name}", "{FOLDER}/{FUSED_WEIGHTS}")`; images through `preprocess` above.',
+        "",
         "ONNX: `onnxruntime.InferenceSession('image_encoder.onnx').run(None, {'image': pixels})` with pixels "
-        "preprocessed as above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
+        "from `preprocess` above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
         "",
         "The open_clip weights are the trained, unfused ones: open_clip's configs describe the train-time "
         "architecture (MobileOne / RepMixer branches), so fused weights would not load into them. Fusing is "
@@ -460,6 +529,7 @@ def export_model(
         },
         "parameters": {"image": image, "text": text, "image_fused": image_fused, "text_fused": text_fused},
         "preprocess": config["preprocess_cfg"],
+        "load": load_routes(config),
         "logit_scale": float(model.logit_scale.detach().exp()),
         "training": _training_info(loaded, run),
         "tolerance": cfg.tolerance,

@@ -1,21 +1,23 @@
-"""Export: re-parameterisation parity, open_clip reload in a fresh process, ONNX parity, the model card."""
+"""Export: re-parameterisation parity, every documented open_clip route in a fresh process, ONNX parity, the card."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import textwrap
 import types
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from clipdr import export, models
 from clipdr.config import ExportConfig
-from clipdr.evaluate import loading
-from clipdr.models.registry import CONFIG_DIR
+from clipdr.evaluate import loading, preprocess_of
+from clipdr.models.registry import MOBILECLIP_PREPROCESS
 
 
 @pytest.mark.parametrize("name", ["clipdr-tiny-mci", "clipdr-tiny-mct"])
@@ -44,12 +46,24 @@ def test_fuse_refuses_a_tolerance_it_cannot_meet():
         export.fuse(models.create_model("clipdr-tiny-mci"), "clipdr-tiny-mci", tolerance=-1.0)
 
 
+@dataclass(frozen=True)
+class Exported:
+    folder: Path
+    result: export.ExportResult
+    loaded: loading.LoadedModel
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter, and its reference embeddings."""
+    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter.
+
+    Built with MobileCLIP's preprocessing (mean 0, std 1, bilinear), not open_clip's default: the routes test
+    must see a route that drops the trained preprocessing fail, as it would for every MobileCLIP variant.
+    """
     folder = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
-    loaded = loading.load("clipdr-tiny-vit")
+    model = models.create_model("clipdr-tiny-vit", force_preprocess_cfg=MOBILECLIP_PREPROCESS.as_dict()).eval()
+    loaded = loading.LoadedModel(model, "clipdr-tiny-vit", source="clipdr-tiny-vit", kind="name")
     run = types.SimpleNamespace(
         run_id="r123",
         run_name="demo-reinforced",
@@ -62,14 +76,21 @@ def exported(tmp_path_factory):
         tags={"clipdr.mode": "reinforced"},
     )
     cfg = ExportConfig(output=str(folder), onnx_exporter="torchscript")
-    result = export.export_model(loaded, cfg, run, log=lambda message: None)
-    image, tokens = export.example_inputs(loaded.model, loaded.name, batch_size=5, seed=3)
-    reference = export.embeddings(loaded.model, image, tokens)
-    return folder, result, (image, tokens), reference
+    return Exported(folder, export.export_model(loaded, cfg, run, log=lambda message: None), loaded)
+
+
+@pytest.fixture(scope="module")
+def exported_mci(tmp_path_factory):
+    """clipdr-tiny-mci (a timm tower only clipdr registers), exported without ONNX (test_export_cli covers it)."""
+    folder = tmp_path_factory.mktemp("export_mci")
+    torch.manual_seed(0)
+    loaded = loading.load("clipdr-tiny-mci")
+    result = export.export_model(loaded, ExportConfig(output=str(folder), onnx=False), log=lambda message: None)
+    return Exported(folder, result, loaded)
 
 
 def test_export_writes_every_artifact_with_checks(exported):
-    folder, result, _, _ = exported
+    folder, result = exported.folder, exported.result
     names = {p.name for p in folder.iterdir()}
     assert names == {
         export.OPEN_CLIP_WEIGHTS,
@@ -93,46 +114,121 @@ def test_export_writes_every_artifact_with_checks(exported):
 def test_onnx_encoders_match_torch_with_onnxruntime(exported):
     import onnxruntime
 
-    folder, _, (image, tokens), (ref_image, ref_text) = exported
+    image, tokens = export.example_inputs(exported.loaded.model, exported.loaded.name, batch_size=5, seed=3)
+    ref_image, ref_text = export.embeddings(exported.loaded.model, image, tokens)
     for filename, inputs, reference in ((export.IMAGE_ONNX, image, ref_image), (export.TEXT_ONNX, tokens, ref_text)):
-        session = onnxruntime.InferenceSession(str(folder / filename), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(exported.folder / filename), providers=["CPUExecutionProvider"])
         (output,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})  # batch 5, exported at 2
         assert output.shape == tuple(reference.shape)
         assert np.abs(output - reference.numpy()).max() < 1e-4, filename
 
 
-def test_plain_open_clip_reloads_the_export_in_a_fresh_process(exported):
-    folder, _, (image, tokens), (ref_image, ref_text) = exported
-    torch.save({"image": image, "tokens": tokens, "ref_image": ref_image, "ref_text": ref_text}, folder / "ref.pt")
-    # No clipdr import: open_clip alone, by name + pretrained file (config registered from clipdr's JSON folder),
-    # and by local-dir (config, weights and preprocessing from the export).
-    script = textwrap.dedent(
-        f"""
-        import json, sys, torch, torch.nn.functional as F, open_clip
-        assert "clipdr" not in sys.modules
-        folder = {str(folder)!r}
-        ref = torch.load(folder + "/ref.pt")
-        open_clip.add_model_config({str(CONFIG_DIR)!r})
-        by_name, _, _ = open_clip.create_model_and_transforms(
-            "clipdr-tiny-vit", pretrained=folder + "/{export.OPEN_CLIP_WEIGHTS}")
-        by_dir, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + folder)
-        diffs = {{}}
-        for label, model in (("by_name", by_name), ("by_dir", by_dir)):
-            model.eval()
-            with torch.no_grad():
-                image = F.normalize(model.encode_image(ref["image"]), dim=-1)
-                text = F.normalize(model.encode_text(ref["tokens"]), dim=-1)
-            diffs[label] = float(max((image - ref["ref_image"]).abs().max(), (text - ref["ref_text"]).abs().max()))
-        diffs["preprocess_cfg"] = by_dir.visual.preprocess_cfg
-        print(json.dumps(diffs, default=list))
-        """
+# Runs every documented loading snippet of each export, as written, in a fresh process: those without
+# `import clipdr.models` first, each checked to have left clipdr unimported (it is importable here, through
+# PYTHONPATH or the editable install, so "plain open_clip" is what sys.modules shows, not what fails to import).
+# Then the route the docs warn against: name + weights file without the image_* arguments. Embeds raw image
+# files with each route's own preprocess and tokenizer, and saves the embeddings.
+_ROUTES_SCRIPT = """
+import json, sys
+import open_clip, torch, torch.nn.functional as F
+from PIL import Image
+
+spec = json.loads(open(sys.argv[1]).read())
+images = [Image.open(path) for path in spec["images"]]
+
+@torch.no_grad()
+def embed_images(model, preprocess):
+    return F.normalize(model.encode_image(torch.stack([preprocess(image) for image in images])), dim=-1)
+
+@torch.no_grad()
+def embed_captions(model, tokenizer):
+    return F.normalize(model.encode_text(tokenizer(spec["captions"])), dim=-1)
+
+out = {}
+for exp in spec["exports"]:
+    if exp["needs_clipdr"]:  # what the snippets' `import clipdr.models` is for
+        try:
+            open_clip.create_model_and_transforms("local-dir:" + exp["folder"])
+            raise AssertionError(exp["name"] + " loaded without clipdr: its snippets import clipdr needlessly")
+        except RuntimeError as e:
+            assert "Unknown model" in str(e), e
+runs = [(exp, route, code) for exp in spec["exports"] for route, code in exp["routes"].items()]
+for exp, route, code in sorted(runs, key=lambda run: "import clipdr" in run[2]):
+    scope = {}
+    exec(code, scope)
+    assert "import clipdr" in code or "clipdr" not in sys.modules, route
+    model = scope["model"]
+    out[exp["name"] + "/" + route] = embed_images(model, scope["preprocess"]), embed_captions(model, scope["tokenizer"])
+for exp in spec["exports"]:
+    model, _, preprocess = open_clip.create_model_and_transforms(exp["name"], pretrained=exp["weights"])
+    out[exp["name"] + "/without preprocessing"] = embed_images(model.eval(), preprocess)
+torch.save(out, spec["out"])
+"""
+
+# Same float32 ops on the same weights and pixels on both sides; only kernel choice and summation order may differ
+# between processes. 2**10 eps is the worst-case relative rounding of one float32 sum of 2**10 terms, about the
+# widest reductions in these towers; a different preprocessing moves embeddings by orders of magnitude more.
+_ROUTE_TOL = 2**10 * torch.finfo(torch.float32).eps
+
+
+def test_every_documented_route_gives_the_trained_model_and_its_preprocessing(exported, exported_mci, tmp_path):
+    rng = np.random.default_rng(0)
+    images = []
+    for i, (height, width) in enumerate([(45, 70), (96, 52), (33, 33)]):  # not the input size: resize and crop act
+        images.append(tmp_path / f"image{i}.png")
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(images[-1])
+    captions = ["a photo of a red circle.", "two small blue squares."]
+    spec = {"images": [str(p) for p in images], "captions": captions, "out": str(tmp_path / "out.pt"), "exports": []}
+    for exp in (exported, exported_mci):
+        manifest = exp.result.manifest
+        card = (exp.folder / export.MODEL_CARD).read_text()
+        assert set(manifest["load"]) == {"local-dir", "name"}
+        assert all(code.rstrip() in card for code in manifest["load"].values()), "the card shows every route"
+        spec["exports"].append(
+            {
+                "name": exp.loaded.name,
+                "folder": str(exp.folder),
+                "weights": str(exp.folder / export.OPEN_CLIP_WEIGHTS),
+                "needs_clipdr": models.needs_clipdr(models.model_config(exp.loaded.name)),
+                "routes": {r: code.replace(export.FOLDER, str(exp.folder)) for r, code in manifest["load"].items()},
+            }
+        )
+    assert [e["needs_clipdr"] for e in spec["exports"]] == [False, True]
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    done = subprocess.run(
+        [sys.executable, "-c", _ROUTES_SCRIPT, str(tmp_path / "spec.json")], capture_output=True, text=True, timeout=600
     )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    diffs = json.loads(done.stdout.strip().splitlines()[-1])
-    assert diffs["by_name"] < 1e-6 and diffs["by_dir"] < 1e-6
-    exported_pp = json.loads((folder / export.OPEN_CLIP_CONFIG).read_text())["preprocess_cfg"]
-    assert diffs["preprocess_cfg"]["mean"] == exported_pp["mean"]
+    got = torch.load(tmp_path / "out.pt")
+
+    for exp in (exported, exported_mci):
+        # The trained model through clipdr's own preprocessing (what evaluation uses) and tokenizer.
+        model, name = exp.loaded.model, exp.loaded.name
+        preprocess = preprocess_of(model)
+        pixels = preprocess.batch([preprocess.to_pixels(Image.open(p)) for p in images], torch.device("cpu"))
+        ref_image, ref_text = export.embeddings(model, pixels, models.get_tokenizer(name)(captions))
+        for route in ("local-dir", "name"):
+            image, text = got[f"{name}/{route}"]
+            assert export.max_abs_diff(image, ref_image) <= _ROUTE_TOL, (name, route)
+            assert export.max_abs_diff(text, ref_text) <= _ROUTE_TOL, (name, route)
+        # The check can fail: the same weights through open_clip's default preprocessing embed images differently.
+        assert export.max_abs_diff(got[f"{name}/without preprocessing"], ref_image) > _ROUTE_TOL, name
+
+
+def test_routes_import_clipdr_only_where_open_clip_needs_it():
+    def routes(name, architecture=None):
+        model_cfg = models.model_config(architecture or name)
+        preprocess_cfg = MOBILECLIP_PREPROCESS.as_dict()
+        return export.load_routes({"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg, "clipdr": {"model": name}})
+
+    # MobileCLIP2-S0's tower is timm's own fastvit_mci0 and its config is open_clip's: open_clip alone loads it.
+    assert not any("import clipdr" in code for code in routes("MobileCLIP2-S0").values())
+    # clipdr-tiny-vit is built of open_clip parts, but only clipdr's config folder names it.
+    assert ["import clipdr" in code for code in routes("clipdr-tiny-vit").values()] == [False, True]
+    for name in ("clipdr-tiny-mci", "MobileCLIP-S0"):  # a clipdr timm tower; MCt
+        assert all("import clipdr.models" in code for code in routes(name).values())
+    # open_clip ignores pretrained=<file> for hf-hub: / local-dir: names: no by-name route for those.
+    assert set(routes("hf-hub:someone/tiny-vit", architecture="clipdr-tiny-vit")) == {"local-dir"}
 
 
 def test_unknown_exporter_is_refused(tmp_path):

@@ -96,6 +96,18 @@ def test_register_is_idempotent():
     assert open_clip.model._build_text_tower is hook and hook.clipdr_mct_hook
 
 
+def test_needs_clipdr_names_the_architectures_open_clip_cannot_build_alone():
+    # open_clip's own configs on stock timm towers; clipdr-tiny-vit is open_clip parts in a clipdr config.
+    assert not any(
+        models.needs_clipdr(models.model_config(n)) for n in ("MobileCLIP2-S0", "MobileCLIP-B", "clipdr-tiny-vit")
+    )
+    # clipdr's timm tower (tiny MCi), and the MCt text tower.
+    assert all(
+        models.needs_clipdr(models.model_config(n)) for n in ("clipdr-demo-mci", "clipdr-tiny-mct", "MobileCLIP-S0")
+    )
+    assert models.is_clipdr_config("clipdr-tiny-vit") and not models.is_clipdr_config("MobileCLIP2-S0")
+
+
 @pytest.mark.parametrize("fused", [False, True], ids=["train-time", "fused"])
 @pytest.mark.parametrize("name", PAPER)
 def test_param_counts_match_the_paper_within_1_percent(name, fused):

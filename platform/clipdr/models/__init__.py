@@ -23,7 +23,16 @@ from clipdr.models.factory import (
     model_config,
 )
 from clipdr.models.mct import MCt, MCtCfg
-from clipdr.models.registry import VARIANTS, Preprocess, Variant, get_variant, list_variants, register
+from clipdr.models.registry import (
+    VARIANTS,
+    Preprocess,
+    Variant,
+    get_variant,
+    is_clipdr_config,
+    list_variants,
+    needs_clipdr,
+    register,
+)
 from clipdr.models.reparam import reparameterize
 
 register()
@@ -42,8 +51,10 @@ __all__ = [
     "get_tokenizer",
     "get_variant",
     "image_size",
+    "is_clipdr_config",
     "list_variants",
     "model_config",
+    "needs_clipdr",
     "register",
     "reparameterize",
 ]

@@ -14,6 +14,8 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.fastvit import FastVit, RepConditionalPosEnc, _cfg, _create_fastvit
 
 TINY_MCI = "clipdr_fastvit_mci_tiny"
+# Every timm model this module registers: a config naming one builds only after ``import clipdr.models``.
+TIMM_MODELS = (TINY_MCI,)
 
 # timm's register_model reads this module-level name; without it timm warns on every creation. No weights (url "").
 default_cfgs = generate_default_cfgs(

@@ -15,6 +15,7 @@ discusses the choice.
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import open_clip
 import open_clip.model
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from clipdr.models import mci  # noqa: F401  (registers the tiny MCi towers with timm)
+from clipdr.models import mci  # importing it registers the tiny MCi towers with timm
 from clipdr.models.mct import build_mct, is_mct_cfg
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -152,6 +153,22 @@ def get_variant(name: str) -> Variant:
         return _BY_NAME[name]
     except KeyError:
         raise ValueError(f"unknown model variant {name!r}; valid variants: {', '.join(_BY_NAME)}") from None
+
+
+def needs_clipdr(model_cfg: Mapping[str, Any]) -> bool:
+    """Whether open_clip and timm alone cannot build ``model_cfg``: it names a clipdr timm tower or the MCt text tower.
+
+    open_clip 3.3 passes no kwargs to timm, so the tiny MCi exists only as a timm model this package registers
+    (``mci.TIMM_MODELS``); MCt is built by the text-tower hook ``register()`` installs. Both need
+    ``import clipdr.models`` before open_clip builds the model.
+    """
+    vision_cfg, text_cfg = model_cfg.get("vision_cfg") or {}, model_cfg.get("text_cfg")
+    return vision_cfg.get("timm_model_name") in mci.TIMM_MODELS or is_mct_cfg(text_cfg)
+
+
+def is_clipdr_config(name: str) -> bool:
+    """Whether ``name`` is one of this package's open_clip configs (open_clip knows it only after ``register()``)."""
+    return (CONFIG_DIR / f"{name}.json").is_file()
 
 
 def _install_mct_text_tower() -> None:
