@@ -9,9 +9,9 @@ torch threads on both sides (``--threads``: the bound's process and every model 
 * pipeline: the whole job (`run_pipeline`: read, decode, caption, render, embed, write Parquet, all on Ray) over
   every shard, and over the first shard alone, each into a fresh directory; its cost is the difference, so that
   the fixed cost both runs pay (starting actors, importing torch, loading models) cancels. CPU clock: the CPU time
-  of this process and all its descendants (Ray's workers, actors and system processes), read while the actors
-  still live. Per-shard landing times could not delimit a steady state instead: this pipeline may write every
-  shard at the very end of a run.
+  of this process and all its descendants (Ray's workers, actors and system processes), read every ``SAMPLE_S``
+  along each run, as Ray ends actors before the run returns. Per-shard landing times could not delimit a steady
+  state instead: this pipeline may write every shard at the very end of a run.
 
 Ratios are per round, then median (min-max) over rounds:
 
@@ -38,6 +38,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,22 +84,18 @@ def _group(proc: psutil.Process) -> str:
     return "task workers (unfused reads), idle workers" if title.startswith("ray::") else "Ray system processes"
 
 
-ENDED = "processes that ended during the run"
 ACTOR = "actor "  # group-name prefix of the pipeline's actors
+SAMPLE_S = 0.5  # how often a run's processes are read: a process that ends loses at most its last SAMPLE_S
 
 
-def _cpu_by_process() -> dict[int, tuple[str, float, float]]:
-    """``{pid: (group, own CPU s, CPU s of its ended children)}`` of this process and all its descendants.
-
-    Ray Data ends an operator's actors as soon as that operator is done, before the run returns; the CPU time of
-    an ended process is then counted in its parent's (raylet's) ended-children time, once the parent reaped it.
-    """
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """``{pid: (group, CPU s)}`` of this process and all its descendants."""
     me = psutil.Process()
     snapshot = {}
     for proc in [me, *me.children(recursive=True)]:
         try:
             cpu = proc.cpu_times()
-            snapshot[proc.pid] = (_group(proc), cpu.user + cpu.system, cpu.children_user + cpu.children_system)
+            snapshot[proc.pid] = (_group(proc), cpu.user + cpu.system)
         except psutil.Error:  # exited between the listing and the read
             continue
     return snapshot
@@ -135,24 +132,34 @@ class _Pipeline:
         self.last_output = str(self.root / f"reinforced-{self.runs}")
         cfg = dataclasses.replace(self.config.reinforce, output=self.last_output)
         rows: list[int] = []
-        end: dict[int, tuple[str, float, float]] = {}
 
         def on_shard(name: str, num_rows: int, written_at: float) -> None:
             rows.append(num_rows)
-            if len(rows) == len(tasks):
-                # Every shard is written; the actors still alive are ended right after, and may not be reaped
-                # (so counted) by the time the run returns.
-                end.update(_cpu_by_process())
 
-        start = _cpu_by_process()
+        # Ray Data ends an operator's actors as soon as that operator is done, before the run returns, and Ray
+        # reaps them without adding their CPU time to any parent's: so the processes are read all along the run,
+        # and an ended one counts with its last reading.
+        seen = _cpu_by_process()
+        start = dict(seen)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(SAMPLE_S):
+                seen.update(_cpu_by_process())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         began = time.perf_counter()
-        run_pipeline(cfg, self.config.augment, tasks, self.plan.manifest, self.plan.fingerprint, on_shard)
+        try:
+            run_pipeline(cfg, self.config.augment, tasks, self.plan.manifest, self.plan.fingerprint, on_shard)
+        finally:
+            stop.set()
+            sampler.join()
         wall_s = time.perf_counter() - began
+        seen.update(_cpu_by_process())
         cpu_by_group: dict[str, float] = collections.Counter()
-        for pid, (group, own_s, ended_s) in end.items():
-            own_before, ended_before = start[pid][1:] if pid in start else (0.0, 0.0)  # new processes count from 0
-            cpu_by_group[group] += own_s - own_before
-            cpu_by_group[ENDED] += ended_s - ended_before
+        for pid, (group, cpu_s) in seen.items():
+            cpu_by_group[group] += cpu_s - (start[pid][1] if pid in start else 0.0)  # new processes count from 0
         return wall_s, cpu_by_group, sum(rows)
 
     def __call__(self) -> timing.Measurement:
