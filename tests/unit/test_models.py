@@ -341,6 +341,8 @@ def test_latency_benchmark_smoke(tmp_path):
     )
     report = latency.run(cfg, progress=lambda _: None)
     assert {(r.reparameterized, r.batch_size) for r in report.rows} == {(False, 1), (True, 1), (False, 2), (True, 2)}
+    # Ratios are per round against the reference run in the same rounds: one round here, so no spread.
+    assert all(r.image_ratio.low == r.image_ratio.median == r.image_ratio.high for r in report.rows)
     table = output.read_text()
     assert "| clipdr-tiny-mct | yes | 2 |" in table and "image / clipdr-tiny-mci" in table
     assert "cpu clock" in table  # one CPU thread: CPU time, immune to neighbours time-slicing the core

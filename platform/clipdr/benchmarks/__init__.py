@@ -1,7 +1,8 @@
 """Benchmarks by name: ``python jobs/benchmark.py NAME [options]`` or ``clipdr bench NAME [options]``.
 
 Each benchmark is a module with ``add_arguments(parser)`` and ``main(args) -> int``. It is imported only when
-chosen, so listing benchmarks (and ``clipdr --help``) does not import torch.
+chosen, so listing benchmarks (and ``clipdr --help``) does not import torch. All of them measure through
+`timing`: warm-up, interleaved rounds, medians with their range, ratios paired by round.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-# name -> (module, one-line summary). Reinforcement and training throughput benchmarks join here.
+# name -> (module, one-line summary).
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "latency": ("clipdr.benchmarks.latency", "image/text encoder latency of every variant, fused and not"),
-    "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline throughput against a bare model forward"),
+    "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline cost against the work it cannot skip"),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

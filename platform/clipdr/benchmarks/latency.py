@@ -1,9 +1,12 @@
 """Image- and text-encoder latency of every variant, re-parameterised and not, against a ViT-B/16 CLIP.
 
-Timings are medians over ``iters`` calls after ``warmup`` calls, in inference mode, on random images at each
-model's native resolution and real tokenized captions. The reference model (open_clip ``ViT-B-16``) is timed
-at the start and at the end of the run; ratios use the mean of both, and the drift between the two shows how
-much the machine's speed moved during the run.
+Each variant is compared with the reference model (open_clip ``ViT-B-16``, built once and kept) in rounds
+(`timing.run_rounds`): after ``warmup`` rounds, each of ``iters`` rounds calls every encoder once (reference,
+variant, fused variant; image and text towers; every batch size) in a rotated order, in inference mode, on random
+images at each model's native resolution and real tokenized captions. Latencies are medians over rounds; a ratio
+"image / ViT-B-16" is the variant's call divided by the reference's call in the same round, reported as the
+median (min-max) over rounds, so a change in the machine's speed reaches both sides of it. The reference's own
+medians differ between variants' rounds by the drift reported with the table.
 
 On a CPU with one thread the default clock is the process's CPU time, not wall time: a core shared with other
 jobs is time-sliced, and CPU time counts only the slices this process ran, so the numbers stay comparable while
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from clipdr import models
+from clipdr.benchmarks import timing
 
 CAPTIONS = ("a photo of a small dog playing on the beach", "a red car parked next to a tall building at night")
 
@@ -40,8 +44,8 @@ class LatencyCfg:
         num_threads: CPU threads torch may use (fixed, so runs compare). One by default: on a small machine shared
             with other jobs, OpenMP teams of two or more stall whenever a neighbour holds a core, and one thread
             allows the CPU-time clock.
-        warmup: Untimed calls before timing.
-        iters: Timed calls; the median is reported.
+        warmup: Unmeasured rounds first.
+        iters: Measured rounds (one call of every encoder each); medians over them are reported.
         reference: open_clip model every latency is divided by.
         device: ``cpu`` or ``cuda``.
         clock: ``wall``, ``cpu`` (process CPU time; one CPU thread only) or ``auto`` (``cpu`` for one CPU thread,
@@ -88,89 +92,100 @@ CLOCKS = ("auto", "wall", "cpu")
 
 @dataclass(frozen=True)
 class LatencyRow:
-    """Median latencies (ms) of one model at one batch size."""
+    """Median latencies (ms) of one model at one batch size, and its per-round ratios to the reference."""
 
     model: str
     reparameterized: bool
     batch_size: int
     image_ms: float
     text_ms: float
+    image_ratio: timing.Summary
+    text_ratio: timing.Summary
 
 
 @dataclass
 class LatencyReport:
-    """All rows of a run, plus the reference model's rows from the start and the end of the run."""
+    """All rows of a run, plus the reference's median latencies (ms) per variant whose rounds it ran in."""
 
     cfg: LatencyCfg
     rows: list[LatencyRow] = field(default_factory=list)
-    reference_start: list[LatencyRow] = field(default_factory=list)
-    reference_end: list[LatencyRow] = field(default_factory=list)
+    reference: list[dict[tuple[str, int], float]] = field(default_factory=list)  # {(tower, batch): ms} a variant
     wall_s: float = 0.0
 
     def reference_ms(self, batch_size: int) -> tuple[float, float]:
-        """(image, text) reference latency at ``batch_size``: the mean of the start and end measurements."""
-        both = [r for r in self.reference_start + self.reference_end if r.batch_size == batch_size]
-        return statistics.mean(r.image_ms for r in both), statistics.mean(r.text_ms for r in both)
+        """(image, text) reference latency at ``batch_size``: the median over the whole run's variants."""
+        return tuple(statistics.median(r[(tower, batch_size)] for r in self.reference) for tower in TOWERS)
 
     def drift(self) -> float:
-        """Largest relative change of a reference timing between the start and the end of the run."""
-        pairs = zip(self.reference_start, self.reference_end, strict=True)
-        return max(abs(b.image_ms / a.image_ms - 1) for a, b in pairs) if self.reference_end else 0.0
+        """Largest relative spread (max / min - 1) of a reference latency between variants' rounds."""
+        spreads = [max(r[k] for r in self.reference) / min(r[k] for r in self.reference) - 1 for k in self.reference[0]]
+        return max(spreads) if spreads else 0.0
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+TOWERS = ("image", "text")
 
 
-def median_ms(
-    fn: Callable[[], object], warmup: int, iters: int, device: torch.device, clock: Callable[[], float]
-) -> float:
-    """Median time of ``fn()`` in milliseconds, read from ``clock`` (seconds)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = clock()
-        fn()
-        _sync(device)  # a CUDA launch returns before the kernels finish
-        times.append((clock() - start) * 1e3)
-    return statistics.median(times)
-
-
-def time_model(
-    name: str, model: torch.nn.Module, reparameterized: bool, cfg: LatencyCfg, device: torch.device
-) -> list[LatencyRow]:
-    """Times ``model``'s image and text encoders at every batch size of ``cfg``."""
-    clock = time.process_time if cfg.resolved_clock == "cpu" else time.perf_counter
+def _encoders(name: str, model: torch.nn.Module, cfg: LatencyCfg, device: torch.device) -> dict:
+    """``{(tower, batch_size): fn}``: one call of ``model``'s encoder on fixed inputs, in inference mode."""
     size = models.image_size(name)
     tokenizer = models.get_tokenizer(name)
     generator = torch.Generator().manual_seed(0)
-    rows = []
+    calls = {}
     for batch_size in cfg.batch_sizes:
         images = torch.rand(batch_size, 3, size, size, generator=generator).to(device)
         text = tokenizer([CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]).to(device)
-        with torch.inference_mode():
-            image_ms = median_ms(lambda: model.encode_image(images), cfg.warmup, cfg.iters, device, clock)  # noqa: B023
-            text_ms = median_ms(lambda: model.encode_text(text), cfg.warmup, cfg.iters, device, clock)  # noqa: B023
-        rows.append(LatencyRow(name, reparameterized, batch_size, image_ms, text_ms))
-    return rows
+        for tower, encode, inputs in (("image", model.encode_image, images), ("text", model.encode_text, text)):
+
+            def call(encode=encode, inputs=inputs) -> None:
+                with torch.inference_mode():
+                    encode(inputs)
+
+            calls[(tower, batch_size)] = call
+    return calls
 
 
-def _time_variant(name: str, cfg: LatencyCfg, device: torch.device, fuse: bool) -> list[LatencyRow]:
+def _time_variant(
+    name: str, reference: dict, cfg: LatencyCfg, device: torch.device
+) -> tuple[list[LatencyRow], dict[tuple[str, int], float]]:
+    """Rounds of the reference's, the variant's and the fused variant's encoders; rows and the reference's ms."""
     model = models.create_model(name, pretrained=None, device=device).eval()
-    rows = time_model(name, model, False, cfg, device)
-    if fuse:
-        model = models.reparameterize(model, inplace=True)  # in place: no second copy of S4 / L-14 in memory
-        rows += time_model(name, model, True, cfg, device)
-    del model
+    fused = models.reparameterize(model)  # a copy: rounds alternate between the two
+    clock = cfg.resolved_clock
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+    roles = {"reference": reference, "unfused": _encoders(name, model, cfg, device)}
+    roles["fused"] = _encoders(name, fused, cfg, device)
+    things = {}
+    for role, calls in roles.items():
+        for (tower, batch_size), call in calls.items():
+            things[f"{role} {tower} {batch_size}"] = timing.timed(call, cpu_clock=time.process_time, sync=sync)
+    results = timing.run_rounds(things, cfg.iters, cfg.warmup)
+    del model, fused
     gc.collect()
-    return rows
+
+    def ms(key: str) -> float:
+        return timing.per_item(results[key], clock).median * 1e3
+
+    rows = []
+    for reparameterized, role in ((False, "unfused"), (True, "fused")):
+        for batch_size in cfg.batch_sizes:
+            image, text = (f"{role} {tower} {batch_size}" for tower in TOWERS)
+            ref_image, ref_text = (f"reference {tower} {batch_size}" for tower in TOWERS)
+            rows.append(
+                LatencyRow(
+                    name,
+                    reparameterized,
+                    batch_size,
+                    ms(image),
+                    ms(text),
+                    timing.ratio(results[image], results[ref_image], clock),
+                    timing.ratio(results[text], results[ref_text], clock),
+                )
+            )
+    return rows, {(tower, b): ms(f"reference {tower} {b}") for tower in TOWERS for b in cfg.batch_sizes}
 
 
 def run(cfg: LatencyCfg, progress: Callable[[str], None] = print) -> LatencyReport:
-    """Times every variant of ``cfg`` and the reference; writes ``cfg.output`` if set."""
+    """Times every variant of ``cfg`` against the reference; writes ``cfg.output`` if set."""
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is visible")
@@ -178,13 +193,13 @@ def run(cfg: LatencyCfg, progress: Callable[[str], None] = print) -> LatencyRepo
     logging.getLogger().setLevel(logging.ERROR)  # open_clip warns "initialized randomly" for every model
     start = time.perf_counter()
     report = LatencyReport(cfg)
-    progress(f"reference {cfg.reference} (start)")
-    report.reference_start = _time_variant(cfg.reference, cfg, device, fuse=False)
+    reference_model = models.create_model(cfg.reference, pretrained=None, device=device).eval()
+    reference = _encoders(cfg.reference, reference_model, cfg, device)
     for i, name in enumerate(cfg.variant_names, 1):
-        progress(f"[{i}/{len(cfg.variant_names)}] {name}")
-        report.rows += _time_variant(name, cfg, device, fuse=True)
-    progress(f"reference {cfg.reference} (end)")
-    report.reference_end = _time_variant(cfg.reference, cfg, device, fuse=False)
+        progress(f"[{i}/{len(cfg.variant_names)}] {name} against {cfg.reference}")
+        rows, reference_ms = _time_variant(name, reference, cfg, device)
+        report.rows += rows
+        report.reference.append(reference_ms)
     report.wall_s = time.perf_counter() - start
     if cfg.output:
         Path(cfg.output).parent.mkdir(parents=True, exist_ok=True)
@@ -204,9 +219,10 @@ def to_markdown(report: LatencyReport) -> str:
     cfg = report.cfg
     ref = cfg.reference
     lines = [
-        f"Device: {_machine(cfg)}; torch {torch.__version__}; {cfg.resolved_clock} clock, median of {cfg.iters} "
-        f"calls after {cfg.warmup} warm-up calls; fp32; random weights; run took {report.wall_s:.0f} s; reference "
-        f"drift between start and end of the run {report.drift():.0%}.",
+        f"Device: {_machine(cfg)}; torch {torch.__version__}; {cfg.resolved_clock} clock; {cfg.iters} rounds after "
+        f"{cfg.warmup} warm-up, each variant interleaved with the reference; ms: median over rounds; ratios: "
+        f"median (min-max) of per-round ratios; fp32; random weights; run took {report.wall_s:.0f} s; reference "
+        f"medians drift {report.drift():.0%} between variants.",
         "",
         f"| model | fused | batch | image ms | text ms | image / {ref} | text / {ref} | iPhone 12 Pro Max ms (paper) |",
         "|---|---|---|---|---|---|---|---|",
@@ -215,12 +231,11 @@ def to_markdown(report: LatencyReport) -> str:
         ref_image, ref_text = report.reference_ms(batch_size)
         lines.append(f"| {ref} (reference) | - | {batch_size} | {ref_image:.1f} | {ref_text:.1f} | 1.00 | 1.00 | |")
     for row in sorted(report.rows, key=lambda r: (r.batch_size, cfg.variant_names.index(r.model), r.reparameterized)):
-        ref_image, ref_text = report.reference_ms(row.batch_size)
         paper = models.get_variant(row.model).paper_iphone_ms
         paper_cell = f"{paper[0]} + {paper[1]}" if paper and row.batch_size == 1 else ""
         lines.append(
             f"| {row.model} | {'yes' if row.reparameterized else 'no'} | {row.batch_size} | {row.image_ms:.1f} | "
-            f"{row.text_ms:.1f} | {row.image_ms / ref_image:.2f} | {row.text_ms / ref_text:.2f} | {paper_cell} |"
+            f"{row.text_ms:.1f} | {row.image_ratio.format()} | {row.text_ratio.format()} | {paper_cell} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -233,8 +248,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(default.batch_sizes), metavar="N")
     parser.add_argument("--threads", type=int, default=default.num_threads, help="CPU threads (default: %(default)s)")
-    parser.add_argument("--warmup", type=int, default=default.warmup, help="untimed calls (default: %(default)s)")
-    parser.add_argument("--iters", type=int, default=default.iters, help="timed calls (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=default.warmup, help="unmeasured rounds (default: %(default)s)")
+    parser.add_argument("--iters", type=int, default=default.iters, help="measured rounds (default: %(default)s)")
     parser.add_argument("--reference", default=default.reference, help="reference model (default: %(default)s)")
     parser.add_argument("--device", default=default.device, help="cpu or cuda (default: %(default)s)")
     parser.add_argument(

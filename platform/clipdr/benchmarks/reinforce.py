@@ -1,13 +1,30 @@
-"""Reinforcement throughput: the Ray Data pipeline against a bare forward of the same models on the same batches.
+"""Reinforcement throughput: the Ray Data pipeline against the bound of the work it cannot skip.
 
-Everything is measured in one run on the same samples, so the ratios hold on a noisy shared machine:
+Two things are compared, interleaved round by round (`timing.run_rounds`) after a warm-up round, at the same
+torch threads on both sides (``--threads``: the bound's process and every model actor's ``cpus_per_actor``):
 
-* bare teacher forward: the teacher ensemble's forward over pre-rendered views and tokenised captions, one process;
-* bare rendering + teachers + captioner: everything the models need done per sample (replaying K views at every
-  teacher's resolution, the forward, generating S captions), back to back in one process;
-* pipeline: the whole job (read, decode, sample and render views, caption, embed, write Parquet): the wall time
-  of a run over all shards minus that of a run over one shard, so that actor start-up and model loading (paid by
-  both) cancel out.
+* bound: what the job must do for each sample, back to back in this process: read and decode the source shard,
+  sample K views, generate S captions, render the K views at every teacher's resolution and run every teacher on
+  them and on the 1 + S captions. No Ray, no serialisation, no Parquet. CPU clock: this thread's CPU time.
+* pipeline: the whole job (`run_pipeline`: read, decode, caption, render, embed, write Parquet, all on Ray) over
+  every shard, and over the first shard alone, each into a fresh directory; its cost is the difference, so that
+  the fixed cost both runs pay (starting actors, importing torch, loading models) cancels. CPU clock: the CPU time
+  of this process and all its descendants (Ray's workers, actors and system processes), read every ``SAMPLE_S``
+  along each run, as Ray ends actors before the run returns. Per-shard landing times could not delimit a steady
+  state instead: this pipeline may write every shard at the very end of a run.
+
+Ratios are per round, then median (min-max) over rounds:
+
+* CPU efficiency of the actors = bound CPU s a sample / CPU s a sample of the pipeline's actors (the processes
+  that run its stages; with Ray Data's current fusion the read runs inside the captioner's actor). At most 1 for
+  stages that add nothing to the work; 1 - efficiency is what they spend beyond it (decoding again, transport,
+  writing). CPU time counts only the slices each process ran, so it holds on a shared machine: the headline.
+* CPU efficiency, all processes = the same over every process of the job, adding the driver, Ray's own processes
+  and its pooled task workers. Their CPU follows the run's length and worker start-ups more than its samples,
+  so its difference between the two runs is noisy at benchmark sizes.
+* wall speed-up = pipeline samples/s / bound samples/s. The pipeline overlaps its stages on several processes,
+  so this can exceed 1 (up to the number of model actors given free cores). It rests on the difference of two
+  runs' wall times, which moves with the neighbours' load: a secondary number on a shared machine.
 
 Storage: bytes of the stored embedding columns per sample against the fp16 arithmetic (K + 1 + S) x sum(D) x 2.
 """
@@ -17,79 +34,212 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import os
+import re
+import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pyarrow.parquet as pq
 import torch
 
 from clipdr import augment, records, storage
+from clipdr.benchmarks import timing
 from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceResources, SynthConfig, TeacherConfig
 from clipdr.data import sources, synthetic
 
+BOUND_PARTS = ("read + decode", "captioner", "teachers: render + forward")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--shards", type=int, default=8, help="source shards")
+    parser.add_argument("--shards", type=int, default=8, help="source shards the pipeline reinforces each round")
     parser.add_argument("--shard-size", type=int, default=64, help="samples a shard")
+    parser.add_argument("--bound-shards", type=int, default=2, help="shards the bound processes each round")
     parser.add_argument("--views", type=int, default=5, help="K")
     parser.add_argument("--captions", type=int, default=2, help="S")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--caption-len", type=int, default=12, help="captioner max_len (tokens)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the bound and of each model actor")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
 
 
-def _bare_rates(ensemble, captioner, samples, views, num_captions: int, batch_size: int) -> dict[str, float]:
-    """Samples/s of the bare model work on decoded inputs: view rendering, teacher forward, caption generation."""
-    began = time.perf_counter()
-    rendered = {
-        t.spec.name: [
-            torch.stack(
-                [
-                    augment.replay(s.image, v, t.spec.image_size, t.spec.mean, t.spec.std, t.spec.interpolation)
-                    for v in sample_views
+def _group(proc: psutil.Process) -> str:
+    """Which part of the job a process is, from the title Ray gives its workers.
+
+    A model actor's title names the stages it runs, e.g. ``ray::MapWorker(MapBatches(ReadShards)->MapBatches(
+    Caption)).submit`` when Ray Data fused the read into the captioner, so the groups follow the pipeline's wiring.
+    """
+    if proc.pid == os.getpid():
+        return "driver (Ray Data executor)"
+    title = " ".join(proc.cmdline())
+    actor = re.match(r"ray::MapWorker\((.*)\)", title)
+    if actor:
+        return f"{ACTOR}{actor.group(1)}"
+    return "task workers (unfused reads), idle workers" if title.startswith("ray::") else "Ray system processes"
+
+
+ACTOR = "actor "  # group-name prefix of the pipeline's actors
+SAMPLE_S = 0.5  # how often a run's processes are read: a process that ends loses at most its last SAMPLE_S
+
+
+def _cpu_by_process() -> dict[int, tuple[str, float]]:
+    """``{pid: (group, CPU s)}`` of this process and all its descendants."""
+    me = psutil.Process()
+    snapshot = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            cpu = proc.cpu_times()
+            snapshot[proc.pid] = (_group(proc), cpu.user + cpu.system)
+        except psutil.Error:  # exited between the listing and the read
+            continue
+    return snapshot
+
+
+@dataclasses.dataclass
+class _PipelineRound:
+    """One round's two job runs, beside the `timing.Measurement` of their difference."""
+
+    cpu_by_group: dict[str, float]  # CPU s of the extra shards by process group
+    whole_run_s: float  # wall of the run over every shard, start-up included
+    rows: int  # rows of that run
+
+
+class _Pipeline:
+    """The job, run twice a call: over the first shard only, then over every shard, each into a fresh directory.
+
+    Both runs pay the same fixed cost (starting actors, importing torch, loading models), so the difference of
+    their CPU times is what the extra shards cost. CPU time, unlike wall time, hardly moves with the neighbours'
+    load, so the difference stays small-noise.
+    """
+
+    def __init__(self, config: Config, p, root: Path) -> None:
+        self.config, self.plan, self.root = config, p, root
+        self.runs = 0
+        self.rounds: list[_PipelineRound] = []
+        self.last_output = ""
+
+    def _run(self, tasks) -> tuple[float, dict[str, float], int]:
+        """Wall s, CPU s by process group, and rows of one job run over ``tasks``."""
+        from clipdr.reinforce.pipeline import run_pipeline
+
+        self.runs += 1
+        self.last_output = str(self.root / f"reinforced-{self.runs}")
+        cfg = dataclasses.replace(self.config.reinforce, output=self.last_output)
+        rows: list[int] = []
+
+        def on_shard(name: str, num_rows: int, written_at: float) -> None:
+            rows.append(num_rows)
+
+        # Ray Data ends an operator's actors as soon as that operator is done, before the run returns, and Ray
+        # reaps them without adding their CPU time to any parent's: so the processes are read all along the run,
+        # and an ended one counts with its last reading.
+        seen = _cpu_by_process()
+        start = dict(seen)
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.wait(SAMPLE_S):
+                seen.update(_cpu_by_process())
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        began = time.perf_counter()
+        try:
+            run_pipeline(cfg, self.config.augment, tasks, self.plan.manifest, self.plan.fingerprint, on_shard)
+        finally:
+            stop.set()
+            sampler.join()
+        wall_s = time.perf_counter() - began
+        seen.update(_cpu_by_process())
+        cpu_by_group: dict[str, float] = collections.Counter()
+        for pid, (group, cpu_s) in seen.items():
+            cpu_by_group[group] += cpu_s - (start[pid][1] if pid in start else 0.0)  # new processes count from 0
+        return wall_s, cpu_by_group, sum(rows)
+
+    def __call__(self) -> timing.Measurement:
+        one_s, one_cpu, one_rows = self._run(self.plan.tasks[:1])
+        all_s, all_cpu, all_rows = self._run(self.plan.tasks)
+        extra_cpu = {group: all_cpu[group] - one_cpu.get(group, 0.0) for group in all_cpu}
+        self.rounds.append(_PipelineRound(extra_cpu, all_s, all_rows))
+        return timing.Measurement(all_s - one_s, sum(extra_cpu.values()), all_rows - one_rows)
+
+
+class _Bound:
+    """The work the job cannot skip for ``tasks``' samples, in this process, one call per round."""
+
+    def __init__(self, config: Config, tasks, ensemble, captioner, cpu_clock: Callable[[], float]) -> None:
+        self.cfg = config.reinforce
+        self.augment_cfg = config.augment
+        self.tasks = tasks
+        self.ensemble, self.captioner = ensemble, captioner
+        self.cpu_clock = cpu_clock
+        self.parts: list[dict[str, float]] = []  # CPU s of each of BOUND_PARTS, per call
+
+    def __call__(self) -> timing.Measurement:
+        cfg, clock = self.cfg, self.cpu_clock
+        parts = dict.fromkeys(BOUND_PARTS, 0.0)
+        num_samples = 0
+        wall = time.perf_counter()
+        for task in self.tasks:
+            cpu = clock()
+            samples = list(sources.iter_shard(task.source, collections.Counter()))
+            parts["read + decode"] += clock() - cpu
+            num_samples += len(samples)
+            for start in range(0, len(samples), cfg.resources.batch_size):
+                chunk = samples[start : start + cfg.resources.batch_size]
+                images, keys = [s.image for s in chunk], [s.key for s in chunk]
+                cpu = clock()
+                syn = self.captioner.generate(images, keys, cfg.num_syn_captions)
+                parts["captioner"] += clock() - cpu
+                cpu = clock()
+                views = [
+                    augment.sample_views(s.image.size, s.key, cfg.num_augmentations, self.augment_cfg, cfg.seed)
+                    for s in chunk
                 ]
-            )
-            for s, sample_views in zip(samples, views, strict=True)
-        ]
-        for t in ensemble.teachers
-    }
-    render_s = time.perf_counter() - began
-    captions = [[s.caption] * (1 + num_captions) for s in samples]
-    tokens = {t.spec.name: t.tokenizer([c for cs in captions for c in cs]) for t in ensemble.teachers}
-    teacher_s = 0.0
-    caption_s = 0.0
-    with torch.inference_mode():
-        for start in range(0, len(samples), batch_size):
-            stop = min(start + batch_size, len(samples))
-            began = time.perf_counter()
-            for t in ensemble.teachers:
-                t.model.encode_image(torch.cat(rendered[t.spec.name][start:stop]))
-                t.model.encode_text(tokens[t.spec.name][start * (1 + num_captions) : stop * (1 + num_captions)])
-            teacher_s += time.perf_counter() - began
-            began = time.perf_counter()
-            captioner.generate(
-                [s.image for s in samples[start:stop]], [s.key for s in samples[start:stop]], num_captions
-            )
-            caption_s += time.perf_counter() - began
-    n = len(samples)
-    return {
-        "teachers": n / teacher_s,
-        "render": n / render_s,
-        "captioner": n / caption_s,
-        "all": n / (render_s + teacher_s + caption_s),
-    }
+                self.ensemble.embed(images, views, [[s.caption, *c] for s, c in zip(chunk, syn, strict=True)])
+                parts["teachers: render + forward"] += clock() - cpu
+        wall_s = time.perf_counter() - wall
+        self.parts.append(parts)
+        return timing.Measurement(wall_s, sum(parts.values()), num_samples)
+
+
+def _storage(output: str, p) -> tuple[float, float]:
+    """(stored embedding bytes a sample, whole shard bytes a sample) of a reinforced output."""
+    emb_bytes = rows_total = file_bytes = 0
+    for task in p.tasks:
+        uri = storage.join(output, task.output)
+        meta = pq.ParquetFile(uri).metadata
+        rows_total += meta.num_rows
+        file_bytes += Path(uri).stat().st_size
+        for rg in range(meta.num_row_groups):
+            group = meta.row_group(rg)
+            for c in range(group.num_columns):
+                column = group.column(c)
+                if column.path_in_schema.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX)):
+                    emb_bytes += column.total_compressed_size
+    return emb_bytes / rows_total, file_bytes / rows_total
 
 
 def main(args: argparse.Namespace) -> int:
+    import ray
+
     from clipdr.cluster import ensure_ray
     from clipdr.models import create_model
     from clipdr.models.captioners import TINY_COCA, build_captioner, build_coca
     from clipdr.models.teachers import TeacherEnsemble
-    from clipdr.reinforce.pipeline import run_pipeline
     from clipdr.reinforce.run import plan
 
-    torch.set_num_threads(2)
+    if args.shards < 2 or not 1 <= args.bound_shards <= args.shards:
+        print("reinforce: need --shards >= 2 and 1 <= --bound-shards <= --shards", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    progress = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         world = SynthConfig(
@@ -118,67 +268,93 @@ def main(args: argparse.Namespace) -> int:
                 num_syn_captions=args.captions,
                 teachers=teachers,
                 captioner=captioner_cfg,
-                resources=ReinforceResources(batch_size=args.batch_size),
+                resources=ReinforceResources(batch_size=args.batch_size, cpus_per_actor=args.threads),
             )
         )
         p = plan(config)
-
-        # Bare forward of the same models on the same samples (one shard's worth, views as the job samples them).
-        samples = list(sources.iter_shard(p.tasks[1].source, collections.Counter()))
-        views = [augment.sample_views(s.image.size, s.key, args.views, config.augment, 0) for s in samples]
-        ensemble = TeacherEnsemble(teachers)
-        captioner = build_captioner(p.manifest.captioner)
-        bare = _bare_rates(ensemble, captioner, samples, views, args.captions, args.batch_size)
-        del ensemble, captioner
-
-        # The pipeline: a run over one shard and a run over all of them pay the same start-up (actors, model
-        # loads), so the difference of their wall times is what the extra shards cost.
+        # One torch thread runs inside the calling thread, so its CPU time is exact and excludes Ray's threads in
+        # this process; more threads need the whole process's.
+        cpu_clock = time.thread_time if args.threads == 1 else time.process_time
+        bound = _Bound(
+            config,
+            p.tasks[: args.bound_shards],
+            TeacherEnsemble(teachers),
+            build_captioner(p.manifest.captioner),
+            cpu_clock,
+        )
+        pipeline = _Pipeline(config, p, root)
         ensure_ray()
+        try:
+            results = timing.run_rounds(
+                {"bound": bound, "pipeline": pipeline}, args.rounds, args.warmup, progress=progress
+            )
+            emb_per_sample, file_per_sample = _storage(pipeline.last_output, p)
+        finally:
+            ray.shutdown()
 
-        def timed_run(tasks: tuple, output: str) -> tuple[float, int]:
-            cfg = dataclasses.replace(config.reinforce, output=output)
-            rows: list[int] = []
-            began = time.perf_counter()
-            run_pipeline(cfg, config.augment, tasks, p.manifest, p.fingerprint, lambda n, r, t: rows.append(r))
-            return time.perf_counter() - began, sum(rows)
+    kept = slice(args.warmup, None)
+    bound_parts = bound.parts[kept]
+    pipeline_rounds = pipeline.rounds[kept]
+    groups = sorted({g for r in pipeline_rounds for g in r.cpu_by_group})
+    items = [m.items for m in results["pipeline"]]
+    actors_cpu = [
+        timing.Measurement(m.wall_s, sum(v for g, v in r.cpu_by_group.items() if g.startswith(ACTOR)), m.items)
+        for m, r in zip(results["pipeline"], pipeline_rounds, strict=True)
+    ]
 
-        one_s, one_rows = timed_run(p.tasks[:1], str(root / "reinforced-one"))
-        all_s, all_rows = timed_run(p.tasks, config.reinforce.output)
-        pipeline = (all_rows - one_rows) / (all_s - one_s)
+    def ms(values: list[float]) -> str:
+        return timing.summarize(values).scaled(1e3).format(".1f")
 
-        # Storage: on-disk bytes of the embedding columns against the fp16 arithmetic.
-        emb_bytes = rows_total = file_bytes = 0
-        for task in p.tasks:
-            uri = storage.join(config.reinforce.output, task.output)
-            meta = pq.ParquetFile(uri).metadata
-            rows_total += meta.num_rows
-            file_bytes += Path(uri).stat().st_size
-            for rg in range(meta.num_row_groups):
-                group = meta.row_group(rg)
-                for c in range(group.num_columns):
-                    column = group.column(c)
-                    if column.path_in_schema.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX)):
-                        emb_bytes += column.total_compressed_size
-        arithmetic = p.manifest.embedding_bytes_per_sample
-
+    arithmetic = p.manifest.embedding_bytes_per_sample
     rows = [
-        ("bare teacher forward (samples/s)", f"{bare['teachers']:.1f}"),
-        ("bare view rendering, K views x each teacher (samples/s)", f"{bare['render']:.1f}"),
-        ("bare caption generation (samples/s)", f"{bare['captioner']:.1f}"),
-        ("bare rendering + teachers + captioner, one process (samples/s)", f"{bare['all']:.1f}"),
-        ("pipeline, start-up excluded (samples/s)", f"{pipeline:.1f}"),
-        ("pipeline, whole run incl. start-up (samples/s)", f"{all_rows / all_s:.1f}"),
-        ("pipeline / bare teacher forward", f"{pipeline / bare['teachers']:.2f}"),
-        ("pipeline / bare rendering + teachers + captioner", f"{pipeline / bare['all']:.2f}"),
-        ("stored embedding bytes a sample", f"{emb_bytes / rows_total:,.0f}"),
+        (
+            "**CPU efficiency of the actors: bound CPU s / actors' CPU s a sample**",
+            timing.ratio(results["bound"], actors_cpu, "cpu").format(),
+        ),
+        (
+            "CPU efficiency, all processes: bound CPU s / pipeline CPU s a sample",
+            timing.ratio(results["bound"], results["pipeline"], "cpu").format(),
+        ),
+        (
+            "wall speed-up: pipeline samples/s / bound samples/s",
+            timing.ratio(results["bound"], results["pipeline"], "wall").format(),
+        ),
+        ("bound CPU ms a sample", timing.per_item(results["bound"], "cpu").scaled(1e3).format(".1f")),
+        *(
+            (f"&nbsp;&nbsp;{part}", ms([parts[part] / results["bound"][0].items for parts in bound_parts]))
+            for part in BOUND_PARTS
+        ),
+        ("pipeline actors' CPU ms a sample", timing.per_item(actors_cpu, "cpu").scaled(1e3).format(".1f")),
+        (
+            "pipeline CPU ms a sample, all processes",
+            timing.per_item(results["pipeline"], "cpu").scaled(1e3).format(".1f"),
+        ),
+        *(
+            (
+                f"&nbsp;&nbsp;{group}",
+                ms([r.cpu_by_group.get(group, 0.0) / n for r, n in zip(pipeline_rounds, items, strict=True)]),
+            )
+            for group in groups
+        ),
+        ("bound samples/s (wall, one process)", timing.rate(results["bound"], "wall").format(".1f")),
+        (
+            "pipeline samples/s (wall, all-shard run minus one-shard run)",
+            timing.rate(results["pipeline"], "wall").format(".1f"),
+        ),
+        (
+            "pipeline samples/s (wall, whole run incl. start-up)",
+            timing.summarize([r.rows / r.whole_run_s for r in pipeline_rounds]).format(".1f"),
+        ),
+        ("stored embedding bytes a sample", f"{emb_per_sample:,.0f}"),
         ("fp16 arithmetic (K+1+S) x sum(D) x 2", f"{arithmetic:,}"),
-        ("stored / arithmetic", f"{emb_bytes / rows_total / arithmetic:.3f}"),
-        ("whole shard bytes a sample (images included)", f"{file_bytes / rows_total:,.0f}"),
+        ("stored / arithmetic", f"{emb_per_sample / arithmetic:.3f}"),
+        ("whole shard bytes a sample (images included)", f"{file_per_sample:,.0f}"),
     ]
     setup = (
-        f"{args.shards} shards x {args.shard_size} samples, K={args.views}, S={args.captions}, "
-        f"batch {args.batch_size}, teachers clipdr-tiny-vit + clipdr-tiny-mci, captioner {TINY_COCA} "
-        f"(max_len {args.caption_len}), CPU, torch threads 2"
+        f"{args.shards} shards x {args.shard_size} samples (bound: {args.bound_shards} shards), K={args.views}, "
+        f"S={args.captions}, batch {args.batch_size}, teachers clipdr-tiny-vit + clipdr-tiny-mci, captioner "
+        f"{TINY_COCA} (max_len {args.caption_len}), CPU, {args.threads} torch thread(s) in the bound and in each "
+        f"model actor; median (min-max) of {args.rounds} interleaved rounds after {args.warmup} warm-up"
     )
     table = "\n".join(
         [
@@ -191,5 +367,8 @@ def main(args: argparse.Namespace) -> int:
     )
     print(table)
     if args.output:
-        Path(args.output).write_text(table + "\n")
+        command = "python jobs/benchmark.py reinforce " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output" and v is not None
+        )
+        Path(args.output).write_text(f"Measured with `{command}`.\n\n{table}\n")
     return 0

@@ -1,15 +1,22 @@
 """Training cost by mode: the paper's "no train-time overhead" claim, measured, and the loader against the trainer.
 
-All in one process and one run, on the same rows, so the ratios hold on a noisy shared machine:
+All in one process, on the same rows and at the same torch threads, interleaved round by round after warm-up
+(`timing.run_rounds`: every round runs each mode's step and each mode's loader batch once, in a rotated order):
 
 * train step, per mode (``clip``, ``reinforced``, ``online_distill``): forward, loss, backward and the AdamW
-  update of the same student on the same batch size, timed over ``--steps`` steps after ``--warmup`` steps. The
-  batches come ready-made from the loader, so the step is measured alone. ``reinforced`` reads its targets;
-  ``online_distill`` runs the teachers inside the step. Ratios are against ``clip`` (no distillation at all).
-* loader, per mode (interleaved with the steps): the CPU map stage (`data.ReplayBatch`: decode, replay view k at
-  the student's resolution, tokenise, select targets; for ``online_distill`` also render each teacher's view and
-  tokens) in samples/s on one process, and the loader processes one trainer needs to never wait: trainer
-  samples/s / loader samples/s.
+  update of the same student on the same batch size. The batches come ready-made from the loader, so the step is
+  measured alone. ``reinforced`` reads its targets; ``online_distill`` runs the teachers inside the step.
+  Ratio: step seconds of the mode / step seconds of ``clip`` (no distillation at all) in the same round.
+* loader, per mode: one pass over the rows (4 batches) of the CPU map stage (`data.ReplayBatch`: decode, replay
+  view k at the student's resolution, tokenise, select targets; for ``online_distill`` also render each teacher's
+  view and tokens) on one process.
+  Ratio: loader processes one trainer needs to never wait = loader seconds a sample / step seconds a sample of
+  the same mode in the same round.
+
+Each ratio is computed per round, then reported as median (min-max) over rounds, by wall time and by process
+CPU time (all torch threads of this process; it counts only the slices the process ran, so it holds while
+neighbours load the machine). One torch thread by default: a team of two spin-waits whenever a neighbour holds
+the other core, and that waiting counts as CPU time too.
 
 Rows are a synthetic-world corpus with sampled stored views and random unit teacher embeddings: neither cost
 depends on the embedding values, so no teacher has to run to build them.
@@ -21,13 +28,13 @@ import argparse
 import collections
 import dataclasses
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from clipdr import augment, records
+from clipdr.benchmarks import timing
 from clipdr.config import Config, SynthConfig, TeacherConfig, TrainConfig
 from clipdr.data import sources, synthetic
 from clipdr.models.teachers import teacher_spec
@@ -40,13 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--teachers", default="clipdr-demo-vit,clipdr-demo-mci", help="comma-separated teacher model names"
     )
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode (interleaved across modes)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per mode")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="measured rounds: one step and one pass of the loader per mode each"
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--views", type=int, default=4, help="K stored views a sample")
     parser.add_argument("--captions", type=int, default=2, help="S synthetic captions a sample")
     parser.add_argument("--image-size", type=int, default=64, help="side of the source images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of steps and loader")
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
 
 
@@ -79,12 +88,6 @@ class _Loader:
         table, n = self.table, self.batch_size
         return [self.replay(table.slice(start, n)) for start in range(0, table.num_rows, n)]
 
-    def time_batch(self) -> float:
-        """Seconds to build one batch."""
-        began = time.perf_counter()
-        self.replay(self.table.slice(0, self.batch_size))
-        return time.perf_counter() - began
-
 
 class _Trainer:
     """One mode's student, optimiser and step on ready-made batches."""
@@ -97,26 +100,18 @@ class _Trainer:
         self.model = build_student(self.plan, device)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, self.plan.weight_decay), lr=self.plan.lr)
         self.step_fn = Step(self.model, self.plan, device)
-        self.device = device
         self.batches = [
             {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()} for b in batches
         ]
         self.steps = 0
 
-    def time_steps(self, n: int) -> float:
-        """Seconds of ``n`` optimiser steps."""
+    def step(self) -> None:
+        """One optimiser step on the next ready-made batch."""
         from clipdr.train.loop import apply_update
 
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        for _ in range(n):
-            self.step_fn(self.batches[self.steps % len(self.batches)])["loss"].backward()
-            apply_update(self.model, self.optimizer, self.plan, self.steps)
-            self.steps += 1
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - began
+        self.step_fn(self.batches[self.steps % len(self.batches)])["loss"].backward()
+        apply_update(self.model, self.optimizer, self.plan, self.steps)
+        self.steps += 1
 
 
 def main(args: argparse.Namespace) -> int:
@@ -174,34 +169,32 @@ def main(args: argparse.Namespace) -> int:
             precision="bf16" if device.type == "cuda" else "fp32",
         )
         trainers[label] = _Trainer(Config(train=train_cfg), manifest, batches, device)
-        trainers[label].time_steps(args.warmup)
-    # Modes take turns, one step and one loader batch each per round, so drift in the machine's load hits them alike.
-    seconds = {label: [] for label in trainers}
-    loader_seconds = {label: [] for label in trainers}
-    for _ in range(args.steps):
-        for label, trainer in trainers.items():
-            seconds[label].append(trainer.time_steps(1))
-            loader_seconds[label].append(loaders[label].time_batch())
-    results = {
-        label: (
-            args.batch_size / float(np.median(seconds[label])),
-            args.batch_size / float(np.median(loader_seconds[label])),
-        )
-        for label in trainers
-    }
 
-    clip_step = results["clip"][0]
+    sync = torch.cuda.synchronize if device.type == "cuda" else None  # a CUDA launch returns before its kernels
+    things = {}
+    for label in trainers:
+        things[f"step {label}"] = timing.timed(trainers[label].step, args.batch_size, sync=sync)
+        # The loader's call builds every batch of the table: a single batch takes a few ms, too short to time.
+        things[f"loader {label}"] = timing.timed(loaders[label].batches, table.num_rows)
+    results = timing.run_rounds(things, rounds=args.steps, warmup=args.warmup)
+
     lines = [
         f"Student `{args.student}`, teachers {', '.join(f'`{t.model}`' for t in teacher_cfgs)}, batch "
         f"{args.batch_size}, K={args.views}, S={args.captions}, {args.image_size} px sources, device {device}, "
-        f"{args.threads} torch threads; median of {args.steps} interleaved steps after {args.warmup} per mode.",
+        f"{args.threads} torch threads; median (min-max) of {args.steps} interleaved rounds after {args.warmup} "
+        "warm-up; ratios per round. CPU: process CPU time.",
         "",
-        "| mode | train step (samples/s) | step time vs clip | loader (samples/s, 1 process) | loader processes "
-        "per trainer |",
-        "|---|---|---|---|---|",
+        "| mode | step vs clip (CPU) | step vs clip (wall) | loader processes per trainer (CPU) | loader processes per "
+        "trainer (wall) | train step samples/s (wall) | loader samples/s (wall, 1 process) |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for label, (step, loader) in results.items():
-        lines.append(f"| {label} | {step:.1f} | {clip_step / step:.2f}x | {loader:.1f} | {step / loader:.2f} |")
+    for label in trainers:
+        step, loader, clip = results[f"step {label}"], results[f"loader {label}"], results["step clip"]
+        lines.append(
+            f"| {label} | {timing.ratio(step, clip, 'cpu').format()} | {timing.ratio(step, clip, 'wall').format()} | "
+            f"{timing.ratio(loader, step, 'cpu').format()} | {timing.ratio(loader, step, 'wall').format()} | "
+            f"{timing.rate(step, 'wall').format('.1f')} | {timing.rate(loader, 'wall').format('.1f')} |"
+        )
     text = "\n".join(lines)
     print(text)
     if args.output:
