@@ -38,7 +38,7 @@ CAPTIONER = records.CaptionerSpec(name="coca_l14", kind="open_clip", model="coca
 def make_manifest(teachers=TEACHERS, num_augmentations=K, num_syn_captions=S, **kwargs) -> records.Manifest:
     return records.Manifest(
         teachers=teachers,
-        augment=AugmentConfig(),
+        augment=records.AugmentSpec(),
         num_augmentations=num_augmentations,
         num_syn_captions=num_syn_captions,
         source_uri="s3://source/datacomp",
@@ -371,6 +371,13 @@ def test_existing_manifest_keeps_its_data_fingerprints():
     payload = json.dumps({"manifest": settings, "schema": records.SCHEMA_VERSION}, sort_keys=True, default=str)
     assert hashlib.sha256(payload.encode()).hexdigest() == REINFORCE_FINGERPRINT_V1
     assert "sha256:" + hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16] == TRAIN_DATA_FINGERPRINT_V1
+
+
+def test_augment_spec_is_built_from_the_run_config_field_by_field():
+    cfg = AugmentConfig(scale=(0.3, 0.9), ratio=(0.5, 2.0), num_ops=3, magnitude=5, num_magnitude_bins=11, hflip=0.5)
+    spec = records.AugmentSpec.from_config(cfg)
+    assert config.to_dict(spec) == config.to_dict(cfg)  # same values, and today the same names in the same order
+    assert records.AugmentSpec.from_config(AugmentConfig()) == records.AugmentSpec()
 
 
 def test_uid_column_is_optional_and_nullable(tmp_path):

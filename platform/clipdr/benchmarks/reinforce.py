@@ -125,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
 
         # Bare forward of the same models on the same samples (one shard's worth, views as the job samples them).
         samples = list(sources.iter_shard(p.tasks[1].source, collections.Counter()))
-        views = [augment.sample_views(s.image.size, s.key, args.views, config.augment, 0) for s in samples]
+        views = [augment.sample_views(s.image.size, s.key, args.views, p.manifest.augment, 0) for s in samples]
         ensemble = TeacherEnsemble(teachers)
         captioner = build_captioner(p.manifest.captioner)
         bare = _bare_rates(ensemble, captioner, samples, views, args.captions, args.batch_size)
@@ -139,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
             cfg = dataclasses.replace(config.reinforce, output=output)
             rows: list[int] = []
             began = time.perf_counter()
-            run_pipeline(cfg, config.augment, tasks, p.manifest, p.fingerprint, lambda n, r, t: rows.append(r))
+            run_pipeline(cfg, tasks, p.manifest, p.fingerprint, lambda n, r, t: rows.append(r))
             return time.perf_counter() - began, sum(rows)
 
         one_s, one_rows = timed_run(p.tasks[:1], str(root / "reinforced-one"))

@@ -485,7 +485,7 @@ class AugmentBatch:
     (`augment.sample` with the epoch as the view index): deterministic, and different every epoch.
 
     Args:
-        augment_cfg: The augmentations to sample.
+        augment_spec: The augmentations to sample (the run config's, converted).
         preprocess: The student's preprocessing (`student_preprocess`).
         tokenizer_name: Model name whose open_clip tokenizer encodes the captions.
         seed: Run-level seed of the views.
@@ -493,10 +493,15 @@ class AugmentBatch:
     """
 
     def __init__(
-        self, augment_cfg: Any, preprocess: StudentPreprocess, tokenizer_name: str, seed: int, epoch: int
+        self,
+        augment_spec: records.AugmentSpec,
+        preprocess: StudentPreprocess,
+        tokenizer_name: str,
+        seed: int,
+        epoch: int,
     ) -> None:
-        augment.check_config(augment_cfg)
-        self.augment_cfg = augment_cfg
+        augment.check_spec(augment_spec)
+        self.augment_spec = augment_spec
         self.preprocess = preprocess
         self.seed = int(seed)
         self.epoch = int(epoch)
@@ -506,7 +511,7 @@ class AugmentBatch:
         keys = _strings(batch, records.KEY)
         images = [sources.decode_rgb(b) for b in _images(batch)]
         params = [
-            augment.sample(image.size, key, self.epoch, self.augment_cfg, self.seed)
+            augment.sample(image.size, key, self.epoch, self.augment_spec, self.seed)
             for image, key in zip(images, keys, strict=True)
         ]
         return {
