@@ -107,7 +107,10 @@ def replay_batch(manifest, preprocess, epoch=0, mode=data.REINFORCED, use_syn_ca
 @pytest.mark.parametrize("name", [STUDENT, "clipdr-tiny-vit"])
 def test_student_preprocess_matches_the_built_model(name):
     built = models.create_model(name)
-    expected = data.StudentPreprocess.from_preprocess_cfg(built.visual.preprocess_cfg, built.context_length)
+    pp_cfg = built.visual.preprocess_cfg
+    expected = data.StudentPreprocess(
+        pp_cfg["size"], pp_cfg["mean"], pp_cfg["std"], pp_cfg["interpolation"], built.context_length
+    )
     assert data.student_preprocess(name) == expected
 
 
