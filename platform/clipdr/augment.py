@@ -10,7 +10,7 @@ what is drawn (`AugParams`) and what is applied (`replay`):
 
 1. crop window ``(top, left, height, width)`` in pixels of the source image, resized to the view size
    (antialiased, bicubic by default);
-2. horizontal flip, with probability ``AugmentConfig.hflip``;
+2. horizontal flip, with probability ``AugmentSpec.hflip``;
 3. ``num_ops`` RandAugment operations, applied in order with torchvision's own kernels, torchvision's
    default nearest interpolation and black fill (as ``RandAugment()._apply_image_or_video_transform``).
 
@@ -54,7 +54,7 @@ stores as ``fixed_size_list<fixed_size_list<float32, L>, K>``. Why a fixed-size 
 36 bytes a view next to ~100 KB of embeddings, a column of N rows turns into an ``(N, K, L)`` numpy array
 without copying (``col.flatten().flatten().to_numpy().reshape(N, K, L)``) where a ``list<struct>`` column
 costs one Arrow child array per field and a Python dict per view when Ray Data hands out rows, and the
-layout is fixed by ``num_ops``, which the manifest's augmentation config records. float32 is lossless here:
+layout is fixed by ``num_ops``, which the manifest's `records.AugmentSpec` records. float32 is lossless here:
 crop coordinates are integers below 2**24, and every magnitude is a float32 value (torchvision draws them
 from float32 ``torch.linspace``; `AugParams` rounds hand-made ones to float32 when it is built).
 `AugParams.to_dict` / `from_dict` give the same content as JSON for manifests, logs and tests.
@@ -70,7 +70,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import PIL.Image
@@ -78,7 +78,8 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from clipdr.config import AugmentConfig
+if TYPE_CHECKING:  # records imports this module (encoded views); the spec is only annotated here
+    from clipdr.records import AugmentSpec
 
 # torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE, in its order: op_index indexes this tuple.
 OP_NAMES: tuple[str, ...] = (
@@ -281,34 +282,34 @@ def views_from_array(views_KL: np.ndarray) -> list[AugParams]:
 # --------------------------------------------------------------------------- sampling
 
 
-def check_config(cfg: AugmentConfig) -> None:
-    """Raises ValueError, naming the field, when an augmentation config cannot be sampled."""
+def check_spec(spec: AugmentSpec) -> None:
+    """Raises ValueError, naming the field, when augmentation settings cannot be sampled."""
 
     def _pair(name: str) -> tuple[float, float]:
-        value = getattr(cfg, name)
+        value = getattr(spec, name)
         if len(value) != 2 or not all(isinstance(v, int | float) and math.isfinite(v) for v in value):
             raise ValueError(f"augment.{name} must be a (min, max) pair of numbers, got {value!r}")
         return float(value[0]), float(value[1])
 
     scale, ratio = _pair("scale"), _pair("ratio")
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise ValueError(f"augment.scale must satisfy 0 < min <= max <= 1, got {cfg.scale!r}")
+        raise ValueError(f"augment.scale must satisfy 0 < min <= max <= 1, got {spec.scale!r}")
     if not 0.0 < ratio[0] <= ratio[1]:
-        raise ValueError(f"augment.ratio must satisfy 0 < min <= max, got {cfg.ratio!r}")
+        raise ValueError(f"augment.ratio must satisfy 0 < min <= max, got {spec.ratio!r}")
     for name in ("num_ops", "magnitude", "num_magnitude_bins"):
-        if isinstance(getattr(cfg, name), bool) or not isinstance(getattr(cfg, name), int):
-            raise ValueError(f"augment.{name} must be an integer, got {getattr(cfg, name)!r}")
-    if cfg.num_ops < 0:
-        raise ValueError(f"augment.num_ops must be >= 0, got {cfg.num_ops}")
-    if cfg.num_magnitude_bins < 2:
-        raise ValueError(f"augment.num_magnitude_bins must be >= 2, got {cfg.num_magnitude_bins}")
-    if not 0 <= cfg.magnitude < cfg.num_magnitude_bins:
+        if isinstance(getattr(spec, name), bool) or not isinstance(getattr(spec, name), int):
+            raise ValueError(f"augment.{name} must be an integer, got {getattr(spec, name)!r}")
+    if spec.num_ops < 0:
+        raise ValueError(f"augment.num_ops must be >= 0, got {spec.num_ops}")
+    if spec.num_magnitude_bins < 2:
+        raise ValueError(f"augment.num_magnitude_bins must be >= 2, got {spec.num_magnitude_bins}")
+    if not 0 <= spec.magnitude < spec.num_magnitude_bins:
         raise ValueError(
-            f"augment.magnitude must be a bin in [0, {cfg.num_magnitude_bins - 1}] "
-            f"(augment.num_magnitude_bins = {cfg.num_magnitude_bins}), got {cfg.magnitude}"
+            f"augment.magnitude must be a bin in [0, {spec.num_magnitude_bins - 1}] "
+            f"(augment.num_magnitude_bins = {spec.num_magnitude_bins}), got {spec.magnitude}"
         )
-    if isinstance(cfg.hflip, bool) or not isinstance(cfg.hflip, int | float) or not 0.0 <= cfg.hflip <= 1.0:
-        raise ValueError(f"augment.hflip must be a probability in [0, 1], got {cfg.hflip!r}")
+    if isinstance(spec.hflip, bool) or not isinstance(spec.hflip, int | float) or not 0.0 <= spec.hflip <= 1.0:
+        raise ValueError(f"augment.hflip must be a probability in [0, 1], got {spec.hflip!r}")
 
 
 def derive_seed(seed: int, key: str, aug_index: int) -> int:
@@ -363,7 +364,7 @@ def _sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample(image_size: tuple[int, int], key: str, aug_index: int, cfg: AugmentConfig, seed: int = 0) -> AugParams:
+def sample(image_size: tuple[int, int], key: str, aug_index: int, spec: AugmentSpec, seed: int = 0) -> AugParams:
     """Draws one view's parameters, reproducibly from ``(seed, key, aug_index)``.
 
     The draws are those of torchvision v2 ``RandomResizedCrop(scale, ratio)``, then
@@ -374,13 +375,13 @@ def sample(image_size: tuple[int, int], key: str, aug_index: int, cfg: AugmentCo
         image_size: ``(width, height)`` of the source image, as ``PIL.Image.size`` gives it.
         key: The sample's key in its dataset.
         aug_index: Which of the sample's views, 0 to K-1.
-        cfg: The augmentation config.
+        spec: The augmentation settings (a dataset's ``Manifest.augment``, or a run config's, converted).
         seed: Dataset-level seed.
 
     Returns:
         The view's parameters; magnitudes follow the module docstring's convention.
     """
-    check_config(cfg)
+    check_spec(spec)
     width, height = (_as_int(side, "image_size") for side in image_size)
     if width < 1 or height < 1:
         raise ValueError(f"image_size (width, height) must be positive, got {image_size!r}")
@@ -388,12 +389,12 @@ def sample(image_size: tuple[int, int], key: str, aug_index: int, cfg: AugmentCo
         raise ValueError(f"aug_index must be a non-negative integer, got {aug_index!r}")
     generator = torch.Generator().manual_seed(derive_seed(seed, key, aug_index))
 
-    top, left, crop_h, crop_w = _sample_crop(height, width, cfg.scale, cfg.ratio, generator)
+    top, left, crop_h, crop_w = _sample_crop(height, width, spec.scale, spec.ratio, generator)
     # RandomHorizontalFlip skips when rand >= p.
-    flip = bool(torch.rand(1, generator=generator).item() < cfg.hflip)
-    magnitudes = _op_magnitudes(cfg.num_magnitude_bins, cfg.magnitude)
+    flip = bool(torch.rand(1, generator=generator).item() < spec.hflip)
+    magnitudes = _op_magnitudes(spec.num_magnitude_bins, spec.magnitude)
     ops = []
-    for _ in range(cfg.num_ops):
+    for _ in range(spec.num_ops):
         op_index = int(torch.randint(len(OP_NAMES), (), generator=generator))
         magnitude = magnitudes[op_index]
         # torchvision draws the sign only for signed ops that have a magnitude table.
@@ -404,12 +405,12 @@ def sample(image_size: tuple[int, int], key: str, aug_index: int, cfg: AugmentCo
 
 
 def sample_views(
-    image_size: tuple[int, int], key: str, num_views: int, cfg: AugmentConfig, seed: int = 0
+    image_size: tuple[int, int], key: str, num_views: int, spec: AugmentSpec, seed: int = 0
 ) -> list[AugParams]:
     """The sample's ``num_views`` (K) views: `sample` for aug_index 0 to K-1."""
     if isinstance(num_views, bool) or not isinstance(num_views, int) or num_views < 1:
         raise ValueError(f"num_views must be a positive integer, got {num_views!r}")
-    return [sample(image_size, key, aug_index, cfg, seed) for aug_index in range(num_views)]
+    return [sample(image_size, key, aug_index, spec, seed) for aug_index in range(num_views)]
 
 
 # --------------------------------------------------------------------------- replay
@@ -565,7 +566,7 @@ def render(
     image: PIL.Image.Image | torch.Tensor,
     key: str,
     aug_index: int,
-    cfg: AugmentConfig,
+    spec: AugmentSpec,
     size: int | tuple[int, int],
     mean: Sequence[float],
     std: Sequence[float],
@@ -578,5 +579,5 @@ def render(
         The normalised float32 view (3, height, width) and the params to store.
     """
     image_size = image.size if isinstance(image, PIL.Image.Image) else (image.shape[-1], image.shape[-2])
-    params = sample(image_size, key, aug_index, cfg, seed)
+    params = sample(image_size, key, aug_index, spec, seed)
     return replay(image, params, size, mean, std, interpolation), params

@@ -136,6 +136,43 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class AugmentSpec:
+    """How a dataset's views were sampled (`augment.sample`): the manifest's ``augment`` object.
+
+    The run config's `config.AugmentConfig` converts to it at the boundary (`from_config`), field by field, so
+    renaming a config field fails there instead of silently changing the bytes of every new manifest. The field
+    names and their order are the JSON's. Defaults are torchvision's RandomResizedCrop and RandAugment, no flip.
+
+    Attributes:
+        scale: RandomResizedCrop range of the crop's area fraction.
+        ratio: RandomResizedCrop range of the crop's aspect ratio.
+        num_ops: RandAugment operations a view; fixes L, the length of an encoded view.
+        magnitude: RandAugment magnitude bin.
+        num_magnitude_bins: RandAugment magnitude bins.
+        hflip: Probability of a horizontal flip.
+    """
+
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    num_ops: int = 2
+    magnitude: int = 9
+    num_magnitude_bins: int = 31
+    hflip: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig) -> AugmentSpec:
+        """The spec of a run config's ``augment`` section."""
+        return cls(
+            scale=cfg.scale,
+            ratio=cfg.ratio,
+            num_ops=cfg.num_ops,
+            magnitude=cfg.magnitude,
+            num_magnitude_bins=cfg.num_magnitude_bins,
+            hflip=cfg.hflip,
+        )
+
+
+@dataclass(frozen=True)
 class TeacherSpec:
     """One teacher CLIP model whose embeddings a dataset stores.
 
@@ -248,7 +285,7 @@ class Manifest:
 
     Attributes:
         teachers: Teachers whose embeddings every row stores, in column order.
-        augment: Augmentation config the views were sampled with.
+        augment: How the views were sampled.
         num_augmentations: K, stored views a sample.
         num_syn_captions: S, synthetic captions a sample (0: no captioner ran).
         source_uri: The source dataset that was reinforced.
@@ -265,7 +302,7 @@ class Manifest:
     """
 
     teachers: tuple[TeacherSpec, ...]
-    augment: AugmentConfig
+    augment: AugmentSpec
     num_augmentations: int
     num_syn_captions: int
     source_uri: str
@@ -455,7 +492,7 @@ def reinforced_schema(
     teachers: Sequence[TeacherSpec],
     num_augmentations: int,
     num_syn_captions: int,
-    num_aug_ops: int = AugmentConfig().num_ops,
+    num_aug_ops: int = AugmentSpec().num_ops,
     has_uid: bool = False,
 ) -> pa.Schema:
     """The Arrow schema of a reinforced shard (module docstring).
@@ -464,7 +501,7 @@ def reinforced_schema(
         teachers: Teachers, in column order.
         num_augmentations: K.
         num_syn_captions: S; 0 leaves out the ``syn_captions`` column.
-        num_aug_ops: RandAugment ops a view (``AugmentConfig.num_ops``), which fixes L.
+        num_aug_ops: RandAugment ops a view (``AugmentSpec.num_ops``), which fixes L.
         has_uid: Include the nullable ``uid`` column.
     """
     for spec in teachers:

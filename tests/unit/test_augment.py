@@ -17,7 +17,7 @@ from torchvision.transforms.v2 import functional as F
 
 from clipdr import augment
 from clipdr.augment import OP_NAMES, AugParams
-from clipdr.config import AugmentConfig
+from clipdr.records import AugmentSpec
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 OP = {name: index for index, name in enumerate(OP_NAMES)}
@@ -40,7 +40,7 @@ def smooth_image(width: int = 320, height: int = 240) -> PIL.Image.Image:
     return PIL.Image.fromarray(pixels_HWC)
 
 
-def torchvision_view(image_CHW: torch.Tensor, cfg: AugmentConfig, size: int, seed: int) -> torch.Tensor:
+def torchvision_view(image_CHW: torch.Tensor, cfg: AugmentSpec, size: int, seed: int) -> torch.Tensor:
     """torchvision's own pipeline, drawing from the global generator seeded like `augment.sample`."""
     pipeline = v2.Compose(
         [
@@ -64,7 +64,7 @@ def test_op_list_is_torchvisions():
 
 
 def test_sampling_is_reproducible_and_keyed():
-    cfg = AugmentConfig(hflip=0.5)
+    cfg = AugmentSpec(hflip=0.5)
     first = augment.sample_views((640, 480), "shard-0/000017", 8, cfg, seed=3)
     assert first == augment.sample_views((640, 480), "shard-0/000017", 8, cfg, seed=3)
     assert first == [augment.sample((640, 480), "shard-0/000017", k, cfg, seed=3) for k in range(8)]
@@ -83,15 +83,15 @@ def test_seed_is_a_stable_hash():
 
 def test_sampling_does_not_touch_global_rng():
     state = torch.get_rng_state()
-    augment.sample_views((64, 64), "k", 4, AugmentConfig(hflip=0.5))
-    augment.replay(noise_image(), augment.sample((160, 120), "k", 0, AugmentConfig()), 32, MEAN, STD)
+    augment.sample_views((64, 64), "k", 4, AugmentSpec(hflip=0.5))
+    augment.replay(noise_image(), augment.sample((160, 120), "k", 0, AugmentSpec()), 32, MEAN, STD)
     assert torch.equal(state, torch.get_rng_state())
 
 
 @pytest.mark.parametrize("image_size", [(160, 120), (120, 160), (1000, 12), (12, 1000), (37, 37)])
 def test_crop_draws_match_random_resized_crop(image_size):
     # Extreme aspect ratios exhaust the 10 tries and take torchvision's centre-crop fallback.
-    cfg = AugmentConfig(scale=(0.3, 1.0))
+    cfg = AugmentSpec(scale=(0.3, 1.0))
     width, height = image_size
     image_CHW = torch.zeros(3, height, width, dtype=torch.uint8)
     crop = v2.RandomResizedCrop(32, cfg.scale, cfg.ratio)
@@ -104,7 +104,7 @@ def test_crop_draws_match_random_resized_crop(image_size):
 
 
 def test_full_view_matches_torchvision_pipeline_draw_for_draw():
-    cfg = AugmentConfig(hflip=0.5, magnitude=15)
+    cfg = AugmentSpec(hflip=0.5, magnitude=15)
     image = noise_image()
     image_CHW = F.pil_to_tensor(image)
     seen_ops = set()
@@ -117,7 +117,7 @@ def test_full_view_matches_torchvision_pipeline_draw_for_draw():
 
 
 def test_crop_distribution_respects_scale_and_ratio():
-    cfg = AugmentConfig(scale=(0.2, 0.6), ratio=(0.5, 2.0))
+    cfg = AugmentSpec(scale=(0.2, 0.6), ratio=(0.5, 2.0))
     width, height = 640, 480
     fractions, ratios = [], []
     for index in range(400):
@@ -137,7 +137,7 @@ def test_crop_distribution_respects_scale_and_ratio():
 
 @pytest.mark.parametrize("bin_", [0, 9, 30])
 def test_sampled_magnitudes_are_torchvisions_at_any_size(bin_):
-    cfg = AugmentConfig(num_ops=6, magnitude=bin_)
+    cfg = AugmentSpec(num_ops=6, magnitude=bin_)
     magnitudes = {}
     for index in range(60):
         for op_index, magnitude in augment.sample((50, 50), "m", index, cfg).ops:
@@ -171,7 +171,7 @@ def test_replay_is_deterministic():
 
 
 def test_render_is_sample_then_replay():
-    image, cfg = noise_image(), AugmentConfig(hflip=0.5)
+    image, cfg = noise_image(), AugmentSpec(hflip=0.5)
     view_CHW, params = augment.render(image, "key", 2, cfg, (40, 56), MEAN, STD, seed=5)
     assert params == augment.sample(image.size, "key", 2, cfg, seed=5)
     assert view_CHW.shape == (3, 40, 56)
@@ -276,7 +276,7 @@ def test_geometric_amounts_scale_with_the_view():
 
 
 def test_dict_round_trip_is_json():
-    params = augment.sample((640, 480), "key", 0, AugmentConfig(hflip=0.5))
+    params = augment.sample((640, 480), "key", 0, AugmentSpec(hflip=0.5))
     data = json.loads(json.dumps(params.to_dict()))
     assert AugParams.from_dict(data) == params
     assert set(data) == {"top", "left", "height", "width", "flip", "ops"}
@@ -284,7 +284,7 @@ def test_dict_round_trip_is_json():
 
 
 def test_array_round_trip_is_exact_and_arrow_stores_it():
-    cfg = AugmentConfig(hflip=0.5)
+    cfg = AugmentSpec(hflip=0.5)
     views = augment.sample_views((4000, 3000), "key", 30, cfg)
     views_KL = augment.views_to_array(views)
     assert views_KL.dtype == np.float32 and views_KL.shape == (30, augment.encoded_length(cfg.num_ops)) == (30, 9)
@@ -324,9 +324,9 @@ def test_params_are_canonical():
     ],
 )
 def test_bad_config_is_a_value_error(change, field):
-    cfg = dataclasses.replace(AugmentConfig(), **change)
+    cfg = dataclasses.replace(AugmentSpec(), **change)
     with pytest.raises(ValueError, match=field):
-        augment.check_config(cfg)
+        augment.check_spec(cfg)
     with pytest.raises(ValueError, match=field):
         augment.sample((64, 64), "key", 0, cfg)
 
@@ -355,8 +355,8 @@ def test_crop_outside_the_image_is_a_value_error():
         lambda: augment.replay_uint8(noise_image(), AugParams(0, 0, 10, 10), 0),
         lambda: augment.replay_uint8(noise_image(), AugParams(0, 0, 10, 10), 16, interpolation="lanczos"),
         lambda: augment.replay_uint8(torch.zeros(3, 8, 8), AugParams(0, 0, 4, 4), 16),
-        lambda: augment.sample((0, 10), "key", 0, AugmentConfig()),
-        lambda: augment.sample((10, 10), "key", -1, AugmentConfig()),
+        lambda: augment.sample((0, 10), "key", 0, AugmentSpec()),
+        lambda: augment.sample((10, 10), "key", -1, AugmentSpec()),
     ],
 )
 def test_bad_params_and_arguments_are_value_errors(build):

@@ -19,7 +19,6 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
 from clipdr import augment, records, storage
-from clipdr.config import AugmentConfig
 from clipdr.data.sources import decode_rgb, write_tar_shard
 from clipdr.reinforce import datacompdr
 from clipdr.reinforce.datacompdr import DataCompDRLayout, DataCompDRSampleError, DataCompDRSkipReason
@@ -340,7 +339,7 @@ def test_mapped_ops_replay_as_torchvision_v1_applied_them(name: str, sign: float
     magnitude = sign * (float(magnitudes[9]) if magnitudes.ndim > 0 else 0.0)
     source = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     record = [[5, 7, 50, 60], [[datacompdr.DATACOMPDR_OP_NAMES.index(name), magnitude]]]
-    layout = DataCompDRLayout(num_augmentations=1, augment=AugmentConfig(num_ops=1), view_size=64)
+    layout = DataCompDRLayout(num_augmentations=1, augment=records.AugmentSpec(num_ops=1), view_size=64)
     view = datacompdr.map_view(datacompdr.parse_record(record, layout), (80, 60), layout)
     assert view.window == (5, 7, 50, 60) and not view.flip
     crop = augment.replay_uint8(source, augment.AugParams(*view.window), 64)
@@ -453,7 +452,7 @@ def test_embedding_split_and_tolerance():
         {"reference_max_side": 0},
         {"norm_tolerance": 0.0},
         {"view_size": 0},
-        {"augment": AugmentConfig(num_ops=-1)},
+        {"augment": records.AugmentSpec(num_ops=-1)},
     ],
 )
 def test_bad_layouts_are_value_errors(kwargs):

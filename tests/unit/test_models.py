@@ -6,6 +6,7 @@ variants are marked slow and run with ``CLIPDR_SLOW=1 pytest -m slow tests/unit/
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -17,11 +18,13 @@ import open_clip.model
 import pytest
 import torch
 from open_clip.convert import convert_mobile_clip_state_dict
+from open_clip.transform import PreprocessCfg
 from timm.models.fastvit import MobileOneBlock, ReparamLargeKernelConv, RepConditionalPosEnc, RepMixer
 
 from clipdr import models
 from clipdr.benchmarks import latency
 from clipdr.cli import main as cli_main
+from clipdr.models.captioners import init_coca_decoder
 from clipdr.models.mct import MCt, TextRepMixer, TextRepMixerBlock
 from clipdr.models.registry import CONFIG_DIR
 
@@ -29,8 +32,8 @@ slow = [
     pytest.mark.slow,
     pytest.mark.skipif(not os.environ.get("CLIPDR_SLOW"), reason="slow: set CLIPDR_SLOW=1 to build the big variants"),
 ]
-TINY = models.list_variants("debug")
-PAPER = models.list_variants("MobileCLIP") + models.list_variants("MobileCLIP2")
+TINY = models.list_variants("debug")  # every tiny and demo twin: students, teachers, captioners
+PAPER = models.list_variants(size="paper")
 DEFAULT_RUN = {*TINY, "MobileCLIP-S0"}  # built in the default (CI) run; the rest are slow
 EVERY_VARIANT = [pytest.param(n, marks=[] if n in DEFAULT_RUN else slow) for n in models.list_variants()]
 
@@ -53,7 +56,18 @@ def _inputs(name: str, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]
 
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return models.create_model(name).eval()
+    model = models.create_model(name)
+    if models.get_variant(name).kind == "coca":
+        init_coca_decoder(model)  # open_clip leaves its projection uninitialised (captioners.init_coca_decoder)
+    return model.eval()
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(image features, text features, logit scale) as a CLIP's forward returns them; CoCa's forward is a dict."""
+    out = model(images, tokens)
+    if isinstance(out, dict):
+        return out["image_features"], out["text_features"], out["logit_scale"]
+    return out[:3]
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +87,15 @@ def test_every_paper_variant_is_registered_with_open_clip():
     expected |= {f"MobileCLIP2-{s}" for s in ("S0", "S2", "B", "S3", "S4", "L-14")}
     assert set(PAPER) == expected
     assert set(models.list_variants()) <= set(open_clip.list_models())
-    shipped = {path.stem for path in CONFIG_DIR.glob("*.json")}  # also holds non-student configs (captioners)
-    assert {v.name for v in models.VARIANTS if v.config_source == "clipdr"} <= shipped
-    assert len(TINY) >= 2
+
+
+def test_every_shipped_config_is_a_listed_variant():
+    shipped = {path.stem for path in CONFIG_DIR.glob("*.json")}
+    assert {v.name for v in models.VARIANTS if v.config_source == "clipdr"} == shipped
+    assert shipped - {"MobileCLIP-S0"} == set(TINY)
+    assert set(models.list_variants(size="tiny")) | set(models.list_variants(size="demo")) == set(TINY)
+    assert models.list_variants(kind="coca") == ["clipdr-tiny-coca", "clipdr-demo-coca"]
+    assert {"clipdr-tiny-vit", "clipdr-demo-vit", "clipdr-demo-mci"} <= set(models.list_variants("debug"))
 
 
 def test_unknown_names_fail_loudly_listing_valid_ones():
@@ -85,6 +105,10 @@ def test_unknown_names_fail_loudly_listing_valid_ones():
         models.create_model("MobileCLIP-S9")
     with pytest.raises(ValueError, match="debug"):
         models.list_variants("tiny")
+    with pytest.raises(ValueError, match="paper, tiny, demo"):
+        models.list_variants(size="small")
+    with pytest.raises(ValueError, match="clip, coca"):
+        models.list_variants(kind="vit")
 
 
 def test_register_is_idempotent():
@@ -126,6 +150,19 @@ def test_preprocessing_matches_open_clip_pretrained_configs(name):
         assert tuple(tag_cfg["mean"]) == pytest.approx(preprocess.mean)
         assert tuple(tag_cfg["std"]) == pytest.approx(preprocess.std)
         assert (tag_cfg["interpolation"], tag_cfg["resize_mode"]) == (preprocess.interpolation, preprocess.resize_mode)
+
+
+OPEN_CLIP_BUILT_TWINS = ["clipdr-tiny-vit", "clipdr-demo-vit", "clipdr-tiny-coca", "clipdr-demo-coca"]
+
+
+@pytest.mark.parametrize("name", OPEN_CLIP_BUILT_TWINS)
+def test_open_clip_built_twins_keep_open_clips_default_preprocessing(name):
+    # The ViT and CoCa twins were trained, and their teacher specs recorded, with what open_clip attaches to a model
+    # without a pretrained tag; registering them must not change it.
+    defaults = dataclasses.asdict(PreprocessCfg())
+    expected = {key: defaults[key] for key in ("mean", "std", "interpolation", "resize_mode")}
+    assert models.get_variant(name).preprocess.as_dict() == expected
+    assert models.Preprocess.from_open_clip({}) == models.get_variant(name).preprocess
 
 
 def test_models_stage_lists_every_variant_with_paper_counts(capsys):
@@ -246,7 +283,7 @@ def test_transforms_use_the_variants_preprocessing():
 def test_forward_at_native_resolution(name, s0):
     model = _get(name, s0)
     images, tokens = _inputs(name)
-    image_features, text_features, logit_scale = model(images, tokens)
+    image_features, text_features, logit_scale = _features(model, images, tokens)
     embed_dim = models.model_config(name)["embed_dim"]
     assert image_features.shape == text_features.shape == (2, embed_dim)
     assert torch.isfinite(image_features).all() and torch.isfinite(text_features).all()
@@ -281,7 +318,7 @@ def _unfused(model: torch.nn.Module) -> list[str]:
 
 
 # ViT image towers (MobileCLIP-B's conv stem is plain conv-BN-GELU) and transformer text towers have no branches.
-NOTHING_TO_FUSE = {"MobileCLIP-B", "MobileCLIP2-B", "MobileCLIP2-L-14"}
+NOTHING_TO_FUSE = {"MobileCLIP-B", "MobileCLIP2-B", "MobileCLIP2-L-14", *OPEN_CLIP_BUILT_TWINS}
 
 
 @pytest.mark.parametrize("name", EVERY_VARIANT)
@@ -290,13 +327,13 @@ def test_reparameterize_keeps_outputs(name, s0):
     model = _get(name, s0)
     _randomize_fusable_state(model)
     images, tokens = _inputs(name)
-    expected_image, expected_text, _ = model(images, tokens)
+    expected_image, expected_text, _ = _features(model, images, tokens)
     unfused = _unfused(model)
     assert bool(unfused) == (name not in NOTHING_TO_FUSE)
     fused = models.reparameterize(model)
     assert not fused.training and _unfused(fused) == []
     assert _unfused(model) == unfused  # the original is left alone (inplace=False)
-    image_features, text_features, _ = fused(images, tokens)
+    image_features, text_features, _ = _features(fused, images, tokens)
     torch.testing.assert_close(image_features, expected_image, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(text_features, expected_text, atol=1e-4, rtol=1e-4)
 
@@ -306,15 +343,16 @@ def test_reparameterize_keeps_outputs(name, s0):
 
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_variant_trains(name):
-    torch.manual_seed(0)
-    model = models.create_model(name).train()
+    model = _build(name).train()
     images, tokens = _inputs(name, batch_size=3)
-    loss_fn = open_clip.ClipLoss()
+    coca = models.get_variant(name).kind == "coca"
+    # A captioner trains on its contrastive and caption losses together, as open_clip trains CoCa.
+    clip_loss = open_clip.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=1.0) if coca else open_clip.ClipLoss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     losses = []
     for _ in range(5):  # the first Adam steps from random init may overshoot; five steps settle lower
-        loss = loss_fn(*model(images, tokens))
+        loss = sum(clip_loss(**model(images, tokens))) if coca else clip_loss(*model(images, tokens))
         optimizer.zero_grad()
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -322,7 +360,8 @@ def test_tiny_variant_trains(name):
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     moved = [k for k, v in model.named_parameters() if not torch.equal(v, before[k])]
-    assert any(k.startswith("visual.") for k in moved) and any(k.startswith("text.") for k in moved)
+    # open_clip's plain CLIP (the ViT twins) keeps its text tower's parts on the model itself, not under ``text.``.
+    assert any(k.startswith("visual.") for k in moved) and any(not k.startswith(("visual.", "logit_")) for k in moved)
 
 
 # ----------------------------------------------------------------------------------------------- benchmark

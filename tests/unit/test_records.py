@@ -1,8 +1,10 @@
 """The reinforced record: schema, shard round trips, byte arithmetic, manifest strictness, dataset checks."""
 
 import dataclasses
+import hashlib
 import json
 import os
+import pathlib
 import warnings
 
 import numpy as np
@@ -10,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipdr import augment, records, storage
+from clipdr import augment, config, records, storage
 from clipdr.config import AugmentConfig
 
 K, S = 4, 2  # distinct, so a mix-up of image (K) and text (1+S) rows cannot pass
@@ -36,7 +38,7 @@ CAPTIONER = records.CaptionerSpec(name="coca_l14", kind="open_clip", model="coca
 def make_manifest(teachers=TEACHERS, num_augmentations=K, num_syn_captions=S, **kwargs) -> records.Manifest:
     return records.Manifest(
         teachers=teachers,
-        augment=AugmentConfig(),
+        augment=records.AugmentSpec(),
         num_augmentations=num_augmentations,
         num_syn_captions=num_syn_captions,
         source_uri="s3://source/datacomp",
@@ -343,6 +345,39 @@ def test_manifest_json_round_trip_and_properties():
     assert back.shard_uris("s3://b/ds") == ["s3://b/ds/a/part-0.parquet", "s3://b/ds/a/part-1.parquet"]
     no_captioner = make_manifest(num_syn_captions=0)
     assert records.Manifest.from_json(no_captioner.to_json()) == no_captioner
+
+
+# A manifest.json as clipdr wrote it before `AugmentSpec` existed (augment settings off their defaults), and
+# the two data fingerprints computed from it on that code. Existing datasets must keep both: the bytes because
+# a rewrite must not churn them, the fingerprints because reinforcement resumes and training runs compare them.
+MANIFEST_V1 = pathlib.Path(__file__).parent / "data" / "manifest-v1.json"
+REINFORCE_FINGERPRINT_V1 = "f81f56a907860fc98b9e8483eca3a9ebe47b753666fc433f6b67d83a6378370c"
+TRAIN_DATA_FINGERPRINT_V1 = "sha256:4458a489ed3b303a"
+
+
+def test_existing_manifest_reads_back_and_reserialises_byte_identically():
+    data = MANIFEST_V1.read_bytes()
+    manifest = records.Manifest.from_json(data)
+    assert manifest.to_json().encode() == data
+    assert manifest.augment.scale == (0.25, 1.0) and manifest.augment.num_ops == 3 and manifest.augment.hflip == 0.5
+    assert manifest.aug_param_length == augment.encoded_length(3)
+
+
+def test_existing_manifest_keeps_its_data_fingerprints():
+    # The formulas of reinforce/run.py (resume of a reinforcement) and train/run.py (the training data's
+    # fingerprint), applied to the manifest read back: pinned so that no refactor of the specs changes them.
+    manifest = records.Manifest.from_json(MANIFEST_V1.read_bytes())
+    settings = {k: v for k, v in config.to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    payload = json.dumps({"manifest": settings, "schema": records.SCHEMA_VERSION}, sort_keys=True, default=str)
+    assert hashlib.sha256(payload.encode()).hexdigest() == REINFORCE_FINGERPRINT_V1
+    assert "sha256:" + hashlib.sha256(manifest.to_json().encode()).hexdigest()[:16] == TRAIN_DATA_FINGERPRINT_V1
+
+
+def test_augment_spec_is_built_from_the_run_config_field_by_field():
+    cfg = AugmentConfig(scale=(0.3, 0.9), ratio=(0.5, 2.0), num_ops=3, magnitude=5, num_magnitude_bins=11, hflip=0.5)
+    spec = records.AugmentSpec.from_config(cfg)
+    assert config.to_dict(spec) == config.to_dict(cfg)  # same values, and today the same names in the same order
+    assert records.AugmentSpec.from_config(AugmentConfig()) == records.AugmentSpec()
 
 
 def test_uid_column_is_optional_and_nullable(tmp_path):

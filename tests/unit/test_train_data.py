@@ -35,7 +35,7 @@ def teacher(name: str, dim: int) -> records.TeacherSpec:
 def make_manifest(num_syn_captions: int = S) -> records.Manifest:
     return records.Manifest(
         teachers=tuple(teacher(name, dim) for name, dim in DIMS.items()),
-        augment=AugmentConfig(hflip=0.5),
+        augment=records.AugmentSpec(hflip=0.5),
         num_augmentations=K,
         num_syn_captions=num_syn_captions,
         source_uri="synthetic://world",
@@ -107,7 +107,10 @@ def replay_batch(manifest, preprocess, epoch=0, mode=data.REINFORCED, use_syn_ca
 @pytest.mark.parametrize("name", [STUDENT, "clipdr-tiny-vit"])
 def test_student_preprocess_matches_the_built_model(name):
     built = models.create_model(name)
-    expected = data.StudentPreprocess.from_preprocess_cfg(built.visual.preprocess_cfg, built.context_length)
+    pp_cfg = built.visual.preprocess_cfg
+    expected = data.StudentPreprocess(
+        pp_cfg["size"], pp_cfg["mean"], pp_cfg["std"], pp_cfg["interpolation"], built.context_length
+    )
     assert data.student_preprocess(name) == expected
 
 
@@ -251,7 +254,7 @@ def test_online_distill_feeds_each_teacher_the_students_view_and_captions(datase
 
 def test_augment_batch_samples_a_fresh_deterministic_view_per_epoch(dataset, preprocess):
     _, table = dataset
-    cfg = AugmentConfig(scale=(0.3, 1.0), hflip=0.5)
+    cfg = records.AugmentSpec(scale=(0.3, 1.0), hflip=0.5)
     rows = table.select([records.KEY, records.IMAGE, records.CAPTION])
     epoch0 = data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=0)(rows)
     assert sorted(epoch0) == [data.IMAGE, data.TEXT]
@@ -302,7 +305,8 @@ def test_shipped_augment_equals_the_augment_batch(dataset, preprocess):
         epoch=2,
     )
     out = pickle.loads(pickle.dumps(shipped))(rows)
-    expected = data.AugmentBatch(cfg, preprocess, STUDENT, seed=3, epoch=2)(rows)
+    # The run config travels as a dict and becomes the spec where the transform is built.
+    expected = data.AugmentBatch(records.AugmentSpec.from_config(cfg), preprocess, STUDENT, seed=3, epoch=2)(rows)
     assert all(np.array_equal(out[name], expected[name]) for name in (data.IMAGE, data.TEXT))
 
 

@@ -151,7 +151,7 @@ class _Pipeline:
         sampler.start()
         began = time.perf_counter()
         try:
-            run_pipeline(cfg, self.config.augment, tasks, self.plan.manifest, self.plan.fingerprint, on_shard)
+            run_pipeline(cfg, tasks, self.plan.manifest, self.plan.fingerprint, on_shard)
         finally:
             stop.set()
             sampler.join()
@@ -175,7 +175,7 @@ class _Bound:
 
     def __init__(self, config: Config, tasks, ensemble, captioner, cpu_clock: Callable[[], float]) -> None:
         self.cfg = config.reinforce
-        self.augment_cfg = config.augment
+        self.augment_spec = records.AugmentSpec.from_config(config.augment)
         self.tasks = tasks
         self.ensemble, self.captioner = ensemble, captioner
         self.cpu_clock = cpu_clock
@@ -199,7 +199,7 @@ class _Bound:
                 parts["captioner"] += clock() - cpu
                 cpu = clock()
                 views = [
-                    augment.sample_views(s.image.size, s.key, cfg.num_augmentations, self.augment_cfg, cfg.seed)
+                    augment.sample_views(s.image.size, s.key, cfg.num_augmentations, self.augment_spec, cfg.seed)
                     for s in chunk
                 ]
                 self.ensemble.embed(images, views, [[s.caption, *c] for s, c in zip(chunk, syn, strict=True)])

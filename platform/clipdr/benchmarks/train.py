@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     )
     manifest = records.Manifest(
         teachers=tuple(teacher_spec(t, offline=True) for t in teacher_cfgs),
-        augment=Config().augment,
+        augment=records.AugmentSpec.from_config(Config().augment),
         num_augmentations=args.views,
         num_syn_captions=args.captions,
         source_uri="synthetic://bench",

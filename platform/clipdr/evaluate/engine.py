@@ -40,8 +40,8 @@ RETRIEVAL = "retrieval"
 
 
 @dataclass(frozen=True)
-class Preprocess:
-    """A model's inference preprocessing, split into a cacheable part and a per-batch part.
+class EvalTransform:
+    """A model's evaluation transform (built from its ``preprocess_cfg``), split into a cached and a per-batch part.
 
     Attributes:
         key: Identifies the preprocessing (the model's ``preprocess_cfg`` as sorted items).
@@ -73,7 +73,7 @@ def _hashable(value: Any) -> Any:
     return value
 
 
-def preprocess_of(model: nn.Module) -> Preprocess:
+def preprocess_of(model: nn.Module) -> EvalTransform:
     """The evaluation preprocessing of ``model``, from its own ``visual.preprocess_cfg`` (what open_clip attaches).
 
     Raises:
@@ -103,8 +103,8 @@ def preprocess_of(model: nn.Module) -> Preprocess:
             array_HWC = np.asarray(image.convert("RGB"), dtype=np.uint8)
             return torch.from_numpy(array_HWC.copy()).permute(2, 0, 1).contiguous()
 
-        return Preprocess(key, to_pixels, tuple(normalize.mean), tuple(normalize.std))
-    return Preprocess(key, transform, None, None)
+        return EvalTransform(key, to_pixels, tuple(normalize.mean), tuple(normalize.std))
+    return EvalTransform(key, transform, None, None)
 
 
 # --------------------------------------------------------------------------- the in-process cache
@@ -179,7 +179,7 @@ def _tokens(dataset: LoadedDataset, model_name: str) -> Tensor:
     return _TOKENS[key]
 
 
-def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: Preprocess, skipped: collections.Counter) -> int | None:
+def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: EvalTransform, skipped: collections.Counter) -> int | None:
     digest = hashlib.blake2b(image_bytes, digest_size=16).hexdigest()
     row = bank.rows.get(digest)
     if row is None:
@@ -193,7 +193,9 @@ def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: Preprocess, skipped: 
     return row
 
 
-def _load(kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, preprocess: Preprocess) -> LoadedDataset:
+def _load(
+    kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, preprocess: EvalTransform
+) -> LoadedDataset:
     key = (kind, dataset.uri, dataset.name, max_samples, preprocess.key)
     if key in _LOADED:
         return _LOADED[key]

@@ -1,7 +1,7 @@
 """MobileCLIP / MobileCLIP2 architectures by name, through open_clip's factory.
 
 Importing this package registers the project's open_clip configs (MobileCLIP-S0 with its MCt text encoder, and
-the tiny debug variants) and the tiny MCi timm towers. Typical use::
+the tiny and demo twins of students, teachers and captioners) and the tiny MCi timm towers. Typical use::
 
     from clipdr import models
 
@@ -9,7 +9,8 @@ the tiny debug variants) and the tiny MCi timm towers. Typical use::
     tokenizer = models.get_tokenizer("MobileCLIP-S0")
     fused = models.reparameterize(model)  # eval-mode copy for inference, export and benchmarks
 
-``models.list_variants()`` names every variant; ``models.get_variant(name)`` has the paper's numbers.
+``models.list_variants()`` names every variant (``size="paper"``: the real ones; ``family="debug"``: the tiny and
+demo twins); ``models.get_variant(name)`` has the paper's numbers and the preprocessing.
 """
 
 from clipdr.models.embedder import ClipEmbedder

@@ -44,14 +44,13 @@ import open_clip
 import torch
 from open_clip.coca_model import CoCa
 from open_clip.tokenizer import SimpleTokenizer
-from open_clip.transform import PreprocessCfg
 from PIL import Image
 from torch import nn
 
+from clipdr.models.registry import Preprocess, get_variant, list_variants, register
 from clipdr.records import CaptionerSpec
 
 TINY_COCA = "clipdr-tiny-coca"
-TINY_COCA_CONFIG = Path(__file__).parent / "configs" / f"{TINY_COCA}.json"
 
 SOT_TEXT = "<start_of_text>"
 EOT_TEXT = "<end_of_text>"
@@ -260,12 +259,6 @@ def sample_top_p(logits_RV: torch.Tensor, uniform_RU: torch.Tensor, top_p: float
 # --------------------------------------------------------------------------- CoCa
 
 
-def register_tiny_coca() -> None:
-    """Makes ``clipdr-tiny-coca`` known to open_clip (idempotent)."""
-    if TINY_COCA not in open_clip.list_models():
-        open_clip.add_model_config(TINY_COCA_CONFIG)
-
-
 def _is_schema_name(name: str) -> bool:
     return name.startswith(("hf-hub:", "local-dir:"))
 
@@ -274,19 +267,19 @@ def _pretrained_tag(name: str, pretrained: str | None) -> bool:
     return bool(pretrained) and pretrained in open_clip.list_pretrained_tags_by_model(name)
 
 
-def coca_preprocess(name: str) -> dict[str, Any]:
+def coca_preprocess(name: str) -> Preprocess:
     """Inference preprocessing of a CoCa architecture when its weights come from no open_clip tag.
 
     open_clip keeps preprocessing with the pretrained *tag*; built from scratch or from a local file it would use
-    its fallback. This returns the preprocessing of the architecture's first open_clip tag (every CoCa tag in
-    open_clip 3.3 uses OpenAI mean/std, bicubic, shortest-side resize), else open_clip's defaults (the case of
-    ``clipdr-tiny-coca``: train it on what `build_coca` attaches as ``model.visual.preprocess_cfg``). Passed
-    explicitly, so the preprocessing never rests on open_clip's fallback.
+    its fallback. This returns a registered variant's own (the tiny and demo CoCa: open_clip's defaults, what they
+    were trained on), else the architecture's first open_clip tag's (every CoCa tag in open_clip 3.3 uses OpenAI
+    mean/std, bicubic, shortest-side resize), else open_clip's defaults. Passed explicitly, so the preprocessing
+    never rests on open_clip's fallback.
     """
-    defaults = dataclasses.asdict(PreprocessCfg())
+    if name in list_variants():
+        return get_variant(name).preprocess
     tags = open_clip.list_pretrained_tags_by_model(name)
-    tag_cfg = open_clip.get_pretrained_cfg(name, tags[0]) if tags else {}
-    return {key: tag_cfg.get(key, defaults[key]) for key in ("mean", "std", "interpolation", "resize_mode")}
+    return Preprocess.from_open_clip(open_clip.get_pretrained_cfg(name, tags[0]) if tags else {})
 
 
 @torch.no_grad()
@@ -335,10 +328,10 @@ def build_coca(
     if not _is_schema_name(name) and not _pretrained_tag(name, pretrained):
         preprocess = coca_preprocess(name)
         kwargs = {
-            "image_mean": preprocess["mean"],
-            "image_std": preprocess["std"],
-            "image_interpolation": preprocess["interpolation"],
-            "image_resize_mode": preprocess["resize_mode"],
+            "image_mean": preprocess.mean,
+            "image_std": preprocess.std,
+            "image_interpolation": preprocess.interpolation,
+            "image_resize_mode": preprocess.resize_mode,
         }
     model, _, transform = open_clip.create_model_and_transforms(
         name, pretrained=pretrained or None, device=device, **kwargs
@@ -352,7 +345,7 @@ def build_coca(
 
 def _check_coca(name: str, pretrained: str | None) -> None:
     """Fail-fast checks of an architecture name and its weights source; loads nothing."""
-    register_tiny_coca()
+    register()
     if _is_schema_name(name):
         return
     config = open_clip.get_model_config(name)

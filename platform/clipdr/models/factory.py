@@ -46,7 +46,7 @@ def _check_name(name: str) -> dict[str, Any] | None:
     if name.startswith(("hf-hub:", "local-dir:")) or name.replace("/", "-") in open_clip.list_models():
         return None
     raise ValueError(
-        f"unknown model {name!r}; MobileCLIP variants: {', '.join(list_variants())} "
+        f"unknown model {name!r}; registered variants: {', '.join(list_variants())} "
         "(or any open_clip model, see open_clip.list_models())"
     )
 
@@ -140,14 +140,14 @@ def count_params(name: str, fused: bool = False) -> tuple[int, int]:
 
 
 def describe_variants(names: list[str] | None = None) -> str:
-    """A markdown table of variants: towers, resolution, and measured parameter counts beside the paper's."""
+    """A markdown table of variants: size, towers, resolution, and measured parameter counts beside the paper's."""
     from clipdr.models.registry import get_variant
 
     lines = [
         "Parameters in millions: fused (inference) / train-time, and the paper's count.",
         "",
-        "| variant | image tower | text tower | res | image M | paper | text M | paper |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | size | image tower | text tower | res | image M | paper | text M | paper |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names or list_variants():
         variant = get_variant(name)
@@ -155,7 +155,7 @@ def describe_variants(names: list[str] | None = None) -> str:
         paper = variant.paper_params_m or ("-", "-")
         image, text = (f"{f / 1e6:.2f} / {t / 1e6:.2f}" for f, t in zip(fused, train, strict=True))
         lines.append(
-            f"| {name} | {variant.image_tower} | {variant.text_tower} | {image_size(name)} "
+            f"| {name} | {variant.size} | {variant.image_tower} | {variant.text_tower} | {image_size(name)} "
             f"| {image} | {paper[0]} | {text} | {paper[1]} |"
         )
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""Every MobileCLIP variant this project trains, with the paper's numbers, registered with open_clip by name.
+"""Every model this project ships or trains, with the paper's numbers, registered with open_clip by name.
 
 Architectures are data: each variant is an open_clip JSON config. open_clip 3.3 ships MobileCLIP-S1/S2/B and
-MobileCLIP2-S0/S2/B/S3/S4/L-14; this package adds ``configs/*.json`` (MobileCLIP-S0 and the tiny debug
-variants) through ``open_clip.add_model_config``.
+MobileCLIP2-S0/S2/B/S3/S4/L-14; this package adds ``configs/*.json`` (MobileCLIP-S0 and the tiny and demo twins of
+students, teachers and captioners) through ``open_clip.add_model_config``. Every shipped config is a `Variant`
+here, so ``clipdr models`` lists it and the registry-parametrised tests build it; ``register()`` is the one way a
+config reaches open_clip.
 
 MobileCLIP-S0's text tower (MCt) is not an open_clip architecture. Its config marks the text tower with
 ``"clipdr_text_tower": "mct"``, and ``register()`` wraps open_clip's text-tower builder so that marked configs
@@ -16,9 +18,9 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import open_clip
 import open_clip.model
@@ -29,19 +31,37 @@ from clipdr.models.mct import build_mct, is_mct_cfg
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
+Family = Literal["MobileCLIP", "MobileCLIP2", "debug"]
+Size = Literal["paper", "tiny", "demo"]
+Kind = Literal["clip", "coca"]
+FAMILIES: tuple[Family, ...] = ("MobileCLIP", "MobileCLIP2", "debug")
+SIZES: tuple[Size, ...] = ("paper", "tiny", "demo")
+KINDS: tuple[Kind, ...] = ("clip", "coca")
+
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Inference preprocessing of a variant (open_clip ``PreprocessCfg`` keys); image size comes from its config.
+    """A model's inference preprocessing (open_clip ``PreprocessCfg`` keys); image size comes from its config.
 
-    open_clip keeps these with the *pretrained tag*, so a model built with ``pretrained=None`` or a local file
-    would otherwise fall back to OpenAI mean/std and bicubic resizing.
+    The one description of preprocessing in `clipdr.models`: variants carry it, teachers and captioners resolve
+    theirs to it. open_clip keeps it with the *pretrained tag*, so a model built with ``pretrained=None`` or a
+    local file would otherwise fall back to open_clip's defaults (`OPEN_CLIP_PREPROCESS`).
     """
 
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
     resize_mode: str = "shortest"
+
+    @classmethod
+    def from_open_clip(cls, cfg: Mapping[str, Any]) -> Preprocess:
+        """From an open_clip preprocessing or pretrained config; keys it lacks take open_clip's defaults."""
+        return cls(
+            mean=tuple(float(m) for m in cfg.get("mean", OPENAI_DATASET_MEAN)),
+            std=tuple(float(s) for s in cfg.get("std", OPENAI_DATASET_STD)),
+            interpolation=cfg.get("interpolation", OPEN_CLIP_PREPROCESS.interpolation),
+            resize_mode=cfg.get("resize_mode", OPEN_CLIP_PREPROCESS.resize_mode),
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,6 +75,11 @@ class Preprocess:
 # MobileCLIP: pixels in [0, 1], no normalisation. MobileCLIP2-S3/S4/L-14 were trained with OpenAI mean/std.
 MOBILECLIP_PREPROCESS = Preprocess(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 OPENAI_PREPROCESS = Preprocess(mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD))
+# What open_clip attaches to a model without a pretrained tag: the project's ViT and CoCa twins were always built
+# and trained that way, so their recorded teacher specs and training inputs stay what they were.
+OPEN_CLIP_PREPROCESS = Preprocess(
+    mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD), interpolation="bicubic", resize_mode="shortest"
+)
 
 
 @dataclass(frozen=True)
@@ -63,28 +88,41 @@ class Variant:
 
     Attributes:
         name: open_clip model name.
-        family: ``MobileCLIP``, ``MobileCLIP2`` or ``debug``.
+        family: ``MobileCLIP``, ``MobileCLIP2`` or ``debug`` (the tiny and demo twins).
         image_tower: Short description of the image tower.
         text_tower: Short description of the text tower.
+        size: ``paper`` (a real architecture), ``tiny`` (tests, seconds on a CPU) or ``demo`` (the demo world).
+        kind: ``clip`` (image and text towers) or ``coca`` (plus a caption decoder: a captioner).
         paper_params_m: (image, text) parameters in millions, from the paper's table; None for debug variants.
         paper_iphone_ms: (image, text) latency on an iPhone 12 Pro Max in ms, where the paper gives it.
         preprocess: Inference preprocessing.
-        config_source: ``clipdr`` for configs shipped in this package, ``open_clip`` for open_clip's own.
     """
 
     name: str
-    family: str
+    family: Family
     image_tower: str
     text_tower: str
+    size: Size = "paper"
+    kind: Kind = "clip"
     paper_params_m: tuple[float, float] | None = None
     paper_iphone_ms: tuple[float, float] | None = None
     preprocess: Preprocess = MOBILECLIP_PREPROCESS
-    config_source: str = "open_clip"
+
+    @property
+    def config_source(self) -> str:
+        """``clipdr`` for configs shipped in this package, ``open_clip`` for open_clip's own."""
+        return "clipdr" if is_clipdr_config(self.name) else "open_clip"
 
 
 _MCI0, _MCI2, _VIT_B = "MCi0 (2-6-10-2, 64..512)", "MCi2 (4-12-24-4, 80..640)", "ViT-B/16, conv stem"
 _T512, _T512_CAUSAL, _T768 = "12 x 512, non-causal", "12 x 512, causal", "12 x 768, non-causal"
 _TINY_MCI = "tiny MCi (1-1-1-1, 16..128)"
+_TINY_VIT = "ViT 2 x 64, patch 8 @ 32 px"
+
+
+def _twin(name: str, size: Size, image_tower: str, text_tower: str, **kwargs: Any) -> Variant:
+    return Variant(name, "debug", image_tower, text_tower, size=size, **kwargs)
+
 
 VARIANTS: tuple[Variant, ...] = (
     Variant(
@@ -94,7 +132,6 @@ VARIANTS: tuple[Variant, ...] = (
         "MCt: RepMixer + 4 x 512 + RepMixer",
         paper_params_m=(11.4, 42.4),
         paper_iphone_ms=(1.5, 1.6),
-        config_source="clipdr",
     ),
     Variant("MobileCLIP-S1", "MobileCLIP", "MCi1 (4-12-20-4, 64..512)", _T512, paper_params_m=(21.5, 63.4)),
     Variant("MobileCLIP-S2", "MobileCLIP", _MCI2, _T512, paper_params_m=(35.7, 63.4), paper_iphone_ms=(3.6, 3.3)),
@@ -126,25 +163,60 @@ VARIANTS: tuple[Variant, ...] = (
         "ViT-L/14",
         _T768,
         paper_params_m=(304.3, 123.6),
-        preprocess=replace(OPENAI_PREPROCESS, interpolation="bicubic"),
+        preprocess=OPEN_CLIP_PREPROCESS,
     ),
-    Variant("clipdr-tiny-mct", "debug", _TINY_MCI, "MCt: RepMixer + 1 x 64 + RepMixer", config_source="clipdr"),
-    Variant("clipdr-tiny-mci", "debug", _TINY_MCI, "2 x 64, non-causal", config_source="clipdr"),
+    # Students: MobileCLIP-S0-shaped (MCt) and S1/S2/MobileCLIP2-shaped (transformer text) twins.
+    _twin("clipdr-tiny-mct", "tiny", _TINY_MCI, "MCt: RepMixer + 1 x 64 + RepMixer"),
+    _twin("clipdr-tiny-mci", "tiny", _TINY_MCI, "2 x 64, non-causal"),
     # The demo's student and second teacher: the tiny MCi at 32 px, text context 48 (the demo world's captions).
-    Variant(
-        "clipdr-demo-mci", "debug", _TINY_MCI + " @ 32 px", "2 x 64, non-causal, 48 tokens", config_source="clipdr"
+    _twin("clipdr-demo-mci", "demo", _TINY_MCI + " @ 32 px", "2 x 64, non-causal, 48 tokens"),
+    # Teachers and captioners of tests and the demo: open_clip ViT and CoCa parts, open_clip's preprocessing.
+    _twin("clipdr-tiny-vit", "tiny", _TINY_VIT, "2 x 64, causal", preprocess=OPEN_CLIP_PREPROCESS),
+    _twin("clipdr-demo-vit", "demo", _TINY_VIT, "2 x 64, causal, 48 tokens", preprocess=OPEN_CLIP_PREPROCESS),
+    _twin(
+        "clipdr-tiny-coca",
+        "tiny",
+        "ViT 2 x 64, patch 8 @ 64 px",
+        "2 x 64 + 2-layer caption decoder",
+        kind="coca",
+        preprocess=OPEN_CLIP_PREPROCESS,
+    ),
+    _twin(
+        "clipdr-demo-coca",
+        "demo",
+        "ViT 2 x 64, patch 4 @ 32 px",
+        "2 x 64 + 2-layer caption decoder, 16 tokens",
+        kind="coca",
+        preprocess=OPEN_CLIP_PREPROCESS,
     ),
 )
 
 _BY_NAME = {v.name: v for v in VARIANTS}
-FAMILIES = ("MobileCLIP", "MobileCLIP2", "debug")
 
 
-def list_variants(family: str | None = None) -> list[str]:
-    """Names of the registered variants, optionally of one family (``MobileCLIP``, ``MobileCLIP2``, ``debug``)."""
-    if family is not None and family not in FAMILIES:
-        raise ValueError(f"unknown variant family {family!r}; valid families: {', '.join(FAMILIES)}")
-    return [v.name for v in VARIANTS if family is None or v.family == family]
+def _choose(what: str, value: str | None, valid: tuple[str, ...]) -> None:
+    if value is not None and value not in valid:
+        raise ValueError(f"unknown variant {what} {value!r}; valid {what}s: {', '.join(valid)}")
+
+
+def list_variants(family: str | None = None, *, size: str | None = None, kind: str | None = None) -> list[str]:
+    """Names of the registered variants, optionally only those of a family, a size and/or a kind.
+
+    Args:
+        family: ``MobileCLIP``, ``MobileCLIP2`` or ``debug`` (every tiny and demo twin).
+        size: ``paper``, ``tiny`` or ``demo``.
+        kind: ``clip`` or ``coca``.
+    """
+    _choose("family", family, FAMILIES)
+    _choose("size", size, SIZES)
+    _choose("kind", kind, KINDS)
+    return [
+        v.name
+        for v in VARIANTS
+        if (family is None or v.family == family)
+        and (size is None or v.size == size)
+        and (kind is None or v.kind == kind)
+    ]
 
 
 def get_variant(name: str) -> Variant:
@@ -199,3 +271,5 @@ def register() -> None:
         open_clip.add_model_config(CONFIG_DIR)
     missing = [v.name for v in VARIANTS if v.name not in open_clip.list_models()]
     assert not missing, f"variants without an open_clip config: {missing}"
+    unlisted = sorted({path.stem for path in CONFIG_DIR.glob("*.json")} - set(_BY_NAME))
+    assert not unlisted, f"shipped configs that are not listed variants: {unlisted}"

@@ -74,17 +74,13 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _preprocess(cfg: TeacherConfig) -> dict:
+def _preprocess(cfg: TeacherConfig) -> models.Preprocess:
     """Preprocessing of a teacher as open_clip would attach it: the variant's own, the pretrained tag's, or
     open_clip's defaults (OpenAI mean/std, bicubic)."""
     if cfg.model in models.list_variants():
-        return models.get_variant(cfg.model).preprocess.as_dict()
+        return models.get_variant(cfg.model).preprocess
     tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) if cfg.pretrained else {}
-    return {
-        "mean": tag_cfg.get("mean", open_clip.OPENAI_DATASET_MEAN),
-        "std": tag_cfg.get("std", open_clip.OPENAI_DATASET_STD),
-        "interpolation": tag_cfg.get("interpolation", "bicubic"),
-    }
+    return models.Preprocess.from_open_clip(tag_cfg)
 
 
 def teacher_spec(cfg: TeacherConfig, offline: bool = False) -> TeacherSpec | None:
@@ -100,13 +96,13 @@ def teacher_spec(cfg: TeacherConfig, offline: bool = False) -> TeacherSpec | Non
     return _make_spec(cfg, model_cfg["embed_dim"], model_cfg["vision_cfg"]["image_size"], _preprocess(cfg))
 
 
-def _make_spec(cfg: TeacherConfig, embed_dim: int, size: int | Sequence[int], pp: dict) -> TeacherSpec:
+def _make_spec(cfg: TeacherConfig, embed_dim: int, size: int | Sequence[int], pp: models.Preprocess) -> TeacherSpec:
     """A `TeacherSpec`, refusing inputs that view replay cannot serve (non-square sizes, odd interpolations)."""
     if not isinstance(size, int):
         if len(set(size)) != 1:
             raise TeacherError(f"teacher {cfg.name!r}: non-square input size {size} cannot be served")
         size = size[0]
-    interpolation = pp.get("interpolation", "bicubic")
+    interpolation = pp.interpolation
     if interpolation not in _SUPPORTED_INTERPOLATIONS:
         raise TeacherError(f"teacher {cfg.name!r}: interpolation {interpolation!r} cannot be replayed")
     return TeacherSpec(
@@ -116,8 +112,8 @@ def _make_spec(cfg: TeacherConfig, embed_dim: int, size: int | Sequence[int], pp
         embed_dim=int(embed_dim),
         logit_scale=cfg.logit_scale,
         image_size=int(size),
-        mean=tuple(float(m) for m in pp["mean"]),
-        std=tuple(float(s) for s in pp["std"]),
+        mean=pp.mean,
+        std=pp.std,
         interpolation=interpolation,
     )
 
@@ -135,7 +131,7 @@ class Teacher:
             with torch.inference_mode():
                 embed_dim = self.model.encode_text(self.tokenizer(["a"]).to(device)).shape[-1]
             pp = self.model.visual.preprocess_cfg
-            spec = _make_spec(cfg, embed_dim, pp["size"], pp)
+            spec = _make_spec(cfg, embed_dim, pp["size"], models.Preprocess.from_open_clip(pp))
         self.spec = spec
 
     @torch.inference_mode()

@@ -124,10 +124,9 @@ import pyarrow as pa
 import torch
 
 from clipdr import augment, records, storage
-from clipdr.config import AugmentConfig
 from clipdr.data import sources
 from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason, SourceShard
-from clipdr.records import CaptionerSpec, Manifest, ShardInfo, TeacherSpec
+from clipdr.records import AugmentSpec, CaptionerSpec, Manifest, ShardInfo, TeacherSpec
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +167,7 @@ DATACOMPDR_CAPTIONER = CaptionerSpec(
 )
 """The captioner of DataCompDR's synthetic captions (text cut at end-of-text and at the first ".")."""
 
-DATACOMPDR_AUGMENT = AugmentConfig(
+DATACOMPDR_AUGMENT = AugmentSpec(
     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), num_ops=2, magnitude=9, num_magnitude_bins=31, hflip=0.0
 )
 """torchvision's RandomResizedCrop and RandAugment defaults, no flip: what DataCompDR's views were drawn with."""
@@ -277,7 +276,7 @@ class DataCompDRLayout:
 
     num_augmentations: int = 30
     num_syn_captions: int = 5
-    augment: AugmentConfig = DATACOMPDR_AUGMENT
+    augment: AugmentSpec = DATACOMPDR_AUGMENT
     transforms: tuple[str, ...] = ("random_resized_crop", "rand_augment")
     view_size: int = 224
     reference_max_side: int | None = DATACOMP_MAX_SIDE
@@ -298,7 +297,7 @@ class DataCompDRLayout:
         )
         _check(0.0 < self.norm_tolerance < 1.0, f"norm_tolerance must be in (0, 1), got {self.norm_tolerance!r}")
         try:
-            augment.check_config(self.augment)
+            augment.check_spec(self.augment)
         except ValueError as e:
             raise DataCompDRError(str(e)) from None
         unknown = [t for t in self.transforms if t not in _RECORD_ORDER]

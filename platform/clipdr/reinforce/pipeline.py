@@ -22,7 +22,7 @@ import ray
 
 from clipdr import records
 from clipdr.cluster import ensure_ray, storage_runtime_env
-from clipdr.config import AugmentConfig, ReinforceConfig
+from clipdr.config import ReinforceConfig
 from clipdr.reinforce.stages import Caption, Embed, ReadShards, ShardTask, WriteShards
 
 T = TypeVar("T")
@@ -55,7 +55,6 @@ def resolve_device(requested: str) -> str:
 
 def run_pipeline(
     cfg: ReinforceConfig,
-    augment_cfg: AugmentConfig,
     tasks: Sequence[ShardTask],
     manifest: records.Manifest,
     run_fingerprint: str,
@@ -76,9 +75,7 @@ def run_pipeline(
     }
 
     ds = ray.data.from_items([{"source": t.source, "output": t.output} for t in tasks], override_num_blocks=len(tasks))
-    read = ReadShards(
-        augment_cfg, cfg.num_augmentations, cfg.seed, res.batch_size, cfg.output, manifest, run_fingerprint
-    )
+    read = ReadShards(res.batch_size, cfg.output, manifest, run_fingerprint)
     ds = ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env)  # an instance: run as tasks
     if cfg.num_syn_captions > 0:
         ds = ds.map_batches(

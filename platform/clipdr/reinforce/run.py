@@ -106,8 +106,9 @@ def plan(config: Config) -> Plan:
         )
     if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
         raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
+    augment_spec = records.AugmentSpec.from_config(config.augment)
     try:
-        augment.check_config(config.augment)
+        augment.check_spec(augment_spec)
     except ValueError as e:
         raise ReinforceError(str(e)) from None
     if not cfg.teachers:
@@ -158,7 +159,7 @@ def plan(config: Config) -> Plan:
     manifest = records.Manifest(
         teachers=teachers,
         captioner=captioner,
-        augment=config.augment,
+        augment=augment_spec,
         num_augmentations=cfg.num_augmentations,
         num_syn_captions=cfg.num_syn_captions,
         augment_seed=cfg.seed,
@@ -255,7 +256,7 @@ def run(config: Config, log=print) -> records.Manifest | None:
 
         if p.pending:
             ensure_ray()
-            run_pipeline(cfg, config.augment, p.pending, p.manifest, p.fingerprint, on_shard)
+            run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
         elapsed = time.monotonic() - started
         manifest = _finish_manifest(cfg.output, p)
         tracker.log_metrics(

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipdr import augment, records, storage
-from clipdr.config import AugmentConfig, TeacherConfig
+from clipdr.config import TeacherConfig
 from clipdr.data import sources
 
 SHARD = "_shard"  # output shard path, relative to the dataset directory
@@ -122,19 +122,7 @@ class ReadShards:
     (empty) output shard itself, carrying the skip counts.
     """
 
-    def __init__(
-        self,
-        augment_cfg: AugmentConfig,
-        num_views: int,
-        seed: int,
-        chunk_rows: int,
-        output_dir: str,
-        manifest: records.Manifest,
-        run_fingerprint: str,
-    ) -> None:
-        self.augment_cfg = augment_cfg
-        self.num_views = num_views
-        self.seed = seed
+    def __init__(self, chunk_rows: int, output_dir: str, manifest: records.Manifest, run_fingerprint: str) -> None:
         self.chunk_rows = chunk_rows
         self.output_dir = output_dir
         self.manifest = manifest
@@ -146,10 +134,11 @@ class ReadShards:
                 yield _stream_row(row)
 
     def _pack(self, chunk: list[sources.SourceSample]) -> dict[str, np.ndarray]:
+        m = self.manifest  # views are sampled with exactly the settings the dataset records
         views_NKL = np.stack(
             [
                 augment.views_to_array(
-                    augment.sample_views(s.image.size, s.key, self.num_views, self.augment_cfg, self.seed)
+                    augment.sample_views(s.image.size, s.key, m.num_augmentations, m.augment, m.augment_seed)
                 )
                 for s in chunk
             ]

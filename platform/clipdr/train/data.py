@@ -199,15 +199,11 @@ class StudentPreprocess:
             raise ValueError(f"context_length must be a positive integer, got {self.context_length!r}")
 
     @classmethod
-    def from_preprocess_cfg(cls, cfg: Mapping[str, Any], context_length: int) -> StudentPreprocess:
-        """From an open_clip ``preprocess_cfg`` dict (``model.visual.preprocess_cfg``)."""
-        return cls(
-            image_size=cfg["size"],
-            mean=tuple(cfg["mean"]),
-            std=tuple(cfg["std"]),
-            interpolation=cfg["interpolation"],
-            context_length=context_length,
-        )
+    def of(
+        cls, preprocess: models.Preprocess, image_size: int | Sequence[int], context_length: int
+    ) -> StudentPreprocess:
+        """From a model's preprocessing (`models.Preprocess`), input size and text context length."""
+        return cls(image_size, preprocess.mean, preprocess.std, preprocess.interpolation, context_length)
 
 
 def student_preprocess(name: str) -> StudentPreprocess:
@@ -221,17 +217,11 @@ def student_preprocess(name: str) -> StudentPreprocess:
     if name in models.list_variants():
         cfg = models.model_config(name)
         preprocess = models.get_variant(name).preprocess
-        size = cfg["vision_cfg"]["image_size"]
-        return StudentPreprocess(
-            image_size=size,
-            mean=preprocess.mean,
-            std=preprocess.std,
-            interpolation=preprocess.interpolation,
-            context_length=cfg["text_cfg"]["context_length"],
-        )
+        return StudentPreprocess.of(preprocess, cfg["vision_cfg"]["image_size"], cfg["text_cfg"]["context_length"])
     with torch.device("meta"):
         model = models.create_model(name, device="meta")
-    return StudentPreprocess.from_preprocess_cfg(model.visual.preprocess_cfg, int(model.context_length))
+    pp_cfg = model.visual.preprocess_cfg
+    return StudentPreprocess.of(models.Preprocess.from_open_clip(pp_cfg), pp_cfg["size"], int(model.context_length))
 
 
 # --------------------------------------------------------------------------- draws
@@ -485,7 +475,7 @@ class AugmentBatch:
     (`augment.sample` with the epoch as the view index): deterministic, and different every epoch.
 
     Args:
-        augment_cfg: The augmentations to sample.
+        augment_spec: The augmentations to sample (the run config's, converted).
         preprocess: The student's preprocessing (`student_preprocess`).
         tokenizer_name: Model name whose open_clip tokenizer encodes the captions.
         seed: Run-level seed of the views.
@@ -493,10 +483,15 @@ class AugmentBatch:
     """
 
     def __init__(
-        self, augment_cfg: Any, preprocess: StudentPreprocess, tokenizer_name: str, seed: int, epoch: int
+        self,
+        augment_spec: records.AugmentSpec,
+        preprocess: StudentPreprocess,
+        tokenizer_name: str,
+        seed: int,
+        epoch: int,
     ) -> None:
-        augment.check_config(augment_cfg)
-        self.augment_cfg = augment_cfg
+        augment.check_spec(augment_spec)
+        self.augment_spec = augment_spec
         self.preprocess = preprocess
         self.seed = int(seed)
         self.epoch = int(epoch)
@@ -506,7 +501,7 @@ class AugmentBatch:
         keys = _strings(batch, records.KEY)
         images = [sources.decode_rgb(b) for b in _images(batch)]
         params = [
-            augment.sample(image.size, key, self.epoch, self.augment_cfg, self.seed)
+            augment.sample(image.size, key, self.epoch, self.augment_spec, self.seed)
             for image, key in zip(images, keys, strict=True)
         ]
         return {

@@ -74,4 +74,4 @@ def _build(kind: str, arguments: str) -> Any:
         manifest = records.Manifest.from_dict(args.pop("manifest"))
         return data.ReplayBatch(manifest, preprocess, **args)
     augment_cfg = config.from_dict(config.AugmentConfig, args.pop("augment_cfg"), "augment")
-    return data.AugmentBatch(augment_cfg, preprocess, **args)
+    return data.AugmentBatch(records.AugmentSpec.from_config(augment_cfg), preprocess, **args)
