@@ -275,6 +275,11 @@ _TOY_SYNTH = (
 )  # fmt: skip
 _TOY_LATENCY = ("--variants", "clipdr-tiny-mct", "--reference", "clipdr-tiny-mci", "--output", "{tmp}/latency.md")
 
+_TOY_TRAIN_BENCH = (
+    *("--student", "clipdr-tiny-vit", "--teachers", "clipdr-tiny-vit", "--batch-size", "4", "--steps", "1"),
+    *("--warmup", "0", "--views", "1", "--captions", "1", "--image-size", "32", "--output", "{tmp}/train.md"),
+)
+
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 13-minute demo; test_demo runs it at toy size"),
@@ -340,7 +345,12 @@ REGISTRY: dict[str, Entry] = {
     # Models.
     "clipdr models": CoveredBy(("tests/unit/test_models.py::test_models_stage_lists_every_variant_with_paper_counts",)),
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
-    "python jobs/benchmark.py latency --threads --warmup --iters --batch-sizes --output": Run(_TOY_LATENCY),
+    "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
+    "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    # Runs the reinforcement job on Ray: an integration test runs it at toy size on the suite's local Ray.
+    "python jobs/benchmark.py reinforce --shards --shard-size --bound-shards --output": CoveredBy(
+        ("tests/integration/test_benchmarks.py::test_reinforce_benchmark_runs_at_toy_size",)
+    ),
     "python -m pytest -m": External("runs the slow test tier itself (2-3 minutes); its file is checked to exist"),
     # infra/README.md: against the AWS cluster.
     "ray job submit --working-dir -- python jobs/reinforce.py --config jobs/configs/datacompdr12m.toml "

@@ -283,6 +283,7 @@ def main(args: argparse.Namespace) -> int:
             cpu_clock,
         )
         pipeline = _Pipeline(config, p, root)
+        owns_ray = not ray.is_initialized()  # a Ray this process already joined is left running
         ensure_ray()
         try:
             results = timing.run_rounds(
@@ -290,7 +291,8 @@ def main(args: argparse.Namespace) -> int:
             )
             emb_per_sample, file_per_sample = _storage(pipeline.last_output, p)
         finally:
-            ray.shutdown()
+            if owns_ray:
+                ray.shutdown()
 
     kept = slice(args.warmup, None)
     bound_parts = bound.parts[kept]

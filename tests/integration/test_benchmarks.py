@@ -1,0 +1,20 @@
+"""The benchmarks that need Ray, at toy size: they run and write their tables (their numbers are not judged)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from clipdr import benchmarks
+
+pytestmark = pytest.mark.integration
+
+
+def test_reinforce_benchmark_runs_at_toy_size(ray_local, tmp_path):
+    """What `python jobs/benchmark.py reinforce` runs (the same `benchmarks.main`), at toy size."""
+    output = tmp_path / "reinforce.md"
+    toy = ["--shards", "2", "--shard-size", "4", "--bound-shards", "1", "--views", "1", "--captions", "1"]
+    toy += ["--batch-size", "4", "--caption-len", "4", "--rounds", "1", "--warmup", "0", "--output", str(output)]
+    assert benchmarks.main(["reinforce", *toy], prog="jobs/benchmark.py") == 0
+    assert "bound" in output.read_text()
+    assert ray.is_initialized()  # the suite's Ray, which the benchmark joined, is left running
