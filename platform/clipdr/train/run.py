@@ -6,8 +6,8 @@
    mode (``reinforced`` needs the stored embeddings of every teacher it distils from, synthetic captions need
    S >= 1; `data.check_dataset` says what differs), raw source shards are accepted for ``clip`` only;
 2. finds the run's storage ``<output>/<run_name>``: a ``clipdr_run.json`` there means a resubmission, which reuses
-   the recorded MLflow run id and refuses changed settings; the newest complete checkpoint (its ``meta.json``)
-   sets where the data stream restarts;
+   the recorded MLflow run id and refuses changed settings; the newest complete checkpoint
+   (`clipdr.checkpoint.latest`) sets where the data stream restarts;
 3. builds the `loop.TrainPlan` and the input stream (`pipeline.build_dataset`) and runs a ``TorchTrainer`` with
    ``FailureConfig(max_failures)``: dead workers restart from the last checkpoint inside the same fit;
 4. logs the final model with ``mlflow.pytorch`` (a `models.ClipEmbedder`, signature and input example), the
@@ -28,13 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from clipdr import records, storage
+from clipdr import checkpoint, records, storage
 from clipdr.config import Config, TrainConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.train import data
-from clipdr.train.loop import META_FILE, MODEL_FILE, CheckpointMeta, TrainPlan
+from clipdr.train.loop import TrainPlan
 
 RUN_FILE = "clipdr_run.json"  # written at the first submission: MLflow run id, recipe, data fingerprint
 RESULT_FILE = "clipdr_result.json"  # written when the final model is logged: the run is complete
@@ -161,24 +159,6 @@ def default_run_name(cfg: TrainConfig) -> str:
 
 def _run_dir(cfg: TrainConfig, run_name: str) -> str:
     return storage.join(cfg.output, run_name)
-
-
-def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
-    """The complete checkpoint (``meta.json`` present) with the most steps under ``run_dir``, if any."""
-    best: tuple[str, CheckpointMeta] | None = None
-    fs, path = storage.resolve(run_dir)
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = Path(info.path).name
-        if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
-            continue
-        uri = storage.join(run_dir, name)
-        meta_uri = storage.join(uri, META_FILE)
-        if not storage.exists(meta_uri):
-            continue
-        meta = CheckpointMeta.from_json(storage.read_bytes(meta_uri))
-        if best is None or meta.step > best[1].step:
-            best = (uri, meta)
-    return best
 
 
 def _recipe(cfg: Config) -> dict:
@@ -333,7 +313,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     total_steps = math.ceil(tc.samples / (tc.batch_size * tc.accum_steps))
     batches_per_epoch = rows_per_epoch // tc.batch_size  # micro-batches each worker takes from one epoch
     total_batches = total_steps * tc.accum_steps
-    resume = latest_checkpoint(run_dir)
+    resume = checkpoint.latest(run_dir)
     done_batches = resume[1].batches if resume else 0
     start_epoch = done_batches // batches_per_epoch
     num_epochs = math.ceil(total_batches / batches_per_epoch)
@@ -385,20 +365,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
 def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
     """Logs the final checkpoint and model (registered if asked) to the run and closes it."""
-    import torch
-
     from clipdr import models, tracking
 
     tc = cfg.train
-    checkpoint = result.checkpoint
-    if checkpoint is None:
+    final = result.checkpoint
+    if final is None:
         raise TrainError(f"run {run_name!r} finished without a checkpoint")
-    with checkpoint.as_directory() as directory:
-        meta = CheckpointMeta.read(directory)
-        for name in (MODEL_FILE, META_FILE):
+    with final.as_directory() as directory:
+        meta = checkpoint.CheckpointMeta.read(directory)
+        for name in checkpoint.PUBLISHED_FILES:
             tracker.log_artifact(Path(directory) / name, "checkpoint")
         clip = models.create_model(meta.model)
-        clip.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu"))
+        clip.load_state_dict(checkpoint.load_weights(directory))
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
     example_in, example_out = embedder.example(batch_size=2)
     logged = tracking.log_model(
@@ -418,7 +396,7 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
     result = TrainResult(
         run_name=run_name,
         mlflow_run_id=tracker.run_id,
-        checkpoint=storage.join(_run_dir(tc, run_name), Path(checkpoint.path).name),
+        checkpoint=storage.join(_run_dir(tc, run_name), Path(final.path).name),
         steps=meta.step,
         samples_seen=meta.samples_seen,
         model_uri=logged.uri,
