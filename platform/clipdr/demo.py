@@ -7,7 +7,7 @@
     -> compare: a table, the samples the reinforced student needs to match the plain one, a learning-curve plot
 
 Every stage is a real job (`synthetic.generate`, `train.run.run` on Ray Train, `reinforce.run.run` on Ray Data)
-and caches its product: the world has ``world.json``, a finished training run its ``clipdr_result.json``, the
+and caches its product: the world has ``world.json``, a finished training run its result (`clipdr.runstate`), the
 reinforced dataset its manifest; a second `run` skips what is done. Every run goes to one MLflow experiment.
 
 The training jobs of a stage run ``demo.parallel_jobs`` at a time, from threads of this process: much of a Ray
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clipdr import storage
+from clipdr import checkpoint, storage
 from clipdr.config import Config
 from clipdr.train import data
 
@@ -57,10 +57,6 @@ class Curve:
 
 def _stage(cfg: Config, **train_changes: object) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_changes))
-
-
-def _model_file(checkpoint: str) -> str:
-    return storage.join(checkpoint, "model.pt")
 
 
 def _train_base(cfg: Config) -> Config:
@@ -137,10 +133,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     reinforce_cfg = dataclasses.replace(
         cfg.reinforce,
         teachers=tuple(
-            dataclasses.replace(t, pretrained=_model_file(pretrained[f"teacher-{t.name}"].checkpoint))
+            dataclasses.replace(t, pretrained=checkpoint.model_file(pretrained[f"teacher-{t.name}"].checkpoint))
             for t in cfg.reinforce.teachers
         ),
-        captioner=dataclasses.replace(captioner, pretrained=_model_file(pretrained["captioner"].checkpoint)),
+        captioner=dataclasses.replace(captioner, pretrained=checkpoint.model_file(pretrained["captioner"].checkpoint)),
     )
 
     stage(f"reinforce the noisy student corpus -> {reinforce_cfg.output}")

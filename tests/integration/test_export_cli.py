@@ -8,9 +8,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clipdr import export, models, tracking
+from clipdr import checkpoint, export, models, tracking
 from clipdr.cli import main
-from clipdr.evaluate import loading
 
 pytestmark = pytest.mark.integration
 
@@ -23,14 +22,13 @@ def test_export_checkpoint_to_its_training_run(tmp_path, monkeypatch):
         tracker.log_params({"train.data": "data/demo/reinforced"})
         tracker.log_metrics({"zeroshot/mean_top1": 0.25}, step=96)
 
-    # A checkpoint as training writes it: a plain open_clip state dict and meta.json.
-    checkpoint = tmp_path / "runs" / "student" / "checkpoint_000001"
-    checkpoint.mkdir(parents=True)
+    # A checkpoint as training writes it (without the optimiser state, which export does not read).
+    folder = tmp_path / "runs" / "student" / "checkpoint_000001"
+    folder.mkdir(parents=True)
     torch.manual_seed(0)
     model = models.create_model("clipdr-tiny-mci")
-    torch.save(model.state_dict(), checkpoint / loading.MODEL_FILE)
-    meta = {"model": "clipdr-tiny-mci", "mode": "reinforced", "step": 3, "samples_seen": 96}
-    (checkpoint / loading.META_FILE).write_text(json.dumps({**meta, "mlflow_run_id": tracker.run_id}))
+    meta = checkpoint.CheckpointMeta("clipdr-tiny-mci", "reinforced", "student", tracker.run_id, 3, 96, 3, 3)
+    checkpoint.save(folder, model.state_dict(), meta)
 
     out = tmp_path / "export"
     assert (

@@ -221,9 +221,9 @@ def test_training_job_logs_to_the_stack_and_registers_its_model(tracking_stack, 
     import psycopg
     from mlflow import MlflowClient
 
+    from clipdr.checkpoint import MODEL_FILE
     from clipdr.config import Config, SynthConfig, TrainConfig, TrainResources
     from clipdr.data import synthetic
-    from clipdr.train.loop import MODEL_FILE
     from clipdr.train.run import run as train
 
     # The cluster's bootstrap script creates the jobs' user; a second apply re-keys it.

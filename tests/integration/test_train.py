@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clipdr import models
+from clipdr import checkpoint, models
 from clipdr.config import (
     CaptionerConfig,
     Config,
@@ -34,8 +34,6 @@ from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA
 from clipdr.reinforce.run import run as reinforce
 from clipdr.train import data
-from clipdr.train.loop import MODEL_FILE, CheckpointMeta
-from clipdr.train.run import latest_checkpoint
 from clipdr.train.run import run as train
 
 pytestmark = pytest.mark.integration
@@ -115,9 +113,9 @@ def assert_learns(client: MlflowClient, run_id: str) -> None:
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    found = latest_checkpoint(str(run_dir))
+    found = checkpoint.latest(str(run_dir))
     assert found is not None
-    return torch.load(Path(found[0]) / MODEL_FILE)
+    return checkpoint.load_weights(found[0])
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +151,7 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
     mlflow.set_tracking_uri(cfg.tracking.uri)
     loaded = mlflow.pytorch.load_model(f"models:/clipdr-test-student/{result.registered_version}")
     reference = models.create_model(STUDENT).eval()
-    reference.load_state_dict(torch.load(Path(result.checkpoint) / MODEL_FILE))
+    reference.load_state_dict(checkpoint.load_weights(result.checkpoint))
     images = torch.randn(3, 3, 32, 32)
     expected = torch.nn.functional.normalize(reference.encode_image(images), dim=-1)
     torch.testing.assert_close(loaded(images), expected)
@@ -177,14 +175,14 @@ def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp
     )
     try:
         deadline = time.monotonic() + 300
-        while latest_checkpoint(str(run_dir)) is None:
+        while checkpoint.latest(str(run_dir)) is None:
             assert driver.poll() is None, "the training job exited before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    killed_at = latest_checkpoint(str(run_dir))[1]
+    killed_at = checkpoint.latest(str(run_dir))[1]
     assert killed_at.step < 16
     client = MlflowClient(cfg.tracking.uri)
     first_id = killed_at.mlflow_run_id
@@ -221,7 +219,7 @@ def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> N
 
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if latest_checkpoint(str(run_dir)) is not None:
+        if checkpoint.latest(str(run_dir)) is not None:
             for proc in psutil.Process().children(recursive=True):
                 try:
                     if " ".join(proc.cmdline()).startswith("ray::RayTrainWorker"):
@@ -257,7 +255,7 @@ def test_online_distill_on_two_ddp_workers_survives_a_killed_worker(world):
     assert run.info.status == "FINISHED"
     assert "train/kd_loss_syn" in run.data.metrics
     assert_learns(client, result.mlflow_run_id)  # every step logged exactly once across the restart
-    assert CheckpointMeta.read(result.checkpoint).mode == "online_distill"
+    assert checkpoint.CheckpointMeta.read(result.checkpoint).mode == "online_distill"
 
 
 def test_what_ray_ships_loads_without_torch(world):

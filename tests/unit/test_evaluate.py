@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from clipdr import models
+from clipdr import checkpoint, models
 from clipdr.config import EvaluateConfig, SynthConfig
 from clipdr.data import sources, synthetic
 from clipdr.evaluate import datasets, engine, loading, metrics
@@ -342,9 +342,8 @@ def test_world_splits_with_a_tiny_model_share_images_across_tasks(tmp_path):
 def _checkpoint(folder, name, step, run_id="run-abc"):
     folder.mkdir(parents=True)
     model = models.create_model(name)
-    torch.save(model.state_dict(), folder / loading.MODEL_FILE)
-    meta = {"model": name, "mode": "clip", "step": step, "samples_seen": step * 8, "mlflow_run_id": run_id}
-    (folder / loading.META_FILE).write_text(json.dumps(meta))
+    meta = checkpoint.CheckpointMeta(name, "clip", "run", run_id, step, step * 8, step, 10)
+    checkpoint.save(folder, model.state_dict(), meta)
     return model
 
 

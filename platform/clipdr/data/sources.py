@@ -26,7 +26,6 @@ is detected, and converted to RGB (:func:`to_rgb`). The original encoded bytes a
 from __future__ import annotations
 
 import collections
-import hashlib
 import io
 import json
 import logging
@@ -45,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clipdr import storage
+from clipdr import runstate, storage
 
 logger = logging.getLogger(__name__)
 
@@ -681,8 +680,7 @@ def describe_shards(uri: str) -> list[SourceShard]:
 
 def fingerprint(shards: Sequence[SourceShard]) -> str:
     """``sha256:<hex>`` of the sorted shard paths and sizes: cheap (a listing) and stable across machines."""
-    payload = json.dumps(sorted([s.path, s.size] for s in shards)).encode()
-    return "sha256:" + hashlib.sha256(payload).hexdigest()
+    return runstate.fingerprint(sorted([s.path, s.size] for s in shards))
 
 
 def iter_source(

@@ -4,28 +4,23 @@ A model is named by:
 
 - an MLflow model URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
   ``models:/m-<id>`` (a model logged by `clipdr.tracking.log_model`: metadata ``clipdr_model`` names it);
-- a training checkpoint folder (path or ``s3://``): ``model.pt`` (a plain open_clip state dict) and
-  ``meta.json`` (``model``, ``step``, ``samples_seen``, ``mlflow_run_id``, ...), or a folder whose
-  sub-folders are such checkpoints (a training run's storage folder: the one with the most steps is taken);
+- a training checkpoint folder (path or ``s3://``, `clipdr.checkpoint`), or a folder whose sub-folders are
+  checkpoints (a training run's storage folder: the complete one with the most steps is taken);
 - an open_clip / clipdr model name, with ``pretrained`` an open_clip tag, an hf-hub id, a local file, or empty
   for random initialisation.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from clipdr import models, storage
+from clipdr import checkpoint, models, storage
 
-# The checkpoint contract with the training job (clipdr.train.loop writes these two files).
-MODEL_FILE = "model.pt"
-META_FILE = "meta.json"
 _MLFLOW_SCHEMES = ("runs:/", "models:/")
 
 
@@ -40,7 +35,7 @@ class LoadedModel:
         kind: ``mlflow``, ``checkpoint`` or ``name``.
         run_id: The MLflow run that trained it ("" when unknown).
         samples_seen: Training samples seen when it was saved, when known (training logs metrics at this step).
-        meta: The checkpoint's ``meta.json`` or the logged model's metadata.
+        meta: The checkpoint's `checkpoint.CheckpointMeta` as a dict, or the logged model's metadata.
     """
 
     model: nn.Module
@@ -56,55 +51,25 @@ def is_mlflow_uri(spec: str) -> bool:
     return spec.startswith(_MLFLOW_SCHEMES)
 
 
-def _is_checkpoint(uri: str) -> bool:
-    return storage.exists(storage.join(uri, MODEL_FILE)) and storage.exists(storage.join(uri, META_FILE))
-
-
-def latest_checkpoint(uri: str) -> str | None:
-    """``uri`` when it is a checkpoint folder, else its checkpoint sub-folder with the most steps, else None."""
-    if _is_checkpoint(uri):
-        return uri
-    prefix = storage.join(uri, "")
-    best: tuple[int, str] | None = None
-    for found in storage.list_files(uri, suffixes=(META_FILE,), recursive=True):
-        rel = found[len(prefix) :].replace("\\", "/")
-        if rel.count("/") != 1 or storage.basename(found) != META_FILE:
-            continue
-        folder = storage.join(uri, rel.split("/")[0])
-        if not storage.exists(storage.join(folder, MODEL_FILE)):
-            continue
-        try:
-            step = int(json.loads(storage.read_bytes(found)).get("step", -1))
-        except (ValueError, AttributeError):
-            continue
-        if best is None or step > best[0]:
-            best = (step, folder)
-    return best[1] if best else None
-
-
 def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> LoadedModel:
-    """The model of a training checkpoint folder (see the module docstring)."""
-    meta_uri = storage.join(uri, META_FILE)
+    """The model of the training checkpoint folder ``uri``."""
     try:
-        meta = json.loads(storage.read_bytes(meta_uri))
-        name = meta["model"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"checkpoint {uri}: {META_FILE} must be JSON with a 'model' name ({e})") from None
-    model = models.create_model(name)
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(uri, MODEL_FILE))), map_location="cpu")
+        meta = checkpoint.CheckpointMeta.read(uri)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"checkpoint {uri}: unreadable {checkpoint.META_FILE} ({e})") from None
+    model = models.create_model(meta.model)
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(checkpoint.load_weights(uri))
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {uri}: {MODEL_FILE} does not fit model {name!r}: {e}") from None
-    samples = meta.get("samples_seen")
+        raise ValueError(f"checkpoint {uri}: {checkpoint.MODEL_FILE} does not fit model {meta.model!r}: {e}") from None
     return LoadedModel(
         model=model.to(device).eval(),
-        name=name,
+        name=meta.model,
         source=uri,
         kind="checkpoint",
-        run_id=str(meta.get("mlflow_run_id") or ""),
-        samples_seen=int(samples) if samples is not None else None,
-        meta=meta,
+        run_id=meta.mlflow_run_id,
+        samples_seen=meta.samples_seen,
+        meta=dataclasses.asdict(meta),
     )
 
 
@@ -150,14 +115,14 @@ def load(spec: str, pretrained: str = "", device: str | torch.device = "cpu", tr
         _no_pretrained(spec, pretrained)
         return load_mlflow(spec, device, tracking_uri)
     if "://" in spec or storage.exists(spec):
-        checkpoint = latest_checkpoint(spec) if storage.exists(spec) else None
-        if checkpoint is None:
+        found = checkpoint.latest(spec) if storage.exists(spec) else None
+        if found is None:
             raise ValueError(
-                f"{spec!r} is not a training checkpoint: expected {MODEL_FILE} and {META_FILE} in it or in its "
-                "sub-folders"
+                f"{spec!r} is not a training checkpoint: expected a complete one ({checkpoint.MODEL_FILE}, "
+                f"{checkpoint.META_FILE}) in it or in its sub-folders"
             )
         _no_pretrained(spec, pretrained)
-        return load_checkpoint(checkpoint, device)
+        return load_checkpoint(found[0], device)
     try:
         model = models.create_model(spec, pretrained=pretrained or None)
     except ValueError as e:

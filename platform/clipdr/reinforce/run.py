@@ -4,25 +4,23 @@ Resume and idempotence. Every output shard is written atomically and carries, in
 fingerprint of the settings that made it (teachers, captioner, views, seeds, source). A rerun with the same
 config keeps the shards whose fingerprint matches and reinforces only the missing source shards; output made
 with other settings is refused rather than mixed in. The manifest is written only when every source shard
-has its output, and describes exactly those shards. The MLflow run id is kept beside the data
-(``_reinforce_run.json``), so a resumed job continues the same run.
+has its output, and describes exactly those shards. The MLflow run id is kept beside the data (a
+`clipdr.runstate` file), so a resumed job continues the same run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 
-from clipdr import augment, records, storage
+from clipdr import augment, records, runstate, storage
 from clipdr.config import Config, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce.stages import ShardTask, read_shard_metadata
 
-RUN_STATE = "_reinforce_run.json"  # hidden: listings and readers ignore it
 EXPERIMENT = "reinforce"
 
 
@@ -70,8 +68,10 @@ class Plan:
         return "\n".join(lines)
 
 
-def _fingerprint(data: object) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+def run_fingerprint(manifest: records.Manifest) -> str:
+    """What makes a shard's output: every setting of the manifest but its provenance, and the record schema."""
+    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    return runstate.fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
 
 
 def _check_writable(output: str) -> None:
@@ -166,8 +166,7 @@ def plan(config: Config) -> Plan:
         source_uri=cfg.source,
         source_fingerprint=fingerprint_of_source,
     )
-    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
-    fingerprint = _fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
+    fingerprint = run_fingerprint(manifest)
     if not shards:
         return Plan(manifest, fingerprint, tasks, (), complete=False, notes=notes)
     _check_writable(cfg.output)
@@ -187,7 +186,7 @@ def plan(config: Config) -> Plan:
     for uri in storage.list_files(cfg.output, (records.SHARD_SUFFIX,), recursive=True):
         name = uri[len(cfg.output.rstrip("/")) + 1 :]
         meta = read_shard_metadata(records.read_shard_footer(uri)[1])
-        if name not in expected or meta is None or meta.get("run_fingerprint") != fingerprint:
+        if name not in expected or meta is None or not runstate.matches(meta.get("run_fingerprint", ""), fingerprint):
             raise ReinforceError(
                 f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier run made with other settings or "
                 "from another source: choose another output or delete it"
@@ -210,18 +209,12 @@ def _finish_manifest(cfg_output: str, p: Plan) -> records.Manifest:
 def _tracker(config: Config, p: Plan):
     from clipdr.tracking import Tracker
 
-    state_uri = storage.join(config.reinforce.output, RUN_STATE)
-    run_id = None
-    if storage.exists(state_uri):
-        state = json.loads(storage.read_bytes(state_uri))
-        run_id = state["mlflow_run_id"] if state.get("fingerprint") == p.fingerprint else None
-    tracker = Tracker.start(
-        EXPERIMENT, run_id=run_id, uri=config.tracking.uri, tags={"output": config.reinforce.output}
-    )
+    output = config.reinforce.output
+    state = runstate.read(output, runstate.REINFORCE_STATE)
+    run_id = state.mlflow_run_id if state is not None and not state.changes(p.fingerprint, {}) else None
+    tracker = Tracker.start(EXPERIMENT, run_id=run_id, uri=config.tracking.uri, tags={"output": output})
     if run_id is None:
-        storage.write_bytes(
-            state_uri, json.dumps({"mlflow_run_id": tracker.run_id, "fingerprint": p.fingerprint}).encode()
-        )
+        runstate.write(output, runstate.REINFORCE_STATE, runstate.RunState(tracker.run_id, p.fingerprint))
         tracker.log_params({**flatten(config.reinforce, "reinforce."), **flatten(config.augment, "augment.")})
         tracker.log_dict([dataclasses.asdict(t) for t in p.manifest.teachers], "teachers.json")
         tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")

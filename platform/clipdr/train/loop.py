@@ -17,17 +17,13 @@ and every restart sees the same decisions. The loop:
 
 MLflow steps are samples seen, the unit of training length, so runs of different batch sizes line up.
 
-A checkpoint directory holds ``model.pt`` (a plain open_clip state dict: ``open_clip.create_model(name,
-pretrained=path)`` loads it), ``train_state.pt`` (optimiser, scheduler, RNG) and ``meta.json`` (`CheckpointMeta`).
+Checkpoints (files, metadata, commit, loading) are `clipdr.checkpoint`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
-import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,20 +31,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipdr import losses, models, records
+from clipdr import checkpoint, losses, models, records
 from clipdr.config import TeacherConfig
 from clipdr.train import data
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "train_state.pt"
-META_FILE = "meta.json"
-
-# --------------------------------------------------------------------------- plan and checkpoint meta
+# --------------------------------------------------------------------------- plan
 
 
 @dataclass(frozen=True)
@@ -124,32 +115,6 @@ class TrainPlan:
     @property
     def total_samples(self) -> int:
         return self.total_steps * self.samples_per_step
-
-
-@dataclass(frozen=True)
-class CheckpointMeta:
-    """``meta.json`` of a checkpoint: what it holds and where in the run it was taken."""
-
-    model: str
-    mode: str
-    run_name: str
-    mlflow_run_id: str
-    step: int
-    samples_seen: int
-    batches: int  # micro-batches each worker had consumed
-    total_steps: int
-
-    @classmethod
-    def read(cls, directory: str | Path) -> CheckpointMeta:
-        return cls.from_json((Path(directory) / META_FILE).read_bytes())
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> CheckpointMeta:
-        raw = json.loads(text)
-        return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
-
-    def write(self, directory: str | Path) -> None:
-        (Path(directory) / META_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2))
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -315,24 +280,6 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Train
 # --------------------------------------------------------------------------- state
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-
-
-def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: CheckpointMeta) -> None:
-    """Writes a checkpoint directory (module docstring); ``meta.json`` last, so its presence means complete."""
-    state_dict = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()}
-    torch.save(state_dict, directory / MODEL_FILE)
-    torch.save({"optimizer": optimizer.state_dict(), "rng": _rng_state()}, directory / STATE_FILE)
-    meta.write(directory)
-
-
 @dataclass
 class Progress:
     step: int = 0
@@ -343,20 +290,18 @@ class Progress:
 def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan) -> Progress:
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    found = ray.train.get_checkpoint()
+    if found is None:
         return Progress()
-    with checkpoint.as_directory() as directory:
-        meta = CheckpointMeta.read(directory)
+    with found.as_directory() as directory:
+        meta = checkpoint.CheckpointMeta.read(directory)
         if meta.model != plan.model or meta.total_steps != plan.total_steps:
             raise RuntimeError(
-                f"checkpoint {checkpoint.path} is of model {meta.model!r} with {meta.total_steps} steps; this run "
+                f"checkpoint {found.path} is of model {meta.model!r} with {meta.total_steps} steps; this run "
                 f"trains {plan.model!r} for {plan.total_steps}: use another run_name, or the same settings"
             )
-        _unwrap(model).load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu"))
-        state = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        _set_rng_state(state["rng"])
+        _unwrap(model).load_state_dict(checkpoint.load_weights(directory))
+        checkpoint.load_train_state(directory, optimizer)
     return Progress(meta.step, meta.samples_seen, meta.batches)
 
 
@@ -440,7 +385,7 @@ def _train(
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            meta = CheckpointMeta(
+            meta = checkpoint.CheckpointMeta(
                 model=plan.model,
                 mode=plan.mode,
                 run_name=plan.run_name,
@@ -450,7 +395,7 @@ def _train(
                 batches=progress.batches,
                 total_steps=plan.total_steps,
             )
-            save_checkpoint(Path(tmp), model, optimizer, meta)
+            checkpoint.save(Path(tmp), raw.state_dict(), meta, optimizer.state_dict())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     next_eval = (progress.samples_seen // plan.eval_every + 1) * plan.eval_every if plan.eval_every else 0

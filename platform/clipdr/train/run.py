@@ -5,9 +5,9 @@
 1. validates the config (mode, lambda, sizes) and opens the data: a reinforced dataset is checked against the
    mode (``reinforced`` needs the stored embeddings of every teacher it distils from, synthetic captions need
    S >= 1; `data.check_dataset` says what differs), raw source shards are accepted for ``clip`` only;
-2. finds the run's storage ``<output>/<run_name>``: a ``clipdr_run.json`` there means a resubmission, which reuses
-   the recorded MLflow run id and refuses changed settings; the newest complete checkpoint (its ``meta.json``)
-   sets where the data stream restarts;
+2. finds the run's storage ``<output>/<run_name>``: a run state there (`clipdr.runstate`) means a resubmission,
+   which reuses the recorded MLflow run id and refuses changed settings or data; the newest complete checkpoint
+   (`clipdr.checkpoint.latest`) sets where the data stream restarts;
 3. builds the `loop.TrainPlan` and the input stream (`pipeline.build_dataset`) and runs a ``TorchTrainer`` with
    ``FailureConfig(max_failures)``: dead workers restart from the last checkpoint inside the same fit;
 4. logs the final model with ``mlflow.pytorch`` (a `models.ClipEmbedder`, signature and input example), the
@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -28,16 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from clipdr import records, storage
+from clipdr import checkpoint, records, runstate, storage
 from clipdr.config import Config, TrainConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.train import data
-from clipdr.train.loop import META_FILE, MODEL_FILE, CheckpointMeta, TrainPlan
+from clipdr.train.loop import TrainPlan
 
-RUN_FILE = "clipdr_run.json"  # written at the first submission: MLflow run id, recipe, data fingerprint
-RESULT_FILE = "clipdr_result.json"  # written when the final model is logged: the run is complete
 # Settings a resubmission may change without breaking the run (scaling and bookkeeping, not the recipe).
 _RESUMABLE_CHANGES = ("resources", "log_every", "checkpoint_every", "keep_checkpoints", "register", "eval_every")
 
@@ -147,8 +142,10 @@ def _all_teachers(uri: str) -> list[str]:
     return list(records.read_manifest(uri).teacher_names)
 
 
-def _fingerprint(text: str) -> str:
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+def data_fingerprint_of(uri: str, manifest: records.Manifest | None) -> str:
+    """What a run's data is, for refusing a resubmission on other data: the manifest of a reinforced dataset, the
+    shard names and sizes of raw source shards."""
+    return runstate.fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -163,37 +160,10 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
     return storage.join(cfg.output, run_name)
 
 
-def latest_checkpoint(run_dir: str) -> tuple[str, CheckpointMeta] | None:
-    """The complete checkpoint (``meta.json`` present) with the most steps under ``run_dir``, if any."""
-    best: tuple[str, CheckpointMeta] | None = None
-    fs, path = storage.resolve(run_dir)
-    for info in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)):
-        name = Path(info.path).name
-        if info.type != pafs.FileType.Directory or not name.startswith("checkpoint_"):
-            continue
-        uri = storage.join(run_dir, name)
-        meta_uri = storage.join(uri, META_FILE)
-        if not storage.exists(meta_uri):
-            continue
-        meta = CheckpointMeta.from_json(storage.read_bytes(meta_uri))
-        if best is None or meta.step > best[1].step:
-            best = (uri, meta)
-    return best
-
-
 def _recipe(cfg: Config) -> dict:
     """The settings a resumed run must keep (everything but scaling and bookkeeping)."""
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
     return {"train": train, "augment": to_dict(cfg.augment)}
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-    flat_old, flat_new = flatten(old), flatten(new)
-    return [
-        f"{k}: {flat_old.get(k)!r} -> {flat_new.get(k)!r}"
-        for k in sorted(set(flat_old) | set(flat_new))
-        if flat_old.get(k) != flat_new.get(k)
-    ]
 
 
 # --------------------------------------------------------------------------- run
@@ -281,26 +251,22 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
     run_name = tc.run_name or default_run_name(tc)
     run_dir = _run_dir(tc, run_name)
-    run_file = storage.join(run_dir, RUN_FILE)
     recipe = _recipe(cfg)
-    data_fingerprint = (
-        _fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
-    )
+    data_fingerprint = data_fingerprint_of(uri, manifest)
     ensure_ray()
 
-    previous = json.loads(storage.read_bytes(run_file)) if storage.exists(run_file) else None
+    previous = runstate.read(run_dir, runstate.TRAIN_STATE)
     if previous is not None:
-        changed = _diff(previous["recipe"], recipe)
-        if changed or previous["data_fingerprint"] != data_fingerprint:
-            changed += ["the training data changed"] if previous["data_fingerprint"] != data_fingerprint else []
+        changed = previous.changes(data_fingerprint, recipe, "the training data")
+        if changed:
             raise TrainError(
                 f"run {run_name!r} at {run_dir} was started with other settings; resubmitting resumes it, so they "
                 f"must match (or choose another train.run_name): {'; '.join(changed)}"
             )
-        rows_per_epoch = previous["rows_per_epoch"]
-        result_file = storage.join(run_dir, RESULT_FILE)
-        if storage.exists(result_file):  # a finished run: resubmitting it is a no-op
-            result = TrainResult(**json.loads(storage.read_bytes(result_file)))
+        rows_per_epoch = previous.facts["rows_per_epoch"]
+        finished = runstate.read_result(run_dir, runstate.TRAIN_RESULT)
+        if finished is not None:  # a finished run: resubmitting it is a no-op
+            result = TrainResult(**finished)
             log(f"train: run {run_name!r} is complete ({result.steps} steps); nothing to do")
             return result
     else:
@@ -318,22 +284,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
                 tracker.log_params({f"teacher.{spec.name}": json.dumps(dataclasses.asdict(spec))})
             tracker.log_dict(manifest.to_dict(), "data/manifest.json")
         tracker.log_dict(to_dict(cfg), "config.json")
-        state = {
-            "mlflow_run_id": tracker.run_id,
-            "recipe": recipe,
-            "data_fingerprint": data_fingerprint,
-            "rows_per_epoch": rows_per_epoch,
-        }
-        storage.write_bytes(run_file, json.dumps(state, indent=2).encode())
+        state = runstate.RunState(tracker.run_id, data_fingerprint, recipe, {"rows_per_epoch": rows_per_epoch})
+        runstate.write(run_dir, runstate.TRAIN_STATE, state)
         log(f"train: run {run_name!r}, MLflow run {tracker.run_id}")
     else:
-        tracker = tracking.Tracker.start(tc.experiment, run_id=previous["mlflow_run_id"], uri=cfg.tracking.uri)
+        tracker = tracking.Tracker.start(tc.experiment, run_id=previous.mlflow_run_id, uri=cfg.tracking.uri)
         log(f"train: resuming run {run_name!r}, MLflow run {tracker.run_id}")
 
     total_steps = math.ceil(tc.samples / (tc.batch_size * tc.accum_steps))
     batches_per_epoch = rows_per_epoch // tc.batch_size  # micro-batches each worker takes from one epoch
     total_batches = total_steps * tc.accum_steps
-    resume = latest_checkpoint(run_dir)
+    resume = checkpoint.latest(run_dir)
     done_batches = resume[1].batches if resume else 0
     start_epoch = done_batches // batches_per_epoch
     num_epochs = math.ceil(total_batches / batches_per_epoch)
@@ -385,20 +346,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
 def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
     """Logs the final checkpoint and model (registered if asked) to the run and closes it."""
-    import torch
-
     from clipdr import models, tracking
 
     tc = cfg.train
-    checkpoint = result.checkpoint
-    if checkpoint is None:
+    final = result.checkpoint
+    if final is None:
         raise TrainError(f"run {run_name!r} finished without a checkpoint")
-    with checkpoint.as_directory() as directory:
-        meta = CheckpointMeta.read(directory)
-        for name in (MODEL_FILE, META_FILE):
+    with final.as_directory() as directory:
+        meta = checkpoint.CheckpointMeta.read(directory)
+        for name in checkpoint.PUBLISHED_FILES:
             tracker.log_artifact(Path(directory) / name, "checkpoint")
         clip = models.create_model(meta.model)
-        clip.load_state_dict(torch.load(Path(directory) / MODEL_FILE, map_location="cpu"))
+        clip.load_state_dict(checkpoint.load_weights(directory))
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
     example_in, example_out = embedder.example(batch_size=2)
     logged = tracking.log_model(
@@ -418,15 +377,13 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
     result = TrainResult(
         run_name=run_name,
         mlflow_run_id=tracker.run_id,
-        checkpoint=storage.join(_run_dir(tc, run_name), Path(checkpoint.path).name),
+        checkpoint=storage.join(_run_dir(tc, run_name), Path(final.path).name),
         steps=meta.step,
         samples_seen=meta.samples_seen,
         model_uri=logged.uri,
         registered_version=logged.version,
     )
-    storage.write_bytes(
-        storage.join(_run_dir(tc, run_name), RESULT_FILE), json.dumps(dataclasses.asdict(result)).encode()
-    )
+    runstate.write_result(_run_dir(tc, run_name), runstate.TRAIN_RESULT, dataclasses.asdict(result))
     where = f", registered as {logged.registered_name} v{logged.version} @candidate" if logged.version else ""
     log(f"train: {meta.step} steps, {meta.samples_seen} samples; model {logged.uri}{where}")
     return result
