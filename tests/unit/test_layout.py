@@ -28,8 +28,8 @@ def test_core_layers_do_not_import_ray_or_mlflow():
     # L0/L1 modules must import without starting Ray or MLflow, so unit tests stay fast.
     code = (
         "import sys, clipdr.config, clipdr.storage, clipdr.records, clipdr.augment, clipdr.data.sources, "
-        "clipdr.data.synthetic, clipdr.checkpoint, clipdr.runstate; bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')); "
-        "print(bad)"
+        "clipdr.data.synthetic, clipdr.checkpoint, clipdr.runstate; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 from clipdr import records, runstate
-from clipdr.config import AugmentConfig
 from clipdr.data import sources
 from clipdr.reinforce.run import run_fingerprint
 from clipdr.train.run import data_fingerprint_of
@@ -35,7 +34,7 @@ def _teacher(name: str, dim: int) -> records.TeacherSpec:
 MANIFEST = records.Manifest(
     teachers=(_teacher("openai", 16), _teacher("datacomp_xl", 24)),
     captioner=records.CaptionerSpec(name="coca", kind="open_clip", model="coca_ViT-L-14", pretrained="mscoco"),
-    augment=AugmentConfig(),
+    augment=records.AugmentSpec(),
     num_augmentations=2,
     num_syn_captions=3,
     augment_seed=7,
