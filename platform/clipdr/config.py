@@ -184,6 +184,11 @@ class TrainConfig:
     kd_weight: float = _f(1.0, "lambda: loss = (1 - lambda) * clip + lambda * kd (0 with mode clip)")
     use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
     caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
+    local_loss: bool = _f(
+        False,
+        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
+        "global batches); the logged loss is then rank 0's share, the other parts stay global",
+    )
     samples: int = _f(100_000, "training length in samples seen")
     batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
     accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
