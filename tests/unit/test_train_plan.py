@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import typing
 
 import pytest
 
-from clipdr.config import Config, SynthConfig, TrainConfig, TrainResources
+from clipdr.config import Config, SynthConfig, TrainConfig, TrainMode, TrainResources
 from clipdr.data import synthetic
 from clipdr.train.plan import Mode, TrainError, TrainPlan, check_config, default_run_name, make_plan
 from clipdr.train.run import _recipe, open_data
@@ -140,3 +141,7 @@ def test_a_setting_added_later_enters_the_recipe_only_when_set():
     """Runs recorded before ``train.local_loss`` existed must still resume (their recipe lacks it)."""
     assert "local_loss" not in _recipe(Config(train=GOOD))["train"]
     assert _recipe(Config(train=dataclasses.replace(GOOD, local_loss=True)))["train"]["local_loss"] is True
+
+
+def test_the_config_spells_exactly_the_modes():
+    assert typing.get_args(TrainMode) == tuple(Mode)
