@@ -71,7 +71,8 @@ def _run_datacompdr(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _run_train(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.train.run import TrainError, run
+    from clipdr.train.plan import TrainError
+    from clipdr.train.run import run
 
     try:
         result = run(cfg, log=_print_progress)
@@ -85,7 +86,7 @@ def _run_train(cfg: Config, args: argparse.Namespace) -> int:
 def _run_demo(cfg: Config, args: argparse.Namespace) -> int:
     from clipdr import demo
     from clipdr.reinforce.run import ReinforceError
-    from clipdr.train.run import TrainError
+    from clipdr.train.plan import TrainError
 
     try:
         demo.run(cfg, log=_print_progress)

@@ -16,7 +16,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+# Enumerated settings: a value outside these fails at load, naming the key and the valid values.
+TrainMode = Literal["reinforced", "clip", "online_distill"]  # `clipdr.train.plan.Mode` says what each means
+Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cuda", "cpu"]
+OnnxExporter = Literal["dynamo", "torchscript"]
 
 
 class ConfigError(ValueError):
@@ -113,7 +119,7 @@ class CaptionerConfig:
 class ReinforceResources:
     """Where reinforcement runs and how wide; set here, applied in reinforce/pipeline.py only."""
 
-    device: str = _f("auto", "auto (cuda when the cluster has GPUs), cuda or cpu")
+    device: Device = _f("auto", "auto (cuda when the cluster has GPUs), cuda or cpu")
     batch_size: int = _f(
         64, "samples per model forward: a fixed chunk of one shard, so outputs do not depend on scheduling"
     )
@@ -177,13 +183,18 @@ class TrainConfig:
     output: str = _f("runs", "storage for checkpoints: <output>/<run_name>/..., path or s3://")
     run_name: str = _f("", "run name (Ray Train and MLflow); resubmitting the same name resumes; empty: derived")
     experiment: str = _f("clipdr-train", "MLflow experiment")
-    mode: str = _f("reinforced", "reinforced (stored teacher targets), clip (plain baseline) or online_distill")
+    mode: TrainMode = _f("reinforced", "reinforced (stored teacher targets), clip (plain baseline) or online_distill")
     model: str = _f("clipdr-tiny-mci", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config")
     pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
     kd_weight: float = _f(1.0, "lambda: loss = (1 - lambda) * clip + lambda * kd (0 with mode clip)")
     use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
     caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
+    local_loss: bool = _f(
+        False,
+        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
+        "global batches); the logged loss is then rank 0's share, the other parts stay global",
+    )
     samples: int = _f(100_000, "training length in samples seen")
     batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
     accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
@@ -196,7 +207,7 @@ class TrainConfig:
     warmup_samples: int = _f(10_000, "samples of linear learning-rate warmup")
     grad_clip: float = _f(1.0, "global gradient norm clip; 0: off")
     max_logit_scale: float = _f(100.0, "clamp of the student's logit scale after every step")
-    precision: str = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
+    precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     log_every: int = _f(10, "optimizer steps between metric logs")
@@ -239,7 +250,7 @@ class EvaluateConfig:
     run_id: str = _f("", "MLflow run to log to; empty: the model's training run when known, else a new run")
     experiment: str = _f("clipdr-train", "MLflow experiment of new evaluation runs (beside training runs, to compare)")
     step: int = _f(-1, "metric step; -1: the model's samples seen (training's eval step), else the run's last step")
-    device: str = _f("auto", "auto (cuda when available), cuda or cpu; bf16 autocast on cuda")
+    device: Device = _f("auto", "auto (cuda when available), cuda or cpu; bf16 autocast on cuda")
 
 
 @dataclass(frozen=True)
@@ -250,7 +261,9 @@ class ExportConfig:
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
     output: str = _f("export", "folder the export is written to, path or s3://")
     onnx: bool = _f(True, "also export ONNX image and text encoders (of the fused model), checked with onnxruntime")
-    onnx_exporter: str = _f("dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)")
+    onnx_exporter: OnnxExporter = _f(
+        "dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)"
+    )
     tolerance: float = _f(1e-4, "largest abs difference of embeddings allowed between exported and trained model")
     log_artifacts: bool = _f(True, "also log the export folder to the model's MLflow run, when it has one")
 
@@ -283,7 +296,7 @@ class DemoConfig:
     captioner_samples: int = _f(30_000, "samples seen by the captioner")
     captioner_batch_size: int = _f(64, "captioner's global batch size")
     captioner_lr: float = _f(2e-3, "captioner's peak learning rate")
-    modes: tuple[str, ...] = _f(("clip", "reinforced"), "student training modes compared, at equal samples seen")
+    modes: tuple[TrainMode, ...] = _f(("clip", "reinforced"), "student training modes compared, at equal samples seen")
     parallel_jobs: int = _f(
         2, "training jobs run at once (the teachers and captioner; the students): Ray Train start-up overlaps"
     )
@@ -351,7 +364,8 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
         fail(" or ".join(_type_name(a) for a in args))
     if origin is typing.Literal:
         if value not in args:
-            fail(f"one of {list(args)}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            fail(f"one of {', '.join(map(repr, args))}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return value
     if origin is tuple:
         if not isinstance(value, list | tuple):

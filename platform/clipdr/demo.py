@@ -28,7 +28,7 @@ from typing import Any
 
 from clipdr import checkpoint, storage
 from clipdr.config import Config
-from clipdr.train import data
+from clipdr.train.plan import Mode
 
 CURVE_FILE = "learning_curves.png"
 REPORT_FILE = "report.md"
@@ -101,7 +101,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
         return _stage(
             base,
             data=teacher_corpus,
-            mode=data.CLIP,
+            mode=Mode.CLIP,
             kd_weight=0.0,
             model=model,
             pretrained="",
@@ -152,7 +152,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
                 base,
                 data=reinforce_cfg.output,
                 mode=mode,
-                kd_weight=0.0 if mode == data.CLIP else cfg.train.kd_weight,
+                kd_weight=cfg.train.kd_weight if Mode(mode).distils else 0.0,
                 run_name=f"student-{mode}",
                 register=demo.registered_model,
             )
@@ -207,10 +207,10 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
                 (curves if key == metric else retrieval_curves)[mode] = curve
 
     summary: dict = {"metric": metric, "rows": rows}
-    if "clip" in curves and "reinforced" in curves and curves["clip"].values:
-        clip_final = curves["clip"].values[-1]
-        reinforced_final = curves["reinforced"].values[-1]
-        reached = curves["reinforced"].samples_to_reach(clip_final)
+    if Mode.CLIP in curves and Mode.REINFORCED in curves and curves[Mode.CLIP].values:
+        clip_final = curves[Mode.CLIP].values[-1]
+        reinforced_final = curves[Mode.REINFORCED].values[-1]
+        reached = curves[Mode.REINFORCED].samples_to_reach(clip_final)
         summary |= {
             "clip_final": clip_final,
             "reinforced_final": reinforced_final,

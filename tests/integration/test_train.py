@@ -259,11 +259,13 @@ def test_online_distill_on_two_ddp_workers_survives_a_killed_worker(world):
 
 
 def test_what_ray_ships_loads_without_torch(world):
-    """Ray Train's controller, its dataset manager and Ray Data's split coordinator unpickle the input stream and
-    the train function in fresh processes before the first step: none of it may import torch or open_clip."""
+    """Ray Train's controller, its dataset manager and Ray Data's split coordinator unpickle the input stream, the
+    train function and its config (the plan) in fresh processes before the first step: none of it may import torch
+    or open_clip."""
     import ray
 
     from clipdr.train import pipeline, remote
+    from clipdr.train.plan import make_plan
     from clipdr.train.run import open_data, resolve_paths
 
     root, _ = world
@@ -271,13 +273,15 @@ def test_what_ray_ships_loads_without_torch(world):
     uri, dataset, files = open_data(cfg.train)
     preprocess = data.student_preprocess(STUDENT)
     source = pipeline.DataSource(uri, tuple(files), 256, dataset.manifest)
-    reinforced = pipeline.build_dataset(source, cfg.train, cfg.augment, preprocess, ["vit"], 256, range(2))
+    plan = make_plan(cfg, [dataset.manifest.teacher("vit")])
+    reinforced = pipeline.build_dataset(source, plan, cfg.augment, preprocess, 256, range(2))
     raw_cfg = dataclasses.replace(cfg.train, data=str(root / "world" / "teacher"), mode="clip")
     raw_uri, _, raw_files = open_data(raw_cfg)
+    raw_plan = make_plan(dataclasses.replace(cfg, train=raw_cfg), [])
     raw = pipeline.build_dataset(
-        pipeline.DataSource(raw_uri, tuple(raw_files), 128, None), raw_cfg, cfg.augment, preprocess, [], 128, range(2)
+        pipeline.DataSource(raw_uri, tuple(raw_files), 128, None), raw_plan, cfg.augment, preprocess, 128, range(2)
     )
-    blob = ray.cloudpickle.dumps((reinforced, raw, remote.train_loop))
+    blob = ray.cloudpickle.dumps((reinforced, raw, remote.train_loop, {"plan": plan.to_dict()}))
 
     def load(payload: bytes) -> list[str]:
         import pickle
@@ -292,3 +296,33 @@ def test_what_ray_ships_loads_without_torch(world):
     # The stream itself still yields the student batches.
     batch = next(iter(reinforced.iter_batches(batch_size=8, batch_format="numpy")))
     assert batch[data.IMAGE].shape == (8, 3, 32, 32) and batch[data.teacher_image_column("vit")].shape[0] == 8
+
+
+def test_train_ingest_keeps_the_stream_order(ray_local, tmp_path):
+    """Ray Train's ingest (`pipeline.data_config`) delivers the stream in the order planned without Ray: epochs
+    back to back, each epoch's shards in `pipeline._epoch_order`, rows in shard order. Several shards and two
+    epochs, so that an ingest that hands blocks on as they finish interleaves them (data of one block cannot)."""
+    from clipdr import records
+    from clipdr.config import AugmentConfig
+    from clipdr.train import pipeline
+    from clipdr.train.plan import make_plan
+    from tests.unit import test_train_data as fixtures
+
+    uri, manifest = fixtures.write_dataset(tmp_path, num_shards=4)
+    files = tuple(records.open_dataset(uri).shard_uris)
+    rows, epochs = 4 * fixtures.NUM_ROWS, range(2)
+    tc = TrainConfig(data=uri, model=fixtures.STUDENT, seed=3, resources=TrainResources(loader_tasks=2))
+    plan = make_plan(Config(train=tc), list(manifest.teachers))
+    preprocess = data.student_preprocess(fixtures.STUDENT)
+    reference = [
+        data.ReplayBatch(manifest, preprocess, fixtures.STUDENT, tc.seed, epoch)(records.read_shard(f))[data.TEXT]
+        for epoch in epochs
+        for f in pipeline._epoch_order(files, tc.seed, epoch)
+    ]
+
+    stream = pipeline.build_dataset(
+        pipeline.DataSource(uri, files, rows, manifest), plan, AugmentConfig(), preprocess, rows, epochs
+    )
+    shard = pipeline.data_config().configure({"train": stream}, 1, worker_handles=None, worker_node_ids=None)[0]
+    seen = [batch[data.TEXT] for batch in shard["train"].iter_batches(batch_size=8, batch_format="numpy")]
+    np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(reference))

@@ -50,6 +50,15 @@ def test_file_then_overrides(tmp_path):
         (["synth.formats=[1]"], r"synth.formats\[0\]: expected a string"),
         (["synth.seed"], r"expected section.key=value"),
         (["synth.seed.x=1"], r"'seed' is a value, not a section|synth.seed: expected an integer"),
+        (
+            ["train.mode=clp"],
+            r"train.mode: expected one of 'reinforced', 'clip', 'online_distill' \(did you mean 'clip'\?\), "
+            r"got str 'clp' \(--set train.mode=clp\)",
+        ),
+        (["train.precision=fp16"], r"train.precision: expected one of 'auto', 'fp32', 'bf16'"),
+        (["evaluate.device=gpu"], r"evaluate.device: expected one of 'auto', 'cuda', 'cpu'"),
+        (["export.onnx_exporter=tflite"], r"export.onnx_exporter: expected one of 'dynamo', 'torchscript'"),
+        (['demo.modes=["clip", "online"]'], r"demo.modes\[1\]: expected one of 'reinforced'"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):

@@ -13,6 +13,7 @@ from clipdr import augment, models, records
 from clipdr.config import AugmentConfig, to_dict
 from clipdr.data import sources
 from clipdr.train import data, remote
+from clipdr.train.plan import Mode
 
 K, S, NUM_ROWS, SIDE = 3, 2, 8, 32
 STUDENT = "clipdr-tiny-mci"
@@ -58,27 +59,30 @@ def unit_fp16(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
 
 
-def write_dataset(root, num_syn_captions: int = S) -> tuple[str, records.Manifest]:
+def write_dataset(root, num_syn_captions: int = S, num_shards: int = 1) -> tuple[str, records.Manifest]:
+    """A reinforced dataset of ``NUM_ROWS`` rows a shard (keys unique over shards) under ``root``."""
     manifest = make_manifest(num_syn_captions)
     rng = np.random.default_rng(0)
-    keys = [f"sample-{i}" for i in range(NUM_ROWS)]
-    columns = {
-        records.KEY: keys,
-        records.IMAGE: [encode(rng, "JPEG" if i % 2 else "PNG") for i in range(NUM_ROWS)],
-        records.IMAGE_EXT: ["jpg" if i % 2 else "png" for i in range(NUM_ROWS)],
-        records.CAPTION: [f"a photo of thing {i}" for i in range(NUM_ROWS)],
-        records.AUG_PARAMS: [augment.sample_views((SIDE, SIDE), key, K, manifest.augment) for key in keys],
-    }
-    if num_syn_captions:
-        columns[records.SYN_CAPTIONS] = [
-            [f"synthetic {i} {j}" for j in range(num_syn_captions)] for i in range(NUM_ROWS)
-        ]
-    for name, dim in DIMS.items():
-        columns[records.image_emb_column(name)] = unit_fp16(rng, NUM_ROWS, K, dim)
-        columns[records.text_emb_column(name)] = unit_fp16(rng, NUM_ROWS, 1 + num_syn_captions, dim)
-    table = records.build_table(columns, manifest)
-    records.write_shard(str(root / "part-00000.parquet"), table)
-    manifest = dataclasses.replace(manifest, shards=(records.ShardInfo("part-00000.parquet", NUM_ROWS),))
+    shards = []
+    for shard in range(num_shards):
+        rows = range(shard * NUM_ROWS, (shard + 1) * NUM_ROWS)
+        keys = [f"sample-{i}" for i in rows]
+        columns = {
+            records.KEY: keys,
+            records.IMAGE: [encode(rng, "JPEG" if i % 2 else "PNG") for i in rows],
+            records.IMAGE_EXT: ["jpg" if i % 2 else "png" for i in rows],
+            records.CAPTION: [f"a photo of thing {i}" for i in rows],
+            records.AUG_PARAMS: [augment.sample_views((SIDE, SIDE), key, K, manifest.augment) for key in keys],
+        }
+        if num_syn_captions:
+            columns[records.SYN_CAPTIONS] = [[f"synthetic {i} {j}" for j in range(num_syn_captions)] for i in rows]
+        for name, dim in DIMS.items():
+            columns[records.image_emb_column(name)] = unit_fp16(rng, NUM_ROWS, K, dim)
+            columns[records.text_emb_column(name)] = unit_fp16(rng, NUM_ROWS, 1 + num_syn_captions, dim)
+        name = f"part-{shard:05d}.parquet"
+        records.write_shard(str(root / name), records.build_table(columns, manifest))
+        shards.append(records.ShardInfo(name, NUM_ROWS))
+    manifest = dataclasses.replace(manifest, shards=tuple(shards))
     records.write_manifest(str(root), manifest)
     return str(root), manifest
 
@@ -86,7 +90,7 @@ def write_dataset(root, num_syn_captions: int = S) -> tuple[str, records.Manifes
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     uri, _ = write_dataset(tmp_path_factory.mktemp("reinforced"))
-    opened = data.check_dataset(uri, data.REINFORCED, list(DIMS), min_syn_captions=1)
+    opened = data.check_dataset(uri, Mode.REINFORCED, list(DIMS), min_syn_captions=1)
     return opened.manifest, records.read_shard(opened.shard_uris[0])
 
 
@@ -95,7 +99,7 @@ def preprocess():
     return data.student_preprocess(STUDENT)
 
 
-def replay_batch(manifest, preprocess, epoch=0, mode=data.REINFORCED, use_syn_captions=True):
+def replay_batch(manifest, preprocess, epoch=0, mode=Mode.REINFORCED, use_syn_captions=True):
     return data.ReplayBatch(
         manifest, preprocess, STUDENT, seed=7, epoch=epoch, mode=mode, use_syn_captions=use_syn_captions
     )
@@ -123,19 +127,19 @@ def test_tiny_mci_preprocess(preprocess):
 def test_check_dataset_refuses_what_a_mode_lacks(tmp_path):
     uri, _ = write_dataset(tmp_path / "with", num_syn_captions=S)
     with pytest.raises(records.RecordsError, match=r"mode 'reinforced'.*lacks teachers \['gamma'\]"):
-        data.check_dataset(uri, data.REINFORCED, ["alpha", "gamma"])
+        data.check_dataset(uri, Mode.REINFORCED, ["alpha", "gamma"])
     with pytest.raises(ValueError, match="at least one teacher"):
-        data.check_dataset(uri, data.REINFORCED, [])
+        data.check_dataset(uri, Mode.REINFORCED, [])
     with pytest.raises(ValueError, match="unknown training mode 'distill'"):
         data.check_dataset(uri, "distill", ["alpha"])
     # clip and online_distill read no stored embeddings: teachers the data lacks do not matter.
-    assert data.check_dataset(uri, data.CLIP, ["gamma"]).num_rows == NUM_ROWS
-    assert data.check_dataset(uri, data.ONLINE_DISTILL, ["gamma"], min_syn_captions=S).num_rows == NUM_ROWS
+    assert data.check_dataset(uri, Mode.CLIP, ["gamma"]).num_rows == NUM_ROWS
+    assert data.check_dataset(uri, Mode.ONLINE_DISTILL, ["gamma"], min_syn_captions=S).num_rows == NUM_ROWS
 
     bare, manifest = write_dataset(tmp_path / "without", num_syn_captions=0)
     with pytest.raises(records.RecordsError, match=r"mode 'reinforced'.*0 synthetic captions.*at least 1"):
-        data.check_dataset(bare, data.REINFORCED, ["alpha"], min_syn_captions=1)
-    assert data.check_dataset(bare, data.REINFORCED, ["alpha"]).manifest.num_syn_captions == 0
+        data.check_dataset(bare, Mode.REINFORCED, ["alpha"], min_syn_captions=1)
+    assert data.check_dataset(bare, Mode.REINFORCED, ["alpha"]).manifest.num_syn_captions == 0
     with pytest.raises(ValueError, match="num_syn_captions = 0"):
         data.ReplayBatch(manifest, data.student_preprocess(STUDENT), STUDENT, 0, 0, use_syn_captions=True)
 
@@ -218,10 +222,10 @@ def test_clip_mode_needs_no_embedding_columns(dataset, preprocess):
     manifest, table = dataset
     embeddings = [c for c in table.column_names if c.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX))]
     bare = table.drop_columns(embeddings)
-    out = replay_batch(manifest, preprocess, mode=data.CLIP, use_syn_captions=False)(bare)
+    out = replay_batch(manifest, preprocess, mode=Mode.CLIP, use_syn_captions=False)(bare)
     assert sorted(out) == sorted([data.IMAGE, data.TEXT, data.AUG_INDEX])
     reinforced = replay_batch(manifest, preprocess)(table)
-    clip = replay_batch(manifest, preprocess, mode=data.CLIP)(bare)
+    clip = replay_batch(manifest, preprocess, mode=Mode.CLIP)(bare)
     assert np.array_equal(clip[data.IMAGE], reinforced[data.IMAGE])
     assert np.array_equal(clip[data.SYN_TEXT], reinforced[data.SYN_TEXT])
     with pytest.raises(records.RecordsError, match="no column 'image_emb__alpha'"):
@@ -231,7 +235,7 @@ def test_clip_mode_needs_no_embedding_columns(dataset, preprocess):
 def test_online_distill_feeds_each_teacher_the_students_view_and_captions(dataset, preprocess):
     manifest, table = dataset
     embeddings = [c for c in table.column_names if c.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX))]
-    out = replay_batch(manifest, preprocess, mode=data.ONLINE_DISTILL)(table.drop_columns(embeddings))
+    out = replay_batch(manifest, preprocess, mode=Mode.ONLINE_DISTILL)(table.drop_columns(embeddings))
     assert not [c for c in out if c.startswith(data.TEACHER_IMAGE_PREFIX)]  # no stored targets are read
     tokenizer = models.get_tokenizer("clipdr-tiny-vit")
     images = table.column(records.IMAGE).to_pylist()
@@ -271,7 +275,7 @@ def test_augment_batch_samples_a_fresh_deterministic_view_per_epoch(dataset, pre
     assert torch.equal(torch.from_numpy(epoch1[data.IMAGE][2]), expected)
 
 
-@pytest.mark.parametrize("mode", [data.REINFORCED, data.ONLINE_DISTILL])
+@pytest.mark.parametrize("mode", [Mode.REINFORCED, Mode.ONLINE_DISTILL])
 def test_shipped_replay_equals_the_replay_batch(dataset, preprocess, mode):
     manifest, table = dataset
     shipped = remote.BatchTransform(

@@ -13,9 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from clipdr import models
+from clipdr import models, records
+from clipdr.config import Config, TrainConfig
 from clipdr.train import data
-from clipdr.train.loop import Step, TrainPlan, apply_update, build_student, lr_at, param_groups
+from clipdr.train.loop import Step, apply_update, build_student, lr_at, param_groups
+from clipdr.train.plan import TrainPlan, make_plan
 
 STUDENT = "clipdr-tiny-vit"
 WORLD_SIZE, GLOBAL_B, STEPS, ACCUM = 2, 8, 3, 2
@@ -32,47 +34,29 @@ TEACHER = {
 }
 
 
-def make_plan(**changes) -> TrainPlan:
-    plan = TrainPlan(
-        run_name="unit",
+def a_plan(**changes) -> TrainPlan:
+    """A plan of 10 optimiser steps (2 of warmup) of ``GLOBAL_B`` x ``ACCUM`` samples; ``changes`` to [train]."""
+    tc = TrainConfig(
+        data="unit",
         model=STUDENT,
-        pretrained="",
-        mode=data.REINFORCED,
-        teachers=(TEACHER,),
         kd_weight=0.7,
-        use_syn_captions=True,
         caption_loss_weight=2.0,
-        global_batch=GLOBAL_B,
-        local_batch=GLOBAL_B,
+        batch_size=GLOBAL_B,
         accum_steps=ACCUM,
-        total_steps=10,
-        warmup_steps=2,
+        samples=10 * GLOBAL_B * ACCUM,
+        warmup_samples=2 * GLOBAL_B * ACCUM,
         lr=1e-2,
         min_lr=1e-4,
-        beta1=0.9,
-        beta2=0.95,
-        eps=1e-6,
-        weight_decay=0.2,
         grad_clip=0.5,
         max_logit_scale=20.0,
         precision="fp32",
-        grad_checkpointing=False,
-        seed=0,
-        log_every=1,
-        checkpoint_every=1,
-        eval_every=0,
-        evaluate=False,
-        start_batches=0,
-        mlflow_run_id="",
-        tracking_uri="",
-        threads=1,
-        config={},
     )
-    return dataclasses.replace(plan, **changes)
+    cfg = Config(train=dataclasses.replace(tc, **changes))
+    return make_plan(cfg, [records.TeacherSpec(**TEACHER)], run_name="unit")
 
 
 def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
-    plan = make_plan()
+    plan = a_plan()
     assert [lr_at(s, plan) for s in (0, 1)] == pytest.approx([5e-3, 1e-2])
     assert lr_at(2, plan) == pytest.approx(1e-2)
     assert lr_at(6, plan) == pytest.approx(1e-4 + 0.5 * (1e-2 - 1e-4))  # half way through the cosine
@@ -120,7 +104,8 @@ def synthetic_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> list
 def run_steps(model: torch.nn.Module, plan: TrainPlan, rows: slice) -> dict[str, torch.Tensor]:
     """What the worker loop does per optimiser step: ACCUM micro-batches (no_sync on all but the last), then
     `apply_update`."""
-    optimizer = torch.optim.AdamW(param_groups(model, plan.weight_decay), lr=plan.lr, betas=(0.9, 0.95), eps=1e-6)
+    tc = plan.train
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-6)
     step_fn = Step(model, plan, torch.device("cpu"))
     batches = synthetic_batches(dtype=next(model.parameters()).dtype)
     for step in range(STEPS):
@@ -141,7 +126,7 @@ def ddp_worker(rank: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     try:
-        plan = make_plan(local_batch=GLOBAL_B // WORLD_SIZE)
+        plan = dataclasses.replace(a_plan(), local_batch=GLOBAL_B // WORLD_SIZE)
         model = DistributedDataParallel(build_student(plan, torch.device("cpu")).double())
         local = GLOBAL_B // WORLD_SIZE
         torch.save(run_steps(model, plan, slice(rank * local, (rank + 1) * local)), Path(out_dir) / f"rank{rank}.pt")
@@ -162,7 +147,7 @@ def test_two_ddp_ranks_train_like_one_process_on_the_global_batch(tmp_path: Path
     """Whole optimiser steps (accumulation, global-batch loss, clipping, AdamW, logit clamp): 2 ranks x b == 1 x 2b."""
     mp.spawn(ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD_SIZE)]
-    plan = make_plan()
+    plan = a_plan()
     single = run_steps(build_student(plan, torch.device("cpu")).double(), plan, slice(None))
     initial = build_student(plan, torch.device("cpu")).double().state_dict()
     assert any(not torch.equal(single[k], initial[k]) for k in single)  # the steps did change the weights
@@ -177,7 +162,7 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
 
     length = models.model_config(TINY_COCA)["text_cfg"]["context_length"]
     size = models.model_config(TINY_COCA)["vision_cfg"]["image_size"]
-    plan = make_plan(model=TINY_COCA, accum_steps=1)
+    plan = a_plan(model=TINY_COCA, accum_steps=1)
     model = build_student(plan, torch.device("cpu"))
     batch = synthetic_batches()[0]
     batch[data.IMAGE] = torch.randn(GLOBAL_B, 3, size, size)
@@ -187,3 +172,9 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
     assert {"caption_loss", "clip_loss_syn", "kd_loss_syn"} <= set(parts)
     parts["loss"].backward()
     assert model.text_decoder.text_projection.grad is not None
+
+
+@pytest.mark.parametrize("local_loss", [False, True])
+def test_local_loss_reaches_the_loss_from_the_config(local_loss):
+    plan = a_plan(local_loss=local_loss)
+    assert Step(build_student(plan, torch.device("cpu")), plan, torch.device("cpu")).loss.local_loss is local_loss

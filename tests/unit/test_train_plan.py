@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import typing
 
 import pytest
 
-from clipdr.config import SynthConfig, TrainConfig, TrainResources
+from clipdr.config import Config, SynthConfig, TrainConfig, TrainMode, TrainResources
 from clipdr.data import synthetic
-from clipdr.train.run import TrainError, check_config, default_run_name, open_data
-from tests.unit.test_train_data import write_dataset
+from clipdr.train.plan import Mode, TrainError, TrainPlan, check_config, default_run_name, make_plan
+from clipdr.train.run import _recipe, open_data
+from tests.unit.test_train_data import teacher, write_dataset
 
 GOOD = TrainConfig(data="somewhere", samples=1024, batch_size=64)
 
@@ -83,7 +86,8 @@ def test_default_run_name_names_student_mode_data_and_length():
 
 def test_relative_paths_are_resolved_for_workers_and_eval_data_checked_up_front(tmp_path, monkeypatch):
     from clipdr.config import Config, EvaluateConfig
-    from clipdr.train.run import check_evaluation, resolve_paths
+    from clipdr.train.plan import check_evaluation
+    from clipdr.train.run import resolve_paths
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "zs").mkdir()
@@ -100,3 +104,44 @@ def test_relative_paths_are_resolved_for_workers_and_eval_data_checked_up_front(
         check_evaluation(dataclasses.replace(resolved, evaluate=EvaluateConfig(zeroshot=(str(tmp_path / "missing"),))))
     with pytest.raises(TrainError, match=r"names no zeroshot/retrieval data"):
         check_evaluation(dataclasses.replace(resolved, evaluate=EvaluateConfig()))
+
+
+@pytest.mark.parametrize(
+    ("mode", "distils", "reads_embeddings", "needs_manifest", "runs_teachers_online"),
+    [
+        (Mode.REINFORCED, True, True, True, False),
+        (Mode.CLIP, False, False, False, False),
+        (Mode.ONLINE_DISTILL, True, False, True, True),
+    ],
+)
+def test_a_mode_says_what_it_means(mode, distils, reads_embeddings, needs_manifest, runs_teachers_online):
+    assert Mode(str(mode)) is mode and mode == mode.value  # the config spelling
+    assert (mode.distils, mode.reads_embeddings, mode.needs_manifest) == (distils, reads_embeddings, needs_manifest)
+    assert mode.runs_teachers_online == runs_teachers_online
+    assert mode.trains_syn_captions == distils  # synthetic captions come with the reinforcement
+
+
+def test_the_plan_is_built_once_and_travels_as_plain_data():
+    spec = teacher("alpha", 16)
+    cfg = Config(train=dataclasses.replace(GOOD, accum_steps=2, warmup_samples=300, local_loss=True))
+    plan = make_plan(cfg, [spec], run_name="r", start_batches=3)
+    assert plan.mode is Mode.REINFORCED and plan.teacher_specs == (spec,) and plan.teacher_names == ["alpha"]
+    assert (plan.total_steps, plan.warmup_steps, plan.samples_per_step) == (8, 2, 128)
+    assert plan.precision == "fp32" and plan.use_syn_captions and plan.train.local_loss
+    shipped = plan.to_dict()
+    blob = pickle.dumps(shipped)
+    assert b"clipdr." not in blob  # plain data: unpickling it imports no clipdr module (and so no torch)
+    assert TrainPlan.from_dict(pickle.loads(blob)) == plan
+
+    clip = make_plan(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mode="clip")), [spec])
+    assert (clip.kd_weight, clip.teacher_specs, clip.use_syn_captions) == (0.0, (), False)
+
+
+def test_a_setting_added_later_enters_the_recipe_only_when_set():
+    """Runs recorded before ``train.local_loss`` existed must still resume (their recipe lacks it)."""
+    assert "local_loss" not in _recipe(Config(train=GOOD))["train"]
+    assert _recipe(Config(train=dataclasses.replace(GOOD, local_loss=True)))["train"]["local_loss"] is True
+
+
+def test_the_config_spells_exactly_the_modes():
+    assert typing.get_args(TrainMode) == tuple(Mode)

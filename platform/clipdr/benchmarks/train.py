@@ -39,6 +39,7 @@ from clipdr.config import Config, SynthConfig, TeacherConfig, TrainConfig
 from clipdr.data import sources, synthetic
 from clipdr.models.teachers import teacher_spec
 from clipdr.train import data
+from clipdr.train.plan import Mode
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,11 +95,12 @@ class _Trainer:
 
     def __init__(self, cfg: Config, manifest: records.Manifest, batches: list, device: torch.device) -> None:
         from clipdr.train.loop import Step, build_student, param_groups
-        from clipdr.train.run import make_plan
+        from clipdr.train.plan import make_plan
 
         self.plan = make_plan(cfg, list(manifest.teachers))
         self.model = build_student(self.plan, device)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, self.plan.weight_decay), lr=self.plan.lr)
+        tc = self.plan.train
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr)
         self.step_fn = Step(self.model, self.plan, device)
         self.batches = [
             {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()} for b in batches
@@ -150,10 +152,10 @@ def main(args: argparse.Namespace) -> int:
     # (label, mode, synthetic captions): "reinforced, real captions" isolates the distillation from the extra
     # text forward of the synthetic captions.
     variants = [
-        ("clip", data.CLIP, False),
-        ("reinforced, real captions only", data.REINFORCED, False),
-        ("reinforced", data.REINFORCED, True),
-        ("online_distill", data.ONLINE_DISTILL, True),
+        ("clip", Mode.CLIP, False),
+        ("reinforced, real captions only", Mode.REINFORCED, False),
+        ("reinforced", Mode.REINFORCED, True),
+        ("online_distill", Mode.ONLINE_DISTILL, True),
     ]
     trainers, loaders = {}, {}
     for label, mode, syn in variants:
@@ -165,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
             mode=mode,
             batch_size=args.batch_size,
             use_syn_captions=syn,
-            kd_weight=0.0 if mode == data.CLIP else 1.0,
+            kd_weight=1.0 if mode.distils else 0.0,
             precision="bf16" if device.type == "cuda" else "fp32",
         )
         trainers[label] = _Trainer(Config(train=train_cfg), manifest, batches, device)

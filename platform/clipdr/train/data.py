@@ -63,15 +63,11 @@ import torch
 
 from clipdr import augment, models, records
 from clipdr.data import sources
+from clipdr.train.plan import MODES, Mode
 
 logger = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- names
-
-REINFORCED = "reinforced"  # stored teacher embeddings are the distillation targets
-CLIP = "clip"  # plain CLIP baseline: no teacher targets
-ONLINE_DISTILL = "online_distill"  # teachers run inside the train step; no stored embeddings are read
-MODES: tuple[str, ...] = (REINFORCED, CLIP, ONLINE_DISTILL)
 
 IMAGE = "image"
 TEXT = "text"
@@ -118,9 +114,10 @@ def teacher_syn_tokens_column(teacher: str) -> str:
     return TEACHER_SYN_TOKENS_PREFIX + records.validate_teacher_name(teacher)
 
 
-def _check_mode(mode: str) -> None:
+def _mode(mode: str) -> Mode:
     if mode not in MODES:
         raise ValueError(f"unknown training mode {mode!r}; valid modes: {', '.join(MODES)}")
+    return Mode(mode)
 
 
 # --------------------------------------------------------------------------- dataset check
@@ -146,18 +143,18 @@ def check_dataset(
         ValueError: An unknown mode, or ``reinforced`` without teachers.
         records.RecordsError: The dataset does not fit; the message names the mode and what differs.
     """
-    _check_mode(mode)
+    mode = _mode(mode)
     if isinstance(min_syn_captions, bool) or not isinstance(min_syn_captions, int) or min_syn_captions < 0:
         raise ValueError(f"min_syn_captions must be an integer >= 0, got {min_syn_captions!r}")
-    teachers = list(teachers_required) if mode == REINFORCED else []
-    if mode == REINFORCED and not teachers:
+    teachers = list(teachers_required) if mode.reads_embeddings else []
+    if mode.reads_embeddings and not teachers:
         raise ValueError("mode 'reinforced' distils from stored teacher embeddings: name at least one teacher")
     for name in teachers:
         records.validate_teacher_name(name)
     try:
         return records.open_dataset(uri, require_teachers=teachers, min_syn_captions=min_syn_captions)
     except records.RecordsError as e:
-        raise records.RecordsError(f"cannot train in mode {mode!r} on this dataset: {e}") from None
+        raise records.RecordsError(f"cannot train in mode '{mode}' on this dataset: {e}") from None
 
 
 # --------------------------------------------------------------------------- student preprocessing
@@ -324,7 +321,7 @@ class ReplayBatch:
         tokenizer_name: Model name whose open_clip tokenizer encodes the captions (the student's).
         seed: Run-level seed of the draws.
         epoch: Epoch of the draws.
-        mode: One of `MODES`. Only ``reinforced`` reads and outputs teacher embeddings.
+        mode: A `plan.Mode`. Only ``reinforced`` reads and outputs teacher embeddings.
         use_syn_captions: Also draw, tokenise (and in ``reinforced`` mode, select the embedding of) one
             synthetic caption a sample; needs S >= 1.
         teachers: Teachers to output in ``reinforced`` mode; None for all of the manifest's, in its order.
@@ -337,11 +334,11 @@ class ReplayBatch:
         tokenizer_name: str,
         seed: int,
         epoch: int,
-        mode: str = REINFORCED,
+        mode: str = Mode.REINFORCED,
         use_syn_captions: bool = True,
         teachers: Sequence[str] | None = None,
     ) -> None:
-        _check_mode(mode)
+        mode = _mode(mode)
         if use_syn_captions and manifest.num_syn_captions < 1:
             raise ValueError(
                 "use_syn_captions needs synthetic captions, but the dataset has none (num_syn_captions = 0)"
@@ -355,11 +352,11 @@ class ReplayBatch:
         self.epoch = int(epoch)
         self.mode = mode
         self.use_syn_captions = bool(use_syn_captions)
-        self.teachers = tuple(names) if mode == REINFORCED else ()
+        self.teachers = tuple(names) if mode.reads_embeddings else ()
         self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
         # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
         self.online: list[tuple[records.TeacherSpec, Any]] = []
-        if mode == ONLINE_DISTILL:
+        if mode.runs_teachers_online:
             for name in names:
                 spec = manifest.teacher(name)
                 self.online.append((spec, _tokenizer(spec.model)))

@@ -1,6 +1,6 @@
 """The training loop one Ray Train worker runs (one DDP rank): model, optimiser, the step, checkpoints.
 
-Everything a worker needs arrives in a `TrainPlan` (built once by the driver, `clipdr.train.run`), so every rank
+Everything a worker needs arrives in a `plan.TrainPlan` (built once by the driver, `clipdr.train.run`), so every rank
 and every restart sees the same decisions. The loop:
 
 1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway), AdamW with decay only on
@@ -38,84 +38,7 @@ from torch import Tensor, nn
 from clipdr import checkpoint, losses, models, records
 from clipdr.config import TeacherConfig
 from clipdr.train import data
-
-# --------------------------------------------------------------------------- plan
-
-
-@dataclass(frozen=True)
-class TrainPlan:
-    """What every worker of a run does, decided once by the driver (plain data: it travels to the workers).
-
-    Attributes:
-        run_name: The run's name (Ray Train storage folder and MLflow run name).
-        model: The student's open_clip / clipdr name.
-        pretrained: Initial weights of the student ("" for random init).
-        mode: One of `data.MODES`.
-        teachers: Teacher specs as dicts (`records.TeacherSpec` fields), in loss order; empty for ``clip``.
-        kd_weight: lambda of the loss.
-        use_syn_captions: Whether one synthetic caption a sample is trained on.
-        caption_loss_weight: Weight of the captioning loss (CoCa students only).
-        global_batch: Samples per micro-batch over all workers.
-        local_batch: Samples per micro-batch per worker.
-        accum_steps: Micro-batches per optimiser step.
-        total_steps: Optimiser steps of the whole run.
-        warmup_steps: Optimiser steps of linear warmup.
-        lr, min_lr, beta1, beta2, eps, weight_decay, grad_clip, max_logit_scale: Optimisation settings.
-        precision: ``fp32`` or ``bf16`` (resolved from ``auto`` by the driver).
-        grad_checkpointing: Activation checkpointing of the towers.
-        seed: Initialisation seed.
-        log_every, checkpoint_every: In optimiser steps.
-        eval_every: In samples seen (0: at the end only); used when ``evaluate`` is set.
-        evaluate: Whether rank 0 evaluates on ``config["evaluate"]`` during training.
-        start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
-        mlflow_run_id: The run's MLflow run id (reopened by rank 0).
-        tracking_uri: Where that run lives.
-        threads: torch threads per worker.
-        config: The whole run config as a dict (for evaluation settings).
-    """
-
-    run_name: str
-    model: str
-    pretrained: str
-    mode: str
-    teachers: tuple[dict, ...]
-    kd_weight: float
-    use_syn_captions: bool
-    caption_loss_weight: float
-    global_batch: int
-    local_batch: int
-    accum_steps: int
-    total_steps: int
-    warmup_steps: int
-    lr: float
-    min_lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-    grad_clip: float
-    max_logit_scale: float
-    precision: str
-    grad_checkpointing: bool
-    seed: int
-    log_every: int
-    checkpoint_every: int
-    eval_every: int
-    evaluate: bool
-    start_batches: int
-    mlflow_run_id: str
-    tracking_uri: str
-    threads: int
-    config: dict
-
-    @property
-    def samples_per_step(self) -> int:
-        return self.global_batch * self.accum_steps
-
-    @property
-    def total_samples(self) -> int:
-        return self.total_steps * self.samples_per_step
-
+from clipdr.train.plan import TrainPlan
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -123,10 +46,10 @@ class TrainPlan:
 def lr_at(step: int, plan: TrainPlan) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine down to ``min_lr``."""
     if plan.warmup_steps and step < plan.warmup_steps:
-        return plan.lr * (step + 1) / plan.warmup_steps
+        return plan.train.lr * (step + 1) / plan.warmup_steps
     span = max(1, plan.total_steps - plan.warmup_steps)
     progress = min(1.0, (step - plan.warmup_steps) / span)
-    return plan.min_lr + 0.5 * (plan.lr - plan.min_lr) * (1 + math.cos(math.pi * progress))
+    return plan.train.min_lr + 0.5 * (plan.train.lr - plan.train.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 _NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "embedding", "pos_embed", "cls_token", "norm", "ln_", "bn")
@@ -148,16 +71,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
-    """The student, initialised from ``plan.seed`` (or ``plan.pretrained``), in train mode on ``device``."""
+    """The student, initialised from ``plan.train.seed`` (or ``plan.train.pretrained``), in train mode on ``device``."""
     from open_clip import CoCa
 
-    torch.manual_seed(plan.seed)
-    model = models.create_model(plan.model, pretrained=plan.pretrained or None, device=device)
-    if isinstance(model, CoCa) and not plan.pretrained:
+    torch.manual_seed(plan.train.seed)
+    model = models.create_model(plan.train.model, pretrained=plan.train.pretrained or None, device=device)
+    if isinstance(model, CoCa) and not plan.train.pretrained:
         from clipdr.models.captioners import init_coca_decoder
 
         init_coca_decoder(model)
-    if plan.grad_checkpointing:
+    if plan.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model.train()
 
@@ -215,16 +138,17 @@ class Step:
         self.plan = plan
         self.device = device
         self.is_coca = isinstance(_unwrap(model), CoCa)
-        specs = [records.TeacherSpec(**t) for t in plan.teachers]
-        self.teacher_names = [s.name for s in specs]
-        with_teachers = plan.mode != data.CLIP and plan.kd_weight > 0
+        specs = list(plan.teacher_specs)
+        self.teacher_names = plan.teacher_names
+        with_teachers = plan.mode.distils and plan.kd_weight > 0
         self.loss = losses.DistillationLoss(
             plan.kd_weight if with_teachers else 0.0,
             [s.logit_scale for s in specs] if with_teachers else (),
             use_syn_captions=plan.use_syn_captions,
-            max_logit_scale=plan.max_logit_scale,
+            max_logit_scale=plan.train.max_logit_scale,
+            local_loss=plan.train.local_loss,
         )
-        self.online = OnlineTeachers(specs, device) if plan.mode == data.ONLINE_DISTILL and with_teachers else None
+        self.online = OnlineTeachers(specs, device) if plan.mode.runs_teachers_online and with_teachers else None
         self.with_teachers = with_teachers
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -260,7 +184,7 @@ class Step:
             labels_BT = out["labels"]
             caption = F.cross_entropy(logits_BTV.permute(0, 2, 1), labels_BT, ignore_index=0)
             parts["caption_loss"] = caption.detach()
-            parts["loss"] = parts["loss"] + plan.caption_loss_weight * caption
+            parts["loss"] = parts["loss"] + plan.train.caption_loss_weight * caption
         return parts
 
 
@@ -269,11 +193,12 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Train
     gradient norm, AdamW, zero the gradients, clamp the logit scale. Returns the norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, plan)
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), plan.grad_clip if plan.grad_clip > 0 else math.inf)
+    grad_clip = plan.train.grad_clip
+    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        _unwrap(model).logit_scale.clamp_(0, math.log(plan.max_logit_scale))
+        _unwrap(model).logit_scale.clamp_(0, math.log(plan.train.max_logit_scale))
     return grad_norm
 
 
@@ -295,10 +220,10 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan
         return Progress()
     with found.as_directory() as directory:
         meta = checkpoint.CheckpointMeta.read(directory)
-        if meta.model != plan.model or meta.total_steps != plan.total_steps:
+        if meta.model != plan.train.model or meta.total_steps != plan.total_steps:
             raise RuntimeError(
                 f"checkpoint {found.path} is of model {meta.model!r} with {meta.total_steps} steps; this run "
-                f"trains {plan.model!r} for {plan.total_steps}: use another run_name, or the same settings"
+                f"trains {plan.train.model!r} for {plan.total_steps}: use another run_name, or the same settings"
             )
         _unwrap(model).load_state_dict(checkpoint.load_weights(directory))
         checkpoint.load_train_state(directory, optimizer)
@@ -320,32 +245,30 @@ def _batches(plan: TrainPlan, device: torch.device, skip: int) -> Iterator[dict[
 
 def _evaluate(model: nn.Module, plan: TrainPlan, device: torch.device) -> dict[str, float]:
     from clipdr import evaluate
-    from clipdr.config import Config, from_dict
 
-    cfg = from_dict(Config, plan.config)
     raw = _unwrap(model)
     raw.eval()
     try:
-        return evaluate.evaluate_model(raw, plan.model, cfg.evaluate, device)
+        return evaluate.evaluate_model(raw, plan.train.model, plan.evaluate, device)
     finally:
         raw.train()
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: ``config = {"plan": dataclasses.asdict(TrainPlan)}``."""
+    """Ray Train entry point: ``config = {"plan": TrainPlan.to_dict()}``."""
     import ray.train
     import ray.train.torch
 
-    plan = TrainPlan(**config["plan"])
+    plan = TrainPlan.from_dict(config["plan"])
     torch.set_num_threads(plan.threads)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
     model = build_student(plan, device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, plan.weight_decay), lr=plan.lr, betas=(plan.beta1, plan.beta2), eps=plan.eps
-    )
+    tc = plan.train
+    betas = (tc.beta1, tc.beta2)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=betas, eps=tc.eps)
     progress = _restore(model, optimizer, plan)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
@@ -386,8 +309,8 @@ def _train(
             return
         with tempfile.TemporaryDirectory() as tmp:
             meta = checkpoint.CheckpointMeta(
-                model=plan.model,
-                mode=plan.mode,
+                model=plan.train.model,
+                mode=str(plan.mode),
                 run_name=plan.run_name,
                 mlflow_run_id=plan.mlflow_run_id,
                 step=progress.step,
@@ -398,7 +321,8 @@ def _train(
             checkpoint.save(Path(tmp), raw.state_dict(), meta, optimizer.state_dict())
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    next_eval = (progress.samples_seen // plan.eval_every + 1) * plan.eval_every if plan.eval_every else 0
+    eval_every = plan.train.eval_every
+    next_eval = (progress.samples_seen // eval_every + 1) * eval_every if eval_every else 0
     if progress.step >= plan.total_steps:
         report()
         return
@@ -413,13 +337,13 @@ def _train(
     sums: dict[str, float] = {}
     micro = 0
     for batch in _batches(plan, device, skip):
-        last_micro = micro == plan.accum_steps - 1
+        last_micro = micro == plan.train.accum_steps - 1
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else model.no_sync()
         with sync:
             parts = step_fn(batch)
-            (parts["loss"] / plan.accum_steps).backward()
+            (parts["loss"] / plan.train.accum_steps).backward()
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.accum_steps
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.train.accum_steps
         progress.batches += 1
         progress.samples_seen += plan.global_batch
         window_samples += plan.global_batch
@@ -433,7 +357,7 @@ def _train(
         window_steps += 1
         done = progress.step >= plan.total_steps
 
-        if progress.step % plan.log_every == 0 or done:
+        if progress.step % plan.train.log_every == 0 or done:
             if tracker is not None and progress.samples_seen > logged_until:
                 elapsed = time.perf_counter() - window_start
                 metrics = {f"train/{name}": value / window_steps for name, value in sums.items()}
@@ -449,11 +373,11 @@ def _train(
             sums, window_start, window_samples, window_steps = {}, time.perf_counter(), 0, 0
 
         evaluate_now = done or (next_eval and progress.samples_seen >= next_eval)
-        if plan.evaluate and tracker is not None and evaluate_now and progress.samples_seen > logged_until:
+        if plan.train.evaluate and tracker is not None and evaluate_now and progress.samples_seen > logged_until:
             tracker.log_metrics(_evaluate(model, plan, device), step=progress.samples_seen)
             while next_eval and next_eval <= progress.samples_seen:
-                next_eval += plan.eval_every
-        if done or progress.step % plan.checkpoint_every == 0:
+                next_eval += eval_every
+        if done or progress.step % plan.train.checkpoint_every == 0:
             report()
         if done:
             break

@@ -32,8 +32,9 @@ import ray
 
 from clipdr import records, storage
 from clipdr.cluster import storage_runtime_env
-from clipdr.config import AugmentConfig, TrainConfig, to_dict
+from clipdr.config import AugmentConfig, to_dict
 from clipdr.train import data, remote
+from clipdr.train.plan import TrainPlan
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,12 @@ def _epoch_order(files: Sequence[str], seed: int, epoch: int) -> list[str]:
     return [files[i] for i in order]
 
 
-def _columns(manifest: records.Manifest, mode: str, use_syn: bool, teachers: Sequence[str]) -> list[str]:
+def _columns(plan: TrainPlan) -> list[str]:
     columns = [records.KEY, records.IMAGE, records.CAPTION, records.AUG_PARAMS]
-    if use_syn:
+    if plan.use_syn_captions:
         columns.append(records.SYN_CAPTIONS)
-    if mode == data.REINFORCED:
-        for name in teachers:
+    if plan.mode.reads_embeddings:
+        for name in plan.teacher_names:
             columns += [records.image_emb_column(name), records.text_emb_column(name)]
     return columns
 
@@ -93,15 +94,14 @@ def _source_samples(files: Sequence[str], runtime_env: dict) -> ray.data.Dataset
 
 def build_dataset(
     source: DataSource,
-    cfg: TrainConfig,
+    plan: TrainPlan,
     augment_cfg: AugmentConfig,
     preprocess: data.StudentPreprocess,
-    teachers: Sequence[str],
     rows_per_epoch: int,
     epochs: range,
 ) -> ray.data.Dataset:
     """The run's input stream: epochs ``epochs`` back to back, each cut to ``rows_per_epoch`` rows."""
-    res = cfg.resources
+    res, seed = plan.train.resources, plan.train.seed
     runtime_env = storage_runtime_env()
     # The map stage runs as pooled tasks: task workers are reused across epochs and runs, where an actor pool per
     # epoch would start (and import torch in) a fresh process for every epoch.
@@ -112,27 +112,26 @@ def build_dataset(
         "batch_format": "pyarrow",
         "runtime_env": runtime_env,
     }
-    use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
-    common = {"preprocess": dataclasses.asdict(preprocess), "tokenizer_name": cfg.model, "seed": cfg.seed}
+    common = {"preprocess": dataclasses.asdict(preprocess), "tokenizer_name": plan.train.model, "seed": seed}
     if source.manifest is None:
         kind, arguments = remote.AUGMENT, {**common, "augment_cfg": to_dict(augment_cfg)}
     else:
         fs, _ = storage.resolve(source.uri)
-        columns = _columns(source.manifest, cfg.mode, use_syn, teachers)
+        columns = _columns(plan)
         kind, arguments = (
             remote.REPLAY,
             {
                 **common,
                 "manifest": source.manifest.to_dict(),
-                "mode": cfg.mode,
-                "use_syn_captions": use_syn,
-                "teachers": list(teachers),
+                "mode": str(plan.mode),
+                "use_syn_captions": plan.use_syn_captions,
+                "teachers": plan.teacher_names,
             },
         )
     with _stream_context():
         per_epoch = []
         for epoch in epochs:
-            files = _epoch_order(source.files, cfg.seed, epoch)
+            files = _epoch_order(source.files, seed, epoch)
             if source.manifest is None:
                 ds = _source_samples(files, runtime_env)
             else:
@@ -143,13 +142,15 @@ def build_dataset(
         return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
 
 
-def ingest_options() -> ray.data.ExecutionOptions:
-    """How Ray Train executes the stream it splits over the workers: Train's defaults, in order."""
+def data_config() -> ray.train.DataConfig:
+    """How Ray Train splits the stream over the workers: Train's default ingest options, in order. Without
+    ``preserve_order`` Train's ingest hands blocks on as they finish, so epochs and shards interleave
+    (tests/integration/test_train.py::test_train_ingest_keeps_the_stream_order)."""
     import ray.train
 
     options = ray.train.DataConfig.default_ingest_options()
     options.preserve_order = True  # reproducible row order (module docstring)
-    return options
+    return ray.train.DataConfig(execution_options=options)
 
 
 @contextlib.contextmanager

@@ -2,13 +2,14 @@
 
 ``run(cfg)``:
 
-1. validates the config (mode, lambda, sizes) and opens the data: a reinforced dataset is checked against the
-   mode (``reinforced`` needs the stored embeddings of every teacher it distils from, synthetic captions need
-   S >= 1; `data.check_dataset` says what differs), raw source shards are accepted for ``clip`` only;
+1. validates the config (`plan.check_config`: mode, lambda, sizes) and opens the data: a reinforced dataset is
+   checked against the mode (``reinforced`` needs the stored embeddings of every teacher it distils from,
+   synthetic captions need S >= 1; `data.check_dataset` says what differs), raw source shards are accepted for
+   ``clip`` only;
 2. finds the run's storage ``<output>/<run_name>``: a run state there (`clipdr.runstate`) means a resubmission,
    which reuses the recorded MLflow run id and refuses changed settings or data; the newest complete checkpoint
    (`clipdr.checkpoint.latest`) sets where the data stream restarts;
-3. builds the `loop.TrainPlan` and the input stream (`pipeline.build_dataset`) and runs a ``TorchTrainer`` with
+3. builds the `plan.TrainPlan` and the input stream (`pipeline.build_dataset`) and runs a ``TorchTrainer`` with
    ``FailureConfig(max_failures)``: dead workers restart from the last checkpoint inside the same fit;
 4. logs the final model with ``mlflow.pytorch`` (a `models.ClipEmbedder`, signature and input example), the
    config and final checkpoint as artifacts, optionally registers it with tags (mode, student, dataset), and
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,14 +31,22 @@ from clipdr import checkpoint, records, runstate, storage
 from clipdr.config import Config, TrainConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.train import data
-from clipdr.train.loop import TrainPlan
+from clipdr.train.plan import (
+    Mode,
+    TrainError,
+    check_config,
+    check_evaluation,
+    default_run_name,
+    make_plan,
+    require,
+    uses_syn_captions,
+)
 
 # Settings a resubmission may change without breaking the run (scaling and bookkeeping, not the recipe).
 _RESUMABLE_CHANGES = ("resources", "log_every", "checkpoint_every", "keep_checkpoints", "register", "eval_every")
-
-
-class TrainError(ValueError):
-    """A training config or dataset that cannot run; the message says what and where."""
+# Settings added after runs were recorded, with the value every earlier run had: they enter a recipe only when set
+# otherwise, so that runs recorded before they existed still resume.
+_LATER_SETTINGS = {"local_loss": False}
 
 
 @dataclass(frozen=True)
@@ -54,36 +62,7 @@ class TrainResult:
     registered_version: str
 
 
-# --------------------------------------------------------------------------- checks
-
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise TrainError(message)
-
-
-def check_config(cfg: TrainConfig) -> None:
-    """Refuses settings that cannot train, naming the key."""
-    _check(bool(cfg.data), "train.data is empty: name a reinforced dataset or source shards")
-    _check(cfg.mode in data.MODES, f"train.mode {cfg.mode!r} is not one of {', '.join(data.MODES)}")
-    _check(0.0 <= cfg.kd_weight <= 1.0, f"train.kd_weight (lambda) must be in [0, 1], got {cfg.kd_weight}")
-    if cfg.mode != data.CLIP:
-        _check(cfg.kd_weight > 0, f"train.mode {cfg.mode!r} distils: train.kd_weight must be > 0 (0 is mode clip)")
-    res = cfg.resources
-    _check(res.workers >= 1, f"train.resources.workers must be >= 1, got {res.workers}")
-    _check(cfg.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive), got {cfg.batch_size}")
-    _check(
-        cfg.batch_size % res.workers == 0,
-        f"train.batch_size {cfg.batch_size} must divide evenly over train.resources.workers = {res.workers}",
-    )
-    _check(cfg.accum_steps >= 1, f"train.accum_steps must be >= 1, got {cfg.accum_steps}")
-    _check(cfg.samples >= cfg.batch_size * cfg.accum_steps, "train.samples is less than one optimiser step")
-    _check(cfg.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16: {cfg.precision}")
-    _check(cfg.lr > 0 and cfg.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        _check(getattr(cfg, key) >= 1, f"train.{key} must be >= 1, got {getattr(cfg, key)}")
-    _check(cfg.max_logit_scale > 1, f"train.max_logit_scale must be > 1, got {cfg.max_logit_scale}")
-    _check(not cfg.run_name or re.fullmatch(r"[\w.-]+", cfg.run_name) is not None, "train.run_name: use [A-Za-z0-9_.-]")
+# --------------------------------------------------------------------------- data
 
 
 def resolve_paths(cfg: Config) -> Config:
@@ -102,25 +81,13 @@ def resolve_paths(cfg: Config) -> Config:
     return dataclasses.replace(cfg, train=train, evaluate=evaluate)
 
 
-def check_evaluation(cfg: Config) -> None:
-    """With train.evaluate, the [evaluate] datasets must exist now, not fail the run at its first evaluation."""
-    if not cfg.train.evaluate:
-        return
-    ev = cfg.evaluate
-    _check(bool(ev.zeroshot or ev.retrieval), "train.evaluate is set but [evaluate] names no zeroshot/retrieval data")
-    for key, uris in (("zeroshot", ev.zeroshot), ("retrieval", ev.retrieval)):
-        for uri in uris:
-            _check(storage.exists(uri), f"evaluate.{key}: {uri} does not exist (train.evaluate is set)")
-
-
 def open_data(cfg: TrainConfig) -> tuple[str, records.ReinforcedDataset | None, list[str]]:
     """``(uri, dataset or None for raw shards, shard files)``, refusing data that does not fit the mode."""
     uri = cfg.data
     if storage.exists(records.manifest_uri(uri)):
-        use_syn = cfg.use_syn_captions and cfg.mode != data.CLIP
         try:
             dataset = data.check_dataset(
-                uri, cfg.mode, cfg.teachers or _all_teachers(uri), min_syn_captions=1 if use_syn else 0
+                uri, cfg.mode, cfg.teachers or _all_teachers(uri), min_syn_captions=1 if uses_syn_captions(cfg) else 0
             )
         except records.RecordsError as e:
             raise TrainError(f"train.data {uri}: {e}") from None
@@ -129,9 +96,9 @@ def open_data(cfg: TrainConfig) -> tuple[str, records.ReinforcedDataset | None, 
         files = sources.list_shards(uri)
     except (FileNotFoundError, ValueError) as e:
         raise TrainError(f"train.data {uri}: no manifest.json, and no source shards: {e}") from None
-    _check(bool(files), f"train.data {uri}: no manifest.json and no source shards")
-    _check(
-        cfg.mode == data.CLIP,
+    require(bool(files), f"train.data {uri}: no manifest.json and no source shards")
+    require(
+        not Mode(cfg.mode).needs_manifest,
         f"train.data {uri} holds raw source shards (no manifest.json): only mode 'clip' trains on those; "
         f"mode {cfg.mode!r} needs a reinforced dataset (run `clipdr reinforce` first)",
     )
@@ -148,11 +115,6 @@ def data_fingerprint_of(uri: str, manifest: records.Manifest | None) -> str:
     return runstate.fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
 
 
-def default_run_name(cfg: TrainConfig) -> str:
-    data_name = storage.basename(cfg.data.rstrip("/")) or "data"
-    return re.sub(r"[^\w.-]+", "-", f"{cfg.model}-{cfg.mode}-{data_name}-{cfg.samples}")
-
-
 # --------------------------------------------------------------------------- resume
 
 
@@ -162,68 +124,15 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
 
 def _recipe(cfg: Config) -> dict:
     """The settings a resumed run must keep (everything but scaling and bookkeeping)."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
+    train = {
+        k: v
+        for k, v in to_dict(cfg.train).items()
+        if k not in _RESUMABLE_CHANGES and not (k in _LATER_SETTINGS and v == _LATER_SETTINGS[k])
+    }
     return {"train": train, "augment": to_dict(cfg.augment)}
 
 
 # --------------------------------------------------------------------------- run
-
-
-def _precision(cfg: TrainConfig) -> str:
-    if cfg.precision != "auto":
-        return cfg.precision
-    return "bf16" if cfg.resources.use_gpu else "fp32"
-
-
-def make_plan(
-    cfg: Config,
-    teachers: list[records.TeacherSpec],
-    *,
-    run_name: str = "",
-    start_batches: int = 0,
-    mlflow_run_id: str = "",
-    tracking_uri: str = "",
-) -> TrainPlan:
-    """The workers' `TrainPlan` for ``cfg.train``, distilling from ``teachers`` (in loss order; ignored in clip)."""
-    tc = cfg.train
-    clip = tc.mode == data.CLIP
-    samples_per_step = tc.batch_size * tc.accum_steps
-    total_steps = math.ceil(tc.samples / samples_per_step)
-    return TrainPlan(
-        run_name=run_name or default_run_name(tc),
-        model=tc.model,
-        pretrained=tc.pretrained,
-        mode=tc.mode,
-        teachers=() if clip else tuple(dataclasses.asdict(t) for t in teachers),
-        kd_weight=0.0 if clip else tc.kd_weight,
-        use_syn_captions=tc.use_syn_captions and not clip,
-        caption_loss_weight=tc.caption_loss_weight,
-        global_batch=tc.batch_size,
-        local_batch=tc.batch_size // tc.resources.workers,
-        accum_steps=tc.accum_steps,
-        total_steps=total_steps,
-        warmup_steps=min(total_steps, tc.warmup_samples // samples_per_step),
-        lr=tc.lr,
-        min_lr=tc.min_lr,
-        beta1=tc.beta1,
-        beta2=tc.beta2,
-        eps=tc.eps,
-        weight_decay=tc.weight_decay,
-        grad_clip=tc.grad_clip,
-        max_logit_scale=tc.max_logit_scale,
-        precision=_precision(tc),
-        grad_checkpointing=tc.grad_checkpointing,
-        seed=tc.seed,
-        log_every=tc.log_every,
-        checkpoint_every=tc.checkpoint_every,
-        eval_every=tc.eval_every,
-        evaluate=tc.evaluate,
-        start_batches=start_batches,
-        mlflow_run_id=mlflow_run_id,
-        tracking_uri=tracking_uri,
-        threads=max(1, int(tc.resources.cpus_per_worker)),
-        config=to_dict(cfg),
-    )
 
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
@@ -241,9 +150,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     check_evaluation(cfg)
     uri, dataset, files = open_data(tc)
     manifest = dataset.manifest if dataset else None
-    teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ()))
-    if tc.mode == data.CLIP:
-        teacher_names = []
+    teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ())) if Mode(tc.mode).distils else []
     try:
         preprocess = data.student_preprocess(tc.model)
     except ValueError as e:
@@ -272,7 +179,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     else:
         num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(tuple(files), data_fingerprint)
         rows_per_epoch = (num_rows // tc.batch_size) * tc.batch_size
-    _check(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({tc.batch_size})")
+    require(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({tc.batch_size})")
 
     tracker_tags = {"clipdr.job": "train", "clipdr.mode": tc.mode, "clipdr.student": tc.model}
     if previous is None:
@@ -311,13 +218,13 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     )
     source = pipeline.DataSource(uri, tuple(files), rows_per_epoch, manifest)
     dataset_stream = pipeline.build_dataset(
-        source, tc, cfg.augment, preprocess, teacher_names, rows_per_epoch, range(start_epoch, max(num_epochs, 1))
+        source, plan, cfg.augment, preprocess, rows_per_epoch, range(start_epoch, max(num_epochs, 1))
     )
     fs, storage_path = storage.resolve(tc.output)
     res = tc.resources
     trainer = TorchTrainer(
         remote.train_loop,
-        train_loop_config={"plan": dataclasses.asdict(plan)},
+        train_loop_config={"plan": plan.to_dict()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.workers,
             use_gpu=res.use_gpu,
@@ -332,7 +239,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             worker_runtime_env=storage_runtime_env(),
         ),
         datasets={"train": dataset_stream},
-        dataset_config=ray.train.DataConfig(execution_options=pipeline.ingest_options()),
+        dataset_config=pipeline.data_config(),
     )
     started = time.perf_counter()
     try:

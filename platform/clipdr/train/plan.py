@@ -1,0 +1,243 @@
+"""The training plan: what a mode means, the checks a training config must pass, and what every worker does.
+
+The driver (`clipdr.train.run`) checks the config (`check_config`, `check_evaluation`), opens the data, and builds
+one `TrainPlan` (`make_plan`): the resolved ``[train]`` and ``[evaluate]`` sections, the run's identity, and the
+numbers derived from them (steps, per-worker batch, precision, the teachers' specs). The plan travels to the Ray
+Train workers as plain data (`TrainPlan.to_dict`), so every rank and every restart sees the same decisions, and
+Ray's control-plane processes that hold it need not import torch.
+
+A mode is a `Mode`; code asks it what it means (``mode.reads_embeddings``) rather than comparing its name, so a
+new mode is one member here with its properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from clipdr import records, storage
+from clipdr.config import Config, EvaluateConfig, TrainConfig, from_dict, to_dict
+
+
+class TrainError(ValueError):
+    """A training config or dataset that cannot run; the message says what and where."""
+
+
+class Mode(enum.StrEnum):
+    """A training mode; equal to its config spelling (``train.mode``)."""
+
+    REINFORCED = "reinforced"  # stored teacher embeddings are the distillation targets
+    CLIP = "clip"  # plain CLIP baseline: no teacher targets
+    ONLINE_DISTILL = "online_distill"  # teachers run inside the train step; no stored embeddings are read
+
+    @property
+    def distils(self) -> bool:
+        """Whether the loss has teacher targets (``train.kd_weight`` > 0 applies)."""
+        return self is not Mode.CLIP
+
+    @property
+    def reads_embeddings(self) -> bool:
+        """Whether the stored teacher embeddings of a reinforced dataset are read as targets."""
+        return self is Mode.REINFORCED
+
+    @property
+    def needs_manifest(self) -> bool:
+        """Whether the data must be a reinforced dataset; a mode without can also train on raw source shards."""
+        return self is not Mode.CLIP
+
+    @property
+    def trains_syn_captions(self) -> bool:
+        """Whether ``train.use_syn_captions`` applies (the synthetic captions are a reinforcement's)."""
+        return self is not Mode.CLIP
+
+    @property
+    def runs_teachers_online(self) -> bool:
+        """Whether the teachers run inside the train step on the student's views."""
+        return self is Mode.ONLINE_DISTILL
+
+
+MODES: tuple[str, ...] = tuple(Mode)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def require(ok: bool, message: str) -> None:
+    """Raises `TrainError` with ``message`` unless ``ok``."""
+    if not ok:
+        raise TrainError(message)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuses settings that cannot train, naming the key."""
+    require(bool(cfg.data), "train.data is empty: name a reinforced dataset or source shards")
+    require(cfg.mode in MODES, f"train.mode {cfg.mode!r} is not one of {', '.join(MODES)}")
+    require(0.0 <= cfg.kd_weight <= 1.0, f"train.kd_weight (lambda) must be in [0, 1], got {cfg.kd_weight}")
+    if Mode(cfg.mode).distils:
+        require(cfg.kd_weight > 0, f"train.mode {cfg.mode!r} distils: train.kd_weight must be > 0 (0 is mode clip)")
+    res = cfg.resources
+    require(res.workers >= 1, f"train.resources.workers must be >= 1, got {res.workers}")
+    require(cfg.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive), got {cfg.batch_size}")
+    require(
+        cfg.batch_size % res.workers == 0,
+        f"train.batch_size {cfg.batch_size} must divide evenly over train.resources.workers = {res.workers}",
+    )
+    require(cfg.accum_steps >= 1, f"train.accum_steps must be >= 1, got {cfg.accum_steps}")
+    require(cfg.samples >= cfg.batch_size * cfg.accum_steps, "train.samples is less than one optimiser step")
+    require(cfg.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16: {cfg.precision}")
+    require(cfg.lr > 0 and cfg.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
+        require(getattr(cfg, key) >= 1, f"train.{key} must be >= 1, got {getattr(cfg, key)}")
+    require(cfg.max_logit_scale > 1, f"train.max_logit_scale must be > 1, got {cfg.max_logit_scale}")
+    name_ok = not cfg.run_name or re.fullmatch(r"[\w.-]+", cfg.run_name) is not None
+    require(name_ok, "train.run_name: use [A-Za-z0-9_.-]")
+
+
+def check_evaluation(cfg: Config) -> None:
+    """With train.evaluate, the [evaluate] datasets must exist now, not fail the run at its first evaluation."""
+    if not cfg.train.evaluate:
+        return
+    ev = cfg.evaluate
+    require(bool(ev.zeroshot or ev.retrieval), "train.evaluate is set but [evaluate] names no zeroshot/retrieval data")
+    for key, uris in (("zeroshot", ev.zeroshot), ("retrieval", ev.retrieval)):
+        for uri in uris:
+            require(storage.exists(uri), f"evaluate.{key}: {uri} does not exist (train.evaluate is set)")
+
+
+def uses_syn_captions(cfg: TrainConfig) -> bool:
+    """Whether the run trains on synthetic captions: the one place that decides it."""
+    return cfg.use_syn_captions and Mode(cfg.mode).trains_syn_captions
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    data_name = storage.basename(cfg.data.rstrip("/")) or "data"
+    return re.sub(r"[^\w.-]+", "-", f"{cfg.model}-{cfg.mode}-{data_name}-{cfg.samples}")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What every worker of a run does, decided once by the driver.
+
+    Settings are read from the resolved sections (``plan.train.lr``); the fields beside them are what the driver
+    derived, and win over the section's raw values (``kd_weight`` is 0 and ``use_syn_captions`` false in ``clip``).
+
+    Attributes:
+        train: The ``[train]`` section, paths absolute.
+        evaluate: The ``[evaluate]`` section (datasets evaluated on when ``train.evaluate``).
+        mode: ``train.mode``.
+        teacher_specs: The teachers distilled from, in loss order (from the dataset's manifest); empty unless the
+            mode distils.
+        kd_weight: lambda of the loss.
+        use_syn_captions: Whether one synthetic caption a sample is trained on (`uses_syn_captions`).
+        precision: ``fp32`` or ``bf16`` (``auto`` resolved).
+        local_batch: Samples per micro-batch per worker.
+        total_steps: Optimiser steps of the whole run.
+        warmup_steps: Optimiser steps of linear warmup.
+        threads: torch threads per worker.
+        run_name: The run's name (Ray Train storage folder and MLflow run name).
+        start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
+        mlflow_run_id: The run's MLflow run id (reopened by rank 0).
+        tracking_uri: Where that run lives.
+    """
+
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    mode: Mode
+    teacher_specs: tuple[records.TeacherSpec, ...]
+    kd_weight: float
+    use_syn_captions: bool
+    precision: str
+    local_batch: int
+    total_steps: int
+    warmup_steps: int
+    threads: int
+    run_name: str
+    start_batches: int = 0
+    mlflow_run_id: str = ""
+    tracking_uri: str = ""
+
+    @property
+    def teacher_names(self) -> list[str]:
+        return [t.name for t in self.teacher_specs]
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per micro-batch over all workers."""
+        return self.train.batch_size
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.global_batch * self.train.accum_steps
+
+    @property
+    def total_samples(self) -> int:
+        return self.total_steps * self.samples_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain data (what Ray ships to the workers; `from_dict` rebuilds it)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out |= {
+            "train": to_dict(self.train),
+            "evaluate": to_dict(self.evaluate),
+            "mode": str(self.mode),
+            "teacher_specs": [dataclasses.asdict(t) for t in self.teacher_specs],
+        }
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainPlan:
+        return cls(
+            **raw
+            | {
+                "train": from_dict(TrainConfig, raw["train"], "train plan"),
+                "evaluate": from_dict(EvaluateConfig, raw["evaluate"], "train plan"),
+                "mode": Mode(raw["mode"]),
+                "teacher_specs": tuple(records.TeacherSpec(**t) for t in raw["teacher_specs"]),
+            }
+        )
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if cfg.resources.use_gpu else "fp32"
+
+
+def make_plan(
+    cfg: Config,
+    teachers: list[records.TeacherSpec],
+    *,
+    run_name: str = "",
+    start_batches: int = 0,
+    mlflow_run_id: str = "",
+    tracking_uri: str = "",
+) -> TrainPlan:
+    """The workers' `TrainPlan` for ``cfg``, distilling from ``teachers`` (in loss order; ignored in clip)."""
+    tc = cfg.train
+    mode = Mode(tc.mode)
+    samples_per_step = tc.batch_size * tc.accum_steps
+    total_steps = math.ceil(tc.samples / samples_per_step)
+    return TrainPlan(
+        train=tc,
+        evaluate=cfg.evaluate,
+        mode=mode,
+        teacher_specs=tuple(teachers) if mode.distils else (),
+        kd_weight=tc.kd_weight if mode.distils else 0.0,
+        use_syn_captions=uses_syn_captions(tc),
+        precision=_precision(tc),
+        local_batch=tc.batch_size // tc.resources.workers,
+        total_steps=total_steps,
+        warmup_steps=min(total_steps, tc.warmup_samples // samples_per_step),
+        threads=max(1, int(tc.resources.cpus_per_worker)),
+        run_name=run_name or default_run_name(tc),
+        start_batches=start_batches,
+        mlflow_run_id=mlflow_run_id,
+        tracking_uri=tracking_uri,
+    )
