@@ -46,6 +46,9 @@ class Stage:
     tool: Callable[[Config, argparse.Namespace], int] | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
+    def __post_init__(self) -> None:
+        assert bool(self.job) != (self.tool is not None), f"stage {self.name!r}: give it a job module or a tool"
+
 
 def _print_progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
