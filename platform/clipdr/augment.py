@@ -135,7 +135,7 @@ def check_op(op_index: int, magnitude: float) -> None:
     """Raises ValueError, naming the op, when replay cannot apply ``magnitude`` (module docstring: valid magnitudes).
 
     The one validity check of a stored op: `AugParams` (and so replay and the training loader) and converters of
-    foreign views (`clipdr.reinforce.datacompdr`) all use it.
+    foreign views (`clipdr.data.datacompdr`) all use it.
     """
     name = OP_NAMES[op_index]
     if name in _FACTOR_OPS and magnitude < -1.0:

@@ -1,5 +1,6 @@
 """The ``clipdr`` command: one subcommand per stage, each reading one run config.
 
+A job stage is one module's ``run(cfg, log)``; this module only parses, dispatches and reports (`STAGES`).
 Every stage takes ``--config PATH`` (a TOML run file, e.g. ``jobs/configs/demo.toml``) and repeated
 ``--set section.key=value`` overrides; ``clipdr <stage> --help`` lists the keys that stage reads.
 """
@@ -8,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from clipdr import benchmarks  # light: a benchmark's module is imported only when it runs
 from clipdr.config import Config, ConfigError, describe, load_config, to_dict
@@ -20,88 +23,63 @@ from clipdr.config import Config, ConfigError, describe, load_config, to_dict
 
 @dataclass(frozen=True)
 class Stage:
+    """One subcommand: a job stage calls ``run(cfg, log)`` of module ``job``, a tool stage calls ``tool``.
+
+    Attributes:
+        name: The subcommand.
+        summary: Its one-line help.
+        sections: The config sections it reads (listed by ``--help``).
+        job: The module whose ``run(cfg, log)`` the stage is, imported only when it runs.
+        errors: ``"module:Name"`` of the exceptions that mean a mistake in the config or the data: printed as one
+            line, exit status 2.
+        show: What of ``run``'s result to print on stdout as JSON; None prints nothing.
+        tool: A command that is not a job (it may read its own arguments).
+        add_arguments: Stage-specific options.
+    """
+
     name: str
     summary: str
     sections: tuple[str, ...]
-    run: Callable[[Config, argparse.Namespace], int]
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # stage-specific options
+    job: str = ""
+    errors: tuple[str, ...] = ()
+    show: Callable[[Any], Any] | None = None
+    tool: Callable[[Config, argparse.Namespace], int] | None = None
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+    def __post_init__(self) -> None:
+        assert bool(self.job) != (self.tool is not None), f"stage {self.name!r}: give it a job module or a tool"
 
 
 def _print_progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def _run_synth(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.data import synthetic
-
-    summary = synthetic.generate(cfg.synth, progress=_print_progress)
-    print(json.dumps(summary, indent=2))
-    return 0
+def _resolve(name: str) -> Any:
+    module, _, attribute = name.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
-def _run_reinforce(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.reinforce.run import ReinforceError, run
-
-    try:
-        run(cfg, log=_print_progress)
-    except ReinforceError as e:
-        print(f"clipdr reinforce: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _run_datacompdr(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.reinforce import datacompdr
-    from clipdr.reinforce.pipeline import map_shards_on_ray
-
-    c = cfg.datacompdr
-    if not c.source or not c.output:
-        print("clipdr datacompdr: set datacompdr.source and datacompdr.output", file=sys.stderr)
-        return 2
-    layout = datacompdr.DataCompDRLayout(
-        num_augmentations=c.num_augmentations, reference_max_side=c.reference_max_side or None
-    )
-    try:
-        manifest = datacompdr.convert(c.source, c.output, layout=layout, map_shards=map_shards_on_ray)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"clipdr datacompdr: {e}", file=sys.stderr)
-        return 2
-    _print_progress(f"{manifest.num_rows} samples ({manifest.num_skipped} skipped) -> {c.output}")
-    return 0
-
-
-def _run_train(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.train.plan import TrainError
-    from clipdr.train.run import run
-
+def _run(stage: Stage, cfg: Config, args: argparse.Namespace) -> int:
+    if stage.tool is not None:
+        return stage.tool(cfg, args)
+    run = _resolve(f"{stage.job}:run")
+    errors = tuple(_resolve(name) for name in stage.errors)
     try:
         result = run(cfg, log=_print_progress)
-    except TrainError as e:
-        print(f"clipdr train: {e}", file=sys.stderr)
+    except errors as e:
+        print(f"clipdr {stage.name}: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(dataclasses.asdict(result), indent=2))
+    if stage.show is not None:
+        print(json.dumps(stage.show(result), indent=2))
     return 0
 
 
-def _run_demo(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr import demo
-    from clipdr.reinforce.run import ReinforceError
-    from clipdr.train.plan import TrainError
-
-    try:
-        demo.run(cfg, log=_print_progress)
-    except (TrainError, ReinforceError) as e:
-        print(f"clipdr demo: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _run_config(cfg: Config, args: argparse.Namespace) -> int:
+def _print_config(cfg: Config, args: argparse.Namespace) -> int:
     print(json.dumps(to_dict(cfg), indent=2))
     return 0
 
 
-def _run_models(cfg: Config, args: argparse.Namespace) -> int:
+def _print_models(cfg: Config, args: argparse.Namespace) -> int:
     from clipdr import models
 
     print(models.describe_variants())
@@ -112,93 +90,80 @@ def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
     return benchmarks.main([args.benchmark, *args.benchmark_args], prog="clipdr bench")
 
 
-def _run_evaluate(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.evaluate.run import EvaluateError, run
-
-    try:
-        run(cfg, log=_print_progress)
-    except EvaluateError as e:
-        print(f"clipdr evaluate: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _run_export(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.export import ExportError, run
-
-    try:
-        result = run(cfg, log=_print_progress)
-    except ExportError as e:
-        print(f"clipdr export: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(result.manifest, indent=2))
-    return 0
-
-
-def _run_promote(cfg: Config, args: argparse.Namespace) -> int:
-    from clipdr.lifecycle import LifecycleError, run
-
-    try:
-        decision = run(cfg, log=_print_progress)
-    except LifecycleError as e:
-        print(f"clipdr promote: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(dataclasses.asdict(decision), indent=2))
-    return 0
-
-
 STAGES = (
-    Stage("synth", "Write the synthetic image-text world (webdataset/Parquet shards).", ("synth",), _run_synth),
+    Stage(
+        "synth",
+        "Write the synthetic image-text world (webdataset/Parquet shards).",
+        ("synth",),
+        job="clipdr.data.synthetic",
+        show=lambda summary: summary,
+    ),
     Stage(
         "reinforce",
         "Reinforce source shards: teacher embeddings of K stored views + S synthetic captions -> Parquet.",
         ("reinforce", "augment", "tracking"),
-        _run_reinforce,
+        job="clipdr.reinforce.run",
+        errors=("clipdr.reinforce.run:ReinforceError",),
     ),
     Stage(
         "train",
         "Train a student on Ray Train: reinforced distillation, or the clip / online_distill baselines.",
         ("train", "augment", "evaluate", "tracking"),
-        _run_train,
+        job="clipdr.train.run",
+        errors=("clipdr.train.plan:TrainError",),
+        show=dataclasses.asdict,
     ),
     Stage(
         "datacompdr",
         "Convert Apple's DataCompDR (joined with images) into clipdr's reinforced Parquet, without recomputing.",
         ("datacompdr",),
-        _run_datacompdr,
+        job="clipdr.reinforce.datacompdr",
+        errors=("builtins:FileNotFoundError", "builtins:ValueError"),
     ),
     Stage(
         "evaluate",
         "Evaluate a model (MLflow URI, checkpoint or name): zero-shot classification + retrieval -> MLflow.",
         ("evaluate", "tracking"),
-        _run_evaluate,
+        job="clipdr.evaluate.run",
+        errors=("clipdr.evaluate.run:EvaluateError",),
     ),
     Stage(
         "export",
         "Export a model: open_clip-loadable weights, the re-parameterised model, ONNX encoders, a model card.",
         ("export", "tracking"),
-        _run_export,
+        job="clipdr.export",
+        errors=("clipdr.export:ExportError",),
+        show=lambda result: result.manifest,
     ),
     Stage(
         "promote",
         "Promotion gate: move alias champion to the candidate version if it beats the champion's metric.",
         ("lifecycle", "tracking"),
-        _run_promote,
+        job="clipdr.lifecycle",
+        errors=("clipdr.lifecycle:LifecycleError",),
+        show=dataclasses.asdict,
     ),
     Stage(
         "demo",
         "Run the whole lifecycle on the embedded default, offline: world, teachers, reinforce, students, compare.",
         ("demo", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
-        _run_demo,
+        job="clipdr.demo",
+        errors=("clipdr.train.plan:TrainError", "clipdr.reinforce.run:ReinforceError"),
     ),
     Stage(
         "config",
         "Print the resolved config (file + --set overrides) as JSON.",
         tuple(f.name for f in dataclasses.fields(Config)),
-        _run_config,
+        tool=_print_config,
     ),
-    Stage("models", "List every model variant with its parameter counts beside the paper's.", (), _run_models),
-    Stage("bench", "Run a benchmark, e.g. `clipdr bench latency --quick`.", (), _run_bench, benchmarks.add_arguments),
+    Stage("models", "List every model variant with its parameter counts beside the paper's.", (), tool=_print_models),
+    Stage(
+        "bench",
+        "Run a benchmark, e.g. `clipdr bench latency --quick`.",
+        (),
+        tool=_run_bench,
+        add_arguments=benchmarks.add_arguments,
+    ),
 )
 
 
@@ -246,7 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"clipdr {args.stage}: config error: {e}", file=sys.stderr)
         return 2
-    return args.stage_obj.run(cfg, args)
+    return _run(args.stage_obj, cfg, args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,9 @@ reinforced dataset its manifest; a second `run` skips what is done. Every run go
 The training jobs of a stage run ``demo.parallel_jobs`` at a time, from threads of this process: much of a Ray
 Train job's start-up on a small machine is one process waiting for another to start, which a second job fills.
 Each run's data order, initialisation and thread count are fixed, so its result does not depend on its neighbour.
+Jobs in threads rather than processes share this driver's imports and its Ray job's warm workers; what the library
+keeps per process is per call (a stream's Ray Data options live on the stream), and the one process-wide setting
+the jobs share, MLflow's tracking URI, is pinned for the whole demo (`tracking.pinned_uri`).
 """
 
 from __future__ import annotations
@@ -66,6 +69,13 @@ def _train_base(cfg: Config) -> Config:
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Runs the demo (module docstring); returns the comparison (also written to <demo.output>/report)."""
+    from clipdr import tracking
+
+    with tracking.pinned_uri(cfg.tracking.uri):
+        return _run(cfg, log)
+
+
+def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     from clipdr import lifecycle
     from clipdr.cluster import ensure_ray
     from clipdr.data import synthetic
@@ -177,20 +187,16 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
 def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> dict:
     """The comparison table, sample-efficiency ratio and learning-curve plot, logged to a ``demo-report`` run."""
-    from mlflow import MlflowClient
-
     from clipdr import tracking
 
     demo = cfg.demo
     uri = tracking.tracking_uri(cfg.tracking.uri)
-    client = MlflowClient(uri)
     metric = demo.metric
     rows = []
     curves: dict[str, Curve] = {}
     retrieval_curves: dict[str, Curve] = {}
     for label, result in results.items():
-        run = client.get_run(result.mlflow_run_id)
-        metrics = run.data.metrics
+        metrics = tracking.run_summary(result.mlflow_run_id, uri=uri).metrics
         rows.append(
             {
                 "run": label,
@@ -202,7 +208,7 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
         if label.startswith("student"):
             mode = label.removeprefix("student ")
             for key in (metric, RETRIEVAL_METRIC):
-                history = sorted((m.step, m.value) for m in client.get_metric_history(result.mlflow_run_id, key))
+                history = tracking.metric_history(result.mlflow_run_id, key, uri=uri)
                 curve = Curve(tuple(s for s, _ in history), tuple(v for _, v in history))
                 (curves if key == metric else retrieval_curves)[mode] = curve
 
@@ -233,10 +239,10 @@ def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> d
             t.log_artifact(out_dir / name)
         summary["report_run_id"] = t.run_id
     log(text)
-    experiment = client.get_experiment_by_name(demo.experiment)
+    experiment_id = tracking.experiment_id(demo.experiment, uri=uri)
     log(
         f"report: {out_dir / REPORT_FILE}, plot: {out_dir / CURVE_FILE}\n"
-        f"open the runs in the MLflow UI (then http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}):\n"
+        f"open the runs in the MLflow UI (then http://127.0.0.1:5000/#/experiments/{experiment_id}):\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
     )
     return summary

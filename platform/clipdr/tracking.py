@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -140,7 +139,7 @@ class LoggedModel:
 
 
 def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
-    """The id of ``experiment``, created if missing; jobs that start at once (the demo's) may race to create it."""
+    """The id of ``experiment``, created if missing; jobs that start at once may race to create it."""
     from mlflow.exceptions import MlflowException
 
     found = client.get_experiment_by_name(experiment)
@@ -157,24 +156,38 @@ def _experiment_id(client: MlflowClient, experiment: str, uri: str) -> str:
         return found.experiment_id
 
 
-# mlflow's fluent API keeps one tracking URI per process: jobs driven from threads of one process take turns.
-_FLUENT_LOCK = threading.RLock()
-
-
 @contextlib.contextmanager
 def _fluent_tracking_uri(uri: str) -> Iterator[None]:
     """Points mlflow's fluent API (which log_model/load_model use) at ``uri``, then restores it *and* the
     ``MLFLOW_TRACKING_URI`` environment variable that ``mlflow.set_tracking_uri`` also sets: left behind, it
-    would redirect every later `Tracker` of the process (the environment wins over configured URIs)."""
+    would redirect every later `Tracker` of the process (the environment wins over configured URIs).
+
+    The fluent API's URI is one per process: when ``uri`` is already in force (`pinned_uri`) it is left alone,
+    which is what lets several jobs of one process (threads) log models at the same time."""
     import mlflow
 
-    with _FLUENT_LOCK:
-        saved = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(saved)  # None unsets the variable and mlflow's global
+    if mlflow.get_tracking_uri() == uri:
+        yield
+        return
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets the variable and mlflow's global
+
+
+@contextlib.contextmanager
+def pinned_uri(configured: str = "") -> Iterator[str]:
+    """Makes the tracking URI in force (`tracking_uri`) this process's for the block, and yields it.
+
+    For a process that runs several jobs at once against one store: every job's `log_model` and `load_model`
+    then find the URI in force instead of each pointing the process-wide fluent API and restoring it under the
+    others' feet. The environment variable it sets also reaches the Ray workers the jobs start (`cluster`).
+    """
+    uri = tracking_uri(configured)
+    with _fluent_tracking_uri(uri):
+        yield uri
 
 
 def log_model(
@@ -450,6 +463,17 @@ def open_run(run_id: str, *, uri: str = "") -> Tracker:
     go to a training run that may be running, finished or failed, and must stay so."""
     summary = run_summary(run_id, uri=uri)
     return Tracker(_client(uri), run_id, summary.experiment_id)
+
+
+def metric_history(run_id: str, key: str, *, uri: str = "") -> list[tuple[int, float]]:
+    """Every ``(step, value)`` of metric ``key`` in run ``run_id``, sorted."""
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))
+
+
+def experiment_id(name: str, *, uri: str = "") -> str | None:
+    """The id of experiment ``name``; None when there is none."""
+    found = _client(uri).get_experiment_by_name(name)
+    return found.experiment_id if found is not None else None
 
 
 def last_step(run_id: str, *, uri: str = "") -> int | None:

@@ -9,8 +9,8 @@ import pytest
 
 from clipdr import augment, records, storage
 from clipdr.cli import main
+from clipdr.data import datacompdr
 from clipdr.data.sources import write_tar_shard
-from clipdr.reinforce import datacompdr
 from tests.unit.test_datacompdr import D, encode_image, npz_bytes, unit_rows
 
 pytestmark = pytest.mark.integration

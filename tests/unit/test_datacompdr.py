@@ -19,9 +19,10 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
 from clipdr import augment, records, storage
+from clipdr.data import datacompdr
+from clipdr.data.datacompdr import DataCompDRLayout, DataCompDRSampleError, DataCompDRSkipReason
 from clipdr.data.sources import decode_rgb, write_tar_shard
-from clipdr.reinforce import datacompdr
-from clipdr.reinforce.datacompdr import DataCompDRLayout, DataCompDRSampleError, DataCompDRSkipReason
+from clipdr.reinforce import datacompdr as conversion
 
 K, S, D = 3, 5, 768
 TEACHERS = datacompdr.DATACOMPDR_TEACHERS
@@ -214,7 +215,7 @@ def without_time(manifest: records.Manifest) -> dict:
 
 def test_converted_dataset_matches_the_fixture(fixture: Fixture, tmp_path: Path):
     out = str(tmp_path / "out")
-    manifest = datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    manifest = conversion.convert(fixture.src, out, layout=LAYOUT)
 
     dataset = records.open_dataset(out, require_teachers=NAMES, min_syn_captions=S, extra_files="error")
     assert [s.path for s in manifest.shards] == ["00000000.parquet", "00000001.parquet"]
@@ -247,24 +248,24 @@ def test_converted_dataset_matches_the_fixture(fixture: Fixture, tmp_path: Path)
 
 def test_rerun_is_idempotent(fixture: Fixture, tmp_path: Path):
     out = str(tmp_path / "out")
-    first = datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    first = conversion.convert(fixture.src, out, layout=LAYOUT)
     before = file_stats(out)
-    second = datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    second = conversion.convert(fixture.src, out, layout=LAYOUT)
     assert file_stats(out) == before  # nothing rewritten, the manifest included
     assert without_time(second) == without_time(first)
     assert without_time(records.read_manifest(out)) == without_time(first)
 
 
 def test_interrupted_conversion_completes_on_rerun(fixture: Fixture, tmp_path: Path):
-    reference = datacompdr.convert(fixture.src, str(tmp_path / "reference"), layout=LAYOUT)
+    reference = conversion.convert(fixture.src, str(tmp_path / "reference"), layout=LAYOUT)
     out = str(tmp_path / "out")
-    shards = datacompdr.list_source_shards(fixture.src)
-    manifest = datacompdr.build_manifest(fixture.src, shards, layout=LAYOUT)
-    datacompdr.convert_shard(shards[0], out, manifest, layout=LAYOUT)  # ... and the job dies here
+    shards = conversion.list_source_shards(fixture.src)
+    manifest = conversion.build_manifest(fixture.src, shards, layout=LAYOUT)
+    conversion.convert_shard(shards[0], out, manifest, layout=LAYOUT)  # ... and the job dies here
     assert not storage.exists(records.manifest_uri(out))
     first_shard = file_stats(out)
 
-    resumed = datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    resumed = conversion.convert(fixture.src, out, layout=LAYOUT)
     after = file_stats(out)
     assert {p: after[p] for p in first_shard} == first_shard  # the finished shard was kept, not rewritten
     assert without_time(resumed) == without_time(reference)  # skip counts of the kept shard come from its footer
@@ -273,15 +274,15 @@ def test_interrupted_conversion_completes_on_rerun(fixture: Fixture, tmp_path: P
 
 def test_stale_manifest_goes_first_and_other_settings_reconvert(fixture: Fixture, tmp_path: Path):
     out = str(tmp_path / "out")
-    datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    conversion.convert(fixture.src, out, layout=LAYOUT)
     before = file_stats(out)
     storage.delete(storage.join(out, "00000001.parquet"))
-    datacompdr.convert(fixture.src, out, layout=LAYOUT)
+    conversion.convert(fixture.src, out, layout=LAYOUT)
     assert file_stats(out)[storage.join(out, "00000000.parquet")] == before[storage.join(out, "00000000.parquet")]
 
     # Windows taken as they are: a5's windows no longer scale, so every shard is converted again.
     other = DataCompDRLayout(num_augmentations=K, num_syn_captions=S, reference_max_side=None)
-    manifest = datacompdr.convert(fixture.src, out, layout=other)
+    manifest = conversion.convert(fixture.src, out, layout=other)
     after = file_stats(out)
     assert all(after[p] != before[p] for p in before if p.endswith(".parquet"))
     table = records.read_shard(records.open_dataset(out).shard_uris[0])
@@ -311,10 +312,10 @@ def test_reader_yields_joined_samples_and_counts_skips(fixture: Fixture):
 
 def test_unreadable_and_missing_sources(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
-        datacompdr.convert(str(tmp_path / "nowhere"), str(tmp_path / "out"))
+        conversion.convert(str(tmp_path / "nowhere"), str(tmp_path / "out"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(datacompdr.DataCompDRError, match="no DataCompDR tar shards"):
-        datacompdr.convert(str(tmp_path / "empty"), str(tmp_path / "out"))
+        conversion.convert(str(tmp_path / "empty"), str(tmp_path / "out"))
     skipped = collections.Counter()
     (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
     assert list(datacompdr.iter_shard(str(tmp_path / "junk.tar"), skipped)) == []

@@ -51,7 +51,7 @@ from PIL import Image, ImageDraw
 
 import clipdr
 from clipdr import storage
-from clipdr.config import NoiseConfig, SynthConfig, to_dict
+from clipdr.config import Config, NoiseConfig, SynthConfig, to_dict
 from clipdr.data.sources import SourceSample, write_parquet_shard, write_tar_shard, write_webdataset_shard
 
 # Bump whenever the rendered bytes or captions of a given config change, so cached worlds regenerate.
@@ -771,6 +771,11 @@ def _remove_stale(cfg: SynthConfig, written: set[str]) -> int:
 def _worker_count(cfg: SynthConfig, num_jobs: int) -> int:
     workers = cfg.workers or os.cpu_count() or 1
     return max(1, min(workers, num_jobs))
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The ``synth`` stage: `generate` of ``cfg.synth``; returns its summary."""
+    return generate(cfg.synth, progress=log)
 
 
 def generate(cfg: SynthConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

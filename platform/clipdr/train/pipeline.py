@@ -19,12 +19,9 @@ control-plane processes that unpickle the stream do not import torch and open_cl
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import hashlib
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,19 +67,8 @@ def _columns(plan: TrainPlan) -> list[str]:
     return columns
 
 
-def count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
-    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them. Remembered per process
-    by the shards' fingerprint (names and sizes), so several runs on one corpus (the demo's, also from threads at
-    once) count it once."""
-    with _COUNT_LOCK:
-        return _count_source_rows(files, fingerprint)
-
-
-_COUNT_LOCK = threading.Lock()
-
-
-@functools.lru_cache(maxsize=16)
-def _count_source_rows(files: tuple[str, ...], fingerprint: str) -> int:
+def count_source_rows(files: Sequence[str]) -> int:
+    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them."""
     return _source_samples(files, storage_runtime_env()).count()
 
 
@@ -128,18 +114,19 @@ def build_dataset(
                 "teachers": plan.teacher_names,
             },
         )
-    with _stream_context():
-        per_epoch = []
-        for epoch in epochs:
-            files = _epoch_order(source.files, seed, epoch)
-            if source.manifest is None:
-                ds = _source_samples(files, runtime_env)
-            else:
-                paths = [storage.resolve(f)[1] for f in files]
-                ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
-            ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
-            per_epoch.append(ds.limit(rows_per_epoch))
-        return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
+    per_epoch = []
+    for epoch in epochs:
+        files = _epoch_order(source.files, seed, epoch)
+        if source.manifest is None:
+            ds = _source_samples(files, runtime_env)
+        else:
+            paths = [storage.resolve(f)[1] for f in files]
+            ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
+        _set_stream_options(ds.context)
+        ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
+        per_epoch.append(ds.limit(rows_per_epoch))
+    # A union takes a copy of its first input's context, so it carries the same options.
+    return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
 
 
 def data_config() -> ray.train.DataConfig:
@@ -153,19 +140,9 @@ def data_config() -> ray.train.DataConfig:
     return ray.train.DataConfig(execution_options=options)
 
 
-@contextlib.contextmanager
-def _stream_context() -> Iterator[None]:
-    """Ray Data settings of the datasets created inside. A dataset keeps the context it was created under, so the
-    process's context (which other jobs of the same driver use) is restored after."""
-    with _CONTEXT_LOCK:  # one process-wide context: runs driven from threads (the demo's) take turns
-        ctx = ray.data.DataContext.get_current()
-        saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-        ctx.execution_options.preserve_order = True
-        ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow
-        try:
-            yield
-        finally:
-            ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
-
-
-_CONTEXT_LOCK = threading.Lock()
+def _set_stream_options(ctx: ray.data.DataContext) -> None:
+    """Ray Data settings of one run's stream, set on the stream's own context: a dataset takes a copy of the
+    process's context when it is created, and the datasets derived from it share that copy, so nothing is set on
+    the process's context, which other jobs of the same driver use."""
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # per-operator bars flood job logs; the trainer logs throughput to MLflow

@@ -177,7 +177,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             log(f"train: run {run_name!r} is complete ({result.steps} steps); nothing to do")
             return result
     else:
-        num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(tuple(files), data_fingerprint)
+        num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(files)
         rows_per_epoch = (num_rows // tc.batch_size) * tc.batch_size
     require(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({tc.batch_size})")
 
