@@ -282,7 +282,7 @@ _TOY_TRAIN_BENCH = (
 
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
-    "make demo": External("creates .venv (pip, network) and runs the 13-minute demo; test_demo runs it at toy size"),
+    "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
     "make test": External("creates .venv (pip, network) and runs this whole suite, which this test is part of"),
     # README: configuration and the synthetic world.
     "clipdr synth --config jobs/configs/demo.toml --set synth.num_teacher --set synth.output": Run(_TOY_SYNTH),
