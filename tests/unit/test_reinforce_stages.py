@@ -105,3 +105,20 @@ def test_the_read_stage_holds_encoded_samples_not_decoded_images(tmp_path, monke
 
     assert keys == [s.key for s in samples]
     assert max(alive) <= 2, alive  # was 16: two chunks of 8 decoded images
+
+
+def test_a_chunk_closes_early_at_its_pixel_budget(tmp_path):
+    """The model stages decode a chunk at once: ``chunk_rows`` PNGs of ``max_pixels`` each could hold 12 GiB."""
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(image, "PNG")  # 3,072 pixels
+    samples = [sources.SourceSample(f"{i:03d}", image.getvalue(), "a red box", image_ext="png") for i in range(6)]
+    sources.write_webdataset_shard(str(tmp_path / "s.tar"), samples)
+    task = stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet")
+
+    def chunk_sizes(**kwargs) -> list[int]:
+        read = stages.ReadShards(4, str(tmp_path / "out"), make_manifest(), "fingerprint", **kwargs)
+        return [len(stages.unpack_chunk(row[stages.CHUNK])[records.KEY]) for row in read.read(task)]
+
+    assert chunk_sizes() == [4, 2]
+    assert chunk_sizes(chunk_max_pixels=3 * 3072) == [3, 3]
+    assert chunk_sizes(chunk_max_pixels=100) == [1] * 6  # one image over the budget still makes a chunk

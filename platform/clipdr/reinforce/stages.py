@@ -117,6 +117,13 @@ def _stream_row(row: dict[str, object]) -> dict[str, np.ndarray]:
     }
 
 
+CHUNK_MAX_PIXELS = 256 * 1024 * 1024
+"""A chunk closes early before its images would hold more pixels than this (768 MiB as RGB): the model stages decode
+a whole chunk at once, and ``chunk_rows`` images of up to ``max_pixels`` each (64 x 64 Mpx, 12 GiB) fit in a shard
+of small PNGs. Real data never reaches it (64 images of 512 x 512 hold 16 Mpx); where it does, the chunks are still
+a function of the source shard, so outputs stay deterministic."""
+
+
 class ReadShards:
     """Source shard -> chunks of validated samples with their K sampled views (CPU stage, streaming).
 
@@ -124,8 +131,16 @@ class ReadShards:
     (empty) output shard itself, carrying the skip counts.
     """
 
-    def __init__(self, chunk_rows: int, output_dir: str, manifest: records.Manifest, run_fingerprint: str) -> None:
+    def __init__(
+        self,
+        chunk_rows: int,
+        output_dir: str,
+        manifest: records.Manifest,
+        run_fingerprint: str,
+        chunk_max_pixels: int = CHUNK_MAX_PIXELS,
+    ) -> None:
         self.chunk_rows = chunk_rows
+        self.chunk_max_pixels = chunk_max_pixels
         self.output_dir = output_dir
         self.manifest = manifest
         self.run_fingerprint = run_fingerprint
@@ -159,7 +174,7 @@ class ReadShards:
         chunk is known and carries the shard's counts), without their decoded pixels."""
         skipped: collections.Counter[str] = collections.Counter()
         samples = _without_pixels(sources.iter_shard(task.source, skipped))
-        chunks = iter(lambda: list(itertools.islice(samples, self.chunk_rows)), [])
+        chunks = _chunks(samples, self.chunk_rows, self.chunk_max_pixels)
         current = next(chunks, None)
         if current is None:
             empty = {name: [] for name in self.manifest.schema().names}
@@ -195,6 +210,23 @@ def _without_pixels(
         light = dataclasses.replace(sample, image=None)
         del sample  # not referenced while the next sample decodes
         yield light, size
+
+
+def _chunks(
+    samples: Iterator[tuple[sources.SourceSample, tuple[int, int]]], chunk_rows: int, max_pixels: int
+) -> Iterator[list[tuple[sources.SourceSample, tuple[int, int]]]]:
+    """Consecutive samples, ``chunk_rows`` a chunk, fewer where the next image would take the chunk past
+    ``max_pixels`` (a chunk holds at least one sample)."""
+    chunk: list[tuple[sources.SourceSample, tuple[int, int]]] = []
+    pixels = 0
+    for sample, (width, height) in samples:
+        if chunk and (len(chunk) == chunk_rows or pixels + width * height > max_pixels):
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append((sample, (width, height)))
+        pixels += width * height
+    if chunk:
+        yield chunk
 
 
 def _decode(images: Sequence[bytes]) -> list:
