@@ -67,6 +67,61 @@ def _train_base(cfg: Config) -> Config:
     return _stage(cfg, output=storage.join(cfg.demo.output, "runs"), experiment=cfg.demo.experiment, evaluate=True)
 
 
+def pretraining_jobs(cfg: Config) -> dict[str, Config]:
+    """The teachers' and the captioner's training jobs (name -> config): plain CLIP from scratch on the clean teacher
+    corpus (a CoCa adds its caption loss)."""
+    demo, base = cfg.demo, _train_base(cfg)
+    teacher_corpus = storage.join(cfg.synth.output, "teacher")
+
+    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
+        return _stage(
+            base,
+            data=teacher_corpus,
+            mode=Mode.CLIP,
+            kd_weight=0.0,
+            model=model,
+            pretrained="",
+            samples=samples,
+            batch_size=batch_size,
+            lr=lr,
+            run_name=run_name,
+            evaluate=evaluate,
+            eval_every=0,
+        )
+
+    jobs = {
+        f"teacher-{t.name}": pretrain(
+            t.model, demo.teacher_samples, demo.teacher_batch_size, demo.teacher_lr, f"teacher-{t.name}", True
+        )
+        for t in cfg.reinforce.teachers
+    }
+    jobs["captioner"] = pretrain(
+        cfg.reinforce.captioner.model,
+        demo.captioner_samples,
+        demo.captioner_batch_size,
+        demo.captioner_lr,
+        "captioner",
+        False,
+    )
+    return jobs
+
+
+def student_jobs(cfg: Config) -> dict[str, Config]:
+    """The student's training jobs (name -> config), one per mode of ``demo.modes``, on the reinforced dataset."""
+    base = _train_base(cfg)
+    return {
+        f"student-{mode}": _stage(
+            base,
+            data=cfg.reinforce.output,
+            mode=mode,
+            kd_weight=cfg.train.kd_weight if Mode(mode).distils else 0.0,
+            run_name=f"student-{mode}",
+            register=cfg.demo.registered_model,
+        )
+        for mode in cfg.demo.modes
+    }
+
+
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
     """Runs the demo (module docstring); returns the comparison (also written to <demo.output>/report)."""
     from clipdr import tracking
@@ -103,36 +158,8 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     stage(f"synthetic world -> {cfg.synth.output}")
     synthetic.generate(cfg.synth, progress=log)
     ensure_ray()
-    teacher_corpus = storage.join(cfg.synth.output, "teacher")
-    base = _train_base(cfg)
-
-    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
-        """Plain CLIP from scratch on the clean teacher corpus (a CoCa adds its caption loss)."""
-        return _stage(
-            base,
-            data=teacher_corpus,
-            mode=Mode.CLIP,
-            kd_weight=0.0,
-            model=model,
-            pretrained="",
-            samples=samples,
-            batch_size=batch_size,
-            lr=lr,
-            run_name=run_name,
-            evaluate=evaluate,
-            eval_every=0,
-        )
-
+    jobs = pretraining_jobs(cfg)
     captioner = cfg.reinforce.captioner
-    jobs = {
-        f"teacher-{t.name}": pretrain(
-            t.model, demo.teacher_samples, demo.teacher_batch_size, demo.teacher_lr, f"teacher-{t.name}", True
-        )
-        for t in cfg.reinforce.teachers
-    }
-    jobs["captioner"] = pretrain(
-        captioner.model, demo.captioner_samples, demo.captioner_batch_size, demo.captioner_lr, "captioner", False
-    )
     names = ", ".join(f"{t.name!r} ({t.model})" for t in cfg.reinforce.teachers)
     stage(
         f"teachers {names} (plain CLIP) and the captioner ({captioner.model}, CoCa: + caption loss) on the clean "
@@ -156,19 +183,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
         f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.samples} samples each, "
         f"{demo.parallel_jobs} jobs at a time"
     )
-    students = train_all(
-        {
-            f"student-{mode}": _stage(
-                base,
-                data=reinforce_cfg.output,
-                mode=mode,
-                kd_weight=cfg.train.kd_weight if Mode(mode).distils else 0.0,
-                run_name=f"student-{mode}",
-                register=demo.registered_model,
-            )
-            for mode in demo.modes
-        }
-    )
+    students = train_all(student_jobs(cfg))
     for mode in demo.modes:  # in mode order, so that the gate's decisions do not depend on which job ended first
         result = students[f"student-{mode}"]
         results[f"student {mode}"] = result
