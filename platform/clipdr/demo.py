@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdr import checkpoint, storage
-from clipdr.config import Config
+from clipdr.config import Config, replace
 from clipdr.train.plan import Mode
 
 CURVE_FILE = "learning_curves.png"
@@ -58,13 +58,16 @@ class Curve:
         return None
 
 
-def _stage(cfg: Config, **train_changes: object) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_changes))
+def _stage(cfg: Config, train_changes: dict[str, object]) -> Config:
+    """``cfg`` with ``train_changes`` (dotted keys of [train]: ``{"schedule.samples": 1024}``)."""
+    return replace(cfg, {f"train.{key}": value for key, value in train_changes.items()})
 
 
 def _train_base(cfg: Config) -> Config:
     """The demo's training settings common to every stage: runs under <demo.output>/runs, one experiment."""
-    return _stage(cfg, output=storage.join(cfg.demo.output, "runs"), experiment=cfg.demo.experiment, evaluate=True)
+    return _stage(
+        cfg, {"output": storage.join(cfg.demo.output, "runs"), "experiment": cfg.demo.experiment, "evaluate": True}
+    )
 
 
 def pretraining_jobs(cfg: Config) -> dict[str, Config]:
@@ -76,17 +79,19 @@ def pretraining_jobs(cfg: Config) -> dict[str, Config]:
     def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
         return _stage(
             base,
-            data=teacher_corpus,
-            mode=Mode.CLIP,
-            kd_weight=0.0,
-            model=model,
-            pretrained="",
-            samples=samples,
-            batch_size=batch_size,
-            lr=lr,
-            run_name=run_name,
-            evaluate=evaluate,
-            eval_every=0,
+            {
+                "data": teacher_corpus,
+                "mode": Mode.CLIP,
+                "loss.kd_weight": 0.0,
+                "model": model,
+                "pretrained": "",
+                "schedule.samples": samples,
+                "schedule.batch_size": batch_size,
+                "optimizer.lr": lr,
+                "run_name": run_name,
+                "evaluate": evaluate,
+                "eval_every": 0,
+            },
         )
 
     jobs = {
@@ -112,11 +117,13 @@ def student_jobs(cfg: Config) -> dict[str, Config]:
     return {
         f"student-{mode}": _stage(
             base,
-            data=cfg.reinforce.output,
-            mode=mode,
-            kd_weight=cfg.train.kd_weight if Mode(mode).distils else 0.0,
-            run_name=f"student-{mode}",
-            register=cfg.demo.registered_model,
+            {
+                "data": cfg.reinforce.output,
+                "mode": mode,
+                "loss.kd_weight": cfg.train.loss.kd_weight if Mode(mode).distils else 0.0,
+                "run_name": f"student-{mode}",
+                "register": cfg.demo.registered_model,
+            },
         )
         for mode in cfg.demo.modes
     }
@@ -180,7 +187,7 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
 
     stage(
-        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.samples} samples each, "
+        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.schedule.samples} samples each, "
         f"{demo.parallel_jobs} jobs at a time"
     )
     students = train_all(student_jobs(cfg))
