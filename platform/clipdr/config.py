@@ -4,7 +4,9 @@ A run's whole configuration is one `Config`; each component reads its own sectio
 its help text in ``metadata["help"]`` so the CLI can list the keys of a section with their defaults.
 
 Loading is strict: an unknown section or key, or a value of the wrong type, raises ``ConfigError`` with
-the dotted key, where it came from (file or ``--set``) and what is allowed.
+the dotted key, where it came from (file or ``--set``) and what is allowed. A key that moved (`MOVED`, e.g. when
+``[train]`` was split into sections) is refused naming its new place; `upgrade` moves such keys in settings stored
+before the move.
 """
 
 from __future__ import annotations
