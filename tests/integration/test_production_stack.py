@@ -222,7 +222,7 @@ def test_training_job_logs_to_the_stack_and_registers_its_model(tracking_stack, 
     from mlflow import MlflowClient
 
     from clipdr.checkpoint import MODEL_FILE
-    from clipdr.config import Config, SynthConfig, TrainConfig, TrainResources
+    from clipdr.config import Config, SynthConfig, TrainCheckpoint, TrainConfig, TrainResources, TrainSchedule
     from clipdr.data import synthetic
     from clipdr.train.run import run as train
 
@@ -248,12 +248,10 @@ def test_training_job_logs_to_the_stack_and_registers_its_model(tracking_stack, 
             experiment="clipdr-production-stack",
             mode="clip",
             model="clipdr-tiny-vit",
-            samples=2 * batch,
-            batch_size=batch,
-            warmup_samples=batch,
             log_every=1,
-            checkpoint_every=2,
             register=MODEL_NAME,
+            schedule=TrainSchedule(samples=2 * batch, batch_size=batch, warmup_samples=batch),
+            checkpoint=TrainCheckpoint(every=2),
             resources=TrainResources(workers=1, cpus_per_worker=1.0, max_failures=0),
         )
     )

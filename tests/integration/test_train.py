@@ -5,6 +5,7 @@ and the registered model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -27,8 +28,12 @@ from clipdr.config import (
     ReinforceResources,
     SynthConfig,
     TeacherConfig,
+    TrainCheckpoint,
     TrainConfig,
+    TrainOptimizer,
     TrainResources,
+    TrainSchedule,
+    flatten,
 )
 from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA
@@ -87,12 +92,10 @@ def train_config(world, run_name: str, **changes) -> Config:
         run_name=run_name,
         experiment="test-train",
         model=STUDENT,
-        samples=SAMPLES,
-        batch_size=BATCH,
-        lr=5e-3,
-        warmup_samples=2 * BATCH,
         log_every=2,
-        checkpoint_every=4,
+        schedule=TrainSchedule(samples=SAMPLES, batch_size=BATCH, warmup_samples=2 * BATCH),
+        optimizer=TrainOptimizer(lr=5e-3),
+        checkpoint=TrainCheckpoint(every=4),
         resources=resources,
     )
     return dataclasses.replace(config, train=dataclasses.replace(tc, **changes))
@@ -201,16 +204,10 @@ def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp
         torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _overrides(tc: TrainConfig) -> dict[str, object]:
-    out = {}
-    for field in dataclasses.fields(tc):
-        value = getattr(tc, field.name)
-        if field.name == "resources" or value == field.default:
-            continue
-        out[field.name] = f'"{value}"' if isinstance(value, str) else value
-    out["resources.workers"] = tc.resources.workers
-    out["resources.max_failures"] = tc.resources.max_failures
-    return out
+def _overrides(tc: TrainConfig) -> dict[str, str]:
+    """``--set`` values (TOML) of every key of ``tc`` that differs from the default, sections included."""
+    default = flatten(TrainConfig())
+    return {key: json.dumps(value) for key, value in flatten(tc).items() if value != default[key]}
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
