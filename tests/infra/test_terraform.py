@@ -302,3 +302,24 @@ def test_workload_identities_are_bound_to_one_service_account(terraform_files):
         (account,) = provider["namespace_service_accounts"]
         assert "*" not in account, f"{path}: role {name} trusts {account}"
         assert body["source_policy_documents"] == [f"${{data.aws_iam_policy_document.{name.split('_')[0]}.json}}"]
+
+
+def test_jobs_policy_check_refuses_what_the_jobs_must_not_do():
+    """The evaluator behind tests/integration's checks of real jobs' S3 requests against the jobs' role
+    (tests/s3_policy.py) is not vacuous: it lets through what the role grants and refuses the rest."""
+    from .. import s3_policy
+
+    policy = s3_policy.jobs_policy("data", "ckpt")
+
+    def refused(request: str, status: int = 200) -> bool:
+        (call,) = s3_policy.parse_log(f'127.0.0.1 - - [03/Dec/2026 20:00:00] "{request} HTTP/1.1" {status} -')
+        return bool(s3_policy.refused([call], policy, {"data", "ckpt"}))
+
+    allowed = ["GET /data?list-type=2&prefix=reinforced/x/", "HEAD /ckpt", "PUT /ckpt/runs/r/checkpoint/model.pt"]
+    allowed += ["GET /data/source/shard.tar", "DELETE /data/reinforced/x/part.parquet", "POST /ckpt/runs/a?uploads"]
+    assert not [r for r in allowed if refused(r)]
+    assert not refused("HEAD /data/source/missing.tar", 404)
+    forbidden = ["GET /data?list-type=2&prefix=other/", "PUT /data/source/shard.tar", "PUT /data/other/x"]
+    forbidden += ["GET /ckpt/elsewhere/x", "DELETE /data/eval/x", "PUT /data", "HEAD /ckpt/runs"]
+    assert not [r for r in forbidden if not refused(r)]
+    assert refused("HEAD /data/other/missing", 404)
