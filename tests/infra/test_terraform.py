@@ -20,7 +20,7 @@ ACCOUNT_ID = re.compile(r"(?<![\d.])\d{12}(?![\d.])")
 ACCESS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 LITERAL_SECRET = re.compile(r"(?i)(password|secret_key|token)\s*=\s*\"[^\"$<{]{6,}\"")
 REGION = re.compile(r"\b(us|eu|ap|sa|ca|me|af|il|mx)-(gov-)?(east|west|north|south|central|northeast|southeast)-\d\b")
-TEXT_SUFFIXES = {".tf", ".hcl", ".example", ".yaml", ".yml", ".sh", ".md", ".tpl", ""}
+TEXT_SUFFIXES = {".tf", ".hcl", ".example", ".yaml", ".yml", ".sh", ".py", ".md", ".tpl", ""}
 
 
 def _text_files() -> list[Path]:
