@@ -323,3 +323,31 @@ def test_jobs_policy_check_refuses_what_the_jobs_must_not_do():
     forbidden += ["GET /ckpt/elsewhere/x", "DELETE /data/eval/x", "PUT /data", "HEAD /ckpt/runs"]
     assert not [r for r in forbidden if not refused(r)]
     assert refused("HEAD /data/other/missing", 404)
+
+
+def test_mlflow_writes_the_current_credentials_before_it_starts(terraform_files):
+    """Rotation (credentials_version) works only if every MLflow start first writes the secrets into the auth
+    database (files/sync-credentials.py; tests/integration/test_production_stack.py runs it against a real server)."""
+    ((_, _, deployment),) = [b for b in typed_blocks(terraform_files, "resource", "kubernetes_deployment_v1")]
+    ((_, _, config_map),) = [
+        b for b in typed_blocks(terraform_files, "resource", "kubernetes_config_map_v1") if b[1] == "sync_credentials"
+    ]
+    pod = deployment["spec"][0]["template"][0]["spec"][0]
+    (init,) = pod["init_container"]
+    assert init["command"] == ["python", "/scripts/sync-credentials.py"]
+    assert config_map["data"] == {"sync-credentials.py": "${local.sync_py}"}
+    secret_env = {k: v for block in init["dynamic"] for k, v in block["env"]["for_each"].items() if isinstance(v, list)}
+    assert secret_env == {
+        "MLFLOW_AUTH_ADMIN_USERNAME": ["${local.server_secret}", "MLFLOW_AUTH_ADMIN_USERNAME"],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ["${local.server_secret}", "MLFLOW_AUTH_ADMIN_PASSWORD"],
+        "MLFLOW_USER_NAME": ["${local.jobs_secret}", "MLFLOW_USER_NAME"],
+        "MLFLOW_USER_PASSWORD": ["${local.jobs_secret}", "MLFLOW_USER_PASSWORD"],
+    }
+    mounts = {m["name"]: m["mount_path"] for m in init["volume_mount"]}
+    assert mounts == {"auth-config": "/etc/mlflow", "scripts": "/scripts", "tmp": "/tmp"}
+    volumes = {v["name"]: v for v in pod["volume"]}
+    assert volumes["scripts"]["config_map"] == [
+        {"name": "${kubernetes_config_map_v1.sync_credentials.metadata[0].name}"}
+    ]
+    reload = deployment["metadata"][0]["annotations"]["secret.reloader.stakater.com/reload"]
+    assert reload == "${local.server_secret},${local.jobs_secret}"
