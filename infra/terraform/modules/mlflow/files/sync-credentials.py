@@ -14,14 +14,20 @@ from __future__ import annotations
 import os
 import sys
 
+import sqlalchemy.exc
+from mlflow.exceptions import MlflowException
 from mlflow.server.auth.config import read_auth_config
 from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
 
 
 def sync(store: SqlAlchemyStore, username: str, password: str, *, is_admin: bool) -> str:
     if not store.has_user(username, use_primary=True):
-        store.create_user(username, password, is_admin=is_admin)
-        return "created"
+        try:
+            store.create_user(username, password, is_admin=is_admin)
+            return "created"
+        except MlflowException as e:  # another replica's init container created it first
+            if not isinstance(e.__cause__, sqlalchemy.exc.IntegrityError):
+                raise
     if store.authenticate_user(username, password, use_primary=True):
         return "unchanged"
     store.update_user(username, password=password)
