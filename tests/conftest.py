@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,8 +35,19 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    log: Path  # the server's request log, one line a request (tests/s3_policy.py reads it)
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def s3_endpoint(s3_server: S3Server) -> str:
+    return s3_server.endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1, reached through the standard AWS environment variables."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -57,7 +69,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for k in ("AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
             os.environ.pop(k, None)
         os.environ.update(env)
-        yield endpoint
+        yield S3Server(endpoint, log)
     finally:
         proc.terminate()
         try:

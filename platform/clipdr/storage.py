@@ -131,7 +131,8 @@ def atomic_write(uri: str) -> Iterator[pa.NativeFile]:
     """
     fs, path = resolve(uri)
     parent, name = posixpath.split(path)
-    fs.create_dir(parent, recursive=True)
+    if not isinstance(fs, pafs.S3FileSystem):  # S3 has no folders: making one asks HeadBucket and writes markers
+        fs.create_dir(parent, recursive=True)
     tmp_path = f"{parent}/.{name}.tmp-{uuid.uuid4().hex}"
     try:
         with fs.open_output_stream(tmp_path) as out:

@@ -21,8 +21,11 @@ from clipdr.models.captioners import TINY_COCA, build_coca
 from clipdr.models.teachers import Teacher
 from clipdr.reinforce.run import ReinforceError, run
 
+from .. import s3_policy
+
 pytestmark = pytest.mark.integration
 
+S3_BUCKET = "clipdr-reinforce-test"
 BAD_SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
 
 
@@ -86,19 +89,30 @@ def with_output(config: Config, output: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def s3_run(setup, ray_local, s3_endpoint):
-    """One reinforcement of the corpus onto the S3 emulator (one actor per model stage)."""
+def s3_run(setup, ray_local, s3_server):
+    """One reinforcement of the corpus onto the S3 emulator (one actor per model stage), into a folder under
+    reinforced/ as in the cluster's data bucket; also returns the S3 requests it made."""
     import boto3
 
     config, _, _ = setup
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="clipdr-reinforce-test")
-    config = with_output(config, "s3://clipdr-reinforce-test/reinforced")
-    return config, run(config, log=lambda message: None)
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=S3_BUCKET)
+    config = with_output(config, f"s3://{S3_BUCKET}/reinforced/test-run")
+    with s3_policy.recorded_calls(s3_server.endpoint, s3_server.log) as calls:
+        manifest = run(config, log=lambda message: None)
+    return config, manifest, calls
+
+
+def test_reinforce_s3_requests_are_allowed_to_the_jobs_role(s3_run):
+    """Every S3 request of the reinforcement (driver, readers, model actors and the writer) is one the jobs' IAM role
+    may make on the data bucket (infra/terraform/modules/kuberay, tests/s3_policy.py)."""
+    _, _, calls = s3_run
+    assert any(c.method in ("PUT", "POST") and c.key.endswith(".parquet") for c in calls)  # shards were written
+    assert not s3_policy.refused(calls, s3_policy.jobs_policy(S3_BUCKET, "checkpoints"), {S3_BUCKET})
 
 
 def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     _, valid_keys, _ = setup
-    config, manifest = s3_run
+    config, manifest, _ = s3_run
 
     dataset = records.open_dataset(config.reinforce.output, require_teachers=["vit", "mci"], min_syn_captions=2)
     assert dict(manifest.skipped) == BAD_SKIPS
@@ -149,7 +163,7 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
     config = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, resources=wide))
     first = run(config, log=lambda message: None)
     out = config.reinforce.output
-    s3_config, s3_manifest = s3_run
+    s3_config, s3_manifest, _ = s3_run
     assert [s.path for s in first.shards] == [s.path for s in s3_manifest.shards]
     for shard in first.shards:  # every output shard is a function of (config, source shard): the same bytes
         local_bytes = (tmp_path / "out" / shard.path).read_bytes()

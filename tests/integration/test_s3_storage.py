@@ -4,6 +4,8 @@ import pytest
 
 from clipdr import storage
 
+from .. import s3_policy
+
 pytestmark = pytest.mark.integration
 
 
@@ -52,3 +54,27 @@ def test_s3_source_shards_round_trip(s3_bucket):
         assert not skipped
         assert [(s.key, s.caption, s.image_bytes) for s in got] == [(e.key, e.caption, e.image_bytes) for e in expected]
     assert storage.exists(storage.join(s3_bucket, "world", "world.json"))
+
+
+def test_s3_requests_of_a_job_are_allowed_to_the_jobs_role(s3_server, s3_bucket):
+    """Every request `clipdr.storage` makes for a job is one the jobs' IAM role may make (the policy in
+    infra/terraform/modules/kuberay, read from the HCL): the bucket stands for the data bucket and the job writes
+    under reinforced/, as a reinforcement does."""
+    bucket = s3_bucket.removeprefix("s3://")
+    run = storage.join(s3_bucket, "reinforced", "run")
+    shard, manifest = storage.join(run, "part-0.parquet"), storage.join(run, "meta", "manifest.json")
+    with s3_policy.recorded_calls(s3_server.endpoint, s3_server.log) as calls:
+        assert not storage.exists(manifest)  # a fresh run: "not found" must be an answer, not a refusal
+        assert storage.list_files(run) == []
+        storage.write_bytes(shard, b"rows")
+        storage.write_bytes(manifest, b"{}")
+        with pytest.raises(RuntimeError), storage.atomic_write(storage.join(run, "part-1.parquet")) as out:
+            out.write(b"partial")
+            raise RuntimeError("crash mid-write")
+        assert storage.list_files(run, recursive=True) == [manifest, shard]
+        assert storage.read_bytes(shard) == b"rows"
+        storage.delete(manifest)
+    assert len(calls) > 10
+    # S3 has no folders: a write needs no bucket-level question (HeadBucket, refused to prefix-scoped roles).
+    assert not [str(c) for c in calls if c.method == "HEAD" and not c.key]
+    assert not s3_policy.refused(calls, s3_policy.jobs_policy(bucket, "checkpoints"), {bucket})
