@@ -161,13 +161,17 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
 
 
 def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp_path):
-    """N steps straight == the same run killed after a checkpoint and resubmitted (same MLflow run)."""
+    """N steps straight == the same run killed after a checkpoint and resubmitted (same MLflow run).
+
+    The driver joins the suite's Ray, as a job's driver joins its cluster under ``ray job submit``: killing it
+    leaves the cluster up, and Ray ends the job's actors."""
+    import ray
+
     cfg = train_config(world, "resumed")
     root = world[0]
     run_dir = root / "runs" / "resumed"
     args = [f"--set=train.{k}={v}" for k, v in _overrides(cfg.train).items()]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *args, f"--set=tracking.uri={cfg.tracking.uri}"],
         cwd=tmp_path,
@@ -185,6 +189,7 @@ def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    _wait_until_no_train_worker_is_alive()  # the killed job's worker must not write beside the resubmitted one
     killed_at = checkpoint.latest(str(run_dir))[1]
     assert killed_at.step < 16
     client = MlflowClient(cfg.tracking.uri)
@@ -208,6 +213,17 @@ def _overrides(tc: TrainConfig) -> dict[str, str]:
     """``--set`` values (TOML) of every key of ``tc`` that differs from the default, sections included."""
     default = flatten(TrainConfig())
     return {key: json.dumps(value) for key, value in flatten(tc).items() if value != default[key]}
+
+
+def _wait_until_no_train_worker_is_alive(timeout_s: float = 60.0) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    while list_actors(address=ray.get_runtime_context().gcs_address, filters=alive):
+        assert time.monotonic() < deadline, "the killed driver's Train worker is still alive"
+        time.sleep(0.2)
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
