@@ -95,3 +95,67 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class FlakyFileSystem:
+    """The local filesystem with injected storage faults, for `storage.resolve` to return in unit tests.
+
+    The first ``open_failures`` opens raise ``error()``; then the first ``read_failures`` reads that reach past byte
+    ``fail_at`` do (``math.inf`` for a fault that persists). ``opens`` and ``failed_reads`` count what happened.
+    """
+
+    def __init__(self, error, open_failures: float = 0, read_failures: float = 0, fail_at: int = 0) -> None:
+        import pyarrow.fs as pafs
+
+        self.local = pafs.LocalFileSystem()
+        self.error = error
+        self.open_failures, self.read_failures, self.fail_at = open_failures, read_failures, fail_at
+        self.opens = self.failed_reads = 0
+
+    def open_input_file(self, path: str) -> _FlakyFile:
+        self.opens += 1
+        if self.opens <= self.open_failures:
+            raise self.error()
+        return _FlakyFile(self, self.local.open_input_file(path))
+
+    def open_input_stream(self, path: str, buffer_size: int | None = None) -> _FlakyFile:
+        return self.open_input_file(path)
+
+
+class _FlakyFile:
+    """A file of `FlakyFileSystem`: positioned reads (what storage uses) and a Python file's read/seek/tell."""
+
+    def __init__(self, fs: FlakyFileSystem, file) -> None:
+        self.fs, self.file, self.pos, self.closed = fs, file, 0, False
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        if offset + nbytes > self.fs.fail_at and self.fs.failed_reads < self.fs.read_failures:
+            self.fs.failed_reads += 1
+            raise self.fs.error()
+        return self.file.read_at(nbytes, offset)
+
+    def read(self, nbytes: int = -1) -> bytes:
+        nbytes = self.size() - self.pos if nbytes is None or nbytes < 0 else nbytes
+        data = self.read_at(nbytes, self.pos)
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, self.size())[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def size(self) -> int:
+        return self.file.size()
+
+    def close(self) -> None:
+        self.closed = True
+        self.file.close()
+
+    def __enter__(self) -> _FlakyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
