@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -159,3 +160,90 @@ class _FlakyFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Outage:
+    """A TCP forwarder to a local server that can be cut, as a network outage is (open connections reset, new
+    ones refused), and restored on the same port: `url` is what clients are pointed at."""
+
+    def __init__(self, target_url: str) -> None:
+        import threading
+
+        host_port = target_url.split("://", 1)[1]
+        self.target = (host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1]))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: list = []
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        import socket
+        import struct
+
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.fixture
+def s3_outage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Outage]:
+    """The S3 emulator behind a forwarder that a test can cut; storage reaches S3 through it, and the SDK tries each
+    request once (the tests look at clipdr's own retries)."""
+    outage = Outage(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", outage.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    try:
+        yield outage
+    finally:
+        outage.cut()

@@ -10,6 +10,8 @@ import socket
 
 import ray
 
+from clipdr import storage
+
 
 def ensure_ray() -> None:
     """Joins the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local Ray."""
@@ -77,6 +79,7 @@ _FORWARDED_ENV = (
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_S3_ENDPOINT_URL",
+    *storage.ENVIRONMENT,  # retry settings: every worker rides out the same outages
 )
 
 

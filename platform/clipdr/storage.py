@@ -370,6 +370,13 @@ class _RetryingReader(io.RawIOBase):
         self._pos += len(data)
         return len(data)
 
+    def readall(self) -> bytes:
+        """The rest of the file in one positioned read (one GET on S3), not in buffer-sized pieces."""
+        position = self._pos
+        data = self._call(lambda: self._file.read_at(max(0, self.size() - position), position), "read all of")
+        self._pos += len(data)
+        return data + super().readall()  # the file may have grown since its size was read
+
     def close(self) -> None:
         if self._file is not None:
             with suppress(Exception):
