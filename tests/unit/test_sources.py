@@ -578,7 +578,8 @@ def test_transient_error_at_open_is_retried_then_fails_the_shard(tmp_path, monke
     path = _shard(tmp_path, fmt)
     refused = FlakyFileSystem(lambda: ConnectionRefusedError(111, "Connection refused"), open_failures=math.inf)
     monkeypatch.setattr(storage, "resolve", lambda uri: (refused, uri))
-    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.3")
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.1")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)
     skipped: Counter = Counter()
 
     with pytest.raises(sources.ShardReadError, match=rf"s\.{fmt}.*Connection refused") as info:
@@ -594,7 +595,8 @@ def test_transient_error_mid_read_fails_the_shard_or_recovers(tmp_path, monkeypa
 
     path = _shard(tmp_path, fmt)
     expected = [s.key for s in _read(path)[0]]
-    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.3")
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.1")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)
     monkeypatch.setattr(sources, "_READ_BUFFER_BYTES", 4096)  # several reads a shard
     half = os.path.getsize(path) // 2
 
@@ -612,6 +614,7 @@ def test_transient_error_mid_read_fails_the_shard_or_recovers(tmp_path, monkeypa
 
     # A break that heals within the retries: the read goes on from where it was, every sample exactly once.
     monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "10")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)  # backoff 10 ms, 20 ms, ...
     brief = FlakyFileSystem(reset, read_failures=2, fail_at=half)
     monkeypatch.setattr(storage, "resolve", lambda uri: (brief, uri))
     assert [s.key for s in iter_shard(path, skipped)] == expected and not skipped

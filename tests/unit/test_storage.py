@@ -125,6 +125,7 @@ def test_transient_error_mid_read_is_retried_from_the_same_offset(tmp_path, monk
     flaky = FlakyFileSystem(lambda: ConnectionResetError(errno.ECONNRESET, "reset"), read_failures=2, fail_at=50_000)
     monkeypatch.setattr(storage, "resolve", lambda uri: (flaky, uri))
     monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "10")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)  # backoff 10 ms, 20 ms, ...
 
     with storage.open_input(str(tmp_path / "f.bin"), buffer_size=16_384) as f:
         assert f.read() == data
@@ -138,7 +139,8 @@ def test_persistent_transient_error_raises_after_the_budget(tmp_path, monkeypatc
     (tmp_path / "f.bin").write_bytes(b"x" * 1000)
     flaky = FlakyFileSystem(lambda: OSError(errno.EIO, "Input/output error"), open_failures=math.inf)
     monkeypatch.setattr(storage, "resolve", lambda uri: (flaky, uri))
-    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.3")
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.1")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)
 
     with pytest.raises(storage.StorageError, match=r"open .*f\.bin: OSError: \[Errno 5\].*still failing") as info:
         storage.read_bytes(str(tmp_path / "f.bin"))
