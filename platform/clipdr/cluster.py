@@ -16,6 +16,8 @@ import tempfile
 
 import ray
 
+from clipdr import storage
+
 
 def ensure_ray() -> None:
     """Joins the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``) or starts a local Ray."""
@@ -80,6 +82,7 @@ _FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_S3_ENDPOINT_URL",
+    *storage.ENVIRONMENT,  # retry settings: every worker rides out the same outages
 )
 # Credentials never travel in a runtime_env: they go into a file only this user can read, and a worker process
 # loads it when it starts (Ray's worker setup hook); the runtime_env names only the file. A worker on another

@@ -19,6 +19,7 @@ from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceRes
 from clipdr.data import sources, synthetic
 from clipdr.models.captioners import TINY_COCA, build_coca
 from clipdr.models.teachers import Teacher
+from clipdr.reinforce import pipeline
 from clipdr.reinforce.run import ReinforceError, run
 
 from .. import s3_policy
@@ -155,7 +156,7 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}
 
 
-def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path):
+def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path, monkeypatch):
     config, valid_keys, _ = setup
     # Other parallelism than the S3 run (two actors per model stage): Ray bundles the stream differently.
     wide = dataclasses.replace(config.reinforce.resources, teacher_actors=2, captioner_actors=2)
@@ -177,6 +178,33 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
     with open(os.path.join(out, ".student-00001.parquet.tmp-dead"), "wb") as f:
         f.write(b"PAR1 partial")
     messages = []
+
+    # The rerun meets a storage fault after planning: every read of source shard student-00001.tar fails with EIO
+    # (the kernel's own, from reading /proc/self/mem at offset 0) for longer than the retries last. The job fails,
+    # naming the shard and the error, and writes nothing for it: no output shard, no manifest, no skip recorded.
+    source_shard = os.path.join(config.reinforce.source, "student-00001.tar")
+    real_run_pipeline = pipeline.run_pipeline
+
+    def run_pipeline_during_an_outage(*args, **kwargs):
+        os.rename(source_shard, f"{source_shard}.away")
+        os.symlink("/proc/self/mem", source_shard)
+        try:
+            return real_run_pipeline(*args, **kwargs)
+        finally:
+            os.remove(source_shard)
+            os.rename(f"{source_shard}.away", source_shard)
+
+    with monkeypatch.context() as outage:
+        outage.setattr(pipeline, "run_pipeline", run_pipeline_during_an_outage)
+        outage.setenv(storage.RETRY_BUDGET_ENV, "1")  # forwarded to the Ray workers
+        with pytest.raises(Exception, match=r"(?s)student-00001\.tar.*Errno 5"):
+            run(config, log=messages.append)
+    assert not os.path.exists(os.path.join(out, "student-00001.parquet"))
+    assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+    assert "3/4 shards complete" in messages[-1] and "rerun" in messages[-1]
+
+    # The outage is over: the rerun redoes that shard.
+    messages.clear()
     resumed = run(config, log=messages.append)
 
     assert any("3/4 shards done" in m for m in messages)  # the plan saw three complete shards

@@ -249,7 +249,16 @@ def run(config: Config, log=print) -> records.Manifest | None:
 
         if p.pending:
             ensure_ray()
-            run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
+            try:
+                run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
+            except Exception:
+                # A shard that fails (a storage error that outlasted its retries, ...) has no output and there is no
+                # manifest: nothing records it as done or skipped, so a rerun with the same config redoes it.
+                log(
+                    f"reinforcement failed with {progress['shards']}/{len(p.tasks)} shards complete; the others have "
+                    "no output: rerun the same config to do them"
+                )
+                raise
         elapsed = time.monotonic() - started
         manifest = _finish_manifest(cfg.output, p)
         tracker.log_metrics(
