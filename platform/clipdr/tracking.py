@@ -463,35 +463,59 @@ def log_model(
     """Logs a torch module with ``mlflow.pytorch`` (pickled with cloudpickle) under ``tracker``'s run.
 
     The signature is inferred from ``input_example`` -> ``output_example`` (numpy arrays; a batch of at least 2
-    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a new version
-    and ``version_tags`` are set on it.
+    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a version of it
+    and ``version_tags`` are set on that version.
+
+    Idempotent per run, so that a job resubmitted after a crash anywhere in here ends with one logged model and one
+    registered version: a model this run already logged under ``name`` (complete, status READY) is not logged again,
+    and a version of ``registered_model_name`` already registered from it is reused (`register_model_version`).
     """
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example, output_example) if input_example is not None else None
-    with _fluent_tracking_uri(tracker.client.tracking_uri):
-        # log_model attaches to the active run of the fluent API: open ours without touching its status.
-        with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                signature=signature,
-                input_example=input_example,
-                metadata=dict(metadata or {}),
-                serialization_format="pickle",
-                pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
-                registered_model_name=registered_model_name or None,
-            )
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    model_id = _logged_model_id(tracker, name)
+    if not model_id:
+        signature = infer_signature(input_example, output_example) if input_example is not None else None
+        with _fluent_tracking_uri(tracker.client.tracking_uri):
+            # log_model attaches to the active run of the fluent API: open ours without touching its status.
+            with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    signature=signature,
+                    input_example=input_example,
+                    metadata=dict(metadata or {}),
+                    serialization_format="pickle",
+                    pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
+                )
+            tracker.client.update_run(tracker.run_id, status="RUNNING")
+        model_id = info.model_id
     uri = f"runs:/{tracker.run_id}/{name}"
     if not registered_model_name:
         return LoggedModel(uri)
-    version = str(info.registered_model_version)
-    for key, value in (version_tags or {}).items():
-        tracker.client.set_model_version_tag(registered_model_name, version, key, str(value))
-    return LoggedModel(uri, registered_model_name, version)
+    version = register_model_version(
+        f"models:/{model_id}", registered_model_name, tags=version_tags, uri=tracker.client.tracking_uri
+    )
+    return LoggedModel(uri, registered_model_name, version.version)
+
+
+def _logged_model_id(tracker: Tracker, name: str) -> str:
+    """The id of the complete model ``tracker``'s run logged under ``name``; "" when there is none."""
+    return _ready_logged_model(tracker.client, tracker.experiment_id, tracker.run_id, name)
+
+
+def _ready_logged_model(client: MlflowClient, experiment_id: str, run_id: str, name: str) -> str:
+    """The id of the oldest complete (READY) model run ``run_id`` logged under ``name``; "" when none."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",  # a status filter finds nothing (3.17)
+        order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+    )
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_id if ready else ""
 
 
 def _requirements() -> list[str]:
@@ -631,16 +655,46 @@ def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any], *, 
 def register_model_version(
     model_uri: str, name: str, *, tags: Mapping[str, str] | None = None, uri: str = ""
 ) -> ModelVersion:
-    """Registers the model at ``model_uri`` (``runs:/<id>/model``, ``models:/m-<id>``) as a new version of ``name``.
+    """Registers the model at ``model_uri`` (``runs:/<id>/model``, ``models:/m-<id>``) as a version of ``name``.
 
-    The registered model is created on first use.
+    The registered model is created on first use. Idempotent: when a version of ``name`` was already registered
+    from the same model (the same run and source), that version is returned (with ``tags`` set on it) instead of
+    a new one, so a job resubmitted after registering does not register its model twice.
     """
     import mlflow
 
-    with _fluent_tracking_uri(tracking_uri(uri)):
+    tracking = tracking_uri(uri)
+    with _fluent_tracking_uri(tracking):
+        source_run, source = _model_source(model_uri, tracking)
+        existing = _versions_from(name, source_run, source, tracking) if source else []
+        if existing:
+            version = existing[0]
+            set_model_version_tags(name, version.version, dict(tags or {}), uri=uri)
+            return get_model_version(name, version.version, uri=uri)
         # The fluent call resolves runs:/ URIs of MLflow 3 logged models to their models:/m-<id> source.
         mv = mlflow.register_model(model_uri, name, tags=dict(tags or {}))
     return get_model_version(name, str(mv.version), uri=uri)
+
+
+def _model_source(model_uri: str, uri: str) -> tuple[str, str]:
+    """``(run id, models:/m-<id>)`` a registration of ``model_uri`` records; ``("", "")`` when it cannot be told."""
+    kind, first, path = parse_model_uri(model_uri)
+    client = _client(uri)
+    if kind == "logged":
+        return client.get_logged_model(first).source_run_id or "", f"models:/{first}"
+    if kind == "run":
+        model_id = _ready_logged_model(client, client.get_run(first).info.experiment_id, first, path)
+        return (first, f"models:/{model_id}") if model_id else ("", "")
+    return "", ""
+
+
+def _versions_from(name: str, run_id: str, source: str, uri: str) -> list[ModelVersion]:
+    """Versions of registered model ``name`` made from ``source`` (by run ``run_id``), oldest first."""
+    client = _client(uri)
+    if not client.search_registered_models(f"name = '{name}'"):
+        return []
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return sorted((_model_version(mv) for mv in found if mv.source == source), key=lambda v: int(v.version))
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str, str]:
