@@ -79,7 +79,7 @@ def _check_writable(output: str) -> None:
     try:
         storage.write_bytes(probe, b"")
         storage.delete(probe)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ReinforceError(f"reinforce.output {output!r} is not writable: {e}") from None
 
 
@@ -99,6 +99,12 @@ def plan(config: Config) -> Plan:
     cfg = config.reinforce
     if not cfg.source or not cfg.output:
         raise ReinforceError("reinforce.source and reinforce.output must both be set")
+    for key, uri in (("reinforce.source", cfg.source), ("reinforce.output", cfg.output)):
+        try:
+            if not storage.is_s3(uri):  # an S3 URI is checked where it is read or written (no filesystem here)
+                storage.resolve(uri)  # the scheme and form only: nothing is read or written
+        except ValueError as e:
+            raise ReinforceError(f"{key}: {e}") from None
     if cfg.num_augmentations < 1 or cfg.num_syn_captions < 1:
         raise ReinforceError(
             f"reinforce.num_augmentations (K={cfg.num_augmentations}) and reinforce.num_syn_captions "
@@ -126,19 +132,19 @@ def plan(config: Config) -> Plan:
         for t, spec in resolved
         if spec is None
     )
-    captioner = records.CaptionerSpec(
-        name=cfg.captioner.model,
-        kind=cfg.captioner.kind,
-        model=cfg.captioner.model,
-        pretrained=cfg.captioner.pretrained,
-        top_p=cfg.captioner.top_p,
-        temperature=cfg.captioner.temperature,
-        max_len=cfg.captioner.max_len,
-        seed=cfg.seed,
-    )
     try:
+        captioner = records.CaptionerSpec(
+            name=cfg.captioner.model,
+            kind=cfg.captioner.kind,
+            model=cfg.captioner.model,
+            pretrained=cfg.captioner.pretrained,
+            top_p=cfg.captioner.top_p,
+            temperature=cfg.captioner.temperature,
+            max_len=cfg.captioner.max_len,
+            seed=cfg.seed,
+        )
         validate_captioner(captioner)
-    except ValueError as e:
+    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
         raise ReinforceError(f"reinforce.captioner: {e}") from None
 
     if cfg.dry_run and (storage.is_s3(cfg.source) or storage.is_s3(cfg.output)):
