@@ -228,12 +228,12 @@ def _until_answered(call: Callable[[], Any], what: str, limit_s: float, retry_in
 class MetricLogger:
     """Rank 0's metrics of one run, sent by a background thread so that training never waits on the server.
 
-    `log` stamps the metrics with the time it is called and queues them; the thread sends the queue in order. While
-    the server is away (`is_transient` errors) the metrics stay queued and are retried every ``retry_interval_s``;
-    when it answers again they are sent with their original steps and timestamps. An outage longer than
-    ``outage_limit_s``, more than ``max_buffered`` metrics queued, or an error that is not transient makes the next
-    `log`, `flush` or `close` raise (`TrackingOutage`, its cause the server's last error). Checkpoints do not go
-    through here, so they never wait on the server.
+    `log_metrics` stamps the metrics with the time it is called and queues them; the thread sends the queue in
+    order. While the server is away (`is_transient` errors) the metrics stay queued and are retried every
+    ``retry_interval_s``; when it answers again they are sent with their original steps and timestamps. An outage
+    longer than ``outage_limit_s``, more than ``max_buffered`` metrics queued, or an error that is not transient
+    makes the next `log_metrics`, `flush` or `close` raise (`TrackingOutage`, its cause the server's last error).
+    Checkpoints do not go through here, so they never wait on the server.
     """
 
     def __init__(
@@ -372,7 +372,9 @@ class MetricLogger:
                             e,
                         )
                         return
-                    self._cond.wait(self.retry_interval_s)  # woken early only to close; then it tries once more
+                    retry_at = now + self.retry_interval_s
+                    while not self._closing and (left := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(left)
                 continue
             with self._cond:
                 del self._queue[: len(chunk)]

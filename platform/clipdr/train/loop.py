@@ -288,8 +288,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         failed = False
     finally:
         if tracker is not None:
-            tracker.close(raise_errors=not failed)  # sends what an outage held back, or fails with its error
-            monitor.finish()
+            try:
+                tracker.close(raise_errors=not failed)  # sends what an outage held back, or fails with its error
+            finally:
+                monitor.finish()
 
 
 def _train(
