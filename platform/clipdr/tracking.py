@@ -111,20 +111,21 @@ class Tracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
-    def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> Any:
+    def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> SystemMetrics:
         """Samples CPU, memory, disk, network (and GPU where present) into the run every ``interval_s`` seconds
         until the returned monitor's ``finish()``; ``node_id`` prefixes the metrics when several processes log."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(
-            self.run_id,
-            sampling_interval=interval_s,
-            resume_logging=True,
-            node_id=node_id,
-            tracking_uri=self.client.tracking_uri,
-        )
+        with _fail_fast(_HTTP_TIMEOUT_S):  # it reads the run's last system step: one attempt, not minutes of retries
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval_s,
+                resume_logging=True,
+                node_id=node_id,
+                tracking_uri=self.client.tracking_uri,
+            )
         monitor.start()
-        return monitor
+        return SystemMetrics(monitor)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
@@ -140,6 +141,26 @@ class Tracker:
                 self.finish("FAILED")
         except Exception as e:  # the error being raised is the one that matters
             log.warning("could not mark MLflow run %s FAILED (%s): %s", self.run_id, self.client.tracking_uri, e)
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler, stopped within a time limit.
+
+    MLflow's ``finish`` joins the sampling thread, which may sit in MLflow's HTTP retries (minutes) while the
+    tracking server is away; a job that ends or fails then must not wait for it.
+    """
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def finish(self, timeout_s: float = 15.0) -> None:
+        stopper = threading.Thread(target=self.monitor.finish, name="clipdr-system-metrics-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            log.warning(
+                "system metrics sampler still waiting on the tracking server after %g s; left behind", timeout_s
+            )
 
 
 def _param_value(value: Any) -> str:

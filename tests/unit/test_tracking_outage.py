@@ -132,3 +132,15 @@ def test_a_failing_job_keeps_its_own_error_when_the_server_is_down(monkeypatch):
     with pytest.raises(RuntimeError, match="the job's own error"), tracker:
         raise RuntimeError("the job's own error")
     assert time.monotonic() - started < 5
+
+
+def test_stopping_system_metrics_does_not_wait_for_the_server(monkeypatch):
+    # MLflow's sampler asks the server for the run's status after each sample, with MLflow's retries (7 by default,
+    # minutes; 3 here, ~14 s) in its own thread, and its finish() waited for that thread.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    tracker = tracking.Tracker(MlflowClient(f"http://127.0.0.1:{free_port()}"), "0" * 32, "0")
+    started = time.monotonic()
+    monitor = tracker.start_system_metrics(interval_s=0.1)
+    time.sleep(1.0)  # its thread is now inside those retries
+    monitor.finish(timeout_s=1.0)
+    assert time.monotonic() - started < 8
