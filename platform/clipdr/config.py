@@ -358,6 +358,11 @@ class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
     uri: str = _f("", "MLflow tracking URI; empty: sqlite file mlflow.db in the working directory")
+    outage_limit_s: float = _f(
+        600.0,
+        "how long training keeps its metrics while the tracking server does not answer, sending them once it does; "
+        "a longer outage fails the job with the server's error",
+    )
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,32 @@ def test_data_buckets_use_kms_and_log_access(terraform_files):
     data = next(body for _, name, body in blocks(terraform_files, "module") if name == "bucket")
     assert data["server_side_encryption_configuration"]["rule"]["bucket_key_enabled"] is True
     assert data["logging"]["target_bucket"] == "${module.access_logs.s3_bucket_id}"
-    assert re.search(r"abort_incomplete_multipart_upload_days\s*=\s*7", data["lifecycle_rule"][0])
+    assert data["lifecycle_rule"][0]["abort_incomplete_multipart_upload_days"] == 7
+
+
+def test_checkpoint_expiry_spares_the_run_state(terraform_files, tmp_path):
+    """Dev checkpoints expire; the run state beside them (a resubmission's MLflow run id, recipe and completion
+    marker, `clipdr.runstate`) must not go with them, or a resubmitted run starts a second MLflow run."""
+    from clipdr import runstate
+    from clipdr.config import load_config, to_dict
+
+    storage = terraform_files[Path("modules/storage/main.tf")]
+    rules = next(body for _, name, body in blocks(terraform_files, "module") if name == "bucket")["lifecycle_rule"]
+    limit = storage["locals"][0]["expire_above_bytes"]
+    expiring = [rule for rule in rules if "expiration" in rule]
+    assert expiring, "checkpoints no longer expire: update this test"
+    for rule in expiring:
+        assert rule.get("filter") == {"object_size_greater_than": "${local.expire_above_bytes}"}, rule["id"]
+
+    # The largest run state a run writes: the whole recipe of the longest shipped config, and a result.
+    cfg = load_config("jobs/configs/demo.toml")
+    recipe = {"train": to_dict(cfg.train), "augment": to_dict(cfg.augment)}
+    state = runstate.RunState("0" * 32, runstate.fingerprint("data"), recipe, {"rows_per_epoch": 10**9})
+    runstate.write(str(tmp_path), runstate.TRAIN_STATE, state)
+    runstate.write_result(str(tmp_path), runstate.TRAIN_RESULT, {"run_name": "x" * 200, "model_uri": "y" * 200})
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert set(sizes) == {runstate.TRAIN_STATE, runstate.TRAIN_RESULT}
+    assert max(sizes.values()) * 50 < limit, sizes  # a wide margin: recipes grow
 
 
 # ------------------------------------------------------------------------------------------------ compute

@@ -151,6 +151,7 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.metrics["num_rows"] == 61
     assert mlflow_run.data.metrics["skipped.corrupt_image"] == 1
+    assert mlflow_run.data.metrics["duplicate_keys_across_shards"] == 0
     assert mlflow_run.data.metrics["samples_per_s"] > 0
     assert mlflow_run.data.params["reinforce.num_augmentations"] == "2"
     assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}

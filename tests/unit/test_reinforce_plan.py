@@ -81,3 +81,17 @@ def test_real_recipes_validate_offline_in_a_dry_run(recipe):
     else:
         assert [t.logit_scale for t in p.manifest.teachers] == [70.0]
         assert any("hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B" in note for note in p.notes)
+
+
+def test_duplicate_keys_across_shards_are_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipdr.reinforce.run import count_duplicate_keys
+
+    shards = {"a": ["k1", "k2", "k3", "k4"], "b": ["k3", "k5", "k1"], "c": ["k6"], "d": ["k1"]}
+    for name, keys in shards.items():  # several row groups a shard: the count streams them
+        pq.write_table(pa.table({"key": keys, "other": list(range(len(keys)))}), tmp_path / name, row_group_size=2)
+    uris = [str(tmp_path / name) for name in shards]
+    assert count_duplicate_keys(uris, num_buckets=4) == 3  # k3 once more, k1 twice more
+    assert count_duplicate_keys(uris[:1] + uris[2:3]) == 0

@@ -276,15 +276,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     tracker = None
     if rank == 0:
-        from clipdr.tracking import Tracker
+        from clipdr.tracking import MetricLogger
 
-        tracker = Tracker.start("", run_id=plan.mlflow_run_id, uri=plan.tracking_uri)
-        monitor = tracker.start_system_metrics()
+        # Metrics go through a buffer that rides out a tracking outage (up to tracking.outage_limit_s); checkpoints
+        # never wait on it.
+        tracker = MetricLogger.open(
+            plan.mlflow_run_id, uri=plan.tracking_uri, outage_limit_s=plan.tracking.outage_limit_s
+        )
+        monitor = tracker.tracker.start_system_metrics()
+    failed = True
     try:
         _train(plan, model, optimizer, progress, tracker, rank, world_size, device)
+        failed = False
     finally:
         if tracker is not None:
-            monitor.finish()
+            try:
+                tracker.close(raise_errors=not failed)  # sends what an outage held back, or fails with its error
+            finally:
+                monitor.finish()
 
 
 def _train(

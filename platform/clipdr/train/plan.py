@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipdr import records, storage
-from clipdr.config import Config, EvaluateConfig, TrainConfig, from_dict, to_dict
+from clipdr.config import Config, EvaluateConfig, TrackingConfig, TrainConfig, from_dict, to_dict
 
 
 class TrainError(ValueError):
@@ -155,6 +155,7 @@ class TrainPlan:
         start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
         mlflow_run_id: The run's MLflow run id (reopened by rank 0).
         tracking_uri: Where that run lives.
+        tracking: The ``[tracking]`` section (how long rank 0 keeps metrics through a tracking outage).
     """
 
     train: TrainConfig
@@ -172,6 +173,7 @@ class TrainPlan:
     start_batches: int = 0
     mlflow_run_id: str = ""
     tracking_uri: str = ""
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     @property
     def teacher_names(self) -> list[str]:
@@ -196,6 +198,7 @@ class TrainPlan:
         out |= {
             "train": to_dict(self.train),
             "evaluate": to_dict(self.evaluate),
+            "tracking": to_dict(self.tracking),
             "mode": str(self.mode),
             "teacher_specs": [dataclasses.asdict(t) for t in self.teacher_specs],
         }
@@ -208,6 +211,7 @@ class TrainPlan:
             | {
                 "train": from_dict(TrainConfig, raw["train"], "train plan"),
                 "evaluate": from_dict(EvaluateConfig, raw["evaluate"], "train plan"),
+                "tracking": from_dict(TrackingConfig, raw.get("tracking", {}), "train plan"),
                 "mode": Mode(raw["mode"]),
                 "teacher_specs": tuple(records.TeacherSpec(**t) for t in raw["teacher_specs"]),
             }
@@ -251,4 +255,5 @@ def make_plan(
         start_batches=start_batches,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
+        tracking=cfg.tracking,
     )

@@ -256,7 +256,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception:
-        tracker.finish("FAILED")
+        tracker.finish_failed()  # never replaces the training error (a tracking server that is down would)
         raise
     log(f"train: fit finished in {time.perf_counter() - started:.1f} s")
     return _finish(cfg, tracker, result, run_name, log)
