@@ -78,6 +78,15 @@ EVERY_FIELD = TrainConfig(
 )
 
 
+# Plan sections added after the pinned files were made; each is compared on its own in its feature's tests.
+ADDED_SINCE = ("tracking",)
+
+
+def plan_dict(plan) -> dict:
+    """``plan.to_dict()`` without the sections of ``ADDED_SINCE``."""
+    return {k: v for k, v in plan.to_dict().items() if k not in ADDED_SINCE}
+
+
 def pinned(name: str) -> bytes:
     raw = (PINNED / name).read_bytes()
     assert hashlib.sha256(raw).hexdigest() == DIGESTS[name], f"{name} changed: it pins what the flat layout wrote"
@@ -106,14 +115,14 @@ def test_the_demo_jobs_plans_are_those_of_the_flat_layout(name):
     teachers = [
         records.TeacherSpec(**t) for t in json.loads(pinned("plans.json"))["student-reinforced"]["teacher_specs"]
     ]
-    new = make_plan(jobs()[name], teachers).to_dict()
+    new = plan_dict(make_plan(jobs()[name], teachers))
     assert new == old | {"train": upgrade({"train": old["train"]})["train"]}
 
 
 def test_a_plan_of_every_key_set_is_that_of_the_flat_layout():
     old = json.loads(pinned("plans.json"))["every-field"]
     teachers = [records.TeacherSpec(**t) for t in old["teacher_specs"]]
-    new = make_plan(jobs()["every-field"], teachers, start_batches=5).to_dict()
+    new = plan_dict(make_plan(jobs()["every-field"], teachers, start_batches=5))
     assert new == old | {"train": upgrade({"train": old["train"]})["train"]}
     assert (new["total_steps"], new["warmup_steps"], new["local_batch"], new["precision"]) == (43, 3, 32, "bf16")
 
