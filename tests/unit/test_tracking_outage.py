@@ -1,6 +1,7 @@
 """A tracking server that goes away mid-run: metrics are kept and sent later, errors are not masked.
 
-Against a real ``mlflow server`` (SQLite backend in a temporary folder) that the test stops and starts again.
+Against a real ``mlflow server`` (SQLite backend in a temporary folder), reached through a forwarder that the test
+cuts (connections reset, new ones refused) and restores, as a network outage would.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from mlflow import MlflowClient
 
 from clipdr import tracking
 from clipdr.cluster import free_port
-from tests.conftest import wait_http
+from tests.conftest import Outage, wait_http
 
 
 class Server:
-    """``mlflow server`` on 127.0.0.1 with a SQLite backend; `stop` and `start` keep the port and the store."""
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend in ``folder``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -79,7 +80,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_returns(server):
-    tracker = tracking.Tracker.start("outage", "run", uri=server.uri)
+    outage = Outage(server.uri)
+    tracker = tracking.Tracker.start("outage", "run", uri=outage.url)
     logger = tracking.MetricLogger(tracker, outage_limit_s=120, retry_interval_s=0.2)
     stamps = {}
     for step in range(3):
@@ -87,7 +89,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_return
         stamps[step * 64] = int(time.time() * 1000)
     logger.flush()
 
-    server.stop()
+    outage.cut()
     started = time.monotonic()
     for step in range(3, 8):  # while nothing answers: neither raises nor waits
         logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
@@ -96,10 +98,11 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_return
     assert time.monotonic() - started < 2.0
     assert logger.pending == 10  # held back, not dropped
 
-    server.start()  # the same port and store
+    outage.restore()  # the same address
     logger.flush()
     logger.close()
     tracker.finish()
+    outage.cut()
 
     history = MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(s * 64, 1.0 / (s + 1)) for s in range(8)]
