@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -34,8 +36,19 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None
     raise RuntimeError(f"{url} did not answer within {timeout_s} s")
 
 
+@dataclass(frozen=True)
+class S3Server:
+    endpoint: str
+    log: Path  # the server's request log, one line a request (tests/s3_policy.py reads it)
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def s3_endpoint(s3_server: S3Server) -> str:
+    return s3_server.endpoint
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A moto S3 server on 127.0.0.1, reached through the standard AWS environment variables."""
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
@@ -57,7 +70,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         for k in ("AWS_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
             os.environ.pop(k, None)
         os.environ.update(env)
-        yield endpoint
+        yield S3Server(endpoint, log)
     finally:
         proc.terminate()
         try:
@@ -95,3 +108,154 @@ def ray_local() -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+class FlakyFileSystem:
+    """The local filesystem with injected storage faults, for `storage.resolve` to return in unit tests.
+
+    The first ``open_failures`` opens raise ``error()``; then the first ``read_failures`` reads that reach past byte
+    ``fail_at`` do (``math.inf`` for a fault that persists). ``opens`` and ``failed_reads`` count what happened.
+    """
+
+    def __init__(self, error, open_failures: float = 0, read_failures: float = 0, fail_at: int = 0) -> None:
+        import pyarrow.fs as pafs
+
+        self.local = pafs.LocalFileSystem()
+        self.error = error
+        self.open_failures, self.read_failures, self.fail_at = open_failures, read_failures, fail_at
+        self.opens = self.failed_reads = 0
+
+    def open_input_file(self, path: str) -> _FlakyFile:
+        self.opens += 1
+        if self.opens <= self.open_failures:
+            raise self.error()
+        return _FlakyFile(self, self.local.open_input_file(path))
+
+    def open_input_stream(self, path: str, buffer_size: int | None = None) -> _FlakyFile:
+        return self.open_input_file(path)
+
+
+class _FlakyFile:
+    """A file of `FlakyFileSystem`: positioned reads (what storage uses) and a Python file's read/seek/tell."""
+
+    def __init__(self, fs: FlakyFileSystem, file) -> None:
+        self.fs, self.file, self.pos, self.closed = fs, file, 0, False
+
+    def read_at(self, nbytes: int, offset: int) -> bytes:
+        if offset + nbytes > self.fs.fail_at and self.fs.failed_reads < self.fs.read_failures:
+            self.fs.failed_reads += 1
+            raise self.fs.error()
+        return self.file.read_at(nbytes, offset)
+
+    def read(self, nbytes: int = -1) -> bytes:
+        nbytes = self.size() - self.pos if nbytes is None or nbytes < 0 else nbytes
+        data = self.read_at(nbytes, self.pos)
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset + (0, self.pos, self.size())[whence]
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def size(self) -> int:
+        return self.file.size()
+
+    def close(self) -> None:
+        self.closed = True
+        self.file.close()
+
+    def __enter__(self) -> _FlakyFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Outage:
+    """A TCP forwarder to a local server that can be cut, as a network outage is (open connections reset, new
+    ones refused), and restored on the same port: `url` is what clients are pointed at."""
+
+    def __init__(self, target_url: str) -> None:
+        import threading
+
+        host_port = target_url.split("://", 1)[1]
+        self.target = (host_port.rsplit(":", 1)[0], int(host_port.rsplit(":", 1)[1]))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._lock = threading.Lock()
+        self._sockets: list = []
+        self._listener = None
+        self.restore()
+
+    def restore(self) -> None:
+        import socket
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def _accept(self, listener) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink) -> None:
+        import socket
+
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        import socket
+        import struct
+
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept loop
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+@pytest.fixture
+def s3_outage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Outage]:
+    """The S3 emulator behind a forwarder that a test can cut; storage reaches S3 through it, and the SDK tries each
+    request once (the tests look at clipdr's own retries)."""
+    outage = Outage(s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", outage.url)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    try:
+        yield outage
+    finally:
+        outage.cut()

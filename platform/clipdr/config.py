@@ -4,7 +4,9 @@ A run's whole configuration is one `Config`; each component reads its own sectio
 its help text in ``metadata["help"]`` so the CLI can list the keys of a section with their defaults.
 
 Loading is strict: an unknown section or key, or a value of the wrong type, raises ``ConfigError`` with
-the dotted key, where it came from (file or ``--set``) and what is allowed.
+the dotted key, where it came from (file or ``--set``) and what is allowed. A key that moved (`MOVED`, e.g. when
+``[train]`` was split into sections) is refused naming its new place; `upgrade` moves such keys in settings stored
+before the move.
 """
 
 from __future__ import annotations
@@ -176,12 +178,60 @@ class TrainResources:
 
 
 @dataclass(frozen=True)
+class TrainSchedule:
+    """How long a run is, in what batches, and the learning-rate curve (linear warmup, then cosine to min_lr)."""
+
+    samples: int = _f(100_000, "training length in samples seen")
+    batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
+    accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
+    warmup_samples: int = _f(10_000, "samples of linear learning-rate warmup")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+
+
+@dataclass(frozen=True)
+class TrainOptimizer:
+    """AdamW and the update it makes."""
+
+    lr: float = _f(1e-3, "peak learning rate (reached after train.schedule.warmup_samples)")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.95, "AdamW beta2")
+    eps: float = _f(1e-6, "AdamW epsilon")
+    weight_decay: float = _f(0.2, "AdamW weight decay (not on norms, biases, embeddings, logit scale)")
+    grad_clip: float = _f(1.0, "global gradient norm clip; 0: off")
+
+
+@dataclass(frozen=True)
+class TrainLoss:
+    """The loss: (1 - kd_weight) * CLIP + kd_weight * KD, over the real and a synthetic caption (`clipdr.losses`)."""
+
+    kd_weight: float = _f(1.0, "lambda: loss = (1 - lambda) * clip + lambda * kd (0 with mode clip)")
+    use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
+    caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
+    local_loss: bool = _f(
+        False,
+        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
+        "global batches); the logged loss is then rank 0's share, the other parts stay global",
+    )
+    max_logit_scale: float = _f(100.0, "clamp of the student's logit scale in the loss and after every step")
+
+
+@dataclass(frozen=True)
+class TrainCheckpoint:
+    """When checkpoints are written and how many are kept (a resubmission may change these)."""
+
+    every: int = _f(100, "optimizer steps between checkpoints (one is always written at the end)")
+    keep: int = _f(2, "checkpoints kept on storage")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Training a student: reinforced distillation, or a baseline, on Ray Train.
 
-    Training length is counted in samples seen (`samples`), so runs with different batch sizes or worker
-    counts compare at equal data. A job resubmitted with the same `output` and `run_name` resumes from its
-    last checkpoint and continues the same MLflow run.
+    The top level is the run: what trains on what, where it is stored and tracked, how it is evaluated. The
+    sections are the recipe's parts (`schedule`, `optimizer`, `loss`), the checkpoint cadence (`checkpoint`) and
+    the scaling (`resources`). Training length is counted in samples seen (`schedule.samples`), so runs with
+    different batch sizes or worker counts compare at equal data. A job resubmitted with the same `output` and
+    `run_name` resumes from its last checkpoint and continues the same MLflow run.
     """
 
     data: str = _f("", "training data: a reinforced dataset directory, or raw source shards (mode clip only)")
@@ -192,36 +242,33 @@ class TrainConfig:
     model: str = _f("clipdr-tiny-mci", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config")
     pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
-    kd_weight: float = _f(1.0, "lambda: loss = (1 - lambda) * clip + lambda * kd (0 with mode clip)")
-    use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
-    caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
-    local_loss: bool = _f(
-        False,
-        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
-        "global batches); the logged loss is then rank 0's share, the other parts stay global",
-    )
-    samples: int = _f(100_000, "training length in samples seen")
-    batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
-    accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
-    lr: float = _f(1e-3, "peak learning rate (AdamW)")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
-    beta1: float = _f(0.9, "AdamW beta1")
-    beta2: float = _f(0.95, "AdamW beta2")
-    eps: float = _f(1e-6, "AdamW epsilon")
-    weight_decay: float = _f(0.2, "AdamW weight decay (not on norms, biases, embeddings, logit scale)")
-    warmup_samples: int = _f(10_000, "samples of linear learning-rate warmup")
-    grad_clip: float = _f(1.0, "global gradient norm clip; 0: off")
-    max_logit_scale: float = _f(100.0, "clamp of the student's logit scale after every step")
+    seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")
-    seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     log_every: int = _f(10, "optimizer steps between metric logs")
-    checkpoint_every: int = _f(100, "optimizer steps between checkpoints (one is always written at the end)")
-    keep_checkpoints: int = _f(2, "checkpoints kept on storage")
-    eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")
     evaluate: bool = _f(False, "evaluate on the [evaluate] datasets during and after training")
+    eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")
     register: str = _f("", "registered model name for the final model; empty: log it without registering")
+    schedule: TrainSchedule = _f(TrainSchedule(), "length, batches and the learning-rate curve")
+    optimizer: TrainOptimizer = _f(TrainOptimizer(), "AdamW")
+    loss: TrainLoss = _f(TrainLoss(), "the distillation loss")
+    checkpoint: TrainCheckpoint = _f(TrainCheckpoint(), "checkpoint cadence")
     resources: TrainResources = _f(TrainResources(), "workers, devices and the replay loader")
+
+
+# Keys that moved, old -> new (dotted from the top of `Config`). Loading refuses an old key and names the new one;
+# `upgrade` moves them in settings stored before the move (a training run's recipe), so those runs still resume.
+MOVED: dict[str, str] = {
+    **{f"train.{k}": f"train.schedule.{k}" for k in ("samples", "batch_size", "accum_steps", "warmup_samples")},
+    "train.min_lr": "train.schedule.min_lr",
+    **{f"train.{k}": f"train.optimizer.{k}" for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip")},
+    **{
+        f"train.{k}": f"train.loss.{k}"
+        for k in ("kd_weight", "use_syn_captions", "caption_loss_weight", "local_loss", "max_logit_scale")
+    },
+    "train.checkpoint_every": "train.checkpoint.every",
+    "train.keep_checkpoints": "train.checkpoint.keep",
+}
 
 
 @dataclass(frozen=True)
@@ -316,6 +363,11 @@ class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
     uri: str = _f("", "MLflow tracking URI; empty: sqlite file mlflow.db in the working directory")
+    outage_limit_s: float = _f(
+        600.0,
+        "how long training keeps its metrics while the tracking server does not answer, sending them once it does; "
+        "a longer outage fails the job with the server's error",
+    )
 
 
 @dataclass(frozen=True)
@@ -406,6 +458,11 @@ def _build(cls: type, table: dict[str, Any], prefix: str, where: str) -> Any:
     for name, value in table.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in allowed:
+            if key in MOVED:
+                section, _, leaf = MOVED[key].rpartition(".")
+                raise ConfigError(
+                    f"config key {key!r} ({where}) has moved: it is now {MOVED[key]!r} ({leaf} in [{section}])"
+                )
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"unknown config key {key!r} ({where}){hint}; allowed: {', '.join(allowed)}")
@@ -475,6 +532,49 @@ def to_dict(config: Any) -> dict[str, Any]:
 def from_dict(cls: type, data: dict[str, Any], where: str = "stored config") -> Any:
     """Rebuilds a config dataclass from `to_dict` output, with the same strict checks."""
     return _build(cls, data, "", where)
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """Settings stored before keys moved (nested dicts from the top of `Config`, like `to_dict`'s), with every
+    `MOVED` key at its new place; a copy, what is current is left as it is."""
+
+    def copy(node: Any) -> Any:
+        return {k: copy(v) for k, v in node.items()} if isinstance(node, dict) else node
+
+    out = copy(data)
+    for old, new in MOVED.items():
+        *parents, leaf = old.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part)
+            if not isinstance(node, dict):
+                break
+        else:
+            if leaf in node:
+                value = node.pop(leaf)
+                *new_parents, new_leaf = new.split(".")
+                target = out
+                for part in new_parents:
+                    target = target.setdefault(part, {})
+                assert new_leaf not in target, f"{old} and {new} are both set"
+                target[new_leaf] = value
+    return out
+
+
+def replace(config: Any, changes: typing.Mapping[str, Any]) -> Any:
+    """``config`` (a config dataclass) with ``changes`` applied, keyed by dotted paths below it
+    (``replace(cfg.train, {"mode": "clip", "loss.kd_weight": 0.0})``); the sections on the way are copied."""
+    own: dict[str, Any] = {}
+    below: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        name, _, rest = dotted.partition(".")
+        if rest:
+            below.setdefault(name, {})[rest] = value
+        else:
+            own[name] = value
+    for name, sub in below.items():
+        own[name] = replace(own.get(name, getattr(config, name)), sub)
+    return dataclasses.replace(config, **own)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:

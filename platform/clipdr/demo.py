@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdr import checkpoint, storage
-from clipdr.config import Config
+from clipdr.config import Config, replace
 from clipdr.train.plan import Mode
 
 CURVE_FILE = "learning_curves.png"
@@ -58,13 +58,75 @@ class Curve:
         return None
 
 
-def _stage(cfg: Config, **train_changes: object) -> Config:
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train_changes))
+def _stage(cfg: Config, train_changes: dict[str, object]) -> Config:
+    """``cfg`` with ``train_changes`` (dotted keys of [train]: ``{"schedule.samples": 1024}``)."""
+    return replace(cfg, {f"train.{key}": value for key, value in train_changes.items()})
 
 
 def _train_base(cfg: Config) -> Config:
     """The demo's training settings common to every stage: runs under <demo.output>/runs, one experiment."""
-    return _stage(cfg, output=storage.join(cfg.demo.output, "runs"), experiment=cfg.demo.experiment, evaluate=True)
+    return _stage(
+        cfg, {"output": storage.join(cfg.demo.output, "runs"), "experiment": cfg.demo.experiment, "evaluate": True}
+    )
+
+
+def pretraining_jobs(cfg: Config) -> dict[str, Config]:
+    """The teachers' and the captioner's training jobs (name -> config): plain CLIP from scratch on the clean teacher
+    corpus (a CoCa adds its caption loss)."""
+    demo, base = cfg.demo, _train_base(cfg)
+    teacher_corpus = storage.join(cfg.synth.output, "teacher")
+
+    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
+        return _stage(
+            base,
+            {
+                "data": teacher_corpus,
+                "mode": Mode.CLIP,
+                "loss.kd_weight": 0.0,
+                "model": model,
+                "pretrained": "",
+                "schedule.samples": samples,
+                "schedule.batch_size": batch_size,
+                "optimizer.lr": lr,
+                "run_name": run_name,
+                "evaluate": evaluate,
+                "eval_every": 0,
+            },
+        )
+
+    jobs = {
+        f"teacher-{t.name}": pretrain(
+            t.model, demo.teacher_samples, demo.teacher_batch_size, demo.teacher_lr, f"teacher-{t.name}", True
+        )
+        for t in cfg.reinforce.teachers
+    }
+    jobs["captioner"] = pretrain(
+        cfg.reinforce.captioner.model,
+        demo.captioner_samples,
+        demo.captioner_batch_size,
+        demo.captioner_lr,
+        "captioner",
+        False,
+    )
+    return jobs
+
+
+def student_jobs(cfg: Config) -> dict[str, Config]:
+    """The student's training jobs (name -> config), one per mode of ``demo.modes``, on the reinforced dataset."""
+    base = _train_base(cfg)
+    return {
+        f"student-{mode}": _stage(
+            base,
+            {
+                "data": cfg.reinforce.output,
+                "mode": mode,
+                "loss.kd_weight": cfg.train.loss.kd_weight if Mode(mode).distils else 0.0,
+                "run_name": f"student-{mode}",
+                "register": cfg.demo.registered_model,
+            },
+        )
+        for mode in cfg.demo.modes
+    }
 
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -103,36 +165,8 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     stage(f"synthetic world -> {cfg.synth.output}")
     synthetic.generate(cfg.synth, progress=log)
     ensure_ray()
-    teacher_corpus = storage.join(cfg.synth.output, "teacher")
-    base = _train_base(cfg)
-
-    def pretrain(model: str, samples: int, batch_size: int, lr: float, run_name: str, evaluate: bool) -> Config:
-        """Plain CLIP from scratch on the clean teacher corpus (a CoCa adds its caption loss)."""
-        return _stage(
-            base,
-            data=teacher_corpus,
-            mode=Mode.CLIP,
-            kd_weight=0.0,
-            model=model,
-            pretrained="",
-            samples=samples,
-            batch_size=batch_size,
-            lr=lr,
-            run_name=run_name,
-            evaluate=evaluate,
-            eval_every=0,
-        )
-
+    jobs = pretraining_jobs(cfg)
     captioner = cfg.reinforce.captioner
-    jobs = {
-        f"teacher-{t.name}": pretrain(
-            t.model, demo.teacher_samples, demo.teacher_batch_size, demo.teacher_lr, f"teacher-{t.name}", True
-        )
-        for t in cfg.reinforce.teachers
-    }
-    jobs["captioner"] = pretrain(
-        captioner.model, demo.captioner_samples, demo.captioner_batch_size, demo.captioner_lr, "captioner", False
-    )
     names = ", ".join(f"{t.name!r} ({t.model})" for t in cfg.reinforce.teachers)
     stage(
         f"teachers {names} (plain CLIP) and the captioner ({captioner.model}, CoCa: + caption loss) on the clean "
@@ -153,22 +187,10 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
 
     stage(
-        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.samples} samples each, "
+        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.schedule.samples} samples each, "
         f"{demo.parallel_jobs} jobs at a time"
     )
-    students = train_all(
-        {
-            f"student-{mode}": _stage(
-                base,
-                data=reinforce_cfg.output,
-                mode=mode,
-                kd_weight=cfg.train.kd_weight if Mode(mode).distils else 0.0,
-                run_name=f"student-{mode}",
-                register=demo.registered_model,
-            )
-            for mode in demo.modes
-        }
-    )
+    students = train_all(student_jobs(cfg))
     for mode in demo.modes:  # in mode order, so that the gate's decisions do not depend on which job ended first
         result = students[f"student-{mode}"]
         results[f"student {mode}"] = result

@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 import clipdr
 from clipdr import models, storage
-from clipdr.config import Config, ExportConfig
+from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
 OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
@@ -428,15 +428,16 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
 
 def _training_info(loaded: LoadedModel, run: Any | None) -> dict[str, Any]:
     info: dict[str, Any] = {}
-    params = dict(run.params) if run else {}
+    # A run logs its config flattened; runs logged before [train] had sections spell the moved keys the old way.
+    params = {MOVED.get(k, k): v for k, v in run.params.items()} if run else {}
     tags = dict(run.tags) if run else {}
     mode = loaded.meta.get("mode") or params.get("train.mode") or tags.get("clipdr.mode")
     for key, value in (
         ("mode", mode),
         ("data", params.get("train.data")),
         ("samples seen", loaded.samples_seen),
-        ("knowledge-distillation weight", params.get("train.kd_weight")),
-        ("synthetic captions", params.get("train.use_syn_captions")),
+        ("knowledge-distillation weight", params.get("train.loss.kd_weight")),
+        ("synthetic captions", params.get("train.loss.use_syn_captions")),
         ("initialised from", params.get("train.pretrained") or None),
         ("MLflow run", f"{run.run_name} ({run.run_id})" if run else loaded.run_id or None),
     ):

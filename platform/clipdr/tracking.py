@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ from mlflow.entities import Metric, Param, RunStatus
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 _PARAM_VALUE_LIMIT = 6000  # mlflow's limit on a parameter value's length
 _BATCH = 100  # mlflow's limit on params per log_batch call
+_METRICS_PER_BATCH = 1000  # mlflow's limit on metrics per log_batch call
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(configured: str = "") -> str:
@@ -75,7 +81,10 @@ class Tracker:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        self.finish("FINISHED" if exc_type is None else "FAILED")
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish_failed()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]
@@ -102,28 +111,301 @@ class Tracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
-    def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> Any:
+    def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> SystemMetrics:
         """Samples CPU, memory, disk, network (and GPU where present) into the run every ``interval_s`` seconds
         until the returned monitor's ``finish()``; ``node_id`` prefixes the metrics when several processes log."""
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(
-            self.run_id,
-            sampling_interval=interval_s,
-            resume_logging=True,
-            node_id=node_id,
-            tracking_uri=self.client.tracking_uri,
-        )
+        with _fail_fast(_HTTP_TIMEOUT_S):  # it reads the run's last system step: one attempt, not minutes of retries
+            monitor = SystemMetricsMonitor(
+                self.run_id,
+                sampling_interval=interval_s,
+                resume_logging=True,
+                node_id=node_id,
+                tracking_uri=self.client.tracking_uri,
+            )
         monitor.start()
-        return monitor
+        return SystemMetrics(monitor)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=RunStatus.to_string(RunStatus.from_string(status)))
+
+    def finish_failed(self) -> None:
+        """Marks the run FAILED while an error is being raised: one quick attempt, never an error of its own.
+
+        The job's error is the one to report; a tracking server that is down would otherwise replace it with its
+        own, after MLflow's retries (minutes), and the run would stay RUNNING either way.
+        """
+        try:
+            with _fail_fast(_HTTP_TIMEOUT_S):
+                self.finish("FAILED")
+        except Exception as e:  # the error being raised is the one that matters
+            log.warning("could not mark MLflow run %s FAILED (%s): %s", self.run_id, self.client.tracking_uri, e)
+
+
+class SystemMetrics:
+    """MLflow's system-metrics sampler, stopped within a time limit.
+
+    MLflow's ``finish`` joins the sampling thread, which may sit in MLflow's HTTP retries (minutes) while the
+    tracking server is away; a job that ends or fails then must not wait for it.
+    """
+
+    def __init__(self, monitor: Any) -> None:
+        self.monitor = monitor
+
+    def finish(self, timeout_s: float = 15.0) -> None:
+        stopper = threading.Thread(target=self.monitor.finish, name="clipdr-system-metrics-stop", daemon=True)
+        stopper.start()
+        stopper.join(timeout_s)
+        if stopper.is_alive():
+            log.warning(
+                "system metrics sampler still waiting on the tracking server after %g s; left behind", timeout_s
+            )
 
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, list | tuple | dict) else str(value)
     return text if len(text) <= _PARAM_VALUE_LIMIT else text[: _PARAM_VALUE_LIMIT - 3] + "..."
+
+
+# --------------------------------------------------------------------------- outages
+# A training run must not die, nor wait, because its tracking server is away for a while. `MetricLogger` (rank 0's
+# metrics) keeps what it could not send in a bounded buffer and sends it, in order and with the steps and times it
+# was logged at, once the server answers again; only an outage longer than ``outage_limit_s`` fails the job, with
+# the server's own error as the cause. MLflow's HTTP retries (7, with back-off: minutes of blocking per call) are
+# turned off for the logger's own calls: the buffer is the retry.
+
+_RETRIES_ENV = "MLFLOW_HTTP_REQUEST_MAX_RETRIES"
+_TIMEOUT_ENV = "MLFLOW_HTTP_REQUEST_TIMEOUT"
+_HTTP_TIMEOUT_S = 10.0  # one request's time-out inside `_fail_fast`: long enough for a loaded server
+_HTTP_ENV_LOCK = threading.Lock()
+
+
+class TrackingOutage(RuntimeError):
+    """The tracking server did not answer for longer than the configured limit; ``__cause__`` is its last error."""
+
+
+@contextlib.contextmanager
+def _fail_fast(timeout_s: float) -> Iterator[None]:
+    """MLflow calls of this block make one attempt with a ``timeout_s`` time-out instead of MLflow's retries.
+
+    MLflow reads both settings from the environment at each request; they are set for the block and restored.
+    """
+    with _HTTP_ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in (_RETRIES_ENV, _TIMEOUT_ENV)}
+        os.environ[_RETRIES_ENV] = "0"
+        os.environ[_TIMEOUT_ENV] = str(max(1, math.ceil(timeout_s)))
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether ``error`` says the tracking server is unreachable or overloaded (connection refused or reset, a
+    time-out, HTTP 5xx or 429), rather than that the request itself is wrong (HTTP 4xx)."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:  # MLflow wraps the requests error it caught
+        seen.add(id(cause))
+        if isinstance(cause, requests.ConnectionError | requests.Timeout | ConnectionError | TimeoutError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(error, MlflowException):
+        status = error.get_http_status_code()
+        return status >= 500 or status == 429
+    return False
+
+
+def _until_answered(call: Callable[[], Any], what: str, limit_s: float, retry_interval_s: float) -> Any:
+    """``call()``, repeated while the server is away for up to ``limit_s`` seconds; raises `TrackingOutage` after."""
+    since = None
+    while True:
+        try:
+            with _fail_fast(_HTTP_TIMEOUT_S):
+                return call()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            now = time.monotonic()
+            if since is None:
+                since = now
+                log.warning("tracking server did not answer (%s: %s); retrying for up to %g s", what, e, limit_s)
+            if now - since > limit_s:
+                raise TrackingOutage(
+                    f"the tracking server has not answered for {now - since:.0f} s ({what}; limit "
+                    f"tracking.outage_limit_s = {limit_s:g} s): {e}"
+                ) from e
+            time.sleep(retry_interval_s)
+
+
+class MetricLogger:
+    """Rank 0's metrics of one run, sent by a background thread so that training never waits on the server.
+
+    `log_metrics` stamps the metrics with the time it is called and queues them; the thread sends the queue in
+    order. While the server is away (`is_transient` errors) the metrics stay queued and are retried every
+    ``retry_interval_s``; when it answers again they are sent with their original steps and timestamps. An outage
+    longer than ``outage_limit_s``, more than ``max_buffered`` metrics queued, or an error that is not transient
+    makes the next `log_metrics`, `flush` or `close` raise (`TrackingOutage`, its cause the server's last error).
+    Checkpoints do not go through here, so they never wait on the server.
+    """
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        *,
+        outage_limit_s: float = 600.0,
+        max_buffered: int = 100_000,
+        retry_interval_s: float = 5.0,
+    ) -> None:
+        self.tracker = tracker
+        self.outage_limit_s = outage_limit_s
+        self.max_buffered = max_buffered
+        self.retry_interval_s = retry_interval_s
+        self._queue: list[Metric] = []
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._outage_since: float | None = None
+        self._last_error: BaseException | None = None
+        self._closing = False
+        self._thread = threading.Thread(target=self._send_loop, name="clipdr-metrics", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def open(
+        cls, run_id: str, *, uri: str = "", outage_limit_s: float = 600.0, retry_interval_s: float = 5.0
+    ) -> MetricLogger:
+        """A logger on run ``run_id``, reopened (status RUNNING) once the server answers, within ``outage_limit_s``."""
+        tracker = _until_answered(
+            lambda: Tracker.start("", run_id=run_id, uri=uri),
+            f"reopening run {run_id}",
+            outage_limit_s,
+            retry_interval_s,
+        )
+        return cls(tracker, outage_limit_s=outage_limit_s, retry_interval_s=retry_interval_s)
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+    @property
+    def pending(self) -> int:
+        """Metrics queued and not yet acknowledged by the server."""
+        with self._cond:
+            return len(self._queue)
+
+    def last_step(self, key: str) -> int | None:
+        """`Tracker.last_step`, waiting out an outage within the limit. Metrics still queued are not counted."""
+        return _until_answered(
+            lambda: self.tracker.last_step(key), f"reading {key}", self.outage_limit_s, self.retry_interval_s
+        )
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Queues ``metrics`` at ``step``, stamped now; returns at once. Raises what made sending fail for good."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        with self._cond:
+            self._raise_if_failed()
+            if len(self._queue) + len(items) > self.max_buffered:
+                self._fail_locked(
+                    f"{len(self._queue)} metrics are waiting for the tracking server and at most {self.max_buffered} "
+                    "are kept"
+                )
+                self._raise_if_failed()
+            self._queue.extend(items)
+            self._cond.notify_all()
+
+    def flush(self) -> None:
+        """Waits until every queued metric is sent; raises `TrackingOutage` if the outage outlasts the limit."""
+        with self._cond:
+            while self._queue and self._error is None:
+                self._cond.wait()
+            self._raise_if_failed()
+
+    def close(self, *, raise_errors: bool = True) -> None:
+        """`flush`, then stops the thread. With ``raise_errors=False`` (a job already failing) a failure is logged."""
+        try:
+            self.flush()
+        except Exception as e:
+            if raise_errors:
+                raise
+            log.warning("metrics of MLflow run %s not sent: %s", self.run_id, e)
+        finally:
+            with self._cond:
+                self._closing = True
+                self._cond.notify_all()
+            self._thread.join()
+
+    # The sending thread and its bookkeeping (under self._cond).
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _fail_locked(self, why: str, cause: BaseException | None = None) -> None:
+        if self._error is not None:
+            return
+        cause = cause or self._last_error
+        steps = sorted({m.step for m in self._queue})
+        span = f"; {len(self._queue)} metrics unsent, steps {steps[0]}..{steps[-1]}" if steps else ""
+        error = TrackingOutage(
+            f"MLflow run {self.run_id} at {self.tracker.client.tracking_uri}: {why}{span}"
+            + (f": {cause}" if cause is not None else "")
+        )
+        error.__cause__ = cause
+        self._error = error
+        self._cond.notify_all()
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue or self._error is not None:
+                    return
+                chunk = self._queue[:_METRICS_PER_BATCH]
+            try:
+                with _fail_fast(_HTTP_TIMEOUT_S):
+                    self.tracker.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as e:
+                with self._cond:
+                    if not is_transient(e):
+                        self._fail_locked("the tracking server refused metrics", e)
+                        return
+                    now = time.monotonic()
+                    self._last_error = e
+                    if self._outage_since is None:
+                        self._outage_since = now
+                        log.warning(
+                            "tracking server unreachable (%s); keeping metrics for up to %g s", e, self.outage_limit_s
+                        )
+                    if now - self._outage_since > self.outage_limit_s:
+                        self._fail_locked(
+                            f"the tracking server has not answered for {now - self._outage_since:.0f} s (limit "
+                            f"tracking.outage_limit_s = {self.outage_limit_s:g} s)",
+                            e,
+                        )
+                        return
+                    retry_at = now + self.retry_interval_s
+                    while not self._closing and (left := retry_at - time.monotonic()) > 0:
+                        self._cond.wait(left)
+                continue
+            with self._cond:
+                del self._queue[: len(chunk)]
+                if self._outage_since is not None:
+                    log.warning(
+                        "tracking server answers again after %.0f s; sending the metrics kept meanwhile",
+                        time.monotonic() - self._outage_since,
+                    )
+                    self._outage_since = None
+                self._cond.notify_all()
 
 
 # --------------------------------------------------------------------------- models
@@ -204,35 +486,59 @@ def log_model(
     """Logs a torch module with ``mlflow.pytorch`` (pickled with cloudpickle) under ``tracker``'s run.
 
     The signature is inferred from ``input_example`` -> ``output_example`` (numpy arrays; a batch of at least 2
-    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a new version
-    and ``version_tags`` are set on it.
+    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a version of it
+    and ``version_tags`` are set on that version.
+
+    Idempotent per run, so that a job resubmitted after a crash anywhere in here ends with one logged model and one
+    registered version: a model this run already logged under ``name`` (complete, status READY) is not logged again,
+    and a version of ``registered_model_name`` already registered from it is reused (`register_model_version`).
     """
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
-    signature = infer_signature(input_example, output_example) if input_example is not None else None
-    with _fluent_tracking_uri(tracker.client.tracking_uri):
-        # log_model attaches to the active run of the fluent API: open ours without touching its status.
-        with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=name,
-                signature=signature,
-                input_example=input_example,
-                metadata=dict(metadata or {}),
-                serialization_format="pickle",
-                pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
-                registered_model_name=registered_model_name or None,
-            )
-        tracker.client.update_run(tracker.run_id, status="RUNNING")
+    model_id = _logged_model_id(tracker, name)
+    if not model_id:
+        signature = infer_signature(input_example, output_example) if input_example is not None else None
+        with _fluent_tracking_uri(tracker.client.tracking_uri):
+            # log_model attaches to the active run of the fluent API: open ours without touching its status.
+            with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
+                info = mlflow.pytorch.log_model(
+                    model,
+                    name=name,
+                    signature=signature,
+                    input_example=input_example,
+                    metadata=dict(metadata or {}),
+                    serialization_format="pickle",
+                    pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
+                )
+            tracker.client.update_run(tracker.run_id, status="RUNNING")
+        model_id = info.model_id
     uri = f"runs:/{tracker.run_id}/{name}"
     if not registered_model_name:
         return LoggedModel(uri)
-    version = str(info.registered_model_version)
-    for key, value in (version_tags or {}).items():
-        tracker.client.set_model_version_tag(registered_model_name, version, key, str(value))
-    return LoggedModel(uri, registered_model_name, version)
+    version = register_model_version(
+        f"models:/{model_id}", registered_model_name, tags=version_tags, uri=tracker.client.tracking_uri
+    )
+    return LoggedModel(uri, registered_model_name, version.version)
+
+
+def _logged_model_id(tracker: Tracker, name: str) -> str:
+    """The id of the complete model ``tracker``'s run logged under ``name``; "" when there is none."""
+    return _ready_logged_model(tracker.client, tracker.experiment_id, tracker.run_id, name)
+
+
+def _ready_logged_model(client: MlflowClient, experiment_id: str, run_id: str, name: str) -> str:
+    """The id of the oldest complete (READY) model run ``run_id`` logged under ``name``; "" when none."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{name}'",  # a status filter finds nothing (3.17)
+        order_by=[{"field_name": "creation_timestamp", "ascending": True}],
+    )
+    ready = [m for m in found if m.status == LoggedModelStatus.READY]
+    return ready[0].model_id if ready else ""
 
 
 def _requirements() -> list[str]:
@@ -372,16 +678,46 @@ def set_model_version_tags(name: str, version: str, tags: Mapping[str, Any], *, 
 def register_model_version(
     model_uri: str, name: str, *, tags: Mapping[str, str] | None = None, uri: str = ""
 ) -> ModelVersion:
-    """Registers the model at ``model_uri`` (``runs:/<id>/model``, ``models:/m-<id>``) as a new version of ``name``.
+    """Registers the model at ``model_uri`` (``runs:/<id>/model``, ``models:/m-<id>``) as a version of ``name``.
 
-    The registered model is created on first use.
+    The registered model is created on first use. Idempotent: when a version of ``name`` was already registered
+    from the same model (the same run and source), that version is returned (with ``tags`` set on it) instead of
+    a new one, so a job resubmitted after registering does not register its model twice.
     """
     import mlflow
 
-    with _fluent_tracking_uri(tracking_uri(uri)):
+    tracking = tracking_uri(uri)
+    with _fluent_tracking_uri(tracking):
+        source_run, source = _model_source(model_uri, tracking)
+        existing = _versions_from(name, source_run, source, tracking) if source else []
+        if existing:
+            version = existing[0]
+            set_model_version_tags(name, version.version, dict(tags or {}), uri=uri)
+            return get_model_version(name, version.version, uri=uri)
         # The fluent call resolves runs:/ URIs of MLflow 3 logged models to their models:/m-<id> source.
         mv = mlflow.register_model(model_uri, name, tags=dict(tags or {}))
     return get_model_version(name, str(mv.version), uri=uri)
+
+
+def _model_source(model_uri: str, uri: str) -> tuple[str, str]:
+    """``(run id, models:/m-<id>)`` a registration of ``model_uri`` records; ``("", "")`` when it cannot be told."""
+    kind, first, path = parse_model_uri(model_uri)
+    client = _client(uri)
+    if kind == "logged":
+        return client.get_logged_model(first).source_run_id or "", f"models:/{first}"
+    if kind == "run":
+        model_id = _ready_logged_model(client, client.get_run(first).info.experiment_id, first, path)
+        return (first, f"models:/{model_id}") if model_id else ("", "")
+    return "", ""
+
+
+def _versions_from(name: str, run_id: str, source: str, uri: str) -> list[ModelVersion]:
+    """Versions of registered model ``name`` made from ``source`` (by run ``run_id``), oldest first."""
+    client = _client(uri)
+    if not client.search_registered_models(f"name = '{name}'"):
+        return []
+    found = client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'")
+    return sorted((_model_version(mv) for mv in found if mv.source == source), key=lambda v: int(v.version))
 
 
 def parse_model_uri(model_uri: str) -> tuple[str, str, str]:

@@ -20,7 +20,7 @@ ACCOUNT_ID = re.compile(r"(?<![\d.])\d{12}(?![\d.])")
 ACCESS_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b")
 LITERAL_SECRET = re.compile(r"(?i)(password|secret_key|token)\s*=\s*\"[^\"$<{]{6,}\"")
 REGION = re.compile(r"\b(us|eu|ap|sa|ca|me|af|il|mx)-(gov-)?(east|west|north|south|central|northeast|southeast)-\d\b")
-TEXT_SUFFIXES = {".tf", ".hcl", ".example", ".yaml", ".yml", ".sh", ".md", ".tpl", ""}
+TEXT_SUFFIXES = {".tf", ".hcl", ".example", ".yaml", ".yml", ".sh", ".py", ".md", ".tpl", ""}
 
 
 def _text_files() -> list[Path]:
@@ -198,7 +198,32 @@ def test_data_buckets_use_kms_and_log_access(terraform_files):
     data = next(body for _, name, body in blocks(terraform_files, "module") if name == "bucket")
     assert data["server_side_encryption_configuration"]["rule"]["bucket_key_enabled"] is True
     assert data["logging"]["target_bucket"] == "${module.access_logs.s3_bucket_id}"
-    assert re.search(r"abort_incomplete_multipart_upload_days\s*=\s*7", data["lifecycle_rule"][0])
+    assert data["lifecycle_rule"][0]["abort_incomplete_multipart_upload_days"] == 7
+
+
+def test_checkpoint_expiry_spares_the_run_state(terraform_files, tmp_path):
+    """Dev checkpoints expire; the run state beside them (a resubmission's MLflow run id, recipe and completion
+    marker, `clipdr.runstate`) must not go with them, or a resubmitted run starts a second MLflow run."""
+    from clipdr import runstate
+    from clipdr.config import load_config, to_dict
+
+    storage = terraform_files[Path("modules/storage/main.tf")]
+    rules = next(body for _, name, body in blocks(terraform_files, "module") if name == "bucket")["lifecycle_rule"]
+    limit = storage["locals"][0]["expire_above_bytes"]
+    expiring = [rule for rule in rules if "expiration" in rule]
+    assert expiring, "checkpoints no longer expire: update this test"
+    for rule in expiring:
+        assert rule.get("filter") == {"object_size_greater_than": "${local.expire_above_bytes}"}, rule["id"]
+
+    # The largest run state a run writes: the whole recipe of the longest shipped config, and a result.
+    cfg = load_config("jobs/configs/demo.toml")
+    recipe = {"train": to_dict(cfg.train), "augment": to_dict(cfg.augment)}
+    state = runstate.RunState("0" * 32, runstate.fingerprint("data"), recipe, {"rows_per_epoch": 10**9})
+    runstate.write(str(tmp_path), runstate.TRAIN_STATE, state)
+    runstate.write_result(str(tmp_path), runstate.TRAIN_RESULT, {"run_name": "x" * 200, "model_uri": "y" * 200})
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert set(sizes) == {runstate.TRAIN_STATE, runstate.TRAIN_RESULT}
+    assert max(sizes.values()) * 50 < limit, sizes  # a wide margin: recipes grow
 
 
 # ------------------------------------------------------------------------------------------------ compute
@@ -302,3 +327,52 @@ def test_workload_identities_are_bound_to_one_service_account(terraform_files):
         (account,) = provider["namespace_service_accounts"]
         assert "*" not in account, f"{path}: role {name} trusts {account}"
         assert body["source_policy_documents"] == [f"${{data.aws_iam_policy_document.{name.split('_')[0]}.json}}"]
+
+
+def test_jobs_policy_check_refuses_what_the_jobs_must_not_do():
+    """The evaluator behind tests/integration's checks of real jobs' S3 requests against the jobs' role
+    (tests/s3_policy.py) is not vacuous: it lets through what the role grants and refuses the rest."""
+    from .. import s3_policy
+
+    policy = s3_policy.jobs_policy("data", "ckpt")
+
+    def refused(request: str, status: int = 200) -> bool:
+        (call,) = s3_policy.parse_log(f'127.0.0.1 - - [03/Dec/2026 20:00:00] "{request} HTTP/1.1" {status} -')
+        return bool(s3_policy.refused([call], policy, {"data", "ckpt"}))
+
+    allowed = ["GET /data?list-type=2&prefix=reinforced/x/", "HEAD /ckpt", "PUT /ckpt/runs/r/checkpoint/model.pt"]
+    allowed += ["GET /data/source/shard.tar", "DELETE /data/reinforced/x/part.parquet", "POST /ckpt/runs/a?uploads"]
+    assert not [r for r in allowed if refused(r)]
+    assert not refused("HEAD /data/source/missing.tar", 404)
+    forbidden = ["GET /data?list-type=2&prefix=other/", "PUT /data/source/shard.tar", "PUT /data/other/x"]
+    forbidden += ["GET /ckpt/elsewhere/x", "DELETE /data/eval/x", "PUT /data", "HEAD /ckpt/runs"]
+    assert not [r for r in forbidden if not refused(r)]
+    assert refused("HEAD /data/other/missing", 404)
+
+
+def test_mlflow_writes_the_current_credentials_before_it_starts(terraform_files):
+    """Rotation (credentials_version) works only if every MLflow start first writes the secrets into the auth
+    database (files/sync-credentials.py; tests/integration/test_production_stack.py runs it against a real server)."""
+    ((_, _, deployment),) = [b for b in typed_blocks(terraform_files, "resource", "kubernetes_deployment_v1")]
+    ((_, _, config_map),) = [
+        b for b in typed_blocks(terraform_files, "resource", "kubernetes_config_map_v1") if b[1] == "sync_credentials"
+    ]
+    pod = deployment["spec"][0]["template"][0]["spec"][0]
+    (init,) = pod["init_container"]
+    assert init["command"] == ["python", "/scripts/sync-credentials.py"]
+    assert config_map["data"] == {"sync-credentials.py": "${local.sync_py}"}
+    secret_env = {k: v for block in init["dynamic"] for k, v in block["env"]["for_each"].items() if isinstance(v, list)}
+    assert secret_env == {
+        "MLFLOW_AUTH_ADMIN_USERNAME": ["${local.server_secret}", "MLFLOW_AUTH_ADMIN_USERNAME"],
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ["${local.server_secret}", "MLFLOW_AUTH_ADMIN_PASSWORD"],
+        "MLFLOW_USER_NAME": ["${local.jobs_secret}", "MLFLOW_USER_NAME"],
+        "MLFLOW_USER_PASSWORD": ["${local.jobs_secret}", "MLFLOW_USER_PASSWORD"],
+    }
+    mounts = {m["name"]: m["mount_path"] for m in init["volume_mount"]}
+    assert mounts == {"auth-config": "/etc/mlflow", "scripts": "/scripts", "tmp": "/tmp"}
+    volumes = {v["name"]: v for v in pod["volume"]}
+    assert volumes["scripts"]["config_map"] == [
+        {"name": "${kubernetes_config_map_v1.sync_credentials.metadata[0].name}"}
+    ]
+    reload = deployment["metadata"][0]["annotations"]["secret.reloader.stakater.com/reload"]
+    assert reload == "${local.server_secret},${local.jobs_secret}"

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
+
 import pytest
 import ray
+
+from clipdr.cluster import storage_runtime_env
 
 pytestmark = pytest.mark.integration
 
@@ -29,3 +35,30 @@ def test_processes_of_a_local_ray_reach_its_own_state_api(ray_local):
     assert ray.get(actor.ping.remote())
     assert ray.get(_state_seen_from_inside.remote(actor._actor_id.hex())) == "ALIVE"
     ray.kill(actor)
+
+
+@ray.remote(num_cpus=0)
+def _environment(names: list[str]) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in names}
+
+
+def test_credentials_reach_the_workers_but_not_the_ray_logs(ray_local, monkeypatch):
+    """Jobs hand their workers the driver's credentials through `storage_runtime_env`; Ray writes a runtime_env's
+    env_vars to its logs in plain text, so no credential may travel there. Set after the Ray started, as a test's
+    (or a second run's) credentials are: only the forwarding can bring them to the worker."""
+    secret = f"s3cr3t-{uuid.uuid4().hex}"
+    credentials = {"MLFLOW_TRACKING_PASSWORD": secret, "AWS_SECRET_ACCESS_KEY": f"aws-{secret}"}
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "ray-jobs")
+
+    seen = ray.get(
+        _environment.options(runtime_env=storage_runtime_env()).remote([*credentials, "MLFLOW_TRACKING_USERNAME"])
+    )
+    assert seen == {**credentials, "MLFLOW_TRACKING_USERNAME": "ray-jobs"}
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [p for p in logs.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("runtime_env_agent") for p in files), sorted(p.name for p in files)
+    leaks = [str(p.relative_to(logs)) for p in files if secret.encode() in p.read_bytes()]
+    assert not leaks, f"a credential is written in plain text to {leaks}"

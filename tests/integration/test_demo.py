@@ -16,8 +16,10 @@ from clipdr.config import (
     SynthConfig,
     TeacherConfig,
     TrackingConfig,
+    TrainCheckpoint,
     TrainConfig,
     TrainResources,
+    TrainSchedule,
 )
 from clipdr.models.captioners import TINY_COCA
 
@@ -47,12 +49,10 @@ def toy_config(root) -> Config:
         ),
         train=TrainConfig(
             model="clipdr-tiny-vit",
-            samples=256,
-            batch_size=32,
-            warmup_samples=32,
             log_every=2,
-            checkpoint_every=8,
             eval_every=128,
+            schedule=TrainSchedule(samples=256, batch_size=32, warmup_samples=32),
+            checkpoint=TrainCheckpoint(every=8),
             resources=TrainResources(workers=1, max_failures=0),
         ),
         evaluate=EvaluateConfig(zeroshot=(str(world / "zeroshot"),), retrieval=(str(world / "retrieval"),)),

@@ -19,10 +19,14 @@ from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceRes
 from clipdr.data import sources, synthetic
 from clipdr.models.captioners import TINY_COCA, build_coca
 from clipdr.models.teachers import Teacher
+from clipdr.reinforce import pipeline
 from clipdr.reinforce.run import ReinforceError, run
+
+from .. import s3_policy
 
 pytestmark = pytest.mark.integration
 
+S3_BUCKET = "clipdr-reinforce-test"
 BAD_SKIPS = {"corrupt_image": 1, "empty_caption": 1, "missing_image": 1}
 
 
@@ -86,19 +90,30 @@ def with_output(config: Config, output: str) -> Config:
 
 
 @pytest.fixture(scope="module")
-def s3_run(setup, ray_local, s3_endpoint):
-    """One reinforcement of the corpus onto the S3 emulator (one actor per model stage)."""
+def s3_run(setup, ray_local, s3_server):
+    """One reinforcement of the corpus onto the S3 emulator (one actor per model stage), into a folder under
+    reinforced/ as in the cluster's data bucket; also returns the S3 requests it made."""
     import boto3
 
     config, _, _ = setup
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="clipdr-reinforce-test")
-    config = with_output(config, "s3://clipdr-reinforce-test/reinforced")
-    return config, run(config, log=lambda message: None)
+    boto3.client("s3", endpoint_url=s3_server.endpoint).create_bucket(Bucket=S3_BUCKET)
+    config = with_output(config, f"s3://{S3_BUCKET}/reinforced/test-run")
+    with s3_policy.recorded_calls(s3_server.endpoint, s3_server.log) as calls:
+        manifest = run(config, log=lambda message: None)
+    return config, manifest, calls
+
+
+def test_reinforce_s3_requests_are_allowed_to_the_jobs_role(s3_run):
+    """Every S3 request of the reinforcement (driver, readers, model actors and the writer) is one the jobs' IAM role
+    may make on the data bucket (infra/terraform/modules/kuberay, tests/s3_policy.py)."""
+    _, _, calls = s3_run
+    assert any(c.method in ("PUT", "POST") and c.key.endswith(".parquet") for c in calls)  # shards were written
+    assert not s3_policy.refused(calls, s3_policy.jobs_policy(S3_BUCKET, "checkpoints"), {S3_BUCKET})
 
 
 def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     _, valid_keys, _ = setup
-    config, manifest = s3_run
+    config, manifest, _ = s3_run
 
     dataset = records.open_dataset(config.reinforce.output, require_teachers=["vit", "mci"], min_syn_captions=2)
     assert dict(manifest.skipped) == BAD_SKIPS
@@ -136,12 +151,13 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     assert mlflow_run.info.status == "FINISHED"
     assert mlflow_run.data.metrics["num_rows"] == 61
     assert mlflow_run.data.metrics["skipped.corrupt_image"] == 1
+    assert mlflow_run.data.metrics["duplicate_keys_across_shards"] == 0
     assert mlflow_run.data.metrics["samples_per_s"] > 0
     assert mlflow_run.data.params["reinforce.num_augmentations"] == "2"
     assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}
 
 
-def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path):
+def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path, monkeypatch):
     config, valid_keys, _ = setup
     # Other parallelism than the S3 run (two actors per model stage): Ray bundles the stream differently.
     wide = dataclasses.replace(config.reinforce.resources, teacher_actors=2, captioner_actors=2)
@@ -149,7 +165,7 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
     config = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, resources=wide))
     first = run(config, log=lambda message: None)
     out = config.reinforce.output
-    s3_config, s3_manifest = s3_run
+    s3_config, s3_manifest, _ = s3_run
     assert [s.path for s in first.shards] == [s.path for s in s3_manifest.shards]
     for shard in first.shards:  # every output shard is a function of (config, source shard): the same bytes
         local_bytes = (tmp_path / "out" / shard.path).read_bytes()
@@ -163,6 +179,33 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
     with open(os.path.join(out, ".student-00001.parquet.tmp-dead"), "wb") as f:
         f.write(b"PAR1 partial")
     messages = []
+
+    # The rerun meets a storage fault after planning: every read of source shard student-00001.tar fails with EIO
+    # (the kernel's own, from reading /proc/self/mem at offset 0) for longer than the retries last. The job fails,
+    # naming the shard and the error, and writes nothing for it: no output shard, no manifest, no skip recorded.
+    source_shard = os.path.join(config.reinforce.source, "student-00001.tar")
+    real_run_pipeline = pipeline.run_pipeline
+
+    def run_pipeline_during_an_outage(*args, **kwargs):
+        os.rename(source_shard, f"{source_shard}.away")
+        os.symlink("/proc/self/mem", source_shard)
+        try:
+            return real_run_pipeline(*args, **kwargs)
+        finally:
+            os.remove(source_shard)
+            os.rename(f"{source_shard}.away", source_shard)
+
+    with monkeypatch.context() as outage:
+        outage.setattr(pipeline, "run_pipeline", run_pipeline_during_an_outage)
+        outage.setenv(storage.RETRY_BUDGET_ENV, "1")  # forwarded to the Ray workers
+        with pytest.raises(Exception, match=r"(?s)student-00001\.tar.*Errno 5"):
+            run(config, log=messages.append)
+    assert not os.path.exists(os.path.join(out, "student-00001.parquet"))
+    assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
+    assert "3/4 shards complete" in messages[-1] and "rerun" in messages[-1]
+
+    # The outage is over: the rerun redoes that shard.
+    messages.clear()
     resumed = run(config, log=messages.append)
 
     assert any("3/4 shards done" in m for m in messages)  # the plan saw three complete shards

@@ -5,6 +5,7 @@ and the registered model."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -27,8 +28,12 @@ from clipdr.config import (
     ReinforceResources,
     SynthConfig,
     TeacherConfig,
+    TrainCheckpoint,
     TrainConfig,
+    TrainOptimizer,
     TrainResources,
+    TrainSchedule,
+    flatten,
 )
 from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA
@@ -87,12 +92,10 @@ def train_config(world, run_name: str, **changes) -> Config:
         run_name=run_name,
         experiment="test-train",
         model=STUDENT,
-        samples=SAMPLES,
-        batch_size=BATCH,
-        lr=5e-3,
-        warmup_samples=2 * BATCH,
         log_every=2,
-        checkpoint_every=4,
+        schedule=TrainSchedule(samples=SAMPLES, batch_size=BATCH, warmup_samples=2 * BATCH),
+        optimizer=TrainOptimizer(lr=5e-3),
+        checkpoint=TrainCheckpoint(every=4),
         resources=resources,
     )
     return dataclasses.replace(config, train=dataclasses.replace(tc, **changes))
@@ -158,13 +161,17 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
 
 
 def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp_path):
-    """N steps straight == the same run killed after a checkpoint and resubmitted (same MLflow run)."""
+    """N steps straight == the same run killed after a checkpoint and resubmitted (same MLflow run).
+
+    The driver joins the suite's Ray, as a job's driver joins its cluster under ``ray job submit``: killing it
+    leaves the cluster up, and Ray ends the job's actors."""
+    import ray
+
     cfg = train_config(world, "resumed")
     root = world[0]
     run_dir = root / "runs" / "resumed"
     args = [f"--set=train.{k}={v}" for k, v in _overrides(cfg.train).items()]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     driver = subprocess.Popen(
         [sys.executable, str(REPO / "jobs" / "train.py"), *args, f"--set=tracking.uri={cfg.tracking.uri}"],
         cwd=tmp_path,
@@ -182,6 +189,7 @@ def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    _wait_until_no_train_worker_is_alive()  # the killed job's worker must not write beside the resubmitted one
     killed_at = checkpoint.latest(str(run_dir))[1]
     assert killed_at.step < 16
     client = MlflowClient(cfg.tracking.uri)
@@ -201,16 +209,21 @@ def test_resubmitted_run_resumes_after_the_driver_is_killed(world, straight, tmp
         torch.testing.assert_close(resumed[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _overrides(tc: TrainConfig) -> dict[str, object]:
-    out = {}
-    for field in dataclasses.fields(tc):
-        value = getattr(tc, field.name)
-        if field.name == "resources" or value == field.default:
-            continue
-        out[field.name] = f'"{value}"' if isinstance(value, str) else value
-    out["resources.workers"] = tc.resources.workers
-    out["resources.max_failures"] = tc.resources.max_failures
-    return out
+def _overrides(tc: TrainConfig) -> dict[str, str]:
+    """``--set`` values (TOML) of every key of ``tc`` that differs from the default, sections included."""
+    default = flatten(TrainConfig())
+    return {key: json.dumps(value) for key, value in flatten(tc).items() if value != default[key]}
+
+
+def _wait_until_no_train_worker_is_alive(timeout_s: float = 60.0) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    while list_actors(address=ray.get_runtime_context().gcs_address, filters=alive):
+        assert time.monotonic() < deadline, "the killed driver's Train worker is still alive"
+        time.sleep(0.2)
 
 
 def _kill_a_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:

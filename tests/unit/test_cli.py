@@ -38,3 +38,29 @@ def test_config_prints_resolved_values(capsys, tmp_path):
     resolved = json.loads(capsys.readouterr().out)
     assert resolved["synth"]["seed"] == 5
     assert resolved["augment"]["hflip"] == 0.5
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("reinforce.captioner.max_len=0", "reinforce.captioner: captioner 'clipdr-tiny-coca': max_len must be >= 1"),
+        ("reinforce.captioner.top_p=7", "reinforce.captioner: captioner 'clipdr-tiny-coca': top_p must be in (0, 1]"),
+        (
+            "reinforce.output=http://example.com/out",
+            "reinforce.output: unsupported storage URI 'http://example.com/out'",
+        ),
+    ],
+)
+def test_bad_reinforce_settings_are_one_line_config_errors(capsys, tmp_path, setting, message):
+    settings = [
+        "reinforce.source=/nowhere",
+        f"reinforce.output={tmp_path / 'out'}",
+        "reinforce.teachers=[{name = 'vit', model = 'clipdr-tiny-vit'}]",
+        "reinforce.captioner.model=clipdr-tiny-coca",
+        "reinforce.captioner.pretrained=''",
+        setting,
+    ]
+    assert main(["reinforce", *(arg for s in settings for arg in ("--set", s))]) == 2
+    err = capsys.readouterr().err
+    assert err == f"clipdr reinforce: {err.removeprefix('clipdr reinforce: ').strip()}\n"  # one line
+    assert message in err and "Traceback" not in err

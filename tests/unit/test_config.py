@@ -4,7 +4,19 @@ from pathlib import Path
 
 import pytest
 
-from clipdr.config import AugmentConfig, Config, ConfigError, describe, flatten, from_dict, load_config, to_dict
+from clipdr.config import (
+    MOVED,
+    AugmentConfig,
+    Config,
+    ConfigError,
+    describe,
+    flatten,
+    from_dict,
+    load_config,
+    replace,
+    to_dict,
+    upgrade,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,6 +86,41 @@ def test_bad_file_keys_name_the_file(tmp_path):
         load_config(tmp_path / "missing.toml")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(write(tmp_path, "[synth\n"))
+
+
+def test_a_key_of_the_flat_train_section_names_where_it_moved(tmp_path):
+    path = write(tmp_path, '[train]\nmodel = "m"\nlr = 1e-3\n')
+    with pytest.raises(
+        ConfigError,
+        match=rf"config key 'train.lr' \(in {path}\) has moved: it is now 'train.optimizer.lr' "
+        r"\(lr in \[train.optimizer\]\)",
+    ):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'train.checkpoint_every' \(--set train.checkpoint_every=5\) has moved: "):
+        load_config(None, ["train.checkpoint_every=5"])
+    for old, new in MOVED.items():
+        with pytest.raises(ConfigError, match=rf"'{old}' .*has moved: it is now '{new}'"):
+            load_config(None, [f"{old}=1"])
+    assert load_config(None, ["train.optimizer.lr=0.5"]).train.optimizer.lr == 0.5
+
+
+def test_upgrade_moves_stored_flat_keys_and_keeps_current_ones():
+    flat = {"train": {"model": "m", "lr": 0.5, "checkpoint_every": 3, "resources": {"workers": 2}}, "augment": {}}
+    assert upgrade(flat) == {
+        "train": {"model": "m", "optimizer": {"lr": 0.5}, "checkpoint": {"every": 3}, "resources": {"workers": 2}},
+        "augment": {},
+    }
+    assert flat["train"]["lr"] == 0.5  # a copy
+    current = to_dict(Config())
+    assert upgrade(current) == current
+    assert from_dict(Config, upgrade(flat)).train.optimizer.lr == 0.5
+
+
+def test_replace_takes_dotted_keys_below_the_config():
+    cfg = replace(Config(), {"train.mode": "clip", "train.loss.kd_weight": 0.0, "train.loss.local_loss": True})
+    assert (cfg.train.mode, cfg.train.loss.kd_weight, cfg.train.loss.local_loss) == ("clip", 0.0, True)
+    assert cfg.train.loss.caption_loss_weight == Config().train.loss.caption_loss_weight
+    assert replace(cfg.train, {"schedule.samples": 7}).schedule.samples == 7
 
 
 def test_round_trips_and_flatten():

@@ -291,7 +291,7 @@ def test_repeated_calls_reuse_images_and_recompute_texts(hand_set, monkeypatch):
 def test_tasks_subset_and_unknown_names(hand_set):
     model, cfg = hand_set
     only = engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("pairs",)}), "cpu")
-    assert all(k.startswith("retrieval/") for k in only)
+    assert all(k.startswith(("retrieval/", "partial/retrieval/")) for k in only)  # the mean of 1 of 2: partial/
     with pytest.raises(ValueError, match=r"unknown datasets \['imagenet'\]; available: colours, pairs"):
         engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("imagenet",)}), "cpu")
     with pytest.raises(ValueError, match="both empty"):
@@ -302,7 +302,42 @@ def test_max_samples_takes_the_first_samples(hand_set):
     model, cfg = hand_set
     report = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "max_samples": 2}), "cpu")
     assert [d["num_samples"] for d in report.datasets] == [2, 2]
-    assert report.metrics["zeroshot/colours/top1"] == 1.0  # the first two are classified right
+    assert report.metrics["partial/zeroshot/colours/top1"] == 1.0  # the first two are classified right
+
+
+def test_a_partial_evaluation_leaves_the_full_metric_names_alone(hand_set):
+    model, cfg = hand_set
+    full = engine.evaluate(model, TOKENIZER_MODEL, cfg, "cpu").metrics
+    first_two = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "max_samples": 2}), "cpu")
+    assert set(first_two.metrics) == {f"partial/{name}" for name in full}  # every value is of 2 samples
+    one_task = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("colours",)}), "cpu")
+    # The task's own metrics are whole; the mean over datasets is not the mean over all of them.
+    assert one_task.metrics == {
+        **{k: v for k, v in full.items() if k.startswith("zeroshot/colours/")},
+        "partial/zeroshot/mean_top1": full["zeroshot/colours/top1"],
+    }
+    every_task = EvaluateConfig(**{**vars(cfg), "tasks": ("colours", "pairs")})
+    assert engine.evaluate(model, TOKENIZER_MODEL, every_task, "cpu").metrics == full
+
+
+def test_the_gate_reads_the_full_evaluation_not_a_later_partial_one(hand_set, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from clipdr import lifecycle, tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    model, cfg = hand_set
+    full = engine.evaluate(model, TOKENIZER_MODEL, cfg, "cpu").metrics
+    quick = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "max_samples": 2}), "cpu").metrics
+    with tracking.Tracker.start("clipdr-train", "student") as tracker:
+        tracker.log_metrics(full, step=64)  # the final, full evaluation
+        tracker.log_metrics(quick, step=128)  # a quick look afterwards, later in the run
+    client = MlflowClient(tracking.tracking_uri())
+    client.create_registered_model("student")
+    client.create_model_version("student", f"runs:/{tracker.run_id}/model", run_id=tracker.run_id)
+    decision = lifecycle.promote("student", "1", "zeroshot/mean_top1")
+    assert decision.candidate_value == pytest.approx(full["zeroshot/mean_top1"]) == 5 / 6  # 2 samples: 1.0
 
 
 # --------------------------------------------------------------------------- real tiny models, the world's splits

@@ -235,3 +235,17 @@ def test_unknown_exporter_is_refused(tmp_path):
     loaded = loading.load("clipdr-tiny-vit")
     with pytest.raises(export.ExportError, match="onnx_exporter must be one of"):
         export.export_model(loaded, ExportConfig(output=str(tmp_path), onnx_exporter="tflite"), log=lambda m: None)
+
+
+@pytest.mark.parametrize("layout", ["sections", "flat"])
+def test_the_model_card_reads_a_runs_params_in_either_layout_of_train(layout):
+    """Runs logged before [train] had sections logged ``train.kd_weight``, now ``train.loss.kd_weight``."""
+    prefix = "train.loss." if layout == "sections" else "train."
+    params = {f"{prefix}kd_weight": "0.5", f"{prefix}use_syn_captions": "True", "train.mode": "reinforced"}
+    run = types.SimpleNamespace(run_id="r1", run_name="n", params=params, tags={})
+    info = export._training_info(loading.LoadedModel(None, "m", source="m", kind="name"), run)
+    assert (info["knowledge-distillation weight"], info["synthetic captions"], info["mode"]) == (
+        "0.5",
+        "True",
+        "reinforced",
+    )

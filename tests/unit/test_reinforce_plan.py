@@ -116,3 +116,17 @@ def test_a_failed_shard_ends_the_run_naming_it_with_no_manifest(source, tmp_path
     assert list(failure.value.failed) == [second]
     assert "student-00001.tar: a stage failed on it: ActorDiedError: killed" in str(failure.value)
     assert not storage.exists(records.manifest_uri(cfg.reinforce.output))
+
+
+def test_duplicate_keys_across_shards_are_counted(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipdr.reinforce.run import count_duplicate_keys
+
+    shards = {"a": ["k1", "k2", "k3", "k4"], "b": ["k3", "k5", "k1"], "c": ["k6"], "d": ["k1"]}
+    for name, keys in shards.items():  # several row groups a shard: the count streams them
+        pq.write_table(pa.table({"key": keys, "other": list(range(len(keys)))}), tmp_path / name, row_group_size=2)
+    uris = [str(tmp_path / name) for name in shards]
+    assert count_duplicate_keys(uris, num_buckets=4) == 3  # k3 once more, k1 twice more
+    assert count_duplicate_keys(uris[:1] + uris[2:3]) == 0

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import os
 import weakref
 
 import numpy as np
+import pytest
 from PIL import Image
 
-from clipdr import augment, records
+from clipdr import augment, records, storage
 from clipdr.data import sources
 from clipdr.reinforce import stages
+from tests.conftest import FlakyFileSystem
 from tests.unit.test_records import make_columns, make_manifest
+from tests.unit.test_sources import _samples
 
 
 def test_a_packed_chunk_round_trips_dtypes_shapes_and_values():
@@ -122,3 +127,27 @@ def test_a_chunk_closes_early_at_its_pixel_budget(tmp_path):
     assert chunk_sizes() == [4, 2]
     assert chunk_sizes(chunk_max_pixels=3 * 3072) == [3, 3]
     assert chunk_sizes(chunk_max_pixels=100) == [1] * 6  # one image over the budget still makes a chunk
+
+
+def test_a_shard_the_storage_fails_to_read_raises_and_writes_nothing(tmp_path, monkeypatch):
+    """A transient storage error that persists is no skip: ReadShards raises, so no output shard (empty or partial)
+    carries it and a rerun redoes the shard. Before, the shard was written empty with ``broken_tar: 1``."""
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0")
+    manifest = make_manifest()
+    read = stages.ReadShards(2, str(tmp_path / "out"), manifest, "fingerprint")
+    os.symlink("/proc/self/mem", tmp_path / "eio.tar")  # reading it fails with the kernel's EIO
+    with pytest.raises(sources.ShardReadError, match=r"eio\.tar.*Errno 5"):
+        list(read.read(stages.ShardTask(str(tmp_path / "eio.tar"), "eio.parquet")))
+
+    # A break part-way: the chunks before it went down the stream, but none is the last, so the writer never
+    # completes the shard.
+    shard = str(tmp_path / "s.tar")
+    sources.write_webdataset_shard(shard, _samples(12, size=32))
+    reset = FlakyFileSystem(lambda: ConnectionResetError(104, "reset"), read_failures=math.inf, fail_at=40_000)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (reset, uri))
+    monkeypatch.setattr(sources, "_READ_BUFFER_BYTES", 4096)
+    rows = []
+    with pytest.raises(sources.ShardReadError, match="reset"):
+        rows.extend(read.read(stages.ShardTask(shard, "s.parquet")))
+    assert rows and not any(row[stages.LAST_CHUNK] for row in rows)
+    assert not (tmp_path / "out").exists()

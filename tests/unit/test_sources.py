@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import math
+import os
 import struct
 import tarfile
 import zlib
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from clipdr import storage
 from clipdr.data import sources
 from clipdr.data.sources import (
     InvalidSampleError,
@@ -528,7 +531,7 @@ def test_parquet_broken_halfway(tmp_path):
     assert skipped == {SkipReason.BROKEN_PARQUET: 1}
 
 
-@pytest.mark.parametrize("name", ["garbage.tar", "empty.tar", "garbage.parquet", "empty.parquet", "missing.tar"])
+@pytest.mark.parametrize("name", ["garbage.tar", "empty.tar", "garbage.parquet", "empty.parquet"])
 def test_unreadable_shard(tmp_path, name):
     if name.startswith("garbage"):
         (tmp_path / name).write_bytes(b"this is not a shard at all" * 100)
@@ -543,14 +546,101 @@ def test_iter_source_continues_after_bad_shards(tmp_path, monkeypatch):
     write_webdataset_shard(str(tmp_path / "3.tar"), _samples(3)[2:])
     shards = list_shards(str(tmp_path))
     assert shards == [str(tmp_path / "0.tar"), str(tmp_path / "1.tar"), str(tmp_path / "3.tar")]
-    # a shard that vanishes between listing and reading
-    monkeypatch.setattr(sources, "list_shards", lambda uri: [*shards[:2], str(tmp_path / "2.tar"), shards[2]])
 
     skipped: Counter = Counter()
     keys = [s.key for s in iter_source(str(tmp_path), skipped)]
 
     assert keys == ["000000", "000001", "000002"]
-    assert skipped == {SkipReason.UNREADABLE_SHARD: 2}
+    assert skipped == {SkipReason.UNREADABLE_SHARD: 1}
+
+    # A listed shard that vanished before it was read is no bad data: the source changed under the reader.
+    monkeypatch.setattr(sources, "list_shards", lambda uri: [*shards[:2], str(tmp_path / "2.tar"), shards[2]])
+    skipped.clear()
+    with pytest.raises(sources.ShardReadError, match=r"2\.tar.*No such file"):
+        list(iter_source(str(tmp_path), skipped))
+    assert skipped == {SkipReason.UNREADABLE_SHARD: 1}  # the garbage shard only
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A failing storage is not bad data: the shard fails (raises), nothing is counted as skipped
+
+
+def _shard(tmp_path, fmt: str, num: int = 8) -> str:
+    path = str(tmp_path / f"s.{fmt}")
+    (write_webdataset_shard if fmt == "tar" else write_parquet_shard)(path, _samples(num, size=32))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_transient_error_at_open_is_retried_then_fails_the_shard(tmp_path, monkeypatch, fmt):
+    from tests.conftest import FlakyFileSystem
+
+    path = _shard(tmp_path, fmt)
+    refused = FlakyFileSystem(lambda: ConnectionRefusedError(111, "Connection refused"), open_failures=math.inf)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (refused, uri))
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.1")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)
+    skipped: Counter = Counter()
+
+    with pytest.raises(sources.ShardReadError, match=rf"s\.{fmt}.*Connection refused") as info:
+        list(iter_shard(path, skipped))
+
+    assert info.value.transient and refused.opens >= 2  # retried, then raised
+    assert not skipped  # never recorded as an unreadable shard
+
+
+@pytest.mark.parametrize("fmt", ["tar", "parquet"])
+def test_transient_error_mid_read_fails_the_shard_or_recovers(tmp_path, monkeypatch, fmt):
+    from tests.conftest import FlakyFileSystem
+
+    path = _shard(tmp_path, fmt)
+    expected = [s.key for s in _read(path)[0]]
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0.1")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)
+    monkeypatch.setattr(sources, "_READ_BUFFER_BYTES", 4096)  # several reads a shard
+    half = os.path.getsize(path) // 2
+
+    def reset() -> OSError:
+        return ConnectionResetError(104, "Connection reset by peer")
+
+    persistent = FlakyFileSystem(reset, read_failures=math.inf, fail_at=half)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (persistent, uri))
+    skipped: Counter = Counter()
+    read = []
+    with pytest.raises(sources.ShardReadError, match="Connection reset"):
+        read.extend(s.key for s in iter_shard(path, skipped))
+    assert not skipped  # not a broken tar / parquet: the data is fine
+    assert read == expected[: len(read)]
+
+    # A break that heals within the retries: the read goes on from where it was, every sample exactly once.
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "10")
+    monkeypatch.setattr(storage, "_FIRST_DELAY_S", 0.01)  # backoff 10 ms, 20 ms, ...
+    brief = FlakyFileSystem(reset, read_failures=2, fail_at=half)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (brief, uri))
+    assert [s.key for s in iter_shard(path, skipped)] == expected and not skipped
+    assert brief.failed_reads == 2
+
+
+def test_local_io_error_fails_the_shard(tmp_path, monkeypatch):
+    """A real EIO from the kernel (reading /proc/self/mem at offset 0), not an injected one."""
+    os.symlink("/proc/self/mem", tmp_path / "eio.tar")
+    monkeypatch.setenv(storage.RETRY_BUDGET_ENV, "0")
+    skipped: Counter = Counter()
+    with pytest.raises(sources.ShardReadError, match=r"eio\.tar.*Errno 5") as info:
+        list(iter_shard(str(tmp_path / "eio.tar"), skipped))
+    assert info.value.transient and not skipped
+
+
+def test_storage_error_that_is_not_transient_fails_the_shard_at_once(tmp_path, monkeypatch):
+    from tests.conftest import FlakyFileSystem
+
+    path = _shard(tmp_path, "tar")
+    denied = FlakyFileSystem(lambda: PermissionError(13, "Permission denied"), open_failures=math.inf)
+    monkeypatch.setattr(storage, "resolve", lambda uri: (denied, uri))
+    skipped: Counter = Counter()
+    with pytest.raises(sources.ShardReadError, match="Permission denied") as info:
+        list(iter_shard(path, skipped))
+    assert not info.value.transient and denied.opens == 1 and not skipped
 
 
 # ----------------------------------------------------------------------------------------------------------

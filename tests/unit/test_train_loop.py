@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 from clipdr import models, records
-from clipdr.config import Config, TrainConfig
+from clipdr.config import Config, TrainConfig, TrainLoss, TrainOptimizer, TrainSchedule, replace
 from clipdr.train import data
 from clipdr.train.loop import Step, apply_update, build_student, lr_at, param_groups
 from clipdr.train.plan import TrainPlan, make_plan
@@ -34,24 +34,24 @@ TEACHER = {
 }
 
 
-def a_plan(**changes) -> TrainPlan:
-    """A plan of 10 optimiser steps (2 of warmup) of ``GLOBAL_B`` x ``ACCUM`` samples; ``changes`` to [train]."""
+def a_plan(changes: dict[str, object] | None = None) -> TrainPlan:
+    """A plan of 10 optimiser steps (2 of warmup) of ``GLOBAL_B`` x ``ACCUM`` samples; ``changes`` to [train]
+    (dotted keys: ``{"schedule.accum_steps": 1}``)."""
     tc = TrainConfig(
         data="unit",
         model=STUDENT,
-        kd_weight=0.7,
-        caption_loss_weight=2.0,
-        batch_size=GLOBAL_B,
-        accum_steps=ACCUM,
-        samples=10 * GLOBAL_B * ACCUM,
-        warmup_samples=2 * GLOBAL_B * ACCUM,
-        lr=1e-2,
-        min_lr=1e-4,
-        grad_clip=0.5,
-        max_logit_scale=20.0,
         precision="fp32",
+        schedule=TrainSchedule(
+            samples=10 * GLOBAL_B * ACCUM,
+            batch_size=GLOBAL_B,
+            accum_steps=ACCUM,
+            warmup_samples=2 * GLOBAL_B * ACCUM,
+            min_lr=1e-4,
+        ),
+        optimizer=TrainOptimizer(lr=1e-2, grad_clip=0.5),
+        loss=TrainLoss(kd_weight=0.7, caption_loss_weight=2.0, max_logit_scale=20.0),
     )
-    cfg = Config(train=dataclasses.replace(tc, **changes))
+    cfg = Config(train=replace(tc, changes or {}))
     return make_plan(cfg, [records.TeacherSpec(**TEACHER)], run_name="unit")
 
 
@@ -104,8 +104,8 @@ def synthetic_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> list
 def run_steps(model: torch.nn.Module, plan: TrainPlan, rows: slice) -> dict[str, torch.Tensor]:
     """What the worker loop does per optimiser step: ACCUM micro-batches (no_sync on all but the last), then
     `apply_update`."""
-    tc = plan.train
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-6)
+    opt = plan.train.optimizer
+    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(0.9, 0.95), eps=1e-6)
     step_fn = Step(model, plan, torch.device("cpu"))
     batches = synthetic_batches(dtype=next(model.parameters()).dtype)
     for step in range(STEPS):
@@ -162,7 +162,7 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
 
     length = models.model_config(TINY_COCA)["text_cfg"]["context_length"]
     size = models.model_config(TINY_COCA)["vision_cfg"]["image_size"]
-    plan = a_plan(model=TINY_COCA, accum_steps=1)
+    plan = a_plan({"model": TINY_COCA, "schedule.accum_steps": 1})
     model = build_student(plan, torch.device("cpu"))
     batch = synthetic_batches()[0]
     batch[data.IMAGE] = torch.randn(GLOBAL_B, 3, size, size)
@@ -176,5 +176,5 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
 
 @pytest.mark.parametrize("local_loss", [False, True])
 def test_local_loss_reaches_the_loss_from_the_config(local_loss):
-    plan = a_plan(local_loss=local_loss)
+    plan = a_plan({"loss.local_loss": local_loss})
     assert Step(build_student(plan, torch.device("cpu")), plan, torch.device("cpu")).loss.local_loss is local_loss

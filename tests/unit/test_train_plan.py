@@ -8,13 +8,13 @@ import typing
 
 import pytest
 
-from clipdr.config import Config, SynthConfig, TrainConfig, TrainMode, TrainResources
+from clipdr.config import Config, SynthConfig, TrainConfig, TrainMode, TrainSchedule, replace
 from clipdr.data import synthetic
 from clipdr.train.plan import Mode, TrainError, TrainPlan, check_config, default_run_name, make_plan
 from clipdr.train.run import _recipe, open_data
 from tests.unit.test_train_data import teacher, write_dataset
 
-GOOD = TrainConfig(data="somewhere", samples=1024, batch_size=64)
+GOOD = TrainConfig(data="somewhere", schedule=TrainSchedule(samples=1024, batch_size=64))
 
 
 @pytest.mark.parametrize(
@@ -22,24 +22,27 @@ GOOD = TrainConfig(data="somewhere", samples=1024, batch_size=64)
     [
         ({"data": ""}, r"train.data is empty"),
         ({"mode": "distill"}, r"train.mode 'distill' is not one of reinforced, clip, online_distill"),
-        ({"kd_weight": 1.5}, r"kd_weight \(lambda\) must be in \[0, 1\]"),
-        ({"kd_weight": 0.0}, r"mode 'reinforced' distils: train.kd_weight must be > 0"),
-        ({"batch_size": 1}, r"batch_size must be >= 2"),
-        ({"batch_size": 63, "resources": TrainResources(workers=2)}, r"batch_size 63 must divide evenly"),
-        ({"samples": 10}, r"train.samples is less than one optimiser step"),
+        ({"loss.kd_weight": 1.5}, r"train.loss.kd_weight \(lambda\) must be in \[0, 1\]"),
+        ({"loss.kd_weight": 0.0}, r"mode 'reinforced' distils: train.loss.kd_weight must be > 0"),
+        ({"schedule.batch_size": 1}, r"train.schedule.batch_size must be >= 2"),
+        ({"schedule.batch_size": 63, "resources.workers": 2}, r"train.schedule.batch_size 63 must divide evenly"),
+        ({"schedule.samples": 10}, r"train.schedule.samples is less than one optimiser step"),
         ({"precision": "fp16"}, r"train.precision must be auto, fp32 or bf16"),
-        ({"checkpoint_every": 0}, r"train.checkpoint_every must be >= 1"),
+        ({"checkpoint.every": 0}, r"train.checkpoint.every must be >= 1"),
+        ({"checkpoint.keep": 0}, r"train.checkpoint.keep must be >= 1"),
         ({"run_name": "a b/c"}, r"train.run_name"),
-        ({"accum_steps": 0}, r"accum_steps must be >= 1"),
+        ({"schedule.accum_steps": 0}, r"train.schedule.accum_steps must be >= 1"),
+        ({"optimizer.lr": 0.0}, r"train.optimizer.lr must be > 0"),
+        ({"loss.max_logit_scale": 1.0}, r"train.loss.max_logit_scale must be > 1"),
     ],
 )
 def test_bad_settings_are_refused_by_key(changes, message):
     with pytest.raises(TrainError, match=message):
-        check_config(dataclasses.replace(GOOD, **changes))
+        check_config(replace(GOOD, changes))
 
 
 def test_clip_mode_accepts_lambda_zero():
-    check_config(dataclasses.replace(GOOD, mode="clip", kd_weight=0.0))
+    check_config(replace(GOOD, {"mode": "clip", "loss.kd_weight": 0.0}))
 
 
 def test_reinforced_dataset_must_hold_the_teachers_the_run_distils_from(tmp_path):
@@ -54,8 +57,8 @@ def test_synthetic_captions_are_required_only_when_trained_on(tmp_path):
     uri, _ = write_dataset(tmp_path / "ds", num_syn_captions=0)
     with pytest.raises(TrainError, match=r"synthetic caption"):
         open_data(dataclasses.replace(GOOD, data=uri))
-    open_data(dataclasses.replace(GOOD, data=uri, use_syn_captions=False))
-    open_data(dataclasses.replace(GOOD, data=uri, mode="clip", kd_weight=0.0))  # clip never reads them
+    open_data(replace(GOOD, {"data": uri, "loss.use_syn_captions": False}))
+    open_data(replace(GOOD, {"data": uri, "mode": "clip", "loss.kd_weight": 0.0}))  # clip never reads them
 
 
 def test_raw_source_shards_train_only_plain_clip(tmp_path):
@@ -71,7 +74,7 @@ def test_raw_source_shards_train_only_plain_clip(tmp_path):
         )
     )
     raw = str(tmp_path / "w" / "teacher")
-    _, dataset, files = open_data(dataclasses.replace(GOOD, data=raw, mode="clip", kd_weight=0.0))
+    _, dataset, files = open_data(replace(GOOD, {"data": raw, "mode": "clip", "loss.kd_weight": 0.0}))
     assert dataset is None and len(files) == 2
     with pytest.raises(TrainError, match=r"raw source shards.*only mode 'clip'.*clipdr reinforce"):
         open_data(dataclasses.replace(GOOD, data=raw))
@@ -123,11 +126,13 @@ def test_a_mode_says_what_it_means(mode, distils, reads_embeddings, needs_manife
 
 def test_the_plan_is_built_once_and_travels_as_plain_data():
     spec = teacher("alpha", 16)
-    cfg = Config(train=dataclasses.replace(GOOD, accum_steps=2, warmup_samples=300, local_loss=True))
+    cfg = Config(
+        train=replace(GOOD, {"schedule.accum_steps": 2, "schedule.warmup_samples": 300, "loss.local_loss": True})
+    )
     plan = make_plan(cfg, [spec], run_name="r", start_batches=3)
     assert plan.mode is Mode.REINFORCED and plan.teacher_specs == (spec,) and plan.teacher_names == ["alpha"]
     assert (plan.total_steps, plan.warmup_steps, plan.samples_per_step) == (8, 2, 128)
-    assert plan.precision == "fp32" and plan.use_syn_captions and plan.train.local_loss
+    assert plan.precision == "fp32" and plan.use_syn_captions and plan.train.loss.local_loss
     shipped = plan.to_dict()
     blob = pickle.dumps(shipped)
     assert b"clipdr." not in blob  # plain data: unpickling it imports no clipdr module (and so no torch)
@@ -138,9 +143,9 @@ def test_the_plan_is_built_once_and_travels_as_plain_data():
 
 
 def test_a_setting_added_later_enters_the_recipe_only_when_set():
-    """Runs recorded before ``train.local_loss`` existed must still resume (their recipe lacks it)."""
-    assert "local_loss" not in _recipe(Config(train=GOOD))["train"]
-    assert _recipe(Config(train=dataclasses.replace(GOOD, local_loss=True)))["train"]["local_loss"] is True
+    """Runs recorded before ``train.loss.local_loss`` existed must still resume (their recipe lacks it)."""
+    assert "local_loss" not in _recipe(Config(train=GOOD))["train"]["loss"]
+    assert _recipe(Config(train=replace(GOOD, {"loss.local_loss": True})))["train"]["loss"]["local_loss"] is True
 
 
 def test_the_config_spells_exactly_the_modes():

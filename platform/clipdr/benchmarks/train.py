@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import torch
 
 from clipdr import augment, records
 from clipdr.benchmarks import timing
-from clipdr.config import Config, SynthConfig, TeacherConfig, TrainConfig
+from clipdr.config import Config, SynthConfig, TeacherConfig, TrainConfig, replace
 from clipdr.data import sources, synthetic
 from clipdr.models.teachers import teacher_spec
 from clipdr.train import data
@@ -99,8 +98,8 @@ class _Trainer:
 
         self.plan = make_plan(cfg, list(manifest.teachers))
         self.model = build_student(self.plan, device)
-        tc = self.plan.train
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, tc.weight_decay), lr=tc.lr)
+        opt = self.plan.train.optimizer
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, opt.weight_decay), lr=opt.lr)
         self.step_fn = Step(self.model, self.plan, device)
         self.batches = [
             {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()} for b in batches
@@ -161,14 +160,16 @@ def main(args: argparse.Namespace) -> int:
     for label, mode, syn in variants:
         loaders[label] = _Loader(table, manifest, preprocess, args.student, mode, syn, args.batch_size)
         batches = loaders[label].batches()  # also the loader's warm-up
-        train_cfg = dataclasses.replace(
+        train_cfg = replace(
             TrainConfig(),
-            model=args.student,
-            mode=mode,
-            batch_size=args.batch_size,
-            use_syn_captions=syn,
-            kd_weight=1.0 if mode.distils else 0.0,
-            precision="bf16" if device.type == "cuda" else "fp32",
+            {
+                "model": args.student,
+                "mode": mode,
+                "schedule.batch_size": args.batch_size,
+                "loss.use_syn_captions": syn,
+                "loss.kd_weight": 1.0 if mode.distils else 0.0,
+                "precision": "bf16" if device.type == "cuda" else "fp32",
+            },
         )
         trainers[label] = _Trainer(Config(train=train_cfg), manifest, batches, device)
 

@@ -12,10 +12,14 @@ Two source layouts are read, from a local path, ``file://`` or ``s3://`` (all IO
   configurable in :class:`ReaderConfig`). The image column is binary or a Hugging Face style struct
   ``{bytes, path}``; without a key column, keys are ``<file stem>-<row index>``.
 
-Bad input never raises: each skipped sample, and each shard that cannot be read (or breaks part-way), is
-counted by :class:`SkipReason` in a caller's ``collections.Counter``, and reading goes on. Mistakes in how
-the reader is called (an unsupported suffix, a configured column that a parquet file lacks, a source URI
-that does not exist) raise ``ValueError`` / ``FileNotFoundError`` instead, since skipping would hide them.
+Bad input never raises: each skipped sample, and each shard whose bytes are not a tar / parquet file (or
+break part-way), is counted by :class:`SkipReason` in a caller's ``collections.Counter``, and reading goes on.
+A failing *storage* is not bad input: a transient error (network, timeout, S3 5xx or throttling, ``EIO``) is
+retried by :mod:`clipdr.storage` and, if it persists, raised as :class:`ShardReadError`, like any other storage
+failure (access denied, a listed shard that is gone), so that the shard fails and a rerun redoes it; recording
+it as a skip would lose the shard for good. Mistakes in how the reader is called (an unsupported suffix, a
+configured column that a parquet file lacks, a source URI that does not exist) raise ``ValueError`` /
+``FileNotFoundError``, since skipping would hide them.
 
 Images are decoded with Pillow restricted to JPEG, PNG and WebP (other decoders, some of which shell out,
 are never reached), refused by header size before the pixels are decoded, fully loaded so that truncation
@@ -38,7 +42,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -102,7 +106,9 @@ class SkipReason(StrEnum):
     TRUNCATED_IMAGE = "truncated_image"
     """The header is fine but the pixel data is incomplete or fails to decode."""
     UNREADABLE_SHARD = "unreadable_shard"
-    """The shard could not be opened at all: missing, unreadable, not a tar / parquet file."""
+    """The shard's bytes are not a tar / parquet file at all (empty, garbage, no parquet footer). A shard that
+    cannot be read because of the storage (missing, access denied, a network error) is not skipped: see
+    :class:`ShardReadError`."""
     BROKEN_TAR = "broken_tar"
     """The tar broke part-way (truncated, garbage header, no end marker, an extended header larger than
     ``ReaderConfig.max_header_bytes`` or badly framed, a sparse member); the samples completed before the break
@@ -356,6 +362,16 @@ class BrokenShardError(Exception):
     pass
 
 
+class ShardReadError(OSError):
+    """Reading a shard failed in the storage, not in its data (`storage.StorageError`, or the shard is missing):
+    raised, never counted as a skip, so the shard's unit of work fails and a rerun redoes it."""
+
+    def __init__(self, uri: str, cause: BaseException) -> None:
+        super().__init__(f"cannot read source shard {uri}: {cause}")
+        self.uri = uri
+        self.transient = storage.is_transient(cause)
+
+
 class _StrictTarInfo(tarfile.TarInfo):
     """Makes a bad header an error; plain ``tarfile`` silently ends the archive at one, or trusts it too far.
 
@@ -472,6 +488,8 @@ def _tarinfo_class(max_header_bytes: int) -> type[_StrictTarInfo]:
 
 
 _TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
+# Raised by the storage under a reader (the OSErrors above are the data's): they propagate, never count as skips.
+_STORAGE_ERRORS = (storage.StorageError, FileNotFoundError)
 
 
 def _split_member_name(name: str) -> tuple[str, str] | None:
@@ -500,13 +518,15 @@ def iter_tar_groups(
     that member loses nothing before it. A repeated extension within a group is recorded under the ``None``
     key, which marks the group as a duplicate. Raises ``UnreadableShardError`` if the tar cannot be opened
     and ``BrokenShardError`` if it breaks later; the group in progress at a break is dropped, since it may
-    be incomplete.
+    be incomplete. A storage failure raises `ShardReadError` (see `iter_shard`).
     """
     wanted = wanted or frozenset({*IMAGE_EXTENSIONS, CAPTION_EXTENSION, META_EXTENSION})
-    with _open_stream(uri) as stream:
+    with _open_shard(uri, _READ_BUFFER_BYTES) as stream:
         try:
             tarinfo = _tarinfo_class(config.max_header_bytes)
             archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=tarinfo)  # noqa: SIM115 - entered below
+        except _STORAGE_ERRORS:
+            raise
         except _TAR_READ_ERRORS as e:
             raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
         with archive:
@@ -515,6 +535,8 @@ def iter_tar_groups(
             while True:
                 try:
                     member = archive.next()
+                except _STORAGE_ERRORS:
+                    raise
                 except _TAR_READ_ERRORS as e:
                     raise BrokenShardError(f"{type(e).__name__}: {e}") from None
                 if member is None:
@@ -531,6 +553,8 @@ def iter_tar_groups(
                 limit = config.max_image_bytes if ext in large_extensions else config.max_text_bytes
                 try:
                     data = TooLarge(member.size) if member.size > limit else _read_member(archive, member)
+                except _STORAGE_ERRORS:
+                    raise
                 except _TAR_READ_ERRORS as e:
                     raise BrokenShardError(f"{type(e).__name__}: {e}") from None
                 group[None if ext in group else ext] = data
@@ -548,15 +572,18 @@ def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
 
 
 @contextmanager
-def _open_stream(uri: str) -> Iterator[pa.NativeFile]:
-    """A buffered sequential stream over a shard; failing to open it raises ``UnreadableShardError``."""
+def _open_shard(uri: str, buffer_size: int = io.DEFAULT_BUFFER_SIZE) -> Iterator[IO[bytes]]:
+    """A buffered stream over a shard (`storage.open_input`: transient errors are retried in it).
+
+    A storage failure is not bad data: it raises `ShardReadError` naming the shard and the original error, at open
+    or at any later read, so that the shard fails and a rerun redoes it instead of recording a skip. A listed shard
+    that is missing is such a failure too: the source changed under the job.
+    """
     try:
-        fs, path = storage.resolve(uri)
-        stream = fs.open_input_stream(path, buffer_size=_READ_BUFFER_BYTES)
-    except (OSError, ValueError) as e:
-        raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
-    with stream:
-        yield stream
+        with storage.open_input(uri, buffer_size) as stream:
+            yield stream
+    except (storage.StorageError, FileNotFoundError) as e:
+        raise ShardReadError(uri, e) from e
 
 
 def _iter_tar_samples(uri: str, skipped: collections.Counter, config: ReaderConfig) -> Iterator[SourceSample]:
@@ -631,15 +658,12 @@ def _check_parquet_schema(schema: pa.Schema, uri: str, config: ReaderConfig) -> 
 
 def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, Any, Any, Any]]:
     """Yields ``(key, image, caption, meta)`` raw values per row; raises the private shard errors."""
-    try:
-        fs, path = storage.resolve(uri)
-        source = fs.open_input_file(path)
-    except (OSError, ValueError) as e:
-        raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
-    with source:
+    with _open_shard(uri) as source:
         try:
             parquet_file = pq.ParquetFile(source)
             schema = parquet_file.schema_arrow
+        except _STORAGE_ERRORS:
+            raise
         except (OSError, ValueError, pa.ArrowException) as e:
             raise UnreadableShardError(f"{type(e).__name__}: {e}") from None
         _check_parquet_schema(schema, uri, config)
@@ -660,6 +684,8 @@ def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, An
                 captions = _column_as_pylist(batch.column(config.caption_column))
                 keys = _column_as_pylist(batch.column(config.key_column)) if has_key else [None] * batch.num_rows
                 metas = _column_as_pylist(batch.column(config.meta_column)) if has_meta else [None] * batch.num_rows
+            except _STORAGE_ERRORS:
+                raise
             except (OSError, ValueError, pa.ArrowException) as e:
                 raise BrokenShardError(f"{type(e).__name__}: {e}") from None
             for key, image, caption, meta in zip(keys, images, captions, metas, strict=True):
@@ -709,6 +735,8 @@ def iter_shard(
 
     Raises:
         ValueError: The suffix is not a supported shard format, or a parquet shard lacks a configured column.
+        ShardReadError: The storage failed (after retries for a transient error), or the shard is missing; the
+            samples yielded before it are all valid, but the shard is incomplete.
     """
     if _is_tar(uri):
         samples, broken = _iter_tar_samples(uri, skipped, config), SkipReason.BROKEN_TAR
@@ -812,7 +840,7 @@ def iter_source(
     """Streams the valid samples of every shard of a source, in shard order (see :func:`iter_shard`).
 
     Keys are unique within a shard only. An unreadable or broken shard is counted and reading goes on with
-    the next one.
+    the next one; a storage failure raises `ShardReadError`.
 
     Args:
         uri: A directory of shards or a single shard.

@@ -34,6 +34,7 @@ from clipdr.evaluate.datasets import RetrievalSet, ZeroShotTask
 
 ZEROSHOT = "zeroshot"
 RETRIEVAL = "retrieval"
+PARTIAL = "partial"  # prefix of the metrics a partial evaluation could not compute in full (`_mark_partial`)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -275,7 +276,8 @@ def _encode(encode: Callable[[Tensor], Tensor], batches: Iterator[Tensor], devic
     return torch.cat(chunks)
 
 
-def _datasets(cfg: EvaluateConfig) -> list[tuple[str, ZeroShotTask | RetrievalSet]]:
+def _datasets(cfg: EvaluateConfig) -> tuple[list[tuple[str, ZeroShotTask | RetrievalSet]], int]:
+    """The datasets to evaluate (``evaluate.tasks`` of them, else all), and how many the folders hold."""
     found: list[tuple[str, ZeroShotTask | RetrievalSet]] = []
     for uri in cfg.zeroshot:
         found += [(ZEROSHOT, task) for task in _discover_zeroshot(uri)]
@@ -291,13 +293,14 @@ def _datasets(cfg: EvaluateConfig) -> list[tuple[str, ZeroShotTask | RetrievalSe
                 "their metrics would collide; rename a folder"
             )
         seen[kind, dataset.name] = dataset.uri
+    num_found = len(found)
     if cfg.tasks:
         names = [dataset.name for _, dataset in found]
         unknown = [t for t in cfg.tasks if t not in names]
         if unknown:
             raise ValueError(f"evaluate.tasks names unknown datasets {unknown}; available: {', '.join(names)}")
         found = [(kind, dataset) for kind, dataset in found if dataset.name in cfg.tasks]
-    return found
+    return found, num_found
 
 
 def _check_config(cfg: EvaluateConfig) -> None:
@@ -318,7 +321,8 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     device = resolve_device(device)
     clip = _unwrap(model)
     preprocess = preprocess_of(clip)
-    loaded = [_load(kind, dataset, cfg.max_samples, preprocess) for kind, dataset in _datasets(cfg)]
+    selected, num_found = _datasets(cfg)
+    loaded = [_load(kind, dataset, cfg.max_samples, preprocess) for kind, dataset in selected]
     bank = _BANKS[preprocess.key]
 
     was_training = clip.training
@@ -360,7 +364,23 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     recall = [results[metrics.metric_name(RETRIEVAL, d.name, "mean_recall")] for d in loaded if d.kind == RETRIEVAL]
     if recall:
         results[metrics.metric_name(RETRIEVAL, "mean_recall")] = sum(recall) / len(recall)
-    return EvalReport(results, described)
+    return EvalReport(_mark_partial(results, cfg, len(selected) < num_found), described)
+
+
+def _mark_partial(results: dict[str, float], cfg: EvaluateConfig, subset: bool) -> dict[str, float]:
+    """Renames the metrics whose value a full evaluation would not give to ``partial/<name>``.
+
+    With ``max_samples`` every metric is partial; with ``tasks`` naming fewer than all datasets, only the means over
+    datasets are (each dataset's own metrics are whole). So a metric's plain name only ever holds a full
+    evaluation's value, and the promotion gate, which reads the latest value of a plain name, cannot be moved by a
+    quick partial evaluation logged after the full one.
+    """
+    means = {metrics.metric_name(ZEROSHOT, "mean_top1"), metrics.metric_name(RETRIEVAL, "mean_recall")}
+    if cfg.max_samples > 0:
+        return {metrics.metric_name(PARTIAL, *k.split("/")): v for k, v in results.items()}
+    if subset:
+        return {metrics.metric_name(PARTIAL, *k.split("/")) if k in means else k: v for k, v in results.items()}
+    return results
 
 
 def _encode_tokens(clip: nn.Module, tokens_ML: Tensor, batch_size: int, device: torch.device) -> Tensor:
@@ -419,5 +439,7 @@ def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, devic
         ``.../mean_per_class_recall``, ``zeroshot/mean_top1`` (over the tasks evaluated),
         ``retrieval/<name>/image_to_text_R{1,5,10}``, ``retrieval/<name>/text_to_image_R{1,5,10}``,
         ``retrieval/<name>/mean_recall`` (of those six) and ``retrieval/mean_recall`` (over the datasets).
+        A partial evaluation (``max_samples``, or ``tasks`` naming fewer than all datasets) names the metrics it
+        could not compute in full ``partial/<name>`` (`_mark_partial`).
     """
     return evaluate(model, model_name, cfg, device).metrics

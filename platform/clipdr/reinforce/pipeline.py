@@ -102,10 +102,14 @@ class _DroppedBlocks(logging.Handler):
         self.errors: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            lines = str(error).strip().splitlines() or [""]
-            self.errors.append(f"{type(error).__name__}: {lines[0]}"[:300])
+        if not record.exc_info or record.exc_info[1] is None:
+            return
+        error = record.exc_info[1]  # Ray wraps the stage's own error: name the innermost one
+        while (cause := error.__cause__ or getattr(error, "cause", None)) is not None and cause is not error:
+            error = cause
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+        text = lines[0] if len(lines) == 1 else f"{lines[0][:150]} ... {lines[-1]}"
+        self.errors.append(f"{type(error).__name__}: {text}"[:400])
 
 
 def drain(

@@ -97,7 +97,7 @@ def _check_writable(output: str) -> None:
     try:
         storage.write_bytes(probe, b"")
         storage.delete(probe)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise ReinforceError(f"reinforce.output {output!r} is not writable: {e}") from None
 
 
@@ -117,6 +117,12 @@ def plan(config: Config) -> Plan:
     cfg = config.reinforce
     if not cfg.source or not cfg.output:
         raise ReinforceError("reinforce.source and reinforce.output must both be set")
+    for key, uri in (("reinforce.source", cfg.source), ("reinforce.output", cfg.output)):
+        try:
+            if not storage.is_s3(uri):  # an S3 URI is checked where it is read or written (no filesystem here)
+                storage.resolve(uri)  # the scheme and form only: nothing is read or written
+        except ValueError as e:
+            raise ReinforceError(f"{key}: {e}") from None
     if cfg.num_augmentations < 1 or cfg.num_syn_captions < 1:
         raise ReinforceError(
             f"reinforce.num_augmentations (K={cfg.num_augmentations}) and reinforce.num_syn_captions "
@@ -146,19 +152,19 @@ def plan(config: Config) -> Plan:
         for t, spec in resolved
         if spec is None
     )
-    captioner = records.CaptionerSpec(
-        name=cfg.captioner.model,
-        kind=cfg.captioner.kind,
-        model=cfg.captioner.model,
-        pretrained=cfg.captioner.pretrained,
-        top_p=cfg.captioner.top_p,
-        temperature=cfg.captioner.temperature,
-        max_len=cfg.captioner.max_len,
-        seed=cfg.seed,
-    )
     try:
+        captioner = records.CaptionerSpec(
+            name=cfg.captioner.model,
+            kind=cfg.captioner.kind,
+            model=cfg.captioner.model,
+            pretrained=cfg.captioner.pretrained,
+            top_p=cfg.captioner.top_p,
+            temperature=cfg.captioner.temperature,
+            max_len=cfg.captioner.max_len,
+            seed=cfg.seed,
+        )
         validate_captioner(captioner)
-    except ValueError as e:
+    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
         raise ReinforceError(f"reinforce.captioner: {e}") from None
 
     if cfg.dry_run and (storage.is_s3(cfg.source) or storage.is_s3(cfg.output)):
@@ -226,6 +232,46 @@ def _finish_manifest(cfg_output: str, p: Plan) -> records.Manifest:
     return manifest
 
 
+def count_duplicate_keys(shard_uris: list[str], *, num_buckets: int = 64) -> int:
+    """Rows whose sample key an earlier row of the dataset already has (0 when every key is unique).
+
+    A shard skips repeats of a key within itself (skip reason ``duplicate_key``); this counts the ones across
+    shards, which each shard cannot see. Only the key column is read, a row group at a time; each key becomes a
+    64-bit hash, spread over ``num_buckets`` temporary files by its low bits, and each bucket is sorted and counted
+    on its own: memory is one bucket (8 bytes a row / ``num_buckets``), local disk 8 bytes a row. Two distinct keys
+    with one hash would count one repeat too many; among 1e9 keys the odds that any pair does are ~3%.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="clipdr-keys-") as tmp:
+        paths = [Path(tmp) / f"{b:03d}.u64" for b in range(num_buckets)]
+        outs = [path.open("wb") for path in paths]
+        try:
+            for uri in shard_uris:
+                fs, path = storage.resolve(uri)
+                with fs.open_input_file(path) as f:
+                    parquet = pq.ParquetFile(f)
+                    for group in range(parquet.num_row_groups):
+                        keys = parquet.read_row_group(group, columns=[records.KEY]).column(0)
+                        hashes = pd.util.hash_array(keys.to_numpy(zero_copy_only=False).astype(object))
+                        bucket_of = hashes % np.uint64(num_buckets)
+                        for b in np.unique(bucket_of):
+                            outs[int(b)].write(hashes[bucket_of == b].tobytes())
+        finally:
+            for out in outs:
+                out.close()
+        repeats = 0
+        for path in paths:
+            hashes = np.sort(np.fromfile(path, dtype=np.uint64))
+            repeats += int(np.count_nonzero(hashes[1:] == hashes[:-1]))
+        return repeats
+
+
 def _tracker(config: Config, p: Plan):
     from clipdr.tracking import Tracker
 
@@ -269,16 +315,36 @@ def run(config: Config, log=print) -> records.Manifest | None:
 
         if p.pending:
             ensure_ray()
-            failed = run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
-            if failed:
+            try:
+                failed = run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
+            except Exception:
+                # A shard that fails (a storage error that outlasted its retries, ...) has no output and there is no
+                # manifest: nothing records it as done or skipped, so a rerun with the same config redoes it.
+                log(
+                    f"reinforcement failed with {progress['shards']}/{len(p.tasks)} shards complete; the others have "
+                    "no output: rerun the same config to do them"
+                )
+                raise
+            if failed:  # the same, for shards the stream dropped while it finished the others
+                log(
+                    f"reinforcement failed with {progress['shards']}/{len(p.tasks)} shards complete; the others have "
+                    "no output: rerun the same config to do them"
+                )
                 raise ShardsFailedError(failed, len(p.tasks), cfg.resources.crash_retries)
         elapsed = time.monotonic() - started
         manifest = _finish_manifest(cfg.output, p)
+        duplicates = count_duplicate_keys([storage.join(cfg.output, s.path) for s in manifest.shards])
+        if duplicates:
+            log(
+                f"warning: {duplicates} rows repeat a sample key of another shard (kept: each is a row of the "
+                "dataset, trained on like any other; deduplicate the source if they are the same samples)"
+            )
         tracker.log_metrics(
             {
                 "num_rows": manifest.num_rows,
                 "num_shards": len(manifest.shards),
                 "num_skipped": manifest.num_skipped,
+                "duplicate_keys_across_shards": duplicates,
                 **{f"skipped.{reason}": count for reason, count in manifest.skipped},
                 "elapsed_s": elapsed,
                 "samples_per_s": progress["rows"] / elapsed if elapsed > 0 else 0.0,

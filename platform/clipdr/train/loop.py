@@ -12,7 +12,7 @@ and every restart sees the same decisions. The loop:
 3. steps through ``get_dataset_shard("train").iter_torch_batches`` with gradient accumulation, clipping,
    bf16 autocast on GPU, and the logit-scale clamp after every optimiser step;
 4. every ``log_every`` steps rank 0 logs the loss parts, learning rate, logit scale and throughput to the run's
-   MLflow run (reopened by id, so restarts continue it); every ``checkpoint_every`` steps and at the end every
+   MLflow run (reopened by id, so restarts continue it); every ``checkpoint.every`` steps and at the end every
    rank calls ``ray.train.report`` and rank 0 attaches the checkpoint.
 
 MLflow steps are samples seen, the unit of training length, so runs of different batch sizes line up.
@@ -46,10 +46,11 @@ from clipdr.train.plan import TrainPlan
 def lr_at(step: int, plan: TrainPlan) -> float:
     """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine down to ``min_lr``."""
     if plan.warmup_steps and step < plan.warmup_steps:
-        return plan.train.lr * (step + 1) / plan.warmup_steps
+        return plan.train.optimizer.lr * (step + 1) / plan.warmup_steps
     span = max(1, plan.total_steps - plan.warmup_steps)
     progress = min(1.0, (step - plan.warmup_steps) / span)
-    return plan.train.min_lr + 0.5 * (plan.train.lr - plan.train.min_lr) * (1 + math.cos(math.pi * progress))
+    lr, min_lr = plan.train.optimizer.lr, plan.train.schedule.min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 _NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "embedding", "pos_embed", "cls_token", "norm", "ln_", "bn")
@@ -145,8 +146,8 @@ class Step:
             plan.kd_weight if with_teachers else 0.0,
             [s.logit_scale for s in specs] if with_teachers else (),
             use_syn_captions=plan.use_syn_captions,
-            max_logit_scale=plan.train.max_logit_scale,
-            local_loss=plan.train.local_loss,
+            max_logit_scale=plan.train.loss.max_logit_scale,
+            local_loss=plan.train.loss.local_loss,
         )
         self.online = OnlineTeachers(specs, device) if plan.mode.runs_teachers_online and with_teachers else None
         self.with_teachers = with_teachers
@@ -184,7 +185,7 @@ class Step:
             labels_BT = out["labels"]
             caption = F.cross_entropy(logits_BTV.permute(0, 2, 1), labels_BT, ignore_index=0)
             parts["caption_loss"] = caption.detach()
-            parts["loss"] = parts["loss"] + plan.train.caption_loss_weight * caption
+            parts["loss"] = parts["loss"] + plan.train.loss.caption_loss_weight * caption
         return parts
 
 
@@ -193,12 +194,12 @@ def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, plan: Train
     gradient norm, AdamW, zero the gradients, clamp the logit scale. Returns the norm before clipping."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, plan)
-    grad_clip = plan.train.grad_clip
+    grad_clip = plan.train.optimizer.grad_clip
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
-        _unwrap(model).logit_scale.clamp_(0, math.log(plan.train.max_logit_scale))
+        _unwrap(model).logit_scale.clamp_(0, math.log(plan.train.loss.max_logit_scale))
     return grad_norm
 
 
@@ -266,23 +267,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     model = build_student(plan, device)
-    tc = plan.train
-    betas = (tc.beta1, tc.beta2)
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=betas, eps=tc.eps)
+    opt = plan.train.optimizer
+    optimizer = torch.optim.AdamW(
+        param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
+    )
     progress = _restore(model, optimizer, plan)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     tracker = None
     if rank == 0:
-        from clipdr.tracking import Tracker
+        from clipdr.tracking import MetricLogger
 
-        tracker = Tracker.start("", run_id=plan.mlflow_run_id, uri=plan.tracking_uri)
-        monitor = tracker.start_system_metrics()
+        # Metrics go through a buffer that rides out a tracking outage (up to tracking.outage_limit_s); checkpoints
+        # never wait on it.
+        tracker = MetricLogger.open(
+            plan.mlflow_run_id, uri=plan.tracking_uri, outage_limit_s=plan.tracking.outage_limit_s
+        )
+        monitor = tracker.tracker.start_system_metrics()
+    failed = True
     try:
         _train(plan, model, optimizer, progress, tracker, rank, world_size, device)
+        failed = False
     finally:
         if tracker is not None:
-            monitor.finish()
+            try:
+                tracker.close(raise_errors=not failed)  # sends what an outage held back, or fails with its error
+            finally:
+                monitor.finish()
 
 
 def _train(
@@ -337,13 +348,13 @@ def _train(
     sums: dict[str, float] = {}
     micro = 0
     for batch in _batches(plan, device, skip):
-        last_micro = micro == plan.train.accum_steps - 1
+        last_micro = micro == plan.train.schedule.accum_steps - 1
         sync = contextlib.nullcontext() if last_micro or world_size == 1 else model.no_sync()
         with sync:
             parts = step_fn(batch)
-            (parts["loss"] / plan.train.accum_steps).backward()
+            (parts["loss"] / plan.train.schedule.accum_steps).backward()
         for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.train.accum_steps
+            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.train.schedule.accum_steps
         progress.batches += 1
         progress.samples_seen += plan.global_batch
         window_samples += plan.global_batch
@@ -377,7 +388,7 @@ def _train(
             tracker.log_metrics(_evaluate(model, plan, device), step=progress.samples_seen)
             while next_eval and next_eval <= progress.samples_seen:
                 next_eval += eval_every
-        if done or progress.step % plan.train.checkpoint_every == 0:
+        if done or progress.step % plan.train.checkpoint.every == 0:
             report()
         if done:
             break

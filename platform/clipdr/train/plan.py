@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipdr import records, storage
-from clipdr.config import Config, EvaluateConfig, TrainConfig, from_dict, to_dict
+from clipdr.config import Config, EvaluateConfig, TrackingConfig, TrainConfig, from_dict, to_dict
 
 
 class TrainError(ValueError):
@@ -36,7 +36,7 @@ class Mode(enum.StrEnum):
 
     @property
     def distils(self) -> bool:
-        """Whether the loss has teacher targets (``train.kd_weight`` > 0 applies)."""
+        """Whether the loss has teacher targets (``train.loss.kd_weight`` > 0 applies)."""
         return self is not Mode.CLIP
 
     @property
@@ -51,7 +51,7 @@ class Mode(enum.StrEnum):
 
     @property
     def trains_syn_captions(self) -> bool:
-        """Whether ``train.use_syn_captions`` applies (the synthetic captions are a reinforcement's)."""
+        """Whether ``train.loss.use_syn_captions`` applies (the synthetic captions are a reinforcement's)."""
         return self is not Mode.CLIP
 
     @property
@@ -76,23 +76,31 @@ def check_config(cfg: TrainConfig) -> None:
     """Refuses settings that cannot train, naming the key."""
     require(bool(cfg.data), "train.data is empty: name a reinforced dataset or source shards")
     require(cfg.mode in MODES, f"train.mode {cfg.mode!r} is not one of {', '.join(MODES)}")
-    require(0.0 <= cfg.kd_weight <= 1.0, f"train.kd_weight (lambda) must be in [0, 1], got {cfg.kd_weight}")
+    kd_weight = cfg.loss.kd_weight
+    require(0.0 <= kd_weight <= 1.0, f"train.loss.kd_weight (lambda) must be in [0, 1], got {kd_weight}")
     if Mode(cfg.mode).distils:
-        require(cfg.kd_weight > 0, f"train.mode {cfg.mode!r} distils: train.kd_weight must be > 0 (0 is mode clip)")
-    res = cfg.resources
+        require(kd_weight > 0, f"train.mode {cfg.mode!r} distils: train.loss.kd_weight must be > 0 (0 is mode clip)")
+    res, sched = cfg.resources, cfg.schedule
     require(res.workers >= 1, f"train.resources.workers must be >= 1, got {res.workers}")
-    require(cfg.batch_size >= 2, f"train.batch_size must be >= 2 (contrastive), got {cfg.batch_size}")
+    require(sched.batch_size >= 2, f"train.schedule.batch_size must be >= 2 (contrastive), got {sched.batch_size}")
     require(
-        cfg.batch_size % res.workers == 0,
-        f"train.batch_size {cfg.batch_size} must divide evenly over train.resources.workers = {res.workers}",
+        sched.batch_size % res.workers == 0,
+        f"train.schedule.batch_size {sched.batch_size} must divide evenly over train.resources.workers = {res.workers}",
     )
-    require(cfg.accum_steps >= 1, f"train.accum_steps must be >= 1, got {cfg.accum_steps}")
-    require(cfg.samples >= cfg.batch_size * cfg.accum_steps, "train.samples is less than one optimiser step")
+    require(sched.accum_steps >= 1, f"train.schedule.accum_steps must be >= 1, got {sched.accum_steps}")
+    require(
+        sched.samples >= sched.batch_size * sched.accum_steps, "train.schedule.samples is less than one optimiser step"
+    )
     require(cfg.precision in ("auto", "fp32", "bf16"), f"train.precision must be auto, fp32 or bf16: {cfg.precision}")
-    require(cfg.lr > 0 and cfg.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
-    for key in ("log_every", "checkpoint_every", "keep_checkpoints"):
-        require(getattr(cfg, key) >= 1, f"train.{key} must be >= 1, got {getattr(cfg, key)}")
-    require(cfg.max_logit_scale > 1, f"train.max_logit_scale must be > 1, got {cfg.max_logit_scale}")
+    require(cfg.optimizer.lr > 0 and sched.min_lr >= 0, "train.optimizer.lr must be > 0 and train.schedule.min_lr >= 0")
+    for key, value in (
+        ("log_every", cfg.log_every),
+        ("checkpoint.every", cfg.checkpoint.every),
+        ("checkpoint.keep", cfg.checkpoint.keep),
+    ):
+        require(value >= 1, f"train.{key} must be >= 1, got {value}")
+    max_scale = cfg.loss.max_logit_scale
+    require(max_scale > 1, f"train.loss.max_logit_scale must be > 1, got {max_scale}")
     name_ok = not cfg.run_name or re.fullmatch(r"[\w.-]+", cfg.run_name) is not None
     require(name_ok, "train.run_name: use [A-Za-z0-9_.-]")
 
@@ -110,12 +118,12 @@ def check_evaluation(cfg: Config) -> None:
 
 def uses_syn_captions(cfg: TrainConfig) -> bool:
     """Whether the run trains on synthetic captions: the one place that decides it."""
-    return cfg.use_syn_captions and Mode(cfg.mode).trains_syn_captions
+    return cfg.loss.use_syn_captions and Mode(cfg.mode).trains_syn_captions
 
 
 def default_run_name(cfg: TrainConfig) -> str:
     data_name = storage.basename(cfg.data.rstrip("/")) or "data"
-    return re.sub(r"[^\w.-]+", "-", f"{cfg.model}-{cfg.mode}-{data_name}-{cfg.samples}")
+    return re.sub(r"[^\w.-]+", "-", f"{cfg.model}-{cfg.mode}-{data_name}-{cfg.schedule.samples}")
 
 
 # --------------------------------------------------------------------------- the plan
@@ -125,11 +133,13 @@ def default_run_name(cfg: TrainConfig) -> str:
 class TrainPlan:
     """What every worker of a run does, decided once by the driver.
 
-    Settings are read from the resolved sections (``plan.train.lr``); the fields beside them are what the driver
-    derived, and win over the section's raw values (``kd_weight`` is 0 and ``use_syn_captions`` false in ``clip``).
+    Settings are read from the resolved sections (``plan.train.optimizer.lr``); the fields beside them are what the
+    driver derived, and win over the section's raw values (``kd_weight`` is 0 and ``use_syn_captions`` false in
+    ``clip``).
 
     Attributes:
-        train: The ``[train]`` section, paths absolute.
+        train: The ``[train]`` section with its sub-sections (``schedule``, ``optimizer``, ``loss``, ``checkpoint``,
+            ``resources``), paths absolute.
         evaluate: The ``[evaluate]`` section (datasets evaluated on when ``train.evaluate``).
         mode: ``train.mode``.
         teacher_specs: The teachers distilled from, in loss order (from the dataset's manifest); empty unless the
@@ -145,6 +155,7 @@ class TrainPlan:
         start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
         mlflow_run_id: The run's MLflow run id (reopened by rank 0).
         tracking_uri: Where that run lives.
+        tracking: The ``[tracking]`` section (how long rank 0 keeps metrics through a tracking outage).
     """
 
     train: TrainConfig
@@ -162,6 +173,7 @@ class TrainPlan:
     start_batches: int = 0
     mlflow_run_id: str = ""
     tracking_uri: str = ""
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     @property
     def teacher_names(self) -> list[str]:
@@ -170,11 +182,11 @@ class TrainPlan:
     @property
     def global_batch(self) -> int:
         """Samples per micro-batch over all workers."""
-        return self.train.batch_size
+        return self.train.schedule.batch_size
 
     @property
     def samples_per_step(self) -> int:
-        return self.global_batch * self.train.accum_steps
+        return self.global_batch * self.train.schedule.accum_steps
 
     @property
     def total_samples(self) -> int:
@@ -186,6 +198,7 @@ class TrainPlan:
         out |= {
             "train": to_dict(self.train),
             "evaluate": to_dict(self.evaluate),
+            "tracking": to_dict(self.tracking),
             "mode": str(self.mode),
             "teacher_specs": [dataclasses.asdict(t) for t in self.teacher_specs],
         }
@@ -198,6 +211,7 @@ class TrainPlan:
             | {
                 "train": from_dict(TrainConfig, raw["train"], "train plan"),
                 "evaluate": from_dict(EvaluateConfig, raw["evaluate"], "train plan"),
+                "tracking": from_dict(TrackingConfig, raw.get("tracking", {}), "train plan"),
                 "mode": Mode(raw["mode"]),
                 "teacher_specs": tuple(records.TeacherSpec(**t) for t in raw["teacher_specs"]),
             }
@@ -221,23 +235,25 @@ def make_plan(
 ) -> TrainPlan:
     """The workers' `TrainPlan` for ``cfg``, distilling from ``teachers`` (in loss order; ignored in clip)."""
     tc = cfg.train
+    sched = tc.schedule
     mode = Mode(tc.mode)
-    samples_per_step = tc.batch_size * tc.accum_steps
-    total_steps = math.ceil(tc.samples / samples_per_step)
+    samples_per_step = sched.batch_size * sched.accum_steps
+    total_steps = math.ceil(sched.samples / samples_per_step)
     return TrainPlan(
         train=tc,
         evaluate=cfg.evaluate,
         mode=mode,
         teacher_specs=tuple(teachers) if mode.distils else (),
-        kd_weight=tc.kd_weight if mode.distils else 0.0,
+        kd_weight=tc.loss.kd_weight if mode.distils else 0.0,
         use_syn_captions=uses_syn_captions(tc),
         precision=_precision(tc),
-        local_batch=tc.batch_size // tc.resources.workers,
+        local_batch=sched.batch_size // tc.resources.workers,
         total_steps=total_steps,
-        warmup_steps=min(total_steps, tc.warmup_samples // samples_per_step),
+        warmup_steps=min(total_steps, sched.warmup_samples // samples_per_step),
         threads=max(1, int(tc.resources.cpus_per_worker)),
         run_name=run_name or default_run_name(tc),
         start_batches=start_batches,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
+        tracking=cfg.tracking,
     )

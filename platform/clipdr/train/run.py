@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdr import checkpoint, records, runstate, storage
-from clipdr.config import Config, TrainConfig, flatten, to_dict
+from clipdr.config import Config, TrainConfig, flatten, to_dict, upgrade
 from clipdr.data import sources
 from clipdr.train import data
 from clipdr.train.plan import (
@@ -42,11 +42,12 @@ from clipdr.train.plan import (
     uses_syn_captions,
 )
 
-# Settings a resubmission may change without breaking the run (scaling and bookkeeping, not the recipe).
-_RESUMABLE_CHANGES = ("resources", "log_every", "checkpoint_every", "keep_checkpoints", "register", "eval_every")
-# Settings added after runs were recorded, with the value every earlier run had: they enter a recipe only when set
-# otherwise, so that runs recorded before they existed still resume.
-_LATER_SETTINGS = {"local_loss": False}
+# Keys (sections included) of [train] a resubmission may change without breaking the run: scaling and bookkeeping,
+# not the recipe.
+_RESUMABLE_CHANGES = ("resources", "checkpoint", "log_every", "register", "eval_every")
+# Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
+# when set otherwise, so that runs recorded before they existed still resume.
+_LATER_SETTINGS = {"loss.local_loss": False}
 
 
 @dataclass(frozen=True)
@@ -123,13 +124,22 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
 
 
 def _recipe(cfg: Config) -> dict:
-    """The settings a resumed run must keep (everything but scaling and bookkeeping)."""
-    train = {
-        k: v
-        for k, v in to_dict(cfg.train).items()
-        if k not in _RESUMABLE_CHANGES and not (k in _LATER_SETTINGS and v == _LATER_SETTINGS[k])
-    }
+    """The settings a resumed run must keep (everything but scaling and bookkeeping), nested like the config."""
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
+    for dotted, default in _LATER_SETTINGS.items():
+        *sections, name = dotted.split(".")
+        table = train
+        for section in sections:
+            table = table[section]
+        if table[name] == default:
+            del table[name]
     return {"train": train, "augment": to_dict(cfg.augment)}
+
+
+def recorded_recipe(state: runstate.RunState) -> dict:
+    """A run state's recipe in today's layout: runs recorded when [train] was flat (``train.lr``, now
+    ``train.optimizer.lr``) compare key for key with a resubmission's `_recipe` (`clipdr.config.upgrade`)."""
+    return upgrade(state.recipe)
 
 
 # --------------------------------------------------------------------------- run
@@ -145,7 +155,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     from clipdr.train import pipeline, remote
 
     cfg = resolve_paths(cfg)
-    tc = cfg.train
+    tc, sched = cfg.train, cfg.train.schedule
     check_config(tc)
     check_evaluation(cfg)
     uri, dataset, files = open_data(tc)
@@ -164,6 +174,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
 
     previous = runstate.read(run_dir, runstate.TRAIN_STATE)
     if previous is not None:
+        previous = dataclasses.replace(previous, recipe=recorded_recipe(previous))
         changed = previous.changes(data_fingerprint, recipe, "the training data")
         if changed:
             raise TrainError(
@@ -178,8 +189,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             return result
     else:
         num_rows = manifest.num_rows if manifest else pipeline.count_source_rows(files)
-        rows_per_epoch = (num_rows // tc.batch_size) * tc.batch_size
-    require(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({tc.batch_size})")
+        rows_per_epoch = (num_rows // sched.batch_size) * sched.batch_size
+    require(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({sched.batch_size})")
 
     tracker_tags = {"clipdr.job": "train", "clipdr.mode": tc.mode, "clipdr.student": tc.model}
     if previous is None:
@@ -198,9 +209,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
         tracker = tracking.Tracker.start(tc.experiment, run_id=previous.mlflow_run_id, uri=cfg.tracking.uri)
         log(f"train: resuming run {run_name!r}, MLflow run {tracker.run_id}")
 
-    total_steps = math.ceil(tc.samples / (tc.batch_size * tc.accum_steps))
-    batches_per_epoch = rows_per_epoch // tc.batch_size  # micro-batches each worker takes from one epoch
-    total_batches = total_steps * tc.accum_steps
+    total_steps = math.ceil(sched.samples / (sched.batch_size * sched.accum_steps))
+    batches_per_epoch = rows_per_epoch // sched.batch_size  # micro-batches each worker takes from one epoch
+    total_batches = total_steps * sched.accum_steps
     resume = checkpoint.latest(run_dir)
     done_batches = resume[1].batches if resume else 0
     start_epoch = done_batches // batches_per_epoch
@@ -235,7 +246,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
             storage_path=storage_path,
             storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.checkpoint.keep),
             worker_runtime_env=storage_runtime_env(),
         ),
         datasets={"train": dataset_stream},
@@ -245,7 +256,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     try:
         result = trainer.fit()
     except Exception:
-        tracker.finish("FAILED")
+        tracker.finish_failed()  # never replaces the training error (a tracking server that is down would)
         raise
     log(f"train: fit finished in {time.perf_counter() - started:.1f} s")
     return _finish(cfg, tracker, result, run_name, log)

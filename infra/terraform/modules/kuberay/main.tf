@@ -129,7 +129,7 @@ data "aws_iam_policy_document" "jobs" {
     condition {
       test     = "StringLike"
       variable = "s3:prefix"
-      values   = flatten([for p in ["source", "eval", "reinforced"] : [p, "${p}/*"]])
+      values   = ["source", "source/*", "eval", "eval/*", "reinforced", "reinforced/*"] # literals: tests/s3_policy.py reads them
     }
   }
   statement {
@@ -156,6 +156,21 @@ data "aws_iam_policy_document" "jobs" {
     sid       = "ReadWriteCheckpoints"
     actions   = ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload"]
     resources = ["${local.checkpoints_arn}/runs/*"]
+  }
+  statement {
+    # Two requests without a prefix that the jobs make: pyarrow's create_dir (Ray Train's checkpoint upload calls it)
+    # asks HeadBucket, and a HeadObject of a missing key (every "does it exist yet?") answers 404 only to a role that
+    # may list the bucket, 403 otherwise, which pyarrow raises (apache/arrow#49949). Both need s3:ListBucket with no
+    # s3:prefix; IAM cannot tell them from a listing of the whole bucket, which this allows too (key names only: the
+    # buckets hold nothing but the prefixes above). tests/integration checks the calls of real jobs against this.
+    sid       = "FindBucketsAndMissingKeys"
+    actions   = ["s3:ListBucket"]
+    resources = [local.data_arn, local.checkpoints_arn]
+    condition {
+      test     = "Null"
+      variable = "s3:prefix"
+      values   = ["true"]
+    }
   }
   statement {
     sid       = "UseBucketKey"

@@ -16,6 +16,7 @@ locals {
   pod_security   = { run_as_non_root = true, run_as_user = 1000, run_as_group = 1000 }
   system_pool    = { "clipdr.io/pool" = "system" }
   ensure_user_sh = file("${path.module}/files/ensure-user.sh")
+  sync_py        = file("${path.module}/files/sync-credentials.py")
 }
 
 module "kms" {
@@ -315,8 +316,9 @@ resource "kubernetes_deployment_v1" "server" {
     name      = "mlflow"
     namespace = kubernetes_namespace_v1.this.metadata[0].name
     labels    = local.app
-    # RDS rotates the database password; with Stakater Reloader installed the pods restart on the synced Secret.
-    annotations = { "secret.reloader.stakater.com/reload" = local.server_secret }
+    # RDS rotates the database password, credentials_version the users' ones; with Stakater Reloader installed the
+    # pods restart on either synced Secret (and the init container writes the new passwords into the auth database).
+    annotations = { "secret.reloader.stakater.com/reload" = "${local.server_secret},${local.jobs_secret}" }
   }
 
   spec {
@@ -327,7 +329,8 @@ resource "kubernetes_deployment_v1" "server" {
 
     template {
       metadata {
-        labels = local.app
+        labels      = local.app
+        annotations = { "clipdr.io/sync-credentials" = substr(sha256(local.sync_py), 0, 8) } # a new script restarts
       }
 
       spec {
@@ -341,6 +344,67 @@ resource "kubernetes_deployment_v1" "server" {
           run_as_group    = local.pod_security.run_as_group
           seccomp_profile {
             type = "RuntimeDefault"
+          }
+        }
+
+        # The auth app sets the admin's password on its first start only and ignores the secret afterwards: before
+        # every start, write the current secrets (admin and jobs' user) into the auth database, so that bumping
+        # credentials_version rotates them (files/sync-credentials.py; the local test runs it the same way).
+        init_container {
+          name              = "sync-credentials"
+          image             = var.image
+          image_pull_policy = "Always"
+          command           = ["python", "/scripts/sync-credentials.py"]
+
+          dynamic "env" {
+            for_each = { HOME = "/tmp", MLFLOW_AUTH_CONFIG_PATH = "/etc/mlflow/basic_auth.ini", MLFLOW_DISABLE_TELEMETRY = "true" }
+            content {
+              name  = env.key
+              value = env.value
+            }
+          }
+          dynamic "env" {
+            for_each = {
+              MLFLOW_AUTH_ADMIN_USERNAME = [local.server_secret, "MLFLOW_AUTH_ADMIN_USERNAME"]
+              MLFLOW_AUTH_ADMIN_PASSWORD = [local.server_secret, "MLFLOW_AUTH_ADMIN_PASSWORD"]
+              MLFLOW_USER_NAME           = [local.jobs_secret, "MLFLOW_USER_NAME"]
+              MLFLOW_USER_PASSWORD       = [local.jobs_secret, "MLFLOW_USER_PASSWORD"]
+            }
+            content {
+              name = env.key
+              value_from {
+                secret_key_ref {
+                  name = env.value[0]
+                  key  = env.value[1]
+                }
+              }
+            }
+          }
+
+          resources {
+            requests = { cpu = "100m", memory = "256Mi" }
+            limits   = { cpu = "1", memory = "512Mi" }
+          }
+          security_context {
+            allow_privilege_escalation = false
+            read_only_root_filesystem  = true
+            capabilities {
+              drop = ["ALL"]
+            }
+          }
+          volume_mount {
+            name       = "auth-config"
+            mount_path = "/etc/mlflow"
+            read_only  = true
+          }
+          volume_mount {
+            name       = "scripts"
+            mount_path = "/scripts"
+            read_only  = true
+          }
+          volume_mount {
+            name       = "tmp"
+            mount_path = "/tmp"
           }
         }
 
@@ -433,6 +497,12 @@ resource "kubernetes_deployment_v1" "server" {
           }
         }
         volume {
+          name = "scripts"
+          config_map {
+            name = kubernetes_config_map_v1.sync_credentials.metadata[0].name
+          }
+        }
+        volume {
           name = "tmp"
           empty_dir {}
         }
@@ -441,6 +511,14 @@ resource "kubernetes_deployment_v1" "server" {
   }
 
   depends_on = [helm_release.secrets]
+}
+
+resource "kubernetes_config_map_v1" "sync_credentials" {
+  metadata {
+    name      = "mlflow-sync-credentials"
+    namespace = kubernetes_namespace_v1.this.metadata[0].name
+  }
+  data = { "sync-credentials.py" = local.sync_py }
 }
 
 resource "kubernetes_service_v1" "server" {

@@ -11,6 +11,8 @@ locals {
     checkpoints = { noncurrent_days = 1, expiration_days = var.checkpoint_expiration_days }
     mlflow      = { noncurrent_days = var.noncurrent_version_expiration_days, expiration_days = 0 }
   }
+  # Objects above this size expire after expiration_days; smaller ones (run state, checkpoint metadata) never do.
+  expire_above_bytes = 1048576
 }
 
 module "kms" {
@@ -65,15 +67,22 @@ module "bucket" {
   }
 
   lifecycle_rule = [
-    merge(
-      {
-        id                                     = "housekeeping"
-        enabled                                = true
-        abort_incomplete_multipart_upload_days = 7
-        noncurrent_version_expiration          = { days = each.value.noncurrent_days }
-      },
-      each.value.expiration_days > 0 ? { expiration = { days = each.value.expiration_days } } : {},
-    )
+    {
+      id                                     = "housekeeping"
+      enabled                                = true
+      abort_incomplete_multipart_upload_days = 7
+      noncurrent_version_expiration          = { days = each.value.noncurrent_days }
+    },
+    # Expiry of current objects (checkpoints only). The run state a resubmission needs (clipdr_run.json,
+    # clipdr_result.json: a few KiB, clipdr.runstate) lives beside the checkpoints under runs/<run_name>/, and S3
+    # filters cannot exclude a key: the size filter expires the weights and optimiser state (megabytes and up)
+    # and keeps every small file. Disabled where expiration_days is 0.
+    {
+      id         = "expire-checkpoint-payloads"
+      enabled    = each.value.expiration_days > 0
+      filter     = { object_size_greater_than = local.expire_above_bytes }
+      expiration = { days = max(each.value.expiration_days, 1) }
+    },
   ]
 
   tags = var.tags

@@ -26,7 +26,7 @@ variable "noncurrent_version_expiration_days" {
 }
 
 variable "checkpoint_expiration_days" {
-  description = "Days after which training checkpoints expire (registered models live in the MLflow bucket); 0 keeps them."
+  description = "Days after which checkpoint weights and optimiser state (objects over 1 MiB) expire; run state and other small files stay (registered models live in the MLflow bucket); 0 keeps them."
   type        = number
   default     = 90
 

@@ -1,0 +1,149 @@
+"""A tracking server that goes away mid-run: metrics are kept and sent later, errors are not masked.
+
+Against a real ``mlflow server`` (SQLite backend in a temporary folder), reached through a forwarder that the test
+cuts (connections reset, new ones refused) and restores, as a network outage would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from clipdr import tracking
+from clipdr.cluster import free_port
+from tests.conftest import Outage, wait_http
+
+
+class Server:
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend in ``folder``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        with (self.folder / "server.log").open("ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("mlflow")),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.folder / 'mlflow.db'}",
+                    "--default-artifact-root",
+                    (self.folder / "artifacts").as_uri(),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=self.folder,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its worker processes are stopped with it
+            )
+        wait_http(f"{self.uri}/health", self.proc)
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        os.killpg(self.proc.pid, 15)
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    s = Server(tmp_path)
+    s.start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_returns(server):
+    outage = Outage(server.uri)
+    tracker = tracking.Tracker.start("outage", "run", uri=outage.url)
+    logger = tracking.MetricLogger(tracker, outage_limit_s=120, retry_interval_s=0.2)
+    stamps = {}
+    for step in range(3):
+        logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
+        stamps[step * 64] = int(time.time() * 1000)
+    logger.flush()
+
+    outage.cut()
+    started = time.monotonic()
+    for step in range(3, 8):  # while nothing answers: neither raises nor waits
+        logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
+        stamps[step * 64] = int(time.time() * 1000)
+        time.sleep(0.1)
+    assert time.monotonic() - started < 2.0
+    assert logger.pending == 10  # held back, not dropped
+
+    outage.restore()  # the same address
+    logger.flush()
+    logger.close()
+    tracker.finish()
+    outage.cut()
+
+    history = MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(s * 64, 1.0 / (s + 1)) for s in range(8)]
+    for m in history:  # the time each was logged at, not the time it was sent
+        assert stamps[m.step] - 1000 <= m.timestamp <= stamps[m.step]
+    assert len(MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/lr")) == 8
+
+
+def test_an_outage_longer_than_the_limit_fails_with_the_servers_error():
+    from mlflow.exceptions import MlflowException
+
+    nowhere = f"http://127.0.0.1:{free_port()}"  # nothing listens: connection refused
+    logger = tracking.MetricLogger(
+        tracking.Tracker(MlflowClient(nowhere), "0" * 32, "0"), outage_limit_s=0.5, retry_interval_s=0.1
+    )
+    logger.log_metrics({"train/loss": 1.0}, step=64)
+    with pytest.raises(tracking.TrackingOutage, match=r"limit tracking.outage_limit_s = 0.5 s.*steps 64..64") as e:
+        logger.flush()
+    assert isinstance(e.value.__cause__, MlflowException) and "Connection refused" in str(e.value.__cause__)
+    with pytest.raises(tracking.TrackingOutage):  # training's next log fails the same way
+        logger.log_metrics({"train/loss": 0.5}, step=128)
+    logger.close(raise_errors=False)
+
+
+def test_a_failing_job_keeps_its_own_error_when_the_server_is_down(monkeypatch):
+    # Before the fix: the run's FAILED status was sent after MLflow's retries, and its error replaced the job's.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # keeps the unfixed code's failure quick
+    tracker = tracking.Tracker(MlflowClient(f"http://127.0.0.1:{free_port()}"), "0" * 32, "0")
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="the job's own error"), tracker:
+        raise RuntimeError("the job's own error")
+    assert time.monotonic() - started < 5
+
+
+def test_stopping_system_metrics_does_not_wait_for_the_server(monkeypatch):
+    # MLflow's sampler asks the server for the run's status after each sample, with MLflow's retries (7 by default,
+    # minutes; 3 here, ~14 s) in its own thread, and its finish() waited for that thread.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    tracker = tracking.Tracker(MlflowClient(f"http://127.0.0.1:{free_port()}"), "0" * 32, "0")
+    started = time.monotonic()
+    monitor = tracker.start_system_metrics(interval_s=0.1)
+    time.sleep(1.0)  # its thread is now inside those retries
+    monitor.finish(timeout_s=1.0)
+    assert time.monotonic() - started < 8
