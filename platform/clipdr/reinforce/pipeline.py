@@ -27,6 +27,8 @@ loaded once.
 from __future__ import annotations
 
 import logging
+import re
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -104,12 +106,16 @@ class _DroppedBlocks(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if not record.exc_info or record.exc_info[1] is None:
             return
-        error = record.exc_info[1]  # Ray wraps the stage's own error: name the innermost one
-        while (cause := error.__cause__ or getattr(error, "cause", None)) is not None and cause is not error:
-            error = cause
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
-        text = lines[0] if len(lines) == 1 else f"{lines[0][:150]} ... {lines[-1]}"
-        self.errors.append(f"{type(error).__name__}: {text}"[:400])
+        # Ray wraps the stage's error (and may fail to deserialize it): the last exception line of the formatted
+        # chain that is not Ray's own is the stage's error as it was raised in the worker.
+        text = "".join(traceback.format_exception(record.exc_info[1]))
+        raised = [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+        ours = [line for line in raised if not line.startswith("ray.")]
+        summary = (ours or raised or [str(record.exc_info[1]).strip().splitlines()[0]])[-1]
+        self.errors.append(summary[:400])
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b(: |$)")
 
 
 def drain(
