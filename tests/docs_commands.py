@@ -352,6 +352,20 @@ REGISTRY: dict[str, Entry] = {
         ("tests/integration/test_benchmarks.py::test_reinforce_benchmark_runs_at_toy_size",)
     ),
     "python -m pytest -m": External("runs the slow test tier itself (2-3 minutes); its file is checked to exist"),
+    # docs/reliability.md: memory measurements; each behaviour measured has its own test, named beside the figure.
+    **{
+        f"python -m tests.memory_figures {shape}": External(
+            "a measurement quoted in docs/reliability.md (up to a minute, a local Ray for ray-read); the behaviour it "
+            "measures is tested by the test named beside each figure"
+        )
+        for shape in (
+            "header-bomb",
+            "read-shard --images --hold",
+            "read-shard --images --png-side",
+            "ray-read --images --block-mib",
+            "decode --mode",
+        )
+    },
     # infra/README.md: against the AWS cluster.
     "ray job submit --working-dir -- python jobs/reinforce.py --config jobs/configs/datacompdr12m.toml "
     "--set reinforce.source --set reinforce.output": CoveredBy(

@@ -129,6 +129,11 @@ class ReinforceResources:
     captioner_actors: int = _f(1, "actors running the captioner")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per model actor (also its torch threads)")
     gpus_per_actor: float = _f(1.0, "GPUs per model actor when device is cuda")
+    crash_retries: int = _f(
+        2,
+        "times a stage's work is retried after its worker process died (killed for memory, crashed) before that "
+        "source shard fails: the job finishes the other shards, then exits naming it; a rerun redoes it",
+    )
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """The reinforcement job refuses bad configs before loading a model or starting Ray."""
 
 import dataclasses
+import sys
+import types
 
 import pytest
 
@@ -81,6 +83,39 @@ def test_real_recipes_validate_offline_in_a_dry_run(recipe):
     else:
         assert [t.logit_scale for t in p.manifest.teachers] == [70.0]
         assert any("hf-hub:apple/DFN2B-CLIP-ViT-L-14-39B" in note for note in p.notes)
+
+
+def test_a_failed_shard_ends_the_run_naming_it_with_no_manifest(source, tmp_path, monkeypatch):
+    """`run_pipeline` returns the shards it could not write (tests/integration/test_reinforce_faults.py); the job then
+    raises naming them, before the manifest, so that a rerun redoes them instead of counting them as skipped."""
+    from clipdr import cluster, records, storage
+    from clipdr.reinforce import run as run_module
+
+    class NoTracker:
+        run_id = "run"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    def run_pipeline(cfg, tasks, manifest, fingerprint, on_shard):
+        storage.write_bytes(storage.join(cfg.output, tasks[0].output), b"")  # the first shard was written
+        return {tasks[1].source: "a stage failed on it: ActorDiedError: killed"}
+
+    monkeypatch.setattr(run_module, "_tracker", lambda config, p: NoTracker())
+    monkeypatch.setattr(cluster, "ensure_ray", lambda: None)
+    monkeypatch.setitem(sys.modules, "clipdr.reinforce.pipeline", types.SimpleNamespace(run_pipeline=run_pipeline))
+    cfg = config(source, tmp_path)
+    second = plan(cfg).tasks[1].source
+
+    with pytest.raises(run_module.ShardsFailedError, match=r"1 of 2 source shards failed") as failure:
+        run_module.run(cfg, log=lambda _: None)
+
+    assert list(failure.value.failed) == [second]
+    assert "student-00001.tar: a stage failed on it: ActorDiedError: killed" in str(failure.value)
+    assert not storage.exists(records.manifest_uri(cfg.reinforce.output))
 
 
 def test_duplicate_keys_across_shards_are_counted(tmp_path):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import weakref
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from clipdr import augment, records, storage
 from clipdr.data import sources
@@ -80,6 +83,50 @@ def test_the_writer_writes_the_same_bytes_whatever_order_chunks_arrive_in(tmp_pa
     table = records.read_shard(str(tmp_path / "in_order" / "part.parquet"))
     assert table.column(records.KEY).to_pylist() == [f"k{i}" for i in range(10)]
     assert stages.read_shard_metadata(table.schema)["skipped"] == {"corrupt_image": 2}
+
+
+def test_the_read_stage_holds_encoded_samples_not_decoded_images(tmp_path, monkeypatch):
+    """Chunks keep encoded bytes only: within max_pixels a 260 KB PNG decodes to 192 MiB, and two chunks of decoded
+    images (64 samples each by default) killed workers for memory."""
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(image, "PNG")
+    samples = [sources.SourceSample(f"{i:03d}", image.getvalue(), "a red box", image_ext="png") for i in range(40)]
+    sources.write_webdataset_shard(str(tmp_path / "s.tar"), samples)
+    read = stages.ReadShards(8, str(tmp_path / "out"), make_manifest(), "fingerprint")
+    decoded, original = [], sources.iter_shard
+
+    def iter_shard(*args, **kwargs):
+        for sample in original(*args, **kwargs):
+            decoded.append(weakref.ref(sample.image))
+            yield sample
+
+    monkeypatch.setattr(stages.sources, "iter_shard", iter_shard)
+    alive, keys = [], []
+    for row in read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet")):
+        alive.append(sum(image() is not None for image in decoded))
+        chunk = stages.unpack_chunk(row[stages.CHUNK])
+        keys += list(chunk[records.KEY])
+        assert chunk[records.AUG_PARAMS].shape[0] == len(chunk[records.KEY])
+
+    assert keys == [s.key for s in samples]
+    assert max(alive) <= 2, alive  # was 16: two chunks of 8 decoded images
+
+
+def test_a_chunk_closes_early_at_its_pixel_budget(tmp_path):
+    """The model stages decode a chunk at once: ``chunk_rows`` PNGs of ``max_pixels`` each could hold 12 GiB."""
+    image = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(image, "PNG")  # 3,072 pixels
+    samples = [sources.SourceSample(f"{i:03d}", image.getvalue(), "a red box", image_ext="png") for i in range(6)]
+    sources.write_webdataset_shard(str(tmp_path / "s.tar"), samples)
+    task = stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet")
+
+    def chunk_sizes(**kwargs) -> list[int]:
+        read = stages.ReadShards(4, str(tmp_path / "out"), make_manifest(), "fingerprint", **kwargs)
+        return [len(stages.unpack_chunk(row[stages.CHUNK])[records.KEY]) for row in read.read(task)]
+
+    assert chunk_sizes() == [4, 2]
+    assert chunk_sizes(chunk_max_pixels=3 * 3072) == [3, 3]
+    assert chunk_sizes(chunk_max_pixels=100) == [1] * 6  # one image over the budget still makes a chunk
 
 
 def test_a_shard_the_storage_fails_to_read_raises_and_writes_nothing(tmp_path, monkeypatch):

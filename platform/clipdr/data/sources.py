@@ -30,10 +30,12 @@ is detected, and converted to RGB (:func:`to_rgb`). The original encoded bytes a
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import logging
 import posixpath
+import re
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
@@ -62,6 +64,7 @@ PARQUET_SUFFIXES: tuple[str, ...] = (".parquet",)
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 8192 x 8192
 DEFAULT_MAX_IMAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_TEXT_BYTES = 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024  # PATH_MAX is 4096: a real long name or pax block is far smaller
 
 _PIL_FORMATS = ("JPEG", "PNG", "WEBP")  # MPO (multi-picture JPEG) opens through the JPEG entry
 _FORMAT_EXTENSION = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -76,6 +79,9 @@ class SkipReason(StrEnum):
     checks (captions are checked first because they are cheap and the image would be decoded for nothing).
     """
 
+    INVALID_KEY = "invalid_key"
+    """The key is not valid UTF-8 (a tar member name, or a parquet key of bytes, that does not decode), so it
+    could not be written as a string: skipped rather than renamed, so that two keys never merge into one."""
     DUPLICATE_KEY = "duplicate_key"
     """The key already appeared earlier in the same shard (the first occurrence wins, whether or not it was
     kept), or a tar sample holds the same extension twice."""
@@ -104,8 +110,9 @@ class SkipReason(StrEnum):
     cannot be read because of the storage (missing, access denied, a network error) is not skipped: see
     :class:`ShardReadError`."""
     BROKEN_TAR = "broken_tar"
-    """The tar broke part-way (truncated, garbage header, no end marker); the samples completed before the
-    break are kept, the rest of the shard is lost. Counted once per shard."""
+    """The tar broke part-way (truncated, garbage header, no end marker, an extended header larger than
+    ``ReaderConfig.max_header_bytes`` or badly framed, a sparse member); the samples completed before the break
+    are kept, the rest of the shard is lost. Counted once per shard."""
     BROKEN_PARQUET = "broken_parquet"
     """A parquet row group failed to read; the rows before it are kept. Counted once per shard."""
 
@@ -152,6 +159,8 @@ class ReaderConfig:
         max_pixels: Images with more pixels (by header) are skipped before their pixels are decoded.
         max_image_bytes: Encoded images larger than this are skipped; tar members are not even read.
         max_text_bytes: Captions larger than this are skipped, larger JSON metadata is dropped.
+        max_header_bytes: A tar extended header (GNU long name or link, pax record block; pax global headers
+            together) larger than this breaks the shard before it is read: tarfile would hold it whole.
         parquet_batch_rows: Rows per parquet read batch.
     """
 
@@ -162,10 +171,11 @@ class ReaderConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     parquet_batch_rows: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_image_bytes", "max_text_bytes", "parquet_batch_rows"):
+        for name in ("max_pixels", "max_image_bytes", "max_text_bytes", "max_header_bytes", "parquet_batch_rows"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"ReaderConfig.{name} must be positive, got {getattr(self, name)}")
         for name in ("key_column", "image_column", "caption_column", "meta_column"):
@@ -195,9 +205,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """
     mode = image.mode
     if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I
-        values = np.asarray(image).astype(np.float64)
-        gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        # round(v / 257) in integers, in place: float64 took 26 bytes a pixel at peak (1.6 GiB at max_pixels)
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint32)
+        values += 128
+        values //= 257
+        return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")
     if mode == "F":
         values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
         gray = np.rint(np.clip(values, 0, 255)).astype(np.uint8)
@@ -304,6 +316,15 @@ def _parse_meta(raw: object, max_text_bytes: int) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
+def _check_key(key: str) -> None:
+    """Readers decode undecodable key bytes with ``surrogateescape`` (as ``tarfile`` does member names); such a key
+    cannot be encoded back to UTF-8, so no writer could store it."""
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidSampleError(SkipReason.INVALID_KEY, f"{key!r} is not valid UTF-8") from None
+
+
 def build_sample(
     key: str,
     image_bytes: bytes | TooLarge | None,
@@ -311,6 +332,7 @@ def build_sample(
     meta_raw: object,
     config: ReaderConfig,
 ) -> SourceSample:
+    _check_key(key)
     caption = _check_caption(caption_raw, config.max_text_bytes)
     if image_bytes is None:
         raise InvalidSampleError(SkipReason.MISSING_IMAGE)
@@ -351,12 +373,24 @@ class ShardReadError(OSError):
 
 
 class _StrictTarInfo(tarfile.TarInfo):
-    """Makes a bad header an error; plain ``tarfile`` silently ends the archive at one.
+    """Makes a bad header an error; plain ``tarfile`` silently ends the archive at one, or trusts it too far.
 
     ``TarFile.next`` treats a garbage, partial or missing header after the first member as the end of the
     archive, so a tar cut or corrupted at a header would lose its tail without a trace. Only the all-zero
     end-of-archive block is a clean end.
+
+    Extended headers are bounded before they are read. ``tarfile`` reads a GNU long name / long link or a pax
+    record block whole into memory, however large its header says it is (a 0.5 MB ``.tar.gz`` declaring a 512 MiB
+    long name made the reader allocate 1 GiB), follows a chain of them by recursion, and parses pax records with
+    regular expressions that are quadratic in runs of digits in Python 3.11.7 (a 64 KiB block took 70 s; the
+    stdlib's own fix, CVE-2024-6232, came in 3.11.10). So a longer header than ``max_header_bytes`` (pax global
+    headers counted together, as ``tarfile`` accumulates them), a chain of more than
+    ``_MAX_EXTENDED_HEADERS``, a badly framed pax record and a sparse member (whose maps ``tarfile`` also reads
+    unbounded) each raise ``tarfile.ReadError``: the shard is broken there. Pax records are parsed here in one
+    linear pass, as Python 3.12 does.
     """
+
+    max_header_bytes = DEFAULT_MAX_HEADER_BYTES  # set per reader config by `_tarinfo_class`
 
     @classmethod
     def fromtarfile(cls, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
@@ -366,6 +400,91 @@ class _StrictTarInfo(tarfile.TarInfo):
             raise
         except tarfile.HeaderError as e:
             raise tarfile.ReadError(f"bad tar header at offset {tarfile_.offset}: {e}") from None
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type not in _EXTENDED_HEADER_TYPES:
+            tarfile_.clipdr_extended_headers = 0
+            if self.type == tarfile.GNUTYPE_SPARSE:
+                raise tarfile.ReadError(f"sparse member {self.name!r} at offset {self.offset}: not supported")
+            return super()._proc_member(tarfile_)
+        chain = getattr(tarfile_, "clipdr_extended_headers", 0) + 1
+        tarfile_.clipdr_extended_headers = chain
+        if chain > _MAX_EXTENDED_HEADERS:
+            raise tarfile.ReadError(f"more than {_MAX_EXTENDED_HEADERS} extended headers in a row at {self.offset}")
+        size = self.size
+        if self.type == tarfile.XGLTYPE:  # global records accumulate over the archive
+            size += sum(len(k) + len(v) for k, v in tarfile_.pax_headers.items())
+        if size > self.max_header_bytes:
+            raise tarfile.ReadError(
+                f"extended tar header of type {self.type!r} at offset {self.offset} declares {size} bytes, more than "
+                f"max_header_bytes={self.max_header_bytes}"
+            )
+        return super()._proc_member(tarfile_)
+
+    def _proc_pax(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        """The stdlib's pax header processing with a linear record parser, and sparse maps refused."""
+        buf = tarfile_.fileobj.read(self._block(self.size))
+        if len(buf) < self.size:
+            raise tarfile.ReadError(f"pax header at offset {self.offset} ends after {len(buf)} of {self.size} bytes")
+        records = _parse_pax_records(buf[: self.size], self.offset)
+        pax_headers = tarfile_.pax_headers if self.type == tarfile.XGLTYPE else tarfile_.pax_headers.copy()
+        charset = next((value for keyword, value in records if keyword == b"hdrcharset"), None)
+        if charset is not None:
+            pax_headers["hdrcharset"] = charset.decode("utf-8", "replace")
+        name_encoding = tarfile_.encoding if pax_headers.get("hdrcharset") == "BINARY" else "utf-8"
+        for raw_keyword, raw_value in records:
+            keyword = self._decode_pax_field(raw_keyword, "utf-8", "utf-8", tarfile_.errors)
+            encoding = name_encoding if keyword in tarfile.PAX_NAME_FIELDS else "utf-8"
+            pax_headers[keyword] = self._decode_pax_field(raw_value, encoding, tarfile_.encoding, tarfile_.errors)
+        if any(keyword.startswith("GNU.sparse.") for keyword in pax_headers):
+            raise tarfile.ReadError(f"sparse member at offset {self.offset}: not supported")
+        try:
+            member = self.fromtarfile(tarfile_)
+        except tarfile.HeaderError as e:
+            raise tarfile.SubsequentHeaderError(str(e)) from None
+        if self.type != tarfile.XGLTYPE:  # extended header: patch the member that follows
+            member._apply_pax_info(pax_headers, tarfile_.encoding, tarfile_.errors)
+            member.offset = self.offset
+            if "size" in pax_headers:  # the next header starts after the data of the size the record gives
+                offset = member.offset_data
+                if member.isreg() or member.type not in tarfile.SUPPORTED_TYPES:
+                    offset += member._block(member.size)
+                tarfile_.offset = offset
+        return member
+
+
+_EXTENDED_HEADER_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+_MAX_EXTENDED_HEADERS = 8  # before one member: GNU tar and pax writers use at most a few
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+
+
+def _parse_pax_records(buf: bytes, offset: int) -> list[tuple[bytes, bytes]]:
+    """``(keyword, value)`` of each ``"<length> <keyword>=<value>\\n"`` record, checking the framing of each."""
+    records, pos = [], 0
+    while pos < len(buf) and buf[pos] != 0:
+        match = _PAX_LENGTH.match(buf, pos)
+        length = int(match.group(1)) if match else 0
+        end = pos + length
+        if not match or length < 5 or end > len(buf) or buf[end - 1] != 0x0A:
+            raise tarfile.ReadError(f"badly framed pax record at offset {offset} + {pos}")
+        keyword, equals, value = buf[match.end() : end - 1].partition(b"=")
+        if not keyword or not equals:
+            raise tarfile.ReadError(f"pax record without a keyword at offset {offset} + {pos}")
+        records.append((keyword, value))
+        pos = end
+    return records
+
+
+@functools.cache
+def _tarinfo_class(max_header_bytes: int) -> type[_StrictTarInfo]:
+    """`_StrictTarInfo` with a header limit; ``tarfile`` takes a class, and reads the first member while opening."""
+    return type("_StrictTarInfo", (_StrictTarInfo,), {"max_header_bytes": max_header_bytes})
 
 
 _TAR_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, ValueError)
@@ -404,7 +523,8 @@ def iter_tar_groups(
     wanted = wanted or frozenset({*IMAGE_EXTENSIONS, CAPTION_EXTENSION, META_EXTENSION})
     with _open_shard(uri, _READ_BUFFER_BYTES) as stream:
         try:
-            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_StrictTarInfo)  # noqa: SIM115 - entered below
+            tarinfo = _tarinfo_class(config.max_header_bytes)
+            archive = tarfile.open(fileobj=stream, mode="r|*", tarinfo=tarinfo)  # noqa: SIM115 - entered below
         except _STORAGE_ERRORS:
             raise
         except _TAR_READ_ERRORS as e:
@@ -412,16 +532,16 @@ def iter_tar_groups(
         with archive:
             key: str | None = None
             group: dict[str | None, Any] = {}
-            members = iter(archive)
             while True:
                 try:
-                    member = next(members, None)
+                    member = archive.next()
                 except _STORAGE_ERRORS:
                     raise
                 except _TAR_READ_ERRORS as e:
                     raise BrokenShardError(f"{type(e).__name__}: {e}") from None
                 if member is None:
                     break
+                archive.members.clear()  # a stream needs no index of past members; it would grow with the shard
                 parsed = _split_member_name(member.name) if member.isfile() else None
                 if parsed is None or parsed[1] not in wanted:
                     continue
@@ -501,7 +621,10 @@ _TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
 
 
 def _key_str(key: object) -> str:
-    return key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else str(key)
+    """A key as text. Bytes that are not UTF-8 are decoded as ``tarfile`` decodes member names (surrogateescape),
+    so that `build_sample` skips both alike; ``backslashreplace`` would turn the byte 0xE9 into the four characters
+    of another sample's valid key."""
+    return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
 
 
 def _image_column_bytes(column: pa.Array) -> list[bytes | None]:
@@ -559,7 +682,7 @@ def _iter_parquet_rows(uri: str, config: ReaderConfig) -> Iterator[tuple[str, An
                     break
                 images = _image_column_bytes(batch.column(config.image_column))
                 captions = _column_as_pylist(batch.column(config.caption_column))
-                keys = batch.column(config.key_column).to_pylist() if has_key else [None] * batch.num_rows
+                keys = _column_as_pylist(batch.column(config.key_column)) if has_key else [None] * batch.num_rows
                 metas = _column_as_pylist(batch.column(config.meta_column)) if has_meta else [None] * batch.num_rows
             except _STORAGE_ERRORS:
                 raise

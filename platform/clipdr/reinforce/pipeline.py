@@ -7,7 +7,18 @@
 
 A stream row is one chunk of ``reinforce.resources.batch_size`` samples of one shard (see `stages`), so every
 model forward sees the same samples together whatever the parallelism: the output is a function of the config
-and the source alone. Only encoded image bytes and small arrays travel between stages: model stages decode the
+and the source alone. Blocks are kept small (`_STREAM_BLOCK_BYTES`): Ray Data otherwise holds a task's output
+until it reaches 128 MiB or the task ends, so a read task held a whole shard's chunks and handed none on before the
+end (measured in docs/reliability.md).
+
+Failures lose one shard, not the job, and never for ever. A stage whose worker dies (killed for memory, crashed)
+is retried ``reinforce.resources.crash_retries`` times (Ray Data's default for actors is without limit: a
+hostile shard that kills its worker was retried until someone stopped the job), then its block is dropped; any
+other error drops its block at once. A shard with a dropped block never gets all its chunks to the writer, so its
+output is not written; `run_pipeline` finishes the other shards and returns the failed ones, and the job exits
+naming them. A rerun redoes exactly those, since only complete output shards count as done.
+
+Only encoded image bytes and small arrays travel between stages: model stages decode the
 bytes themselves and render the views they need, so no pixel tensor goes through the object store. The captioner
 runs before the teachers so that a single actor embeds both the views and the 1+S captions with the teachers
 loaded once.
@@ -15,12 +26,15 @@ loaded once.
 
 from __future__ import annotations
 
+import logging
+import re
+import traceback
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import ray
 
-from clipdr import records
+from clipdr import records, storage
 from clipdr.cluster import ensure_ray, storage_runtime_env
 from clipdr.config import ReinforceConfig
 from clipdr.reinforce.stages import Caption, Embed, ReadShards, ShardTask, WriteShards
@@ -53,15 +67,90 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+_STREAM_BLOCK_BYTES = 1 << 20  # a task hands its output on in blocks of about one chunk (a chunk row is one block)
+
+
+def configure_stream(ctx: ray.data.DataContext) -> None:
+    """The stream's Ray Data settings, on its own context (a dataset's copy, shared by the datasets derived from it):
+    small blocks, and a failed block drops its shard instead of aborting every other one."""
+    ctx.target_max_block_size = _STREAM_BLOCK_BYTES
+    ctx.max_errored_blocks = -1
+
+
+def task_fault_args(crash_retries: int) -> dict:
+    """``map_batches`` arguments of a task stage: a task whose worker died is retried this many times."""
+    return {"max_retries": crash_retries}
+
+
+def actor_fault_args(crash_retries: int) -> dict:
+    """``map_batches`` arguments of an actor stage: a dead actor is always replaced, but the call that was running
+    when it died is retried only ``crash_retries`` times (Ray Data's default retries it without limit)."""
+    return {"max_restarts": -1, "max_task_retries": crash_retries}
+
+
+def model_pool(size: int) -> ray.data.ActorPoolStrategy:
+    """A model stage's actor pool. One chunk in flight per actor (Ray Data's default is two): the chunks in flight
+    on an actor that dies are all retried and charged a try, so a hostile chunk that kills its actor again and again
+    would also use up the tries of an innocent chunk queued behind it. A chunk's forward takes far longer than
+    handing the actor the next one."""
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+
+
+class _DroppedBlocks(logging.Handler):
+    """Collects the errors Ray Data logs as it drops a failed block (``max_errored_blocks``), for the job's message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.errors: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not record.exc_info or record.exc_info[1] is None:
+            return
+        # Ray wraps the stage's error (and may fail to deserialize it): the last exception line of the formatted
+        # chain that is not Ray's own is the stage's error as it was raised in the worker.
+        text = "".join(traceback.format_exception(record.exc_info[1]))
+        raised = [line.strip() for line in text.splitlines() if _EXCEPTION_LINE.match(line.strip())]
+        ours = [line for line in raised if not line.startswith("ray.")]
+        summary = (ours or raised or [str(record.exc_info[1]).strip().splitlines()[0]])[-1]
+        self.errors.append(summary[:400])
+
+
+_EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt)\b(: |$)")
+
+
+def drain(
+    ds: ray.data.Dataset, tasks: Sequence[ShardTask], output_dir: str, on_shard: Callable[[str, int, float], None]
+) -> dict[str, str]:
+    """Runs the stream to its end, calling ``on_shard`` per written shard row; returns ``{source shard: why}`` for
+    each task whose output shard is absent at the end (empty when every shard was written)."""
+    dropped = _DroppedBlocks()
+    ray_data_logger = logging.getLogger("ray.data")
+    ray_data_logger.addHandler(dropped)
+    try:
+        for row in ds.iter_rows():
+            on_shard(str(row["shard"]), int(row["num_rows"]), float(row["written_at"]))
+    finally:
+        ray_data_logger.removeHandler(dropped)
+    prefix = storage.join(output_dir, "")
+    written = {uri[len(prefix) :] for uri in storage.list_files(output_dir, (records.SHARD_SUFFIX,), recursive=True)}
+    errors = sorted(set(dropped.errors))
+    why = "a stage failed on it: " + " | ".join(errors) if errors else "a stage failed on it (see the Ray Data log)"
+    return {t.source: why for t in tasks if t.output not in written}
+
+
 def run_pipeline(
     cfg: ReinforceConfig,
     tasks: Sequence[ShardTask],
     manifest: records.Manifest,
     run_fingerprint: str,
     on_shard: Callable[[str, int, float], None],
-) -> None:
+) -> dict[str, str]:
     """Reinforces ``tasks`` into ``cfg.output``; calls ``on_shard(name, rows, written_at)`` as each output shard
-    lands (``written_at``: the writer's ``time.time()`` when the file was complete)."""
+    lands (``written_at``: the writer's ``time.time()`` when the file was complete).
+
+    Returns:
+        ``{source shard: why}`` for the shards that failed (see the module docstring); empty when all were written.
+    """
     res = cfg.resources
     device = resolve_device(res.device)
     threads = max(1, int(res.cpus_per_actor))
@@ -72,22 +161,25 @@ def run_pipeline(
         "num_gpus": gpus,
         "batch_size": 1,  # one chunk (res.batch_size samples of one shard) a call
         "runtime_env": runtime_env,
+        **actor_fault_args(res.crash_retries),
     }
 
     ds = ray.data.from_items([{"source": t.source, "output": t.output} for t in tasks], override_num_blocks=len(tasks))
+    configure_stream(ds.context)
     read = ReadShards(res.batch_size, cfg.output, manifest, run_fingerprint)
-    ds = ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env)  # an instance: run as tasks
+    # An instance: run as tasks (Ray Data may fuse them into the next actor stage, whose fault arguments then apply).
+    ds = ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env, **task_fault_args(res.crash_retries))
     if cfg.num_syn_captions > 0:
         ds = ds.map_batches(
             Caption,
             fn_constructor_args=(manifest.captioner, cfg.num_syn_captions, device, threads),
-            compute=ray.data.ActorPoolStrategy(size=res.captioner_actors),
+            compute=model_pool(res.captioner_actors),
             **model_actor,
         )
     ds = ds.map_batches(
         Embed,
         fn_constructor_args=(cfg.teachers, device, threads),
-        compute=ray.data.ActorPoolStrategy(size=res.teacher_actors),
+        compute=model_pool(res.teacher_actors),
         **model_actor,
     )
     ds = ds.map_batches(
@@ -98,6 +190,6 @@ def run_pipeline(
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
         runtime_env=runtime_env,
+        **actor_fault_args(res.crash_retries),
     )
-    for row in ds.iter_rows():
-        on_shard(str(row["shard"]), int(row["num_rows"]), float(row["written_at"]))
+    return drain(ds, tasks, cfg.output, on_shard)

@@ -28,6 +28,24 @@ class ReinforceError(ValueError):
     """A reinforcement that cannot start as configured; the message says what to change."""
 
 
+class ShardsFailedError(RuntimeError):
+    """Source shards whose reinforcement failed; the other shards were written, these were not (a rerun redoes them).
+
+    Attributes:
+        failed: ``{source shard: why}``.
+    """
+
+    def __init__(self, failed: dict[str, str], num_shards: int, crash_retries: int) -> None:
+        self.failed = dict(failed)
+        lines = "\n".join(f"  {source}: {why}" for source, why in sorted(failed.items()))
+        super().__init__(
+            f"{len(failed)} of {num_shards} source shards failed and were not written (the others are complete; "
+            f"a worker that died was retried {crash_retries} times, reinforce.resources.crash_retries); no manifest "
+            f"was written. Rerun to redo only these; a shard that keeps killing its worker is hostile or too large "
+            f"for a worker's memory:\n{lines}"
+        )
+
+
 @dataclass(frozen=True)
 class Plan:
     """What a run will do, decided before any model is loaded."""
@@ -112,6 +130,8 @@ def plan(config: Config) -> Plan:
         )
     if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
         raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
+    if cfg.resources.crash_retries < 0:
+        raise ReinforceError(f"reinforce.resources.crash_retries must be >= 0, got {cfg.resources.crash_retries}")
     augment_spec = records.AugmentSpec.from_config(config.augment)
     try:
         augment.check_spec(augment_spec)
@@ -296,7 +316,7 @@ def run(config: Config, log=print) -> records.Manifest | None:
         if p.pending:
             ensure_ray()
             try:
-                run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
+                failed = run_pipeline(cfg, p.pending, p.manifest, p.fingerprint, on_shard)
             except Exception:
                 # A shard that fails (a storage error that outlasted its retries, ...) has no output and there is no
                 # manifest: nothing records it as done or skipped, so a rerun with the same config redoes it.
@@ -305,6 +325,12 @@ def run(config: Config, log=print) -> records.Manifest | None:
                     "no output: rerun the same config to do them"
                 )
                 raise
+            if failed:  # the same, for shards the stream dropped while it finished the others
+                log(
+                    f"reinforcement failed with {progress['shards']}/{len(p.tasks)} shards complete; the others have "
+                    "no output: rerun the same config to do them"
+                )
+                raise ShardsFailedError(failed, len(p.tasks), cfg.resources.crash_retries)
         elapsed = time.monotonic() - started
         manifest = _finish_manifest(cfg.output, p)
         duplicates = count_duplicate_keys([storage.join(cfg.output, s.path) for s in manifest.shards])

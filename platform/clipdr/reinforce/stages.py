@@ -8,9 +8,10 @@ computes for a sample depends only on (config, source shard), never on how Ray b
 batched forward depend on the batch's composition and size, and a stream of single samples would let Ray regroup
 them freely. A chunk row carries bookkeeping besides the packed samples: its output shard, its index in the
 shard, whether it is the shard's last chunk, and (on the last chunk) the shard's valid-sample and skip counts.
-Reading streams: a shard is never held whole, only one chunk of decoded images at a time. The writer collects a
-shard's chunks until it has all of them, then writes them in chunk order in one atomic file, so every output
-shard is either complete or absent, the same bytes whatever order chunks arrive in.
+Reading streams: a shard is never held whole, only two chunks of encoded samples and at most two decoded images
+(the one being decoded, and the last, until the reader lets go of it). The writer collects a shard's chunks until
+it has all of them, then writes them in chunk order in one atomic file, so every output shard is either complete or
+absent, the same bytes whatever order chunks arrive in.
 
 Shape suffixes: N samples, K views a sample, L encoded view length, S synthetic captions, D embedding width.
 """
@@ -18,6 +19,7 @@ Shape suffixes: N samples, K views a sample, L encoded view length, S synthetic 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import json
 import time
@@ -115,6 +117,13 @@ def _stream_row(row: dict[str, object]) -> dict[str, np.ndarray]:
     }
 
 
+CHUNK_MAX_PIXELS = 256 * 1024 * 1024
+"""A chunk closes early before its images would hold more pixels than this (768 MiB as RGB): the model stages decode
+a whole chunk at once, and ``chunk_rows`` images of up to ``max_pixels`` each (64 x 64 Mpx, 12 GiB) fit in a shard
+of small PNGs. Real data never reaches it (64 images of 512 x 512 hold 16 Mpx); where it does, the chunks are still
+a function of the source shard, so outputs stay deterministic."""
+
+
 class ReadShards:
     """Source shard -> chunks of validated samples with their K sampled views (CPU stage, streaming).
 
@@ -122,8 +131,16 @@ class ReadShards:
     (empty) output shard itself, carrying the skip counts.
     """
 
-    def __init__(self, chunk_rows: int, output_dir: str, manifest: records.Manifest, run_fingerprint: str) -> None:
+    def __init__(
+        self,
+        chunk_rows: int,
+        output_dir: str,
+        manifest: records.Manifest,
+        run_fingerprint: str,
+        chunk_max_pixels: int = CHUNK_MAX_PIXELS,
+    ) -> None:
         self.chunk_rows = chunk_rows
+        self.chunk_max_pixels = chunk_max_pixels
         self.output_dir = output_dir
         self.manifest = manifest
         self.run_fingerprint = run_fingerprint
@@ -133,16 +150,17 @@ class ReadShards:
             for row in self.read(ShardTask(str(source), str(output))):
                 yield _stream_row(row)
 
-    def _pack(self, chunk: list[sources.SourceSample]) -> dict[str, np.ndarray]:
+    def _pack(self, chunk: list[tuple[sources.SourceSample, tuple[int, int]]]) -> dict[str, np.ndarray]:
         m = self.manifest  # views are sampled with exactly the settings the dataset records
         views_NKL = np.stack(
             [
                 augment.views_to_array(
-                    augment.sample_views(s.image.size, s.key, m.num_augmentations, m.augment, m.augment_seed)
+                    augment.sample_views(size, s.key, m.num_augmentations, m.augment, m.augment_seed)
                 )
-                for s in chunk
+                for s, size in chunk
             ]
         )
+        chunk = [s for s, _ in chunk]
         return {
             records.KEY: np.array([s.key for s in chunk], dtype=object),
             records.IMAGE: np.array([s.image_bytes for s in chunk], dtype=object),
@@ -152,11 +170,11 @@ class ReadShards:
         }
 
     def read(self, task: ShardTask) -> Iterator[dict[str, object]]:
-        """The shard's chunk rows, holding at most two chunks of decoded samples at a time (one read ahead, so
-        that the last chunk is known and carries the shard's counts)."""
+        """The shard's chunk rows, holding at most two chunks of samples at a time (one read ahead, so that the last
+        chunk is known and carries the shard's counts), without their decoded pixels."""
         skipped: collections.Counter[str] = collections.Counter()
-        samples = sources.iter_shard(task.source, skipped)
-        chunks = iter(lambda: list(itertools.islice(samples, self.chunk_rows)), [])
+        samples = _without_pixels(sources.iter_shard(task.source, skipped))
+        chunks = _chunks(samples, self.chunk_rows, self.chunk_max_pixels)
         current = next(chunks, None)
         if current is None:
             empty = {name: [] for name in self.manifest.schema().names}
@@ -179,6 +197,36 @@ class ReadShards:
             if last:
                 return
             current = following
+
+
+def _without_pixels(
+    samples: Iterator[sources.SourceSample],
+) -> Iterator[tuple[sources.SourceSample, tuple[int, int]]]:
+    """Each sample without its decoded image, with the image's size (all that view sampling needs). A chunk then
+    holds encoded bytes, not ``chunk_rows`` decoded images: within ``max_pixels`` a 260 KB PNG decodes to 192 MiB,
+    and two chunks of such PNGs held dozens of GiB."""
+    for sample in samples:
+        size = sample.image.size
+        light = dataclasses.replace(sample, image=None)
+        del sample  # not referenced while the next sample decodes
+        yield light, size
+
+
+def _chunks(
+    samples: Iterator[tuple[sources.SourceSample, tuple[int, int]]], chunk_rows: int, max_pixels: int
+) -> Iterator[list[tuple[sources.SourceSample, tuple[int, int]]]]:
+    """Consecutive samples, ``chunk_rows`` a chunk, fewer where the next image would take the chunk past
+    ``max_pixels`` (a chunk holds at least one sample)."""
+    chunk: list[tuple[sources.SourceSample, tuple[int, int]]] = []
+    pixels = 0
+    for sample, (width, height) in samples:
+        if chunk and (len(chunk) == chunk_rows or pixels + width * height > max_pixels):
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append((sample, (width, height)))
+        pixels += width * height
+    if chunk:
+        yield chunk
 
 
 def _decode(images: Sequence[bytes]) -> list:
