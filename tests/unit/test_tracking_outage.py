@@ -1,7 +1,6 @@
 """A tracking server that goes away mid-run: metrics are kept and sent later, errors are not masked.
 
-Against a real ``mlflow server`` (SQLite backend in a temporary folder), reached through a forwarder that the test
-cuts (connections reset, new ones refused) and restores, as a network outage would.
+Against a real ``mlflow server`` (SQLite backend in a temporary folder) that the test stops and starts again.
 """
 
 from __future__ import annotations
@@ -18,11 +17,11 @@ from mlflow import MlflowClient
 
 from clipdr import tracking
 from clipdr.cluster import free_port
-from tests.conftest import Outage, wait_http
+from tests.conftest import wait_http
 
 
 class Server:
-    """``mlflow server`` on 127.0.0.1 with a SQLite backend in ``folder``."""
+    """``mlflow server`` on 127.0.0.1 with a SQLite backend; `stop` and `start` keep the port and the store."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -80,8 +79,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 
 
 def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_returns(server):
-    outage = Outage(server.uri)
-    tracker = tracking.Tracker.start("outage", "run", uri=outage.url)
+    tracker = tracking.Tracker.start("outage", "run", uri=server.uri)
     logger = tracking.MetricLogger(tracker, outage_limit_s=120, retry_interval_s=0.2)
     stamps = {}
     for step in range(3):
@@ -89,7 +87,7 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_return
         stamps[step * 64] = int(time.time() * 1000)
     logger.flush()
 
-    outage.cut()
+    server.stop()
     started = time.monotonic()
     for step in range(3, 8):  # while nothing answers: neither raises nor waits
         logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
@@ -98,11 +96,10 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_return
     assert time.monotonic() - started < 2.0
     assert logger.pending == 10  # held back, not dropped
 
-    outage.restore()  # the same address
+    server.start()  # the same port and store
     logger.flush()
     logger.close()
     tracker.finish()
-    outage.cut()
 
     history = MlflowClient(server.uri).get_metric_history(tracker.run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(s * 64, 1.0 / (s + 1)) for s in range(8)]
