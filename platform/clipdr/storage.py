@@ -138,13 +138,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _env_number(name: str, parse: Callable[[str], T], default: T, minimum: T, meaning: str) -> T:
+    """The environment's ``name`` parsed with ``parse`` and raised to ``minimum``; ``default`` when unset."""
+    raw = os.environ.get(name, "")
+    try:
+        return max(minimum, parse(raw)) if raw else default
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not {meaning}") from None
+
+
 def retry_budget_s() -> float:
     """Seconds to keep retrying a transient error (``CLIPDR_STORAGE_RETRY_S``, default 120)."""
-    raw = os.environ.get(RETRY_BUDGET_ENV, "")
-    try:
-        return max(0.0, float(raw)) if raw else DEFAULT_RETRY_BUDGET_S
-    except ValueError:
-        raise ValueError(f"{RETRY_BUDGET_ENV}={raw!r} is not a number of seconds") from None
+    return _env_number(RETRY_BUDGET_ENV, float, DEFAULT_RETRY_BUDGET_S, 0.0, "a number of seconds")
 
 
 def retry(fn: Callable[[], T], what: str, on_retry: Callable[[], None] | None = None) -> T:
@@ -190,11 +195,7 @@ def retry(fn: Callable[[], T], what: str, on_retry: Callable[[], None] | None = 
 
 
 def _s3_max_attempts() -> int:
-    raw = os.environ.get(S3_MAX_ATTEMPTS_ENV, "")
-    try:
-        return max(1, int(raw)) if raw else DEFAULT_S3_MAX_ATTEMPTS
-    except ValueError:
-        raise ValueError(f"{S3_MAX_ATTEMPTS_ENV}={raw!r} is not a whole number") from None
+    return _env_number(S3_MAX_ATTEMPTS_ENV, int, DEFAULT_S3_MAX_ATTEMPTS, 1, "a whole number")
 
 
 def _s3_settings() -> tuple[str | None, str | None, int]:
