@@ -69,7 +69,10 @@ class Server:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    # The environment's tracking URI wins over a configured one (`tracking.tracking_uri`); one left by an earlier
+    # test would send the metrics to a store that never goes away.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     s = Server(tmp_path)
     s.start()
     try:
