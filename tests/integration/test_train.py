@@ -20,7 +20,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clipdr import checkpoint, models
+from clipdr import checkpoint, models, tracking
 from clipdr.config import (
     CaptionerConfig,
     Config,
@@ -121,14 +121,25 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return checkpoint.load_weights(found[0])
 
 
+def footer_readers() -> int:
+    """FooterReader actors (Ray Data's Parquet footer pool) this Ray has started so far, dead ones included."""
+    from ray.util.state import list_actors
+
+    return len(list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False))
+
+
 @pytest.fixture(scope="module")
 def straight(world):
     cfg = train_config(world, "straight", register="clipdr-test-student")
-    return cfg, train(cfg, log=lambda message: None)
+    before = footer_readers()
+    result = train(cfg, log=lambda message: None)
+    return cfg, result, footer_readers() - before
 
 
 def test_reinforced_run_learns_tracks_and_registers(world, straight):
-    cfg, result = straight
+    cfg, result, footer_pool = straight
+    # Two epochs of 4 shards, one Parquet read each: one footer actor per read, not Ray Data's default of 32.
+    assert 1 <= footer_pool <= 2
     client = MlflowClient(cfg.tracking.uri)
     assert result.steps == 16 and result.samples_seen == SAMPLES
     assert_learns(client, result.mlflow_run_id)
@@ -151,8 +162,8 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
     # The registered model loads back with mlflow.pytorch and embeds exactly like the final checkpoint.
     version = client.get_model_version("clipdr-test-student", result.registered_version)
     assert version.tags["mode"] == "reinforced" and version.tags["student"] == STUDENT
-    mlflow.set_tracking_uri(cfg.tracking.uri)
-    loaded = mlflow.pytorch.load_model(f"models:/clipdr-test-student/{result.registered_version}")
+    with tracking.pinned_uri(cfg.tracking.uri):  # restores MLFLOW_TRACKING_URI: later tests must not inherit it
+        loaded = mlflow.pytorch.load_model(f"models:/clipdr-test-student/{result.registered_version}")
     reference = models.create_model(STUDENT).eval()
     reference.load_state_dict(checkpoint.load_weights(result.checkpoint))
     images = torch.randn(3, 3, 32, 32)

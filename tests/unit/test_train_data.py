@@ -349,3 +349,10 @@ def test_a_row_that_does_not_replay_is_replaced_not_fatal(dataset, preprocess, c
     columns[records.AUG_PARAMS] = np.broadcast_to(bad_views[:1], bad_views.shape)
     with pytest.raises(ValueError, match="no row of a batch of 8 replays"):
         transform(columns)
+
+
+@pytest.mark.parametrize(("files", "actors"), [(1, 1), (64, 1), (65, 2), (1200, 19), (2048, 32), (100_000, 32)])
+def test_parquet_footer_pool_grows_with_the_files_up_to_ray_datas_default(files, actors):
+    from clipdr.train.pipeline import footer_actors
+
+    assert footer_actors(files) == actors

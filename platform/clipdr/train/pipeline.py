@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
+import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -121,12 +124,39 @@ def build_dataset(
             ds = _source_samples(files, runtime_env)
         else:
             paths = [storage.resolve(f)[1] for f in files]
-            ds = ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env).select_columns(columns)
+            ds = _read_parquet(paths, fs, runtime_env).select_columns(columns)
         _set_stream_options(ds.context)
         ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
         per_epoch.append(ds.limit(rows_per_epoch))
     # A union takes a copy of its first input's context, so it carries the same options.
     return per_epoch[0].union(*per_epoch[1:]) if len(per_epoch) > 1 else per_epoch[0]
+
+
+# Ray Data lists Parquet footers on a pool of FooterReader actors, each a fresh Python process, for every read (so
+# every epoch): 32 of them by default whatever the number of files. Its one knob is this variable, read in the
+# calling process when `ray.data.read_parquet` builds the read.
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FILES_PER_FOOTER_ACTOR = 64
+MAX_FOOTER_ACTORS = 32  # Ray Data's default, reached at 2,048 files
+_footer_env_lock = threading.Lock()
+
+
+def footer_actors(num_files: int) -> int:
+    """FooterReader actors for one read of ``num_files`` shards: one per `FILES_PER_FOOTER_ACTOR` files, 1 to 32."""
+    return max(1, min(MAX_FOOTER_ACTORS, math.ceil(num_files / FILES_PER_FOOTER_ACTOR)))
+
+
+def _read_parquet(paths: list[str], fs, runtime_env: dict) -> ray.data.Dataset:
+    """`ray.data.read_parquet` with a footer pool sized to the files (`footer_actors`), unless the user set
+    `FOOTER_ACTORS_ENV`. The variable is set for the call only, under a lock (the demo builds streams from threads)."""
+    with _footer_env_lock:
+        chosen = os.environ.get(FOOTER_ACTORS_ENV)
+        os.environ[FOOTER_ACTORS_ENV] = chosen or str(footer_actors(len(paths)))
+        try:
+            return ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env)
+        finally:
+            if chosen is None:
+                del os.environ[FOOTER_ACTORS_ENV]
 
 
 def data_config() -> ray.train.DataConfig:
