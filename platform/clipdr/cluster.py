@@ -34,15 +34,20 @@ def ensure_ray() -> None:
 def start_local(num_cpus: int, **init_kwargs: object) -> None:
     """Starts a Ray on this machine (with its dashboard) for this process; ``init_kwargs`` go to ``ray.init``.
 
-    Ray Train's placement-group cleaner (an actor of every fit) finds its cluster's State API through the address
-    Ray last recorded (/tmp/ray/ray_current_cluster, written by `ray start`), not through the cluster it runs in.
-    A recorded node that is gone (or another one that still runs) makes each of its checks time out and every fit
-    stall ~12 s at its end. The local cluster's processes inherit the environment of this call, so they are told
-    their own dashboard; the calling process's environment is left as it was.
+    The local cluster's processes inherit the environment of this call, which sets two things for them only (the
+    calling process's environment is left as it was):
+
+    - Ray Train's placement-group cleaner (an actor of every fit) finds its cluster's State API through the address
+      Ray last recorded (/tmp/ray/ray_current_cluster, written by `ray start`), not through the cluster it runs in.
+      A recorded node that is gone (or another one that still runs) makes each of its checks time out and every fit
+      stall ~12 s at its end. They are told their own dashboard.
+    - Ray Train starts a preemption watcher (one more process) per fit, which polls for nodes being drained: one
+      machine's Ray is never drained, so it is off.
     """
     dashboard_port = free_port()
-    saved = os.environ.get(_API_SERVER_ENV)
-    os.environ[_API_SERVER_ENV] = f"http://127.0.0.1:{dashboard_port}"
+    local_env = {_API_SERVER_ENV: f"http://127.0.0.1:{dashboard_port}", _PREEMPTION_WATCHER_ENV: "0"}
+    saved = {name: os.environ.get(name) for name in local_env}
+    os.environ.update(local_env)
     try:
         ray.init(
             address="local",
@@ -53,13 +58,15 @@ def start_local(num_cpus: int, **init_kwargs: object) -> None:
             **init_kwargs,
         )
     finally:
-        if saved is None:
-            os.environ.pop(_API_SERVER_ENV)
-        else:
-            os.environ[_API_SERVER_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 _API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+_PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 
 
 def free_port() -> int:
