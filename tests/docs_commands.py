@@ -371,17 +371,18 @@ REGISTRY: dict[str, Entry] = {
     "--set reinforce.source --set reinforce.output": CoveredBy(
         ("tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",)
     ),
-    "ray job submit --working-dir -- python jobs/train.py --config jobs/configs/<student>.toml --set train.data "
-    "--set train.output --set train.run_name --set train.resources.use_gpu --set train.resources.workers": CoveredBy(
+    "ray job submit --working-dir -- python jobs/train.py --config jobs/configs/mobileclip_s0.toml --set train.data "
+    "--set train.output --set train.run_name --set train.resources.workers": CoveredBy(
         (
             "tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",
             "tests/integration/test_train.py::test_resubmitted_run_resumes_after_the_driver_is_killed",
+            "tests/unit/test_recipes.py::test_recipe_passes_the_training_checks_and_names_a_known_model",
         )
     ),
     # The same as `clipdr evaluate` (test_lifecycle) submitted like test_job_submit's job; evaluate.device=cuda is
     # the one part no test here can run.
     "ray job submit --entrypoint-num-gpus --working-dir -- python jobs/evaluate.py "
-    "--config jobs/configs/<student>.toml --set evaluate.model --set evaluate.device "
+    "--config jobs/configs/mobileclip_s0.toml --set evaluate.model --set evaluate.device "
     "--set evaluate.zeroshot --set evaluate.retrieval": CoveredBy(
         (
             "tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",

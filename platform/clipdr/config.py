@@ -239,7 +239,7 @@ class TrainConfig:
     run_name: str = _f("", "run name (Ray Train and MLflow); resubmitting the same name resumes; empty: derived")
     experiment: str = _f("clipdr-train", "MLflow experiment")
     mode: TrainMode = _f("reinforced", "reinforced (stored teacher targets), clip (plain baseline) or online_distill")
-    model: str = _f("clipdr-tiny-mci", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config")
+    model: str = _f("", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config; required")
     pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")

@@ -14,7 +14,7 @@ from .conftest import INFRA, REPO, TERRAFORM, blocks
 TEMPLATES = sorted((INFRA / "k8s").glob("rayjob-*.yaml"))
 # Chosen per submission (the runbook shows them); everything else comes from `terraform output job_env`.
 PER_RUN = {"CLIPDR_RUN", "CLIPDR_CONFIG", "CLIPDR_SOURCE", "CLIPDR_DATASET", "CLIPDR_GPU_WORKERS", "CLIPDR_MODEL"}
-PER_RUN |= {"CLIPDR_ARGS"}
+PER_RUN |= {"CLIPDR_ARGS", "CLIPDR_TRAIN_WORKERS"}
 
 
 def _job_env_keys(files: dict) -> set[str]:

@@ -14,13 +14,14 @@ from clipdr.train.plan import Mode, TrainError, TrainPlan, check_config, default
 from clipdr.train.run import _recipe, open_data
 from tests.unit.test_train_data import teacher, write_dataset
 
-GOOD = TrainConfig(data="somewhere", schedule=TrainSchedule(samples=1024, batch_size=64))
+GOOD = TrainConfig(data="somewhere", model="clipdr-tiny-mci", schedule=TrainSchedule(samples=1024, batch_size=64))
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"data": ""}, r"train.data is empty"),
+        ({"model": ""}, r"train.model is empty: name the student, or start from a recipe: mobileclip_s0.toml"),
         ({"mode": "distill"}, r"train.mode 'distill' is not one of reinforced, clip, online_distill"),
         ({"loss.kd_weight": 1.5}, r"train.loss.kd_weight \(lambda\) must be in \[0, 1\]"),
         ({"loss.kd_weight": 0.0}, r"mode 'reinforced' distils: train.loss.kd_weight must be > 0"),

@@ -61,6 +61,15 @@ class Mode(enum.StrEnum):
 
 
 MODES: tuple[str, ...] = tuple(Mode)
+# The training recipes that ship in jobs/configs (tests/unit/test_recipes.py plans each one).
+RECIPES = (
+    "mobileclip_s0.toml",
+    "mobileclip_s1.toml",
+    "mobileclip_s2.toml",
+    "mobileclip_b.toml",
+    "mobileclip2_s0.toml",
+    "finetune_mobileclip2_s0.toml",
+)
 
 
 # --------------------------------------------------------------------------- checks
@@ -75,6 +84,11 @@ def require(ok: bool, message: str) -> None:
 def check_config(cfg: TrainConfig) -> None:
     """Refuses settings that cannot train, naming the key."""
     require(bool(cfg.data), "train.data is empty: name a reinforced dataset or source shards")
+    require(
+        bool(cfg.model),
+        f"train.model is empty: name the student, or start from a recipe: {', '.join(RECIPES)} "
+        "(jobs/configs; the tiny clipdr-tiny-* models are for tests, by name)",
+    )
     require(cfg.mode in MODES, f"train.mode {cfg.mode!r} is not one of {', '.join(MODES)}")
     kd_weight = cfg.loss.kd_weight
     require(0.0 <= kd_weight <= 1.0, f"train.loss.kd_weight (lambda) must be in [0, 1], got {kd_weight}")
