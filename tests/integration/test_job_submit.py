@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,5 +135,7 @@ uri = "sqlite:///{tmp_path}/mlflow.db"
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "succeeded" in result.stdout
     assert "reinforced 8 samples (0 skipped)" in result.stdout
+    progress = r"reinforce: shard student-00000\.parquet 1/1 \(100\.0%\) \| 8 rows \| [\d.]+ samples/s \| ETA 0 s"
+    assert re.search(progress, result.stdout), result.stdout[-4000:]  # the progress line, in the job's log
     manifest = records.open_dataset(str(tmp_path / "reinforced"), require_teachers=["vit"]).manifest
     assert manifest.num_rows == 8

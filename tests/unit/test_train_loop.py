@@ -178,3 +178,44 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
 def test_local_loss_reaches_the_loss_from_the_config(local_loss):
     plan = a_plan({"loss.local_loss": local_loss})
     assert Step(build_student(plan, torch.device("cpu")), plan, torch.device("cpu")).loss.local_loss is local_loss
+
+
+def test_loss_parts_stay_on_the_device_until_the_log_reads_them():
+    """Summing the loss parts of micro-batches makes no host sync (`aten._local_scalar_dense`, what ``float`` and
+    ``.item`` call); reading them at the log is one device-to-host copy, and gives the weighted sums."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from clipdr.train.loop import LossSums
+
+    class CountSyncs(TorchDispatchMode):
+        syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default:
+                CountSyncs.syncs += 1
+            return func(*args, **(kwargs or {}))
+
+    sums = LossSums()
+    parts = [{"loss": torch.tensor(float(i)), "kd_loss": torch.tensor(2.0 * i)} for i in range(1, 5)]
+    with CountSyncs():
+        for p in parts:
+            sums.add(p, 0.5)
+    assert CountSyncs.syncs == 0
+    assert sums.read() == {"loss": 5.0, "kd_loss": 10.0}
+
+
+def test_progress_lines_give_position_parts_pace_and_time_to_finish():
+    from clipdr import progress
+    from clipdr.train.loop import Progress, progress_line
+
+    plan = a_plan()
+    metrics = {"train/loss": 3.21, "train/kd_loss_syn": 1.5, "train/lr": 8e-4, "train/samples_per_s": 2410.5}
+    assert progress.eta_s(60.0, 0, 10) is None and progress.eta_s(60.0, 2, 10) == 300.0
+    assert [progress.duration(s) for s in (None, 12.4, 250, 10_260)] == ["?", "12 s", "4 min 10 s", "2 h 51 min"]
+    line = progress.line("reinforce", "shard a.parquet", 3, 4, ["128 rows"], 12.0)
+    assert line == "reinforce: shard a.parquet 3/4 (75.0%) | 128 rows | ETA 12 s"
+    text = progress_line(Progress(step=3, samples_seen=96), plan, metrics, 30.0)
+    assert text == (
+        "train: step 3/10 (30.0%) | 96 samples | loss 3.2100 kd_loss_syn 1.5000 | lr 8.00e-04 | 2410.5 samples/s | "
+        "ETA 30 s"
+    )

@@ -17,6 +17,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from clipdr import augment, records, runstate, storage
+from clipdr import progress as progress_lines
 from clipdr.config import Config, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce.stages import ShardTask, read_shard_metadata
@@ -305,13 +306,17 @@ def run(config: Config, log=print) -> records.Manifest | None:
     with _tracker(config, p) as tracker:
         log(f"MLflow run {tracker.run_id} (experiment {EXPERIMENT!r})")
         started = time.monotonic()
-        progress = {"shards": len(p.done), "rows": 0}
+        progress = {"shards": len(p.done), "rows": 0, "this_run": 0}
 
         def on_shard(name: str, num_rows: int, written_at: float) -> None:
             progress["shards"] += 1
             progress["rows"] += num_rows
-            rate = progress["rows"] / max(time.monotonic() - started, 1e-9)
-            log(f"shard {name}: {num_rows} rows ({progress['shards']}/{len(p.tasks)} shards, {rate:.1f} samples/s)")
+            progress["this_run"] += 1
+            elapsed = time.monotonic() - started
+            left = len(p.tasks) - progress["shards"]
+            fields = [f"{num_rows} rows", f"{progress['rows'] / max(elapsed, 1e-9):.1f} samples/s"]
+            eta = progress_lines.eta_s(elapsed, progress["this_run"], left)
+            log(progress_lines.line("reinforce", f"shard {name}", progress["shards"], len(p.tasks), fields, eta))
 
         if p.pending:
             ensure_ray()

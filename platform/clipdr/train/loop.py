@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clipdr import checkpoint, losses, models, records
+from clipdr import progress as progress_lines
 from clipdr.config import TeacherConfig
 from clipdr.train import data
 from clipdr.train.plan import TrainPlan
@@ -234,6 +236,42 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan
 # --------------------------------------------------------------------------- the loop
 
 
+class LossSums:
+    """Running sums of the loss parts between two logs, kept on the device: reading a value back (``float``) waits
+    for the device to finish, so the loop reads them once per log (`read`), not once per part and micro-batch."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, Tensor] = {}
+
+    def add(self, parts: dict[str, Tensor], weight: float) -> None:
+        for name, value in parts.items():
+            term = value.detach() * weight
+            self._sums[name] = self._sums[name] + term if name in self._sums else term
+
+    def read(self) -> dict[str, float]:
+        """The sums as Python floats, in one device-to-host copy."""
+        if not self._sums:
+            return {}
+        values = torch.stack([v.to(torch.float64) for v in self._sums.values()]).tolist()
+        return dict(zip(self._sums, values, strict=True))
+
+
+def progress_line(progress: Progress, plan: TrainPlan, metrics: dict[str, float], eta: float | None) -> str:
+    """The job log's line at a log step (`clipdr.progress`): step, samples seen, the loss and its parts, lr, pace."""
+    losses = " ".join(
+        f"{key.removeprefix('train/')} {value:.4f}"
+        for key, value in metrics.items()
+        if key.removeprefix("train/").endswith("loss") or "loss_" in key
+    )
+    fields = [
+        f"{progress.samples_seen} samples",
+        losses,
+        f"lr {metrics['train/lr']:.2e}",
+        f"{metrics['train/samples_per_s']:.1f} samples/s",
+    ]
+    return progress_lines.line("train", "step", progress.step, plan.total_steps, fields, eta)
+
+
 def _batches(plan: TrainPlan, device: torch.device, skip: int) -> Iterator[dict[str, Tensor]]:
     import ray.train
 
@@ -345,7 +383,8 @@ def _train(
             f"({progress.batches}): resubmit the job so the driver restarts the stream from the checkpoint"
         )
     window_start, window_samples, window_steps = time.perf_counter(), 0, 0
-    sums: dict[str, float] = {}
+    started, first_step = window_start, progress.step
+    sums = LossSums()
     micro = 0
     for batch in _batches(plan, device, skip):
         last_micro = micro == plan.train.schedule.accum_steps - 1
@@ -353,8 +392,7 @@ def _train(
         with sync:
             parts = step_fn(batch)
             (parts["loss"] / plan.train.schedule.accum_steps).backward()
-        for name, value in parts.items():
-            sums[name] = sums.get(name, 0.0) + float(value.detach()) / plan.train.schedule.accum_steps
+        sums.add(parts, 1.0 / plan.train.schedule.accum_steps)
         progress.batches += 1
         progress.samples_seen += plan.global_batch
         window_samples += plan.global_batch
@@ -370,18 +408,24 @@ def _train(
 
         if progress.step % plan.train.log_every == 0 or done:
             if tracker is not None and progress.samples_seen > logged_until:
-                elapsed = time.perf_counter() - window_start
-                metrics = {f"train/{name}": value / window_steps for name, value in sums.items()}
+                now = time.perf_counter()
+                means = {name: value / window_steps for name, value in sums.read().items()}  # the one host sync
+                metrics = {f"train/{name}": value for name, value in means.items()}
                 metrics |= {
                     "train/lr": optimizer.param_groups[0]["lr"],
                     "train/logit_scale": float(raw.logit_scale.detach().exp()),
                     "train/grad_norm": float(grad_norm),
-                    "train/samples_per_s": window_samples / max(elapsed, 1e-9),
+                    "train/samples_per_s": window_samples / max(now - window_start, 1e-9),
                     "train/samples_seen": progress.samples_seen,
                     "train/step": progress.step,
                 }
                 tracker.log_metrics(metrics, step=progress.samples_seen)
-            sums, window_start, window_samples, window_steps = {}, time.perf_counter(), 0, 0
+                eta = progress_lines.eta_s(now - started, progress.step - first_step, plan.total_steps - progress.step)
+                # Straight to stdout, which Ray forwards to the job's log: Ray Train's patched `print` would also
+                # log it, and the line would show twice.
+                sys.stdout.write(progress_line(progress, plan, metrics, eta) + "\n")
+                sys.stdout.flush()
+            sums, window_start, window_samples, window_steps = LossSums(), time.perf_counter(), 0, 0
 
         evaluate_now = done or (next_eval and progress.samples_seen >= next_eval)
         if plan.train.evaluate and tracker is not None and evaluate_now and progress.samples_seen > logged_until:
