@@ -558,8 +558,15 @@ def replay(
     Returns:
         The float32 view, shape (3, height, width).
     """
-    view_CHW = replay_uint8(image, params, size, interpolation)
-    return F.normalize(F.to_dtype(view_CHW, torch.float32, scale=True), mean=list(mean), std=list(std))
+    return normalize(replay_uint8(image, params, size, interpolation), mean, std)
+
+
+def normalize(
+    view: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 views (..., 3, H, W) scaled to [0, 1] and normalised, in ``dtype``: elementwise, so a batch on a device
+    gives each view the values `replay` gives it alone (training ships uint8 views and normalises them here)."""
+    return F.normalize(F.to_dtype(view, dtype, scale=True), mean=list(mean), std=list(std))
 
 
 def render(

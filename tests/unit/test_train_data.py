@@ -151,7 +151,7 @@ def test_outputs_select_stored_rows_and_replay_view_k(dataset, preprocess):
     manifest, table = dataset
     out = replay_batch(manifest, preprocess)(table)
     N, (H, W), T = NUM_ROWS, preprocess.image_size, preprocess.context_length
-    assert out[data.IMAGE].shape == (N, 3, H, W) and out[data.IMAGE].dtype == np.float32
+    assert out[data.IMAGE].shape == (N, 3, H, W) and out[data.IMAGE].dtype == np.uint8
     for name in (data.TEXT, data.SYN_TEXT):
         assert out[name].shape == (N, T) and out[name].dtype == np.int64
     k_N, j_N = out[data.AUG_INDEX], out[data.SYN_INDEX]
@@ -178,10 +178,14 @@ def test_outputs_select_stored_rows_and_replay_view_k(dataset, preprocess):
     rows = table.to_pylist()
     for i, row in enumerate(rows):
         params = augment.views_from_array(views_NKL[i])[k_N[i]]
-        expected_CHW = augment.replay(
-            sources.decode_rgb(row[records.IMAGE]), params, (H, W), preprocess.mean, preprocess.std, "bilinear"
+        image = sources.decode_rgb(row[records.IMAGE])
+        assert torch.equal(
+            torch.from_numpy(out[data.IMAGE][i]), augment.replay_uint8(image, params, (H, W), "bilinear")
         )
-        assert torch.equal(torch.from_numpy(out[data.IMAGE][i]), expected_CHW)
+        expected_CHW = augment.replay(image, params, (H, W), preprocess.mean, preprocess.std, "bilinear")
+        # What the step normalises on its device, a whole batch at once, is what replay gives one view on the CPU.
+        normalised = augment.normalize(torch.from_numpy(out[data.IMAGE]), preprocess.mean, preprocess.std)
+        assert torch.equal(normalised[i], expected_CHW)
         assert np.array_equal(out[data.TEXT][i], tokenizer([row[records.CAPTION]])[0].numpy())
         assert np.array_equal(out[data.SYN_TEXT][i], tokenizer([row[records.SYN_CAPTIONS][j_N[i]]])[0].numpy())
 
@@ -247,9 +251,7 @@ def test_online_distill_feeds_each_teacher_the_students_view_and_captions(datase
         assert view_NCHW.shape == (NUM_ROWS, 3, spec.image_size, spec.image_size)
         for i in (0, NUM_ROWS - 1):
             params = augment.views_from_array(records.aug_params(table)[i])[out[data.AUG_INDEX][i]]
-            expected = augment.replay(
-                sources.decode_rgb(images[i]), params, spec.image_size, spec.mean, spec.std, spec.interpolation
-            )
+            expected = augment.replay_uint8(sources.decode_rgb(images[i]), params, spec.image_size, spec.interpolation)
             assert torch.equal(torch.from_numpy(view_NCHW[i]), expected)
         assert np.array_equal(out[data.teacher_tokens_column(name)], tokenizer(captions).numpy())
         drawn = [syn[i][j] for i, j in enumerate(out[data.SYN_INDEX])]
@@ -271,7 +273,7 @@ def test_augment_batch_samples_a_fresh_deterministic_view_per_epoch(dataset, pre
     image = sources.decode_rgb(table.column(records.IMAGE)[2].as_py())
     params = augment.sample(image.size, key, 1, cfg, 3)
     pre = preprocess
-    expected = augment.replay(image, params, pre.image_size, pre.mean, pre.std, pre.interpolation)
+    expected = augment.replay_uint8(image, params, pre.image_size, pre.interpolation)
     assert torch.equal(torch.from_numpy(epoch1[data.IMAGE][2]), expected)
 
 

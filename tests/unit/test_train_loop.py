@@ -90,7 +90,7 @@ def synthetic_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> list
 
         out.append(
             {
-                data.IMAGE: torch.randn(GLOBAL_B, 3, 32, 32, generator=g, dtype=dtype),
+                data.IMAGE: torch.randint(0, 256, (GLOBAL_B, 3, 32, 32), generator=g, dtype=torch.uint8),
                 data.TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
                 data.SYN_TEXT: torch.randint(1, 1000, (GLOBAL_B, 77), generator=g),
                 data.teacher_image_column("t"): unit(GLOBAL_B, 64),
@@ -165,7 +165,7 @@ def test_a_coca_student_trains_on_real_and_synthetic_captions_with_its_caption_l
     plan = a_plan({"model": TINY_COCA, "schedule.accum_steps": 1})
     model = build_student(plan, torch.device("cpu"))
     batch = synthetic_batches()[0]
-    batch[data.IMAGE] = torch.randn(GLOBAL_B, 3, size, size)
+    batch[data.IMAGE] = torch.randint(0, 256, (GLOBAL_B, 3, size, size), dtype=torch.uint8)
     batch[data.TEXT] = batch[data.TEXT][:, :length]
     batch[data.SYN_TEXT] = batch[data.SYN_TEXT][:, :length]
     parts = Step(model, plan, torch.device("cpu"))(batch)

@@ -23,7 +23,7 @@ opens a dataset for a training mode and refuses one that lacks what the mode nee
 
 Output columns (module constants; ``<t>`` a teacher name)::
 
-    image                    float32 (N, 3, H, W)  view k, normalised with the student's mean/std
+    image                    uint8 (N, 3, H, W)    view k at the student's size (normalised on the device)
     text                     int64 (N, T)          the real caption's tokens
     syn_text                 int64 (N, T)          synthetic caption j's tokens         (with use_syn_captions)
     aug_index                int64 (N,)            k
@@ -31,9 +31,13 @@ Output columns (module constants; ``<t>`` a teacher name)::
     teacher_image__<t>       float32 (N, D_t)      image_emb__<t>[:, k]                 (reinforced)
     teacher_text__<t>        float32 (N, D_t)      text_emb__<t>[:, 0]                  (reinforced)
     teacher_syn_text__<t>    float32 (N, D_t)      text_emb__<t>[:, 1 + j]              (reinforced, use_syn_captions)
-    teacher_view__<t>        float32 (N, 3, S_t, S_t) view k at teacher t's preprocessing (online_distill)
+    teacher_view__<t>        uint8 (N, 3, S_t, S_t) view k at teacher t's size (online_distill)
     teacher_tokens__<t>      int64 (N, T_t)        the real caption in teacher t's tokens (online_distill)
     teacher_syn_tokens__<t>  int64 (N, T_t)        caption j in teacher t's tokens (online_distill, use_syn_captions)
+
+Views leave as uint8, a quarter of float32's bytes through the object store and the host-to-device copy; the
+training step normalises them on its device with `augment.normalize` (the student's, or each teacher's, mean and
+std), which gives the values `augment.replay` gives on the CPU.
 
 In ``online_distill`` mode the teachers run inside the train step on exactly the views and captions the student
 sees, so the loss is the reinforced loss with targets computed live instead of read.
@@ -430,18 +434,18 @@ def _replay_rows(
     logged with its key and reason. A batch with no good row raises: that is a broken dataset, not a bad sample.
 
     Returns:
-        One (N, 3, H, W) float32 array per preprocessing, and ``rows_N``: the input row each output row comes from
+        One (N, 3, H, W) uint8 array per preprocessing, and ``rows_N``: the input row each output row comes from
         (``i`` itself, or the row that stands in for it), to select its captions and embeddings with.
     """
     N = len(keys)
-    out = [np.empty((N, 3, *pre.image_size), dtype=np.float32) for pre in pres]
+    out = [np.empty((N, 3, *pre.image_size), dtype=np.uint8) for pre in pres]
     good_N = np.ones(N, dtype=bool)
     failures = []
     for i, (key, image_bytes, views_KL, k) in enumerate(zip(keys, images, views_NKL, aug_index_N, strict=True)):
         try:
             image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(views_KL[k])
             for view_NCHW, p in zip(out, pres, strict=True):
-                view_NCHW[i] = augment.replay(image, view, p.image_size, p.mean, p.std, p.interpolation).numpy()
+                view_NCHW[i] = augment.replay_uint8(image, view, p.image_size, p.interpolation).numpy()
         except ValueError as e:  # sources.InvalidSampleError is one
             good_N[i] = False
             failures.append(f"{key} (view {k}): {e}")
@@ -458,10 +462,10 @@ def _replay_rows(
 
 
 def _render(images: Sequence[Any], params: Sequence[augment.AugParams], pre: StudentPreprocess) -> np.ndarray:
-    """(N, 3, H, W) float32: each image's view replayed at ``pre``'s size, interpolation and normalisation."""
-    image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.float32)
+    """(N, 3, H, W) uint8: each image's view replayed at ``pre``'s size and interpolation."""
+    image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.uint8)
     for i, (image, view) in enumerate(zip(images, params, strict=True)):
-        image_NCHW[i] = augment.replay(image, view, pre.image_size, pre.mean, pre.std, pre.interpolation).numpy()
+        image_NCHW[i] = augment.replay_uint8(image, view, pre.image_size, pre.interpolation).numpy()
     return image_NCHW
 
 

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipdr import checkpoint, losses, models, records
+from clipdr import augment, checkpoint, losses, models, records
 from clipdr import progress as progress_lines
 from clipdr.config import TeacherConfig
 from clipdr.train import data
@@ -96,6 +96,7 @@ class OnlineTeachers(nn.Module):
 
         super().__init__()
         self.names = [s.name for s in specs]
+        self.norms = [(s.mean, s.std) for s in specs]
         self.teachers = nn.ModuleList()
         for spec in specs:
             cfg = TeacherConfig(name=spec.name, model=spec.model, pretrained=spec.pretrained, logit_scale=1.0)
@@ -105,8 +106,10 @@ class OnlineTeachers(nn.Module):
     @torch.no_grad()
     def forward(self, batch: dict[str, Tensor], use_syn: bool) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         img, txt, syn = [], [], []
-        for name, teacher in zip(self.names, self.teachers, strict=True):
-            view, tokens = batch[data.teacher_view_column(name)], batch[data.teacher_tokens_column(name)]
+        for name, teacher, (mean, std) in zip(self.names, self.teachers, self.norms, strict=True):
+            dtype = next(teacher.parameters()).dtype
+            view = augment.normalize(batch[data.teacher_view_column(name)], mean, std, dtype)
+            tokens = batch[data.teacher_tokens_column(name)]
             img.append(F.normalize(_at_least_fp32(teacher.encode_image(view)), dim=-1))
             txt.append(F.normalize(_at_least_fp32(teacher.encode_text(tokens)), dim=-1))
             if use_syn:
@@ -153,10 +156,14 @@ class Step:
         )
         self.online = OnlineTeachers(specs, device) if plan.mode.runs_teachers_online and with_teachers else None
         self.with_teachers = with_teachers
+        # Views arrive as uint8 (`data`): normalised here, on the device, in the model's dtype.
+        self.preprocess = data.student_preprocess(plan.train.model)
+        self.dtype = next(model.parameters()).dtype
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         plan = self.plan
-        image, text = batch[data.IMAGE], batch[data.TEXT]
+        pre = self.preprocess
+        image, text = augment.normalize(batch[data.IMAGE], pre.mean, pre.std, self.dtype), batch[data.TEXT]
         B = text.shape[0]
         # One forward over the real and synthetic captions together: DDP sees one graph per step.
         tokens = torch.cat([text, batch[data.SYN_TEXT]]) if plan.use_syn_captions else text
