@@ -123,9 +123,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def actors_started(class_name: str) -> int:
     """Actors of ``class_name`` this Ray has started so far, dead ones included."""
+    import ray
     from ray.util.state import list_actors
 
-    return len(list_actors(filters=[("class_name", "=", class_name)], limit=10_000, raise_on_missing_output=False))
+    found = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", class_name)],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return len(found)
 
 
 # Ray Data's Parquet footer pool; Ray Train's per-fit watcher of nodes being drained (never, on one machine).
