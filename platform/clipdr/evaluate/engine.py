@@ -195,18 +195,18 @@ def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: EvalTransform, skippe
 
 
 def _load(
-    kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, preprocess: EvalTransform
+    kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, seed: int, preprocess: EvalTransform
 ) -> LoadedDataset:
-    key = (kind, dataset.uri, dataset.name, max_samples, preprocess.key)
+    key = (kind, dataset.uri, dataset.name, max_samples, seed, preprocess.key)
     if key in _LOADED:
         return _LOADED[key]
     bank = _BANKS.setdefault(preprocess.key, _Bank())
     skipped: collections.Counter = collections.Counter()
     rows, labels, captions = [], [], []
     if isinstance(dataset, ZeroShotTask):
-        samples: Iterator[datasets.EvalSample] = datasets.iter_zeroshot_samples(dataset, skipped, max_samples)
+        samples: Iterator[datasets.EvalSample] = datasets.iter_zeroshot_samples(dataset, skipped, max_samples, seed)
     else:
-        samples = datasets.iter_retrieval_samples(dataset, skipped, max_samples)
+        samples = datasets.iter_retrieval_samples(dataset, skipped, max_samples, seed)
     for sample in samples:
         row = _bank_row(bank, sample.image_bytes, preprocess, skipped)
         if row is None:
@@ -322,7 +322,7 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     clip = _unwrap(model)
     preprocess = preprocess_of(clip)
     selected, num_found = _datasets(cfg)
-    loaded = [_load(kind, dataset, cfg.max_samples, preprocess) for kind, dataset in selected]
+    loaded = [_load(kind, dataset, cfg.max_samples, cfg.seed, preprocess) for kind, dataset in selected]
     bank = _BANKS[preprocess.key]
 
     was_training = clip.training
@@ -431,7 +431,7 @@ def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, devic
         model: An open_clip model (or one wrapped in DDP, or a `clipdr.models.ClipEmbedder`), with the
             ``visual.preprocess_cfg`` open_clip attaches: images are preprocessed with it.
         model_name: Its open_clip / clipdr name (for the tokenizer).
-        cfg: Datasets (``zeroshot``, ``retrieval``), ``tasks``, ``batch_size``, ``max_samples``.
+        cfg: Datasets (``zeroshot``, ``retrieval``), ``tasks``, ``batch_size``, ``max_samples`` and ``seed``.
         device: Where the forward passes run.
 
     Returns:
