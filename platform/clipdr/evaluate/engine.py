@@ -315,7 +315,8 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     """Zero-shot classification and retrieval of ``model`` on the datasets of ``cfg``; see `evaluate_model`.
 
     Returns:
-        The metrics and, per dataset, its kind, folder, sample count and skipped samples.
+        The metrics and, per dataset, its kind, folder, sample count, skipped samples and its metrics under
+        clip_benchmark's names (`metrics.clip_benchmark_names`).
     """
     _check_config(cfg)
     device = resolve_device(device)
@@ -345,10 +346,13 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
             if dataset.kind == ZEROSHOT:
                 assert dataset.task is not None
                 part = _zeroshot(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
-                extra = {"num_classes": len(dataset.task.classnames), "num_templates": len(dataset.task.templates)}
+                num_classes = len(dataset.task.classnames)
+                extra = {"num_classes": num_classes, "num_templates": len(dataset.task.templates)}
+                extra["clip_benchmark"] = metrics.clip_benchmark_names(part, num_classes)
             else:
                 part = _retrieval(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
                 extra = {"num_captions": sum(len(c) for c in dataset.captions)}
+                extra["clip_benchmark"] = metrics.clip_benchmark_names(part)
             results.update({metrics.metric_name(dataset.kind, dataset.name, k): v for k, v in part.items()})
             described.append(
                 {"kind": dataset.kind, "name": dataset.name, "uri": dataset.uri, "num_samples": dataset.num_samples}
