@@ -290,6 +290,11 @@ class EvaluateConfig:
         "image-text retrieval datasets: a folder of webdataset tars of image + txt (one caption a line) or "
         "json captions, clip_benchmark's <name>/test/*.tar included (the world's retrieval/); path or s3://",
     )
+    suite: str = _f(
+        "",
+        "task suite file (TOML: clip_benchmark datasets with their roots and the metric each adds): its datasets are "
+        "evaluated too and the mean of their metrics is logged as suite/<name>/mean; see clipdr.evaluate.suite",
+    )
     tasks: tuple[str, ...] = _f((), "evaluate only these datasets (zero-shot task or retrieval names); empty: all")
     batch_size: int = _f(256, "images or texts per forward pass")
     max_samples: int = _f(

@@ -15,7 +15,7 @@ from torch import nn
 from clipdr import checkpoint, models
 from clipdr.config import EvaluateConfig, SynthConfig
 from clipdr.data import sources, synthetic
-from clipdr.evaluate import datasets, engine, loading, metrics
+from clipdr.evaluate import datasets, engine, loading, metrics, suite
 
 TOKENIZER_MODEL = "clipdr-tiny-vit"  # any open_clip tokenizer will do for the hand-set model
 
@@ -324,13 +324,43 @@ def test_repeated_calls_reuse_images_and_recompute_texts(hand_set, monkeypatch):
     assert len(distinct) == 5 and model.calls["image"] == 2 * len(distinct)
 
 
+def test_a_task_suite_gives_one_aggregate_of_local_toy_tasks(hand_set, tmp_path):
+    model, cfg = hand_set
+    (tmp_path / "suites").mkdir()
+    toy = tmp_path / "suites" / "toy.toml"
+    toy.write_text(
+        'root = ".."\n'  # task roots relative to the suite file's folder's parent: tmp_path
+        '[[task]]\nroot = "colours"\nkind = "zeroshot"\nmetric = "acc1"\n'
+        '[[task]]\nroot = "wds_pairs"\nkind = "retrieval"\n'
+        'metric = ["image_retrieval_recall@1", "text_retrieval_recall@1"]\n'
+    )
+    only_suite = EvaluateConfig(suite=str(toy), batch_size=4)
+    result = engine.evaluate_model(model, TOKENIZER_MODEL, only_suite, "cpu")
+    full = engine.evaluate_model(model, TOKENIZER_MODEL, cfg, "cpu")
+    assert {k: v for k, v in result.items() if not k.startswith("suite/")} == full  # the same datasets
+    # colours: top-1 5/6; pairs: text -> image R@1 1/4, image -> text R@1 1/3 (test_evaluate_model_by_hand).
+    assert result["suite/toy/mean"] == pytest.approx((5 / 6 + (1 / 4 + 1 / 3) / 2) / 2, abs=1e-6)
+    both = EvaluateConfig(**{**vars(cfg), "suite": str(toy)})  # datasets named in both places are read once
+    assert engine.evaluate_model(model, TOKENIZER_MODEL, both, "cpu") == result
+    some = EvaluateConfig(**{**vars(both), "tasks": ("colours",)})
+    assert not any(k.startswith("suite/") for k in engine.evaluate_model(model, TOKENIZER_MODEL, some, "cpu"))
+
+    toy.write_text('root = ".."\n[[task]]\nroot = "colours"\nmetric = "acc5"\n')
+    engine.clear_cache()
+    with pytest.raises(ValueError, match=r"task 'colours' has no \['acc5'\]"):  # 3 classes: no acc5
+        engine.evaluate_model(model, TOKENIZER_MODEL, only_suite, "cpu")
+    toy.write_text('[[task]]\nroot = "colours"\nmetric = "top1"\n')
+    with pytest.raises(ValueError, match=r"unknown metrics \['top1'\]"):  # clip_benchmark's names only
+        suite.load_suite(str(toy))
+
+
 def test_tasks_subset_and_unknown_names(hand_set):
     model, cfg = hand_set
     only = engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("pairs",)}), "cpu")
     assert all(k.startswith(("retrieval/", "partial/retrieval/")) for k in only)  # the mean of 1 of 2: partial/
     with pytest.raises(ValueError, match=r"unknown datasets \['imagenet'\]; available: colours, pairs"):
         engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("imagenet",)}), "cpu")
-    with pytest.raises(ValueError, match="both empty"):
+    with pytest.raises(ValueError, match="all empty"):
         engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(), "cpu")
 
 

@@ -29,11 +29,12 @@ from torch import Tensor, nn
 from clipdr import models
 from clipdr.config import EvaluateConfig
 from clipdr.data import sources
-from clipdr.evaluate import datasets, metrics
+from clipdr.evaluate import datasets, metrics, suite
 from clipdr.evaluate.datasets import RetrievalSet, ZeroShotTask
 
 ZEROSHOT = "zeroshot"
 RETRIEVAL = "retrieval"
+SUITE = "suite"
 PARTIAL = "partial"  # prefix of the metrics a partial evaluation could not compute in full (`_mark_partial`)
 
 
@@ -149,6 +150,7 @@ def clear_cache() -> None:
     _TOKENS.clear()
     _discover_zeroshot.cache_clear()
     _discover_retrieval.cache_clear()
+    _suite.cache_clear()
     _tokenizer.cache_clear()
 
 
@@ -160,6 +162,11 @@ def _discover_zeroshot(uri: str) -> tuple[ZeroShotTask, ...]:
 @functools.cache
 def _discover_retrieval(uri: str) -> RetrievalSet:
     return datasets.find_retrieval_set(uri)
+
+
+@functools.cache
+def _suite(uri: str) -> suite.Suite:
+    return suite.load_suite(uri)
 
 
 @functools.lru_cache(maxsize=8)
@@ -279,12 +286,13 @@ def _encode(encode: Callable[[Tensor], Tensor], batches: Iterator[Tensor], devic
 def _datasets(cfg: EvaluateConfig) -> tuple[list[tuple[str, ZeroShotTask | RetrievalSet]], int]:
     """The datasets to evaluate (``evaluate.tasks`` of them, else all), and how many the folders hold."""
     found: list[tuple[str, ZeroShotTask | RetrievalSet]] = []
-    for uri in cfg.zeroshot:
+    task_suite = _suite(cfg.suite) if cfg.suite else None
+    for uri in dict.fromkeys((*cfg.zeroshot, *(task_suite.uris(ZEROSHOT) if task_suite else ()))):
         found += [(ZEROSHOT, task) for task in _discover_zeroshot(uri)]
-    for uri in cfg.retrieval:
+    for uri in dict.fromkeys((*cfg.retrieval, *(task_suite.uris(RETRIEVAL) if task_suite else ()))):
         found.append((RETRIEVAL, _discover_retrieval(uri)))
     if not found:
-        raise ValueError("nothing to evaluate: evaluate.zeroshot and evaluate.retrieval are both empty")
+        raise ValueError("nothing to evaluate: evaluate.zeroshot, evaluate.retrieval and evaluate.suite are all empty")
     seen: dict[tuple[str, str], str] = {}
     for kind, dataset in found:
         if (kind, dataset.name) in seen:
@@ -368,6 +376,11 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     recall = [results[metrics.metric_name(RETRIEVAL, d.name, "mean_recall")] for d in loaded if d.kind == RETRIEVAL]
     if recall:
         results[metrics.metric_name(RETRIEVAL, "mean_recall")] = sum(recall) / len(recall)
+    if cfg.suite:
+        task_suite = _suite(cfg.suite)
+        by_dataset = {(d["kind"], d["name"]): d["clip_benchmark"] for d in described}
+        if all((task.kind, task.name) in by_dataset for task in task_suite.tasks):  # not when tasks leaves some out
+            results[metrics.metric_name(SUITE, task_suite.name, "mean")] = task_suite.aggregate(by_dataset)
     return EvalReport(_mark_partial(results, cfg, len(selected) < num_found), described)
 
 
@@ -442,7 +455,8 @@ def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, devic
         Flat, MLflow-safe metric names (fractions in [0, 1]): ``zeroshot/<task>/top1``, ``.../top5``,
         ``.../mean_per_class_recall``, ``zeroshot/mean_top1`` (over the tasks evaluated),
         ``retrieval/<name>/image_to_text_R{1,5,10}``, ``retrieval/<name>/text_to_image_R{1,5,10}``,
-        ``retrieval/<name>/mean_recall`` (of those six) and ``retrieval/mean_recall`` (over the datasets).
+        ``retrieval/<name>/mean_recall`` (of those six), ``retrieval/mean_recall`` (over the datasets) and, with
+        ``suite``, ``suite/<name>/mean`` (`clipdr.evaluate.suite`).
         A partial evaluation (``max_samples``, or ``tasks`` naming fewer than all datasets) names the metrics it
         could not compute in full ``partial/<name>`` (`_mark_partial`).
     """
