@@ -125,7 +125,7 @@ def test_retrieval_equals_clip_benchmarks_on_a_real_model(model, tokenizer):
     assert ours.keys() == reference.keys()
     for name, value in reference.items():
         assert close(ours[name], value), name
-    assert 0 < ours["image_retrieval_recall@1"] < ours["image_retrieval_recall@10"]  # not trivially 0 or 1
+    assert 0 < ours["image_retrieval_recall@5"] < ours["image_retrieval_recall@10"] < 1  # not trivially 0 or 1
 
 
 def test_zeroshot_classification_equals_clip_benchmarks_on_a_real_model(model, tokenizer, tmp_path):
