@@ -15,6 +15,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# clip_benchmark, the reference of tests/unit/test_eval_parity.py, without its dependencies: it declares
+	# transformers, which open_clip would then import in every process (see [hf] in pyproject.toml). Its metric
+	# modules need only torch, tqdm and scikit-learn (in [dev]).
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps clip-benchmark
 	touch $(STAMP)
 
 # checkov (the infra scanner) pins boto3 and others apart from the project's stack: it gets its own venv.

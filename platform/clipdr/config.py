@@ -290,9 +290,17 @@ class EvaluateConfig:
         "image-text retrieval datasets: a folder of webdataset tars of image + txt (one caption a line) or "
         "json captions, clip_benchmark's <name>/test/*.tar included (the world's retrieval/); path or s3://",
     )
+    suite: str = _f(
+        "",
+        "task suite file (TOML: clip_benchmark datasets with their roots and the metric each adds): its datasets are "
+        "evaluated too and the mean of their metrics is logged as suite/<name>/mean; see clipdr.evaluate.suite",
+    )
     tasks: tuple[str, ...] = _f((), "evaluate only these datasets (zero-shot task or retrieval names); empty: all")
     batch_size: int = _f(256, "images or texts per forward pass")
-    max_samples: int = _f(0, "evaluate the first this many samples of each dataset; 0: all")
+    max_samples: int = _f(
+        0, "evaluate a seeded subset of this many samples of each dataset, stratified by class (zero-shot); 0: all"
+    )
+    seed: int = _f(0, "seed of the max_samples subset")
     model: str = _f(
         "",
         "model to evaluate: runs:/<run id>/model, models:/<name>@<alias>, models:/<name>/<version>, a training "

@@ -15,7 +15,7 @@ from torch import nn
 from clipdr import checkpoint, models
 from clipdr.config import EvaluateConfig, SynthConfig
 from clipdr.data import sources, synthetic
-from clipdr.evaluate import datasets, engine, loading, metrics
+from clipdr.evaluate import datasets, engine, loading, metrics, suite
 
 TOKENIZER_MODEL = "clipdr-tiny-vit"  # any open_clip tokenizer will do for the hand-set model
 
@@ -136,10 +136,46 @@ def test_finds_tasks_in_clip_benchmark_layout_and_reads_them(tmp_path):
     assert [s.rsplit("/", 1)[1] for s in colours.shards][:4] == ["0.tar", "1.tar", "2.tar", "3.tar"]
 
     skipped = collections.Counter()
-    read = list(datasets.iter_zeroshot_samples(colours, skipped, max_samples=5))
-    assert [s.label for s in read] == [0, 1, 2, 0, 1]
-    assert [s.key for s in read] == ["s0000", "s0001", "s0002", "s0003", "s0004"]
+    read = list(datasets.iter_zeroshot_samples(colours, skipped))
+    assert [s.label for s in read] == [0, 1, 2] * 4
+    assert [s.key for s in read] == [f"s{i:04d}" for i in range(12)]
     assert not skipped
+
+
+def test_max_samples_draws_a_seeded_subset_stratified_by_class(tmp_path):
+    # In class order, as clip_benchmark exports ImageNet: the first 4 samples would all be class 0.
+    samples = [((40 * label, 0, 0), label) for label in range(4) for _ in range(3)]
+    (task,) = datasets.find_zeroshot_tasks(write_task(tmp_path / "ordered", list("abcd"), ["{c}"], samples))
+    skipped = collections.Counter()
+    read = list(datasets.iter_zeroshot_samples(task, skipped, max_samples=4, seed=1))
+    assert sorted(s.label for s in read) == [0, 1, 2, 3]  # one of each class's three
+    assert [s.key for s in read] == sorted(s.key for s in read)  # in reading order
+    assert not skipped
+    again = list(datasets.iter_zeroshot_samples(task, collections.Counter(), max_samples=4, seed=1))
+    assert [s.key for s in again] == [s.key for s in read]
+    draws = {
+        tuple(s.key for s in datasets.iter_zeroshot_samples(task, collections.Counter(), max_samples=4, seed=seed))
+        for seed in range(4)
+    }
+    assert len(draws) > 1  # the seed chooses which member of each class
+    pairs = datasets.find_retrieval_set(write_retrieval(tmp_path / "pairs", [((i, 0, 0), [f"c{i}"]) for i in range(9)]))
+    subset = [s.key for s in datasets.iter_retrieval_samples(pairs, collections.Counter(), max_samples=3, seed=5)]
+    assert len(subset) == 3 and subset == sorted(subset)
+    assert subset == [s.key for s in datasets.iter_retrieval_samples(pairs, collections.Counter(), 3, seed=5)]
+
+
+@pytest.mark.parametrize("counts", [(50, 30, 15, 5), (7, 7, 7), (1, 1, 98), (3,)])
+@pytest.mark.parametrize("max_samples", [1, 2, 10, 20, 33])
+def test_stratified_subset_keeps_each_class_share(counts, max_samples):
+    labels = [label for label, count in enumerate(counts) for _ in range(count)]  # class order
+    chosen = datasets.stratified_subset(labels, max_samples, seed=3)
+    assert len(chosen) == min(max_samples, len(labels)) and chosen == sorted(set(chosen))
+    per_class = collections.Counter(labels[i] for i in chosen)
+    for label, count in enumerate(counts):
+        share = count * len(chosen) / len(labels)
+        assert math.floor(share) <= per_class[label] <= math.ceil(share), (label, per_class)
+    assert chosen == datasets.stratified_subset(labels, max_samples, seed=3)
+    assert datasets.stratified_subset(labels, 0, seed=3) == list(range(len(labels)))
 
 
 def test_zeroshot_label_outside_classes_names_shard_and_key(tmp_path):
@@ -288,21 +324,51 @@ def test_repeated_calls_reuse_images_and_recompute_texts(hand_set, monkeypatch):
     assert len(distinct) == 5 and model.calls["image"] == 2 * len(distinct)
 
 
+def test_a_task_suite_gives_one_aggregate_of_local_toy_tasks(hand_set, tmp_path):
+    model, cfg = hand_set
+    (tmp_path / "suites").mkdir()
+    toy = tmp_path / "suites" / "toy.toml"
+    toy.write_text(
+        'root = ".."\n'  # task roots relative to the suite file's folder's parent: tmp_path
+        '[[task]]\nroot = "colours"\nkind = "zeroshot"\nmetric = "acc1"\n'
+        '[[task]]\nroot = "wds_pairs"\nkind = "retrieval"\n'
+        'metric = ["image_retrieval_recall@1", "text_retrieval_recall@1"]\n'
+    )
+    only_suite = EvaluateConfig(suite=str(toy), batch_size=4)
+    result = engine.evaluate_model(model, TOKENIZER_MODEL, only_suite, "cpu")
+    full = engine.evaluate_model(model, TOKENIZER_MODEL, cfg, "cpu")
+    assert {k: v for k, v in result.items() if not k.startswith("suite/")} == full  # the same datasets
+    # colours: top-1 5/6; pairs: text -> image R@1 1/4, image -> text R@1 1/3 (test_evaluate_model_by_hand).
+    assert result["suite/toy/mean"] == pytest.approx((5 / 6 + (1 / 4 + 1 / 3) / 2) / 2, abs=1e-6)
+    both = EvaluateConfig(**{**vars(cfg), "suite": str(toy)})  # datasets named in both places are read once
+    assert engine.evaluate_model(model, TOKENIZER_MODEL, both, "cpu") == result
+    some = EvaluateConfig(**{**vars(both), "tasks": ("colours",)})
+    assert not any(k.startswith("suite/") for k in engine.evaluate_model(model, TOKENIZER_MODEL, some, "cpu"))
+
+    toy.write_text('root = ".."\n[[task]]\nroot = "colours"\nmetric = "acc5"\n')
+    engine.clear_cache()
+    with pytest.raises(ValueError, match=r"task 'colours' has no \['acc5'\]"):  # 3 classes: no acc5
+        engine.evaluate_model(model, TOKENIZER_MODEL, only_suite, "cpu")
+    toy.write_text('[[task]]\nroot = "colours"\nmetric = "top1"\n')
+    with pytest.raises(ValueError, match=r"unknown metrics \['top1'\]"):  # clip_benchmark's names only
+        suite.load_suite(str(toy))
+
+
 def test_tasks_subset_and_unknown_names(hand_set):
     model, cfg = hand_set
     only = engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("pairs",)}), "cpu")
     assert all(k.startswith(("retrieval/", "partial/retrieval/")) for k in only)  # the mean of 1 of 2: partial/
     with pytest.raises(ValueError, match=r"unknown datasets \['imagenet'\]; available: colours, pairs"):
         engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "tasks": ("imagenet",)}), "cpu")
-    with pytest.raises(ValueError, match="both empty"):
+    with pytest.raises(ValueError, match="all empty"):
         engine.evaluate_model(model, TOKENIZER_MODEL, EvaluateConfig(), "cpu")
 
 
-def test_max_samples_takes_the_first_samples(hand_set):
+def test_max_samples_evaluates_a_subset(hand_set):
     model, cfg = hand_set
     report = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "max_samples": 2}), "cpu")
     assert [d["num_samples"] for d in report.datasets] == [2, 2]
-    assert report.metrics["partial/zeroshot/colours/top1"] == 1.0  # the first two are classified right
+    assert "partial/zeroshot/colours/top1" in report.metrics
 
 
 def test_a_partial_evaluation_leaves_the_full_metric_names_alone(hand_set):
@@ -337,7 +403,7 @@ def test_the_gate_reads_the_full_evaluation_not_a_later_partial_one(hand_set, tm
     client.create_registered_model("student")
     client.create_model_version("student", f"runs:/{tracker.run_id}/model", run_id=tracker.run_id)
     decision = lifecycle.promote("student", "1", "zeroshot/mean_top1")
-    assert decision.candidate_value == pytest.approx(full["zeroshot/mean_top1"]) == 5 / 6  # 2 samples: 1.0
+    assert decision.candidate_value == pytest.approx(full["zeroshot/mean_top1"]) == 5 / 6
 
 
 # --------------------------------------------------------------------------- real tiny models, the world's splits

@@ -21,8 +21,10 @@ from __future__ import annotations
 import collections
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from clipdr import storage
 from clipdr.data import sources
@@ -187,15 +189,63 @@ def _image(group: dict) -> bytes | None:
     return data if isinstance(data, bytes) else None  # TooLarge members count as missing
 
 
-def iter_zeroshot_samples(
-    task: ZeroShotTask, skipped: collections.Counter, max_samples: int = 0
-) -> Iterator[EvalSample]:
-    """The task's samples in shard order (the first ``max_samples`` when positive).
+def stratified_subset(labels: Sequence[int], max_samples: int, seed: int) -> list[int]:
+    """Indices of a seeded, class-stratified subset of ``max_samples`` of the samples with these labels, in order.
 
+    Each class gets ``floor(n_c * max_samples / n)`` or one more (largest remainders first, ties in a seeded
+    order), so its share of the subset is its share of the dataset to within one sample, and its members are a
+    seeded uniform draw among its samples. All labels equal: a seeded uniform subset. ``max_samples`` <= 0 or
+    >= ``len(labels)``: every index.
+    """
+    num = len(labels)
+    if max_samples <= 0 or max_samples >= num:
+        return list(range(num))
+    rng = np.random.default_rng(seed)
+    members: dict[int, list[int]] = collections.defaultdict(list)
+    for index, label in enumerate(labels):
+        members[label].append(index)
+    classes = sorted(members)
+    quota = {c: len(members[c]) * max_samples // num for c in classes}
+    tie_order = dict(zip(classes, rng.permutation(len(classes)).tolist(), strict=True))
+    by_remainder = sorted(classes, key=lambda c: (-(len(members[c]) * max_samples % num), tie_order[c]))
+    for c in by_remainder[: max_samples - sum(quota.values())]:
+        quota[c] += 1
+    chosen = [members[c][i] for c in classes for i in rng.choice(len(members[c]), quota[c], replace=False).tolist()]
+    return sorted(chosen)
+
+
+def _subset(
+    read: Callable[[collections.Counter], Iterator[EvalSample]],
+    skipped: collections.Counter,
+    max_samples: int,
+    seed: int,
+    label: Callable[[EvalSample], int],
+) -> Iterator[EvalSample]:
+    """All samples of ``read``, or, with ``max_samples``, a `stratified_subset` by ``label``: a first pass reads
+    the labels (and counts the skipped samples), a second yields the chosen ones. Reading is deterministic, so a
+    sample's position is the same in both passes."""
+    if max_samples <= 0:
+        yield from read(skipped)
+        return
+    chosen = set(stratified_subset([label(sample) for sample in read(skipped)], max_samples, seed))
+    for position, sample in enumerate(read(collections.Counter())):
+        if position in chosen:
+            yield sample
+
+
+def iter_zeroshot_samples(
+    task: ZeroShotTask, skipped: collections.Counter, max_samples: int = 0, seed: int = 0
+) -> Iterator[EvalSample]:
+    """The task's samples in shard order; with ``max_samples`` > 0 a seeded `stratified_subset` of them by class.
+
+    clip_benchmark's exports are in dataset order (ImageNet's by class), so the first N would be a few classes.
     Samples without an image or a label are counted in ``skipped``; a label outside the class list is a data
     error and raises ``ValueError`` naming the shard and key.
     """
-    count = 0
+    return _subset(lambda counter: _zeroshot_samples(task, counter), skipped, max_samples, seed, lambda s: s.label)
+
+
+def _zeroshot_samples(task: ZeroShotTask, skipped: collections.Counter) -> Iterator[EvalSample]:
     config = sources.DEFAULT_READER_CONFIG
     for shard in task.shards:
         try:
@@ -214,19 +264,20 @@ def iter_zeroshot_samples(
                         f"{task.uri}/{CLASSNAMES_FILE}"
                     )
                 yield EvalSample(key, image, label=label)
-                count += 1
-                if count == max_samples:
-                    return
         except (sources.UnreadableShardError, sources.BrokenShardError) as e:
             skipped["broken_shard"] += 1
             logger.warning("evaluation shard %s is unreadable or broken, keeping what was read: %s", shard, e)
 
 
 def iter_retrieval_samples(
-    dataset: RetrievalSet, skipped: collections.Counter, max_samples: int = 0
+    dataset: RetrievalSet, skipped: collections.Counter, max_samples: int = 0, seed: int = 0
 ) -> Iterator[EvalSample]:
-    """The dataset's samples (image + at least one caption) in shard order; the first ``max_samples`` if positive."""
-    count = 0
+    """The dataset's samples (image + at least one caption) in shard order; with ``max_samples`` > 0 a seeded
+    uniform subset of them (`stratified_subset` with one class)."""
+    return _subset(lambda counter: _retrieval_samples(dataset, counter), skipped, max_samples, seed, lambda s: 0)
+
+
+def _retrieval_samples(dataset: RetrievalSet, skipped: collections.Counter) -> Iterator[EvalSample]:
     for shard in dataset.shards:
         if shard.lower().endswith(sources.PARQUET_SUFFIXES):
             pairs = ((s.key, s.image_bytes, (s.caption,)) for s in sources.iter_shard(shard, skipped))
@@ -234,9 +285,6 @@ def iter_retrieval_samples(
             pairs = _tar_pairs(shard, skipped)
         for key, image, captions in pairs:
             yield EvalSample(key, image, captions=captions)
-            count += 1
-            if count == max_samples:
-                return
 
 
 def _tar_pairs(shard: str, skipped: collections.Counter) -> Iterator[tuple[str, bytes, tuple[str, ...]]]:

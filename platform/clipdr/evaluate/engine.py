@@ -29,11 +29,12 @@ from torch import Tensor, nn
 from clipdr import models
 from clipdr.config import EvaluateConfig
 from clipdr.data import sources
-from clipdr.evaluate import datasets, metrics
+from clipdr.evaluate import datasets, metrics, suite
 from clipdr.evaluate.datasets import RetrievalSet, ZeroShotTask
 
 ZEROSHOT = "zeroshot"
 RETRIEVAL = "retrieval"
+SUITE = "suite"
 PARTIAL = "partial"  # prefix of the metrics a partial evaluation could not compute in full (`_mark_partial`)
 
 
@@ -149,6 +150,7 @@ def clear_cache() -> None:
     _TOKENS.clear()
     _discover_zeroshot.cache_clear()
     _discover_retrieval.cache_clear()
+    _suite.cache_clear()
     _tokenizer.cache_clear()
 
 
@@ -160,6 +162,11 @@ def _discover_zeroshot(uri: str) -> tuple[ZeroShotTask, ...]:
 @functools.cache
 def _discover_retrieval(uri: str) -> RetrievalSet:
     return datasets.find_retrieval_set(uri)
+
+
+@functools.cache
+def _suite(uri: str) -> suite.Suite:
+    return suite.load_suite(uri)
 
 
 @functools.lru_cache(maxsize=8)
@@ -195,18 +202,18 @@ def _bank_row(bank: _Bank, image_bytes: bytes, preprocess: EvalTransform, skippe
 
 
 def _load(
-    kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, preprocess: EvalTransform
+    kind: str, dataset: ZeroShotTask | RetrievalSet, max_samples: int, seed: int, preprocess: EvalTransform
 ) -> LoadedDataset:
-    key = (kind, dataset.uri, dataset.name, max_samples, preprocess.key)
+    key = (kind, dataset.uri, dataset.name, max_samples, seed, preprocess.key)
     if key in _LOADED:
         return _LOADED[key]
     bank = _BANKS.setdefault(preprocess.key, _Bank())
     skipped: collections.Counter = collections.Counter()
     rows, labels, captions = [], [], []
     if isinstance(dataset, ZeroShotTask):
-        samples: Iterator[datasets.EvalSample] = datasets.iter_zeroshot_samples(dataset, skipped, max_samples)
+        samples: Iterator[datasets.EvalSample] = datasets.iter_zeroshot_samples(dataset, skipped, max_samples, seed)
     else:
-        samples = datasets.iter_retrieval_samples(dataset, skipped, max_samples)
+        samples = datasets.iter_retrieval_samples(dataset, skipped, max_samples, seed)
     for sample in samples:
         row = _bank_row(bank, sample.image_bytes, preprocess, skipped)
         if row is None:
@@ -279,12 +286,13 @@ def _encode(encode: Callable[[Tensor], Tensor], batches: Iterator[Tensor], devic
 def _datasets(cfg: EvaluateConfig) -> tuple[list[tuple[str, ZeroShotTask | RetrievalSet]], int]:
     """The datasets to evaluate (``evaluate.tasks`` of them, else all), and how many the folders hold."""
     found: list[tuple[str, ZeroShotTask | RetrievalSet]] = []
-    for uri in cfg.zeroshot:
+    task_suite = _suite(cfg.suite) if cfg.suite else None
+    for uri in dict.fromkeys((*cfg.zeroshot, *(task_suite.uris(ZEROSHOT) if task_suite else ()))):
         found += [(ZEROSHOT, task) for task in _discover_zeroshot(uri)]
-    for uri in cfg.retrieval:
+    for uri in dict.fromkeys((*cfg.retrieval, *(task_suite.uris(RETRIEVAL) if task_suite else ()))):
         found.append((RETRIEVAL, _discover_retrieval(uri)))
     if not found:
-        raise ValueError("nothing to evaluate: evaluate.zeroshot and evaluate.retrieval are both empty")
+        raise ValueError("nothing to evaluate: evaluate.zeroshot, evaluate.retrieval and evaluate.suite are all empty")
     seen: dict[tuple[str, str], str] = {}
     for kind, dataset in found:
         if (kind, dataset.name) in seen:
@@ -315,14 +323,15 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     """Zero-shot classification and retrieval of ``model`` on the datasets of ``cfg``; see `evaluate_model`.
 
     Returns:
-        The metrics and, per dataset, its kind, folder, sample count and skipped samples.
+        The metrics and, per dataset, its kind, folder, sample count, skipped samples and its metrics under
+        clip_benchmark's names (`metrics.clip_benchmark_names`).
     """
     _check_config(cfg)
     device = resolve_device(device)
     clip = _unwrap(model)
     preprocess = preprocess_of(clip)
     selected, num_found = _datasets(cfg)
-    loaded = [_load(kind, dataset, cfg.max_samples, preprocess) for kind, dataset in selected]
+    loaded = [_load(kind, dataset, cfg.max_samples, cfg.seed, preprocess) for kind, dataset in selected]
     bank = _BANKS[preprocess.key]
 
     was_training = clip.training
@@ -345,10 +354,13 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
             if dataset.kind == ZEROSHOT:
                 assert dataset.task is not None
                 part = _zeroshot(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
-                extra = {"num_classes": len(dataset.task.classnames), "num_templates": len(dataset.task.templates)}
+                num_classes = len(dataset.task.classnames)
+                extra = {"num_classes": num_classes, "num_templates": len(dataset.task.templates)}
+                extra["clip_benchmark"] = metrics.clip_benchmark_names(part, num_classes)
             else:
                 part = _retrieval(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
                 extra = {"num_captions": sum(len(c) for c in dataset.captions)}
+                extra["clip_benchmark"] = metrics.clip_benchmark_names(part)
             results.update({metrics.metric_name(dataset.kind, dataset.name, k): v for k, v in part.items()})
             described.append(
                 {"kind": dataset.kind, "name": dataset.name, "uri": dataset.uri, "num_samples": dataset.num_samples}
@@ -364,6 +376,11 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
     recall = [results[metrics.metric_name(RETRIEVAL, d.name, "mean_recall")] for d in loaded if d.kind == RETRIEVAL]
     if recall:
         results[metrics.metric_name(RETRIEVAL, "mean_recall")] = sum(recall) / len(recall)
+    if cfg.suite:
+        task_suite = _suite(cfg.suite)
+        by_dataset = {(d["kind"], d["name"]): d["clip_benchmark"] for d in described}
+        if all((task.kind, task.name) in by_dataset for task in task_suite.tasks):  # not when tasks leaves some out
+            results[metrics.metric_name(SUITE, task_suite.name, "mean")] = task_suite.aggregate(by_dataset)
     return EvalReport(_mark_partial(results, cfg, len(selected) < num_found), described)
 
 
@@ -431,14 +448,15 @@ def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, devic
         model: An open_clip model (or one wrapped in DDP, or a `clipdr.models.ClipEmbedder`), with the
             ``visual.preprocess_cfg`` open_clip attaches: images are preprocessed with it.
         model_name: Its open_clip / clipdr name (for the tokenizer).
-        cfg: Datasets (``zeroshot``, ``retrieval``), ``tasks``, ``batch_size``, ``max_samples``.
+        cfg: Datasets (``zeroshot``, ``retrieval``), ``tasks``, ``batch_size``, ``max_samples`` and ``seed``.
         device: Where the forward passes run.
 
     Returns:
         Flat, MLflow-safe metric names (fractions in [0, 1]): ``zeroshot/<task>/top1``, ``.../top5``,
         ``.../mean_per_class_recall``, ``zeroshot/mean_top1`` (over the tasks evaluated),
         ``retrieval/<name>/image_to_text_R{1,5,10}``, ``retrieval/<name>/text_to_image_R{1,5,10}``,
-        ``retrieval/<name>/mean_recall`` (of those six) and ``retrieval/mean_recall`` (over the datasets).
+        ``retrieval/<name>/mean_recall`` (of those six), ``retrieval/mean_recall`` (over the datasets) and, with
+        ``suite``, ``suite/<name>/mean`` (`clipdr.evaluate.suite`).
         A partial evaluation (``max_samples``, or ``tasks`` naming fewer than all datasets) names the metrics it
         could not compute in full ``partial/<name>`` (`_mark_partial`).
     """

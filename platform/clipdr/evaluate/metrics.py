@@ -13,6 +13,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 RECALL_KS: tuple[int, ...] = (1, 5, 10)
+# clipdr's name of each per-dataset metric -> clip_benchmark's (the keys of its zeroshot_classification.evaluate
+# and zeroshot_retrieval.evaluate results, as in its result JSONs and the tables made from them). Its "image
+# retrieval" finds images for a caption (text -> image), its "text retrieval" captions for an image. Equal values:
+# tests/unit/test_eval_parity.py.
+CLIP_BENCHMARK_NAMES: dict[str, str] = {
+    "top1": "acc1",
+    "top5": "acc5",
+    "mean_per_class_recall": "mean_per_class_recall",
+    **{f"image_to_text_R{k}": f"text_retrieval_recall@{k}" for k in RECALL_KS},
+    **{f"text_to_image_R{k}": f"image_retrieval_recall@{k}" for k in RECALL_KS},
+}
 _UNSAFE = re.compile(r"[^\w.\-]+")  # MLflow metric names allow \w . - space : / ; "/" separates our levels
 
 
@@ -22,6 +33,20 @@ def metric_name(*parts: str) -> str:
     if not all(cleaned):
         raise ValueError(f"metric name parts must not be empty, got {parts!r}")
     return "/".join(cleaned)
+
+
+def clip_benchmark_names(values: dict[str, float], num_classes: int | None = None) -> dict[str, float]:
+    """One dataset's metrics under clip_benchmark's names (`CLIP_BENCHMARK_NAMES`).
+
+    Below 5 classes clip_benchmark reports no top-5 (NaN) where clipdr's ``top5`` is top-C (1.0): it is left out.
+    ``mean_recall`` (clipdr's mean of the six recalls) has no clip_benchmark name and is left out too.
+    """
+    few_classes = num_classes is not None and num_classes < 5
+    return {
+        CLIP_BENCHMARK_NAMES[name]: value
+        for name, value in values.items()
+        if name in CLIP_BENCHMARK_NAMES and not (few_classes and name == "top5")
+    }
 
 
 def classifier_weights(text_emb_CTD: Tensor) -> Tensor:
