@@ -7,10 +7,10 @@
 #   jobs/gpu_check.sh          on a machine with one CUDA device (fails at once without one)
 #   jobs/gpu_check.sh smoke    the same phases on the CPU at tiny sizes (what tests/integration/test_gpu_check.py runs)
 #
-# Output: $GPU_CHECK_OUT, else $OUT, else ./gpu-check-out. Python: $CLIPDR_PYTHON, else .venv/bin/python (`make
-# setup`), else python3 (the project's Docker image). Nothing is downloaded: a Python without clipdr's packages
-# gets them from a wheelhouse, $GPU_CHECK_WHEELS (default .gpu-wheels), if there is one, else the check stops
-# naming what is missing.
+# Results: $GPU_CHECK_OUT, else $OUT, else ./gpu-check-out; working files: $GPU_CHECK_WORK, else
+# $TMPDIR/clipdr-gpu-check. Python: $CLIPDR_PYTHON, else .venv/bin/python (`make setup`), else python3 (the
+# project's Docker image). Nothing is downloaded: a Python without clipdr's packages gets them from a wheelhouse,
+# $GPU_CHECK_WHEELS (default .gpu-wheels), if there is one, else the check stops naming what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +21,8 @@ case "$MODE" in
   *) echo "usage: jobs/gpu_check.sh [gpu|smoke]" >&2; exit 2 ;;
 esac
 OUT_DIR="${GPU_CHECK_OUT:-${OUT:-gpu-check-out}}"
-mkdir -p "$OUT_DIR"
+WORK_DIR="${GPU_CHECK_WORK:-${TMPDIR:-/tmp}/clipdr-gpu-check}"  # the world, the reinforced output, MLflow's store
+mkdir -p "$OUT_DIR" "$WORK_DIR"
 PY="${CLIPDR_PYTHON:-}"
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
@@ -54,7 +55,7 @@ phase() {  # phase NAME LIMIT_S: SIGINT at the limit (Ray's local cluster shuts 
   local name="$1" limit="$2" started=$SECONDS
   echo "== gpu check: $name (limit ${limit} s)"
   if ! timeout --signal=INT --kill-after=20 "$limit" "$PY" jobs/benchmark.py gpu_check --phase "$name" \
-      --out "$OUT_DIR" --samples "$SAMPLES" "${SMOKE[@]}"; then
+      --out "$OUT_DIR" --work "$WORK_DIR" --samples "$SAMPLES" "${SMOKE[@]}"; then
     echo "gpu check: phase $name failed or ran past ${limit} s" >&2
     exit 1
   fi

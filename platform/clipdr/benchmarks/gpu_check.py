@@ -1,7 +1,8 @@
 """The GPU check: the real reinforcement job at real sizes on one CUDA device, unattended, in phases.
 
-``jobs/gpu_check.sh`` runs the phases, each in its own process under its own time limit, and they hand on through
-files in the output directory (``--out``):
+``jobs/gpu_check.sh`` runs the phases, each in its own process under its own time limit; they hand on through files
+in a working directory (``--work``: the world, the reinforced output, the MLflow store), and only the results go to
+``--out`` (``gpu_check.json``, ``gpu_check.md`` and nvidia-smi's samples: a device tool brings back a few files):
 
 1. ``env``: CUDA is there (else it fails at once, saying so), and which device (its peak: `cost.PEAK_TFLOPS`).
 2. ``data``: a synthetic world of ``--samples`` images at 224 px (the teachers' input size), in 8 webdataset shards.
@@ -55,18 +56,24 @@ class GpuCheckError(RuntimeError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phase", choices=PHASES, required=True, help="the phase to run (jobs/gpu_check.sh: all)")
-    parser.add_argument("--out", default="gpu-check-out", help="output directory (results and working files)")
+    parser.add_argument("--out", default="gpu-check-out", help="where the results go (gpu_check.json and .md)")
+    parser.add_argument(
+        "--work", default="", help="working files (world, reinforced output, MLflow store); default: OUT/work"
+    )
     parser.add_argument("--samples", type=int, default=512, help="synthetic samples to reinforce")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few samples, on the CPU (tests)")
 
 
 def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
+    work = Path(args.work) if args.work else out / "work"
+    work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        {"env": check_env, "data": make_data, "reinforce": reinforce, "report": report}[args.phase](
-            out, args.samples, args.smoke
-        )
+        if args.phase == "report":
+            report(work, out, args.smoke)
+        else:
+            {"env": check_env, "data": make_data, "reinforce": reinforce}[args.phase](work, args.samples, args.smoke)
     except GpuCheckError as e:
         print(f"gpu check, phase {args.phase}: {e}", file=sys.stderr)
         return 1
@@ -77,21 +84,21 @@ def _write(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def _read(out: Path, name: str) -> dict:
-    path = out / name
+def _read(work: Path, name: str) -> dict:
+    path = work / name
     if not path.exists():
         raise GpuCheckError(f"{path} is missing: run the phases in order (jobs/gpu_check.sh)")
     return json.loads(path.read_text())
 
 
-def check_env(out: Path, samples: int, smoke: bool) -> None:
+def check_env(work: Path, samples: int, smoke: bool) -> None:
     """Fails at once without CUDA (unless ``smoke``); records the device and its peak."""
     import torch
 
     from clipdr.reinforce import cost
 
     if smoke:
-        _write(out / _ENV, {"device": "cpu", "device_name": "cpu (smoke)", "torch": torch.__version__})
+        _write(work / _ENV, {"device": "cpu", "device_name": "cpu (smoke)", "torch": torch.__version__})
         return
     if not torch.cuda.is_available():
         raise GpuCheckError(
@@ -103,18 +110,18 @@ def check_env(out: Path, samples: int, smoke: bool) -> None:
         device = cost.device_of(name)
     except cost.CostError as e:
         raise GpuCheckError(str(e)) from None
-    _write(out / _ENV, {"device": device, "device_name": name, "torch": torch.__version__})
+    _write(work / _ENV, {"device": device, "device_name": name, "torch": torch.__version__})
     print(f"device {name}: dense bf16 peak {cost.PEAK_TFLOPS[device]:g} TFLOP/s")
 
 
-def make_data(out: Path, samples: int, smoke: bool) -> None:
+def make_data(work: Path, samples: int, smoke: bool) -> None:
     """The synthetic world's student split: ``samples`` images in 8 shards (224 px; 32 px in smoke mode)."""
     from clipdr.config import SynthConfig
     from clipdr.data import synthetic
 
     num_shards = 2 if smoke else 8
     cfg = SynthConfig(
-        output=str(out / "world"),
+        output=str(work / "world"),
         image_size=32 if smoke else 224,
         shard_size=max(1, -(-samples // num_shards)),
         num_teacher=0,
@@ -125,19 +132,19 @@ def make_data(out: Path, samples: int, smoke: bool) -> None:
     )
     started = time.monotonic()
     synthetic.generate(cfg)
-    _write(out / _DATA, {"source": str(out / "world" / "student"), "samples": samples, "image_size": cfg.image_size})
+    _write(work / _DATA, {"source": str(work / "world" / "student"), "samples": samples, "image_size": cfg.image_size})
     print(f"{samples} samples at {cfg.image_size}px in {time.monotonic() - started:.1f} s")
 
 
-def job_config(out: Path, smoke: bool):
-    """The check's reinforcement config: `CONFIG`, with the source and outputs in ``out`` (and tiny in smoke)."""
+def job_config(work: Path, smoke: bool):
+    """The check's reinforcement config: `CONFIG`, with the source and outputs in ``work`` (and tiny in smoke)."""
     from clipdr.config import load_config
 
-    source = _read(out, _DATA)["source"]
+    source = _read(work, _DATA)["source"]
     overrides = [
         f"reinforce.source={source}",
-        f"reinforce.output={out / 'reinforced'}",
-        f"tracking.uri=sqlite:///{(out / 'mlflow.db').resolve()}",
+        f"reinforce.output={work / 'reinforced'}",
+        f"tracking.uri=sqlite:///{(work / 'mlflow.db').resolve()}",
         *(SMOKE_OVERRIDES if smoke else ()),
     ]
     return load_config(CONFIG, overrides)
@@ -149,7 +156,7 @@ class _GpuSampler:
     def __init__(self, path: Path) -> None:
         self.proc = None
         if shutil.which("nvidia-smi"):
-            query = ["--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", f"-lms={SAMPLE_MS}"]
+            query = ["--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits", "-lms", str(SAMPLE_MS)]
             with path.open("w") as sink:
                 self.proc = subprocess.Popen(["nvidia-smi", "-i", "0", *query], stdout=sink)
 
@@ -159,20 +166,20 @@ class _GpuSampler:
             self.proc.wait(timeout=10)
 
 
-def reinforce(out: Path, samples: int, smoke: bool) -> None:
+def reinforce(work: Path, samples: int, smoke: bool) -> None:
     """Runs the reinforcement job, timing it and sampling the GPU."""
     from clipdr.reinforce import run
 
-    config = job_config(out, smoke)
+    config = job_config(work, smoke)
     shutil.rmtree(config.reinforce.output, ignore_errors=True)  # a fresh run each time: no resume
-    sampler = _GpuSampler(out / _GPU_LOG)
+    sampler = _GpuSampler(work / _GPU_LOG)
     started = time.time()
     try:
         manifest = run.run(config, log=lambda line: print(line, flush=True))
     finally:
         ended = time.time()
         sampler.stop()
-    _write(out / _RUN, {"started": started, "ended": ended, "num_rows": manifest.num_rows})
+    _write(work / _RUN, {"started": started, "ended": ended, "num_rows": manifest.num_rows})
 
 
 def _steady_window(output: str) -> tuple[float, float, int] | None:
@@ -214,16 +221,17 @@ def _window(job: dict, output: str, gpu: list[tuple[float, float]]) -> tuple[flo
     return job["started"], job["ended"], job["num_rows"], "whole job (start-up and model loads included)"
 
 
-def report(out: Path, samples: int, smoke: bool) -> None:
-    """Views/s, MFU, busy fraction and the DataCompDR-12M projection: ``gpu_check.json`` and ``gpu_check.md``."""
+def report(work: Path, out: Path, smoke: bool) -> None:
+    """Views/s, MFU, busy fraction and the DataCompDR-12M projection: ``gpu_check.json`` and ``gpu_check.md`` in
+    ``out`` (the phases before wrote to ``work``)."""
     from clipdr.config import load_config
     from clipdr.reinforce import cost
 
-    env, job = _read(out, _ENV), _read(out, _RUN)
-    config = job_config(out, smoke)
+    env, job = _read(work, _ENV), _read(work, _RUN)
+    config = job_config(work, smoke)
     cfg = config.reinforce
     flops_per_sample = cost.estimate(config).flops_per_sample
-    gpu = _gpu_samples(out / _GPU_LOG)
+    gpu = _gpu_samples(work / _GPU_LOG)
     start, end, num_samples, which = _window(job, cfg.output, gpu)
     seconds = max(end - start, 1e-9)
     samples_per_s = num_samples / seconds
@@ -245,6 +253,8 @@ def report(out: Path, samples: int, smoke: bool) -> None:
         config=f"{models}, K={cfg.num_augmentations}, S={cfg.num_syn_captions}, batch {cfg.resources.batch_size}",
     )
     result = measured.write(out)
+    if (work / _GPU_LOG).exists():
+        shutil.copy(work / _GPU_LOG, out / _GPU_LOG)
     projection = "n/a (smoke mode: no accelerator)"
     if mfu is not None:
         recipe = load_config(
