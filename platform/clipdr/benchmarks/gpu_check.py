@@ -221,6 +221,12 @@ def _window(job: dict, output: str, gpu: list[tuple[float, float]]) -> tuple[flo
     return job["started"], job["ended"], job["num_rows"], "whole job (start-up and model loads included)"
 
 
+def _busy_fraction(gpu: list[tuple[float, float]], start: float, end: float) -> float | None:
+    """Mean ``utilization.gpu`` / 100 of the samples in [start, end]; None without samples there."""
+    in_window = [value for at, value in gpu if start <= at <= end]
+    return sum(in_window) / len(in_window) / 100 if in_window else None
+
+
 def report(work: Path, out: Path, smoke: bool) -> None:
     """Views/s, MFU, busy fraction and the DataCompDR-12M projection: ``gpu_check.json`` and ``gpu_check.md`` in
     ``out`` (the phases before wrote to ``work``)."""
@@ -237,8 +243,7 @@ def report(work: Path, out: Path, smoke: bool) -> None:
     samples_per_s = num_samples / seconds
     views_per_s = samples_per_s * cfg.num_augmentations * len(cfg.teachers)
     mfu = None if smoke else flops_per_sample * samples_per_s / cost.peak_flops(env["device"])
-    in_window = [value for at, value in gpu if start <= at <= end]
-    busy = sum(in_window) / len(in_window) / 100 if in_window else None
+    busy = _busy_fraction(gpu, start, end)
     models = f"{' + '.join(t.model for t in cfg.teachers)}, captioner {cfg.captioner.model}"
     measured = cost.Measurement(
         device=env["device"],
