@@ -6,7 +6,8 @@ import open_clip.factory
 import open_clip.pretrained
 import pytest
 
-from clipdr.config import load_config
+from clipdr.config import CaptionerConfig, Config, ReinforceConfig, SynthConfig, TeacherConfig, load_config
+from clipdr.data import synthetic
 from clipdr.reinforce import cost
 from clipdr.reinforce.run import ReinforceError, run
 
@@ -101,3 +102,30 @@ def test_device_names_map_to_peaks():
         "h100-sxm",
         "a100",
     ]
+
+
+def test_a_parquet_source_is_counted_and_a_timm_tower_counted_on_the_meta_device(tmp_path):
+    synthetic.generate(
+        SynthConfig(
+            output=str(tmp_path / "world"),
+            formats=("parquet",),
+            num_teacher=0,
+            num_student=10,
+            num_zeroshot=0,
+            num_retrieval=0,
+            shard_size=4,
+        )
+    )
+    reinforce = ReinforceConfig(
+        source=str(tmp_path / "world" / "student"),
+        output=str(tmp_path / "out"),
+        num_augmentations=2,
+        num_syn_captions=1,
+        teachers=(TeacherConfig(name="mci", model="clipdr-tiny-mci"),),
+        captioner=CaptionerConfig(model="clipdr-tiny-coca", pretrained=""),
+        dry_run=True,
+    )
+    estimate = cost.estimate(Config(reinforce=reinforce))
+    assert estimate.num_samples == 10 and estimate.samples_from.startswith("counted")
+    assert "meta-device count" in estimate.parts[0].detail and estimate.parts[0].flops > 0
+    assert estimate.projected_hours == pytest.approx(estimate.floor_hours / 0.5)

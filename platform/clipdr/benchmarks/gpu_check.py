@@ -119,10 +119,10 @@ def make_data(work: Path, samples: int, smoke: bool) -> None:
     from clipdr.config import SynthConfig
     from clipdr.data import synthetic
 
-    num_shards = 2 if smoke else 8
+    num_shards, image_size = (2, 32) if smoke else (8, 224)
     cfg = SynthConfig(
-        output=str(work / "world"),
-        image_size=32 if smoke else 224,
+        output=str(work / f"world-{samples}x{image_size}px"),  # kept for a rerun; one per size
+        image_size=image_size,
         shard_size=max(1, -(-samples // num_shards)),
         num_teacher=0,
         num_student=samples,
@@ -132,7 +132,7 @@ def make_data(work: Path, samples: int, smoke: bool) -> None:
     )
     started = time.monotonic()
     synthetic.generate(cfg)
-    _write(work / _DATA, {"source": str(work / "world" / "student"), "samples": samples, "image_size": cfg.image_size})
+    _write(work / _DATA, {"source": str(Path(cfg.output) / "student"), "samples": samples, "image_size": image_size})
     print(f"{samples} samples at {cfg.image_size}px in {time.monotonic() - started:.1f} s")
 
 
