@@ -7,7 +7,7 @@ TOOLS       := .venv-tools
 TOOLS_STAMP := $(TOOLS)/.installed-stamp
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: setup tools demo test lint format lock clean
+.PHONY: setup tools demo test lint format lock clean gpu-check
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ demo: setup
 
 test: setup tools
 	$(BIN)/python -m pytest
+
+# On a machine with one CUDA device, unattended, <= 8 minutes (docs/reinforce.md#the-gpu-check). No setup: the
+# script takes .venv if there is one, else the python3 on the PATH (the project's Docker image).
+gpu-check:
+	jobs/gpu_check.sh
 
 lint: setup
 	$(BIN)/ruff check .

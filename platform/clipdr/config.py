@@ -137,6 +137,18 @@ class ReinforceResources:
 
 
 @dataclass(frozen=True)
+class ReinforceCost:
+    """What a dry run's projection of accelerator-hours assumes (`clipdr.reinforce.cost`); changes no output."""
+
+    samples: int = _f(
+        0, "source samples the projection counts when the dry run cannot count them (webdataset tars, object storage)"
+    )
+    device: str = _f("h200", "accelerator whose dense bf16 peak the floor uses: h100-sxm, h200, a100 or l4")
+    mfu: float = _f(0.5, "assumed model FLOPs utilisation (achieved / peak) of the job's accelerators")
+    measured: str = _f("", "a GPU check's result file (jobs/gpu_check.sh, gpu_check.json): its measured MFU is used")
+
+
+@dataclass(frozen=True)
 class ReinforceConfig:
     """Reinforcement: source shards -> teacher embeddings of K stored views + S synthetic captions."""
 
@@ -148,7 +160,10 @@ class ReinforceConfig:
     teachers: tuple[TeacherConfig, ...] = _f((), "the teacher ensemble, as [[reinforce.teachers]] tables")
     captioner: CaptionerConfig = _f(CaptionerConfig(), "the captioner")
     resources: ReinforceResources = _f(ReinforceResources(), "devices and parallelism")
-    dry_run: bool = _f(False, "validate the config and source and print the plan; load no model, write nothing")
+    dry_run: bool = _f(
+        False, "validate the config and source, print the plan and its accelerator-hours; load no model, write nothing"
+    )
+    cost: ReinforceCost = _f(ReinforceCost(), "what the dry run's accelerator-hour projection assumes")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,10 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "latency": ("clipdr.benchmarks.latency", "image/text encoder latency of every variant, fused and not"),
     "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline cost against the work it cannot skip"),
+    "gpu_check": (
+        "clipdr.benchmarks.gpu_check",
+        "the reinforcement job at real sizes on a CUDA device (jobs/gpu_check.sh)",
+    ),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

@@ -20,6 +20,7 @@ from clipdr import augment, records, runstate, storage
 from clipdr import progress as progress_lines
 from clipdr.config import Config, flatten, to_dict
 from clipdr.data import sources
+from clipdr.reinforce import cost
 from clipdr.reinforce.stages import ShardTask, read_shard_metadata
 
 EXPERIMENT = "reinforce"
@@ -288,6 +289,15 @@ def _tracker(config: Config, p: Plan):
     return tracker
 
 
+def dry_run_cost(config: Config) -> str:
+    """The dry run's accelerator-hours (`clipdr.reinforce.cost`): FLOPs a sample, floor, projection."""
+    cfg = config.reinforce
+    try:
+        return cost.estimate(config, source_readable=not storage.is_s3(cfg.source)).describe()
+    except cost.CostError as e:
+        raise ReinforceError(str(e)) from None
+
+
 def run(config: Config, log=print) -> records.Manifest | None:
     """Runs (or resumes) a reinforcement; returns the manifest of the complete dataset (None for a dry run)."""
     from clipdr.cluster import ensure_ray
@@ -297,6 +307,7 @@ def run(config: Config, log=print) -> records.Manifest | None:
     p = plan(config)
     log(p.describe())
     if cfg.dry_run:
+        log(dry_run_cost(config))
         log("dry run: the configuration is valid; no model was loaded and nothing was written")
         return None
     if p.complete:
