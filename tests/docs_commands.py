@@ -298,6 +298,7 @@ REGISTRY: dict[str, Entry] = {
         ("tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",)
     ),
     "clipdr reinforce --config jobs/configs/datacompdr12m.toml --set reinforce.dry_run": Run(),
+    "clipdr train --config jobs/configs/mobileclip_s0.toml --set train.dry_run": Run(),
     "clipdr reinforce --config jobs/configs/mobileclip2_reinforce.toml --set reinforce.dry_run": Run(),
     # Crashed on every run (ray.remote refused convert's functools.partial) until branch datacompdr's fix, which
     # added this test.

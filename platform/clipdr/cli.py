@@ -69,7 +69,7 @@ def _run(stage: Stage, cfg: Config, args: argparse.Namespace) -> int:
     except errors as e:
         print(f"clipdr {stage.name}: {e}", file=sys.stderr)
         return 2
-    if stage.show is not None:
+    if stage.show is not None and result is not None:  # None: a dry run, which printed its plan
         print(json.dumps(stage.show(result), indent=2))
     return 0
 

@@ -239,6 +239,14 @@ class TrainCheckpoint:
 
 
 @dataclass(frozen=True)
+class TrainCost:
+    """What the dry run's projection of accelerator-hours assumes (`clipdr.train.estimate`); changes no training."""
+
+    device: str = _f("h200", "accelerator whose dense bf16 peak the floor uses: h100-sxm, h200, a100 or l4")
+    mfu: float = _f(0.4, "assumed model FLOPs utilisation (achieved / peak) of the training step")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Training a student: reinforced distillation, or a baseline, on Ray Train.
 
@@ -264,11 +272,15 @@ class TrainConfig:
     evaluate: bool = _f(False, "evaluate on the [evaluate] datasets during and after training")
     eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")
     register: str = _f("", "registered model name for the final model; empty: log it without registering")
+    dry_run: bool = _f(
+        False, "check the config and print the plan (size, FLOPs, memory, hours); load no weight, train nothing"
+    )
     schedule: TrainSchedule = _f(TrainSchedule(), "length, batches and the learning-rate curve")
     optimizer: TrainOptimizer = _f(TrainOptimizer(), "AdamW")
     loss: TrainLoss = _f(TrainLoss(), "the distillation loss")
     checkpoint: TrainCheckpoint = _f(TrainCheckpoint(), "checkpoint cadence")
     resources: TrainResources = _f(TrainResources(), "workers, devices and the replay loader")
+    cost: TrainCost = _f(TrainCost(), "what the dry run's accelerator-hours assume")
 
 
 # Keys that moved, old -> new (dotted from the top of `Config`). Loading refuses an old key and names the new one;

@@ -20,6 +20,7 @@ by running FlopCounterMode over the model built on the ``meta`` device: no memor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,14 +90,24 @@ def _is_plain_text(text: dict[str, Any]) -> bool:
     return not text.get("hf_model_name") and text.get("proj_type", "linear") == "linear" and "layers" in text
 
 
+@functools.lru_cache(maxsize=4)
+def meta_model(name: str) -> Any:
+    """An open_clip model by name, built on the ``meta`` device: shapes without memory or weights. Built under the
+    meta device's context, so nothing is allocated or initialised on the CPU first (seconds for a timm tower)."""
+    import open_clip
+    import torch
+
+    models.register()
+    with torch.device("meta"):
+        return open_clip.create_model(name, pretrained=None, device="meta")
+
+
 def meta_device_flops(name: str) -> ModelFlops:
     """FLOPs of any open_clip model, counted over the model built on the ``meta`` device (nothing is allocated)."""
-    import open_clip
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    models.register()
-    model = open_clip.create_model(name, pretrained=None, device="meta")
+    model = meta_model(name)
     size = _size(models.model_config(name)["vision_cfg"].get("image_size", 224))
     with FlopCounterMode(display=False) as image_count:
         model.encode_image(torch.empty(1, 3, size, size, device="meta"))

@@ -44,7 +44,7 @@ from clipdr.train.plan import (
 
 # Keys (sections included) of [train] a resubmission may change without breaking the run: scaling and bookkeeping,
 # not the recipe.
-_RESUMABLE_CHANGES = ("resources", "checkpoint", "log_every", "register", "eval_every")
+_RESUMABLE_CHANGES = ("resources", "checkpoint", "log_every", "register", "eval_every", "dry_run", "cost")
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
 _LATER_SETTINGS = {"loss.local_loss": False}
@@ -145,8 +145,33 @@ def recorded_recipe(state: runstate.RunState) -> dict:
 # --------------------------------------------------------------------------- run
 
 
-def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
-    """Trains ``cfg.train`` end to end on Ray (module docstring). Raises `TrainError` before any work on bad input."""
+def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """Prints the plan of ``cfg.train`` (`clipdr.train.estimate`): reads a local dataset's manifest, never a bucket,
+    loads no weight and starts nothing."""
+    from clipdr.train import estimate
+
+    tc = cfg.train
+    try:
+        data.student_preprocess(tc.model)
+    except ValueError as e:
+        raise TrainError(f"train.model: {e}") from None
+    teachers: list[records.TeacherSpec] = []
+    rows, source = None, f"{tc.data}: not read (object storage; the dry run reads no bucket)"
+    if not storage.is_s3(tc.data):
+        _, dataset, files = open_data(tc)
+        if dataset is None:
+            source = f"{tc.data}: {len(files)} raw source shards (their samples are counted when the run starts)"
+        else:
+            rows, source = dataset.manifest.num_rows, f"the manifest of {tc.data}"
+            names = tc.teachers or dataset.manifest.teacher_names
+            teachers = [dataset.manifest.teacher(n) for n in names] if Mode(tc.mode).distils else []
+    log(estimate.estimate(cfg, teachers, rows, source).describe())
+    log("dry run: the configuration is valid; no model was loaded and nothing was trained")
+
+
+def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
+    """Trains ``cfg.train`` end to end on Ray (module docstring); with ``train.dry_run`` prints the plan instead
+    (`dry_run`) and returns None. Raises `TrainError` before any work on bad input."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -157,6 +182,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult:
     cfg = resolve_paths(cfg)
     tc, sched = cfg.train, cfg.train.schedule
     check_config(tc)
+    if tc.dry_run:
+        dry_run(cfg, log)
+        return None
     check_evaluation(cfg)
     uri, dataset, files = open_data(tc)
     manifest = dataset.manifest if dataset else None
