@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipdr.benchmarks.captioner import count_flops
 from clipdr.models import captioners
 from clipdr.models.captioners import (
     EOT_TEXT,
@@ -390,3 +391,10 @@ def test_bf16_generation_caches_in_bf16_and_stays_near_fp32(captioner: CocaCapti
     bf16.autocast_dtype = torch.bfloat16
     captions = bf16.generate(_images(2), ["a", "b"], num_captions=2)
     assert [len(c) for c in captions] == [2, 2] and all(c for per in captions for c in per)
+
+
+def test_cached_generation_does_only_the_cached_arithmetic() -> None:
+    flops = count_flops(TINY_COCA, MAX_LEN)  # FlopCounterMode on a meta-device model: shapes only
+    assert flops["cached"] == pytest.approx(flops["ideal"], rel=1e-9)
+    # the uncached loop re-runs every prefix: sum over L of L token passes instead of one each
+    assert flops["uncached"] > 1.5 * flops["cached"]

@@ -56,7 +56,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torch import nn
 
-from clipdr.models.coca_decoding import CocaKVCache
+from clipdr.models.coca_decoding import CocaKVCache, uncached_next_token_logits
 from clipdr.models.registry import Preprocess, get_variant, list_variants, register
 from clipdr.records import CaptionerSpec
 
@@ -400,7 +400,8 @@ class CocaCaptioner(Captioner):
     Generation feeds one token a step through a KV cache (`coca_decoding.CocaKVCache`); ``precision`` (one of
     `PRECISIONS`) runs the image encoder and the decoding steps under bf16 autocast (the default on CUDA; the
     sampling itself is float32 and its random numbers are drawn on the CPU). Setting the attribute ``kv_cache`` to
-    False selects the reference loop that recomputes the whole prefix every step (``_next_token_logits``): the
+    False selects the reference loop that recomputes the whole prefix every step
+    (`coca_decoding.uncached_next_token_logits`): the
     tests and ``clipdr bench captioner`` compare the two; production never turns it off.
     """
 
@@ -508,16 +509,4 @@ class CocaCaptioner(Captioner):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _next_token_logits(self, image_embs_AND: torch.Tensor, tokens_AL: torch.Tensor) -> torch.Tensor:
-        """Logits of the next token: ``CoCa.forward(...)["logits"][:, -1]``, projecting only the last position.
-
-        ``CoCa.forward`` projects every position onto the 49,408-token vocabulary, the bulk of a small decoder's
-        step; this runs the same text tower and decoder blocks and projects one position (tests check parity).
-        """
-        _, token_embs_ALW = self.model.text(tokens_AL)
-        decoder = self.model.text_decoder
-        length = token_embs_ALW.shape[1]
-        x_ALW = token_embs_ALW
-        for self_attn, cross_attn in zip(decoder.resblocks, decoder.cross_attn, strict=True):
-            x_ALW = self_attn(x_ALW, attn_mask=decoder.attn_mask[:length, :length])
-            x_ALW = cross_attn(x_ALW, k_x=image_embs_AND, v_x=image_embs_AND)
-        return decoder.ln_final(x_ALW[:, -1]) @ decoder.text_projection
+        return uncached_next_token_logits(self.model, image_embs_AND, tokens_AL)

@@ -59,6 +59,23 @@ def key_valid(model: CoCa, tokens_AL: torch.Tensor) -> torch.Tensor:
     return torch.ones_like(not_pad_AL)
 
 
+def uncached_next_token_logits(model: CoCa, image_embs_AND: torch.Tensor, tokens_AL: torch.Tensor) -> torch.Tensor:
+    """Logits of the next token, recomputed over the whole prefix: the reference the cache is tested against.
+
+    ``CoCa.forward(...)["logits"][:, -1]``, projecting only the last position: ``CoCa.forward`` projects every
+    position onto the 49,408-token vocabulary, the bulk of a small decoder's step; this runs the same text tower and
+    decoder blocks and projects one position (tests check parity).
+    """
+    _, token_embs_ALW = model.text(tokens_AL)
+    decoder = model.text_decoder
+    length = token_embs_ALW.shape[1]
+    x_ALW = token_embs_ALW
+    for self_attn, cross_attn in zip(decoder.resblocks, decoder.cross_attn, strict=True):
+        x_ALW = self_attn(x_ALW, attn_mask=decoder.attn_mask[:length, :length])
+        x_ALW = cross_attn(x_ALW, k_x=image_embs_AND, v_x=image_embs_AND)
+    return decoder.ln_final(x_ALW[:, -1]) @ decoder.text_projection
+
+
 def _heads(x_AXW: torch.Tensor, num_heads: int) -> torch.Tensor:
     """(A, X, W) -> (A, H, X, E)."""
     num_rows, length, width = x_AXW.shape
