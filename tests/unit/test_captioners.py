@@ -35,7 +35,7 @@ from clipdr.models.captioners import (
     sample_top_p,
     validate_captioner,
 )
-from clipdr.models.coca_decoding import CocaKVCache, key_valid
+from clipdr.models.coca_decoding import CocaKVCache, key_valid, uncached_next_token_logits
 from clipdr.records import CaptionerSpec
 
 MAX_LEN = 12  # short sequences keep the random model's (never-ending) captions cheap
@@ -213,7 +213,7 @@ def test_build_coca_initialises_the_decoder_projection() -> None:
     assert model.visual.preprocess_cfg["mean"] == open_clip.OPENAI_DATASET_MEAN
 
 
-def test_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
+def test_uncached_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
     images_BCHW = torch.stack([captioner.preprocess(image) for image in _images(2)])
     tokens_BL = torch.tensor([[49406, 320, 1929, 525], [49406, 5, 6, 0]])
     with torch.no_grad():
@@ -221,7 +221,7 @@ def test_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
         expected_BV = captioner.model(
             images_BCHW, tokens_BL, image_latent=latent_BD, image_embs=embs_BND, output_labels=False
         )["logits"][:, -1]
-        assert torch.allclose(captioner._next_token_logits(embs_BND, tokens_BL), expected_BV, atol=1e-5)
+        assert torch.allclose(uncached_next_token_logits(captioner.model, embs_BND, tokens_BL), expected_BV, atol=1e-5)
 
 
 def test_generate_returns_s_captions_per_image(captioner: CocaCaptioner) -> None:
@@ -347,7 +347,7 @@ def test_kv_cache_logits_follow_open_clips_pad_key_mask(captioner: CocaCaptioner
         cache = CocaKVCache(variant.model, image_embs_AND, max_len=tokens_AL.shape[1])
         for length in range(1, tokens_AL.shape[1] + 1):
             cached_AV = cache.step(tokens_AL[:, length - 1])
-            expected_AV = variant._next_token_logits(image_embs_AND, tokens_AL[:, :length])
+            expected_AV = uncached_next_token_logits(variant.model, image_embs_AND, tokens_AL[:, :length])
             # a different summation order of dot products of width 64: a few rounding units times the width,
             # relative to the largest logit; a wrong mask changes logits by O(1)
             tolerance = torch.finfo(dtype).eps * 64 * expected_AV.abs().max().item()

@@ -401,8 +401,8 @@ class CocaCaptioner(Captioner):
     `PRECISIONS`) runs the image encoder and the decoding steps under bf16 autocast (the default on CUDA; the
     sampling itself is float32 and its random numbers are drawn on the CPU). Setting the attribute ``kv_cache`` to
     False selects the reference loop that recomputes the whole prefix every step
-    (`coca_decoding.uncached_next_token_logits`): the
-    tests and ``clipdr bench captioner`` compare the two; production never turns it off.
+    (`coca_decoding.uncached_next_token_logits`): the tests and ``clipdr bench captioner`` compare the two;
+    production never turns it off.
     """
 
     def __init__(self, spec: CaptionerSpec, device: str | torch.device = "cpu", precision: str = "auto") -> None:
@@ -486,7 +486,7 @@ class CocaCaptioner(Captioner):
                 next_R[active_A] = self.eot_id
             else:
                 if cache is None:
-                    logits_AV = self._next_token_logits(image_embs_RND[active_A], tokens_RL[active_A])
+                    logits_AV = uncached_next_token_logits(self.model, image_embs_RND[active_A], tokens_RL[active_A])
                 else:
                     if len(active_A) < len(cached_A):  # rows only finish: the active rows are a subset, in order
                         cache.keep((~done_R[cached_A]).nonzero().squeeze(1))
@@ -507,6 +507,3 @@ class CocaCaptioner(Captioner):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def _next_token_logits(self, image_embs_AND: torch.Tensor, tokens_AL: torch.Tensor) -> torch.Tensor:
-        return uncached_next_token_logits(self.model, image_embs_AND, tokens_AL)
