@@ -5,6 +5,7 @@ A random tiny CoCa writes noise; these tests check the mechanics (counts, seeds,
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipdr.benchmarks.captioner import count_flops
 from clipdr.models import captioners
 from clipdr.models.captioners import (
     EOT_TEXT,
@@ -22,6 +24,7 @@ from clipdr.models.captioners import (
     TINY_COCA,
     Captioner,
     CocaCaptioner,
+    autocast_dtype,
     build_captioner,
     build_coca,
     caption_seed,
@@ -32,6 +35,7 @@ from clipdr.models.captioners import (
     sample_top_p,
     validate_captioner,
 )
+from clipdr.models.coca_decoding import CocaKVCache, key_valid, uncached_next_token_logits
 from clipdr.records import CaptionerSpec
 
 MAX_LEN = 12  # short sequences keep the random model's (never-ending) captions cheap
@@ -209,7 +213,7 @@ def test_build_coca_initialises_the_decoder_projection() -> None:
     assert model.visual.preprocess_cfg["mean"] == open_clip.OPENAI_DATASET_MEAN
 
 
-def test_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
+def test_uncached_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
     images_BCHW = torch.stack([captioner.preprocess(image) for image in _images(2)])
     tokens_BL = torch.tensor([[49406, 320, 1929, 525], [49406, 5, 6, 0]])
     with torch.no_grad():
@@ -217,7 +221,7 @@ def test_next_token_logits_match_coca_forward(captioner: CocaCaptioner) -> None:
         expected_BV = captioner.model(
             images_BCHW, tokens_BL, image_latent=latent_BD, image_embs=embs_BND, output_labels=False
         )["logits"][:, -1]
-        assert torch.allclose(captioner._next_token_logits(embs_BND, tokens_BL), expected_BV, atol=1e-5)
+        assert torch.allclose(uncached_next_token_logits(captioner.model, embs_BND, tokens_BL), expected_BV, atol=1e-5)
 
 
 def test_generate_returns_s_captions_per_image(captioner: CocaCaptioner) -> None:
@@ -281,3 +285,116 @@ def test_local_checkpoint_round_trip(captioner: CocaCaptioner, tmp_path: Path) -
     assert loaded.model.visual.preprocess_cfg == captioner.model.visual.preprocess_cfg
     images, keys = _images(2), ["a", "b"]
     assert loaded.generate(images, keys, num_captions=2) == captioner.generate(images, keys, num_captions=2)
+
+
+# --------------------------------------------------------------------------- KV cache and precision
+
+
+def _variant(captioner: CocaCaptioner, dtype: torch.dtype, eot_bias: float = 0.0) -> CocaCaptioner:
+    """A copy of ``captioner`` whose model is in ``dtype``; ``eot_bias`` adds to every end-of-text logit.
+
+    The random tiny decoder almost never samples end-of-text (1 of 49,408 tokens), so every row would run to
+    max_len together; the bias (through a LayerNorm channel pinned to 1) ends rows at different steps, which
+    exercises the cache dropping finished rows.
+    """
+    variant = copy.copy(captioner)
+    variant.model = copy.deepcopy(captioner.model).to(dtype)
+    if eot_bias:
+        with torch.no_grad():
+            decoder = variant.model.text_decoder
+            decoder.ln_final.weight[0], decoder.ln_final.bias[0] = 0.0, 1.0
+            decoder.text_projection[0] = 0.0
+            decoder.text_projection[0, captioner.eot_id] = eot_bias
+    return variant
+
+
+def _image_embs(captioner: CocaCaptioner, num_images: int, num_captions: int) -> torch.Tensor:
+    dtype = captioner.model.text_decoder.text_projection.dtype
+    images_BCHW = torch.stack([captioner.preprocess(image) for image in _images(num_images)]).to(dtype)
+    with torch.no_grad():
+        return captioner.model._encode_image(images_BCHW)[1].repeat_interleave(num_captions, dim=0)
+
+
+def _until_eot(token_rows: list[list[int]], eot_id: int) -> list[list[int]]:
+    """Each row up to its end-of-text (a batch pads rows to its longest)."""
+    return [tokens[: tokens.index(eot_id) + 1] if eot_id in tokens else tokens for tokens in token_rows]
+
+
+def test_kv_cache_samples_the_same_tokens_as_the_uncached_loop(captioner: CocaCaptioner) -> None:
+    # float64: the two summation orders agree to ~1e-16, so no uniform lands between them. In float32 they agree to
+    # ~1e-7 (next test), but the random tiny decoder spreads its nucleus over ~45k tokens of ~2e-5 each, so a
+    # CDF shift of 1e-7 moves a sampled token a few times in 100 (coca_decoding's docstring).
+    variant = _variant(captioner, torch.float64, eot_bias=10.0)
+    image_embs_RND = _image_embs(variant, 4, 3)
+    seeds = [caption_seed(0, f"k{r // 3}", r % 3) for r in range(12)]
+    with torch.inference_mode():
+        cached = variant._sample(image_embs_RND, seeds)
+        variant.kv_cache = False
+        uncached = variant._sample(image_embs_RND, seeds)
+    assert cached == uncached
+    lengths = {tokens.index(variant.eot_id) for tokens in cached}
+    assert len(lengths) >= 3 and min(lengths) >= captioners.MIN_LEN, lengths  # rows left the cache at many steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kv_cache_logits_follow_open_clips_pad_key_mask(captioner: CocaCaptioner, dtype: torch.dtype) -> None:
+    variant = _variant(captioner, dtype)
+    pad = variant.model.text.pad_id
+    tokens_AL = torch.tensor([[variant.sot_id, 320, pad, 1929, pad, pad, 525], [variant.sot_id, 5, 6, 7, 8, 9, 10]])
+    assert not key_valid(variant.model, tokens_AL)[0].all()  # the prefix exercises the mask
+    image_embs_AND = _image_embs(variant, 2, 1)
+    with torch.inference_mode():
+        cache = CocaKVCache(variant.model, image_embs_AND, max_len=tokens_AL.shape[1])
+        for length in range(1, tokens_AL.shape[1] + 1):
+            cached_AV = cache.step(tokens_AL[:, length - 1])
+            expected_AV = uncached_next_token_logits(variant.model, image_embs_AND, tokens_AL[:, :length])
+            # a different summation order of dot products of width 64: a few rounding units times the width,
+            # relative to the largest logit; a wrong mask changes logits by O(1)
+            tolerance = torch.finfo(dtype).eps * 64 * expected_AV.abs().max().item()
+            assert torch.allclose(cached_AV, expected_AV, rtol=0, atol=tolerance)
+        with pytest.raises(ValueError, match="cannot feed token 8"):
+            cache.step(tokens_AL[:, 0])
+
+
+def test_batched_cached_sampling_is_independent_of_batch_and_neighbours(captioner: CocaCaptioner) -> None:
+    variant = _variant(captioner, torch.float32, eot_bias=10.0)  # rows finish at different steps
+    image_embs_RND = _image_embs(variant, 4, 2)
+    seeds = [caption_seed(0, f"k{r // 2}", r % 2) for r in range(8)]
+    with torch.inference_mode():
+        batch = _until_eot(variant._sample(image_embs_RND, seeds), variant.eot_id)
+        alone = [variant._sample(image_embs_RND[r : r + 1], seeds[r : r + 1])[0] for r in range(8)]
+        assert _until_eot(alone, variant.eot_id) == batch
+        pair = variant._sample(image_embs_RND[[5, 2]], [seeds[5], seeds[2]])
+        assert _until_eot(pair, variant.eot_id) == [batch[5], batch[2]]
+        assert len({len(tokens) for tokens in batch}) > 1  # rows finished at different steps
+
+
+def test_precision_picks_bf16_autocast_on_cuda_only_by_default() -> None:
+    assert autocast_dtype("auto", "cuda") is torch.bfloat16 and autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") is None and autocast_dtype("fp32", "cuda") is None
+    with pytest.raises(ValueError, match="unknown captioner precision 'fp16'; valid: auto, fp32, bf16"):
+        CocaCaptioner(_spec(), precision="fp16")
+
+
+def test_bf16_generation_caches_in_bf16_and_stays_near_fp32(captioner: CocaCaptioner) -> None:
+    image_embs_AND = _image_embs(captioner, 2, 1)
+    tokens_A = torch.full((2,), captioner.sot_id)
+    with torch.inference_mode():
+        reference_AV = CocaKVCache(captioner.model, image_embs_AND, max_len=2).step(tokens_A)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cache = CocaKVCache(captioner.model, image_embs_AND, max_len=2)
+            logits_AV = cache.step(tokens_A)
+    assert {t.dtype for t in (*cache.keys_AHTE, *cache.values_AHTE, *cache.cross_keys_AHNE)} == {torch.bfloat16}
+    # bf16 keeps 8 significant bits (relative rounding 2^-9); a handful of roundings in 4 layers and the projection
+    assert torch.allclose(logits_AV.float(), reference_AV, rtol=0, atol=16 * 2**-9 * reference_AV.abs().max().item())
+    bf16 = copy.copy(captioner)
+    bf16.autocast_dtype = torch.bfloat16
+    captions = bf16.generate(_images(2), ["a", "b"], num_captions=2)
+    assert [len(c) for c in captions] == [2, 2] and all(c for per in captions for c in per)
+
+
+def test_cached_generation_does_only_the_cached_arithmetic() -> None:
+    flops = count_flops(TINY_COCA, MAX_LEN)  # FlopCounterMode on a meta-device model: shapes only
+    assert flops["cached"] == pytest.approx(flops["ideal"], rel=1e-9)
+    # the uncached loop re-runs every prefix: sum over L of L token passes instead of one each
+    assert flops["uncached"] > 1.5 * flops["cached"]

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 # name -> (module, one-line summary).
 BENCHMARKS: dict[str, tuple[str, str]] = {
+    "captioner": ("clipdr.benchmarks.captioner", "KV-cached caption generation against the uncached loop: FLOPs, time"),
     "latency": ("clipdr.benchmarks.latency", "image/text encoder latency of every variant, fused and not"),
     "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline cost against the work it cannot skip"),
     "gpu_check": (

@@ -16,7 +16,15 @@ decoding row (image i, caption s) draws its uniforms from its own ``torch.Genera
 therefore gives the same caption whether the image is captioned alone or in any batch, on any worker; the random
 numbers are drawn on the CPU so they do not depend on the device either. What remains is float rounding: a batched
 forward need not be bit-identical to an unbatched one (GPU kernels, reduced precision), and a token flips only
-when a uniform lands within that rounding of a top-p boundary (about 1e-7 a token in float32).
+when a uniform lands within that rounding of a token boundary of the nucleus (coca_decoding).
+
+Generation is KV-cached (`clipdr.models.coca_decoding`): a step feeds each row only its newest token, and gives the
+same tokens as recomputing the whole prefix (the reference loop kept for tests and the benchmark) up to float
+rounding of a different summation order: tested token for token in float64 on the tiny CoCa; in float32 a token
+differs when a uniform falls within that rounding of a boundary (coca_decoding's docstring says how often). On
+CUDA it runs under bf16 autocast: numerically another model, so a dataset captioned on a GPU need not equal one
+captioned on a CPU. A redone shard still equals the original because the reinforcement captions fixed chunks
+(the same batch composition every time) on the same kind of device.
 
 Decoding follows the DataCompDR caption generation (apple/ml-mobileclip-dr ``scripts/gen.py``: ``CoCa.generate``
 with ``generation_type="top_p"``, ``top_p=0.9``): a start-of-text token, end-of-text suppressed until the sequence
@@ -33,6 +41,7 @@ L tokens so far, V vocabulary, N image tokens of the decoder, W decoder width, C
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,6 +56,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from PIL import Image
 from torch import nn
 
+from clipdr.models.coca_decoding import CocaKVCache, uncached_next_token_logits
 from clipdr.models.registry import Preprocess, get_variant, list_variants, register
 from clipdr.records import CaptionerSpec
 
@@ -58,6 +68,7 @@ MIN_LEN = 5  # tokens (start-of-text included) before end-of-text may be sampled
 UNIFORMS_PER_TOKEN = 9  # random numbers a row draws a token: 8 rejection-sampling tries + the fallback's (sample_top_p)
 MAX_RESAMPLES = 3  # extra attempts, each with its own seed, for a row whose cleaned caption is empty
 GENERATION_TYPES = ("top_p",)
+PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast on CUDA, the model's own dtype elsewhere
 
 ImageTransform = Callable[[Image.Image], torch.Tensor]
 _C = TypeVar("_C", bound="Captioner")
@@ -259,6 +270,17 @@ def sample_top_p(logits_RV: torch.Tensor, uniform_RU: torch.Tensor, top_p: float
 # --------------------------------------------------------------------------- CoCa
 
 
+def autocast_dtype(precision: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of generation: bf16 for ``bf16``, and for ``auto`` on CUDA; None (no autocast) else.
+
+    Raises:
+        ValueError: ``precision`` is not one of `PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown captioner precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    return torch.bfloat16 if precision == "bf16" or (precision, device_type) == ("auto", "cuda") else None
+
+
 def _is_schema_name(name: str) -> bool:
     return name.startswith(("hf-hub:", "local-dir:"))
 
@@ -374,12 +396,21 @@ class CocaCaptioner(Captioner):
     ``spec.model`` names the architecture, ``spec.pretrained`` the weights (tag, ``hf-hub:`` id, local file, or
     "" for a from-scratch model: only useful in tests). ``spec.max_len`` counts every token of a generated
     sequence, start- and end-of-text included, and may not exceed the model's context length.
+
+    Generation feeds one token a step through a KV cache (`coca_decoding.CocaKVCache`); ``precision`` (one of
+    `PRECISIONS`) runs the image encoder and the decoding steps under bf16 autocast (the default on CUDA; the
+    sampling itself is float32 and its random numbers are drawn on the CPU). Setting the attribute ``kv_cache`` to
+    False selects the reference loop that recomputes the whole prefix every step
+    (`coca_decoding.uncached_next_token_logits`): the tests and ``clipdr bench captioner`` compare the two;
+    production never turns it off.
     """
 
-    def __init__(self, spec: CaptionerSpec, device: str | torch.device = "cpu") -> None:
+    def __init__(self, spec: CaptionerSpec, device: str | torch.device = "cpu", precision: str = "auto") -> None:
         super().__init__(spec)
         self.validate(spec)
         self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype(precision, self.device.type)
+        self.kv_cache = True
         model, self.preprocess = build_coca(spec.model, spec.pretrained or None, device=self.device)
         self.model = model.eval()
         if spec.max_len > self.model.context_length:  # validate() could not know it for an hf-hub: model
@@ -418,7 +449,8 @@ class CocaCaptioner(Captioner):
         if not images:
             return []
         images_BCHW = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        _, image_embs_BND = self.model._encode_image(images_BCHW)
+        with self._autocast():
+            _, image_embs_BND = self.model._encode_image(images_BCHW)
         image_embs_RND = image_embs_BND.repeat_interleave(num_captions, dim=0)
         row_ids = [(key, s) for key in keys for s in range(num_captions)]
 
@@ -427,7 +459,8 @@ class CocaCaptioner(Captioner):
         for attempt in range(MAX_RESAMPLES + 1):
             seeds = [caption_seed(self.spec.seed, *row_ids[r], attempt=attempt) for r in pending]
             rows = torch.tensor(pending, device=self.device)
-            token_rows = self._sample(image_embs_RND.index_select(0, rows), seeds)
+            with self._autocast():
+                token_rows = self._sample(image_embs_RND.index_select(0, rows), seeds)
             for r, tokens in zip(pending, token_rows, strict=True):
                 captions[r] = decode_caption(tokens, self.tokenizer)
             pending = [r for r in pending if not captions[r]]
@@ -443,6 +476,8 @@ class CocaCaptioner(Captioner):
         ).to(self.device)
         tokens_RL = torch.full((num_rows, 1), self.sot_id, dtype=torch.long, device=self.device)
         done_R = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
+        cache = CocaKVCache(self.model, image_embs_RND, max_len) if self.kv_cache else None
+        cached_A = torch.arange(num_rows, device=self.device)  # the rows the cache holds, in its order
         for step in range(max_len - 1):
             length = step + 1  # tokens so far; this step writes token number length + 1
             active_A = (~done_R).nonzero().squeeze(1)
@@ -450,7 +485,13 @@ class CocaCaptioner(Captioner):
             if length + 1 == max_len:
                 next_R[active_A] = self.eot_id
             else:
-                logits_AV = self._next_token_logits(image_embs_RND[active_A], tokens_RL[active_A])
+                if cache is None:
+                    logits_AV = uncached_next_token_logits(self.model, image_embs_RND[active_A], tokens_RL[active_A])
+                else:
+                    if len(active_A) < len(cached_A):  # rows only finish: the active rows are a subset, in order
+                        cache.keep((~done_R[cached_A]).nonzero().squeeze(1))
+                        cached_A = active_A
+                    logits_AV = cache.step(tokens_RL[active_A, -1])
                 if length < MIN_LEN:
                     logits_AV[:, self.eot_id] = -torch.inf
                 next_R[active_A] = sample_top_p(
@@ -462,17 +503,7 @@ class CocaCaptioner(Captioner):
                 break
         return tokens_RL.cpu().tolist()
 
-    def _next_token_logits(self, image_embs_AND: torch.Tensor, tokens_AL: torch.Tensor) -> torch.Tensor:
-        """Logits of the next token: ``CoCa.forward(...)["logits"][:, -1]``, projecting only the last position.
-
-        ``CoCa.forward`` projects every position onto the 49,408-token vocabulary, the bulk of a small decoder's
-        step; this runs the same text tower and decoder blocks and projects one position (tests check parity).
-        """
-        _, token_embs_ALW = self.model.text(tokens_AL)
-        decoder = self.model.text_decoder
-        length = token_embs_ALW.shape[1]
-        x_ALW = token_embs_ALW
-        for self_attn, cross_attn in zip(decoder.resblocks, decoder.cross_attn, strict=True):
-            x_ALW = self_attn(x_ALW, attn_mask=decoder.attn_mask[:length, :length])
-            x_ALW = cross_attn(x_ALW, k_x=image_embs_AND, v_x=image_embs_AND)
-        return decoder.ln_final(x_ALW[:, -1]) @ decoder.text_projection
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
