@@ -273,6 +273,10 @@ _TOY_SYNTH = (
     "--set", "synth.output={tmp}/world", "--set", "synth.num_teacher=4", "--set", "synth.num_student=4",
     "--set", "synth.num_zeroshot=4", "--set", "synth.num_retrieval=4", "--set", "synth.image_size=16",
 )  # fmt: skip
+_TOY_CAPTIONER = (
+    *("--flops-models", "clipdr-tiny-coca", "--time-models", "clipdr-tiny-coca", "--max-len", "4", "--rows", "2"),
+    *("--rounds", "1", "--warmup", "0", "--output", "{tmp}/captioner.md"),
+)
 _TOY_LATENCY = ("--variants", "clipdr-tiny-mct", "--reference", "clipdr-tiny-mci", "--output", "{tmp}/latency.md")
 
 _TOY_TRAIN_BENCH = (
@@ -348,6 +352,9 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
+    "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
+    "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),
     # Runs the reinforcement job on Ray: an integration test runs it at toy size on the suite's local Ray.
     "python jobs/benchmark.py reinforce --shards --shard-size --bound-shards --output": CoveredBy(
         ("tests/integration/test_benchmarks.py::test_reinforce_benchmark_runs_at_toy_size",)

@@ -24,6 +24,8 @@ LAYERS: dict[str, int] = {
     "storage": 0,
     "checkpoint": 0,  # the checkpoint files: training writes them, evaluation, export and the demo read them
     "runstate": 0,  # a resumable job's state beside its output: both Ray jobs keep theirs through it
+    "progress": 0,  # the jobs' progress lines
+    "accelerators": 0,  # device peaks: both dry runs and the GPU check divide by them
     "models": 1,
     "losses": 1,
     "data": 1,

@@ -6,6 +6,7 @@ import open_clip.factory
 import open_clip.pretrained
 import pytest
 
+from clipdr import accelerators
 from clipdr.config import CaptionerConfig, Config, ReinforceConfig, SynthConfig, TeacherConfig, load_config
 from clipdr.data import synthetic
 from clipdr.reinforce import cost
@@ -97,7 +98,7 @@ def test_without_a_sample_count_only_per_sample_figures_are_printed():
 
 
 def test_device_names_map_to_peaks():
-    assert [cost.device_of(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")] == [
+    assert [accelerators.device_of(n) for n in ("NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB")] == [
         "h200",
         "h100-sxm",
         "a100",

@@ -4,7 +4,7 @@
 in a working directory (``--work``: the world, the reinforced output, the MLflow store), and only the results go to
 ``--out`` (``gpu_check.json``, ``gpu_check.md`` and nvidia-smi's samples: a device tool brings back a few files):
 
-1. ``env``: CUDA is there (else it fails at once, saying so), and which device (its peak: `cost.PEAK_TFLOPS`).
+1. ``env``: CUDA is there (else it fails at once, saying so), and which device (its peak: `accelerators.PEAK_TFLOPS`).
 2. ``data``: a synthetic world of ``--samples`` images at 224 px (the teachers' input size), in 8 webdataset shards.
 3. ``reinforce``: `clipdr.reinforce.run.run` (what ``clipdr reinforce`` and ``jobs/reinforce.py`` call) on a local
    Ray, with ``jobs/configs/gpu_check.toml``: two ViT-B-16 teachers and the CoCa ViT-L-14 captioner, random
@@ -95,7 +95,7 @@ def check_env(work: Path, samples: int, smoke: bool) -> None:
     """Fails at once without CUDA (unless ``smoke``); records the device and its peak."""
     import torch
 
-    from clipdr.reinforce import cost
+    from clipdr import accelerators
 
     if smoke:
         _write(work / _ENV, {"device": "cpu", "device_name": "cpu (smoke)", "torch": torch.__version__})
@@ -107,11 +107,11 @@ def check_env(work: Path, samples: int, smoke: bool) -> None:
         )
     name = torch.cuda.get_device_name(0)
     try:
-        device = cost.device_of(name)
-    except cost.CostError as e:
+        device = accelerators.device_of(name)
+    except accelerators.AcceleratorError as e:
         raise GpuCheckError(str(e)) from None
     _write(work / _ENV, {"device": device, "device_name": name, "torch": torch.__version__})
-    print(f"device {name}: dense bf16 peak {cost.PEAK_TFLOPS[device]:g} TFLOP/s")
+    print(f"device {name}: dense bf16 peak {accelerators.PEAK_TFLOPS[device]:g} TFLOP/s")
 
 
 def make_data(work: Path, samples: int, smoke: bool) -> None:
@@ -230,6 +230,7 @@ def _busy_fraction(gpu: list[tuple[float, float]], start: float, end: float) -> 
 def report(work: Path, out: Path, smoke: bool) -> None:
     """Views/s, MFU, busy fraction and the DataCompDR-12M projection: ``gpu_check.json`` and ``gpu_check.md`` in
     ``out`` (the phases before wrote to ``work``)."""
+    from clipdr import accelerators
     from clipdr.config import load_config
     from clipdr.reinforce import cost
 
@@ -242,7 +243,7 @@ def report(work: Path, out: Path, smoke: bool) -> None:
     seconds = max(end - start, 1e-9)
     samples_per_s = num_samples / seconds
     views_per_s = samples_per_s * cfg.num_augmentations * len(cfg.teachers)
-    mfu = None if smoke else flops_per_sample * samples_per_s / cost.peak_flops(env["device"])
+    mfu = None if smoke else flops_per_sample * samples_per_s / accelerators.peak_flops(env["device"])
     busy = _busy_fraction(gpu, start, end)
     models = f"{' + '.join(t.model for t in cfg.teachers)}, captioner {cfg.captioner.model}"
     measured = cost.Measurement(
@@ -280,7 +281,7 @@ def report(work: Path, out: Path, smoke: bool) -> None:
         ("FLOPs a sample", f"{flops_per_sample / 1e9:,.1f} GFLOP (clipdr.reinforce.cost)"),
         (
             "MFU (measured)",
-            "n/a (smoke)" if mfu is None else f"{mfu:.3f} of {cost.PEAK_TFLOPS[env['device']]:g} TFLOP/s",
+            "n/a (smoke)" if mfu is None else f"{mfu:.3f} of {accelerators.PEAK_TFLOPS[env['device']]:g} TFLOP/s",
         ),
         ("GPU busy fraction (measured)", "n/a (no nvidia-smi)" if busy is None else f"{busy:.2f}"),
         ("DataCompDR-12M projection", projection),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from clipdr import augment, records, runstate, storage
 from clipdr import progress as progress_lines
+from clipdr.accelerators import AcceleratorError
 from clipdr.config import Config, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce import cost
@@ -294,7 +295,7 @@ def dry_run_cost(config: Config) -> str:
     cfg = config.reinforce
     try:
         return cost.estimate(config, source_readable=not storage.is_s3(cfg.source)).describe()
-    except cost.CostError as e:
+    except AcceleratorError as e:  # cost.CostError included
         raise ReinforceError(str(e)) from None
 
 

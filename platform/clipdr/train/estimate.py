@@ -9,7 +9,7 @@
   upper bound: the meta device runs PyTorch's math attention, which keeps the attention matrix that fused kernels
   do not), times the micro-batch, halved for bf16 autocast; plus weights, gradients and AdamW's two moments in
   fp32 (16 bytes a parameter).
-- **Hours**: the run's FLOPs over a device's dense bf16 peak (`clipdr.reinforce.cost.PEAK_TFLOPS`, the one table),
+- **Hours**: the run's FLOPs over a device's dense bf16 peak (`clipdr.accelerators.PEAK_TFLOPS`, the one table),
   the floor; divided by an assumed MFU (``train.cost.mfu``), the projection, summed over devices and per worker.
 """
 
@@ -121,8 +121,8 @@ class TrainEstimate:
 def estimate(cfg: Config, teachers: list[records.TeacherSpec], data_rows: int | None, data_from: str) -> TrainEstimate:
     """The dry run's figures for ``cfg`` distilling from ``teachers`` (online_distill counts them)."""
     from clipdr import models
+    from clipdr.accelerators import peak_flops
     from clipdr.models import flops
-    from clipdr.reinforce.cost import peak_flops
 
     tc = cfg.train
     plan = make_plan(cfg, teachers)
