@@ -587,12 +587,13 @@ def load_model(
     """
     import mlflow.artifacts
     from mlflow.models import Model
+    from mlflow.models.model import MLMODEL_FILE_NAME
 
     from clipdr.models import ClipEmbedder
 
     with _fluent_tracking_uri(tracking_uri(tracking)), tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        logged = Model.load(str(local / "MLmodel"))  # yaml.safe_load
+        logged = Model.load(str(local / MLMODEL_FILE_NAME))  # yaml.safe_load
         metadata = dict(logged.metadata or {})
         data = _pyfunc_data(local, logged.flavors)
         if data is not None and ClipEmbedder.is_saved(data):
