@@ -334,6 +334,11 @@ class EvaluateConfig:
         "checkpoint folder (model.pt + meta.json), or an open_clip model name",
     )
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    allow_pickle: bool = _f(
+        False,
+        "also load an MLflow model logged as a pickle (before clipdr logged safetensors): unpickling runs any code "
+        "it holds, so only for a tracking server you trust",
+    )
     run_id: str = _f("", "MLflow run to log to; empty: the model's training run when known, else a new run")
     experiment: str = _f("clipdr-train", "MLflow experiment of new evaluation runs (beside training runs, to compare)")
     step: int = _f(-1, "metric step; -1: the model's samples seen (training's eval step), else the run's last step")
@@ -346,6 +351,7 @@ class ExportConfig:
 
     model: str = _f("", "model to export: same forms as evaluate.model")
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    allow_pickle: bool = _f(False, "as evaluate.allow_pickle: also load an MLflow model logged as a pickle")
     output: str = _f("export", "folder the export is written to, path or s3://")
     onnx: bool = _f(True, "also export ONNX image and text encoders (of the fused model), checked with onnxruntime")
     onnx_exporter: OnnxExporter = _f(

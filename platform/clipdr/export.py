@@ -565,7 +565,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> ExportResult:
 
     ec = cfg.export
     try:
-        loaded = loading.load(ec.model, ec.pretrained, "cpu", tracking_uri=cfg.tracking.uri)
+        loaded = loading.load(
+            ec.model, ec.pretrained, "cpu", tracking_uri=cfg.tracking.uri, allow_pickle=ec.allow_pickle
+        )
     except (ValueError, FileNotFoundError) as e:
         raise ExportError(f"export.model: {e}") from None
     run_summary = None

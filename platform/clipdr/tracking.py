@@ -21,16 +21,20 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus
+
+if TYPE_CHECKING:
+    from clipdr.models import ClipEmbedder
 
 # Opens clipdr experiments on training runs and charts in the MLflow 3 UI instead of its GenAI overview.
 EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 _PARAM_VALUE_LIMIT = 6000  # mlflow's limit on a parameter value's length
 _BATCH = 100  # mlflow's limit on params per log_batch call
 _METRICS_PER_BATCH = 1000  # mlflow's limit on metrics per log_batch call
+_LOGGED_DATA = "clipdr"  # a logged model's files (`ClipEmbedder.save`) go to data/clipdr/ of the MLflow model
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +478,7 @@ def pinned_uri(configured: str = "") -> Iterator[str]:
 
 def log_model(
     tracker: Tracker,
-    model: Any,
+    model: ClipEmbedder,
     *,
     name: str = "model",
     input_example: Any = None,
@@ -483,33 +487,40 @@ def log_model(
     registered_model_name: str = "",
     version_tags: Mapping[str, str] | None = None,
 ) -> LoggedModel:
-    """Logs a torch module with ``mlflow.pytorch`` (pickled with cloudpickle) under ``tracker``'s run.
+    """Logs a `clipdr.models.ClipEmbedder` under ``tracker``'s run, its weights as safetensors (nothing pickled).
 
-    The signature is inferred from ``input_example`` -> ``output_example`` (numpy arrays; a batch of at least 2
-    so the batch dimension stays free). With ``registered_model_name`` the model is registered as a version of it
-    and ``version_tags`` are set on that version.
+    The MLflow model's ``data`` folder holds what `ClipEmbedder.save` writes; its ``python_function`` flavour loads
+    it through `clipdr.models.embedder` (so ``mlflow models serve`` works where clipdr is installed), and
+    `load_model` reads it back without unpickling. The signature is inferred from ``input_example`` ->
+    ``output_example`` (numpy arrays; a batch of at least 2 so the batch dimension stays free). With
+    ``registered_model_name`` the model is registered as a version of it and ``version_tags`` are set on that
+    version.
 
     Idempotent per run, so that a job resubmitted after a crash anywhere in here ends with one logged model and one
     registered version: a model this run already logged under ``name`` (complete, status READY) is not logged again,
     and a version of ``registered_model_name`` already registered from it is reused (`register_model_version`).
     """
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
     from mlflow.models import infer_signature
+
+    from clipdr.models import embedder
 
     model_id = _logged_model_id(tracker, name)
     if not model_id:
         signature = infer_signature(input_example, output_example) if input_example is not None else None
-        with _fluent_tracking_uri(tracker.client.tracking_uri):
+        with _fluent_tracking_uri(tracker.client.tracking_uri), tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / _LOGGED_DATA
+            model.save(data)
             # log_model attaches to the active run of the fluent API: open ours without touching its status.
             with mlflow.start_run(run_id=tracker.run_id, nested=mlflow.active_run() is not None):
-                info = mlflow.pytorch.log_model(
-                    model,
+                info = mlflow.pyfunc.log_model(
                     name=name,
+                    loader_module=embedder.__name__,
+                    data_path=str(data),
                     signature=signature,
                     input_example=input_example,
                     metadata=dict(metadata or {}),
-                    serialization_format="pickle",
                     pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
                 )
             tracker.client.update_run(tracker.run_id, status="RUNNING")
@@ -545,7 +556,7 @@ def _requirements() -> list[str]:
     from importlib.metadata import PackageNotFoundError, version
 
     pins = []
-    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy"):
+    for package in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "safetensors"):
         try:
             pins.append(f"{package}=={version(package)}")
         except PackageNotFoundError:
@@ -553,19 +564,63 @@ def _requirements() -> list[str]:
     return pins
 
 
-def load_model(uri: str, device: str = "cpu", *, tracking: str = "") -> tuple[Any, dict[str, Any]]:
+class PickledModelError(ValueError):
+    """A logged model stored as a pickle (``mlflow.pytorch``), refused unless pickles are allowed."""
+
+
+def load_model(
+    uri: str, device: str = "cpu", *, tracking: str = "", allow_pickle: bool = False
+) -> tuple[ClipEmbedder, dict[str, Any]]:
     """A model logged by `log_model` (``runs:/...``, ``models:/name/3``, ``models:/name@alias``) and its metadata.
 
-    ``tracking`` (else the tracking URI in force, `tracking_uri`) resolves the URI. clipdr's training logs a
-    `clipdr.models.ClipEmbedder`: its ``.clip`` is the open_clip model, ``metadata["clipdr_model"]`` its name.
-    """
-    import mlflow
-    import mlflow.pytorch
-    from mlflow.models import get_model_info
+    ``tracking`` (else the tracking URI in force, `tracking_uri`) resolves the URI. The model's files are
+    downloaded and read as `clipdr.models.ClipEmbedder.load` reads them: the architecture built by name and its
+    safetensors weights, the MLmodel file parsed as plain YAML; nothing is unpickled and no loader the files name
+    is imported. Its ``.clip`` is the open_clip model, ``metadata["clipdr_model"]`` its name.
 
-    with _fluent_tracking_uri(tracking_uri(tracking)):
-        metadata = dict(get_model_info(uri).metadata or {})
-        return mlflow.pytorch.load_model(uri, map_location=device), metadata
+    Models logged before clipdr stored safetensors are pickles (``mlflow.pytorch``): unpickling one runs whatever
+    code it holds, so they load only with ``allow_pickle`` (for models from a tracking server you trust).
+
+    Raises:
+        PickledModelError: A pickled model, and ``allow_pickle`` is not set.
+        ValueError: The files are neither form of a clipdr model.
+    """
+    import mlflow.artifacts
+    from mlflow.models import Model
+    from mlflow.models.model import MLMODEL_FILE_NAME
+
+    from clipdr.models import ClipEmbedder
+
+    with _fluent_tracking_uri(tracking_uri(tracking)), tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        logged = Model.load(str(local / MLMODEL_FILE_NAME))  # yaml.safe_load
+        metadata = dict(logged.metadata or {})
+        data = _pyfunc_data(local, logged.flavors)
+        if data is not None and ClipEmbedder.is_saved(data):
+            try:
+                return ClipEmbedder.load(data, device), metadata
+            except ValueError as e:
+                raise ValueError(f"model {uri}: {e}") from None
+        if "pytorch" not in logged.flavors:
+            raise ValueError(f"model {uri} was not logged by clipdr (flavours: {', '.join(logged.flavors)})")
+        if not allow_pickle:
+            raise PickledModelError(
+                f"model {uri} is a pickle (mlflow.pytorch, logged before clipdr stored safetensors) and loading it "
+                "can run any code it holds: allow pickles (evaluate.allow_pickle / export.allow_pickle) only for a "
+                "tracking server you trust"
+            )
+        import mlflow.pytorch
+
+        return mlflow.pytorch.load_model(str(local), map_location=device), metadata
+
+
+def _pyfunc_data(local: Path, flavors: Mapping[str, Any]) -> Path | None:
+    """The data folder the downloaded model's ``python_function`` flavour names, if it lies inside ``local``."""
+    relative = (flavors.get("python_function") or {}).get("data")
+    if not isinstance(relative, str):
+        return None
+    data = (local / relative).resolve()
+    return data if data.is_relative_to(local.resolve()) else None
 
 
 # --- registry

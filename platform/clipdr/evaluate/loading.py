@@ -3,7 +3,8 @@
 A model is named by:
 
 - an MLflow model URI: ``runs:/<run id>/model``, ``models:/<name>@<alias>``, ``models:/<name>/<version>``,
-  ``models:/m-<id>`` (a model logged by `clipdr.tracking.log_model`: metadata ``clipdr_model`` names it);
+  ``models:/m-<id>`` (a model logged by `clipdr.tracking.log_model`: metadata ``clipdr_model`` names it; one
+  logged as a pickle before clipdr logged safetensors loads only with ``allow_pickle``);
 - a training checkpoint folder (path or ``s3://``, `clipdr.checkpoint`), or a folder whose sub-folders are
   checkpoints (a training run's storage folder: the complete one with the most steps is taken);
 - an open_clip / clipdr model name, with ``pretrained`` an open_clip tag, an hf-hub id, a local file, or empty
@@ -73,11 +74,13 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> LoadedModel
     )
 
 
-def load_mlflow(uri: str, device: str | torch.device = "cpu", tracking_uri: str = "") -> LoadedModel:
-    """A model logged by `clipdr.tracking.log_model`, by its MLflow URI."""
+def load_mlflow(
+    uri: str, device: str | torch.device = "cpu", tracking_uri: str = "", allow_pickle: bool = False
+) -> LoadedModel:
+    """A model logged by `clipdr.tracking.log_model`, by its MLflow URI (pickled ones only with ``allow_pickle``)."""
     from clipdr import tracking
 
-    logged, metadata = tracking.load_model(uri, device=str(device), tracking=tracking_uri)
+    logged, metadata = tracking.load_model(uri, device=str(device), tracking=tracking_uri, allow_pickle=allow_pickle)
     inner = getattr(logged, "clip", None)  # clipdr.models.ClipEmbedder: the open_clip model is .clip
     model = inner if isinstance(inner, nn.Module) else logged
     name = metadata.get("clipdr_model") or getattr(logged, "model_name", "")
@@ -97,7 +100,13 @@ def load_mlflow(uri: str, device: str | torch.device = "cpu", tracking_uri: str 
     )
 
 
-def load(spec: str, pretrained: str = "", device: str | torch.device = "cpu", tracking_uri: str = "") -> LoadedModel:
+def load(
+    spec: str,
+    pretrained: str = "",
+    device: str | torch.device = "cpu",
+    tracking_uri: str = "",
+    allow_pickle: bool = False,
+) -> LoadedModel:
     """Loads the model ``spec`` names (see the module docstring).
 
     Args:
@@ -105,15 +114,18 @@ def load(spec: str, pretrained: str = "", device: str | torch.device = "cpu", tr
         pretrained: With a model name: its weights (empty: random initialisation). Refused with the other forms.
         device: Where the model goes.
         tracking_uri: MLflow tracking URI of the config (``MLFLOW_TRACKING_URI`` wins).
+        allow_pickle: Also load MLflow models logged as pickles (before clipdr logged safetensors); unpickling
+            runs any code the model holds.
 
     Raises:
         ValueError: ``spec`` is empty or none of the accepted forms, or ``pretrained`` is given with a URI/folder.
+        clipdr.tracking.PickledModelError: A pickled MLflow model without ``allow_pickle``.
     """
     if not spec:
         raise ValueError("no model given: set it to an MLflow model URI, a checkpoint folder or a model name")
     if is_mlflow_uri(spec):
         _no_pretrained(spec, pretrained)
-        return load_mlflow(spec, device, tracking_uri)
+        return load_mlflow(spec, device, tracking_uri, allow_pickle)
     if "://" in spec or storage.exists(spec):
         found = checkpoint.latest(spec) if storage.exists(spec) else None
         if found is None:

@@ -62,7 +62,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
         raise EvaluateError("set evaluate.model: runs:/<id>/model, models:/<name>@<alias>, a checkpoint or a name")
     try:
         device = engine.resolve_device(ec.device)
-        loaded = loading.load(ec.model, ec.pretrained, device, tracking_uri=cfg.tracking.uri)
+        loaded = loading.load(
+            ec.model, ec.pretrained, device, tracking_uri=cfg.tracking.uri, allow_pickle=ec.allow_pickle
+        )
         log(f"evaluate: {loaded.name} from {loaded.source} on {device}")
         report = engine.evaluate(loaded.model, loaded.name, ec, device)
     except (ValueError, FileNotFoundError) as e:

@@ -11,9 +11,9 @@
    (`clipdr.checkpoint.latest`) sets where the data stream restarts;
 3. builds the `plan.TrainPlan` and the input stream (`pipeline.build_dataset`) and runs a ``TorchTrainer`` with
    ``FailureConfig(max_failures)``: dead workers restart from the last checkpoint inside the same fit;
-4. logs the final model with ``mlflow.pytorch`` (a `models.ClipEmbedder`, signature and input example), the
-   config and final checkpoint as artifacts, optionally registers it with tags (mode, student, dataset), and
-   closes the MLflow run.
+4. logs the final model as safetensors (`tracking.log_model`: a `models.ClipEmbedder`, signature and input
+   example), the config and final checkpoint as artifacts, optionally registers it with tags (mode, student,
+   dataset), and closes the MLflow run.
 """
 
 from __future__ import annotations
