@@ -32,8 +32,9 @@ Storage: bytes of the stored embedding columns per sample against the fp16 arith
 
 With ``--sim-rate VIEWS_PER_S`` it measures instead whether the pipeline keeps a device busy, without a device:
 two simulated-accelerator teachers (`clipdr.models.sim_accel`: a forward sleeps ``views / rate`` seconds, off the
-CPU) that share one render, as DataCompDR's two ViT-L-14 teachers do, and no captioner. Interleaved round by
-round after a warm-up:
+CPU) that share one render, as DataCompDR's two ViT-L-14 teachers do, and the tiny CoCa (random weights) writing
+``--captions`` captions of at most ``--caption-len`` tokens (a job needs S >= 1; keep it short, its CPU competes
+with rendering). Interleaved round by round after a warm-up:
 
 * render stage: the pipeline as it is (`RenderViews` CPU tasks feed the teacher actor uint8 views);
 * render in actor: the earlier design (the teacher actor decodes and renders its views before each forward);
@@ -43,7 +44,8 @@ round after a warm-up:
 Busy fraction of a device (a teacher actor) = time inside the simulated forwards / wall time from its first
 forward's start to its last forward's end. Cores per device the recipe needs = render CPU s a sample x the
 device's samples/s (rate / (K x teachers)); when that exceeds the cores this machine can give rendering (all but
-one, which the driver, Ray and the actor keep busy), rendering is the limit and the busy fraction says by how much.
+one, which the driver, Ray and the actor keep busy, times the share of a core the one-process render got: below 1
+on a loaded machine), rendering is the limit and the busy fraction says by how much.
 """
 
 from __future__ import annotations
@@ -336,6 +338,7 @@ def main_sim(args: argparse.Namespace) -> int:
 
     from clipdr.cluster import ensure_ray
     from clipdr.models import sim_accel
+    from clipdr.models.captioners import TINY_COCA
     from clipdr.reinforce.run import plan
 
     torch.set_num_threads(1)
@@ -354,8 +357,9 @@ def main_sim(args: argparse.Namespace) -> int:
                 source=_world(args, root),
                 output=str(root / "reinforced"),
                 num_augmentations=args.views,
-                num_syn_captions=0,
+                num_syn_captions=args.captions,
                 teachers=teachers,
+                captioner=CaptionerConfig(model=TINY_COCA, pretrained="", max_len=args.caption_len),
                 resources=ReinforceResources(batch_size=args.batch_size, cpus_per_actor=args.threads),
             )
         )
@@ -384,12 +388,14 @@ def main_sim(args: argparse.Namespace) -> int:
     device_sps = args.sim_rate / (args.views * SIM_TEACHERS)
     cores_needed = render_s.median * device_sps
     cores = os.cpu_count() or 1
-    cores_for_render = max(1, cores - 1)
+    share = timing.summarize([m.cpu_s / m.wall_s for m in results["render CPU"]])
+    cores_for_render = max(1, cores - 1) * min(1.0, share.median)  # a loaded machine gives each process less
     limit = (
         f"rendering is the limit: the recipe needs {cores_needed:.2f} cores per device, this machine gives "
-        f"rendering {cores_for_render} (of {cores})"
+        f"rendering about {cores_for_render:.2f} ({cores} cores, all but one, x the share of a core a process got)"
         if cores_needed > cores_for_render
-        else f"CPU for rendering suffices: {cores_needed:.2f} cores per device needed, {cores_for_render} here"
+        else f"CPU for rendering suffices: {cores_needed:.2f} cores per device needed, about {cores_for_render:.2f} "
+        "here"
     )
     rows = [
         ("**busy fraction, render stage (this design)**", timing.summarize(busy_stage).format()),
@@ -406,12 +412,17 @@ def main_sim(args: argparse.Namespace) -> int:
         ("device samples/s at full busy: rate / (K x teachers)", f"{device_sps:.1f}"),
         ("render CPU ms a sample (decode + render once for both teachers)", render_s.scaled(1e3).format(".2f")),
         ("cores per device needed: render CPU s a sample x device samples/s", f"{cores_needed:.2f}"),
+        (
+            "share of a core the one-process render got (CPU s / wall s: < 1 on a loaded machine)",
+            share.format(),
+        ),
         ("devices (teacher actors) traced per run", ", ".join(str(n) for n in stage.devices[kept])),
         ("verdict", limit),
     ]
     setup = (
         f"{args.shards} shards x {args.shard_size} samples, K={args.views}, batch {args.batch_size}, "
-        f"{SIM_TEACHERS} teachers {model} ({args.sim_rate:g} views/s each, one render shared), no captioner, "
+        f"{SIM_TEACHERS} teachers {model} ({args.sim_rate:g} views/s each, one render shared), "
+        f"captioner {TINY_COCA} (S={args.captions}, max_len {args.caption_len}), "
         f"{cores} cores, Ray CPUs {ray_cpus:g}, load average at the end {os.getloadavg()[0]:.1f}; median (min-max) "
         f"of {args.rounds} interleaved rounds after {args.warmup} warm-up"
     )
