@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure the busy fraction of a simulated accelerator of this many views/s instead (see above)",
     )
     parser.add_argument("--sim-size", type=int, default=64, help="input size of the simulated teachers (px)")
+    parser.add_argument(
+        "--ray-cpus", type=int, help="with --sim-rate: logical CPUs of the local Ray (default: the job's local Ray)"
+    )
 
 
 def _group(proc: psutil.Process) -> str:
@@ -336,7 +339,7 @@ def _world(args: argparse.Namespace, root: Path) -> str:
 def main_sim(args: argparse.Namespace) -> int:
     import ray
 
-    from clipdr.cluster import ensure_ray
+    from clipdr.cluster import ensure_ray, start_local
     from clipdr.models import sim_accel
     from clipdr.models.captioners import TINY_COCA
     from clipdr.reinforce.run import plan
@@ -372,7 +375,10 @@ def main_sim(args: argparse.Namespace) -> int:
         saved = os.environ.get(sim_accel.TRACE_DIR_ENV)
         os.environ[sim_accel.TRACE_DIR_ENV] = str(trace_dir)  # the local Ray's processes inherit it
         try:
-            ensure_ray()
+            if args.ray_cpus:
+                start_local(num_cpus=args.ray_cpus)
+            else:
+                ensure_ray()
             ray_cpus = ray.cluster_resources().get("CPU", 0)
             results = timing.run_rounds(things, args.rounds, args.warmup, progress=progress)
         finally:
