@@ -357,6 +357,10 @@ REGISTRY: dict[str, Entry] = {
         "minutes; the simulated teacher's busy accounting through the stages is tested by tests/unit/"
         "test_reinforce_stages.py::test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy_time"
     ),
+    "python jobs/benchmark.py reinforce --sim-rate --sim-size --views --shards --shard-size --bound-shards "
+    "--batch-size --captions --caption-len --rounds --warmup --ray-cpus --output": External(
+        "the same benchmark as above with a local Ray of more logical CPUs: a Ray of its own, minutes"
+    ),
     "python -m pytest -m": External("runs the slow test tier itself (2-3 minutes); its file is checked to exist"),
     # docs/reliability.md: memory measurements; each behaviour measured has its own test, named beside the figure.
     **{
