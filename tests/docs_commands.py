@@ -359,6 +359,16 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py reinforce --shards --shard-size --bound-shards --output": CoveredBy(
         ("tests/integration/test_benchmarks.py::test_reinforce_benchmark_runs_at_toy_size",)
     ),
+    "python jobs/benchmark.py reinforce --sim-rate --sim-size --views --shards --shard-size --bound-shards "
+    "--batch-size --captions --caption-len --rounds --warmup --output": External(
+        "starts a Ray of its own (its workers inherit the trace dir), so it cannot share the suite's, and runs for "
+        "minutes; the simulated teacher's busy accounting through the stages is tested by tests/unit/"
+        "test_reinforce_stages.py::test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy_time"
+    ),
+    "python jobs/benchmark.py reinforce --sim-rate --sim-size --views --shards --shard-size --bound-shards "
+    "--batch-size --captions --caption-len --rounds --warmup --ray-cpus --output": External(
+        "the same benchmark as above with a local Ray of more logical CPUs: a Ray of its own, minutes"
+    ),
     "python -m pytest -m": External("runs the slow test tier itself (2-3 minutes); its file is checked to exist"),
     # docs/reliability.md: memory measurements; each behaviour measured has its own test, named beside the figure.
     **{

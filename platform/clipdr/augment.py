@@ -70,7 +70,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import PIL.Image
@@ -79,7 +79,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 if TYPE_CHECKING:  # records imports this module (encoded views); the spec is only annotated here
-    from clipdr.records import AugmentSpec
+    from clipdr.records import AugmentSpec, TeacherSpec
 
 # torchvision.transforms.v2.RandAugment._AUGMENTATION_SPACE, in its order: op_index indexes this tuple.
 OP_NAMES: tuple[str, ...] = (
@@ -562,11 +562,16 @@ def replay(
 
 
 def normalize(
-    view: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+    views_uint8: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 views (..., 3, H, W) scaled to [0, 1] and normalised, in ``dtype``: elementwise, so a batch on a device
-    gives each view the values `replay` gives it alone (training ships uint8 views and normalises them here)."""
-    return F.normalize(F.to_dtype(view, dtype, scale=True), mean=list(mean), std=list(std))
+    """uint8 views (..., 3, H, W), on any device, scaled to [0, 1] and normalised: the one normalisation of a
+    replayed view, whether `replay` runs it on the CPU, a reinforcement model actor or a training step on its
+    device after the uint8 views arrived. Elementwise, so a batch gives each view the values it gets alone.
+
+    Returns:
+        Views of the same shape in ``dtype``, on the same device.
+    """
+    return F.normalize(F.to_dtype(views_uint8, dtype, scale=True), mean=list(mean), std=list(std))
 
 
 def render(
@@ -588,3 +593,32 @@ def render(
     image_size = image.size if isinstance(image, PIL.Image.Image) else (image.shape[-1], image.shape[-2])
     params = sample(image_size, key, aug_index, spec, seed)
     return replay(image, params, size, mean, std, interpolation), params
+
+
+class RenderKey(NamedTuple):
+    """What a uint8 view depends on besides the image and its params. Teachers that share it share one render:
+    mean and std are applied after (`normalize`, on the model's device)."""
+
+    image_size: int
+    interpolation: str
+
+    @classmethod
+    def of(cls, spec: TeacherSpec) -> RenderKey:
+        return cls(spec.image_size, spec.interpolation)
+
+
+def render_keys(specs: Sequence[TeacherSpec]) -> list[RenderKey]:
+    """The distinct renders a teacher ensemble needs, in teacher order."""
+    return list(dict.fromkeys(RenderKey.of(s) for s in specs))
+
+
+def render_views(
+    images: Sequence[PIL.Image.Image | torch.Tensor], views: Sequence[Sequence[AugParams]], key: RenderKey
+) -> np.ndarray:
+    """(N, K, 3, S, S) uint8: each image's stored views replayed (`replay_uint8`) at one render's size and
+    interpolation; every image has the same number K of views."""
+    views_NK_CHW = [
+        torch.stack([replay_uint8(image, params, key.image_size, key.interpolation) for params in image_views])
+        for image, image_views in zip(images, views, strict=True)
+    ]
+    return torch.stack(views_NK_CHW).numpy()

@@ -138,7 +138,7 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     for row in (0, 5):
         image = sources.decode_rgb(table.column(records.IMAGE)[row].as_py())
         views = augment.views_from_array(views_NKL[row])
-        direct = teacher.embed_views([torch.from_numpy(np.asarray(image)).permute(2, 0, 1)], [views])[0]
+        direct = teacher.embed_views(augment.render_views([image], [views], augment.RenderKey.of(teacher.spec)))[0]
         np.testing.assert_allclose(records.image_embeddings(table, "mci")[row], direct, atol=2e-3)
         captions = [table.column(records.CAPTION)[row].as_py(), *table.column(records.SYN_CAPTIONS)[row].as_py()]
         np.testing.assert_allclose(

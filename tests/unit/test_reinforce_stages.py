@@ -16,7 +16,7 @@ from clipdr import augment, records, storage
 from clipdr.data import sources
 from clipdr.reinforce import stages
 from tests.conftest import FlakyFileSystem
-from tests.unit.test_records import make_columns, make_manifest
+from tests.unit.test_records import K, make_columns, make_manifest
 from tests.unit.test_sources import _samples
 
 
@@ -151,3 +151,85 @@ def test_a_shard_the_storage_fails_to_read_raises_and_writes_nothing(tmp_path, m
         rows.extend(read.read(stages.ShardTask(shard, "s.parquet")))
     assert rows and not any(row[stages.LAST_CHUNK] for row in rows)
     assert not (tmp_path / "out").exists()
+
+
+def _embed_input(tmp_path, teachers, num_samples: int = 5) -> tuple[list, records.Manifest, dict[str, np.ndarray]]:
+    """A loaded ensemble, its manifest (K views, no captioner) and the one chunk row ReadShards makes of a shard."""
+    from clipdr.models.teachers import TeacherEnsemble
+
+    ensemble = TeacherEnsemble(teachers)
+    manifest = make_manifest(teachers=ensemble.specs, num_syn_captions=0)
+    sources.write_webdataset_shard(str(tmp_path / "s.tar"), _samples(num_samples, size=40))
+    read = stages.ReadShards(num_samples, str(tmp_path / "out"), manifest, "fingerprint")
+    (row,) = read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet"))
+    return ensemble, manifest, stages._stream_row(row)
+
+
+def test_views_render_once_per_teacher_render_and_embed_like_trainings_replay(tmp_path):
+    """The CPU stage renders one uint8 view set per (size, interpolation), not per teacher; the model stage's
+    embeddings equal a forward of `augment.replay`'s float views (what training replays), bit for bit."""
+    import torch
+
+    from clipdr.config import TeacherConfig
+
+    teachers = (
+        TeacherConfig(name="vit", model="clipdr-tiny-vit"),  # 32 px bicubic, OpenAI mean/std
+        TeacherConfig(name="mci", model="clipdr-tiny-mci"),  # 64 px bilinear, no normalisation
+        TeacherConfig(name="sim", model="clipdr-sim-accel-32@100000"),  # shares the ViT's render
+    )
+    ensemble, manifest, batch = _embed_input(tmp_path, teachers)
+    rendered = stages.unpack_chunk(stages.RenderViews(manifest.teachers)(batch)[stages.CHUNK][0])
+    view_columns = sorted(c for c in rendered if c.startswith(stages.VIEWS_PREFIX))
+    assert view_columns == ["_views_32_bicubic", "_views_64_bilinear"]
+    assert rendered["_views_64_bilinear"].dtype == np.uint8 and rendered["_views_64_bilinear"].shape[1:] == (
+        K,
+        3,
+        64,
+        64,
+    )
+
+    embedded = stages.unpack_chunk(stages.Embed(teachers, "cpu", 1)(batch)[stages.CHUNK][0])
+    assert not any(c.startswith(stages.VIEWS_PREFIX) for c in embedded)  # views never reach the writer
+    images = [sources.decode_rgb(bytes(b)) for b in rendered[records.IMAGE]]
+    views = [augment.views_from_array(v) for v in rendered[records.AUG_PARAMS]]
+    for teacher in ensemble.teachers:
+        s = teacher.spec
+        replayed_BCHW = torch.stack(
+            [
+                augment.replay(im, p, s.image_size, s.mean, s.std, s.interpolation)
+                for im, vs in zip(images, views, strict=True)
+                for p in vs
+            ]
+        )
+        with torch.inference_mode():
+            direct_BD = torch.nn.functional.normalize(teacher.model.encode_image(replayed_BCHW).float(), dim=-1)
+        direct_NKD = direct_BD.reshape(len(images), K, -1).numpy().astype(np.float16)
+        assert np.array_equal(embedded[records.image_emb_column(s.name)], direct_NKD), s.name
+
+
+def test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy_time(tmp_path, monkeypatch):
+    from clipdr.config import TeacherConfig
+    from clipdr.models import sim_accel
+
+    monkeypatch.setenv(sim_accel.TRACE_DIR_ENV, str(tmp_path))
+    teachers = (TeacherConfig(name="sim", model="clipdr-sim-accel-16@2000"),)
+    _, manifest, batch = _embed_input(tmp_path, teachers, num_samples=6)
+    rendered = stages.RenderViews(manifest.teachers)(batch)
+    stage = stages.Embed(teachers, "cpu", 1)
+    out = stages.unpack_chunk(stage(rendered)[stages.CHUNK][0])
+    in_actor = stages.unpack_chunk(stages.Embed(teachers, "cpu", 1, render_in_actor=True)(batch)[stages.CHUNK][0])
+
+    emb_NKD = out[records.image_emb_column("sim")]
+    assert emb_NKD.shape == (6, K, sim_accel.EMBED_DIM)
+    np.testing.assert_allclose(np.linalg.norm(emb_NKD.astype(np.float32), axis=-1), 1.0, atol=2e-3)  # fp16 rounding
+    assert np.array_equal(emb_NKD, in_actor[records.image_emb_column("sim")])  # either design, the same output
+    (device,) = sim_accel.read_traces(tmp_path).values()  # one process: both Embed stages' models, in start order
+    assert [views for _, _, views in device] == [6 * K, 6 * K]
+    assert all(end - start >= 6 * K / 2000 for start, end, _ in device)  # slept its views' time
+    intervals = stage.ensemble.teachers[0].model.busy
+    assert intervals == [(pytest.approx(device[0][0], abs=1e-5), pytest.approx(device[0][1], abs=1e-5))]
+    assert sim_accel.busy_fraction(intervals) == 1.0  # one forward: busy all its wall time
+    assert sim_accel.busy_fraction([(0.0, 1.0), (3.0, 4.0)]) == pytest.approx(0.5)
+    assert sim_accel.busy_fraction([]) == 0.0
+    with pytest.raises(ValueError, match="clipdr-sim-accel-<size px>"):
+        sim_accel.parse("clipdr-sim-accel-x")

@@ -16,7 +16,9 @@ torch threads on both sides (``--threads``: the bound's process and every model 
 Ratios are per round, then median (min-max) over rounds:
 
 * CPU efficiency of the actors = bound CPU s a sample / CPU s a sample of the pipeline's actors (the processes
-  that run its stages; with Ray Data's current fusion the read runs inside the captioner's actor). At most 1 for
+  that run its model stages; with Ray Data's current fusion the read runs inside the captioner's actor). Since
+  views are rendered in CPU tasks (`RenderViews`), rendering counts under the pooled task workers, not the actors:
+  compare across that change with the all-processes row. At most 1 for
   stages that add nothing to the work; 1 - efficiency is what they spend beyond it (decoding again, transport,
   writing). CPU time counts only the slices each process ran, so it holds on a shared machine: the headline.
 * CPU efficiency, all processes = the same over every process of the job, adding the driver, Ray's own processes
@@ -27,6 +29,23 @@ Ratios are per round, then median (min-max) over rounds:
   runs' wall times, which moves with the neighbours' load: a secondary number on a shared machine.
 
 Storage: bytes of the stored embedding columns per sample against the fp16 arithmetic (K + 1 + S) x sum(D) x 2.
+
+With ``--sim-rate VIEWS_PER_S`` it measures instead whether the pipeline keeps a device busy, without a device:
+two simulated-accelerator teachers (`clipdr.models.sim_accel`: a forward sleeps ``views / rate`` seconds, off the
+CPU) that share one render, as DataCompDR's two ViT-L-14 teachers do, and the tiny CoCa (random weights) writing
+``--captions`` captions of at most ``--caption-len`` tokens (a job needs S >= 1; keep it short, its CPU competes
+with rendering). Interleaved round by round after a warm-up:
+
+* render stage: the pipeline as it is (`RenderViews` CPU tasks feed the teacher actor uint8 views);
+* render in actor: the earlier design (the teacher actor decodes and renders its views before each forward);
+* render CPU: decoding and rendering the first ``--bound-shards`` shards in this process (one thread), the CPU
+  a sample that rendering needs.
+
+Busy fraction of a device (a teacher actor) = time inside the simulated forwards / wall time from its first
+forward's start to its last forward's end. Cores per device the recipe needs = render CPU s a sample x the
+device's samples/s (rate / (K x teachers)); when that exceeds the cores this machine can give rendering (all but
+one, which the driver, Ray and the actor keep busy, times the share of a core the one-process render got: below 1
+on a loaded machine), rendering is the limit and the busy fraction says by how much.
 """
 
 from __future__ import annotations
@@ -67,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="measured rounds")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first")
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
+    parser.add_argument(
+        "--sim-rate",
+        type=float,
+        help="measure the busy fraction of a simulated accelerator of this many views/s instead (see above)",
+    )
+    parser.add_argument("--sim-size", type=int, default=64, help="input size of the simulated teachers (px)")
+    parser.add_argument(
+        "--ray-cpus", type=int, help="with --sim-rate: logical CPUs of the local Ray (default: the job's local Ray)"
+    )
 
 
 def _group(proc: psutil.Process) -> str:
@@ -178,6 +206,7 @@ class _Bound:
         self.augment_spec = records.AugmentSpec.from_config(config.augment)
         self.tasks = tasks
         self.ensemble, self.captioner = ensemble, captioner
+        self.render_keys = augment.render_keys(ensemble.specs)
         self.cpu_clock = cpu_clock
         self.parts: list[dict[str, float]] = []  # CPU s of each of BOUND_PARTS, per call
 
@@ -202,7 +231,8 @@ class _Bound:
                     augment.sample_views(s.image.size, s.key, cfg.num_augmentations, self.augment_spec, cfg.seed)
                     for s in chunk
                 ]
-                self.ensemble.embed(images, views, [[s.caption, *c] for s, c in zip(chunk, syn, strict=True)])
+                rendered = {key: augment.render_views(images, views, key) for key in self.render_keys}
+                self.ensemble.embed(rendered, [[s.caption, *c] for s, c in zip(chunk, syn, strict=True)])
                 parts["teachers: render + forward"] += clock() - cpu
         wall_s = time.perf_counter() - wall
         self.parts.append(parts)
@@ -226,7 +256,199 @@ def _storage(output: str, p) -> tuple[float, float]:
     return emb_bytes / rows_total, file_bytes / rows_total
 
 
+SIM_TEACHERS = 2  # like DataCompDR's two ViT-L-14 teachers: one render feeds both
+
+
+class _SimPipeline:
+    """The job over every shard with simulated-accelerator teachers, one design; per call, the devices' mean busy
+    fraction (kept in ``busy``) and a `timing.Measurement` of the busy window (wall: first forward's start to last
+    forward's end, cpu: time inside forwards, items: samples)."""
+
+    def __init__(self, config: Config, p, root: Path, trace_dir: Path, render_in_actor: bool) -> None:
+        self.config, self.plan, self.root, self.trace_dir = config, p, root, trace_dir
+        self.render_in_actor = render_in_actor
+        self.name = "actor" if render_in_actor else "stage"
+        self.runs = 0
+        self.busy: list[float] = []
+        self.devices: list[int] = []
+
+    def __call__(self) -> timing.Measurement:
+        from clipdr.models import sim_accel
+        from clipdr.reinforce.pipeline import run_pipeline
+
+        self.runs += 1
+        cfg = dataclasses.replace(self.config.reinforce, output=str(self.root / f"sim-{self.name}-{self.runs}"))
+        rows: list[int] = []
+        for stale in self.trace_dir.glob("*.trace"):
+            stale.unlink()
+        run_pipeline(
+            cfg,
+            self.plan.tasks,
+            self.plan.manifest,
+            self.plan.fingerprint,
+            lambda name, num_rows, written_at: rows.append(num_rows),
+            render_in_actor=self.render_in_actor,
+        )
+        devices = sim_accel.read_traces(self.trace_dir)
+        if not devices:
+            raise RuntimeError(f"no simulated forwards were traced: was Ray started with {sim_accel.TRACE_DIR_ENV}?")
+        fractions = [sim_accel.busy_fraction([(a, b) for a, b, _ in forwards]) for forwards in devices.values()]
+        self.busy.append(sum(fractions) / len(fractions))
+        self.devices.append(len(devices))
+        starts = [a for forwards in devices.values() for a, _, _ in forwards]
+        ends = [b for forwards in devices.values() for _, b, _ in forwards]
+        inside = sum(b - a for forwards in devices.values() for a, b, _ in forwards)
+        return timing.Measurement(max(ends) - min(starts), inside, sum(rows))
+
+
+class _RenderCost:
+    """Decoding and rendering ``tasks``' chunks in this process, one thread: the CPU a sample rendering needs."""
+
+    def __init__(self, config: Config, p, tasks, root: Path) -> None:
+        from clipdr.reinforce import stages
+
+        self.read = stages.ReadShards(config.reinforce.resources.batch_size, str(root / "unused"), p.manifest, "")
+        self.keys = augment.render_keys(p.manifest.teachers)
+        self.tasks = tasks
+
+    def __call__(self) -> timing.Measurement:
+        from clipdr.reinforce import stages
+
+        chunks = [stages.unpack_chunk(row[stages.CHUNK]) for task in self.tasks for row in self.read.read(task)]
+        wall, cpu = time.perf_counter(), time.thread_time()
+        for chunk in chunks:
+            stages.render_chunk(chunk, self.keys)
+        return timing.Measurement(
+            time.perf_counter() - wall, time.thread_time() - cpu, sum(len(c[records.KEY]) for c in chunks)
+        )
+
+
+def _world(args: argparse.Namespace, root: Path) -> str:
+    world = SynthConfig(
+        output=str(root / "world"),
+        num_teacher=0,
+        num_student=args.shards * args.shard_size,
+        num_zeroshot=0,
+        num_retrieval=0,
+        shard_size=args.shard_size,
+    )
+    synthetic.generate(world)
+    return str(root / "world" / "student")
+
+
+def main_sim(args: argparse.Namespace) -> int:
+    import ray
+
+    from clipdr.cluster import ensure_ray, start_local
+    from clipdr.models import sim_accel
+    from clipdr.models.captioners import TINY_COCA
+    from clipdr.reinforce.run import plan
+
+    torch.set_num_threads(1)
+    progress = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    if ray.is_initialized():
+        print("reinforce --sim-rate: needs a Ray of its own (its workers must inherit the trace dir)", file=sys.stderr)
+        return 2
+    model = f"{sim_accel.PREFIX}{args.sim_size}@{args.sim_rate:g}"
+    teachers = tuple(TeacherConfig(name=f"sim{i}", model=model) for i in range(SIM_TEACHERS))
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        trace_dir = root / "traces"
+        trace_dir.mkdir()
+        config = Config(
+            reinforce=ReinforceConfig(
+                source=_world(args, root),
+                output=str(root / "reinforced"),
+                num_augmentations=args.views,
+                num_syn_captions=args.captions,
+                teachers=teachers,
+                captioner=CaptionerConfig(model=TINY_COCA, pretrained="", max_len=args.caption_len),
+                resources=ReinforceResources(batch_size=args.batch_size, cpus_per_actor=args.threads),
+            )
+        )
+        p = plan(config)
+        things = {
+            "render stage": _SimPipeline(config, p, root, trace_dir, render_in_actor=False),
+            "render in actor": _SimPipeline(config, p, root, trace_dir, render_in_actor=True),
+            "render CPU": _RenderCost(config, p, p.tasks[: args.bound_shards], root),
+        }
+        saved = os.environ.get(sim_accel.TRACE_DIR_ENV)
+        os.environ[sim_accel.TRACE_DIR_ENV] = str(trace_dir)  # the local Ray's processes inherit it
+        try:
+            if args.ray_cpus:
+                start_local(num_cpus=args.ray_cpus)
+            else:
+                ensure_ray()
+            ray_cpus = ray.cluster_resources().get("CPU", 0)
+            results = timing.run_rounds(things, args.rounds, args.warmup, progress=progress)
+        finally:
+            ray.shutdown()
+            os.environ.pop(sim_accel.TRACE_DIR_ENV)
+            if saved is not None:
+                os.environ[sim_accel.TRACE_DIR_ENV] = saved
+
+    kept = slice(args.warmup, None)
+    stage, in_actor = things["render stage"], things["render in actor"]
+    busy_stage, busy_actor = stage.busy[kept], in_actor.busy[kept]
+    render_s = timing.per_item(results["render CPU"], "cpu")
+    device_sps = args.sim_rate / (args.views * SIM_TEACHERS)
+    cores_needed = render_s.median * device_sps
+    cores = os.cpu_count() or 1
+    share = timing.summarize([m.cpu_s / m.wall_s for m in results["render CPU"]])
+    cores_for_render = max(1, cores - 1) * min(1.0, share.median)  # a loaded machine gives each process less
+    limit = (
+        f"rendering is the limit: the recipe needs {cores_needed:.2f} cores per device, this machine gives "
+        f"rendering about {cores_for_render:.2f} ({cores} cores, all but one, x the share of a core a process got)"
+        if cores_needed > cores_for_render
+        else f"CPU for rendering suffices: {cores_needed:.2f} cores per device needed, about {cores_for_render:.2f} "
+        "here"
+    )
+    rows = [
+        ("**busy fraction, render stage (this design)**", timing.summarize(busy_stage).format()),
+        ("busy fraction, render in actor (earlier design)", timing.summarize(busy_actor).format()),
+        (
+            "busy fraction ratio, stage / in actor (paired by round)",
+            timing.summarize([a / b for a, b in zip(busy_stage, busy_actor, strict=True)]).format(),
+        ),
+        ("samples/s in the busy window, render stage", timing.rate(results["render stage"], "wall").format(".1f")),
+        (
+            "samples/s in the busy window, render in actor",
+            timing.rate(results["render in actor"], "wall").format(".1f"),
+        ),
+        ("device samples/s at full busy: rate / (K x teachers)", f"{device_sps:.1f}"),
+        ("render CPU ms a sample (decode + render once for both teachers)", render_s.scaled(1e3).format(".2f")),
+        ("cores per device needed: render CPU s a sample x device samples/s", f"{cores_needed:.2f}"),
+        (
+            "share of a core the one-process render got (CPU s / wall s: < 1 on a loaded machine)",
+            share.format(),
+        ),
+        ("devices (teacher actors) traced per run", ", ".join(str(n) for n in stage.devices[kept])),
+        ("verdict", limit),
+    ]
+    setup = (
+        f"{args.shards} shards x {args.shard_size} samples, K={args.views}, batch {args.batch_size}, "
+        f"{SIM_TEACHERS} teachers {model} ({args.sim_rate:g} views/s each, one render shared), "
+        f"captioner {TINY_COCA} (S={args.captions}, max_len {args.caption_len}), "
+        f"{cores} cores, Ray CPUs {ray_cpus:g}, load average at the end {os.getloadavg()[0]:.1f}; median (min-max) "
+        f"of {args.rounds} interleaved rounds after {args.warmup} warm-up"
+    )
+    _report(args, f"Simulated accelerator busy fraction ({setup})", rows)
+    return 0
+
+
+def _report(args: argparse.Namespace, title: str, rows: list[tuple[str, str]]) -> None:
+    table = "\n".join([title, "", "| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    print(table)
+    if args.output:
+        command = "python jobs/benchmark.py reinforce " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output" and v is not None
+        )
+        Path(args.output).write_text(f"Measured with `{command}`.\n\n{table}\n")
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.sim_rate is not None:
+        return main_sim(args)
     import ray
 
     from clipdr.cluster import ensure_ray
@@ -242,15 +464,7 @@ def main(args: argparse.Namespace) -> int:
     progress = lambda msg: print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        world = SynthConfig(
-            output=str(root / "world"),
-            num_teacher=0,
-            num_student=args.shards * args.shard_size,
-            num_zeroshot=0,
-            num_retrieval=0,
-            shard_size=args.shard_size,
-        )
-        synthetic.generate(world)
+        source = _world(args, root)
         torch.manual_seed(0)
         for name in ("clipdr-tiny-vit", "clipdr-tiny-mci"):
             torch.save(create_model(name).state_dict(), root / f"{name}.pt")
@@ -262,7 +476,7 @@ def main(args: argparse.Namespace) -> int:
         captioner_cfg = CaptionerConfig(model=TINY_COCA, pretrained=str(root / "coca.pt"), max_len=args.caption_len)
         config = Config(
             reinforce=ReinforceConfig(
-                source=str(root / "world" / "student"),
+                source=source,
                 output=str(root / "reinforced"),
                 num_augmentations=args.views,
                 num_syn_captions=args.captions,
@@ -358,19 +572,5 @@ def main(args: argparse.Namespace) -> int:
         f"{TINY_COCA} (max_len {args.caption_len}), CPU, {args.threads} torch thread(s) in the bound and in each "
         f"model actor; median (min-max) of {args.rounds} interleaved rounds after {args.warmup} warm-up"
     )
-    table = "\n".join(
-        [
-            f"Reinforcement throughput ({setup})",
-            "",
-            "| measure | value |",
-            "|---|---|",
-            *(f"| {k} | {v} |" for k, v in rows),
-        ]
-    )
-    print(table)
-    if args.output:
-        command = "python jobs/benchmark.py reinforce " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output" and v is not None
-        )
-        Path(args.output).write_text(f"Measured with `{command}`.\n\n{table}\n")
+    _report(args, f"Reinforcement throughput ({setup})", rows)
     return 0

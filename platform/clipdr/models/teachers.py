@@ -1,8 +1,15 @@
 """Teacher CLIP models (open_clip) that embed stored views and captions: reinforcement, online distillation.
 
-Each teacher replays the same stored views (`augment.replay`) at its own input size, interpolation and
-mean/std, so teachers of different resolutions see the same crops. Embeddings are L2-normalised in fp32 and
-returned as fp16, the dtype the reinforced record stores.
+Each teacher embeds the same stored views replayed (`augment.replay_uint8`) at its own input size and
+interpolation, so teachers of different resolutions see the same crops. Rendering is apart from the model: the
+views of all teachers that share an `augment.RenderKey` are rendered once, as uint8 (`augment.render_views`; in
+the reinforcement job a CPU stage does it), and a teacher only normalises them with its own mean/std on its device
+and runs its forward (`Teacher.embed_views`): the same pixels and the same normalisation (`augment.normalize`) as
+`augment.replay`, which training replays views with. Embeddings are L2-normalised in fp32 and returned as fp16,
+the dtype the reinforced record stores.
+
+``clipdr-sim-accel-<size>[@<views/s>]`` names a simulated accelerator (`clipdr.models.sim_accel`), a teacher
+whose forward sleeps a fixed time per view, for measuring the pipeline without a device.
 
 Shape suffixes: N samples, K views a sample, T captions a sample (1 real + S synthetic), D embedding width,
 C/H/W channels and pixels, L tokens.
@@ -13,17 +20,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 import open_clip
-import PIL.Image
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2.functional import pil_to_tensor
 
 from clipdr import augment, models
 from clipdr.config import TeacherConfig
+from clipdr.models import sim_accel
 from clipdr.records import TeacherSpec, validate_teacher_name
 
 _SUPPORTED_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -43,6 +49,9 @@ def check_teacher(cfg: TeacherConfig) -> None:
     if cfg.logit_scale <= 0:
         raise TeacherError(f"{where}: logit_scale must be > 0, got {cfg.logit_scale}")
     try:
+        if sim_accel.is_sim(cfg.model):
+            sim_accel.parse(cfg.model)
+            return
         models.model_config(cfg.model) if not cfg.model.startswith("hf-hub:") else None
     except ValueError as e:
         raise TeacherError(f"{where}: {e}") from None
@@ -79,6 +88,8 @@ def _preprocess(cfg: TeacherConfig) -> models.Preprocess:
     open_clip's defaults (OpenAI mean/std, bicubic)."""
     if cfg.model in models.list_variants():
         return models.get_variant(cfg.model).preprocess
+    if sim_accel.is_sim(cfg.model):
+        return models.Preprocess.from_open_clip({})  # open_clip's defaults: OpenAI mean/std, bicubic
     tag_cfg = open_clip.get_pretrained_cfg(cfg.model, cfg.pretrained) if cfg.pretrained else {}
     return models.Preprocess.from_open_clip(tag_cfg)
 
@@ -92,6 +103,8 @@ def teacher_spec(cfg: TeacherConfig, offline: bool = False) -> TeacherSpec | Non
     check_teacher(cfg)
     if cfg.model.startswith("hf-hub:"):
         return None if offline else Teacher(cfg, torch.device("cpu")).spec
+    if sim_accel.is_sim(cfg.model):
+        return _make_spec(cfg, sim_accel.EMBED_DIM, sim_accel.parse(cfg.model).image_size, _preprocess(cfg))
     model_cfg = models.model_config(cfg.model)
     return _make_spec(cfg, model_cfg["embed_dim"], model_cfg["vision_cfg"]["image_size"], _preprocess(cfg))
 
@@ -118,15 +131,26 @@ def _make_spec(cfg: TeacherConfig, embed_dim: int, size: int | Sequence[int], pp
     )
 
 
+def _sim_tokenizer():
+    return models.get_tokenizer("clipdr-tiny-vit")  # open_clip's default BPE tokenizer, shipped with open_clip
+
+
 class Teacher:
-    """One loaded teacher: model and tokenizer; views are rendered with its `TeacherSpec`'s preprocessing."""
+    """One loaded teacher: model and tokenizer; embeds uint8 views rendered with its `TeacherSpec`'s size and
+    interpolation, normalised with its mean/std on its device."""
 
     def __init__(self, cfg: TeacherConfig, device: torch.device, spec: TeacherSpec | None = None) -> None:
         check_teacher(cfg)
         self.device = device
-        with seeded_init(cfg.name):  # without weights, every actor and every rerun builds the same model
-            self.model = models.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device).eval()
-        self.tokenizer = models.get_tokenizer(cfg.model)
+        if sim_accel.is_sim(cfg.model):
+            self.tokenizer = _sim_tokenizer()
+            vocab_size = self.tokenizer.vocab_size
+            model = sim_accel.SimAccel(sim_accel.parse(cfg.model), vocab_size, self.tokenizer.context_length)
+            self.model = model.to(device).eval()
+        else:
+            with seeded_init(cfg.name):  # without weights, every actor and every rerun builds the same model
+                self.model = models.create_model(cfg.model, pretrained=cfg.pretrained or None, device=device).eval()
+            self.tokenizer = models.get_tokenizer(cfg.model)
         if spec is None:  # an hf-hub model: take what the hub's config attached to the model
             with torch.inference_mode():
                 embed_dim = self.model.encode_text(self.tokenizer(["a"]).to(device)).shape[-1]
@@ -135,21 +159,22 @@ class Teacher:
         self.spec = spec
 
     @torch.inference_mode()
-    def embed_views(
-        self, images_CHW: Sequence[torch.Tensor], views: Sequence[Sequence[augment.AugParams]]
-    ) -> np.ndarray:
-        """(N, K, D) fp16 embeddings of each image's stored views, replayed at this teacher's resolution."""
-        spec = self.spec
-        views_NK_CHW = [
-            augment.replay(image_CHW, params, spec.image_size, spec.mean, spec.std, spec.interpolation)
-            for image_CHW, image_views in zip(images_CHW, views, strict=True)
-            for params in image_views
-        ]
-        batch_BCHW = torch.stack(views_NK_CHW).to(self.device)
+    def embed_views(self, views_NKCHW: np.ndarray) -> np.ndarray:
+        """(N, K, D) fp16 embeddings of uint8 views rendered at this teacher's `augment.RenderKey`
+        (`augment.render_views`).
+
+        Host-to-device copy of the uint8 views (a quarter of float32's bytes), normalisation and forward on the
+        device, device-to-host copy of the embeddings: nothing else runs here.
+        """
+        N, K = views_NKCHW.shape[:2]
+        assert views_NKCHW.dtype == np.uint8 and views_NKCHW.shape[-1] == self.spec.image_size, views_NKCHW.shape
+        views_NKCHW = np.require(views_NKCHW, requirements=("C", "W"))  # torch wants writable memory
+        views_BCHW = torch.from_numpy(views_NKCHW).flatten(0, 1).to(self.device)
+        batch_BCHW = augment.normalize(views_BCHW, self.spec.mean, self.spec.std)
         with _autocast(self.device):
             emb_BD = self.model.encode_image(batch_BCHW)
         emb_BD = F.normalize(emb_BD.float(), dim=-1)
-        return emb_BD.reshape(len(images_CHW), -1, emb_BD.shape[-1]).cpu().numpy().astype(np.float16)
+        return emb_BD.reshape(N, K, emb_BD.shape[-1]).cpu().numpy().astype(np.float16)
 
     @torch.inference_mode()
     def embed_texts(self, captions: Sequence[Sequence[str]]) -> np.ndarray:
@@ -179,11 +204,11 @@ class TeacherEnsemble:
         return tuple(t.spec for t in self.teachers)
 
     def embed(
-        self,
-        images: Sequence[PIL.Image.Image],
-        views: Sequence[Sequence[augment.AugParams]],
-        captions: Sequence[Sequence[str]],
+        self, views: Mapping[augment.RenderKey, np.ndarray], captions: Sequence[Sequence[str]]
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{teacher: (image_emb_NKD, text_emb_NTD)}`` for a batch of samples."""
-        images_CHW = [pil_to_tensor(image.convert("RGB")) for image in images]
-        return {t.spec.name: (t.embed_views(images_CHW, views), t.embed_texts(captions)) for t in self.teachers}
+        """``{teacher: (image_emb_NKD, text_emb_NTD)}`` for a batch of samples, from their uint8 views of every
+        `augment.render_keys` entry (``{key: views_NKCHW}``) and their captions."""
+        return {
+            t.spec.name: (t.embed_views(views[augment.RenderKey.of(t.spec)]), t.embed_texts(captions))
+            for t in self.teachers
+        }

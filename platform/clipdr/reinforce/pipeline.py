@@ -2,6 +2,7 @@
 
     source shards --ReadShards (tasks, CPU, streaming)--> chunks: samples + K sampled views
         --Caption (actor pool)--> + S synthetic captions
+        --RenderViews (tasks, CPU, as many as free CPUs allow)--> + uint8 views, once per distinct teacher render
         --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
         --WriteShards (one actor)--> complete output shards, one per source shard
 
@@ -18,10 +19,12 @@ other error drops its block at once. A shard with a dropped block never gets all
 output is not written; `run_pipeline` finishes the other shards and returns the failed ones, and the job exits
 naming them. A rerun redoes exactly those, since only complete output shards count as done.
 
-Only encoded image bytes and small arrays travel between stages: model stages decode the
-bytes themselves and render the views they need, so no pixel tensor goes through the object store. The captioner
-runs before the teachers so that a single actor embeds both the views and the 1+S captions with the teachers
-loaded once.
+Up to the captioner only encoded image bytes and small arrays travel (the captioner decodes its images itself).
+The teachers' views are rendered in a CPU stage of their own, sized by Ray Data's autoscaling apart from the model
+actors, and travel to the teacher actor as uint8 (`stages.RenderViews`), so the teacher actor only copies them to
+its device, normalises them there, runs its forwards and copies the embeddings back (docs/reinforce.md says why
+and what was measured). The captioner runs before the teachers so that a single actor embeds both the views and
+the 1+S captions with the teachers loaded once.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import ray
 from clipdr import records, storage
 from clipdr.cluster import ensure_ray, storage_runtime_env
 from clipdr.config import ReinforceConfig
-from clipdr.reinforce.stages import Caption, Embed, ReadShards, ShardTask, WriteShards
+from clipdr.reinforce.stages import Caption, Embed, ReadShards, RenderViews, ShardTask, WriteShards
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -144,9 +147,11 @@ def run_pipeline(
     manifest: records.Manifest,
     run_fingerprint: str,
     on_shard: Callable[[str, int, float], None],
+    render_in_actor: bool = False,
 ) -> dict[str, str]:
     """Reinforces ``tasks`` into ``cfg.output``; calls ``on_shard(name, rows, written_at)`` as each output shard
-    lands (``written_at``: the writer's ``time.time()`` when the file was complete).
+    lands (``written_at``: the writer's ``time.time()`` when the file was complete). ``render_in_actor`` runs the
+    earlier design, the teacher actor rendering its views itself (same output bytes), for the benchmark.
 
     Returns:
         ``{source shard: why}`` for the shards that failed (see the module docstring); empty when all were written.
@@ -176,9 +181,19 @@ def run_pipeline(
             compute=model_pool(res.captioner_actors),
             **model_actor,
         )
+    if not render_in_actor:
+        # Tasks, not actors: Ray Data runs as many as free CPUs allow. Its remote arguments differ from the teacher
+        # actor's, so Ray Data does not fuse it into that actor.
+        ds = ds.map_batches(
+            RenderViews(manifest.teachers),
+            batch_size=1,
+            num_cpus=1,
+            runtime_env=runtime_env,
+            **task_fault_args(res.crash_retries),
+        )
     ds = ds.map_batches(
         Embed,
-        fn_constructor_args=(cfg.teachers, device, threads),
+        fn_constructor_args=(cfg.teachers, device, threads, render_in_actor),
         compute=model_pool(res.teacher_actors),
         **model_actor,
     )

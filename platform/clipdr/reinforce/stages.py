@@ -13,6 +13,10 @@ Reading streams: a shard is never held whole, only two chunks of encoded samples
 it has all of them, then writes them in chunk order in one atomic file, so every output shard is either complete or
 absent, the same bytes whatever order chunks arrive in.
 
+Views are rendered apart from the model: `RenderViews` (a CPU stage) decodes a chunk's images and renders its
+views once per distinct teacher render (`augment.RenderKey`: size and interpolation) as uint8 columns, and `Embed`
+(the model stage) only normalises them on its device and runs the teachers, then drops them from the chunk.
+
 Shape suffixes: N samples, K views a sample, L encoded view length, S synthetic captions, D embedding width.
 """
 
@@ -40,6 +44,7 @@ LAST_CHUNK = "_last_chunk"  # the shard's last chunk: it also carries the two co
 SHARD_ROWS = "_shard_rows"  # valid samples in the shard (on its last chunk)
 SHARD_SKIPPED = "_shard_skipped"  # JSON {reason: count} of the shard (on its last chunk)
 SYN_PREFIX = "_syn_"  # synthetic caption j travels as column _syn_<j> (flat strings convert to Arrow cleanly)
+VIEWS_PREFIX = "_views_"  # uint8 (N, K, 3, S, S) views of one augment.RenderKey: column _views_<S>_<interpolation>
 SHARD_METADATA_KEY = b"clipdr.reinforce"  # Parquet footer metadata of an output shard: provenance + skip counts
 
 
@@ -271,27 +276,62 @@ def syn_captions(samples: dict[str, np.ndarray]) -> list[list[str]]:
     return [[str(samples[c][i]) for c in columns] for i in range(num_rows)]
 
 
+def views_column(key: augment.RenderKey) -> str:
+    return f"{VIEWS_PREFIX}{key.image_size}_{key.interpolation}"
+
+
+def render_chunk(samples: dict[str, np.ndarray], keys: Sequence[augment.RenderKey]) -> dict[str, np.ndarray]:
+    """Adds the chunk's uint8 views for each render in ``keys`` (`views_column`), decoding each image once."""
+    images = _decode(samples[records.IMAGE])
+    views = [augment.views_from_array(views_KL) for views_KL in samples[records.AUG_PARAMS]]
+    for key in keys:
+        samples[views_column(key)] = augment.render_views(images, views, key)
+    return samples
+
+
+class RenderViews:
+    """Decodes each chunk's images and renders its K stored views once per distinct teacher render, as uint8 (CPU
+    stage: Ray Data tasks, as many as free CPUs allow, sized apart from the model actors)."""
+
+    def __init__(self, teachers: Sequence[records.TeacherSpec]) -> None:
+        self.keys = augment.render_keys(teachers)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        torch.set_num_threads(1)  # a task reserves one CPU; many run side by side
+        return _map_chunks(batch, lambda samples: render_chunk(samples, self.keys))
+
+
 class Embed:
     """Adds every teacher's image embeddings of the K stored views and text embeddings of 1+S captions, one chunk
-    per forward."""
+    per forward. The views arrive rendered (`RenderViews`); with ``render_in_actor`` this stage renders them itself
+    before its forwards instead: the earlier design, kept so that the benchmark can compare the two in one run.
+    """
 
-    def __init__(self, teachers: Sequence[TeacherConfig], device: str, threads: int) -> None:
+    def __init__(
+        self, teachers: Sequence[TeacherConfig], device: str, threads: int, render_in_actor: bool = False
+    ) -> None:
         import torch
 
         from clipdr.models.teachers import TeacherEnsemble
 
         torch.set_num_threads(threads)
         self.ensemble = TeacherEnsemble(teachers, device=device)
+        self.keys = augment.render_keys(self.ensemble.specs)
+        self.render_in_actor = render_in_actor
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _map_chunks(batch, self.embed)
 
     def embed(self, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        views = [augment.views_from_array(views_KL) for views_KL in samples[records.AUG_PARAMS]]
+        if self.render_in_actor:
+            samples = render_chunk(samples, self.keys)
+        views = {key: samples.pop(views_column(key)) for key in self.keys}
         captions = [
             [str(real), *syn] for real, syn in zip(samples[records.CAPTION], syn_captions(samples), strict=True)
         ]
-        embedded = self.ensemble.embed(_decode(samples[records.IMAGE]), views, captions)
+        embedded = self.ensemble.embed(views, captions)
         for name, (image_emb_NKD, text_emb_NTD) in embedded.items():
             samples[records.image_emb_column(name)] = image_emb_NKD
             samples[records.text_emb_column(name)] = text_emb_NTD
