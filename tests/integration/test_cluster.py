@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import ray
 
@@ -62,3 +68,64 @@ def test_credentials_reach_the_workers_but_not_the_ray_logs(ray_local, monkeypat
     assert any(p.name.startswith("runtime_env_agent") for p in files), sorted(p.name for p in files)
     leaks = [str(p.relative_to(logs)) for p in files if secret.encode() in p.read_bytes()]
     assert not leaks, f"a credential is written in plain text to {leaks}"
+
+
+_DRIVER = """
+import sys, time
+import ray
+from clipdr.cluster import start_local
+
+start_local(num_cpus=1, log_to_driver=False, configure_logging=False)
+
+
+@ray.remote
+def write(path):
+    with open(path, "a") as f:
+        while True:
+            f.write("x\\n")
+            f.flush()
+            time.sleep(0.05)
+
+
+ref = write.remote(sys.argv[1])
+time.sleep(3600)
+"""
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def test_a_killed_driver_takes_the_workers_of_its_local_ray_with_it(tmp_path):
+    """A driver that started its own Ray (`start_local`, the embedded default) is SIGKILLed while a task of it
+    writes: the writing stops and no worker of that Ray lives on (Ray's kernel fate sharing). Ray's dashboard and
+    runtime-env agents do outlive it (docs/reliability.md#driver-death): they write nothing, and the test ends them."""
+    out = tmp_path / "written"
+    driver = subprocess.Popen(
+        [sys.executable, "-c", _DRIVER, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    ray_processes: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while _size(out) < 20:  # the task writes
+            assert driver.poll() is None and time.monotonic() < deadline, "the driver's task never wrote"
+            time.sleep(0.1)
+        ray_processes = psutil.Process(driver.pid).children(recursive=True)
+        os.kill(driver.pid, signal.SIGKILL)
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while True:  # the writer's process ends with the raylet
+            alive = [p for p in ray_processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+            if all("Agent" in " ".join(p.cmdline()) for p in alive):
+                break
+            assert time.monotonic() < deadline, f"alive 30 s after the kill: {[p.cmdline()[:1] for p in alive]}"
+            time.sleep(0.2)
+        stopped_at = _size(out)
+        time.sleep(1.0)
+        assert _size(out) == stopped_at  # nothing writes any more
+    finally:
+        for p in [psutil.Process(driver.pid)] if driver.poll() is None else []:
+            p.kill()
+        for p in ray_processes:  # the orphaned agents, and anything a failure left
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
