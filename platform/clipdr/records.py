@@ -795,6 +795,19 @@ def read_shard_footer(uri: str) -> tuple[int, pa.Schema]:
         return parquet.metadata.num_rows, parquet.schema_arrow
 
 
+FOOTER_READ_THREADS = 32
+
+
+def read_shard_footers(uris: Sequence[str], threads: int = FOOTER_READ_THREADS) -> list[tuple[int, pa.Schema]]:
+    """`read_shard_footer` of each of ``uris``, in their order, ``threads`` at a time. A job reads every shard's
+    footer when it resumes and when it finishes; on object storage each is a round trip of tens of milliseconds, so
+    thousands of shards read one after another take minutes. The first error raises, as it would one at a time."""
+    if len(uris) <= 1:
+        return [read_shard_footer(uri) for uri in uris]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(threads, len(uris))) as pool:
+        return list(pool.map(read_shard_footer, uris))
+
+
 # --------------------------------------------------------------------------- manifest files and datasets
 
 

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 import pathlib
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -170,6 +172,35 @@ def test_shard_round_trip(tmp_path):
         assert text_NRD.shape == (6, 1 + S, spec.embed_dim) and text_NRD.dtype == np.float16
         np.testing.assert_array_equal(image_NKD, columns[records.image_emb_column(spec.name)].astype(np.float16))
         np.testing.assert_array_equal(text_NRD, columns[records.text_emb_column(spec.name)].astype(np.float16))
+
+
+def test_shard_footers_are_read_in_parallel_in_order_and_fail_loudly(tmp_path, monkeypatch):
+    manifest = make_manifest()
+    uris = []
+    for i, rows in enumerate((1, 4, 2, 6, 3)):
+        uris.append(str(tmp_path / f"part-{i:05d}.parquet"))
+        records.write_shard(uris[-1], records.build_table(make_columns(manifest, rows), manifest))
+    one_by_one = [records.read_shard_footer(uri) for uri in uris]
+
+    real, in_flight, most = records.read_shard_footer, [0], [0]
+    lock = threading.Lock()
+
+    def slow_footer(uri):  # a round trip to object storage
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        time.sleep(0.05)
+        with lock:
+            in_flight[0] -= 1
+        return real(uri)
+
+    monkeypatch.setattr(records, "read_shard_footer", slow_footer)
+    footers = records.read_shard_footers(uris, threads=3)
+    assert [n for n, _ in footers] == [1, 4, 2, 6, 3] == [n for n, _ in one_by_one]
+    assert all(a.equals(b, check_metadata=True) for (_, a), (_, b) in zip(footers, one_by_one, strict=True))
+    assert most[0] == 3  # three at a time, not one
+    with pytest.raises(FileNotFoundError):
+        records.read_shard_footers([*uris, str(tmp_path / "missing.parquet")])
 
 
 def test_embedding_accessors_are_zero_copy_and_handle_slices_and_chunks(tmp_path):

@@ -212,9 +212,10 @@ def plan(config: Config) -> Plan:
 
     expected = {t.output for t in tasks}
     done = []
-    for uri in storage.list_files(cfg.output, (records.SHARD_SUFFIX,), recursive=True):
+    found_uris = storage.list_files(cfg.output, (records.SHARD_SUFFIX,), recursive=True)
+    for uri, (_, schema) in zip(found_uris, records.read_shard_footers(found_uris), strict=True):
         name = uri[len(cfg.output.rstrip("/")) + 1 :]
-        meta = read_shard_metadata(records.read_shard_footer(uri)[1])
+        meta = read_shard_metadata(schema)
         if name not in expected or meta is None or not runstate.matches(meta.get("run_fingerprint", ""), fingerprint):
             raise ReinforceError(
                 f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier run made with other settings or "
@@ -226,8 +227,8 @@ def plan(config: Config) -> Plan:
 
 def _finish_manifest(cfg_output: str, p: Plan) -> records.Manifest:
     shards, skipped = [], Counter()
-    for task in p.tasks:
-        num_rows, schema = records.read_shard_footer(storage.join(cfg_output, task.output))
+    footers = records.read_shard_footers([storage.join(cfg_output, task.output) for task in p.tasks])
+    for task, (num_rows, schema) in zip(p.tasks, footers, strict=True):
         shards.append(records.ShardInfo(task.output, num_rows))
         skipped.update(read_shard_metadata(schema)["skipped"])
     manifest = dataclasses.replace(p.manifest, shards=tuple(shards), skipped=dict(skipped))
