@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from clipdr import models, records
 from clipdr.config import Config, TrainConfig, TrainLoss, TrainOptimizer, TrainSchedule, replace
 from clipdr.train import data
-from clipdr.train.loop import Step, apply_update, build_student, lr_at, param_groups
+from clipdr.train.loop import Step, apply_update, build_student, lr_at, make_optimizer, param_groups
 from clipdr.train.plan import TrainPlan, make_plan
 
 STUDENT = "clipdr-tiny-vit"
@@ -104,8 +104,7 @@ def synthetic_batches(seed: int = 0, dtype: torch.dtype = torch.float32) -> list
 def run_steps(model: torch.nn.Module, plan: TrainPlan, rows: slice) -> dict[str, torch.Tensor]:
     """What the worker loop does per optimiser step: ACCUM micro-batches (no_sync on all but the last), then
     `apply_update`."""
-    opt = plan.train.optimizer
-    optimizer = torch.optim.AdamW(param_groups(model, opt.weight_decay), lr=opt.lr, betas=(0.9, 0.95), eps=1e-6)
+    optimizer = make_optimizer(model, plan, torch.device("cpu"))
     step_fn = Step(model, plan, torch.device("cpu"))
     batches = synthetic_batches(dtype=next(model.parameters()).dtype)
     for step in range(STEPS):
@@ -219,3 +218,13 @@ def test_progress_lines_give_position_parts_pace_and_time_to_finish():
         "train: step 3/10 (30.0%) | 96 samples | loss 3.2100 kd_loss_syn 1.5000 | lr 8.00e-04 | 2410.5 samples/s | "
         "ETA 30 s"
     )
+
+
+def test_the_optimiser_is_the_plans_adamw_fused_only_on_cuda():
+    plan = a_plan()
+    model = models.create_model(STUDENT)
+    optimizer = make_optimizer(model, plan, torch.device("cpu"))
+    opt = plan.train.optimizer
+    assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults.get("fused")
+    assert optimizer.defaults["betas"] == (opt.beta1, opt.beta2) and optimizer.defaults["eps"] == opt.eps
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [opt.weight_decay, 0.0]

@@ -93,13 +93,12 @@ class _Trainer:
     """One mode's student, optimiser and step on ready-made batches."""
 
     def __init__(self, cfg: Config, manifest: records.Manifest, batches: list, device: torch.device) -> None:
-        from clipdr.train.loop import Step, build_student, param_groups
+        from clipdr.train.loop import Step, build_student, make_optimizer
         from clipdr.train.plan import make_plan
 
         self.plan = make_plan(cfg, list(manifest.teachers))
         self.model = build_student(self.plan, device)
-        opt = self.plan.train.optimizer
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, opt.weight_decay), lr=opt.lr)
+        self.optimizer = make_optimizer(self.model, self.plan, device)  # the training job's, fused on CUDA
         self.step_fn = Step(self.model, self.plan, device)
         self.batches = [
             {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in b.items()} for b in batches

@@ -279,11 +279,22 @@ def progress_line(progress: Progress, plan: TrainPlan, metrics: dict[str, float]
     return progress_lines.line("train", "step", progress.step, plan.total_steps, fields, eta)
 
 
+def make_optimizer(model: nn.Module, plan: TrainPlan, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over `param_groups`; on CUDA its fused kernel (one launch for every parameter, the same update)."""
+    opt = plan.train.optimizer
+    groups = param_groups(model, opt.weight_decay)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, **fused)
+
+
 def _batches(plan: TrainPlan, device: torch.device, skip: int) -> Iterator[dict[str, Tensor]]:
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
-    stream = shard.iter_torch_batches(batch_size=plan.local_batch, drop_last=True, device=device)
+    # On CUDA, batches are staged in pinned host memory, so their copies to the device do not block the step.
+    stream = shard.iter_torch_batches(
+        batch_size=plan.local_batch, drop_last=True, device=device, pin_memory=device.type == "cuda"
+    )
     for i, batch in enumerate(stream):
         if i >= skip:
             yield batch
@@ -311,11 +322,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
+    if device.type == "cuda":  # TF32 for what runs in fp32 (the loss, norms): bf16 autocast covers the rest
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = build_student(plan, device)
-    opt = plan.train.optimizer
-    optimizer = torch.optim.AdamW(
-        param_groups(model, opt.weight_decay), lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps
-    )
+    optimizer = make_optimizer(model, plan, device)
     progress = _restore(model, optimizer, plan)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
