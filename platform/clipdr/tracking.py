@@ -112,6 +112,21 @@ class Tracker:
             path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
             self.log_artifact(path, str(Path(artifact_file).parent) if "/" in artifact_file else None)
 
+    def log_dataset(self, name: str, digest: str, source: str, profile: Mapping[str, Any], context: str) -> None:
+        """Records a dataset this run used (MLflow's run inputs, the UI's Datasets column): its name, digest (the
+        data's fingerprint), where it lives and a small profile (counts)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(
+            name=name,
+            digest=digest.removeprefix("sha256:")[:36],  # MLflow keeps at most 36 characters of a digest
+            source_type="clipdr",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(dict(profile)),
+        )
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 

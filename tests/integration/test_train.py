@@ -19,7 +19,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clipdr import checkpoint, models, tracking
+from clipdr import checkpoint, models, runstate, tracking
 from clipdr.config import (
     CaptionerConfig,
     Config,
@@ -38,6 +38,7 @@ from clipdr.data import synthetic
 from clipdr.models.captioners import TINY_COCA
 from clipdr.reinforce.run import run as reinforce
 from clipdr.train import data
+from clipdr.train.run import REINFORCE_RUN_TAG
 from clipdr.train.run import run as train
 
 pytestmark = pytest.mark.integration
@@ -169,6 +170,16 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
     assert any(k.startswith("system/") for k in run.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert {"config.json", "checkpoint", "data"} <= artifacts
+
+    # Lineage: the data and the source it was reinforced from are the run's inputs (the UI's Datasets column), and
+    # the run names the reinforcement run that made its data.
+    inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"training", "reinforced-from"}
+    assert inputs["training"].source == json.dumps({"uri": str(world[0] / "reinforced")})
+    assert run.data.params["data.fingerprint"].removeprefix("sha256:").startswith(inputs["training"].digest)
+    assert json.loads(inputs["training"].profile)["rows"] == 256
+    made_by = runstate.read(str(world[0] / "reinforced"), runstate.REINFORCE_STATE).mlflow_run_id
+    assert run.data.tags[REINFORCE_RUN_TAG] == made_by and client.get_run(made_by).info.status == "FINISHED"
 
     # The registered model (safetensors) loads back and embeds exactly like the final checkpoint.
     version = client.get_model_version("clipdr-test-student", result.registered_version)

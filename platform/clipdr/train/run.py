@@ -145,6 +145,26 @@ def recorded_recipe(state: runstate.RunState) -> dict:
 # --------------------------------------------------------------------------- run
 
 
+REINFORCE_RUN_TAG = "clipdr.data.reinforce_run"  # a training run's tag: the MLflow run that reinforced its data
+
+
+def _log_lineage(
+    tracker: Any, uri: str, fingerprint: str, manifest: records.Manifest | None, shards: int, rows: int
+) -> None:
+    """The run's inputs in MLflow (its Datasets column): the training data, and for a reinforced dataset the source
+    it was reinforced from, each with its fingerprint, where it lives and its counts."""
+    name = storage.basename(uri.rstrip("/")) or uri
+    profile = {"rows_per_epoch": rows, "shards": shards}
+    if manifest is not None:
+        profile |= {"rows": manifest.num_rows, "teachers": list(manifest.teacher_names)}
+        profile |= {"views": manifest.num_augmentations, "synthetic_captions": manifest.num_syn_captions}
+    tracker.log_dataset(name, fingerprint, uri, profile, context="training")
+    if manifest is not None and manifest.source_uri and manifest.source_fingerprint:
+        source = manifest.source_uri
+        source_name = storage.basename(source.rstrip("/")) or source
+        tracker.log_dataset(source_name, manifest.source_fingerprint, source, {}, context="reinforced-from")
+
+
 def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
     """Prints the plan of ``cfg.train`` (`clipdr.train.estimate`): reads a local dataset's manifest, never a bucket,
     loads no weight and starts nothing."""
@@ -221,8 +241,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     require(rows_per_epoch > 0, f"train.data {uri} has fewer samples than one global batch ({sched.batch_size})")
 
     tracker_tags = {"clipdr.job": "train", "clipdr.mode": tc.mode, "clipdr.student": tc.model}
+    made_by = runstate.read(uri, runstate.REINFORCE_STATE) if manifest is not None else None
+    if made_by is not None:  # the reinforcement run that made the data: the student's lineage in MLflow
+        tracker_tags[REINFORCE_RUN_TAG] = made_by.mlflow_run_id
     if previous is None:
         tracker = tracking.Tracker.start(tc.experiment, run_name, uri=cfg.tracking.uri, tags=tracker_tags)
+        _log_lineage(tracker, uri, data_fingerprint, manifest, len(files), rows_per_epoch)
         tracker.log_params(flatten(to_dict(tc), "train."))
         tracker.log_params({"data.fingerprint": data_fingerprint, "data.rows_per_epoch": rows_per_epoch})
         if manifest is not None:
