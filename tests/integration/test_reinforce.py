@@ -155,6 +155,11 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     assert mlflow_run.data.metrics["samples_per_s"] > 0
     assert mlflow_run.data.params["reinforce.num_augmentations"] == "2"
     assert {a.path for a in client.list_artifacts(mlflow_run.info.run_id)} >= {"manifest.json", "teachers.json"}
+    (source,) = mlflow_run.inputs.dataset_inputs  # the source shards, as the run's input
+    manifest = records.read_manifest(config.reinforce.output)
+    assert source.tags[0].value == "source" and manifest.source_fingerprint.removeprefix("sha256:").startswith(
+        source.dataset.digest
+    )
 
 
 def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path, monkeypatch):

@@ -288,6 +288,14 @@ def _tracker(config: Config, p: Plan):
         tracker.log_params({**flatten(config.reinforce, "reinforce."), **flatten(config.augment, "augment.")})
         tracker.log_dict([dataclasses.asdict(t) for t in p.manifest.teachers], "teachers.json")
         tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")
+        source = p.manifest.source_uri
+        tracker.log_dataset(  # its input in MLflow's Datasets column; training runs log the output and name this run
+            storage.basename(source.rstrip("/")) or source,
+            p.manifest.source_fingerprint,
+            source,
+            {"shards": len(p.tasks)},
+            context="source",
+        )
     return tracker
 
 
