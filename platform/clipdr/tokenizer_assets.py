@@ -17,9 +17,8 @@ open_clip's `SimpleTokenizer` is OpenAI CLIP's byte-level BPE. What it does to a
    and overwrite the last with end-of-text; pad on the right with ``padding_id`` (0, which is also the id of
    ``!``: a model finds the end by the end-of-text id, the largest id in the row).
 
-Only ftfy has no portable equivalent: ``tokenizer.json`` lists its fixes that change text a caption may hold
-(curly quotes, ligatures, full-width forms, Unicode NFC, control characters, mojibake) so an app can apply
-what it needs; docs/export.md says which the reference re-implementation covers.
+Only ftfy has no port: ``tokenizer.json`` lists its fixes that can change a caption, in its order and with its
+tables; all but mojibake repair (a heuristic) can be applied exactly by an app (docs/export.md).
 """
 
 from __future__ import annotations
