@@ -8,6 +8,7 @@ but mojibake repair (``fix_encoding``), which is a heuristic; one string below s
 
 from __future__ import annotations
 
+import gzip
 import html
 import itertools
 import json
@@ -173,3 +174,17 @@ def test_config_records_the_tokenizers_settings(files):
     assert cfg["context_length"] == tokenizer.context_length == models.model_config(NAME)["text_cfg"]["context_length"]
     assert (cfg["start_of_text"]["id"], cfg["end_of_text"]["id"]) == (tokenizer.sot_token_id, tokenizer.eot_token_id)
     assert cfg["vocab_size"] == len(tokenizer.encoder) == 49408
+
+
+def test_merges_are_clips_and_other_tokenizers_are_refused(files):
+    from open_clip.tokenizer import SimpleTokenizer, default_bpe
+
+    folder, _, tokenizer = files
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        clip_merges = f.read().split("\n")[1 : len(tokenizer.bpe_ranks) + 1]
+    lines = (folder / tokenizer_assets.MERGES).read_text(encoding="utf-8").splitlines()
+    assert lines == [tokenizer_assets.MERGES_HEADER, *clip_merges]
+    assert tokenizer_assets.unsupported(tokenizer) is None
+    other = SimpleTokenizer(clean="whitespace")  # keeps case: these files would describe it wrongly
+    with pytest.raises(ValueError, match="clean='lower'"):
+        tokenizer_assets.write(other, folder)
