@@ -11,6 +11,8 @@ An export folder holds::
     text_encoder.onnx             fused text tower: text (B, L) int64 tokens -> text_embedding (both L2-normalised)
     export.json                   what was exported, from where, checksums, parity measurements
     MODEL_CARD.md                 architecture, parameters, training data and teachers, metrics, usage
+    vocab.json, merges.txt,       the tokenizer for apps without Python (`clipdr.tokenizer_assets`):
+    tokenizer.json                BPE vocabulary and merges, cleaning, pre-split pattern, special ids, truncation
 
 Why two weight files: open_clip builds a model from its JSON config, and the configs describe the train-time
 architecture (timm's FastViT / MCi with MobileOne branches, MCt's RepMixers); open_clip 3.3 forwards no timm
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import clipdr
-from clipdr import models, storage
+from clipdr import models, storage, tokenizer_assets
 from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
@@ -58,7 +60,16 @@ IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
 MANIFEST = "export.json"
 MODEL_CARD = "MODEL_CARD.md"
-_ALL_FILES = (OPEN_CLIP_WEIGHTS, OPEN_CLIP_CONFIG, FUSED_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, MANIFEST, MODEL_CARD)
+_ALL_FILES = (
+    OPEN_CLIP_WEIGHTS,
+    OPEN_CLIP_CONFIG,
+    FUSED_WEIGHTS,
+    IMAGE_ONNX,
+    TEXT_ONNX,
+    MANIFEST,
+    MODEL_CARD,
+    *tokenizer_assets.FILES,
+)
 EXPORTERS = ("dynamo", "torchscript")
 _EXAMPLE_CAPTIONS = ("a photo of a red circle.", "two small blue squares on a striped background.", "a dog")
 _ONNX_SINGLE_FILE_LIMIT = 1_800_000_000  # protobuf's 2 GiB limit, with room: larger graphs keep weights beside
@@ -378,6 +389,7 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         FUSED_WEIGHTS: "re-parameterised weights, for inference",
         IMAGE_ONNX: "fused image encoder -> L2-normalised embedding",
         TEXT_ONNX: "fused text encoder -> L2-normalised embedding",
+        **tokenizer_assets.FILES,
     }
     lines += [f"| `{f}` | {what[f]} | `{info['sha256'][:16]}` |" for f, info in manifest["files"].items()]
     parity = manifest["parity"]
@@ -418,6 +430,14 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "ONNX: `onnxruntime.InferenceSession('image_encoder.onnx').run(None, {'image': pixels})` with pixels "
         "from `preprocess` above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
         "",
+    ]
+    if manifest.get("tokenizer"):
+        lines += [
+            f"Tokenizer without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` and "
+            f"`{tokenizer_assets.CONFIG}` (cleaning rules, pre-split pattern, special ids, truncation, padding).",
+            "",
+        ]
+    lines += [
         "The open_clip weights are the trained, unfused ones: open_clip's configs describe the train-time "
         "architecture (MobileOne / RepMixer branches), so fused weights would not load into them. Fusing is "
         "exact up to float rounding (see Checks).",
@@ -541,6 +561,14 @@ def export_model(
         save_file(_state_dict(model), str(folder / OPEN_CLIP_WEIGHTS), metadata={"clipdr_model": name})
         (folder / OPEN_CLIP_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         save_file(_state_dict(fused), str(folder / FUSED_WEIGHTS), metadata={"clipdr_model": name, "fused": "true"})
+        tokenizer = models.get_tokenizer(name)
+        reason = tokenizer_assets.unsupported(tokenizer)
+        if reason:
+            log(f"export: no tokenizer files: {reason}")
+            manifest["tokenizer"] = None
+        else:
+            tokenizer_assets.write(tokenizer, folder)
+            manifest["tokenizer"] = tokenizer_assets.CONFIG
         if cfg.onnx:
             log(f"export: ONNX encoders ({cfg.onnx_exporter} exporter)")
             manifest["parity"]["onnx"] = export_encoders(fused, model, name, folder, cfg.onnx_exporter, cfg.tolerance)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdr import export, models
+from clipdr import export, models, tokenizer_assets
 from clipdr.config import ExportConfig
 from clipdr.evaluate import loading, preprocess_of
 from clipdr.models.registry import MOBILECLIP_PREPROCESS
@@ -100,11 +100,13 @@ def test_export_writes_every_artifact_with_checks(exported):
         export.TEXT_ONNX,
         export.MANIFEST,
         export.MODEL_CARD,
+        *tokenizer_assets.FILES,
     }
     manifest = json.loads((folder / export.MANIFEST).read_text())
     assert manifest == json.loads(json.dumps(result.manifest))
     assert set(manifest["files"]) == names - {export.MANIFEST, export.MODEL_CARD}
     assert max(manifest["parity"]["onnx"].values()) < 1e-4
+    assert manifest["tokenizer"] == tokenizer_assets.CONFIG  # tests/unit/test_tokenizer_assets.py checks the files
     card = (folder / export.MODEL_CARD).read_text()
     for expected in ("## Architecture", "| mode | reinforced |", "data/demo/reinforced", "vit: clipdr-tiny-vit"):
         assert expected in card
