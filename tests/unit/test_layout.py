@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "accelerators": 0,  # device peaks: both dry runs and the GPU check divide by them
     "models": 1,
     "losses": 1,
+    "tokenizer_assets": 1,  # a model's tokenizer as files for apps: the export writes them
     "data": 1,
     # Joining a Ray cluster: both Ray jobs need it and may not import each other, so it lives below them (design.md).
     "cluster": 1,
