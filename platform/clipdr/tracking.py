@@ -116,6 +116,7 @@ class Tracker:
         """Records a dataset this run used (MLflow's run inputs, the UI's Datasets column): its name, digest (the
         data's fingerprint), where it lives and a small profile (counts)."""
         from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.exceptions import MlflowException
 
         dataset = Dataset(
             name=name,
@@ -125,7 +126,16 @@ class Tracker:
             profile=json.dumps(dict(profile)),
         )
         tags = [InputTag(key="mlflow.data.context", value=context)]
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+        # MLflow stores a dataset once per experiment, and its get-or-create is not atomic: two runs logging the same
+        # dataset at once (the demo trains two jobs side by side) can both try to create it, and one fails on the
+        # unique key. Its second try finds the row the other wrote.
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset=dataset, tags=tags)])
+                return
+            except MlflowException as e:
+                if "unique constraint" not in str(e).lower() or attempt == 2:
+                    raise
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)

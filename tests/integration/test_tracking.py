@@ -48,3 +48,32 @@ def test_failure_marks_run_failed(store):
     with pytest.raises(RuntimeError), Tracker.start("reinforce") as tracker:
         raise RuntimeError("job died")
     assert MlflowClient(store).get_run(tracker.run_id).info.status == "FAILED"
+
+
+def test_runs_logging_one_dataset_at_once_all_record_it(store):
+    """MLflow creates a dataset once per experiment, and not atomically: runs logging the same one side by side (the
+    demo's two jobs at a time) race to create it. Every run must end up with it as its input."""
+    import threading
+
+    trackers = [Tracker.start("lineage", f"run-{i}") for i in range(6)]
+    barrier = threading.Barrier(len(trackers))
+    errors = []
+
+    def log(tracker):
+        barrier.wait()
+        try:
+            tracker.log_dataset("reinforced", "sha256:" + "ab" * 32, "/data/reinforced", {"rows": 8}, "training")
+        except Exception as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=log, args=(t,)) for t in trackers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    client = MlflowClient(store)
+    for tracker in trackers:
+        (found,) = client.get_run(tracker.run_id).inputs.dataset_inputs
+        assert (found.dataset.name, found.dataset.digest, found.tags[0].value) == ("reinforced", "ab" * 18, "training")
+        tracker.finish()
