@@ -189,7 +189,7 @@ def test_shard_footers_are_read_in_parallel_in_order_and_fail_loudly(tmp_path, m
         with lock:
             in_flight[0] += 1
             most[0] = max(most[0], in_flight[0])
-        time.sleep(0.05)
+        time.sleep(0.2)
         with lock:
             in_flight[0] -= 1
         return real(uri)
@@ -198,7 +198,7 @@ def test_shard_footers_are_read_in_parallel_in_order_and_fail_loudly(tmp_path, m
     footers = records.read_shard_footers(uris, threads=3)
     assert [n for n, _ in footers] == [1, 4, 2, 6, 3] == [n for n, _ in one_by_one]
     assert all(a.equals(b, check_metadata=True) for (_, a), (_, b) in zip(footers, one_by_one, strict=True))
-    assert most[0] == 3  # three at a time, not one
+    assert 2 <= most[0] <= 3  # several at a time (up to the three threads), not one after another
     with pytest.raises(FileNotFoundError):
         records.read_shard_footers([*uris, str(tmp_path / "missing.parquet")])
 
