@@ -327,16 +327,15 @@ def run(config: Config, log=print) -> records.Manifest | None:
     with _tracker(config, p) as tracker:
         log(f"MLflow run {tracker.run_id} (experiment {EXPERIMENT!r})")
         started = time.monotonic()
-        progress = {"shards": len(p.done), "rows": 0, "this_run": 0}
+        progress = {"shards": len(p.done), "rows": 0}
 
         def on_shard(name: str, num_rows: int, written_at: float) -> None:
             progress["shards"] += 1
             progress["rows"] += num_rows
-            progress["this_run"] += 1
             elapsed = time.monotonic() - started
             left = len(p.tasks) - progress["shards"]
             fields = [f"{num_rows} rows", f"{progress['rows'] / max(elapsed, 1e-9):.1f} samples/s"]
-            eta = progress_lines.eta_s(elapsed, progress["this_run"], left)
+            eta = progress_lines.eta_s(elapsed, progress["shards"] - len(p.done), left)  # this run's shards
             log(progress_lines.line("reinforce", f"shard {name}", progress["shards"], len(p.tasks), fields, eta))
 
         if p.pending:

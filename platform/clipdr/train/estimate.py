@@ -78,12 +78,8 @@ class TrainEstimate:
         return self.student_flops + sum(f for _, f in self.teacher_flops)
 
     @property
-    def samples(self) -> int:
-        return self.plan.total_steps * self.plan.global_batch * self.plan.train.schedule.accum_steps
-
-    @property
     def floor_hours(self) -> float:
-        return self.flops_per_sample * self.samples / self.peak / 3600
+        return self.flops_per_sample * self.plan.total_samples / self.peak / 3600
 
     @property
     def activation_bytes(self) -> float:
@@ -94,14 +90,14 @@ class TrainEstimate:
         p, tc = self.plan, self.plan.train
         params = self.size.image_params + self.size.text_params
         workers = tc.resources.workers
-        epochs = f", {self.samples / self.data_rows:.1f} epochs" if self.data_rows else ""
+        epochs = f", {p.total_samples / self.data_rows:.1f} epochs" if self.data_rows else ""
         lines = [
             f"student       {tc.model}: {params / 1e6:.1f}M parameters (image {self.size.image_params / 1e6:.1f}M, "
             f"text {self.size.text_params / 1e6:.1f}M), {p.precision}"
             + (", grad checkpointing" if tc.grad_checkpointing else ""),
-            f"schedule      {p.total_steps:,} steps of {p.global_batch * tc.schedule.accum_steps:,} samples "
+            f"schedule      {p.total_steps:,} steps of {p.samples_per_step:,} samples "
             f"(global batch {p.global_batch:,} = {workers} workers x {p.local_batch}, accumulation "
-            f"{tc.schedule.accum_steps}), {p.warmup_steps:,} warmup steps: {self.samples:,} samples seen{epochs}",
+            f"{tc.schedule.accum_steps}), {p.warmup_steps:,} warmup steps: {p.total_samples:,} samples seen{epochs}",
             f"data          {self.data_rows:,} rows ({self.data_from})"
             if self.data_rows
             else f"data          {self.data_from}",

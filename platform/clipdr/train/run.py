@@ -165,16 +165,21 @@ def _log_lineage(
         tracker.log_dataset(source_name, manifest.source_fingerprint, source, {}, context="reinforced-from")
 
 
+def _student_preprocess(tc: TrainConfig) -> data.StudentPreprocess:
+    """The student's preprocessing; `TrainError` naming ``train.model`` when no model of that name exists."""
+    try:
+        return data.student_preprocess(tc.model)
+    except ValueError as e:
+        raise TrainError(f"train.model: {e}") from None
+
+
 def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
     """Prints the plan of ``cfg.train`` (`clipdr.train.estimate`): reads a local dataset's manifest, never a bucket,
     loads no weight and starts nothing."""
     from clipdr.train import estimate
 
     tc = cfg.train
-    try:
-        data.student_preprocess(tc.model)
-    except ValueError as e:
-        raise TrainError(f"train.model: {e}") from None
+    _student_preprocess(tc)
     teachers: list[records.TeacherSpec] = []
     rows, source = None, f"{tc.data}: not read (object storage; the dry run reads no bucket)"
     if not storage.is_s3(tc.data):
@@ -209,10 +214,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     uri, dataset, files = open_data(tc)
     manifest = dataset.manifest if dataset else None
     teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ())) if Mode(tc.mode).distils else []
-    try:
-        preprocess = data.student_preprocess(tc.model)
-    except ValueError as e:
-        raise TrainError(f"train.model: {e}") from None
+    preprocess = _student_preprocess(tc)
 
     run_name = tc.run_name or default_run_name(tc)
     run_dir = _run_dir(tc, run_name)
