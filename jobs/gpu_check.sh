@@ -62,11 +62,12 @@ phase() {  # phase NAME LIMIT_S: SIGINT at the limit (Ray's local cluster shuts 
   echo "== gpu check: $name done in $((SECONDS - started)) s"
 }
 phase env 20 || exit 1
-phase data 40 || exit 1
+phase data 30 || exit 1
 FAILED=0  # a measuring phase that fails leaves the others to run; the report shows what was measured
-phase stages 180 || FAILED=1
-phase train 90 || FAILED=1
-phase reinforce 120 || FAILED=1
-phase report 30 || exit 1
+phase stages 150 || FAILED=1
+phase train 120 || FAILED=1
+phase compile 150 || FAILED=1
+phase reinforce 40 || FAILED=1
+phase report 20 || exit 1
 echo "gpu check: results in $OUT_DIR/gpu_check.json and $OUT_DIR/gpu_check.md"
 exit $FAILED

@@ -268,6 +268,10 @@ class TrainConfig:
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")
+    channels_last: bool = _f(
+        False, "the student and its images in channels-last memory format (faster convolutions on GPUs: MCi towers)"
+    )
+    compile: bool = _f(False, "torch.compile the student's forward (its first steps pay the compile)")
     log_every: int = _f(10, "optimizer steps between metric logs")
     evaluate: bool = _f(False, "evaluate on the [evaluate] datasets during and after training")
     eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")

@@ -56,6 +56,8 @@ EVERY_FIELD = TrainConfig(
     seed=11,
     precision="bf16",
     grad_checkpointing=True,
+    channels_last=True,
+    compile=True,
     log_every=7,
     evaluate=True,
     eval_every=2048,
@@ -84,7 +86,7 @@ EVERY_FIELD = TrainConfig(
 # Plan sections, and keys of sections, added after the pinned files were made; each is compared on its own in its
 # feature's tests.
 ADDED_SINCE = ("tracking",)
-ADDED_KEYS = {"train": ("dry_run", "cost"), "evaluate": ("suite", "seed", "allow_pickle")}
+ADDED_KEYS = {"train": ("dry_run", "cost", "channels_last", "compile"), "evaluate": ("suite", "seed", "allow_pickle")}
 
 
 def plan_dict(plan) -> dict:

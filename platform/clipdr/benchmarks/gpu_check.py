@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 CONFIG = "jobs/configs/gpu_check.toml"
-PHASES = ("env", "data", "stages", "train", "reinforce", "report")
+PHASES = ("env", "data", "stages", "train", "compile", "reinforce", "report")
 JOB_MODULES = ("ray", "mlflow")  # the Ray job's; the direct phases (`gpu_direct`) need neither
 SMOKE_OVERRIDES = (  # tiny twins of the check's models, a few views and captions, on the CPU
     "reinforce.teachers=[{name = 'vit_a', model = 'clipdr-tiny-vit'}, {name = 'vit_b', model = 'clipdr-tiny-vit'}]",
@@ -73,7 +73,14 @@ def main(args: argparse.Namespace) -> int:
         if args.phase == "report":
             report(work, out, args.smoke)
         else:
-            phases = {"env": check_env, "data": make_data, "stages": stages, "train": train, "reinforce": reinforce}
+            phases = {
+                "env": check_env,
+                "data": make_data,
+                "stages": stages,
+                "train": train,
+                "compile": compile_step,
+                "reinforce": reinforce,
+            }
             phases[args.phase](work, args.samples, args.smoke)
     except GpuCheckError as e:
         print(f"gpu check, phase {args.phase}: {e}", file=sys.stderr)
@@ -161,6 +168,19 @@ def train(work: Path, samples: int, smoke: bool) -> None:
     device, peak = _device(work, smoke)
     result = gpu_direct.run_train(_read(work, _DATA)["source"], device, peak, smoke)
     _write(work / gpu_direct.TRAIN, result)
+    print(json.dumps(result, indent=2))
+
+
+def compile_step(work: Path, samples: int, smoke: bool) -> None:
+    """The training step compiled (`gpu_direct.run_compile`); not in smoke mode, where compiling takes minutes."""
+    from clipdr.benchmarks import gpu_direct
+
+    if smoke:
+        print("compile: skipped in smoke mode (inductor takes minutes on a CPU; the unit tests cover the option)")
+        return
+    device, peak = _device(work, smoke)
+    result = gpu_direct.run_compile(_read(work, _DATA)["source"], device, peak)
+    _write(work / gpu_direct.COMPILE, result)
     print(json.dumps(result, indent=2))
 
 
@@ -309,33 +329,35 @@ def _stage_rows(st: dict) -> list[tuple[str, str]]:
     ]
 
 
-def _train_rows(tr: dict) -> list[tuple[str, str]]:
-    peak = tr["peak_bytes"]
-    hours = tr.get("recipe_device_hours")
-    return [
-        ("what ran", tr["config"]),
-        (
-            "train step",
-            f"{tr['samples_per_s']:,.0f} samples/s ({tr['step_s'] * 1e3:.1f} ms a step), "
-            f"MFU {_pct(tr.get('mfu'))} over {tr['flops_per_sample'] / 1e9:.2f} GFLOP a sample (clipdr.train.estimate)",
-        ),
-        (
-            "device memory",
-            ("n/a (CPU)" if peak is None else f"peak {peak / 2**30:.2f} GiB allocated")
-            + f"; the dry run's estimate {tr['estimated_bytes'] / 2**30:.2f} GiB (an upper bound)",
-        ),
-        (
-            "loader, CPU",
-            f"{tr['loader_samples_per_s_per_core']:.0f} samples/s on one core; "
-            f"{tr['loader_cores_per_device']:.1f} cores a device needs",
-        ),
-        (
-            "the recipe",
-            "n/a (smoke)"
-            if hours is None
-            else f"{hours:,.1f} device-hours for its {tr['recipe_samples']:,} samples at this rate",
-        ),
+def _train_table(tr: dict, compiled: dict | None) -> str:
+    """The training variants side by side, and the loader."""
+    variants = dict(tr["variants"])
+    if compiled is not None:
+        variants[
+            f"compiled ({', '.join(c.split('=')[0].removeprefix('train.') for c in compiled['changes'])}); first "
+            f"steps {compiled['first_steps_s']:.0f} s"
+        ] = compiled
+    lines = [
+        "| variant | samples/s, median (min-max) | MFU | peak memory | dry-run estimate | S0 recipe, device-hours |",
+        "|---|---|---|---|---|---|",
     ]
+    for name, v in variants.items():
+        low, high = v["samples_per_s_range"]
+        peak = "n/a (CPU)" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**30:.2f} GiB"
+        lines.append(
+            f"| {name} | {v['samples_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) | {_pct(v['mfu'])} | {peak} | "
+            f"{v['estimated_bytes'] / 2**30:.2f} GiB | {v['recipe_device_hours']:,.1f} |"
+        )
+    cores = ", ".join(f"{n}: {c:.1f}" for n, c in tr["loader_cores_per_device"].items())
+    loader = (
+        f"Loader (`ReplayBatch`: decode, replay the drawn view at the student's size, tokenise; one core): "
+        f"{tr['loader_samples_per_s_per_core']:.0f} samples/s; cores a device needs: {cores}."
+    )
+    return f"{tr['config']}.\n\n" + "\n".join(lines) + f"\n\n{loader}"
+
+
+def _precision_rows(st: dict) -> list[tuple[str, str]]:
+    return [(f"teacher forward, {name}", f"{rate:,.0f} views/s") for name, rate in st["teacher_precision_ab"].items()]
 
 
 def _stage_measurement(env: dict, st: dict, k: int, num_teachers: int):
@@ -413,13 +435,14 @@ def report(work: Path, out: Path, smoke: bool) -> None:
     measured = None
     if (work / gpu_direct.STAGES).exists():
         st = _read(work, gpu_direct.STAGES)
-        sections.append(("Reinforcement stages on the device, DataCompDR-12M recipe, no Ray", _table(_stage_rows(st))))
+        rows = _stage_rows(st) + _precision_rows(st)
+        sections.append(("Reinforcement stages on the device, DataCompDR-12M recipe, no Ray", _table(rows)))
         recipe = gpu_direct.stages_config("", "", smoke).reinforce
         measured = _stage_measurement(env, st, recipe.num_augmentations, len(recipe.teachers))
     if (work / gpu_direct.TRAIN).exists():
-        sections.append(
-            ("Training step, MobileCLIP-S0 recipe, no Ray", _table(_train_rows(_read(work, gpu_direct.TRAIN))))
-        )
+        compiled = _read(work, gpu_direct.COMPILE) if (work / gpu_direct.COMPILE).exists() else None
+        table = _train_table(_read(work, gpu_direct.TRAIN), compiled)
+        sections.append(("Training step, MobileCLIP-S0 recipe, no Ray", table))
     job_rows = None
     if "skipped" in job:
         sections.append(("Reinforcement job (Ray)", f"Not run: {job['skipped']}."))

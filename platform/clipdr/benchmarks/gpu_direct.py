@@ -33,7 +33,7 @@ import numpy as np
 
 DATACOMPDR12M = "jobs/configs/datacompdr12m.toml"
 MOBILECLIP_S0 = "jobs/configs/mobileclip_s0.toml"
-STAGES, TRAIN = "stages.json", "train.json"
+STAGES, TRAIN, COMPILE = "stages.json", "train.json", "compile.json"
 SMOKE_STAGES = (
     "reinforce.teachers=[{name = 'vit_a', model = 'clipdr-tiny-vit'}, {name = 'vit_b', model = 'clipdr-tiny-vit'}]",
     "reinforce.captioner.model=clipdr-tiny-coca",
@@ -42,7 +42,7 @@ SMOKE_STAGES = (
     "reinforce.num_syn_captions=1",
     "reinforce.resources.batch_size=4",
 )
-TRAIN_STEPS, TRAIN_WARMUP = 30, 3
+TRAIN_STEPS, TRAIN_WARMUP = 18, 2
 SMOKE_TRAIN = (  # the tiny twins, fp32 on the CPU; a micro-batch of 8
     "train.model=clipdr-tiny-vit",
     "train.precision=fp32",
@@ -96,6 +96,82 @@ def _timed_stage(stage, batches: list[dict], sync) -> tuple[list[dict], float, i
     return outputs, seconds, samples
 
 
+def _teacher_precision_ab(embed, rendered: dict, sync, num_views: int = 1024, rounds: int = 3) -> dict:
+    """Views/s of the first teacher's image forward on ``num_views`` of a chunk's views, under bf16 autocast (what
+    the job runs: fp32 weights) and with bf16 weights (no casts, bf16 norms), interleaved round by round after a
+    warm-up; the median round of each. A measurement for the choice, not what the job does."""
+    import copy
+    import statistics
+
+    import torch
+
+    from clipdr import augment
+    from clipdr.models.teachers import _autocast
+    from clipdr.reinforce import stages
+
+    teacher = embed.ensemble.teachers[0]
+    views = stages.unpack_chunk(bytes(rendered[stages.CHUNK][0]))[
+        stages.views_column(augment.RenderKey.of(teacher.spec))
+    ]
+    views_BCHW = torch.from_numpy(np.ascontiguousarray(views)).flatten(0, 1)[:num_views].to(teacher.device)
+    x = augment.normalize(views_BCHW, teacher.spec.mean, teacher.spec.std)
+    on_device = teacher.device.type == "cuda"
+    bf16 = copy.deepcopy(teacher.model).to(torch.bfloat16) if on_device else None
+
+    def autocast() -> None:
+        with _autocast(teacher.device):
+            teacher.model.encode_image(x)
+
+    def weights() -> None:
+        bf16.encode_image(x.to(torch.bfloat16))
+
+    variants = {"bf16 autocast (the job)": autocast, **({"bf16 weights": weights} if on_device else {})}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    with torch.inference_mode():
+        for r in range(rounds + 1):
+            for name, fn in variants.items():
+                sync()
+                started = time.perf_counter()
+                fn()
+                sync()
+                if r:  # round 0 warms up
+                    seconds[name].append(time.perf_counter() - started)
+    return {name: len(x) / statistics.median(values) for name, values in seconds.items()}
+
+
+PROFILE = "profile.txt"
+
+
+def _profile(
+    captioner, embed, batch: dict, rendered: dict, path: Path, num_captions: int, num_samples: int = 64
+) -> None:
+    """torch.profiler tables (top ops by device time and by host time) of the captioner writing S captions for
+    ``num_samples`` images and of the teachers embedding a chunk, to ``path``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from clipdr import records
+    from clipdr.reinforce import stages
+
+    samples = stages.unpack_chunk(bytes(batch[stages.CHUNK][0]))
+    images = stages._decode(samples[records.IMAGE][:num_samples])
+    keys = [str(k) for k in samples[records.KEY][:num_samples]]
+    tables = []
+    for name, fn in (
+        (f"captioner, {num_samples} images", lambda: captioner.generate(images, keys, num_captions)),
+        ("teachers, one chunk", lambda: embed.embed(stages.unpack_chunk(bytes(rendered[stages.CHUNK][0])))),
+    ):
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        averages = prof.key_averages()
+        for sort in ("self_cuda_time_total", "self_cpu_time_total"):
+            tables.append(
+                f"## {name}: by {sort}\n{averages.table(sort_by=sort, row_limit=15, max_name_column_width=60)}"
+            )
+    path.write_text("\n\n".join(tables))
+
+
 def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: bool) -> dict:
     """The reinforcement stages at the recipe, directly; returns (and the caller stores) their figures."""
     import torch
@@ -122,7 +198,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     # Captions first (the job's order), on unrendered chunks; the Caption stage decodes its own images.
     caption = stages.Caption(p.manifest.captioner, cfg.num_syn_captions, device, threads=torch.get_num_threads())
     captioned, caption_s, caption_n = _timed_stage(caption, batches, sync)
-    del caption
+    caption_model = caption.captioner
 
     # Every chunk over a pool of processes, one a core but this one's (one process alone: rendered here instead).
     workers = min(len(captioned), (os.cpu_count() or 2) - 1)
@@ -139,11 +215,15 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
             rendered[i::workers] = part
     render_pool_s = time.perf_counter() - started  # includes the pool's start-up: a lower bound of its rate
 
+    probe = {stages.CHUNK: rendered[-1][stages.CHUNK].copy()}  # the stages replace a batch's chunks in place
     embed = stages.Embed(cfg.teachers, device, threads=torch.get_num_threads())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     _, embed_s, embed_n = _timed_stage(embed, rendered, sync)
     embed_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    precision_ab = _teacher_precision_ab(embed, probe, sync)
+    if device == "cuda":  # where the device time goes: the top kernels and host ops of each model stage
+        _profile(caption_model, embed, batches[-1], probe, work / PROFILE, cfg.num_syn_captions)
 
     estimate = cost.estimate(config, source_readable=False)
     teacher_flops = sum(part.flops for part in estimate.parts if part.name.startswith("teacher "))
@@ -169,6 +249,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
         "cores_per_device": render_cpu_s * both_rate,
         "embed_peak_bytes": embed_peak,
         "dataset_samples": estimate.num_samples,
+        "teacher_precision_ab": precision_ab,
     }
     if peak is not None:
         result |= {
@@ -182,36 +263,46 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     return result
 
 
-def train_config(smoke: bool):
-    """One device's share of the MobileCLIP-S0 recipe: its micro-batch (8,192 over 32 workers = 256), on one worker."""
+def train_config(smoke: bool, changes: tuple[str, ...] = ()):
+    """One device's share of the MobileCLIP-S0 recipe: its micro-batch (8,192 over 32 workers = 256), on one worker,
+    with ``changes`` (``--set`` overrides)."""
     from clipdr.config import load_config
 
     recipe = load_config(MOBILECLIP_S0)
     local = recipe.train.schedule.batch_size // recipe.train.resources.workers
     overrides = [f"train.schedule.batch_size={local}", "train.resources.workers=1", *(SMOKE_TRAIN if smoke else ())]
-    return load_config(MOBILECLIP_S0, overrides)
+    return load_config(MOBILECLIP_S0, [*overrides, *changes])
 
 
-def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
-    """The recipe's training step on ``device`` over batches its loader built from ``world``; its figures."""
+# The recipe's step and the speed knobs, compared round by round (channels_last is a CUDA option: not in smoke).
+TRAIN_VARIANTS = {
+    "recipe (grad checkpointing)": (),
+    "channels_last": ("train.channels_last=true",),
+    "no grad checkpointing": ("train.grad_checkpointing=false",),
+    "no grad checkpointing, channels_last": ("train.grad_checkpointing=false", "train.channels_last=true"),
+}
+COMPILED = ("train.grad_checkpointing=false", "train.channels_last=true", "train.compile=true")
+TRAIN_ROUNDS = 3
+
+
+def _train_inputs(world: str, smoke: bool):
+    """(manifest, loader batches, loader CPU s a sample on one core) for the recipe's student over ``world``."""
     import collections
 
     import torch
 
     from clipdr import records
-    from clipdr.benchmarks.train import _Loader, _table, _Trainer
+    from clipdr.benchmarks.train import _Loader, _table
     from clipdr.config import load_config
     from clipdr.data import sources
     from clipdr.models.teachers import teacher_spec
-    from clipdr.train import data, estimate
+    from clipdr.train import data
 
-    config = train_config(smoke)
-    tc = config.train
+    tc = train_config(smoke).train
     teachers = stages_config(world, "", smoke).reinforce.teachers  # the recipe's data: DataCompDR's teachers
-    specs = tuple(teacher_spec(t, offline=True) for t in teachers)
     recipe = load_config(DATACOMPDR12M)
     manifest = records.Manifest(
-        teachers=specs,
+        teachers=tuple(teacher_spec(t, offline=True) for t in teachers),
         augment=records.AugmentSpec.from_config(recipe.augment),
         num_augmentations=2,  # the step reads one drawn view's embeddings: K does not change its cost
         num_syn_captions=recipe.reinforce.num_syn_captions,
@@ -230,39 +321,112 @@ def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
     batches = loader.batches()
     loader_cpu_s = (time.thread_time() - cpu) / table.num_rows
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
+    return manifest, batches, loader_cpu_s
 
-    trainer = _Trainer(config, manifest, batches, torch.device(device))
-    steps, warmup = (2, 1) if smoke else (TRAIN_STEPS, TRAIN_WARMUP)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        trainer.step()
-    sync()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    started = time.perf_counter()
-    for _ in range(steps):
-        trainer.step()
-    sync()
-    seconds = time.perf_counter() - started
-    rate = steps * batch / seconds
-    plan = estimate.estimate(config, list(specs), None, "synthetic")
+
+def _variant(config, manifest, rates: list[float], peaks: list[int], peak: float | None) -> dict:
+    import statistics
+
+    from clipdr.train import estimate
+
+    plan = estimate.estimate(config, list(manifest.teachers), None, "synthetic")
+    rate = statistics.median(rates)
     params = plan.size.image_params + plan.size.text_params
-    result = {
-        "config": f"{tc.model}, {tc.mode}, {tc.precision}"
-        + (", grad checkpointing" if tc.grad_checkpointing else "")
-        + f", micro-batch {batch}, {len(specs)} teachers of width {specs[0].embed_dim}, "
-        f"{steps} steps after {warmup} warm-up",
+    return {
         "samples_per_s": rate,
-        "step_s": seconds / steps,
+        "samples_per_s_range": [min(rates), max(rates)],
         "flops_per_sample": plan.flops_per_sample,
-        "loader_cpu_s_per_sample": loader_cpu_s,
-        "loader_samples_per_s_per_core": 1 / loader_cpu_s,
+        "mfu": None if peak is None else plan.flops_per_sample * rate / peak,
+        "peak_bytes": max(peaks) if peaks else None,
         "estimated_bytes": plan.activation_bytes + params * estimate.BYTES_PER_PARAM,
-        "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-        "loader_cores_per_device": loader_cpu_s * rate,
+        "recipe_device_hours": plan.plan.total_samples / rate / 3600,
         "recipe_samples": plan.plan.total_samples,
     }
-    if peak is not None:
-        result["mfu"] = plan.flops_per_sample * rate / peak
-        result["recipe_device_hours"] = plan.plan.total_samples / rate / 3600
-    return result
+
+
+def _state_bytes(trainer) -> int:
+    """Device bytes of a trainer's own weights, gradients and optimiser state."""
+    tensors = [p for p in trainer.model.parameters()]
+    tensors += [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    tensors += [t for state in trainer.optimizer.state.values() for t in state.values() if hasattr(t, "element_size")]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _steps(trainer, num_steps: int, device: str) -> tuple[float, int | None]:
+    """(samples/s, peak device bytes of this trainer alone) of ``num_steps`` optimiser steps: the peak less what the
+    other trainers keep on the device (everything allocated before the steps but this trainer's own state)."""
+    import torch
+
+    others = 0
+    if device == "cuda":
+        torch.cuda.synchronize()
+        others = torch.cuda.memory_allocated() - _state_bytes(trainer)
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    for _ in range(num_steps):
+        trainer.step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() - others if device == "cuda" else None
+    return num_steps * trainer.plan.train.schedule.batch_size / seconds, peak
+
+
+def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
+    """The recipe's training step and its speed knobs on ``device``, interleaved round by round after warm-up, over
+    batches the recipe's loader built from ``world``; their figures."""
+    import torch
+
+    from clipdr.benchmarks.train import _Trainer
+
+    manifest, batches, loader_cpu_s = _train_inputs(world, smoke)
+    variants = {k: v for k, v in TRAIN_VARIANTS.items() if not (smoke and "train.channels_last=true" in v)}
+    configs = {name: train_config(smoke, changes) for name, changes in variants.items()}
+    trainers = {name: _Trainer(config, manifest, batches, torch.device(device)) for name, config in configs.items()}
+    steps, warmup, rounds = (1, 1, 1) if smoke else (TRAIN_STEPS // TRAIN_ROUNDS, TRAIN_WARMUP, TRAIN_ROUNDS)
+    for trainer in trainers.values():
+        _steps(trainer, warmup, device)
+    rates: dict[str, list[float]] = {name: [] for name in trainers}
+    peaks: dict[str, list[int]] = {name: [] for name in trainers}
+    for r in range(rounds):
+        for name in list(trainers)[r % len(trainers) :] + list(trainers)[: r % len(trainers)]:  # rotated order
+            rate, used = _steps(trainers[name], steps, device)
+            rates[name].append(rate)
+            peaks[name] += [used] if used is not None else []
+    results = {name: _variant(configs[name], manifest, rates[name], peaks[name], peak) for name in trainers}
+    recipe = next(iter(results.values()))
+    tc = configs[next(iter(configs))].train
+    return {
+        "config": f"{tc.model}, {tc.mode}, {tc.precision}, micro-batch {tc.schedule.batch_size}, "
+        f"{len(manifest.teachers)} teachers of width {manifest.teachers[0].embed_dim}; {rounds} rounds of {steps} "
+        f"steps a variant after {warmup} warm-up",
+        "variants": results,
+        "samples_per_s": recipe["samples_per_s"],
+        "loader_cpu_s_per_sample": loader_cpu_s,
+        "loader_samples_per_s_per_core": 1 / loader_cpu_s,
+        "loader_cores_per_device": {name: loader_cpu_s * v["samples_per_s"] for name, v in results.items()},
+    }
+
+
+def run_compile(world: str, device: str, peak: float | None) -> dict:
+    """The fastest eager variant, compiled (`COMPILED`): the compile's seconds (its first steps) and its rate."""
+    import torch
+
+    from clipdr.benchmarks.train import _Trainer
+
+    manifest, batches, _ = _train_inputs(world, smoke=False)
+    config = train_config(False, COMPILED)
+    trainer = _Trainer(config, manifest, batches, torch.device(device))
+    started = time.perf_counter()
+    _steps(trainer, TRAIN_WARMUP, device)
+    compile_s = time.perf_counter() - started
+    rates, peaks = [], []
+    for _ in range(TRAIN_ROUNDS):
+        rate, used = _steps(trainer, TRAIN_STEPS // TRAIN_ROUNDS, device)
+        rates.append(rate)
+        peaks.append(used)
+    return {
+        "changes": list(COMPILED),
+        "first_steps_s": compile_s,
+        **_variant(config, manifest, rates, peaks, peak),
+    }

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from clipdr import records
@@ -33,6 +34,7 @@ class StudentSize:
     saved_bytes: int
 
 
+@functools.lru_cache(maxsize=16)
 def student_size(name: str, grad_checkpointing: bool) -> StudentSize:
     """Counted over the model built on the ``meta`` device (no memory, no weights) for one image and one text."""
     import torch

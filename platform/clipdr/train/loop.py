@@ -85,6 +85,10 @@ def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
         init_coca_decoder(model)
     if plan.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if plan.train.channels_last:
+        if device.type != "cuda":  # where NHWC pays (cuDNN); torch 2.14.1's CPU backward of MCi towers segfaults in it
+            raise ValueError("train.channels_last is a CUDA option (cuDNN's NHWC convolutions); set it false on CPU")
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only: convolutions read NHWC
     return model.train()
 
 
@@ -159,11 +163,15 @@ class Step:
         # Views arrive as uint8 (`data`): normalised here, on the device, in the model's dtype.
         self.preprocess = data.student_preprocess(plan.train.model)
         self.dtype = next(model.parameters()).dtype
+        self.memory_format = torch.channels_last if plan.train.channels_last else torch.contiguous_format
+        # The compiled forward shares the model's parameters: optimiser, DDP and checkpoints see the model itself.
+        self.forward = torch.compile(model) if plan.train.compile else model
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         plan = self.plan
         pre = self.preprocess
-        image, text = augment.normalize(batch[data.IMAGE], pre.mean, pre.std, self.dtype), batch[data.TEXT]
+        image = augment.normalize(batch[data.IMAGE], pre.mean, pre.std, self.dtype)
+        image, text = image.contiguous(memory_format=self.memory_format), batch[data.TEXT]
         B = text.shape[0]
         # One forward over the real and synthetic captions together: DDP sees one graph per step.
         tokens = torch.cat([text, batch[data.SYN_TEXT]]) if plan.use_syn_captions else text
@@ -171,7 +179,7 @@ class Step:
             # CoCa's decoder pairs every caption with its image: both caption sets need the image.
             image = torch.cat([image, image])
         with _autocast(self.device, plan.precision):
-            out = self.model(image, tokens)
+            out = self.forward(image, tokens)
         if not isinstance(out, dict):
             out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
         img_BD = _at_least_fp32(out["image_features"])[:B]

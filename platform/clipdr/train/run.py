@@ -44,7 +44,17 @@ from clipdr.train.plan import (
 
 # Keys (sections included) of [train] a resubmission may change without breaking the run: scaling and bookkeeping,
 # not the recipe.
-_RESUMABLE_CHANGES = ("resources", "checkpoint", "log_every", "register", "eval_every", "dry_run", "cost")
+_RESUMABLE_CHANGES = (
+    "resources",
+    "checkpoint",
+    "log_every",
+    "register",
+    "eval_every",
+    "dry_run",
+    "cost",
+    "channels_last",
+    "compile",
+)  # scaling, bookkeeping and speed knobs (memory layout, compilation)
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
 _LATER_SETTINGS = {"loss.local_loss": False}
