@@ -114,6 +114,7 @@ def build_dataset(
                 "manifest": source.manifest.to_dict(),
                 "mode": str(plan.mode),
                 "use_syn_captions": plan.use_syn_captions,
+                "num_syn_captions": plan.num_syn_captions,
                 "teachers": plan.teacher_names,
             },
         )
