@@ -187,6 +187,7 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
     tc = cfg.train
     _student_preprocess(tc)
     teachers: list[records.TeacherSpec] = []
+    syn_captions = None
     rows, source = None, f"{tc.data}: not read (object storage; the dry run reads no bucket)"
     if not storage.is_s3(tc.data):
         _, dataset, files = open_data(tc)
@@ -196,10 +197,11 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
             rows, source = dataset.manifest.num_rows, f"the manifest of {tc.data}"
             names = tc.teachers or dataset.manifest.teacher_names
             teachers = [dataset.manifest.teacher(n) for n in names] if Mode(tc.mode).distils else []
-            _, why = syn_captions_used(tc, dataset.manifest.num_syn_captions)
+            syn_captions = dataset.manifest.num_syn_captions
+            _, why = syn_captions_used(tc, syn_captions)
             if why:
                 log(f"note          {why}")
-    log(estimate.estimate(cfg, teachers, rows, source).describe())
+    log(estimate.estimate(cfg, teachers, rows, source, syn_captions).describe())
     log("dry run: the configuration is valid; no model was loaded and nothing was trained")
 
 
