@@ -94,6 +94,10 @@ def test_an_embeddings_only_pass_has_no_captioner_and_resumes_like_any_other(sou
         columns = make_columns(p.manifest, 3, prefix=name)
         write_output_shard(cfg.reinforce.output, name, columns, p.manifest, shard_metadata(fingerprint, "src", {}))
     assert plan(cfg).done == (first, second) and not plan(cfg).pending
+    shards = tuple(records.ShardInfo(name, 3) for name in (first, second))
+    records.write_manifest(cfg.reinforce.output, dataclasses.replace(p.manifest, shards=shards))
+    other = config(source, tmp_path, num_syn_captions=0, captioner=bogus, teachers=(other_scale,))
+    assert plan(other).complete  # a complete dataset made with another a_k: nothing to redo
     with_captions = config(source, tmp_path, num_syn_captions=1)
     with pytest.raises(ReinforceError, match="made with other settings"):
         plan(with_captions)

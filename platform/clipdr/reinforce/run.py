@@ -79,7 +79,7 @@ class Plan:
             f"captioner     {m.captioner.kind} {m.captioner.model} ({m.captioner.pretrained or 'random init'}), "
             f"top-p {m.captioner.top_p}"
             if m.captioner
-            else "captioner     none",
+            else "captioner     none (S = 0: an embeddings-only pass)",
             f"storage       {m.embedding_bytes_per_sample:,} bytes of fp16 embeddings a sample "
             f"((K + 1 + S) x sum(D) x 2)",
             f"progress      {len(self.done)}/{len(self.tasks)} shards done"
