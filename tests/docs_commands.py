@@ -282,6 +282,7 @@ _TOY_LATENCY = ("--variants", "clipdr-tiny-mct", "--reference", "clipdr-tiny-mci
 _TOY_TRAIN_BENCH = (
     *("--student", "clipdr-tiny-vit", "--teachers", "clipdr-tiny-vit", "--batch-size", "4", "--steps", "1"),
     *("--warmup", "0", "--views", "1", "--captions", "1", "--image-size", "32", "--output", "{tmp}/train.md"),
+    *("--io-views", "2", "--io-dim", "8", "--io-captions", "1"),
 )
 
 REGISTRY: dict[str, Entry] = {
@@ -352,6 +353,10 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    "python jobs/benchmark.py train --io-only --output": Run(_TOY_TRAIN_BENCH),
+    "clipdr inspect data/demo/reinforced --samples --sheet": CoveredBy(
+        ("tests/unit/test_inspection.py::test_inspect_prints_the_manifest_and_captions_and_writes_the_views",)
+    ),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),

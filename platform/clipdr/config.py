@@ -265,6 +265,14 @@ class TrainConfig:
     model: str = _f("", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config; required")
     pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
+    teacher_scales: tuple[float, ...] = _f(
+        (),
+        "a_k, each teacher's inverse temperature in the distillation targets, one per teacher in train.teachers order "
+        "(the manifest's order when that is empty); empty: the logit_scale each teacher has in the manifest",
+    )
+    num_syn_captions: int = _f(
+        0, "draw each sample's synthetic caption from the first n of the dataset's S; 0: all S (needs S >= n)"
+    )
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")

@@ -38,6 +38,7 @@ LAYERS: dict[str, int] = {
     "tracking": 2,
     "lifecycle": 2,  # the registry gate, on top of tracking; a training run marks its model a candidate
     "export": 2,  # loads models as evaluation does
+    "inspection": 2,  # `clipdr inspect`: reads a reinforced dataset (records) and replays its views (augment)
     "cli": 3,
     "jobs": 3,
     "demo": 3,  # runs every stage, as cli does

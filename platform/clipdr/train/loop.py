@@ -138,6 +138,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def make_loss(plan: TrainPlan) -> losses.DistillationLoss:
+    """The run's loss: lambda, each teacher's a_k (the plan's, `plan.teacher_scales`) and the caption sets."""
+    with_teachers = plan.mode.distils and plan.kd_weight > 0
+    return losses.DistillationLoss(
+        plan.kd_weight if with_teachers else 0.0,
+        [s.logit_scale for s in plan.teacher_specs] if with_teachers else (),
+        use_syn_captions=plan.use_syn_captions,
+        max_logit_scale=plan.train.loss.max_logit_scale,
+        local_loss=plan.train.loss.local_loss,
+    )
+
+
 class Step:
     """The forward and loss of one micro-batch, for any mode: student features -> `DistillationLoss` (+ caption)."""
 
@@ -151,13 +163,7 @@ class Step:
         specs = list(plan.teacher_specs)
         self.teacher_names = plan.teacher_names
         with_teachers = plan.mode.distils and plan.kd_weight > 0
-        self.loss = losses.DistillationLoss(
-            plan.kd_weight if with_teachers else 0.0,
-            [s.logit_scale for s in specs] if with_teachers else (),
-            use_syn_captions=plan.use_syn_captions,
-            max_logit_scale=plan.train.loss.max_logit_scale,
-            local_loss=plan.train.loss.local_loss,
-        )
+        self.loss = make_loss(plan)
         self.online = OnlineTeachers(specs, device) if plan.mode.runs_teachers_online and with_teachers else None
         self.with_teachers = with_teachers
         # Views arrive as uint8 (`data`): normalised here, on the device, in the model's dtype.
