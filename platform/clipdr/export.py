@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import clipdr
-from clipdr import models, storage, tokenizer_assets
+from clipdr import models, quantize, storage, tokenizer_assets
 from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
@@ -58,6 +58,13 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 FUSED_WEIGHTS = "fused_model.safetensors"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
+# The smaller ONNX variants beside each fp32 encoder (`clipdr.quantize`): image_encoder.fp16.onnx, ...int8.onnx.
+ONNX_VARIANTS = tuple(v for v in quantize.VARIANTS if v != "fp32")
+VARIANT_FILES = {
+    (tower, variant): quantize.variant_path(base, variant).name
+    for tower, base in (("image", IMAGE_ONNX), ("text", TEXT_ONNX))
+    for variant in ONNX_VARIANTS
+}
 MANIFEST = "export.json"
 MODEL_CARD = "MODEL_CARD.md"
 _ALL_FILES = (
@@ -66,6 +73,7 @@ _ALL_FILES = (
     FUSED_WEIGHTS,
     IMAGE_ONNX,
     TEXT_ONNX,
+    *VARIANT_FILES.values(),
     MANIFEST,
     MODEL_CARD,
     *tokenizer_assets.FILES,
@@ -217,13 +225,9 @@ def export_onnx(
         raise ExportError(f"export.onnx_exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
 
 
-def run_onnx(path: Path, inputs: Tensor) -> Tensor:
-    """Runs an exported encoder with onnxruntime on CPU."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def run_onnx(path: Path, inputs: Tensor, variant: str = "fp32") -> Tensor:
+    """Runs an exported encoder (of ``variant``, `quantize.VARIANTS`) with onnxruntime on CPU."""
+    session = quantize.session(path, variant)
     (output,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
     return torch.from_numpy(output)
 
@@ -253,6 +257,39 @@ def export_encoders(
     }
     _check(parity, tolerance, "ONNX (onnxruntime) vs torch")
     return parity
+
+
+def export_variants(fused: nn.Module, name: str, folder: Path) -> dict[str, dict[str, float]]:
+    """Writes the fp16 and int8 variants of both ONNX encoders in ``folder`` and checks them against fp32.
+
+    A variant's max abs embedding difference to the fp32 graph must stay within `quantize.ERROR_BOUND_FACTOR` times
+    the difference that rounding only its weights to the variant's grid gives (`quantize.simulate_weight_rounding`).
+
+    Returns:
+        ``{"image_fp16": {"max_abs_diff": ..., "weight_rounding": ..., "bound": ...}, ...}``.
+
+    Raises:
+        ExportError: A variant exceeds its bound.
+    """
+    image_BCHW, tokens_BL = example_inputs(fused, name, batch_size=3, seed=1)
+    checks: dict[str, dict[str, float]] = {}
+    for tower, base, inputs in (("image", IMAGE_ONNX, image_BCHW), ("text", TEXT_ONNX, tokens_BL)):
+        reference = run_onnx(folder / base, inputs)
+        for variant, path in quantize.write_variants(folder / base, ONNX_VARIANTS).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                simulated = Path(tmp) / "weights_rounded.onnx"
+                quantize.simulate_weight_rounding(folder / base, variant, simulated)
+                weight_rounding = max_abs_diff(run_onnx(simulated, inputs), reference)
+            error = max_abs_diff(run_onnx(path, inputs, variant), reference)
+            bound = quantize.ERROR_BOUND_FACTOR * weight_rounding
+            checks[f"{tower}_{variant}"] = {"max_abs_diff": error, "weight_rounding": weight_rounding, "bound": bound}
+            if not error <= bound:
+                raise ExportError(
+                    f"{path.name}: embeddings differ from {base} by {error:.3g} (max abs), more than "
+                    f"{quantize.ERROR_BOUND_FACTOR:g} x {weight_rounding:.3g}, the difference its weight rounding "
+                    "alone gives"
+                )
+    return checks
 
 
 # --------------------------------------------------------------------------- open_clip files
@@ -572,10 +609,16 @@ def export_model(
         if cfg.onnx:
             log(f"export: ONNX encoders ({cfg.onnx_exporter} exporter)")
             manifest["parity"]["onnx"] = export_encoders(fused, model, name, folder, cfg.onnx_exporter, cfg.tolerance)
+            log(f"export: ONNX variants {', '.join(ONNX_VARIANTS)}")
+            manifest["parity"]["onnx_variants"] = export_variants(fused, name, folder)
             manifest["onnx"] = {
                 "exporter": cfg.onnx_exporter,
                 "image": {"input": "image", "output": "image_embedding"},
                 "text": {"input": "text", "output": "text_embedding"},
+                "variants": {
+                    variant: {tower: VARIANT_FILES[tower, variant] for tower in ("image", "text")}
+                    for variant in ONNX_VARIANTS
+                },
             }
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name not in (MANIFEST, MODEL_CARD):
