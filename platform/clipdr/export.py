@@ -381,6 +381,21 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "",
         f"Exported by clipdr {manifest['clipdr_version']} on {manifest['exported_at']} from `{manifest['source']}`.",
         "",
+        "## Intended use",
+        "",
+        "Image and text embeddings in one space (CLIP): zero-shot image classification by comparing an image's "
+        "embedding with embeddings of class prompts, and image-text retrieval, on servers (MLflow, onnxruntime) or "
+        "on devices (ONNX, with the tokenizer files). For research and for products whose images resemble the "
+        "training data; measure on your own data before relying on it (see Limitations).",
+        "",
+        "## License",
+        "",
+        "clipdr, the code that trained and exported this model, is under the Apache License 2.0. The weights carry "
+        "the terms of what they were made from. Apple's MobileCLIP weights and the DataCompDR datasets are "
+        "published under their own terms (see apple/ml-mobileclip, apple/ml-mobileclip-dr and the DataCompDR "
+        "dataset cards); a model initialised from those weights, distilled from them as teachers, or trained on "
+        "DataCompDR inherits those terms, and so does this export. " + _inherited_terms(manifest.get("training") or {}),
+        "",
         "## Architecture",
         "",
         "| | |",
@@ -396,7 +411,7 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         f"train-time; text {params['text_fused'] / 1e6:.2f} fused / {params['text'] / 1e6:.2f} train-time |",
         f"| logit scale | {manifest['logit_scale']:.2f} |",
         "",
-        "## Training",
+        "## Training data",
         "",
     ]
     training = manifest.get("training") or {}
@@ -404,7 +419,15 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in training.items()]
     else:
         lines.append("Unknown: the model was not loaded from a clipdr training checkpoint or MLflow run.")
-    lines += ["", "## Evaluation", ""]
+    lines += [
+        "",
+        "The data's license is the dataset's: clipdr's synthetic world (`clipdr synth`) is generated (shapes, "
+        "colours, template captions) and holds no third-party content; DataCompDR carries its own terms (see "
+        "License), and its images remain their owners'.",
+        "",
+        "## Evaluation",
+        "",
+    ]
     metrics = {
         k: v for k, v in sorted((run.metrics if run else {}).items()) if k.startswith(("zeroshot/", "retrieval/"))
     }
@@ -414,6 +437,18 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
     else:
         lines.append("Not evaluated yet: run `clipdr evaluate` on the model.")
     lines += [
+        "",
+        "## Limitations",
+        "",
+        "- Accuracy is what the Evaluation table shows, on those datasets only; a model trained on the synthetic "
+        "world knows coloured shapes on textured backgrounds, not natural images.",
+        "- English captions; text longer than the context length is truncated (the tokenizer keeps the first "
+        f"{arch['context_length'] - 2} tokens).",
+        "- Web-scale training data (DataCompDR) carries the biases of web alt-text and images; zero-shot labels "
+        "reflect the prompts chosen. Not for identifying people or for decisions about them.",
+        "- The fp16 and int8 ONNX encoders give slightly different embeddings from fp32 (see Checks); measure "
+        "their accuracy on your task. The fp16 graphs are for hardware with fp16 arithmetic; on a CPU they are "
+        "not faster.",
         "",
         "## Files",
         "",
@@ -426,6 +461,10 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         FUSED_WEIGHTS: "re-parameterised weights, for inference",
         IMAGE_ONNX: "fused image encoder -> L2-normalised embedding",
         TEXT_ONNX: "fused text encoder -> L2-normalised embedding",
+        **{
+            file: f"{tower} encoder, {variant} ({_VARIANT_WHAT[variant]})"
+            for (tower, variant), file in VARIANT_FILES.items()
+        },
         **tokenizer_assets.FILES,
     }
     lines += [f"| `{f}` | {what[f]} | `{info['sha256'][:16]}` |" for f, info in manifest["files"].items()]
@@ -437,11 +476,28 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         f"Max abs embedding difference (tolerance {manifest['tolerance']:g}): fused vs trained "
         f"{parity['fused']}; ONNX (onnxruntime) {parity.get('onnx', 'not exported')}.",
         "",
-        "## Use",
+    ]
+    if parity.get("onnx_variants"):
+        lines += [
+            "ONNX variants against the fp32 graphs (max abs embedding difference; bound: "
+            f"{quantize.ERROR_BOUND_FACTOR:g} x the difference that rounding only the weights gives):",
+            "",
+            "| encoder | variant | max abs difference | bound | file size vs fp32 |",
+            "|---|---|---|---|---|",
+        ]
+        files = manifest["files"]
+        for key, check in parity["onnx_variants"].items():
+            tower, variant = key.split("_")
+            base = IMAGE_ONNX if tower == "image" else TEXT_ONNX
+            ratio = files[VARIANT_FILES[tower, variant]]["bytes"] / files[base]["bytes"]
+            lines.append(f"| {tower} | {variant} | {check['max_abs_diff']:.2e} | {check['bound']:.2e} | {ratio:.2f} |")
+        lines.append("")
+    lines += [
+        "## How to load",
         "",
-        "Each snippet gives the trained model (`model`), the preprocessing it was trained with (`preprocess`: "
-        f"{pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean {pp['mean']}, std {pp['std']}) "
-        "and its tokenizer; `<this folder>` is this folder.",
+        "**safetensors, with open_clip.** Each snippet gives the trained model (`model`), the preprocessing it was "
+        f"trained with (`preprocess`: {pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean "
+        f"{pp['mean']}, std {pp['std']}) and its tokenizer; `<this folder>` is this folder.",
         "",
         "Config, weights and preprocessing from this folder (`open_clip_config.json`):",
         "",
@@ -461,26 +517,104 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
             "",
         ]
     lines += [
-        "Fused, for inference: `clipdr.models.reparameterize(model)`, or "
+        "**Fused safetensors**, for inference: `clipdr.models.reparameterize(model)`, or "
         f'`clipdr.export.load_fused("{name}", "{FOLDER}/{FUSED_WEIGHTS}")`; images through `preprocess` above.',
         "",
-        "ONNX: `onnxruntime.InferenceSession('image_encoder.onnx').run(None, {'image': pixels})` with pixels "
-        "from `preprocess` above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
-        "",
     ]
+    if manifest.get("onnx"):
+        variants = manifest["onnx"].get("variants", {})
+        lines += [
+            "**ONNX (fp32"
+            + "".join(f", {v}" for v in variants)
+            + ")**: `image` takes float32 pixels (B, 3, H, W) from `preprocess` above, `text` the tokenizer's int64 "
+            "tokens (B, context length); both return float32 L2-normalised embeddings, whichever variant.",
+            "",
+            "```python",
+            "import onnxruntime",
+            "",
+            f"image_session = onnxruntime.InferenceSession({IMAGE_ONNX!r})",
+            "image_emb = image_session.run(None, {'image': pixels})[0]",
+            f"text_session = onnxruntime.InferenceSession({TEXT_ONNX!r})",
+            "text_emb = text_session.run(None, {'text': tokens})[0]",
+        ]
+        if "int8" in variants:
+            lines.append(f"# int8: the same with {variants['int8']['image']!r} / {variants['int8']['text']!r}")
+        if "fp16" in variants:
+            lines += [
+                f"# fp16: {variants['fp16']['image']!r} / {variants['fp16']['text']!r}; onnxruntime's CPU provider "
+                "crashes on them in its NCHWc pass, so leave it out:",
+                f"# onnxruntime.InferenceSession({variants['fp16']['image']!r}, "
+                f"disabled_optimizers={list(quantize.FP16_DISABLED_OPTIMIZERS)!r})",
+            ]
+        lines += ["```", ""]
     if manifest.get("tokenizer"):
         lines += [
-            f"Tokenizer without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` and "
-            f"`{tokenizer_assets.CONFIG}` (cleaning rules, pre-split pattern, special ids, truncation, padding).",
+            f"**Tokenizer files**, for apps without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` "
+            f"and `{tokenizer_assets.CONFIG}` (cleaning rules, pre-split pattern, special ids, truncation, padding; "
+            "the steps are in clipdr's docs/export.md).",
             "",
         ]
+    model_uri = _mlflow_model_uri(manifest, run)
     lines += [
+        "**MLflow pyfunc**: the model clipdr logged for this run takes raw images (encoded bytes; base64 over "
+        "HTTP) and/or captions and returns L2-normalised embeddings, preprocessing and tokenising inside; its "
+        "weights are safetensors, nothing is unpickled. Needs clipdr installed.",
+        "",
+        "```python",
+        "import mlflow.pyfunc",
+        "import pandas as pd",
+        "",
+        f"served = mlflow.pyfunc.load_model({model_uri!r})",
+        "rows = served.predict(pd.DataFrame({'image': [open('photo.jpg', 'rb').read(), None], "
+        "'text': [None, 'a photo of a dog']}))",
+        "rows['image_embedding'][0], rows['text_embedding'][1]",
+        "```",
+        "",
+        f"Over HTTP: `mlflow models serve -m {model_uri} --env-manager local -h 127.0.0.1 -p 5000`, then POST "
+        '`{"dataframe_records": [{"image": "<base64>"}, {"text": "a photo of a dog"}]}` to `/invocations`.',
+        "",
         "The open_clip weights are the trained, unfused ones: open_clip's configs describe the train-time "
         "architecture (MobileOne / RepMixer branches), so fused weights would not load into them. Fusing is "
         "exact up to float rounding (see Checks).",
         "",
     ]
     return "\n".join(lines)
+
+
+_VARIANT_WHAT = {"fp16": "float16 weights and compute, float32 inputs and outputs", "int8": "dynamic int8 quantisation"}
+# Section headings of the model card, in order (tests check them).
+CARD_SECTIONS = (
+    "## Intended use",
+    "## License",
+    "## Architecture",
+    "## Training data",
+    "## Evaluation",
+    "## Limitations",
+    "## Files",
+    "## Checks",
+    "## How to load",
+)
+
+
+def _inherited_terms(training: Mapping[str, Any]) -> str:
+    """What the card can tell about this model's sources from its training run (initial weights, teachers, data)."""
+    sources = [
+        f"{key}: {training[key]}" for key in ("initialised from", "teachers", "data") if training.get(key) is not None
+    ]
+    if not sources:
+        return "This export does not record what the model was trained from: check its training run."
+    return "This model's training run records: " + "; ".join(sources) + "."
+
+
+def _mlflow_model_uri(manifest: Mapping[str, Any], run: Any | None) -> str:
+    """The MLflow model of this export: its source when that is one, else the model its training run logged."""
+    source = str(manifest.get("source") or "")
+    if source.startswith(("models:/", "runs:/")):
+        return source
+    run_id = run.run_id if run is not None else manifest.get("mlflow_run_id")
+    if run_id:
+        return f"runs:/{run_id}/model"
+    return "models:/<registered name>@champion"
 
 
 def _training_info(loaded: LoadedModel, run: Any | None) -> dict[str, Any]:
