@@ -352,6 +352,16 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    # docs/export.md: needs evaluation datasets; the test makes a tiny world and runs it on a tiny ViT.
+    "python jobs/benchmark.py quantized --model --zeroshot --retrieval --output": CoveredBy(
+        ("tests/integration/test_benchmarks.py::test_quantized_benchmark_runs_at_toy_size",)
+    ),
+    "mlflow models serve -m --env-manager -h -p": CoveredBy(
+        (
+            "tests/integration/test_serve.py::test_served_model_embeds_images_and_captions_as_the_model_does",
+            "tests/integration/test_serve.py::test_a_malformed_request_gets_a_400_and_the_server_keeps_serving",
+        )
+    ),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),
