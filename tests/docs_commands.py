@@ -356,6 +356,8 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py quantized --model --zeroshot --retrieval --output": CoveredBy(
         ("tests/integration/test_benchmarks.py::test_quantized_benchmark_runs_at_toy_size",)
     ),
+    "python jobs/benchmark.py quantized --model --zeroshot --retrieval --max-samples --iters --warmup "
+    "--output": CoveredBy(("tests/integration/test_benchmarks.py::test_quantized_benchmark_runs_at_toy_size",)),
     "mlflow models serve -m --env-manager -h -p": CoveredBy(
         (
             "tests/integration/test_serve.py::test_served_model_embeds_images_and_captions_as_the_model_does",

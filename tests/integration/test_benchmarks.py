@@ -27,7 +27,7 @@ def test_quantized_benchmark_runs_at_toy_size(tmp_path):
     from clipdr.data import synthetic
 
     world = SynthConfig(
-        output=str(tmp_path / "world"), num_teacher=0, num_student=0, num_zeroshot=16, num_retrieval=8, image_size=32
+        output=str(tmp_path / "world"), num_teacher=0, num_student=0, num_zeroshot=8, num_retrieval=8, image_size=32
     )
     synthetic.generate(world)
     output = tmp_path / "quantized.md"
