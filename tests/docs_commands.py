@@ -352,12 +352,14 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
-    # docs/export.md: needs evaluation datasets; the test makes a tiny world and runs it on a tiny ViT.
+    # docs/export.md: needs evaluation datasets and an export; the test makes a tiny world and measures the export
+    # test_export.py makes anyway (--export: the same run without exporting again; --model only adds `clipdr export`'s
+    # own code, which test_export.py and test_export_cli.py test).
     "python jobs/benchmark.py quantized --model --zeroshot --retrieval --output": CoveredBy(
-        ("tests/integration/test_benchmarks.py::test_quantized_benchmark_runs_at_toy_size",)
+        ("tests/unit/test_export.py::test_quantized_benchmark_measures_an_export_at_toy_size",)
     ),
     "python jobs/benchmark.py quantized --model --zeroshot --retrieval --max-samples --iters --warmup "
-    "--output": CoveredBy(("tests/integration/test_benchmarks.py::test_quantized_benchmark_runs_at_toy_size",)),
+    "--output": CoveredBy(("tests/unit/test_export.py::test_quantized_benchmark_measures_an_export_at_toy_size",)),
     "mlflow models serve -m --env-manager -h -p": CoveredBy(
         (
             "tests/integration/test_serve.py::test_served_model_embeds_images_and_captions_as_the_model_does",

@@ -179,6 +179,18 @@ def load_fused(name: str, path: str | Path, device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
+def load_trained(folder: str | Path) -> tuple[str, nn.Module]:
+    """``(name, model)`` of a local export folder: the trained (unfused) model in eval mode, with the preprocessing
+    the export records, from ``open_clip_config.json`` and ``open_clip_model.safetensors``."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / OPEN_CLIP_CONFIG).read_text())
+    name = config["clipdr"]["model"]
+    model = models.create_model(name, force_preprocess_cfg=config["preprocess_cfg"])
+    model.load_state_dict(load_file(str(Path(folder) / OPEN_CLIP_WEIGHTS), device="cpu"))
+    return name, model.eval()
+
+
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:
     # Cloned and contiguous: safetensors refuses tensors that share storage or are strided views.
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}

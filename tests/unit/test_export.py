@@ -199,6 +199,28 @@ def test_the_model_card_is_complete_and_its_evaluation_is_the_runs(exported):
         assert re.search(rf"^\| {tower} \| {variant} \| ", sections["## Checks"], flags=re.M), filename
 
 
+def test_quantized_benchmark_measures_an_export_at_toy_size(exported, tmp_path):
+    """What `python jobs/benchmark.py quantized` runs (`benchmarks.main`), on this module's export and a tiny world:
+    the table has every variant, the fp32 ONNX row's deltas are zero by construction, the sizes are the files'."""
+    from clipdr import benchmarks
+    from clipdr.config import SynthConfig
+    from clipdr.data import synthetic
+
+    world = SynthConfig(
+        output=str(tmp_path / "world"), num_teacher=0, num_student=0, num_zeroshot=8, num_retrieval=8, image_size=32
+    )
+    synthetic.generate(world)
+    output = tmp_path / "quantized.md"
+    toy = ["--export", str(exported.folder), "--zeroshot", f"{world.output}/zeroshot", "--retrieval"]
+    toy += [f"{world.output}/retrieval", "--batch-sizes", "2", "--iters", "1", "--warmup", "0", "--output", str(output)]
+    assert benchmarks.main(["quantized", *toy], prog="jobs/benchmark.py") == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in output.read_text().splitlines()[4:]}
+    assert list(rows) == ["torch fp32 (trained)", "ONNX fp32", "ONNX fp16", "ONNX int8"]
+    assert rows["ONNX fp32"][1].endswith("(+0.0000)") and rows["ONNX fp32"][2].endswith("(+0.0000)")
+    for variant, image_file in (("fp32", export.IMAGE_ONNX), ("fp16", export.VARIANT_FILES["image", "fp16"])):
+        assert float(rows[f"ONNX {variant}"][3]) == round((exported.folder / image_file).stat().st_size / 1e6, 2)
+
+
 # Runs every documented loading snippet of each export, as written, in a fresh process: those without
 # `import clipdr.models` first, each checked to have left clipdr unimported (it is importable here, through
 # PYTHONPATH or the editable install, so "plain open_clip" is what sys.modules shows, not what fails to import).

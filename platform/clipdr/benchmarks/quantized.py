@@ -1,7 +1,9 @@
 """The ONNX encoders of an export, fp32 against fp16 and int8: accuracy on evaluation sets, file size, CPU latency.
 
 The model (an MLflow URI such as the demo's ``models:/clipdr-demo-student@champion``, a checkpoint folder, or a
-name) is exported as `clipdr export` does (`clipdr.export.export_model`, which writes and checks the variants). Each
+name) is exported as `clipdr export` does (`clipdr.export.export_model`, which writes and checks the variants);
+or ``--export`` names an existing local export folder, whose files are measured and whose trained model is read
+back from its open_clip files (`clipdr.export.load_trained`). Each
 variant is then evaluated exactly as `clipdr evaluate` evaluates a torch model (`clipdr.evaluate.evaluate`, same
 datasets, preprocessing and tokenizer), with onnxruntime computing the embeddings; deltas are against the fp32 ONNX
 encoders (the trained torch model's own numbers are shown too). Latency: every (variant, tower, batch size) call
@@ -41,7 +43,8 @@ class QuantizedCfg:
     """What to measure.
 
     Attributes:
-        model: MLflow model URI, checkpoint folder or model name (`clipdr.evaluate.loading.load`).
+        model: MLflow model URI, checkpoint folder or model name (`clipdr.evaluate.loading.load`), exported now.
+        export: Instead of ``model``: a local folder `clipdr export` wrote, measured as it is.
         zeroshot: Zero-shot dataset folders (``evaluate.zeroshot``).
         retrieval: Retrieval dataset folders (``evaluate.retrieval``).
         max_samples: Per dataset, 0: all (metrics then keep their plain names).
@@ -54,7 +57,8 @@ class QuantizedCfg:
         output: Markdown file to write the table to, if set.
     """
 
-    model: str
+    model: str = ""
+    export: str = ""
     zeroshot: tuple[str, ...] = ()
     retrieval: tuple[str, ...] = ()
     max_samples: int = 0
@@ -71,6 +75,8 @@ class QuantizedCfg:
             raise ValueError("need iters >= 1, warmup >= 0 and positive batch sizes")
         if self.num_threads < 1:
             raise ValueError(f"need at least one thread, got {self.num_threads}")
+        if bool(self.model) == bool(self.export):
+            raise ValueError("give one of --model (exported now) and --export (an export folder)")
         if not self.zeroshot and not self.retrieval:
             raise ValueError("nothing to evaluate: give --zeroshot and/or --retrieval dataset folders")
 
@@ -143,13 +149,18 @@ def run(cfg: QuantizedCfg, progress: Callable[[str], None] = print) -> Quantized
     torch.set_num_threads(cfg.num_threads)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantiser suggests pre-processing on every call
     start = time.perf_counter()
-    loaded = loading.load(cfg.model, device="cpu")
+    if cfg.export:
+        name, model = export.load_trained(cfg.export)
+        loaded = loading.LoadedModel(model, name, source=cfg.export, kind="export")
+    else:
+        loaded = loading.load(cfg.model, device="cpu")
     report = QuantizedReport(cfg, name=loaded.name)
     eval_cfg = EvaluateConfig(zeroshot=cfg.zeroshot, retrieval=cfg.retrieval, max_samples=cfg.max_samples)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(cfg.export_dir or tmp)
-        progress(f"export {loaded.name} -> {folder}")
-        export.export_model(loaded, ExportConfig(output=str(folder), onnx_exporter=cfg.exporter), log=progress)
+        folder = Path(cfg.export or cfg.export_dir or tmp)
+        if not cfg.export:
+            progress(f"export {loaded.name} -> {folder}")
+            export.export_model(loaded, ExportConfig(output=str(folder), onnx_exporter=cfg.exporter), log=progress)
         files = _files(folder)
         report.sizes = {key: path.stat().st_size for key, path in files.items()}
         sessions = {key: quantize.session(path, key[1], cfg.num_threads) for key, path in files.items()}
@@ -188,7 +199,8 @@ def to_markdown(report: QuantizedReport) -> str:
     import onnxruntime
 
     lines = [
-        f"Model `{report.name}` from `{cfg.model}`; evaluated on {', '.join((*cfg.zeroshot, *cfg.retrieval))}"
+        f"Model `{report.name}` from `{cfg.model or cfg.export}`; evaluated on "
+        f"{', '.join((*cfg.zeroshot, *cfg.retrieval))}"
         f"{f' ({cfg.max_samples} samples each)' if cfg.max_samples else ''}. Device: "
         f"{platform.processor() or platform.machine()} CPU, onnxruntime {onnxruntime.__version__}, {threads}, "
         f"{cfg.clock} clock; {cfg.iters} rounds after {cfg.warmup} warm-up, all calls interleaved; ms: median "
@@ -222,7 +234,9 @@ def to_markdown(report: QuantizedReport) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = QuantizedCfg(model="-", zeroshot=("-",))
-    parser.add_argument("--model", required=True, help="MLflow model URI, checkpoint folder or model name")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", default="", help="MLflow model URI, checkpoint folder or model name (exported now)")
+    source.add_argument("--export", default="", metavar="DIR", help="an existing local export folder, measured as is")
     parser.add_argument("--zeroshot", nargs="*", default=[], metavar="DIR", help="zero-shot dataset folders")
     parser.add_argument("--retrieval", nargs="*", default=[], metavar="DIR", help="retrieval dataset folders")
     parser.add_argument("--max-samples", type=int, default=0, help="per dataset (default: all)")
@@ -241,6 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def cfg_from_args(args: argparse.Namespace) -> QuantizedCfg:
     cfg = QuantizedCfg(
         model=args.model,
+        export=args.export,
         zeroshot=tuple(args.zeroshot),
         retrieval=tuple(args.retrieval),
         max_samples=args.max_samples,
