@@ -365,7 +365,10 @@ class ExportConfig:
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
     allow_pickle: bool = _f(False, "as evaluate.allow_pickle: also load an MLflow model logged as a pickle")
     output: str = _f("export", "folder the export is written to, path or s3://")
-    onnx: bool = _f(True, "also export ONNX image and text encoders (of the fused model), checked with onnxruntime")
+    onnx: bool = _f(
+        True,
+        "also export ONNX image and text encoders (of the fused model; fp32, fp16, int8), checked with onnxruntime",
+    )
     onnx_exporter: OnnxExporter = _f(
         "dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)"
     )

@@ -21,6 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "clipdr.benchmarks.gpu_check",
         "the reinforcement job at real sizes on a CUDA device (jobs/gpu_check.sh)",
     ),
+    "quantized": (
+        "clipdr.benchmarks.quantized",
+        "ONNX encoders fp32 vs fp16 vs int8: accuracy delta on evaluation sets, file size, CPU latency",
+    ),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

@@ -361,12 +361,9 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
         clip = models.create_model(meta.model)
         clip.load_state_dict(checkpoint.load_weights(directory))
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
-    example_in, example_out = embedder.example(batch_size=2)
     logged = tracking.log_model(
         tracker,
         embedder,
-        input_example=example_in.numpy(),
-        output_example=example_out.numpy(),
         metadata={"clipdr_model": meta.model, "mode": meta.mode, "samples_seen": meta.samples_seen},
         registered_model_name=tc.register,
         version_tags={"mode": tc.mode, "student": tc.model, "dataset": tc.data, "run_name": run_name},
