@@ -289,6 +289,10 @@ REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
     "make test": External("creates .venv (pip, network) and runs this whole suite, which this test is part of"),
+    "bash jobs/gpu_check.sh": External(
+        "needs one CUDA device (it stops at once without one: tests/integration/test_gpu_check.py checks that); the "
+        "same test runs every phase in the script's CPU smoke mode"
+    ),
     # README: configuration and the synthetic world.
     "clipdr synth --config jobs/configs/demo.toml --set synth.num_teacher --set synth.output": Run(_TOY_SYNTH),
     "clipdr synth --help": Run(),

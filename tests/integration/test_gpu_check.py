@@ -15,6 +15,7 @@ from clipdr.reinforce import cost
 
 
 def phase(name: str, out, *extra: str) -> int:
+    """One phase as jobs/gpu_check.sh runs it (the benchmark entry point with these arguments), in this process."""
     return benchmarks.main(["gpu_check", "--phase", name, "--out", str(out), "--samples", "8", *extra])
 
 

@@ -5,10 +5,11 @@
   text) times 3 for forward and backward, plus one more forward with grad checkpointing (each block is recomputed);
   in ``online_distill`` each teacher's forward on the same image and texts. ``reinforced`` reads its teachers'
   embeddings and adds nothing.
-- **Memory a device**: the tensors the student's forward saves for its backward, counted on the meta device (an
-  upper bound: the meta device runs PyTorch's math attention, which keeps the attention matrix that fused kernels
-  do not), times the micro-batch, halved for bf16 autocast; plus weights, gradients and AdamW's two moments in
-  fp32 (16 bytes a parameter).
+- **Memory a device**: the tensors the student's forward saves for its backward, counted on the meta device, times
+  the micro-batch, halved for bf16 autocast; plus weights, gradients and AdamW's two moments in fp32 (16 bytes a
+  parameter). Without grad checkpointing an upper bound (the meta device runs PyTorch's math attention, which keeps
+  the attention matrix that fused kernels do not); with it, low by one recomputed segment's activations (an H200
+  measured 1.24x for MobileCLIP-S0: docs/train.md).
 - **Hours**: the run's FLOPs over a device's dense bf16 peak (`clipdr.accelerators.PEAK_TFLOPS`, the one table),
   the floor; divided by an assumed MFU (``train.cost.mfu``), the projection, summed over devices and per worker.
 """
@@ -92,6 +93,7 @@ class TrainEstimate:
         p, tc = self.plan, self.plan.train
         params = self.size.image_params + self.size.text_params
         workers = tc.resources.workers
+        bound = "low by a recomputed segment: grad checkpointing" if tc.grad_checkpointing else "upper bound"
         epochs = f", {p.total_samples / self.data_rows:.1f} epochs" if self.data_rows else ""
         lines = [
             f"student       {tc.model}: {params / 1e6:.1f}M parameters (image {self.size.image_params / 1e6:.1f}M, "
@@ -106,7 +108,7 @@ class TrainEstimate:
             f"flops         student: {self.student_flops / 1e9:,.2f} GFLOP a sample ({self.student_detail})",
             *(f"flops         teacher {n} (online): {f / 1e9:,.2f} GFLOP a sample" for n, f in self.teacher_flops),
             f"memory        {self.activation_bytes / 2**30:,.2f} GiB of activations a device for a micro-batch of "
-            f"{p.local_batch} (upper bound) + {params * BYTES_PER_PARAM / 2**30:,.2f} GiB of weights, gradients "
+            f"{p.local_batch} ({bound}) + {params * BYTES_PER_PARAM / 2**30:,.2f} GiB of weights, gradients "
             "and AdamW state",
             f"floor         {self.floor_hours:,.2f} {self.device}-hours at its dense bf16 peak of "
             f"{self.peak / 1e12:g} TFLOP/s",
