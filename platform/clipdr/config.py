@@ -125,8 +125,12 @@ class ReinforceResources:
     batch_size: int = _f(
         64, "samples per model forward: a fixed chunk of one shard, so outputs do not depend on scheduling"
     )
-    teacher_actors: int = _f(1, "actors running the teacher ensemble")
-    captioner_actors: int = _f(1, "actors running the captioner")
+    teacher_actors: int = _f(1, "actors running the teacher ensemble (the least: the job starts with these)")
+    captioner_actors: int = _f(1, "actors running the captioner (the least: the job starts with these)")
+    teacher_actors_max: int = _f(
+        0, "most teacher actors: the pool grows to it as devices join (autoscaling, spot); 0: teacher_actors, fixed"
+    )
+    captioner_actors_max: int = _f(0, "most captioner actors, as teacher_actors_max; 0: captioner_actors, fixed")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per model actor (also its torch threads)")
     gpus_per_actor: float = _f(1.0, "GPUs per model actor when device is cuda")
     crash_retries: int = _f(

@@ -164,8 +164,9 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
 
 def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path, monkeypatch):
     config, valid_keys, _ = setup
-    # Other parallelism than the S3 run (two actors per model stage): Ray bundles the stream differently.
-    wide = dataclasses.replace(config.reinforce.resources, teacher_actors=2, captioner_actors=2)
+    # Other parallelism than the S3 run (two captioner actors, an elastic teacher pool of one to two): Ray bundles
+    # the stream differently.
+    wide = dataclasses.replace(config.reinforce.resources, teacher_actors=1, teacher_actors_max=2, captioner_actors=2)
     config = with_output(config, str(tmp_path / "out"))
     config = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, resources=wide))
     first = run(config, log=lambda message: None)

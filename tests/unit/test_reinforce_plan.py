@@ -6,7 +6,15 @@ import types
 
 import pytest
 
-from clipdr.config import CaptionerConfig, Config, ReinforceConfig, SynthConfig, TeacherConfig, load_config
+from clipdr.config import (
+    CaptionerConfig,
+    Config,
+    ReinforceConfig,
+    ReinforceResources,
+    SynthConfig,
+    TeacherConfig,
+    load_config,
+)
 from clipdr.data import synthetic
 from clipdr.reinforce.run import ReinforceError, plan
 
@@ -60,6 +68,10 @@ def test_valid_plan_lists_every_shard(source, tmp_path):
         ),
         ({"source": "/does/not/exist"}, r"reinforce.source: source '/does/not/exist' does not exist"),
         ({"output": "/proc/clipdr-out"}, r"reinforce.output '/proc/clipdr-out' is not writable"),
+        (
+            {"resources": ReinforceResources(teacher_actors=3, teacher_actors_max=2)},
+            r"teacher_actors_max \(2\) is below teacher_actors \(3\)",
+        ),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_problem(source, tmp_path, changes, message):
@@ -166,3 +178,13 @@ def test_duplicate_keys_across_shards_are_counted(tmp_path):
     uris = [str(tmp_path / name) for name in shards]
     assert count_duplicate_keys(uris, num_buckets=4) == 3  # k3 once more, k1 twice more
     assert count_duplicate_keys(uris[:1] + uris[2:3]) == 0
+
+
+def test_model_pools_are_fixed_or_elastic_between_least_and_most():
+    """``*_actors_max`` above ``*_actors``: Ray Data grows the pool from the least to the most as resources join."""
+    pytest.importorskip("ray")
+    from clipdr.reinforce.pipeline import model_pool
+
+    fixed, elastic = model_pool(2), model_pool(1, 8)
+    assert (fixed.min_size, fixed.max_size) == (2, 2) and (elastic.min_size, elastic.max_size) == (1, 8)
+    assert model_pool(2, 1).max_size == 2 and elastic.max_tasks_in_flight_per_actor == 1

@@ -91,12 +91,16 @@ def actor_fault_args(crash_retries: int) -> dict:
     return {"max_restarts": -1, "max_task_retries": crash_retries}
 
 
-def model_pool(size: int) -> ray.data.ActorPoolStrategy:
-    """A model stage's actor pool. One chunk in flight per actor (Ray Data's default is two): the chunks in flight
-    on an actor that dies are all retried and charged a try, so a hostile chunk that kills its actor again and again
-    would also use up the tries of an innocent chunk queued behind it. A chunk's forward takes far longer than
-    handing the actor the next one."""
-    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+def model_pool(size: int, max_size: int = 0) -> ray.data.ActorPoolStrategy:
+    """A model stage's actor pool: ``size`` actors, or elastic from ``size`` to ``max_size`` (Ray Data adds actors
+    while chunks wait and resources allow, so a job starts with the devices it gets and takes more as nodes join;
+    outputs do not depend on the pool's size, as a chunk is fixed by its shard). One chunk in flight per actor (Ray
+    Data's default is two): the chunks in flight on an actor that dies are all retried and charged a try, so a
+    hostile chunk that kills its actor again and again would also use up the tries of an innocent chunk queued
+    behind it. A chunk's forward takes far longer than handing the actor the next one."""
+    if max_size <= size:
+        return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size, max_tasks_in_flight_per_actor=1)
 
 
 class _DroppedBlocks(logging.Handler):
@@ -178,7 +182,7 @@ def run_pipeline(
         ds = ds.map_batches(
             Caption,
             fn_constructor_args=(manifest.captioner, cfg.num_syn_captions, device, threads),
-            compute=model_pool(res.captioner_actors),
+            compute=model_pool(res.captioner_actors, res.captioner_actors_max),
             **model_actor,
         )
     if not render_in_actor:
@@ -194,7 +198,7 @@ def run_pipeline(
     ds = ds.map_batches(
         Embed,
         fn_constructor_args=(cfg.teachers, device, threads, render_in_actor),
-        compute=model_pool(res.teacher_actors),
+        compute=model_pool(res.teacher_actors, res.teacher_actors_max),
         **model_actor,
     )
     ds = ds.map_batches(

@@ -150,6 +150,13 @@ def plan(config: Config) -> Plan:
         )
     if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
         raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
+    for stage in ("teacher", "captioner"):
+        least, most = getattr(cfg.resources, f"{stage}_actors"), getattr(cfg.resources, f"{stage}_actors_max")
+        if most and most < least:
+            raise ReinforceError(
+                f"reinforce.resources.{stage}_actors_max ({most}) is below {stage}_actors ({least}): the most must be "
+                "at least the least (0: a fixed pool)"
+            )
     if cfg.resources.crash_retries < 0:
         raise ReinforceError(f"reinforce.resources.crash_retries must be >= 0, got {cfg.resources.crash_retries}")
     augment_spec = records.AugmentSpec.from_config(config.augment)
