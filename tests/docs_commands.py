@@ -284,6 +284,13 @@ _TOY_TRAIN_BENCH = (
     *("--warmup", "0", "--views", "1", "--captions", "1", "--image-size", "32", "--output", "{tmp}/train.md"),
 )
 
+# The forgetting guard's smallest run: every recipe and the table, on the tiny ViT (not the numbers).
+_TOY_FINETUNE = (
+    *("--model", "clipdr-tiny-vit", "--pretrain-samples", "16", "--pretrain-steps", "2", "--finetune-samples", "8"),
+    *("--finetune-steps", "2", "--batch-size", "8", "--eval-per-class", "1", "--templates", "1", "--alphas", "0.5"),
+    *("--output", "{tmp}/finetune.md"),
+)
+
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
@@ -352,6 +359,7 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    "python jobs/benchmark.py finetune --output": Run(_TOY_FINETUNE),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),

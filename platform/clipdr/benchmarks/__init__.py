@@ -21,6 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "clipdr.benchmarks.gpu_check",
         "the reinforcement job at real sizes on a CUDA device (jobs/gpu_check.sh)",
     ),
+    "finetune": (
+        "clipdr.benchmarks.finetune",
+        "forgetting guard: fine-tune on a held-out shape; full, LiT, EMA, layer decay, WiSE-FT zero-shot",
+    ),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

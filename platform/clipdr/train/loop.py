@@ -3,8 +3,10 @@
 Everything a worker needs arrives in a `plan.TrainPlan` (built once by the driver, `clipdr.train.run`), so every rank
 and every restart sees the same decisions. The loop:
 
-1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway), AdamW with decay only on
-   weight matrices, warmup + cosine on the optimizer step, and the loss (`losses.DistillationLoss`, plus the
+1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway) from its start
+   (``train.pretrained``) with the towers ``[train.finetune]`` locks frozen (`clipdr.train.finetune`), AdamW with
+   decay only on weight matrices (and layer-wise lr multipliers), warmup then ``train.schedule.kind`` on the optimizer
+   step, and the loss (`losses.DistillationLoss`, plus the
    captioning loss when the student is a CoCa);
 2. restores the latest checkpoint Ray Train hands it (``ray.train.get_checkpoint()``): weights, optimiser,
    scheduler, step, samples seen, micro-batches consumed, RNG state; then skips the micro-batches its dataset
@@ -13,7 +15,8 @@ and every restart sees the same decisions. The loop:
    bf16 autocast on GPU, and the logit-scale clamp after every optimiser step;
 4. every ``log_every`` steps rank 0 logs the loss parts, learning rate, logit scale and throughput to the run's
    MLflow run (reopened by id, so restarts continue it); every ``checkpoint.every`` steps and at the end every
-   rank calls ``ray.train.report`` and rank 0 attaches the checkpoint.
+   rank calls ``ray.train.report`` and rank 0 attaches the checkpoint (with the weights' EMA when one is kept);
+5. evaluates what `Published` says the run publishes: the EMA when on, WiSE-FT interpolated with the start.
 
 MLflow steps are samples seen, the unit of training length, so runs of different batch sizes line up.
 
