@@ -35,7 +35,7 @@ def one_step(model, plan, step=0, optimizer=None):
     """One optimiser step of the plain CLIP loss on a random batch (`loop.apply_update`)."""
     optimizer = optimizer or loop.make_optimizer(model, plan, torch.device("cpu"))
     image = torch.randn(4, 3, 32, 32)
-    text = torch.randint(1, 100, (4, 77))
+    text = torch.randint(1, 512, (4, 77))
     img, txt, scale = model(image, text)
     logits = scale * img @ txt.T
     labels = torch.arange(4)
@@ -48,14 +48,20 @@ def snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def small_vit():
+    """The tiny ViT with a 512-token vocabulary (its 49,408 would be 95% of the parameters, and of the time)."""
+    text_cfg = {**models.model_config("clipdr-tiny-vit")["text_cfg"], "vocab_size": 512}
+    return models.create_model("clipdr-tiny-vit", text_cfg=text_cfg)
+
+
 @pytest.fixture(scope="module")
 def vit_state():
     torch.manual_seed(0)
-    return snapshot(models.create_model("clipdr-tiny-vit"))
+    return snapshot(small_vit())
 
 
 def vit(state):
-    model = models.create_model("clipdr-tiny-vit")
+    model = small_vit()
     model.load_state_dict(state)
     return model.train()
 
@@ -148,7 +154,7 @@ def test_ema_is_the_formula_after_a_few_steps_and_survives_a_checkpoint(vit_stat
 
     meta = checkpoint.CheckpointMeta("clipdr-tiny-vit", "clip", "r", "", 3, 12, 3, 10)
     checkpoint.save(tmp_path, model.state_dict(), meta, optimizer.state_dict(), ema_state=ema.state)
-    restored = finetune.WeightEma(vit(vit_state), 0.9)
+    restored = finetune.WeightEma(model, 0.9)
     restored.load(checkpoint.load_ema(tmp_path))
     assert all(torch.equal(restored.state[k], v) for k, v in ema.state.items())
     assert checkpoint.latest(str(tmp_path))[1].files[checkpoint.EMA_FILE] > 0  # part of the commit record
@@ -160,8 +166,14 @@ def test_ema_is_the_formula_after_a_few_steps_and_survives_a_checkpoint(vit_stat
 
 def test_wise_ft_alpha_0_and_1_are_the_start_and_the_finetuned_bytes(vit_state):
     model = vit(vit_state)
-    one_step(model, plan_of())
+    plan = plan_of(ema_decay=0.5, wise_alpha=0.5, eval_alphas=(0.0, 1.0))
+    published = loop.Published(model, plan)  # built before training: its start is the model's state now
+    one_step(model, plan)
+    published.ema.update(model)
     tuned = snapshot(model)
+    # What the loop evaluates and checkpoints: WiSE-FT of the EMA with the start.
+    assert all(torch.equal(published.weights(model, 0.0)[k], v) for k, v in vit_state.items())
+    assert all(torch.equal(published.weights(model, 1.0)[k], v) for k, v in published.ema.state.items())
     for alpha, want in ((0.0, vit_state), (1.0, tuned)):
         mixed = finetune.wise_ft(vit_state, tuned, alpha)
         assert all(mixed[k].numpy().tobytes() == v.numpy().tobytes() for k, v in want.items()), alpha
@@ -207,7 +219,10 @@ def test_schedule_and_finetune_settings_are_checked():
 # --------------------------------------------------------------------------- start points
 
 
-def test_start_from_a_checkpoint_folder_and_from_an_mlflow_model(vit_state, tmp_path, monkeypatch):
+def test_start_from_a_checkpoint_folder_and_from_an_mlflow_model(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    logged = models.create_model("clipdr-tiny-vit")  # the architecture by its name, as a start is built
+    vit_state = snapshot(logged)
     meta = checkpoint.CheckpointMeta("clipdr-tiny-vit", "clip", "r", "", 1, 4, 1, 10)
     run = tmp_path / "run" / "checkpoint_000000"
     run.mkdir(parents=True)
@@ -223,7 +238,7 @@ def test_start_from_a_checkpoint_folder_and_from_an_mlflow_model(vit_state, tmp_
 
     def fake_load_model(uri, device="cpu", *, tracking="", allow_pickle=False):
         calls.append((uri, tracking, allow_pickle))
-        return models.ClipEmbedder(vit(vit_state), "clipdr-tiny-vit"), {"clipdr_model": "clipdr-tiny-vit"}
+        return models.ClipEmbedder(logged, "clipdr-tiny-vit"), {"clipdr_model": "clipdr-tiny-vit"}
 
     monkeypatch.setattr(tracking, "load_model", fake_load_model)
     started = finetune.create_start("clipdr-tiny-vit", "models:/student/3", seed=5, tracking_uri="sqlite:///x.db")
