@@ -66,6 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--start",
+        help="pre-trained weights file: loaded when it exists (pre-training skipped), else written after pre-training "
+        "(to compare fine-tuning settings on one start)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: torch's default; a shared machine runs 1 faster)"
     )
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
@@ -233,8 +238,14 @@ def main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     pretrained = models.create_model(name)
     model = pretrained
-    train(model, plan_for(name, args.pretrain_steps, args.batch_size, args.lr, "cosine", TrainFinetune()), pre_images,
-          pre_tokens, args.seed, None)  # fmt: skip
+    if args.start and Path(args.start).exists():
+        model.load_state_dict(torch.load(args.start, map_location="cpu", weights_only=True))
+        print(f"finetune: pre-trained weights read from {args.start}", flush=True)
+    else:
+        train(model, plan_for(name, args.pretrain_steps, args.batch_size, args.lr, "cosine", TrainFinetune()),
+              pre_images, pre_tokens, args.seed, None)  # fmt: skip
+        if args.start:
+            torch.save(model.state_dict(), args.start)
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     timings = {"pre-training": time.perf_counter() - t0}
     rows: list[tuple[str, tuple[float, ...]]] = [("start (pre-trained, alpha 0)", measure(model))]
