@@ -205,7 +205,7 @@ class TrainSchedule:
     kind: LrSchedule = _f(
         "cosine",
         "the curve after warmup: cosine (down to min_lr), const (the peak lr to the end), const-cooldown (the peak, "
-        "then linearly down to min_lr over the last cooldown_samples; MobileCLIP-B's fine-tuning schedule)",
+        "then linearly down to min_lr over the last cooldown_samples)",
     )
     cooldown_samples: int = _f(0, "const-cooldown: samples of the final linear decay to min_lr")
 
