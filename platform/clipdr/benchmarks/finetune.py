@@ -8,9 +8,9 @@ world and measure what it forgets, for full fine-tuning, a locked image tower (L
    ``lock-image`` (LiT), ``ema`` (full fine-tuning, the weight EMA evaluated) and ``layer-decay``; WiSE-FT then
    interpolates the full fine-tune with the start at each ``--alphas``.
 3. **Evaluate** zero-shot (the world's tasks, class names and templates of `clipdr.data.synthetic`) on the zero-shot
-   split's single-object images: the *original tasks* are the mean top-1 over the world's seven tasks on the images
-   without the slice's shape; the *new slice* is the 64-way object task and the 8-way shape task on the slice's
-   images.
+   split's single-object images: the *original tasks* are the mean top-1 over the world's seven tasks, and the object,
+   shape and colour tasks, on the images without the slice's shape; the *new slice* is the 64-way object task and
+   the 8-way shape task on the slice's images.
 
 Everything runs in one process in plain torch through the training loop's own parts (`clipdr.train.loop.Step`,
 `make_optimizer`, `apply_update`; `clipdr.train.finetune` for the locks, EMA and WiSE-FT): no Ray, no files. Images
