@@ -282,6 +282,7 @@ _TOY_LATENCY = ("--variants", "clipdr-tiny-mct", "--reference", "clipdr-tiny-mci
 _TOY_TRAIN_BENCH = (
     *("--student", "clipdr-tiny-vit", "--teachers", "clipdr-tiny-vit", "--batch-size", "4", "--steps", "1"),
     *("--warmup", "0", "--views", "1", "--captions", "1", "--image-size", "32", "--output", "{tmp}/train.md"),
+    *("--io-views", "2", "--io-dim", "8", "--io-captions", "1"),
 )
 
 # The forgetting guard's smallest run: every recipe and the table, on the tiny ViT (not the numbers).
@@ -360,6 +361,24 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
     "python jobs/benchmark.py finetune --output": Run(_TOY_FINETUNE),
+    "python jobs/benchmark.py train --io-only --output": Run(_TOY_TRAIN_BENCH),
+    "clipdr inspect data/demo/reinforced --samples --sheet": CoveredBy(
+        ("tests/unit/test_inspection.py::test_inspect_prints_the_manifest_and_captions_and_writes_the_views",)
+    ),
+    # docs/export.md: needs evaluation datasets and an export; the test makes a tiny world and measures the export
+    # test_export.py makes anyway (--export: the same run without exporting again; --model only adds `clipdr export`'s
+    # own code, which test_export.py and test_export_cli.py test).
+    "python jobs/benchmark.py quantized --model --zeroshot --retrieval --output": CoveredBy(
+        ("tests/unit/test_export.py::test_quantized_benchmark_measures_an_export_at_toy_size",)
+    ),
+    "python jobs/benchmark.py quantized --model --zeroshot --retrieval --max-samples --iters --warmup "
+    "--output": CoveredBy(("tests/unit/test_export.py::test_quantized_benchmark_measures_an_export_at_toy_size",)),
+    "mlflow models serve -m --env-manager -h -p": CoveredBy(
+        (
+            "tests/integration/test_serve.py::test_served_model_embeds_images_and_captions_as_the_model_does",
+            "tests/integration/test_serve.py::test_a_malformed_request_gets_a_400_and_the_server_keeps_serving",
+        )
+    ),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),

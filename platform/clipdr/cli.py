@@ -86,6 +86,25 @@ def _print_models(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(cfg: Config, args: argparse.Namespace) -> int:
+    from clipdr import inspection, storage
+
+    sheet = args.sheet or f"{storage.basename(args.dataset.rstrip('/')) or 'dataset'}-views.png"
+    try:
+        inspection.inspect(args.dataset, sheet, num_samples=args.samples, size=args.size)
+    except ValueError as e:  # records.RecordsError included: not a (complete) reinforced dataset
+        print(f"clipdr inspect: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="reinforced dataset directory, path or s3://")
+    parser.add_argument("--samples", type=int, default=3, help="samples whose captions and views are shown (3)")
+    parser.add_argument("--size", type=int, default=96, help="side of each replayed view on the sheet, px (96)")
+    parser.add_argument("--sheet", default="", help="where the PNG contact sheet goes (default: <name>-views.png)")
+
+
 def _run_bench(cfg: Config, args: argparse.Namespace) -> int:
     return benchmarks.main([args.benchmark, *args.benchmark_args], prog="clipdr bench")
 
@@ -155,6 +174,13 @@ STAGES = (
         "Print the resolved config (file + --set overrides) as JSON.",
         tuple(f.name for f in dataclasses.fields(Config)),
         tool=_print_config,
+    ),
+    Stage(
+        "inspect",
+        "Show a reinforced dataset: its manifest, bytes, a few samples' captions, a PNG of their K views replayed.",
+        (),
+        tool=_inspect,
+        add_arguments=_inspect_arguments,
     ),
     Stage("models", "List every model variant with its parameter counts beside the paper's.", (), tool=_print_models),
     Stage(

@@ -300,9 +300,21 @@ class TrainConfig:
         "model (runs:/<id>/model, models:/<name>/<version>); empty: random init (docs/finetune.md)",
     )
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
+    teacher_scales: tuple[float, ...] = _f(
+        (),
+        "a_k, each teacher's inverse temperature in the distillation targets, one per teacher in train.teachers order "
+        "(the manifest's order when that is empty); empty: the logit_scale each teacher has in the manifest",
+    )
+    num_syn_captions: int = _f(
+        0, "draw each sample's synthetic caption from the first n of the dataset's S; 0: all S (needs S >= n)"
+    )
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")
+    channels_last: bool = _f(
+        False, "the student and its images in channels-last memory format (faster convolutions on GPUs: MCi towers)"
+    )
+    compile: bool = _f(False, "torch.compile the student's forward (its first steps pay the compile)")
     log_every: int = _f(10, "optimizer steps between metric logs")
     evaluate: bool = _f(False, "evaluate on the [evaluate] datasets during and after training")
     eval_every: int = _f(0, "samples seen between evaluations on the [evaluate] datasets; 0: only at the end")
@@ -389,7 +401,10 @@ class ExportConfig:
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
     allow_pickle: bool = _f(False, "as evaluate.allow_pickle: also load an MLflow model logged as a pickle")
     output: str = _f("export", "folder the export is written to, path or s3://")
-    onnx: bool = _f(True, "also export ONNX image and text encoders (of the fused model), checked with onnxruntime")
+    onnx: bool = _f(
+        True,
+        "also export ONNX image and text encoders (of the fused model; fp32, fp16, int8), checked with onnxruntime",
+    )
     onnx_exporter: OnnxExporter = _f(
         "dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)"
     )

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import clipdr
-from clipdr import models, storage, tokenizer_assets
+from clipdr import models, quantize, storage, tokenizer_assets
 from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
@@ -58,6 +58,13 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 FUSED_WEIGHTS = "fused_model.safetensors"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
+# The smaller ONNX variants beside each fp32 encoder (`clipdr.quantize`): image_encoder.fp16.onnx, ...int8.onnx.
+ONNX_VARIANTS = tuple(v for v in quantize.VARIANTS if v != "fp32")
+VARIANT_FILES = {
+    (tower, variant): quantize.variant_path(base, variant).name
+    for tower, base in (("image", IMAGE_ONNX), ("text", TEXT_ONNX))
+    for variant in ONNX_VARIANTS
+}
 MANIFEST = "export.json"
 MODEL_CARD = "MODEL_CARD.md"
 _ALL_FILES = (
@@ -66,6 +73,7 @@ _ALL_FILES = (
     FUSED_WEIGHTS,
     IMAGE_ONNX,
     TEXT_ONNX,
+    *VARIANT_FILES.values(),
     MANIFEST,
     MODEL_CARD,
     *tokenizer_assets.FILES,
@@ -171,6 +179,18 @@ def load_fused(name: str, path: str | Path, device: str | torch.device = "cpu") 
     return model.to(device).eval()
 
 
+def load_trained(folder: str | Path) -> tuple[str, nn.Module]:
+    """``(name, model)`` of a local export folder: the trained (unfused) model in eval mode, with the preprocessing
+    the export records, from ``open_clip_config.json`` and ``open_clip_model.safetensors``."""
+    from safetensors.torch import load_file
+
+    config = json.loads((Path(folder) / OPEN_CLIP_CONFIG).read_text())
+    name = config["clipdr"]["model"]
+    model = models.create_model(name, force_preprocess_cfg=config["preprocess_cfg"])
+    model.load_state_dict(load_file(str(Path(folder) / OPEN_CLIP_WEIGHTS), device="cpu"))
+    return name, model.eval()
+
+
 def _state_dict(model: nn.Module) -> dict[str, Tensor]:
     # Cloned and contiguous: safetensors refuses tensors that share storage or are strided views.
     return {k: v.detach().to("cpu").clone().contiguous() for k, v in model.state_dict().items()}
@@ -217,13 +237,9 @@ def export_onnx(
         raise ExportError(f"export.onnx_exporter must be one of {list(EXPORTERS)}, got {exporter!r}")
 
 
-def run_onnx(path: Path, inputs: Tensor) -> Tensor:
-    """Runs an exported encoder with onnxruntime on CPU."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 3  # errors only
-    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+def run_onnx(path: Path, inputs: Tensor, variant: str = "fp32") -> Tensor:
+    """Runs an exported encoder (of ``variant``, `quantize.VARIANTS`) with onnxruntime on CPU."""
+    session = quantize.session(path, variant)
     (output,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
     return torch.from_numpy(output)
 
@@ -253,6 +269,39 @@ def export_encoders(
     }
     _check(parity, tolerance, "ONNX (onnxruntime) vs torch")
     return parity
+
+
+def export_variants(fused: nn.Module, name: str, folder: Path) -> dict[str, dict[str, float]]:
+    """Writes the fp16 and int8 variants of both ONNX encoders in ``folder`` and checks them against fp32.
+
+    A variant's max abs embedding difference to the fp32 graph must stay within `quantize.ERROR_BOUND_FACTOR` times
+    the difference that rounding only its weights to the variant's grid gives (`quantize.simulate_weight_rounding`).
+
+    Returns:
+        ``{"image_fp16": {"max_abs_diff": ..., "weight_rounding": ..., "bound": ...}, ...}``.
+
+    Raises:
+        ExportError: A variant exceeds its bound.
+    """
+    image_BCHW, tokens_BL = example_inputs(fused, name, batch_size=3, seed=1)
+    checks: dict[str, dict[str, float]] = {}
+    for tower, base, inputs in (("image", IMAGE_ONNX, image_BCHW), ("text", TEXT_ONNX, tokens_BL)):
+        reference = run_onnx(folder / base, inputs)
+        for variant, path in quantize.write_variants(folder / base, ONNX_VARIANTS).items():
+            with tempfile.TemporaryDirectory() as tmp:
+                simulated = Path(tmp) / "weights_rounded.onnx"
+                quantize.simulate_weight_rounding(folder / base, variant, simulated)
+                weight_rounding = max_abs_diff(run_onnx(simulated, inputs), reference)
+            error = max_abs_diff(run_onnx(path, inputs, variant), reference)
+            bound = quantize.ERROR_BOUND_FACTOR * weight_rounding
+            checks[f"{tower}_{variant}"] = {"max_abs_diff": error, "weight_rounding": weight_rounding, "bound": bound}
+            if not error <= bound:
+                raise ExportError(
+                    f"{path.name}: embeddings differ from {base} by {error:.3g} (max abs), more than "
+                    f"{quantize.ERROR_BOUND_FACTOR:g} x {weight_rounding:.3g}, the difference its weight rounding "
+                    "alone gives"
+                )
+    return checks
 
 
 # --------------------------------------------------------------------------- open_clip files
@@ -344,6 +393,21 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "",
         f"Exported by clipdr {manifest['clipdr_version']} on {manifest['exported_at']} from `{manifest['source']}`.",
         "",
+        "## Intended use",
+        "",
+        "Image and text embeddings in one space (CLIP): zero-shot image classification by comparing an image's "
+        "embedding with embeddings of class prompts, and image-text retrieval, on servers (MLflow, onnxruntime) or "
+        "on devices (ONNX, with the tokenizer files). For research and for products whose images resemble the "
+        "training data; measure on your own data before relying on it (see Limitations).",
+        "",
+        "## License",
+        "",
+        "clipdr, the code that trained and exported this model, is under the Apache License 2.0. The weights carry "
+        "the terms of what they were made from. Apple's MobileCLIP weights and the DataCompDR datasets are "
+        "published under their own terms (see apple/ml-mobileclip, apple/ml-mobileclip-dr and the DataCompDR "
+        "dataset cards); a model initialised from those weights, distilled from them as teachers, or trained on "
+        "DataCompDR inherits those terms, and so does this export. " + _inherited_terms(manifest.get("training") or {}),
+        "",
         "## Architecture",
         "",
         "| | |",
@@ -359,7 +423,7 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         f"train-time; text {params['text_fused'] / 1e6:.2f} fused / {params['text'] / 1e6:.2f} train-time |",
         f"| logit scale | {manifest['logit_scale']:.2f} |",
         "",
-        "## Training",
+        "## Training data",
         "",
     ]
     training = manifest.get("training") or {}
@@ -367,7 +431,15 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in training.items()]
     else:
         lines.append("Unknown: the model was not loaded from a clipdr training checkpoint or MLflow run.")
-    lines += ["", "## Evaluation", ""]
+    lines += [
+        "",
+        "The data's license is the dataset's: clipdr's synthetic world (`clipdr synth`) is generated (shapes, "
+        "colours, template captions) and holds no third-party content; DataCompDR carries its own terms (see "
+        "License), and its images remain their owners'.",
+        "",
+        "## Evaluation",
+        "",
+    ]
     metrics = {
         k: v for k, v in sorted((run.metrics if run else {}).items()) if k.startswith(("zeroshot/", "retrieval/"))
     }
@@ -377,6 +449,18 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
     else:
         lines.append("Not evaluated yet: run `clipdr evaluate` on the model.")
     lines += [
+        "",
+        "## Limitations",
+        "",
+        "- Accuracy is what the Evaluation table shows, on those datasets only; a model trained on the synthetic "
+        "world knows coloured shapes on textured backgrounds, not natural images.",
+        "- English captions; text longer than the context length is truncated (the tokenizer keeps the first "
+        f"{arch['context_length'] - 2} tokens).",
+        "- Web-scale training data (DataCompDR) carries the biases of web alt-text and images; zero-shot labels "
+        "reflect the prompts chosen. Not for identifying people or for decisions about them.",
+        "- The fp16 and int8 ONNX encoders give slightly different embeddings from fp32 (see Checks); measure "
+        "their accuracy on your task. The fp16 graphs are for hardware with fp16 arithmetic; on a CPU they are "
+        "not faster.",
         "",
         "## Files",
         "",
@@ -389,6 +473,10 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         FUSED_WEIGHTS: "re-parameterised weights, for inference",
         IMAGE_ONNX: "fused image encoder -> L2-normalised embedding",
         TEXT_ONNX: "fused text encoder -> L2-normalised embedding",
+        **{
+            file: f"{tower} encoder, {variant} ({_VARIANT_WHAT[variant]})"
+            for (tower, variant), file in VARIANT_FILES.items()
+        },
         **tokenizer_assets.FILES,
     }
     lines += [f"| `{f}` | {what[f]} | `{info['sha256'][:16]}` |" for f, info in manifest["files"].items()]
@@ -400,11 +488,28 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         f"Max abs embedding difference (tolerance {manifest['tolerance']:g}): fused vs trained "
         f"{parity['fused']}; ONNX (onnxruntime) {parity.get('onnx', 'not exported')}.",
         "",
-        "## Use",
+    ]
+    if parity.get("onnx_variants"):
+        lines += [
+            "ONNX variants against the fp32 graphs (max abs embedding difference; bound: "
+            f"{quantize.ERROR_BOUND_FACTOR:g} x the difference that rounding only the weights gives):",
+            "",
+            "| encoder | variant | max abs difference | bound | file size vs fp32 |",
+            "|---|---|---|---|---|",
+        ]
+        files = manifest["files"]
+        for key, check in parity["onnx_variants"].items():
+            tower, variant = key.split("_")
+            base = IMAGE_ONNX if tower == "image" else TEXT_ONNX
+            ratio = files[VARIANT_FILES[tower, variant]]["bytes"] / files[base]["bytes"]
+            lines.append(f"| {tower} | {variant} | {check['max_abs_diff']:.2e} | {check['bound']:.2e} | {ratio:.2f} |")
+        lines.append("")
+    lines += [
+        "## How to load",
         "",
-        "Each snippet gives the trained model (`model`), the preprocessing it was trained with (`preprocess`: "
-        f"{pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean {pp['mean']}, std {pp['std']}) "
-        "and its tokenizer; `<this folder>` is this folder.",
+        "**safetensors, with open_clip.** Each snippet gives the trained model (`model`), the preprocessing it was "
+        f"trained with (`preprocess`: {pp['size']} px, resize {pp['resize_mode']} ({pp['interpolation']}), mean "
+        f"{pp['mean']}, std {pp['std']}) and its tokenizer; `<this folder>` is this folder.",
         "",
         "Config, weights and preprocessing from this folder (`open_clip_config.json`):",
         "",
@@ -424,26 +529,104 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
             "",
         ]
     lines += [
-        "Fused, for inference: `clipdr.models.reparameterize(model)`, or "
+        "**Fused safetensors**, for inference: `clipdr.models.reparameterize(model)`, or "
         f'`clipdr.export.load_fused("{name}", "{FOLDER}/{FUSED_WEIGHTS}")`; images through `preprocess` above.',
         "",
-        "ONNX: `onnxruntime.InferenceSession('image_encoder.onnx').run(None, {'image': pixels})` with pixels "
-        "from `preprocess` above; `text_encoder.onnx` takes `text`, the tokenizer's int64 tokens.",
-        "",
     ]
+    if manifest.get("onnx"):
+        variants = manifest["onnx"].get("variants", {})
+        lines += [
+            "**ONNX (fp32"
+            + "".join(f", {v}" for v in variants)
+            + ")**: `image` takes float32 pixels (B, 3, H, W) from `preprocess` above, `text` the tokenizer's int64 "
+            "tokens (B, context length); both return float32 L2-normalised embeddings, whichever variant.",
+            "",
+            "```python",
+            "import onnxruntime",
+            "",
+            f"image_session = onnxruntime.InferenceSession({IMAGE_ONNX!r})",
+            "image_emb = image_session.run(None, {'image': pixels})[0]",
+            f"text_session = onnxruntime.InferenceSession({TEXT_ONNX!r})",
+            "text_emb = text_session.run(None, {'text': tokens})[0]",
+        ]
+        if "int8" in variants:
+            lines.append(f"# int8: the same with {variants['int8']['image']!r} / {variants['int8']['text']!r}")
+        if "fp16" in variants:
+            lines += [
+                f"# fp16: {variants['fp16']['image']!r} / {variants['fp16']['text']!r}; onnxruntime's CPU provider "
+                "crashes on them in its NCHWc pass, so leave it out:",
+                f"# onnxruntime.InferenceSession({variants['fp16']['image']!r}, "
+                f"disabled_optimizers={list(quantize.FP16_DISABLED_OPTIMIZERS)!r})",
+            ]
+        lines += ["```", ""]
     if manifest.get("tokenizer"):
         lines += [
-            f"Tokenizer without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` and "
-            f"`{tokenizer_assets.CONFIG}` (cleaning rules, pre-split pattern, special ids, truncation, padding).",
+            f"**Tokenizer files**, for apps without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` "
+            f"and `{tokenizer_assets.CONFIG}` (cleaning rules, pre-split pattern, special ids, truncation, padding; "
+            "the steps are in clipdr's docs/export.md).",
             "",
         ]
+    model_uri = _mlflow_model_uri(manifest, run)
     lines += [
+        "**MLflow pyfunc**: the model clipdr logged for this run takes raw images (encoded bytes; base64 over "
+        "HTTP) and/or captions and returns L2-normalised embeddings, preprocessing and tokenising inside; its "
+        "weights are safetensors, nothing is unpickled. Needs clipdr installed.",
+        "",
+        "```python",
+        "import mlflow.pyfunc",
+        "import pandas as pd",
+        "",
+        f"served = mlflow.pyfunc.load_model({model_uri!r})",
+        "rows = served.predict(pd.DataFrame({'image': [open('photo.jpg', 'rb').read(), None], "
+        "'text': [None, 'a photo of a dog']}))",
+        "rows['image_embedding'][0], rows['text_embedding'][1]",
+        "```",
+        "",
+        f"Over HTTP: `mlflow models serve -m {model_uri} --env-manager local -h 127.0.0.1 -p 5000`, then POST "
+        '`{"dataframe_records": [{"image": "<base64>"}, {"text": "a photo of a dog"}]}` to `/invocations`.',
+        "",
         "The open_clip weights are the trained, unfused ones: open_clip's configs describe the train-time "
         "architecture (MobileOne / RepMixer branches), so fused weights would not load into them. Fusing is "
         "exact up to float rounding (see Checks).",
         "",
     ]
     return "\n".join(lines)
+
+
+_VARIANT_WHAT = {"fp16": "float16 weights and compute, float32 inputs and outputs", "int8": "dynamic int8 quantisation"}
+# Section headings of the model card, in order (tests check them).
+CARD_SECTIONS = (
+    "## Intended use",
+    "## License",
+    "## Architecture",
+    "## Training data",
+    "## Evaluation",
+    "## Limitations",
+    "## Files",
+    "## Checks",
+    "## How to load",
+)
+
+
+def _inherited_terms(training: Mapping[str, Any]) -> str:
+    """What the card can tell about this model's sources from its training run (initial weights, teachers, data)."""
+    sources = [
+        f"{key}: {training[key]}" for key in ("initialised from", "teachers", "data") if training.get(key) is not None
+    ]
+    if not sources:
+        return "This export does not record what the model was trained from: check its training run."
+    return "This model's training run records: " + "; ".join(sources) + "."
+
+
+def _mlflow_model_uri(manifest: Mapping[str, Any], run: Any | None) -> str:
+    """The MLflow model of this export: its source when that is one, else the model its training run logged."""
+    source = str(manifest.get("source") or "")
+    if source.startswith(("models:/", "runs:/")):
+        return source
+    run_id = run.run_id if run is not None else manifest.get("mlflow_run_id")
+    if run_id:
+        return f"runs:/{run_id}/model"
+    return "models:/<registered name>@champion"
 
 
 def _training_info(loaded: LoadedModel, run: Any | None) -> dict[str, Any]:
@@ -572,10 +755,16 @@ def export_model(
         if cfg.onnx:
             log(f"export: ONNX encoders ({cfg.onnx_exporter} exporter)")
             manifest["parity"]["onnx"] = export_encoders(fused, model, name, folder, cfg.onnx_exporter, cfg.tolerance)
+            log(f"export: ONNX variants {', '.join(ONNX_VARIANTS)}")
+            manifest["parity"]["onnx_variants"] = export_variants(fused, name, folder)
             manifest["onnx"] = {
                 "exporter": cfg.onnx_exporter,
                 "image": {"input": "image", "output": "image_embedding"},
                 "text": {"input": "text", "output": "text_embedding"},
+                "variants": {
+                    variant: {tower: VARIANT_FILES[tower, variant] for tower in ("image", "text")}
+                    for variant in ONNX_VARIANTS
+                },
             }
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name not in (MANIFEST, MODEL_CARD):

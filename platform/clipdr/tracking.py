@@ -506,8 +506,6 @@ def log_model(
     model: ClipEmbedder,
     *,
     name: str = "model",
-    input_example: Any = None,
-    output_example: Any = None,
     metadata: Mapping[str, Any] | None = None,
     registered_model_name: str = "",
     version_tags: Mapping[str, str] | None = None,
@@ -515,11 +513,11 @@ def log_model(
     """Logs a `clipdr.models.ClipEmbedder` under ``tracker``'s run, its weights as safetensors (nothing pickled).
 
     The MLflow model's ``data`` folder holds what `ClipEmbedder.save` writes; its ``python_function`` flavour loads
-    it through `clipdr.models.embedder` (so ``mlflow models serve`` works where clipdr is installed), and
-    `load_model` reads it back without unpickling. The signature is inferred from ``input_example`` ->
-    ``output_example`` (numpy arrays; a batch of at least 2 so the batch dimension stays free). With
-    ``registered_model_name`` the model is registered as a version of it and ``version_tags`` are set on that
-    version.
+    it through `clipdr.models.embedder` (so ``mlflow models serve`` works where clipdr is installed) and serves
+    `clipdr.models.embedder.ServedModel`: raw images (bytes, base64 in JSON) and/or captions in, L2-normalised
+    embeddings out, with that signature (`served_signature`) and a two-row input example. `load_model` reads it
+    back without unpickling. With ``registered_model_name`` the model is registered as a version of it and
+    ``version_tags`` are set on that version.
 
     Idempotent per run, so that a job resubmitted after a crash anywhere in here ends with one logged model and one
     registered version: a model this run already logged under ``name`` (complete, status READY) is not logged again,
@@ -527,13 +525,12 @@ def log_model(
     """
     import mlflow
     import mlflow.pyfunc
-    from mlflow.models import infer_signature
 
     from clipdr.models import embedder
 
     model_id = _logged_model_id(tracker, name)
     if not model_id:
-        signature = infer_signature(input_example, output_example) if input_example is not None else None
+        input_example = embedder.ServedModel(model).example_request()
         with _fluent_tracking_uri(tracker.client.tracking_uri), tempfile.TemporaryDirectory() as tmp:
             data = Path(tmp) / _LOGGED_DATA
             model.save(data)
@@ -543,7 +540,7 @@ def log_model(
                     name=name,
                     loader_module=embedder.__name__,
                     data_path=str(data),
-                    signature=signature,
+                    signature=served_signature(),
                     input_example=input_example,
                     metadata=dict(metadata or {}),
                     pip_requirements=_requirements(),  # inferring them would load the model in a subprocess
@@ -557,6 +554,30 @@ def log_model(
         f"models:/{model_id}", registered_model_name, tags=version_tags, uri=tracker.client.tracking_uri
     )
     return LoggedModel(uri, registered_model_name, version.version)
+
+
+def served_signature() -> Any:
+    """The MLflow signature of `clipdr.models.embedder.ServedModel`: optional ``image`` (binary: base64 in JSON) and
+    ``text`` (string) columns in; optional ``image_embedding`` and ``text_embedding`` (float arrays) out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    from clipdr.models import embedder
+
+    return ModelSignature(
+        inputs=Schema(
+            [
+                ColSpec(DataType.binary, embedder.IMAGE, required=False),
+                ColSpec(DataType.string, embedder.TEXT, required=False),
+            ]
+        ),
+        outputs=Schema(
+            [
+                ColSpec(Array(DataType.float), embedder.IMAGE_EMBEDDING, required=False),
+                ColSpec(Array(DataType.float), embedder.TEXT_EMBEDDING, required=False),
+            ]
+        ),
+    )
 
 
 def _logged_model_id(tracker: Tracker, name: str) -> str:

@@ -3,13 +3,14 @@
 The phases run in this process on the session's Ray (the script runs each in its own process under a time limit).
 """
 
+import importlib.util
 import json
 
 import pytest
 import torch
 
 from clipdr import benchmarks
-from clipdr.benchmarks import gpu_check
+from clipdr.benchmarks import gpu_check, gpu_direct
 from clipdr.reinforce import cost
 
 
@@ -33,3 +34,49 @@ def test_smoke_mode_reinforces_through_the_real_job_and_reports(tmp_path, ray_lo
     report = (tmp_path / "gpu_check.md").read_text()
     assert "| teacher views/s |" in report and "| MFU (measured) | n/a (smoke) |" in report
     assert json.loads((tmp_path / cost.RESULT_NAME).read_text())["device"] == "cpu"
+    # The direct phases ran the recipe's stages and training step (tiny twins) without Ray and reported them.
+    stages = json.loads((tmp_path / "work" / gpu_direct.STAGES).read_text())
+    assert stages["num_samples"] == 8 and stages["embed_samples_per_s"] > 0 and stages["caption_samples_per_s"] > 0
+    assert stages["teacher_views_per_s"] == pytest.approx(stages["embed_samples_per_s"] * 2 * 2)
+    assert stages["render_cpu_s_per_sample"] > 0 and stages["render_pool_processes"] >= 1
+    train = json.loads((tmp_path / "work" / gpu_direct.TRAIN).read_text())
+    assert train["samples_per_s"] > 0 and train["loader_samples_per_s_per_core"] > 0
+    assert {"recipe (grad checkpointing)", "no grad checkpointing"} == set(train["variants"])  # channels_last: CUDA
+    assert "## Reinforcement stages on the device" in report and "## Training step" in report
+
+
+def test_without_ray_the_direct_phases_still_report(tmp_path, monkeypatch):
+    """A bare accelerator image has torch but no Ray or MLflow: the job phase records why it did not run, and the
+    report and the measurement come from the direct phases."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "env.json").write_text(json.dumps({"device": "cpu", "device_name": "cpu (smoke)", "torch": "x"}))
+    stages = {
+        "config": "c",
+        "num_samples": 8,
+        "embed_samples_per_s": 4.0,
+        "teacher_views_per_s": 16.0,
+        "caption_samples_per_s": 4.0,
+        "captions_per_s": 4.0,
+        "device_samples_per_s": 2.0,
+        "teacher_flops_per_sample": 10,
+        "caption_flops_per_sample": 5,
+        "flops_per_sample": 15,
+        "render_cpu_s_per_sample": 0.1,
+        "render_pool_samples_per_s": 9.0,
+        "render_pool_processes": 1,
+        "cores_per_device": 0.2,
+        "embed_peak_bytes": None,
+        "dataset_samples": 100,
+        "teacher_precision_ab": {"bf16 autocast (the job)": 5.0},
+    }
+    (work / gpu_direct.STAGES).write_text(json.dumps(stages))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a)
+    )
+    assert phase("reinforce", tmp_path, "--smoke") == 0
+    assert phase("report", tmp_path, "--smoke") == 0
+    measured = cost.Measurement.read(tmp_path)
+    assert measured.samples_per_s == 2.0 and "without Ray" in measured.config
+    assert "Not run: this Python lacks ray" in (tmp_path / "gpu_check.md").read_text()

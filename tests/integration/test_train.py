@@ -161,6 +161,8 @@ def test_reinforced_run_learns_tracks_and_registers(world, straight):
     assert run.data.params["train.mode"] == "reinforced"
     assert run.data.params["data.fingerprint"].startswith("sha256:")
     assert '"model": "clipdr-tiny-vit"' in run.data.params["teacher.vit"]
+    # The choices resolved from the manifest (train-time choices: tests/unit/test_train_choices.py).
+    assert run.data.params["distill.a_k.vit"] == "100.0" and run.data.params["distill.syn_captions_used"] == "2"
     for key in ("clip_loss", "kd_loss", "kd_loss_real", "kd_loss_syn", "clip_loss_syn", "lr", "logit_scale"):
         assert f"train/{key}" in run.data.metrics, key
     assert [s for s, _ in history(client, result.mlflow_run_id, "train/loss")] == [2 * BATCH * i for i in range(1, 9)]

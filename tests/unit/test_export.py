@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import types
@@ -14,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipdr import export, models, tokenizer_assets
+from clipdr import export, models, quantize, tokenizer_assets
 from clipdr.config import ExportConfig
 from clipdr.evaluate import loading, preprocess_of
 from clipdr.models.registry import MOBILECLIP_PREPROCESS
@@ -67,7 +68,7 @@ def exported(tmp_path_factory):
     run = types.SimpleNamespace(
         run_id="r123",
         run_name="demo-reinforced",
-        metrics={"zeroshot/mean_top1": 0.5, "train/loss": 1.0},
+        metrics={"zeroshot/mean_top1": 0.5, "train/loss": 1.0, "retrieval/demo/image_retrieval_recall@1": 0.123456},
         params={
             "train.data": "data/demo/reinforced",
             "train.kd_weight": "1.0",
@@ -98,6 +99,7 @@ def test_export_writes_every_artifact_with_checks(exported):
         export.FUSED_WEIGHTS,
         export.IMAGE_ONNX,
         export.TEXT_ONNX,
+        *export.VARIANT_FILES.values(),
         export.MANIFEST,
         export.MODEL_CARD,
         *tokenizer_assets.FILES,
@@ -123,6 +125,100 @@ def test_onnx_encoders_match_torch_with_onnxruntime(exported):
         (output,) = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})  # batch 5, exported at 2
         assert output.shape == tuple(reference.shape)
         assert np.abs(output - reference.numpy()).max() < 1e-4, filename
+
+
+def test_onnx_variants_are_typed_quantised_and_close_to_fp32(exported, tmp_path):
+    """Each fp16 / int8 encoder: the graph's inputs and outputs as fp32's, its weights in the variant's type, and
+    embeddings within the bound of its rounding (`quantize.ERROR_BOUND_FACTOR` x what rounding only the weights to
+    the variant's grid gives) on inputs the export's own check did not use."""
+    from onnx import load
+
+    image, tokens = export.example_inputs(exported.loaded.model, exported.loaded.name, batch_size=5, seed=7)
+    for (tower, variant), filename in export.VARIANT_FILES.items():
+        base = exported.folder / (export.IMAGE_ONNX if tower == "image" else export.TEXT_ONNX)
+        path = exported.folder / filename
+        assert quantize.io_types(path) == quantize.io_types(base)
+        assert quantize.io_types(path) == (
+            {"image": "FLOAT", "image_embedding": "FLOAT"}
+            if tower == "image"
+            else {"text": "INT64", "text_embedding": "FLOAT"}
+        )
+        weights = quantize.initializer_types(path)
+        if variant == "fp16":
+            assert weights.get("FLOAT16", 0) > 0 and weights.get("FLOAT", 0) == 0, weights
+        else:
+            graph = load(str(path)).graph
+            initializers = {t.name for t in graph.initializer}
+            float_products = [
+                n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in initializers
+            ]
+            assert float_products == [], f"{filename}: matrix products left in fp32"
+            assert {"MatMulInteger", "DynamicQuantizeLinear"} <= quantize.op_types(path)
+            assert weights.get("INT8", 0) > weights.get("FLOAT", 0), weights
+        inputs = image if tower == "image" else tokens
+        reference = export.run_onnx(base, inputs)
+        quantize.simulate_weight_rounding(base, variant, tmp_path / "rounded.onnx")
+        bound = quantize.ERROR_BOUND_FACTOR * export.max_abs_diff(
+            export.run_onnx(tmp_path / "rounded.onnx", inputs), reference
+        )
+        error = export.max_abs_diff(export.run_onnx(path, inputs, variant), reference)
+        assert 0 < error <= bound, (filename, error, bound)
+        assert path.stat().st_size < (0.7 if variant == "fp16" else 0.5) * base.stat().st_size, filename
+
+
+def test_the_model_card_is_complete_and_its_evaluation_is_the_runs(exported):
+    card = (exported.folder / export.MODEL_CARD).read_text()
+    headings = [line for line in card.splitlines() if line.startswith("## ")]
+    assert headings == list(export.CARD_SECTIONS)
+    sections = dict(zip(headings, re.split(r"^## .*$", card, flags=re.M)[1:], strict=True))
+    assert "Apache License 2.0" in sections["## License"]
+    assert "Apple's MobileCLIP weights" in sections["## License"] and "DataCompDR" in sections["## License"]
+    assert "inherits those terms" in sections["## License"]
+    assert "data/demo/reinforced" in sections["## Training data"] and "license" in sections["## Training data"]
+    # The evaluation table is the run's evaluation metrics, every one, at the card's precision.
+    rows = re.findall(r"^\| ((?:zeroshot|retrieval)/\S+) \| ([0-9.]+) \|$", sections["## Evaluation"], flags=re.M)
+    assert {k: float(v) for k, v in rows} == {
+        "zeroshot/mean_top1": 0.5,
+        "retrieval/demo/image_retrieval_recall@1": 0.1235,
+    }
+    # Every supported route is shown.
+    how = sections["## How to load"]
+    for expected in (
+        export.OPEN_CLIP_WEIGHTS,
+        export.FUSED_WEIGHTS,
+        export.IMAGE_ONNX,
+        export.TEXT_ONNX,
+        *export.VARIANT_FILES.values(),
+        *tokenizer_assets.FILES,
+        "mlflow.pyfunc.load_model('runs:/r123/model')",
+        "mlflow models serve -m runs:/r123/model",
+        "disabled_optimizers=['NchwcTransformer']",
+    ):
+        assert expected in how, expected
+    for (tower, variant), filename in export.VARIANT_FILES.items():
+        assert re.search(rf"^\| {tower} \| {variant} \| ", sections["## Checks"], flags=re.M), filename
+
+
+def test_quantized_benchmark_measures_an_export_at_toy_size(exported, tmp_path):
+    """What `python jobs/benchmark.py quantized` runs (`benchmarks.main`), on this module's export and a tiny world:
+    the table has every variant, the fp32 ONNX row's deltas are zero by construction, the sizes are the files'."""
+    from clipdr import benchmarks
+    from clipdr.config import SynthConfig
+    from clipdr.data import synthetic
+
+    world = SynthConfig(
+        output=str(tmp_path / "world"), num_teacher=0, num_student=0, num_zeroshot=8, num_retrieval=8, image_size=32
+    )
+    synthetic.generate(world)
+    output = tmp_path / "quantized.md"
+    toy = ["--export", str(exported.folder), "--zeroshot", f"{world.output}/zeroshot", "--retrieval"]
+    toy += [f"{world.output}/retrieval", "--batch-sizes", "2", "--iters", "1", "--warmup", "0", "--output", str(output)]
+    assert benchmarks.main(["quantized", *toy], prog="jobs/benchmark.py") == 0
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in output.read_text().splitlines()[4:]}
+    assert list(rows) == ["torch fp32 (trained)", "ONNX fp32", "ONNX fp16", "ONNX int8"]
+    assert rows["ONNX fp32"][1].endswith("(+0.0000)") and rows["ONNX fp32"][2].endswith("(+0.0000)")
+    for variant, image_file in (("fp32", export.IMAGE_ONNX), ("fp16", export.VARIANT_FILES["image", "fp16"])):
+        assert float(rows[f"ONNX {variant}"][3]) == round((exported.folder / image_file).stat().st_size / 1e6, 2)
 
 
 # Runs every documented loading snippet of each export, as written, in a fresh process: those without

@@ -29,6 +29,7 @@ LAYERS: dict[str, int] = {
     "models": 1,
     "losses": 1,
     "tokenizer_assets": 1,  # a model's tokenizer as files for apps: the export writes them
+    "quantize": 1,  # fp16 / int8 variants of ONNX graphs: the export writes them, a benchmark measures them
     "data": 1,
     # Joining a Ray cluster: both Ray jobs need it and may not import each other, so it lives below them (design.md).
     "cluster": 1,
@@ -38,6 +39,7 @@ LAYERS: dict[str, int] = {
     "tracking": 2,
     "lifecycle": 2,  # the registry gate, on top of tracking; a training run marks its model a candidate
     "export": 2,  # loads models as evaluation does
+    "inspection": 2,  # `clipdr inspect`: reads a reinforced dataset (records) and replays its views (augment)
     "cli": 3,
     "jobs": 3,
     "demo": 3,  # runs every stage, as cli does

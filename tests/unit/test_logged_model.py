@@ -8,8 +8,10 @@ a pickle that runs code must name something.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import functools
+import io
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +20,16 @@ import mlflow
 import mlflow.pyfunc
 import mlflow.pytorch
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
+from PIL import Image
 from torch import nn
 
 from clipdr import lifecycle, models, tracking
 from clipdr.cli import main
+from clipdr.evaluate import preprocess_of
 from clipdr.models.embedder import INFO_FILE
 
 NAME = "clipdr-tiny-vit"
@@ -83,13 +88,10 @@ def logged(store):
     """A tiny student logged the way training logs it, unregistered: a job that died before registering it."""
     torch.manual_seed(0)
     embedder = models.ClipEmbedder(models.create_model(NAME), NAME).eval()
-    example_in, example_out = embedder.example(batch_size=2)
     tracker = tracking.Tracker.start("clipdr-train", "student")
     first = tracking.log_model(
         tracker,
         embedder,
-        input_example=example_in.numpy(),
-        output_example=example_out.numpy(),
         metadata={"clipdr_model": NAME, "samples_seen": 64},
     )
     return tracker, embedder, first
@@ -108,9 +110,37 @@ def test_a_logged_model_loads_back_from_safetensors_and_embeds_as_it_did(store, 
     with torch.no_grad():  # the same kernels on both sides (no_grad takes attention's fast path)
         assert torch.equal(loaded(images), embedder(images))
         assert torch.equal(loaded.encode_text(tokens), embedder.encode_text(tokens))
-        # Servable as it was: MLflow's python_function flavour (what `mlflow models serve` loads) embeds alike.
-        served = mlflow.pyfunc.load_model(first.uri).predict(images.numpy())
-        np.testing.assert_array_equal(served, embedder(images).numpy())
+    # Servable: MLflow's python_function flavour (what `mlflow models serve` loads) embeds raw images (bytes or
+    # base64) and captions as the model does after its own preprocessing and tokenizer.
+    pngs = [png(size, colour) for size, colour in (((32, 32), (200, 30, 30)), ((50, 20), (10, 90, 250)))]
+    request = pd.DataFrame({"image": [pngs[0], base64.b64encode(pngs[1]).decode(), None], "text": ["a dog", None, "x"]})
+    served = mlflow.pyfunc.load_model(first.uri).predict(request)
+    want_images, want_texts = direct_embeddings(embedder, pngs, ["a dog", "x"])
+    assert served["image_embedding"][2] is None and served["text_embedding"][1] is None
+    np.testing.assert_array_equal(np.array(list(served["image_embedding"][:2]), dtype=np.float32), want_images)
+    np.testing.assert_array_equal(np.array(list(served["text_embedding"][[0, 2]]), dtype=np.float32), want_texts)
+    with pytest.raises(ValueError, match="row 0: 'image' is not a readable"):
+        mlflow.pyfunc.load_model(first.uri).predict(pd.DataFrame({"image": [b"not an image"]}))
+
+
+def png(size: tuple[int, int], colour: tuple[int, int, int]) -> bytes:
+    """An encoded PNG with a gradient (so that resizing and cropping matter)."""
+    array_HWC = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    array_HWC[...] = colour
+    array_HWC[:, :, 1] = np.linspace(0, 255, size[0], dtype=np.uint8)[None, :]
+    buffer = io.BytesIO()
+    Image.fromarray(array_HWC).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def direct_embeddings(embedder, pngs: list[bytes], texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """What serving must give, computed without it: evaluation's preprocessing, the tokenizer, the embedder."""
+    preprocess = preprocess_of(embedder.clip)
+    pixels = [preprocess.to_pixels(Image.open(io.BytesIO(data)).convert("RGB")) for data in pngs]
+    with torch.no_grad():
+        images = embedder.encode_image(preprocess.batch(pixels, torch.device("cpu"))).numpy()
+        texts_emb = embedder.encode_text(models.get_tokenizer(embedder.model_name)(texts)).numpy()
+    return images, texts_emb
 
 
 def test_a_resubmission_after_a_crash_between_logging_and_registering_registers_one_version(store, logged):

@@ -401,7 +401,13 @@ def test_existing_manifest_keeps_its_data_fingerprints():
     from clipdr.train.run import data_fingerprint_of
 
     manifest = records.Manifest.from_json(MANIFEST_V1.read_bytes())
-    assert runstate.matches(REINFORCE_FINGERPRINT_V1, run_fingerprint(manifest))
+    # Shards of that time carry the fingerprint with the teachers' a_k in it (`legacy`); the plan accepts it beside
+    # today's, which leaves a_k out (a training choice, not stored data): changing a_k does not change it.
+    assert runstate.matches(REINFORCE_FINGERPRINT_V1, run_fingerprint(manifest, legacy=True))
+    other_a_k = dataclasses.replace(
+        manifest, teachers=tuple(dataclasses.replace(t, logit_scale=60.0) for t in manifest.teachers)
+    )
+    assert run_fingerprint(other_a_k) == run_fingerprint(manifest) != run_fingerprint(manifest, legacy=True)
     assert runstate.matches(TRAIN_DATA_FINGERPRINT_V1, data_fingerprint_of("", manifest))
 
 

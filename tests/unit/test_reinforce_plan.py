@@ -44,8 +44,8 @@ def test_valid_plan_lists_every_shard(source, tmp_path):
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"num_augmentations": 0}, r"K=0\) and reinforce.num_syn_captions \(S=1\) must both be >= 1"),
-        ({"num_syn_captions": 0}, r"S=0\) must both be >= 1"),
+        ({"num_augmentations": 0}, r"reinforce.num_augmentations \(K=0\) must be >= 1"),
+        ({"num_syn_captions": -1}, r"reinforce.num_syn_captions \(S=-1\) must be >= 0"),
         ({"teachers": ()}, r"reinforce.teachers is empty"),
         ({"teachers": (TINY, TINY)}, r"duplicate names \['vit', 'vit'\]"),
         ({"teachers": (TeacherConfig(name="x", model="ViT-Nope"),)}, r"unknown model 'ViT-Nope'"),
@@ -65,6 +65,42 @@ def test_valid_plan_lists_every_shard(source, tmp_path):
 def test_bad_configs_fail_fast_naming_the_problem(source, tmp_path, changes, message):
     with pytest.raises(ReinforceError, match=message):
         plan(config(source, tmp_path, **changes))
+
+
+def test_an_embeddings_only_pass_has_no_captioner_and_resumes_like_any_other(source, tmp_path):
+    """S = 0: no captioner is validated (a kind that does not exist passes), recorded or loaded; shards written with
+    the same settings count as done, whichever a_k the teachers had (a training choice, not stored data), and so do
+    shards carrying the fingerprint spelling of before that decision."""
+    from clipdr import records
+    from clipdr.reinforce import run as run_module
+    from clipdr.reinforce.stages import shard_metadata, write_output_shard
+    from tests.unit.test_records import make_columns
+
+    bogus = CaptionerConfig(kind="gpt", model="nope", pretrained="")
+    cfg = config(source, tmp_path, num_syn_captions=0, captioner=bogus)
+    p = plan(cfg)
+    assert p.manifest.num_syn_captions == 0 and p.manifest.captioner is None
+    assert "captioner     none" in p.describe()
+    assert p.manifest.schema().names.count(records.SYN_CAPTIONS) == 0
+
+    other_scale = dataclasses.replace(TINY, logit_scale=55.0)
+    p_other = plan(config(source, tmp_path, num_syn_captions=0, captioner=bogus, teachers=(other_scale,)))
+    assert p_other.fingerprint == p.fingerprint  # a_k is not part of what the shards are
+    assert run_module.run_fingerprint(p_other.manifest, legacy=True) != run_module.run_fingerprint(
+        p.manifest, legacy=True
+    )
+    first, second = (t.output for t in p.tasks)
+    for name, fingerprint in ((first, p.fingerprint), (second, run_module.run_fingerprint(p.manifest, legacy=True))):
+        columns = make_columns(p.manifest, 3, prefix=name)
+        write_output_shard(cfg.reinforce.output, name, columns, p.manifest, shard_metadata(fingerprint, "src", {}))
+    assert plan(cfg).done == (first, second) and not plan(cfg).pending
+    shards = tuple(records.ShardInfo(name, 3) for name in (first, second))
+    records.write_manifest(cfg.reinforce.output, dataclasses.replace(p.manifest, shards=shards))
+    other = config(source, tmp_path, num_syn_captions=0, captioner=bogus, teachers=(other_scale,))
+    assert plan(other).complete  # a complete dataset made with another a_k: nothing to redo
+    with_captions = config(source, tmp_path, num_syn_captions=1)
+    with pytest.raises(ReinforceError, match="made with other settings"):
+        plan(with_captions)
 
 
 def test_bad_augment_config_is_refused(source, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -233,3 +234,23 @@ def test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy
     assert sim_accel.busy_fraction([]) == 0.0
     with pytest.raises(ValueError, match="clipdr-sim-accel-<size px>"):
         sim_accel.parse("clipdr-sim-accel-x")
+
+
+def test_an_embeddings_only_pass_writes_shards_without_synthetic_captions(tmp_path):
+    """S = 0, no Caption stage: the teacher stage embeds the real caption only (1 + S = 1 text row) and the writer
+    writes a shard without the syn_captions column that opens as a dataset."""
+    from clipdr.config import TeacherConfig
+
+    teachers = (TeacherConfig(name="vit", model="clipdr-tiny-vit"),)
+    _, manifest, batch = _embed_input(tmp_path, teachers, num_samples=3)
+    batch = stages.RenderViews(manifest.teachers)(batch)
+    embedded = stages.Embed(teachers, "cpu", 1)(batch)
+    writer = stages.WriteShards(str(tmp_path / "out"), manifest, "fingerprint", {"s.parquet": "s.tar"})
+    assert list(writer(embedded)["shard"]) == ["s.parquet"]
+    final = records.write_manifest(
+        str(tmp_path / "out"), dataclasses.replace(manifest, shards=(records.ShardInfo("s.parquet", 3),))
+    )
+    dataset = records.open_dataset(str(tmp_path / "out"), require_teachers=["vit"])
+    table = records.read_shard(dataset.shard_uris[0])
+    assert records.SYN_CAPTIONS not in table.column_names and final.endswith(records.MANIFEST_NAME)
+    assert records.text_embeddings(table, "vit").shape == (3, 1, manifest.teacher("vit").embed_dim)

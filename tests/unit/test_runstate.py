@@ -50,7 +50,7 @@ SHARDS = [
 
 
 def test_fingerprints_keep_the_digests_existing_datasets_and_runs_recorded():
-    reinforce = run_fingerprint(MANIFEST)
+    reinforce = run_fingerprint(MANIFEST, legacy=True)  # a_k left the fingerprint since: the legacy spelling keeps it
     assert reinforce == "sha256:" + REINFORCE_BEFORE
     assert runstate.matches(REINFORCE_BEFORE, reinforce)
     train = data_fingerprint_of("s3://unused", MANIFEST)
@@ -91,7 +91,7 @@ def test_a_reinforcement_state_from_before_continues_its_mlflow_run(tmp_path):
         json.dumps({"mlflow_run_id": "r1", "fingerprint": REINFORCE_BEFORE})
     )
     state = runstate.read(str(tmp_path), runstate.REINFORCE_STATE)
-    assert state.changes(run_fingerprint(MANIFEST), {}) == []
+    assert state.changes(run_fingerprint(MANIFEST, legacy=True), {}) == []
     assert state.changes(runstate.fingerprint("other settings"), {}) == ["the input changed"]
     assert runstate.read(str(tmp_path / "nowhere"), runstate.REINFORCE_STATE) is None
 

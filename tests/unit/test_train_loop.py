@@ -228,3 +228,42 @@ def test_the_optimiser_is_the_plans_adamw_fused_only_on_cuda():
     assert isinstance(optimizer, torch.optim.AdamW) and not optimizer.defaults.get("fused")
     assert optimizer.defaults["betas"] == (opt.beta1, opt.beta2) and optimizer.defaults["eps"] == opt.eps
     assert [g["weight_decay"] for g in optimizer.param_groups] == [opt.weight_decay, 0.0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="channels_last is a CUDA option")
+def test_channels_last_trains_the_same_student_as_the_default_layout():
+    """``train.channels_last`` changes the memory layout, not the model: the same conv student (MCi) on the same
+    batch gives the same loss and gradients, to fp32 summation-order differences (cuDNN picks other kernels for
+    NHWC, and TF32 is off here)."""
+    cuda = torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    size = models.model_config("clipdr-tiny-mci")["vision_cfg"]["image_size"]
+    batch = {k: v.to(cuda) for k, v in synthetic_batches()[0].items()}
+    batch[data.IMAGE] = torch.randint(0, 256, (GLOBAL_B, 3, size, size), dtype=torch.uint8, device=cuda)
+    results = []
+    for channels_last in (False, True):
+        plan = a_plan({"model": "clipdr-tiny-mci", "channels_last": channels_last})
+        model = build_student(plan, cuda)
+        loss = Step(model, plan, cuda)(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_channels_last_is_refused_off_cuda():
+    with pytest.raises(ValueError, match=r"train\.channels_last is a CUDA option"):
+        build_student(a_plan({"channels_last": True}), torch.device("cpu"))
+
+
+def test_compile_wraps_the_forward_around_the_students_own_parameters():
+    """``train.compile``: the step runs a compiled forward of the very model the optimiser, DDP and checkpoints see
+    (compiling itself is measured by the GPU check, jobs/gpu_check.sh; it takes minutes on this CPU)."""
+    plan = a_plan({"compile": True})
+    model = build_student(plan, torch.device("cpu"))
+    step = Step(model, plan, torch.device("cpu"))
+    assert isinstance(step.forward, torch._dynamo.eval_frame.OptimizedModule) and step.forward._orig_mod is model
+    assert Step(model, a_plan(), torch.device("cpu")).forward is model

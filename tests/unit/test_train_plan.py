@@ -54,10 +54,13 @@ def test_reinforced_dataset_must_hold_the_teachers_the_run_distils_from(tmp_path
         open_data(dataclasses.replace(GOOD, data=uri, teachers=("openai",)))
 
 
-def test_synthetic_captions_are_required_only_when_trained_on(tmp_path):
+def test_synthetic_captions_are_required_only_when_asked_for_by_number(tmp_path):
+    """A dataset without synthetic captions (an embeddings-only pass) trains on real ones only by default
+    (tests/unit/test_train_choices.py); a run that asks for n of them refuses it."""
     uri, _ = write_dataset(tmp_path / "ds", num_syn_captions=0)
     with pytest.raises(TrainError, match=r"synthetic caption"):
-        open_data(dataclasses.replace(GOOD, data=uri))
+        open_data(replace(GOOD, {"data": uri, "num_syn_captions": 1}))
+    open_data(dataclasses.replace(GOOD, data=uri))
     open_data(replace(GOOD, {"data": uri, "loss.use_syn_captions": False}))
     open_data(replace(GOOD, {"data": uri, "mode": "clip", "loss.kd_weight": 0.0}))  # clip never reads them
 

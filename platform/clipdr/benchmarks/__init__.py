@@ -25,6 +25,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "clipdr.benchmarks.finetune",
         "forgetting guard: fine-tune on a held-out shape; full, LiT, EMA, layer decay, WiSE-FT zero-shot",
     ),
+    "quantized": (
+        "clipdr.benchmarks.quantized",
+        "ONNX encoders fp32 vs fp16 vs int8: accuracy delta on evaluation sets, file size, CPU latency",
+    ),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

@@ -34,8 +34,8 @@ from datetime import datetime
 from pathlib import Path
 
 CONFIG = "jobs/configs/gpu_check.toml"
-DATACOMPDR12M = "jobs/configs/datacompdr12m.toml"
-PHASES = ("env", "data", "reinforce", "report")
+PHASES = ("env", "data", "stages", "train", "compile", "reinforce", "report")
+JOB_MODULES = ("ray", "mlflow")  # the Ray job's; the direct phases (`gpu_direct`) need neither
 SMOKE_OVERRIDES = (  # tiny twins of the check's models, a few views and captions, on the CPU
     "reinforce.teachers=[{name = 'vit_a', model = 'clipdr-tiny-vit'}, {name = 'vit_b', model = 'clipdr-tiny-vit'}]",
     "reinforce.captioner.model=clipdr-tiny-coca",
@@ -73,7 +73,15 @@ def main(args: argparse.Namespace) -> int:
         if args.phase == "report":
             report(work, out, args.smoke)
         else:
-            {"env": check_env, "data": make_data, "reinforce": reinforce}[args.phase](work, args.samples, args.smoke)
+            phases = {
+                "env": check_env,
+                "data": make_data,
+                "stages": stages,
+                "train": train,
+                "compile": compile_step,
+                "reinforce": reinforce,
+            }
+            phases[args.phase](work, args.samples, args.smoke)
     except GpuCheckError as e:
         print(f"gpu check, phase {args.phase}: {e}", file=sys.stderr)
         return 1
@@ -136,6 +144,46 @@ def make_data(work: Path, samples: int, smoke: bool) -> None:
     print(f"{samples} samples at {cfg.image_size}px in {time.monotonic() - started:.1f} s")
 
 
+def _device(work: Path, smoke: bool) -> tuple[str, float | None]:
+    """(torch device, dense bf16 peak FLOP/s or None in smoke mode) of the machine the env phase found."""
+    from clipdr import accelerators
+
+    return ("cpu", None) if smoke else ("cuda", accelerators.peak_flops(_read(work, _ENV)["device"]))
+
+
+def stages(work: Path, samples: int, smoke: bool) -> None:
+    """The reinforcement stages at the DataCompDR-12M recipe on the device, without Ray (`gpu_direct.run_stages`)."""
+    from clipdr.benchmarks import gpu_direct
+
+    device, peak = _device(work, smoke)
+    result = gpu_direct.run_stages(_read(work, _DATA)["source"], work, device, peak, smoke)
+    _write(work / gpu_direct.STAGES, result)
+    print(json.dumps(result, indent=2))
+
+
+def train(work: Path, samples: int, smoke: bool) -> None:
+    """The MobileCLIP-S0 recipe's training step on the device, without Ray (`gpu_direct.run_train`)."""
+    from clipdr.benchmarks import gpu_direct
+
+    device, peak = _device(work, smoke)
+    result = gpu_direct.run_train(_read(work, _DATA)["source"], device, peak, smoke)
+    _write(work / gpu_direct.TRAIN, result)
+    print(json.dumps(result, indent=2))
+
+
+def compile_step(work: Path, samples: int, smoke: bool) -> None:
+    """The training step compiled (`gpu_direct.run_compile`); not in smoke mode, where compiling takes minutes."""
+    from clipdr.benchmarks import gpu_direct
+
+    if smoke:
+        print("compile: skipped in smoke mode (inductor takes minutes on a CPU; the unit tests cover the option)")
+        return
+    device, peak = _device(work, smoke)
+    result = gpu_direct.run_compile(_read(work, _DATA)["source"], device, peak)
+    _write(work / gpu_direct.COMPILE, result)
+    print(json.dumps(result, indent=2))
+
+
 def job_config(work: Path, smoke: bool):
     """The check's reinforcement config: `CONFIG`, with the source and outputs in ``work`` (and tiny in smoke)."""
     from clipdr.config import load_config
@@ -167,7 +215,15 @@ class _GpuSampler:
 
 
 def reinforce(work: Path, samples: int, smoke: bool) -> None:
-    """Runs the reinforcement job, timing it and sampling the GPU."""
+    """Runs the reinforcement job, timing it and sampling the GPU; records why not where Ray or MLflow is missing
+    (a bare accelerator image: the direct phases have measured the device already)."""
+    import importlib.util
+
+    missing = [m for m in JOB_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        _write(work / _RUN, {"skipped": f"this Python lacks {' and '.join(missing)}: the Ray job did not run"})
+        print(f"reinforce: skipped, this Python lacks {' and '.join(missing)}")
+        return
     from clipdr.reinforce import run
 
     config = job_config(work, smoke)
@@ -227,14 +283,106 @@ def _busy_fraction(gpu: list[tuple[float, float]], start: float, end: float) -> 
     return sum(in_window) / len(in_window) / 100 if in_window else None
 
 
-def report(work: Path, out: Path, smoke: bool) -> None:
-    """Views/s, MFU, busy fraction and the DataCompDR-12M projection: ``gpu_check.json`` and ``gpu_check.md`` in
-    ``out`` (the phases before wrote to ``work``)."""
-    from clipdr import accelerators
-    from clipdr.config import load_config
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+
+
+def _pct(value: float | None) -> str:
+    return "n/a (smoke)" if value is None else f"{value:.3f}"
+
+
+def _stage_rows(st: dict) -> list[tuple[str, str]]:
+    hours = st.get("dataset_device_hours")
+    return [
+        ("what ran", st["config"]),
+        ("samples", f"{st['num_samples']} (the first chunk of each device stage is its warm-up, not timed)"),
+        (
+            "captioner",
+            f"{st['caption_samples_per_s']:.1f} samples/s, {st['captions_per_s']:.1f} captions/s, "
+            f"MFU {_pct(st.get('caption_mfu'))}",
+        ),
+        (
+            "teachers",
+            f"{st['embed_samples_per_s']:.1f} samples/s, {st['teacher_views_per_s']:.0f} views/s, "
+            f"MFU {_pct(st.get('embed_mfu'))}",
+        ),
+        ("one device, both stages", f"{st['device_samples_per_s']:.1f} samples/s, MFU {_pct(st.get('device_mfu'))}"),
+        (
+            "FLOPs a sample",
+            f"teachers {st['teacher_flops_per_sample'] / 1e9:,.0f} + captioner "
+            f"{st['caption_flops_per_sample'] / 1e9:,.0f} GFLOP (clipdr.reinforce.cost)",
+        ),
+        (
+            "render, CPU",
+            f"{st['render_cpu_s_per_sample'] * 1e3:.1f} ms a sample on one core; "
+            f"{st['render_pool_samples_per_s']:.1f} samples/s over {st['render_pool_processes']} processes "
+            "(pool start-up included)",
+        ),
+        ("cores a device needs to render", f"{st['cores_per_device']:.1f}"),
+        (
+            "DataCompDR-12M",
+            "n/a (smoke)"
+            if hours is None
+            else f"{hours:,.1f} device-hours at this rate (floor {st['dataset_floor_hours']:,.1f} at peak, "
+            f"{st['dataset_samples']:,} samples)",
+        ),
+    ]
+
+
+def _train_table(tr: dict, compiled: dict | None) -> str:
+    """The training variants side by side, and the loader."""
+    variants = dict(tr["variants"])
+    if compiled is not None:
+        variants[
+            f"compiled ({', '.join(c.split('=')[0].removeprefix('train.') for c in compiled['changes'])}); first "
+            f"steps {compiled['first_steps_s']:.0f} s"
+        ] = compiled
+    lines = [
+        "| variant | samples/s, median (min-max) | MFU | peak memory | dry-run estimate | S0 recipe, device-hours |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, v in variants.items():
+        low, high = v["samples_per_s_range"]
+        peak = "n/a (CPU)" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**30:.2f} GiB"
+        lines.append(
+            f"| {name} | {v['samples_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) | {_pct(v['mfu'])} | {peak} | "
+            f"{v['estimated_bytes'] / 2**30:.2f} GiB | {v['recipe_device_hours']:,.1f} |"
+        )
+    cores = ", ".join(f"{n}: {c:.1f}" for n, c in tr["loader_cores_per_device"].items())
+    loader = (
+        f"Loader (`ReplayBatch`: decode, replay the drawn view at the student's size, tokenise; one core): "
+        f"{tr['loader_samples_per_s_per_core']:.0f} samples/s; cores a device needs: {cores}."
+    )
+    return f"{tr['config']}.\n\n" + "\n".join(lines) + f"\n\n{loader}"
+
+
+def _precision_rows(st: dict) -> list[tuple[str, str]]:
+    return [(f"teacher forward, {name}", f"{rate:,.0f} views/s") for name, rate in st["teacher_precision_ab"].items()]
+
+
+def _stage_measurement(env: dict, st: dict, k: int, num_teachers: int):
+    """The direct stages' figures as a `cost.Measurement`: the device's own rate, an upper bound of the job's."""
     from clipdr.reinforce import cost
 
-    env, job = _read(work, _ENV), _read(work, _RUN)
+    return cost.Measurement(
+        device=env["device"],
+        device_name=env["device_name"],
+        mfu=st.get("device_mfu"),
+        views_per_s=st["device_samples_per_s"] * k * num_teachers,
+        samples_per_s=st["device_samples_per_s"],
+        busy_fraction=None,
+        flops_per_sample=float(st["flops_per_sample"]),
+        num_samples=st["num_samples"],
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        config=f"{st['config']}; model stages alone on the device, without Ray (an upper bound of the job's MFU)",
+    )
+
+
+def _job_rows(work: Path, env: dict, job: dict, smoke: bool):
+    """(rows, measurement) of the Ray job."""
+    from clipdr import accelerators
+    from clipdr.reinforce import cost
+
     config = job_config(work, smoke)
     cfg = config.reinforce
     flops_per_sample = cost.estimate(config).flops_per_sample
@@ -258,21 +406,7 @@ def report(work: Path, out: Path, smoke: bool) -> None:
         measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(job["ended"])),
         config=f"{models}, K={cfg.num_augmentations}, S={cfg.num_syn_captions}, batch {cfg.resources.batch_size}",
     )
-    result = measured.write(out)
-    if (work / _GPU_LOG).exists():
-        shutil.copy(work / _GPU_LOG, out / _GPU_LOG)
-    projection = "n/a (smoke mode: no accelerator)"
-    if mfu is not None:
-        recipe = load_config(
-            DATACOMPDR12M, [f"reinforce.cost.measured={result}", f"reinforce.cost.device={env['device']}"]
-        )
-        estimate = cost.estimate(recipe, source_readable=False)
-        projection = (
-            f"{estimate.projected_hours:,.1f} {env['device']}-hours at the measured MFU "
-            f"(floor {estimate.floor_hours:,.1f} at peak, {estimate.num_samples:,} samples)"
-        )
     rows = [
-        ("device", f"{env['device_name']} (torch {env['torch']})"),
         ("what ran", measured.config),
         ("samples reinforced", f"{job['num_rows']} in {job['ended'] - job['started']:.1f} s (whole job)"),
         ("window", f"{which}: {num_samples} samples in {seconds:.1f} s"),
@@ -284,9 +418,55 @@ def report(work: Path, out: Path, smoke: bool) -> None:
             "n/a (smoke)" if mfu is None else f"{mfu:.3f} of {accelerators.PEAK_TFLOPS[env['device']]:g} TFLOP/s",
         ),
         ("GPU busy fraction (measured)", "n/a (no nvidia-smi)" if busy is None else f"{busy:.2f}"),
-        ("DataCompDR-12M projection", projection),
     ]
-    table = "\n".join(["| measure | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows)])
+    return rows, measured
+
+
+def report(work: Path, out: Path, smoke: bool) -> None:
+    """The tables of every phase that ran (``gpu_check.md``) and the measurement the cost projection reads
+    (``gpu_check.json``: the Ray job's when it ran, else the direct stages'), in ``out``."""
+    from clipdr.benchmarks import gpu_direct
+    from clipdr.config import load_config
+    from clipdr.reinforce import cost
+
+    env = _read(work, _ENV)
+    job = _read(work, _RUN) if (work / _RUN).exists() else {"skipped": "the reinforce phase did not finish (its log)"}
+    sections = [("Device", _table([("device", f"{env['device_name']} (torch {env['torch']})")]))]
+    measured = None
+    if (work / gpu_direct.STAGES).exists():
+        st = _read(work, gpu_direct.STAGES)
+        rows = _stage_rows(st) + _precision_rows(st)
+        sections.append(("Reinforcement stages on the device, DataCompDR-12M recipe, no Ray", _table(rows)))
+        recipe = gpu_direct.stages_config("", "", smoke).reinforce
+        measured = _stage_measurement(env, st, recipe.num_augmentations, len(recipe.teachers))
+    if (work / gpu_direct.TRAIN).exists():
+        compiled = _read(work, gpu_direct.COMPILE) if (work / gpu_direct.COMPILE).exists() else None
+        table = _train_table(_read(work, gpu_direct.TRAIN), compiled)
+        sections.append(("Training step, MobileCLIP-S0 recipe, no Ray", table))
+    job_rows = None
+    if "skipped" in job:
+        sections.append(("Reinforcement job (Ray)", f"Not run: {job['skipped']}."))
+    else:
+        job_rows, measured = _job_rows(work, env, job, smoke)
+    if measured is None:
+        raise GpuCheckError("no phase measured anything: run the phases in order (jobs/gpu_check.sh)")
+    result = measured.write(out)
+    if job_rows is not None:
+        if measured.mfu is not None:
+            recipe = load_config(
+                gpu_direct.DATACOMPDR12M,
+                [f"reinforce.cost.measured={result}", f"reinforce.cost.device={env['device']}"],
+            )
+            estimate = cost.estimate(recipe, source_readable=False)
+            projection = (
+                f"{estimate.projected_hours:,.1f} {env['device']}-hours at the measured MFU (floor "
+                f"{estimate.floor_hours:,.1f} at peak, {estimate.num_samples:,} samples)"
+            )
+            job_rows.append(("DataCompDR-12M projection", projection))
+        sections.append(("Reinforcement job (Ray), jobs/configs/gpu_check.toml", _table(job_rows)))
+    if (work / _GPU_LOG).exists():
+        shutil.copy(work / _GPU_LOG, out / _GPU_LOG)
     command = "jobs/gpu_check.sh smoke" if smoke else "jobs/gpu_check.sh"
-    (out / "gpu_check.md").write_text(f"# GPU check ({measured.measured_at})\n\n`{command}`\n\n{table}\n")
-    print(table)
+    body = "\n\n".join(f"## {title}\n\n{text}" for title, text in sections)
+    (out / "gpu_check.md").write_text(f"# GPU check ({measured.measured_at})\n\n`{command}`\n\n{body}\n")
+    print(body)

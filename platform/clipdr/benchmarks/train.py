@@ -20,6 +20,10 @@ the other core, and that waiting counts as CPU time too.
 
 Rows are a synthetic-world corpus with sampled stored views and random unit teacher embeddings: neither cost
 depends on the embedding values, so no teacher has to run to build them.
+
+Bytes read against bytes used (`clipdr.benchmarks.train_io`): the same rows as a shard with ``--io-views`` views and
+two teachers ``--io-dim`` wide (K = 30 and 768 by default, DataCompDR's layout), read as the training input reads it.
+``--io-only`` measures only that.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=64, help="side of the source images")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of steps and loader")
+    parser.add_argument("--io-views", type=int, default=30, help="K of the bytes-read measurement")
+    parser.add_argument("--io-dim", type=int, default=768, help="D of both teachers of the bytes-read measurement")
+    parser.add_argument("--io-captions", type=int, default=5, help="S of the bytes-read measurement")
+    parser.add_argument("--io-only", action="store_true", help="measure only bytes read against bytes used")
     parser.add_argument("--output", help="also write the result table (markdown) to this file")
 
 
@@ -145,6 +153,9 @@ def main(args: argparse.Namespace) -> int:
         )
         samples = list(sources.iter_source(str(Path(tmp) / "world" / "student"), collections.Counter()))
     table = _table(samples, manifest, np.random.default_rng(0))
+    io_lines = _io_lines(args, samples)
+    if args.io_only:
+        return _write(args, "\n".join(io_lines))
     preprocess = data.student_preprocess(args.student)
 
     # (label, mode, synthetic captions): "reinforced, real captions" isolates the distillation from the extra
@@ -197,12 +208,48 @@ def main(args: argparse.Namespace) -> int:
             f"{timing.ratio(loader, step, 'cpu').format()} | {timing.ratio(loader, step, 'wall').format()} | "
             f"{timing.rate(step, 'wall').format('.1f')} | {timing.rate(loader, 'wall').format('.1f')} |"
         )
-    text = "\n".join(lines)
+    return _write(args, "\n".join([*lines, "", "Bytes read a sample against bytes used:", "", *io_lines]))
+
+
+def _io_lines(args: argparse.Namespace, samples: list[sources.SourceSample]) -> list[str]:
+    """The bytes-read table (`train_io.measure`) of ``samples`` with K = ``--io-views``, two ``--io-dim`` teachers."""
+    from clipdr.benchmarks import train_io
+
+    teachers = tuple(
+        records.TeacherSpec(
+            name=name,
+            model="ViT-L-14",
+            pretrained="",
+            embed_dim=args.io_dim,
+            logit_scale=100.0,
+            image_size=224,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        )
+        for name in ("first", "second")
+    )
+    manifest = records.Manifest(
+        teachers=teachers,
+        augment=records.AugmentSpec.from_config(Config().augment),
+        num_augmentations=args.io_views,
+        num_syn_captions=args.io_captions,
+        source_uri="synthetic://bench",
+        source_fingerprint="sha256:0",
+        captioner=records.CaptionerSpec(name="bench", kind="synthetic", model="none", pretrained=""),
+    )
+    lines = train_io.measure(_table(samples, manifest, np.random.default_rng(0)), manifest)
+    return [f"{args.image_size} px sources (encoded as the synthetic world writes them); " + lines[0], *lines[1:]]
+
+
+def _write(args: argparse.Namespace, text: str) -> int:
     print(text)
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         command = "python jobs/benchmark.py train " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "output" and v is not None
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+            for k, v in vars(args).items()
+            if k != "output" and v is not None and v is not False
         )
-        Path(args.output).write_text(f"# Training cost by mode\n\nMeasured with `{command}`.\n\n{text}\n")
+        title = "Bytes read a sample against bytes used" if args.io_only else "Training cost by mode"
+        Path(args.output).write_text(f"# {title}\n\nMeasured with `{command}`.\n\n{text}\n")
     return 0

@@ -164,7 +164,9 @@ def estimate(config: Config, source_readable: bool = True) -> Estimate:
             )
         )
     captioner = cfg.captioner
-    if captioner.kind == "coca" and not captioner.model.startswith("hf-hub:"):
+    if s == 0:
+        notes.append("no captioner: S = 0, an embeddings-only pass")
+    elif captioner.kind == "coca" and not captioner.model.startswith("hf-hub:"):
         image = flops.coca_image_flops(captioner.model)
         image_kv = flops.coca_image_kv_flops(captioner.model)
         caption = flops.coca_caption_flops(captioner.model, captioner.max_len)

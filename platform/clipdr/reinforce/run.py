@@ -79,7 +79,7 @@ class Plan:
             f"captioner     {m.captioner.kind} {m.captioner.model} ({m.captioner.pretrained or 'random init'}), "
             f"top-p {m.captioner.top_p}"
             if m.captioner
-            else "captioner     none",
+            else "captioner     none (S = 0: an embeddings-only pass)",
             f"storage       {m.embedding_bytes_per_sample:,} bytes of fp16 embeddings a sample "
             f"((K + 1 + S) x sum(D) x 2)",
             f"progress      {len(self.done)}/{len(self.tasks)} shards done"
@@ -89,10 +89,23 @@ class Plan:
         return "\n".join(lines)
 
 
-def run_fingerprint(manifest: records.Manifest) -> str:
-    """What makes a shard's output: every setting of the manifest but its provenance, and the record schema."""
+def run_fingerprint(manifest: records.Manifest, legacy: bool = False) -> str:
+    """What makes a shard's output: every setting of the manifest but its provenance and the teachers' a_k, and the
+    record schema.
+
+    A teacher's ``logit_scale`` (a_k) is recorded in the manifest as the default a training run distils with, but
+    it changes no stored byte: it is a training choice (``train.loss.teacher_scales`` overrides it), so it is not
+    part of what the shards are. ``legacy`` gives the fingerprint shards written before that decision carry (a_k
+    included), so their partial outputs still resume.
+    """
     settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    if not legacy:
+        settings["teachers"] = [{k: v for k, v in t.items() if k != "logit_scale"} for t in settings["teachers"]]
     return runstate.fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
+
+
+def _without_scales(teachers: tuple[records.TeacherSpec, ...]) -> tuple[records.TeacherSpec, ...]:
+    return tuple(dataclasses.replace(t, logit_scale=1.0) for t in teachers)
 
 
 def _check_writable(output: str) -> None:
@@ -107,6 +120,8 @@ def _check_writable(output: str) -> None:
 def _settings_differences(expected: records.Manifest, found: records.Manifest) -> list[str]:
     fields = ("teachers", "captioner", "augment", "num_augmentations", "num_syn_captions", "augment_seed")
     diffs = [f for f in fields if getattr(expected, f) != getattr(found, f)]
+    if "teachers" in diffs and _without_scales(expected.teachers) == _without_scales(found.teachers):
+        diffs.remove("teachers")  # only a_k differs: a training choice, not stored data (`run_fingerprint`)
     if expected.source_fingerprint != found.source_fingerprint:
         diffs.append("source (shard names or sizes changed)")
     return diffs
@@ -126,10 +141,12 @@ def plan(config: Config) -> Plan:
                 storage.resolve(uri)  # the scheme and form only: nothing is read or written
         except ValueError as e:
             raise ReinforceError(f"{key}: {e}") from None
-    if cfg.num_augmentations < 1 or cfg.num_syn_captions < 1:
+    if cfg.num_augmentations < 1:
+        raise ReinforceError(f"reinforce.num_augmentations (K={cfg.num_augmentations}) must be >= 1")
+    if cfg.num_syn_captions < 0:
         raise ReinforceError(
-            f"reinforce.num_augmentations (K={cfg.num_augmentations}) and reinforce.num_syn_captions "
-            f"(S={cfg.num_syn_captions}) must both be >= 1"
+            f"reinforce.num_syn_captions (S={cfg.num_syn_captions}) must be >= 0 (0: an embeddings-only pass, no "
+            "captioner)"
         )
     if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
         raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
@@ -155,18 +172,20 @@ def plan(config: Config) -> Plan:
         for t, spec in resolved
         if spec is None
     )
+    captioner = None  # S = 0: an embeddings-only pass; no captioner is validated, loaded or recorded
     try:
-        captioner = records.CaptionerSpec(
-            name=cfg.captioner.model,
-            kind=cfg.captioner.kind,
-            model=cfg.captioner.model,
-            pretrained=cfg.captioner.pretrained,
-            top_p=cfg.captioner.top_p,
-            temperature=cfg.captioner.temperature,
-            max_len=cfg.captioner.max_len,
-            seed=cfg.seed,
-        )
-        validate_captioner(captioner)
+        if cfg.num_syn_captions > 0:
+            captioner = records.CaptionerSpec(
+                name=cfg.captioner.model,
+                kind=cfg.captioner.kind,
+                model=cfg.captioner.model,
+                pretrained=cfg.captioner.pretrained,
+                top_p=cfg.captioner.top_p,
+                temperature=cfg.captioner.temperature,
+                max_len=cfg.captioner.max_len,
+                seed=cfg.seed,
+            )
+            validate_captioner(captioner)
     except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
         raise ReinforceError(f"reinforce.captioner: {e}") from None
 
@@ -196,6 +215,7 @@ def plan(config: Config) -> Plan:
         source_fingerprint=fingerprint_of_source,
     )
     fingerprint = run_fingerprint(manifest)
+    legacy_fingerprint = run_fingerprint(manifest, legacy=True)
     if not shards:
         return Plan(manifest, fingerprint, tasks, (), complete=False, notes=notes)
     _check_writable(cfg.output)
@@ -216,7 +236,8 @@ def plan(config: Config) -> Plan:
     for uri, (_, schema) in zip(found_uris, records.read_shard_footers(found_uris), strict=True):
         name = uri[len(cfg.output.rstrip("/")) + 1 :]
         meta = read_shard_metadata(schema)
-        if name not in expected or meta is None or not runstate.matches(meta.get("run_fingerprint", ""), fingerprint):
+        made_by = meta.get("run_fingerprint", "") if meta is not None else ""
+        if name not in expected or not any(runstate.matches(made_by, f) for f in (fingerprint, legacy_fingerprint)):
             raise ReinforceError(
                 f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier run made with other settings or "
                 "from another source: choose another output or delete it"
@@ -281,13 +302,18 @@ def _tracker(config: Config, p: Plan):
 
     output = config.reinforce.output
     state = runstate.read(output, runstate.REINFORCE_STATE)
-    run_id = state.mlflow_run_id if state is not None and not state.changes(p.fingerprint, {}) else None
+    # A run recorded before a_k left the fingerprint (`run_fingerprint`) carries the legacy one: the same input.
+    same = state is not None and any(
+        not state.changes(f, {}) for f in (p.fingerprint, run_fingerprint(p.manifest, legacy=True))
+    )
+    run_id = state.mlflow_run_id if same else None
     tracker = Tracker.start(EXPERIMENT, run_id=run_id, uri=config.tracking.uri, tags={"output": output})
     if run_id is None:
         runstate.write(output, runstate.REINFORCE_STATE, runstate.RunState(tracker.run_id, p.fingerprint))
         tracker.log_params({**flatten(config.reinforce, "reinforce."), **flatten(config.augment, "augment.")})
         tracker.log_dict([dataclasses.asdict(t) for t in p.manifest.teachers], "teachers.json")
-        tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")
+        if p.manifest.captioner is not None:  # an embeddings-only pass (S = 0) has none
+            tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")
         source = p.manifest.source_uri
         tracker.log_dataset(  # its input in MLflow's Datasets column; training runs log the output and name this run
             storage.basename(source.rstrip("/")) or source,

@@ -329,6 +329,8 @@ class ReplayBatch:
         use_syn_captions: Also draw, tokenise (and in ``reinforced`` mode, select the embedding of) one
             synthetic caption a sample; needs S >= 1.
         teachers: Teachers to output in ``reinforced`` mode; None for all of the manifest's, in its order.
+        num_syn_captions: Draw the synthetic caption from the first n of the dataset's S (its text embeddings are
+            rows 1..n); 0 for all S.
     """
 
     def __init__(
@@ -341,11 +343,16 @@ class ReplayBatch:
         mode: str = Mode.REINFORCED,
         use_syn_captions: bool = True,
         teachers: Sequence[str] | None = None,
+        num_syn_captions: int = 0,
     ) -> None:
         mode = _mode(mode)
         if use_syn_captions and manifest.num_syn_captions < 1:
             raise ValueError(
                 "use_syn_captions needs synthetic captions, but the dataset has none (num_syn_captions = 0)"
+            )
+        if not 0 <= num_syn_captions <= manifest.num_syn_captions:
+            raise ValueError(
+                f"num_syn_captions = {num_syn_captions}: the dataset has {manifest.num_syn_captions} a sample (0: all)"
             )
         names = list(manifest.teacher_names if teachers is None else teachers)
         for name in names:
@@ -356,6 +363,7 @@ class ReplayBatch:
         self.epoch = int(epoch)
         self.mode = mode
         self.use_syn_captions = bool(use_syn_captions)
+        self.num_syn_captions = num_syn_captions or manifest.num_syn_captions
         self.teachers = tuple(names) if mode.reads_embeddings else ()
         self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
         # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
@@ -372,7 +380,8 @@ class ReplayBatch:
         manifest = self.manifest
         K, S = manifest.num_augmentations, manifest.num_syn_captions
         keys = _strings(batch, records.KEY)
-        aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, S if self.use_syn_captions else 0)
+        drawn_S = self.num_syn_captions if self.use_syn_captions else 0
+        aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, drawn_S)
         views_NKL = _nested(batch, records.AUG_PARAMS, (K, manifest.aug_param_length))
         pres = [self.preprocess] + [
             StudentPreprocess(spec.image_size, spec.mean, spec.std, spec.interpolation, 1) for spec, _ in self.online

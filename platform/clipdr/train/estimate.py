@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from clipdr import records
@@ -33,6 +34,7 @@ class StudentSize:
     saved_bytes: int
 
 
+@functools.lru_cache(maxsize=16)
 def student_size(name: str, grad_checkpointing: bool) -> StudentSize:
     """Counted over the model built on the ``meta`` device (no memory, no weights) for one image and one text."""
     import torch
@@ -114,14 +116,21 @@ class TrainEstimate:
         return "\n".join(lines + [f"note          {n}" for n in self.notes])
 
 
-def estimate(cfg: Config, teachers: list[records.TeacherSpec], data_rows: int | None, data_from: str) -> TrainEstimate:
-    """The dry run's figures for ``cfg`` distilling from ``teachers`` (online_distill counts them)."""
+def estimate(
+    cfg: Config,
+    teachers: list[records.TeacherSpec],
+    data_rows: int | None,
+    data_from: str,
+    dataset_syn_captions: int | None = None,
+) -> TrainEstimate:
+    """The dry run's figures for ``cfg`` distilling from ``teachers`` (online_distill counts them); the dataset's S
+    when it was read (an embeddings-only dataset trains on real captions only)."""
     from clipdr import models
     from clipdr.accelerators import peak_flops
     from clipdr.models import flops
 
     tc = cfg.train
-    plan = make_plan(cfg, teachers)
+    plan = make_plan(cfg, teachers, dataset_syn_captions=dataset_syn_captions)
     peak = peak_flops(tc.cost.device)
     notes = []
     count = flops.clip_flops(tc.model)

@@ -115,6 +115,10 @@ def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
     )
     if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if plan.train.channels_last:
+        if device.type != "cuda":  # where NHWC pays (cuDNN); torch 2.14.1's CPU backward of MCi towers segfaults in it
+            raise ValueError("train.channels_last is a CUDA option (cuDNN's NHWC convolutions); set it false on CPU")
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights only: convolutions read NHWC
     return model.train()
 
 
@@ -164,6 +168,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def make_loss(plan: TrainPlan) -> losses.DistillationLoss:
+    """The run's loss: lambda, each teacher's a_k (the plan's, `plan.teacher_scales`) and the caption sets."""
+    with_teachers = plan.mode.distils and plan.kd_weight > 0
+    return losses.DistillationLoss(
+        plan.kd_weight if with_teachers else 0.0,
+        [s.logit_scale for s in plan.teacher_specs] if with_teachers else (),
+        use_syn_captions=plan.use_syn_captions,
+        max_logit_scale=plan.train.loss.max_logit_scale,
+        local_loss=plan.train.loss.local_loss,
+    )
+
+
 class Step:
     """The forward and loss of one micro-batch, for any mode: student features -> `DistillationLoss` (+ caption)."""
 
@@ -177,23 +193,21 @@ class Step:
         specs = list(plan.teacher_specs)
         self.teacher_names = plan.teacher_names
         with_teachers = plan.mode.distils and plan.kd_weight > 0
-        self.loss = losses.DistillationLoss(
-            plan.kd_weight if with_teachers else 0.0,
-            [s.logit_scale for s in specs] if with_teachers else (),
-            use_syn_captions=plan.use_syn_captions,
-            max_logit_scale=plan.train.loss.max_logit_scale,
-            local_loss=plan.train.loss.local_loss,
-        )
+        self.loss = make_loss(plan)
         self.online = OnlineTeachers(specs, device) if plan.mode.runs_teachers_online and with_teachers else None
         self.with_teachers = with_teachers
         # Views arrive as uint8 (`data`): normalised here, on the device, in the model's dtype.
         self.preprocess = data.student_preprocess(plan.train.model)
         self.dtype = next(model.parameters()).dtype
+        self.memory_format = torch.channels_last if plan.train.channels_last else torch.contiguous_format
+        # The compiled forward shares the model's parameters: optimiser, DDP and checkpoints see the model itself.
+        self.forward = torch.compile(model) if plan.train.compile else model
 
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         plan = self.plan
         pre = self.preprocess
-        image, text = augment.normalize(batch[data.IMAGE], pre.mean, pre.std, self.dtype), batch[data.TEXT]
+        image = augment.normalize(batch[data.IMAGE], pre.mean, pre.std, self.dtype)
+        image, text = image.contiguous(memory_format=self.memory_format), batch[data.TEXT]
         B = text.shape[0]
         # One forward over the real and synthetic captions together: DDP sees one graph per step.
         tokens = torch.cat([text, batch[data.SYN_TEXT]]) if plan.use_syn_captions else text
@@ -201,7 +215,7 @@ class Step:
             # CoCa's decoder pairs every caption with its image: both caption sets need the image.
             image = torch.cat([image, image])
         with _autocast(self.device, plan.precision):
-            out = self.model(image, tokens)
+            out = self.forward(image, tokens)
         if not isinstance(out, dict):
             out = {"image_features": out[0], "text_features": out[1], "logit_scale": out[2]}
         img_BD = _at_least_fp32(out["image_features"])[:B]

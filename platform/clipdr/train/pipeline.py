@@ -1,7 +1,7 @@
 """Ray Data wiring of the training input; every loader resource setting is applied here and only here.
 
     reinforced Parquet shards (epoch e: shard order permuted by (seed, e))
-        --read_parquet (only the columns the mode needs)--> ReplayBatch(epoch=e) (CPU tasks)
+        --read_parquet (only the columns the run uses: its teachers, its captions)--> ReplayBatch(epoch=e) (CPU tasks)
         --limit to whole global batches--> epoch e's rows
     union over epochs [start_epoch, num_epochs) --> TorchTrainer(datasets={"train": ...}) --> streaming_split
         --> each worker: iter_torch_batches(local batch)
@@ -114,6 +114,7 @@ def build_dataset(
                 "manifest": source.manifest.to_dict(),
                 "mode": str(plan.mode),
                 "use_syn_captions": plan.use_syn_captions,
+                "num_syn_captions": plan.num_syn_captions,
                 "teachers": plan.teacher_names,
             },
         )
@@ -124,7 +125,7 @@ def build_dataset(
             ds = _source_samples(files, runtime_env)
         else:
             paths = [storage.resolve(f)[1] for f in files]
-            ds = _read_parquet(paths, fs, runtime_env).select_columns(columns)
+            ds = _read_parquet(paths, fs, runtime_env, columns)
         _set_stream_options(ds.context)
         ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
         per_epoch.append(ds.limit(rows_per_epoch))
@@ -146,14 +147,19 @@ def footer_actors(num_files: int) -> int:
     return max(1, min(MAX_FOOTER_ACTORS, math.ceil(num_files / FILES_PER_FOOTER_ACTOR)))
 
 
-def _read_parquet(paths: list[str], fs, runtime_env: dict) -> ray.data.Dataset:
-    """`ray.data.read_parquet` with a footer pool sized to the files (`footer_actors`), unless the user set
-    `FOOTER_ACTORS_ENV`. The variable is set for the call only, under a lock (the demo builds streams from threads)."""
+def _read_parquet(paths: list[str], fs, runtime_env: dict, columns: list[str]) -> ray.data.Dataset:
+    """`ray.data.read_parquet` of ``columns`` only, with a footer pool sized to the files (`footer_actors`), unless
+    the user set `FOOTER_ACTORS_ENV`. The variable is set for the call only, under a lock (the demo builds streams
+    from threads).
+
+    The projection goes into the read itself (Parquet fetches only those column chunks: the other teachers', the
+    synthetic captions when unused), rather than a ``select_columns`` after it, which relies on the optimiser to
+    push it down."""
     with _footer_env_lock:
         chosen = os.environ.get(FOOTER_ACTORS_ENV)
         os.environ[FOOTER_ACTORS_ENV] = chosen or str(footer_actors(len(paths)))
         try:
-            return ray.data.read_parquet(paths, filesystem=fs, runtime_env=runtime_env)
+            return ray.data.read_parquet(paths, filesystem=fs, columns=columns, runtime_env=runtime_env)
         finally:
             if chosen is None:
                 del os.environ[FOOTER_ACTORS_ENV]

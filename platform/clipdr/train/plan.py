@@ -179,6 +179,47 @@ def uses_syn_captions(cfg: TrainConfig) -> bool:
     return cfg.loss.use_syn_captions and Mode(cfg.mode).trains_syn_captions
 
 
+NO_SYN_CAPTIONS_NOTE = (
+    "the dataset has no synthetic captions (S = 0: an embeddings-only pass): training on real captions only, "
+    "without the synthetic-caption loss parts"
+)
+
+
+def syn_captions_used(cfg: TrainConfig, dataset_syn_captions: int) -> tuple[int, str]:
+    """``(n, note)``: how many of a dataset's S synthetic captions a sample the run draws from (0: it trains on none),
+    and, when the dataset rather than the config turned them off, why (for the run's log).
+
+    ``train.num_syn_captions`` n > 0 takes the first n of S (a `TrainError` when S < n); 0 takes all S. A dataset
+    without synthetic captions (S = 0) trains on real captions only whatever ``train.loss.use_syn_captions`` says.
+    """
+    n = cfg.num_syn_captions
+    require(n >= 0, f"train.num_syn_captions must be >= 0 (0: all the dataset has), got {n}")
+    if not uses_syn_captions(cfg):
+        return 0, ""
+    if dataset_syn_captions == 0:
+        return 0, NO_SYN_CAPTIONS_NOTE
+    require(
+        n <= dataset_syn_captions,
+        f"train.num_syn_captions = {n}, but the dataset has {dataset_syn_captions} synthetic captions a sample",
+    )
+    return n or dataset_syn_captions, ""
+
+
+def teacher_scales(cfg: TrainConfig, teachers: list[records.TeacherSpec]) -> tuple[float, ...]:
+    """Each teacher's a_k this run distils with: ``train.teacher_scales`` when set (one per teacher, in loss order),
+    else the ``logit_scale`` the manifest records. a_k is a training choice: stored data does not depend on it."""
+    if not cfg.teacher_scales:
+        return tuple(t.logit_scale for t in teachers)
+    names = [t.name for t in teachers]
+    require(
+        len(cfg.teacher_scales) == len(teachers),
+        f"train.teacher_scales has {len(cfg.teacher_scales)} values for {len(teachers)} teachers {names}: give one "
+        "a_k per teacher, in train.teachers order (the manifest's when train.teachers is empty)",
+    )
+    require(all(a > 0 for a in cfg.teacher_scales), f"train.teacher_scales must be > 0, got {cfg.teacher_scales}")
+    return tuple(float(a) for a in cfg.teacher_scales)
+
+
 def default_run_name(cfg: TrainConfig) -> str:
     data_name = storage.basename(cfg.data.rstrip("/")) or "data"
     return re.sub(r"[^\w.-]+", "-", f"{cfg.model}-{cfg.mode}-{data_name}-{cfg.schedule.samples}")
@@ -200,10 +241,13 @@ class TrainPlan:
             ``resources``), paths absolute.
         evaluate: The ``[evaluate]`` section (datasets evaluated on when ``train.evaluate``).
         mode: ``train.mode``.
-        teacher_specs: The teachers distilled from, in loss order (from the dataset's manifest); empty unless the
-            mode distils.
+        teacher_specs: The teachers distilled from, in loss order (from the dataset's manifest), each with the a_k
+            this run uses as its ``logit_scale`` (`teacher_scales`); empty unless the mode distils.
         kd_weight: lambda of the loss.
-        use_syn_captions: Whether one synthetic caption a sample is trained on (`uses_syn_captions`).
+        use_syn_captions: Whether one synthetic caption a sample is trained on (`uses_syn_captions`, and the
+            dataset has some: `syn_captions_used`).
+        num_syn_captions: The synthetic captions a sample the draws choose from (the first n of the dataset's S);
+            0 when none are used, or when the dataset was not read (the replay then takes all S).
         precision: ``fp32`` or ``bf16`` (``auto`` resolved).
         local_batch: Samples per micro-batch per worker.
         total_steps: Optimiser steps of the whole run.
@@ -232,6 +276,7 @@ class TrainPlan:
     mlflow_run_id: str = ""
     tracking_uri: str = ""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    num_syn_captions: int = 0
 
     @property
     def teacher_names(self) -> list[str]:
@@ -290,20 +335,31 @@ def make_plan(
     start_batches: int = 0,
     mlflow_run_id: str = "",
     tracking_uri: str = "",
+    dataset_syn_captions: int | None = None,
 ) -> TrainPlan:
-    """The workers' `TrainPlan` for ``cfg``, distilling from ``teachers`` (in loss order; ignored in clip)."""
+    """The workers' `TrainPlan` for ``cfg``, distilling from ``teachers`` (in loss order; ignored in clip) with the
+    a_k of `teacher_scales`; ``dataset_syn_captions`` is the data's S (None: not read, the config decides)."""
     tc = cfg.train
     sched = tc.schedule
     mode = Mode(tc.mode)
     samples_per_step = sched.batch_size * sched.accum_steps
     total_steps = math.ceil(sched.samples / samples_per_step)
+    if mode.distils:
+        scales = teacher_scales(tc, list(teachers))
+        teachers = [dataclasses.replace(t, logit_scale=a) for t, a in zip(teachers, scales, strict=True)]
+    if dataset_syn_captions is None:
+        use_syn, num_syn = uses_syn_captions(tc), tc.num_syn_captions if uses_syn_captions(tc) else 0
+    else:
+        num_syn, _ = syn_captions_used(tc, dataset_syn_captions)
+        use_syn = num_syn > 0
     return TrainPlan(
         train=tc,
         evaluate=cfg.evaluate,
         mode=mode,
         teacher_specs=tuple(teachers) if mode.distils else (),
         kd_weight=tc.loss.kd_weight if mode.distils else 0.0,
-        use_syn_captions=uses_syn_captions(tc),
+        use_syn_captions=use_syn,
+        num_syn_captions=num_syn,
         precision=_precision(tc),
         local_batch=sched.batch_size // tc.resources.workers,
         total_steps=total_steps,

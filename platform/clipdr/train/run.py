@@ -39,16 +39,30 @@ from clipdr.train.plan import (
     default_run_name,
     make_plan,
     require,
+    syn_captions_used,
+    teacher_scales,
     uses_syn_captions,
 )
 
 # Keys (sections included) of [train] a resubmission may change without breaking the run: scaling and bookkeeping,
 # not the recipe.
-_RESUMABLE_CHANGES = ("resources", "checkpoint", "log_every", "register", "eval_every", "dry_run", "cost")
+_RESUMABLE_CHANGES = (
+    "resources",
+    "checkpoint",
+    "log_every",
+    "register",
+    "eval_every",
+    "dry_run",
+    "cost",
+    "channels_last",
+    "compile",
+)  # scaling, bookkeeping and speed knobs (memory layout, compilation)
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
 _LATER_SETTINGS = {
     "loss.local_loss": False,
+    "teacher_scales": [],
+    "num_syn_captions": 0,
     "schedule.kind": "cosine",
     "schedule.cooldown_samples": 0,
     "finetune": to_dict(TrainFinetune()),
@@ -93,7 +107,11 @@ def open_data(cfg: TrainConfig) -> tuple[str, records.ReinforcedDataset | None, 
     if storage.exists(records.manifest_uri(uri)):
         try:
             dataset = data.check_dataset(
-                uri, cfg.mode, cfg.teachers or _all_teachers(uri), min_syn_captions=1 if uses_syn_captions(cfg) else 0
+                uri,
+                cfg.mode,
+                cfg.teachers or _all_teachers(uri),
+                # A dataset without synthetic captions trains on real ones only (`plan.syn_captions_used`).
+                min_syn_captions=cfg.num_syn_captions if uses_syn_captions(cfg) else 0,
             )
         except records.RecordsError as e:
             raise TrainError(f"train.data {uri}: {e}") from None
@@ -186,6 +204,7 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
     tc = cfg.train
     _student_preprocess(tc)
     teachers: list[records.TeacherSpec] = []
+    syn_captions = None
     rows, source = None, f"{tc.data}: not read (object storage; the dry run reads no bucket)"
     if not storage.is_s3(tc.data):
         _, dataset, files = open_data(tc)
@@ -195,7 +214,11 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
             rows, source = dataset.manifest.num_rows, f"the manifest of {tc.data}"
             names = tc.teachers or dataset.manifest.teacher_names
             teachers = [dataset.manifest.teacher(n) for n in names] if Mode(tc.mode).distils else []
-    log(estimate.estimate(cfg, teachers, rows, source).describe())
+            syn_captions = dataset.manifest.num_syn_captions
+            _, why = syn_captions_used(tc, syn_captions)
+            if why:
+                log(f"note          {why}")
+    log(estimate.estimate(cfg, teachers, rows, source, syn_captions).describe())
     log("dry run: the configuration is valid; no model was loaded and nothing was trained")
 
 
@@ -220,6 +243,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     manifest = dataset.manifest if dataset else None
     teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ())) if Mode(tc.mode).distils else []
     preprocess = _student_preprocess(tc)
+    num_syn, why = syn_captions_used(tc, manifest.num_syn_captions) if manifest else (0, "")
+    if manifest is not None and teacher_names:
+        teacher_scales(tc, [manifest.teacher(n) for n in teacher_names])  # refused now, not after the run started
+    if why:
+        log(f"train: {why}")
 
     run_name = tc.run_name or default_run_name(tc)
     run_dir = _run_dir(tc, run_name)
@@ -285,7 +313,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         start_batches=start_epoch * batches_per_epoch,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.client.tracking_uri,
+        dataset_syn_captions=manifest.num_syn_captions if manifest else None,
     )
+    if previous is None:  # what the run distils with, defaults from the manifest resolved (`plan.teacher_scales`)
+        chosen = {f"distill.a_k.{t.name}": t.logit_scale for t in plan.teacher_specs}
+        tracker.log_params({**chosen, "distill.syn_captions_used": num_syn})
     source = pipeline.DataSource(uri, tuple(files), rows_per_epoch, manifest)
     dataset_stream = pipeline.build_dataset(
         source, plan, cfg.augment, preprocess, rows_per_epoch, range(start_epoch, max(num_epochs, 1))
@@ -342,12 +374,9 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
         weights = finetune.wise_ft(start.state_dict(), weights, alpha)
     clip.load_state_dict(weights)
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
-    example_in, example_out = embedder.example(batch_size=2)
     logged = tracking.log_model(
         tracker,
         embedder,
-        input_example=example_in.numpy(),
-        output_example=example_out.numpy(),
         metadata={
             "clipdr_model": meta.model,
             "mode": meta.mode,
