@@ -285,6 +285,13 @@ _TOY_TRAIN_BENCH = (
     *("--io-views", "2", "--io-dim", "8", "--io-captions", "1"),
 )
 
+# The forgetting guard's smallest run: every recipe and the table, on the tiny ViT (not the numbers).
+_TOY_FINETUNE = (
+    *("--model", "clipdr-tiny-vit", "--pretrain-samples", "16", "--pretrain-steps", "2", "--finetune-samples", "8"),
+    *("--finetune-steps", "2", "--batch-size", "8", "--eval-per-class", "1", "--templates", "1", "--alphas", "0.5"),
+    *("--output", "{tmp}/finetune.md"),
+)
+
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
@@ -357,6 +364,7 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py latency --quick": Run(_TOY_LATENCY),
     "python jobs/benchmark.py latency --batch-sizes --warmup --iters --output": Run(_TOY_LATENCY),
     "python jobs/benchmark.py train --output": Run(_TOY_TRAIN_BENCH),
+    "python jobs/benchmark.py finetune --output": Run(_TOY_FINETUNE),
     "python jobs/benchmark.py train --io-only --output": Run(_TOY_TRAIN_BENCH),
     "clipdr inspect data/demo/reinforced --samples --sheet": CoveredBy(
         ("tests/unit/test_inspection.py::test_inspect_prints_the_manifest_and_captions_and_writes_the_views",)

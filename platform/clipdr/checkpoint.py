@@ -4,6 +4,8 @@ A checkpoint is a folder (local or ``s3://``) written by rank 0 and uploaded by 
 
 - ``model.pt``: the student's plain open_clip state dict (``open_clip.create_model(name, pretrained=path)`` loads it);
 - ``train_state.pt``: the optimiser state and the RNG states of torch, numpy and Python, as tensors and numbers;
+- ``ema.pt`` (only with weight EMA, ``train.finetune.ema_decay``): the moving average of the model's state dict, what
+  is evaluated and published, kept so that a resumed run continues the same average;
 - ``meta.json`` (`CheckpointMeta`): what the checkpoint holds, where in the run it was taken, and the size of every
   other file.
 
@@ -39,6 +41,7 @@ from clipdr import storage
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
+EMA_FILE = "ema.pt"
 META_FILE = "meta.json"
 # What a run's model is published as (MLflow artifacts, export): the weights and what they are.
 PUBLISHED_FILES = (MODEL_FILE, META_FILE)
@@ -134,11 +137,16 @@ def save(
     model_state: dict[str, Tensor],
     meta: CheckpointMeta,
     optimizer_state: dict[str, Any] | None = None,
+    ema_state: dict[str, Tensor] | None = None,
 ) -> None:
     """Writes a checkpoint into the local folder ``directory``: the weights, the training state (with the RNG
-    states of this process) when ``optimizer_state`` is given, then ``meta.json`` listing them (the commit)."""
+    states of this process) when ``optimizer_state`` is given, the weights' EMA when ``ema_state`` is given, then
+    ``meta.json`` listing them (the commit)."""
     torch.save({k: v.detach().cpu() for k, v in model_state.items()}, directory / MODEL_FILE)
     names = [MODEL_FILE]
+    if ema_state is not None:
+        torch.save({k: v.detach().cpu() for k, v in ema_state.items()}, directory / EMA_FILE)
+        names.append(EMA_FILE)
     if optimizer_state is not None:
         torch.save({"optimizer": optimizer_state, "rng": rng_state()}, directory / STATE_FILE)
         names.append(STATE_FILE)
@@ -201,6 +209,19 @@ def _load(uri: str) -> Any:
 def load_weights(uri: str | Path) -> dict[str, Tensor]:
     """The model state dict of the checkpoint folder ``uri``."""
     return _load(model_file(str(uri)))
+
+
+def load_ema(uri: str | Path) -> dict[str, Tensor] | None:
+    """The weights' EMA of the checkpoint folder ``uri``; None when the run kept none."""
+    ema_uri = storage.join(str(uri), EMA_FILE)
+    return _load(ema_uri) if storage.exists(ema_uri) else None
+
+
+def published_weights(uri: str | Path) -> dict[str, Tensor]:
+    """The weights a checkpoint publishes (evaluation, export, the logged model): its EMA when it has one, else
+    its model."""
+    ema = load_ema(uri)
+    return ema if ema is not None else load_weights(uri)
 
 
 def _legacy_numpy_globals() -> list[Any]:

@@ -25,6 +25,7 @@ TrainMode = Literal["reinforced", "clip", "online_distill"]  # `clipdr.train.pla
 Precision = Literal["auto", "fp32", "bf16"]
 Device = Literal["auto", "cuda", "cpu"]
 OnnxExporter = Literal["dynamo", "torchscript"]
+LrSchedule = Literal["cosine", "const", "const-cooldown"]
 
 
 class ConfigError(ValueError):
@@ -198,13 +199,19 @@ class TrainResources:
 
 @dataclass(frozen=True)
 class TrainSchedule:
-    """How long a run is, in what batches, and the learning-rate curve (linear warmup, then cosine to min_lr)."""
+    """How long a run is, in what batches, and the learning-rate curve (linear warmup, then `kind`)."""
 
     samples: int = _f(100_000, "training length in samples seen")
     batch_size: int = _f(256, "global batch size (over all workers, before accumulation)")
     accum_steps: int = _f(1, "gradient accumulation: optimizer steps every accum_steps batches")
     warmup_samples: int = _f(10_000, "samples of linear learning-rate warmup")
-    min_lr: float = _f(0.0, "learning rate at the end of the cosine")
+    min_lr: float = _f(0.0, "learning rate at the end of the cosine or of the cooldown")
+    kind: LrSchedule = _f(
+        "cosine",
+        "the curve after warmup: cosine (down to min_lr), const (the peak lr to the end), const-cooldown (the peak, "
+        "then linearly down to min_lr over the last cooldown_samples)",
+    )
+    cooldown_samples: int = _f(0, "const-cooldown: samples of the final linear decay to min_lr")
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,30 @@ class TrainLoss:
         "global batches); the logged loss is then rank 0's share, the other parts stay global",
     )
     max_logit_scale: float = _f(100.0, "clamp of the student's logit scale in the loss and after every step")
+
+
+@dataclass(frozen=True)
+class TrainFinetune:
+    """Fine-tuning without forgetting (`clipdr.train.finetune`; docs/finetune.md). The start is ``train.pretrained``."""
+
+    lock_image: bool = _f(False, "LiT: freeze the image tower (open_clip's lock_image_tower)")
+    image_unlocked_groups: int = _f(0, "with lock_image: leave the tower's last N layer groups trainable")
+    lock_text: bool = _f(False, "freeze the text tower (open_clip's lock_text_tower)")
+    text_unlocked_groups: int = _f(0, "with lock_text: leave the tower's last N layers trainable")
+    layer_decay: float = _f(
+        1.0, "layer-wise lr decay: lr x layer_decay ** (top depth - depth) per tower (docs/finetune.md); 1: off"
+    )
+    ema_decay: float = _f(
+        0.0, "weight EMA decay (e.g. 0.999): the average is what is evaluated and logged, and is checkpointed; 0: off"
+    )
+    wise_alpha: float = _f(
+        1.0,
+        "WiSE-FT: evaluate and log start + alpha x (fine-tuned - start) (train.pretrained is the start); 1: the "
+        "fine-tuned (or EMA) weights, 0: the start",
+    )
+    eval_alphas: tuple[float, ...] = _f(
+        (), "also evaluate at these WiSE-FT alphas, logged as wise_ft/alpha_<a>/<metric> (e.g. [0.25, 0.5, 0.75])"
+    )
 
 
 @dataclass(frozen=True)
@@ -267,7 +298,11 @@ class TrainConfig:
     experiment: str = _f("clipdr-train", "MLflow experiment")
     mode: TrainMode = _f("reinforced", "reinforced (stored teacher targets), clip (plain baseline) or online_distill")
     model: str = _f("", "student: an open_clip model name (MobileCLIP2-S0, ...) or a clipdr config; required")
-    pretrained: str = _f("", "initialise the student from an open_clip tag, hf-hub id or local file; empty: random")
+    pretrained: str = _f(
+        "",
+        "start from: an open_clip tag, hf-hub id or weights file, a clipdr checkpoint or run folder, or an MLflow "
+        "model (runs:/<id>/model, models:/<name>/<version>); empty: random init (docs/finetune.md)",
+    )
     teachers: tuple[str, ...] = _f((), "teachers of the dataset to distil from; empty: all the manifest lists")
     teacher_scales: tuple[float, ...] = _f(
         (),
@@ -294,6 +329,7 @@ class TrainConfig:
     schedule: TrainSchedule = _f(TrainSchedule(), "length, batches and the learning-rate curve")
     optimizer: TrainOptimizer = _f(TrainOptimizer(), "AdamW")
     loss: TrainLoss = _f(TrainLoss(), "the distillation loss")
+    finetune: TrainFinetune = _f(TrainFinetune(), "fine-tuning: tower locks, layer-wise lr decay, EMA, WiSE-FT")
     checkpoint: TrainCheckpoint = _f(TrainCheckpoint(), "checkpoint cadence")
     resources: TrainResources = _f(TrainResources(), "workers, devices and the replay loader")
     cost: TrainCost = _f(TrainCost(), "what the dry run's accelerator-hours assume")

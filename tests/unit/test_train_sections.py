@@ -23,6 +23,7 @@ from clipdr.config import (
     TrainCheckpoint,
     TrainConfig,
     TrainCost,
+    TrainFinetune,
     TrainLoss,
     TrainOptimizer,
     TrainResources,
@@ -66,10 +67,28 @@ EVERY_FIELD = TrainConfig(
     register="reg",
     dry_run=True,
     cost=TrainCost(device="a100", mfu=0.3),
-    schedule=TrainSchedule(samples=12345, batch_size=96, accum_steps=3, warmup_samples=999, min_lr=1e-5),
+    schedule=TrainSchedule(
+        samples=12345,
+        batch_size=96,
+        accum_steps=3,
+        warmup_samples=999,
+        min_lr=1e-5,
+        kind="const-cooldown",
+        cooldown_samples=2880,
+    ),
     optimizer=TrainOptimizer(lr=3e-4, beta1=0.8, beta2=0.98, eps=1e-8, weight_decay=0.05, grad_clip=0.25),
     loss=TrainLoss(
         kd_weight=0.75, use_syn_captions=False, caption_loss_weight=1.5, local_loss=True, max_logit_scale=50.0
+    ),
+    finetune=TrainFinetune(
+        lock_image=True,
+        image_unlocked_groups=2,
+        lock_text=True,
+        text_unlocked_groups=1,
+        layer_decay=0.75,
+        ema_decay=0.999,
+        wise_alpha=0.5,
+        eval_alphas=(0.25, 0.75),
     ),
     checkpoint=TrainCheckpoint(every=13, keep=4),
     resources=TrainResources(
@@ -85,24 +104,47 @@ EVERY_FIELD = TrainConfig(
 )
 
 
-# Plan sections, and keys of sections, added after the pinned files were made; each is compared on its own in its
-# feature's tests.
+# Plan sections, and keys of sections (dotted below the section), added after the pinned files were made; each is
+# compared on its own in its feature's tests.
 ADDED_SINCE = ("tracking", "num_syn_captions")
 ADDED_KEYS = {
-    "train": ("dry_run", "cost", "teacher_scales", "num_syn_captions", "channels_last", "compile"),
+    "train": (
+        *("dry_run", "cost", "teacher_scales", "num_syn_captions", "channels_last", "compile"),
+        *("finetune", "schedule.kind", "schedule.cooldown_samples"),
+    ),
     "evaluate": ("suite", "seed", "allow_pickle"),
 }
-# Keys of ADDED_KEYS that change the plan or the recipe when set (a_k, the synthetic captions drawn from): the pinned
-# jobs are rebuilt with them at their defaults (tests/unit/test_train_choices.py tests them).
-LATER_CHOICES = {"teacher_scales": (), "num_syn_captions": 0}
+# Keys of ADDED_KEYS that change the plan or the recipe when set (a_k, the synthetic captions drawn from, the schedule's
+# curve, fine-tuning): the pinned jobs are rebuilt with them at their defaults (tests/unit/test_train_choices.py and
+# tests/unit/test_finetune.py test them).
+LATER_CHOICES = {
+    "teacher_scales": (),
+    "num_syn_captions": 0,
+    "finetune": TrainFinetune(),
+    "schedule.kind": "cosine",
+    "schedule.cooldown_samples": 0,
+}
+
+
+def _without(table: dict, dotted: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        table = table[part]
+    table.pop(leaf)
 
 
 def plan_dict(plan) -> dict:
     """``plan.to_dict()`` without the sections of ``ADDED_SINCE`` and the keys of ``ADDED_KEYS``."""
     plan = {k: v for k, v in plan.to_dict().items() if k not in ADDED_SINCE}
     for section, keys in ADDED_KEYS.items():
-        plan[section] = {k: v for k, v in plan[section].items() if k not in keys}
+        for key in keys:
+            _without(plan[section], key)
     return plan
+
+
+def _is_added(key: str) -> bool:
+    """Whether the dotted ``train.`` key is one of ``ADDED_KEYS["train"]`` or below one."""
+    return any(key == f"train.{a}" or key.startswith(f"train.{a}.") for a in ADDED_KEYS["train"])
 
 
 def pinned(name: str) -> bytes:
@@ -114,7 +156,7 @@ def pinned(name: str) -> bytes:
 def jobs() -> dict[str, Config]:
     """The jobs of ``plans.json``, built from today's config."""
     cfg = load_config(REPO / "jobs" / "configs" / "demo.toml")
-    every_field = dataclasses.replace(EVERY_FIELD, **LATER_CHOICES)
+    every_field = replace(EVERY_FIELD, LATER_CHOICES)
     return {**demo.pretraining_jobs(cfg), **demo.student_jobs(cfg), "every-field": Config(train=every_field)}
 
 
@@ -122,7 +164,7 @@ def test_every_key_of_the_pinned_config_differs_from_its_default():
     """So that a key moved to the wrong place, or read from the wrong one, cannot pass unnoticed."""
     defaults = flatten(TrainConfig())
     assert all(value != defaults[key] for key, value in flatten(EVERY_FIELD).items())
-    added = {f"train.{key}" for key in defaults if key.split(".")[0] in ADDED_KEYS["train"]}
+    added = {f"train.{key}" for key in defaults if _is_added(f"train.{key}")}
     assert (
         set(flatten(upgrade({"train": json.loads(pinned("plans.json"))["every-field"]["train"]})))
         == {f"train.{key}" for key in defaults} - added

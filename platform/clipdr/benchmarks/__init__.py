@@ -21,6 +21,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "clipdr.benchmarks.gpu_check",
         "the reinforcement job at real sizes on a CUDA device (jobs/gpu_check.sh)",
     ),
+    "finetune": (
+        "clipdr.benchmarks.finetune",
+        "forgetting guard: fine-tune on a held-out shape; full, LiT, EMA, layer decay, WiSE-FT zero-shot",
+    ),
     "quantized": (
         "clipdr.benchmarks.quantized",
         "ONNX encoders fp32 vs fp16 vs int8: accuracy delta on evaluation sets, file size, CPU latency",

@@ -60,7 +60,7 @@ def load_checkpoint(uri: str, device: str | torch.device = "cpu") -> LoadedModel
         raise ValueError(f"checkpoint {uri}: unreadable {checkpoint.META_FILE} ({e})") from None
     model = models.create_model(meta.model)
     try:
-        model.load_state_dict(checkpoint.load_weights(uri))
+        model.load_state_dict(checkpoint.published_weights(uri))
     except RuntimeError as e:
         raise ValueError(f"checkpoint {uri}: {checkpoint.MODEL_FILE} does not fit model {meta.model!r}: {e}") from None
     return LoadedModel(

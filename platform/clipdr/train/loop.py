@@ -3,8 +3,10 @@
 Everything a worker needs arrives in a `plan.TrainPlan` (built once by the driver, `clipdr.train.run`), so every rank
 and every restart sees the same decisions. The loop:
 
-1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway), AdamW with decay only on
-   weight matrices, warmup + cosine on the optimizer step, and the loss (`losses.DistillationLoss`, plus the
+1. builds the student (same seed on every rank; DDP broadcasts rank 0's weights anyway) from its start
+   (``train.pretrained``) with the towers ``[train.finetune]`` locks frozen (`clipdr.train.finetune`), AdamW with
+   decay only on weight matrices (and layer-wise lr multipliers), warmup then ``train.schedule.kind`` on the optimizer
+   step, and the loss (`losses.DistillationLoss`, plus the
    captioning loss when the student is a CoCa);
 2. restores the latest checkpoint Ray Train hands it (``ray.train.get_checkpoint()``): weights, optimiser,
    scheduler, step, samples seen, micro-batches consumed, RNG state; then skips the micro-batches its dataset
@@ -13,7 +15,8 @@ and every restart sees the same decisions. The loop:
    bf16 autocast on GPU, and the logit-scale clamp after every optimiser step;
 4. every ``log_every`` steps rank 0 logs the loss parts, learning rate, logit scale and throughput to the run's
    MLflow run (reopened by id, so restarts continue it); every ``checkpoint.every`` steps and at the end every
-   rank calls ``ray.train.report`` and rank 0 attaches the checkpoint.
+   rank calls ``ray.train.report`` and rank 0 attaches the checkpoint (with the weights' EMA when one is kept);
+5. evaluates what `Published` says the run publishes: the EMA when on, WiSE-FT interpolated with the start.
 
 MLflow steps are samples seen, the unit of training length, so runs of different batch sizes line up.
 
@@ -36,54 +39,81 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipdr import augment, checkpoint, losses, models, records
+from clipdr import augment, checkpoint, losses, records
 from clipdr import progress as progress_lines
 from clipdr.config import TeacherConfig
-from clipdr.train import data
+from clipdr.train import data, finetune
 from clipdr.train.plan import TrainPlan
 
 # --------------------------------------------------------------------------- building blocks
 
 
+def cooldown_steps(plan: TrainPlan) -> int:
+    """Optimiser steps of the final linear decay of the ``const-cooldown`` schedule (0 for the other kinds)."""
+    sched = plan.train.schedule
+    if sched.kind != "const-cooldown":
+        return 0
+    return max(1, min(plan.total_steps - plan.warmup_steps, sched.cooldown_samples // plan.samples_per_step))
+
+
 def lr_at(step: int, plan: TrainPlan) -> float:
-    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine down to ``min_lr``."""
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then ``train.schedule.kind``: a cosine
+    down to ``min_lr``, the peak (``const``), or the peak then a linear decay to ``min_lr`` over the last
+    `cooldown_steps` (``const-cooldown``, open_clip's ``const_lr_cooldown`` with power 1)."""
+    lr, min_lr = plan.train.optimizer.lr, plan.train.schedule.min_lr
     if plan.warmup_steps and step < plan.warmup_steps:
-        return plan.train.optimizer.lr * (step + 1) / plan.warmup_steps
+        return lr * (step + 1) / plan.warmup_steps
+    kind = plan.train.schedule.kind
+    if kind == "const":
+        return lr
+    if kind == "const-cooldown":
+        cooldown = cooldown_steps(plan)
+        start = plan.total_steps - cooldown
+        if step < start:
+            return lr
+        return min_lr + (lr - min_lr) * (1 - min(1.0, (step - start) / cooldown))
     span = max(1, plan.total_steps - plan.warmup_steps)
     progress = min(1.0, (step - plan.warmup_steps) / span)
-    lr, min_lr = plan.train.optimizer.lr, plan.train.schedule.min_lr
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
 _NO_DECAY_NAMES = ("bias", "logit_scale", "logit_bias", "embedding", "pos_embed", "cls_token", "norm", "ln_", "bn")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices and kernels only, not on norms, biases, embeddings or the
-    logit scale (open_clip's rule, with embeddings and position/class tokens added)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        leaf = name.lower()
-        if param.ndim < 2 or any(part in leaf for part in _NO_DECAY_NAMES):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    logit scale (open_clip's rule, with embeddings and position/class tokens added); frozen parameters left out.
+    With ``layer_decay`` < 1 the groups are split further by lr multiplier (``lr_scale``,
+    `clipdr.train.finetune.lr_scales`)."""
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    decays = {name: not (p.ndim < 2 or any(part in name.lower() for part in _NO_DECAY_NAMES)) for name, p in named}
+    if layer_decay != 1.0:
+        return finetune.param_groups(named, weight_decay, decays, finetune.lr_scales(model, layer_decay))
+    # Always these two groups, in this order: the optimiser state of checkpoints written before layer decay loads.
+    decay = [p for name, p in named if decays[name]]
+    no_decay = [p for name, p in named if not decays[name]]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+    ]
 
 
 def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
-    """The student, initialised from ``plan.train.seed`` (or ``plan.train.pretrained``), in train mode on ``device``."""
+    """The student in train mode on ``device``: initialised from ``plan.train.seed``, or from ``train.pretrained``
+    (`clipdr.train.finetune.load_start`), with the towers ``[train.finetune]`` locks frozen."""
     from open_clip import CoCa
 
-    torch.manual_seed(plan.train.seed)
-    model = models.create_model(plan.train.model, pretrained=plan.train.pretrained or None, device=device)
-    if isinstance(model, CoCa) and not plan.train.pretrained:
+    tc = plan.train
+    model = finetune.create_start(tc.model, tc.pretrained, tc.seed, device, plan.tracking_uri)
+    if isinstance(model, CoCa) and not tc.pretrained:
         from clipdr.models.captioners import init_coca_decoder
 
         init_coca_decoder(model)
-    if plan.train.grad_checkpointing:
+    ft = tc.finetune
+    finetune.lock_towers(
+        model, tc.model, ft.lock_image, ft.image_unlocked_groups, ft.lock_text, ft.text_unlocked_groups
+    )
+    if tc.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if plan.train.channels_last:
         if device.type != "cuda":  # where NHWC pays (cuDNN); torch 2.14.1's CPU backward of MCi towers segfaults in it
@@ -215,8 +245,9 @@ class Step:
 def apply_update(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan, step: int) -> Tensor:
     """The optimiser step ``step`` (0-based) on the accumulated gradients: set its learning rate, clip the global
     gradient norm, AdamW, zero the gradients, clamp the logit scale. Returns the norm before clipping."""
+    lr = lr_at(step, plan)
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, plan)
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     grad_clip = plan.train.optimizer.grad_clip
     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
     optimizer.step()
@@ -236,7 +267,9 @@ class Progress:
     batches: int = 0
 
 
-def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan) -> Progress:
+def _restore(
+    model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan, ema: finetune.WeightEma | None
+) -> Progress:
     import ray.train
 
     found = ray.train.get_checkpoint()
@@ -251,6 +284,11 @@ def _restore(model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan
             )
         _unwrap(model).load_state_dict(checkpoint.load_weights(directory))
         checkpoint.load_train_state(directory, optimizer)
+        if ema is not None:
+            saved = checkpoint.load_ema(directory)
+            if saved is None:
+                raise RuntimeError(f"checkpoint {found.path} holds no weight EMA, and this run keeps one")
+            ema.load(saved)
     return Progress(meta.step, meta.samples_seen, meta.batches)
 
 
@@ -296,7 +334,7 @@ def progress_line(progress: Progress, plan: TrainPlan, metrics: dict[str, float]
 def make_optimizer(model: nn.Module, plan: TrainPlan, device: torch.device) -> torch.optim.AdamW:
     """AdamW over `param_groups`; on CUDA its fused kernel (one launch for every parameter, the same update)."""
     opt = plan.train.optimizer
-    groups = param_groups(model, opt.weight_decay)
+    groups = param_groups(model, opt.weight_decay, plan.train.finetune.layer_decay)
     fused = {"fused": True} if device.type == "cuda" else {}
     return torch.optim.AdamW(groups, lr=opt.lr, betas=(opt.beta1, opt.beta2), eps=opt.eps, **fused)
 
@@ -314,15 +352,57 @@ def _batches(plan: TrainPlan, device: torch.device, skip: int) -> Iterator[dict[
             yield batch
 
 
-def _evaluate(model: nn.Module, plan: TrainPlan, device: torch.device) -> dict[str, float]:
-    from clipdr import evaluate
+class Published:
+    """The weights a run evaluates and logs: the model's (or their EMA's, with ``finetune.ema_decay``), WiSE-FT
+    interpolated with the start at ``finetune.wise_alpha``; evaluated also at each of ``finetune.eval_alphas``.
 
-    raw = _unwrap(model)
-    raw.eval()
-    try:
-        return evaluate.evaluate_model(raw, plan.train.model, plan.evaluate, device)
-    finally:
-        raw.train()
+    Args:
+        model: The trained model (DDP-wrapped or not), right after it was built: its state now is the start.
+        plan: The run's plan.
+    """
+
+    def __init__(self, model: nn.Module, plan: TrainPlan) -> None:
+        ft = plan.train.finetune
+        raw = _unwrap(model)
+        self.plan = plan
+        self.ema = finetune.WeightEma(raw, ft.ema_decay) if ft.ema_decay > 0 else None
+        interpolates = ft.wise_alpha != 1.0 or ft.eval_alphas
+        self.start = {k: v.detach().clone() for k, v in raw.state_dict().items()} if interpolates else None
+        self._copy: nn.Module | None = None
+
+    def finetuned(self, model: nn.Module) -> dict[str, Tensor]:
+        """The fine-tuned weights before WiSE-FT: the EMA's when on, else the model's."""
+        return self.ema.state if self.ema is not None else _unwrap(model).state_dict()
+
+    def weights(self, model: nn.Module, alpha: float) -> dict[str, Tensor]:
+        tuned = self.finetuned(model)
+        return tuned if alpha == 1.0 or self.start is None else finetune.wise_ft(self.start, tuned, alpha)
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Metrics of the published weights, then ``wise_ft/alpha_<a>/<metric>`` at every ``eval_alphas``."""
+        from clipdr import evaluate
+
+        raw = _unwrap(model)
+        ft = self.plan.train.finetune
+        results: dict[str, float] = {}
+        for alpha, prefix in ((ft.wise_alpha, ""), *((a, finetune.alpha_label(a) + "/") for a in ft.eval_alphas)):
+            if self.ema is None and alpha == 1.0:
+                target = raw  # the model itself: no copy
+            else:
+                if self._copy is None:
+                    import copy
+
+                    self._copy = copy.deepcopy(raw)
+                self._copy.load_state_dict(self.weights(model, alpha))
+                target = self._copy
+            mode = target.training
+            target.eval()
+            try:
+                metrics = evaluate.evaluate_model(target, self.plan.train.model, self.plan.evaluate, device)
+            finally:
+                target.train(mode)
+            results |= {prefix + k: v for k, v in metrics.items()}
+        return results
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -340,8 +420,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = build_student(plan, device)
+    published = Published(model, plan)
     optimizer = make_optimizer(model, plan, device)
-    progress = _restore(model, optimizer, plan)
+    progress = _restore(model, optimizer, plan, published.ema)
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": False})
 
     tracker = None
@@ -356,7 +437,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         monitor = tracker.tracker.start_system_metrics()
     failed = True
     try:
-        _train(plan, model, optimizer, progress, tracker, rank, world_size, device)
+        _train(plan, model, optimizer, progress, published, tracker, rank, world_size, device)
         failed = False
     finally:
         if tracker is not None:
@@ -371,6 +452,7 @@ def _train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     progress: Progress,
+    published: Published,
     tracker: Any,
     rank: int,
     world_size: int,
@@ -399,7 +481,8 @@ def _train(
                 batches=progress.batches,
                 total_steps=plan.total_steps,
             )
-            checkpoint.save(Path(tmp), raw.state_dict(), meta, optimizer.state_dict())
+            ema = published.ema.state if published.ema is not None else None
+            checkpoint.save(Path(tmp), raw.state_dict(), meta, optimizer.state_dict(), ema_state=ema)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     eval_every = plan.train.eval_every
@@ -434,6 +517,8 @@ def _train(
 
         micro = 0
         grad_norm = apply_update(model, optimizer, plan, progress.step)
+        if published.ema is not None:
+            published.ema.update(raw)
         progress.step += 1
         window_steps += 1
         done = progress.step >= plan.total_steps
@@ -444,7 +529,7 @@ def _train(
                 means = {name: value / window_steps for name, value in sums.read().items()}  # the one host sync
                 metrics = {f"train/{name}": value for name, value in means.items()}
                 metrics |= {
-                    "train/lr": optimizer.param_groups[0]["lr"],
+                    "train/lr": lr_at(progress.step - 1, plan),
                     "train/logit_scale": float(raw.logit_scale.detach().exp()),
                     "train/grad_norm": float(grad_norm),
                     "train/samples_per_s": window_samples / max(now - window_start, 1e-9),
@@ -461,7 +546,7 @@ def _train(
 
         evaluate_now = done or (next_eval and progress.samples_seen >= next_eval)
         if plan.train.evaluate and tracker is not None and evaluate_now and progress.samples_seen > logged_until:
-            tracker.log_metrics(_evaluate(model, plan, device), step=progress.samples_seen)
+            tracker.log_metrics(published.evaluate(model, device), step=progress.samples_seen)
             while next_eval and next_eval <= progress.samples_seen:
                 next_eval += eval_every
         if done or progress.step % plan.train.checkpoint.every == 0:

@@ -113,10 +113,54 @@ def check_config(cfg: TrainConfig) -> None:
         ("checkpoint.keep", cfg.checkpoint.keep),
     ):
         require(value >= 1, f"train.{key} must be >= 1, got {value}")
+    _check_schedule(cfg)
+    _check_finetune(cfg)
     max_scale = cfg.loss.max_logit_scale
     require(max_scale > 1, f"train.loss.max_logit_scale must be > 1, got {max_scale}")
     name_ok = not cfg.run_name or re.fullmatch(r"[\w.-]+", cfg.run_name) is not None
     require(name_ok, "train.run_name: use [A-Za-z0-9_.-]")
+
+
+def _check_schedule(cfg: TrainConfig) -> None:
+    sched = cfg.schedule
+    samples_per_step = sched.batch_size * sched.accum_steps
+    if sched.kind == "const-cooldown":
+        require(
+            sched.cooldown_samples >= samples_per_step,
+            f"train.schedule.kind const-cooldown needs train.schedule.cooldown_samples of at least one optimiser step "
+            f"({samples_per_step} samples), got {sched.cooldown_samples}",
+        )
+        require(
+            sched.warmup_samples + sched.cooldown_samples <= sched.samples,
+            f"train.schedule: warmup_samples + cooldown_samples ({sched.warmup_samples} + {sched.cooldown_samples}) "
+            f"exceed samples ({sched.samples})",
+        )
+    else:
+        require(
+            sched.cooldown_samples == 0,
+            f"train.schedule.cooldown_samples applies to kind const-cooldown only (kind is {sched.kind!r})",
+        )
+
+
+def _check_finetune(cfg: TrainConfig) -> None:
+    ft = cfg.finetune
+    require(0 < ft.layer_decay <= 1, f"train.finetune.layer_decay must be in (0, 1] (1: off), got {ft.layer_decay}")
+    require(0 <= ft.ema_decay < 1, f"train.finetune.ema_decay must be in [0, 1) (0: off), got {ft.ema_decay}")
+    for key, value in (
+        ("image_unlocked_groups", ft.image_unlocked_groups),
+        ("text_unlocked_groups", ft.text_unlocked_groups),
+    ):
+        require(value >= 0, f"train.finetune.{key} must be >= 0, got {value}")
+    for alpha in (ft.wise_alpha, *ft.eval_alphas):
+        require(0 <= alpha <= 1, f"train.finetune WiSE-FT alphas must be in [0, 1], got {alpha}")
+    require(
+        bool(cfg.pretrained) or (ft.wise_alpha == 1 and not ft.eval_alphas),
+        "train.finetune.wise_alpha / eval_alphas interpolate with the start: set train.pretrained",
+    )
+    require(
+        not ft.eval_alphas or cfg.evaluate,
+        "train.finetune.eval_alphas are evaluated with the [evaluate] datasets: set train.evaluate = true",
+    )
 
 
 def check_evaluation(cfg: Config) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdr import checkpoint, records, runstate, storage
-from clipdr.config import Config, TrainConfig, flatten, to_dict, upgrade
+from clipdr.config import Config, TrainConfig, TrainFinetune, flatten, to_dict, upgrade
 from clipdr.data import sources
 from clipdr.train import data
 from clipdr.train.plan import (
@@ -59,7 +59,14 @@ _RESUMABLE_CHANGES = (
 )  # scaling, bookkeeping and speed knobs (memory layout, compilation)
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
-_LATER_SETTINGS = {"loss.local_loss": False, "teacher_scales": [], "num_syn_captions": 0}
+_LATER_SETTINGS = {
+    "loss.local_loss": False,
+    "teacher_scales": [],
+    "num_syn_captions": 0,
+    "schedule.kind": "cosine",
+    "schedule.cooldown_samples": 0,
+    "finetune": to_dict(TrainFinetune()),
+}
 
 
 @dataclass(frozen=True)
@@ -349,6 +356,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
 def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
     """Logs the final checkpoint and model (registered if asked) to the run and closes it."""
     from clipdr import models, tracking
+    from clipdr.train import finetune
 
     tc = cfg.train
     final = result.checkpoint
@@ -359,12 +367,23 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
         for name in checkpoint.PUBLISHED_FILES:
             tracker.log_artifact(Path(directory) / name, "checkpoint")
         clip = models.create_model(meta.model)
-        clip.load_state_dict(checkpoint.load_weights(directory))
+        weights = checkpoint.published_weights(directory)  # the EMA, with train.finetune.ema_decay
+    alpha = tc.finetune.wise_alpha
+    if alpha != 1.0:  # WiSE-FT with the start (train.pretrained)
+        start = finetune.create_start(tc.model, tc.pretrained, tc.seed, tracking_uri=tracker.client.tracking_uri)
+        weights = finetune.wise_ft(start.state_dict(), weights, alpha)
+    clip.load_state_dict(weights)
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
     logged = tracking.log_model(
         tracker,
         embedder,
-        metadata={"clipdr_model": meta.model, "mode": meta.mode, "samples_seen": meta.samples_seen},
+        metadata={
+            "clipdr_model": meta.model,
+            "mode": meta.mode,
+            "samples_seen": meta.samples_seen,
+            "ema_decay": tc.finetune.ema_decay,
+            "wise_alpha": alpha,
+        },
         registered_model_name=tc.register,
         version_tags={"mode": tc.mode, "student": tc.model, "dataset": tc.data, "run_name": run_name},
     )
