@@ -42,7 +42,7 @@ def test_smoke_mode_reinforces_through_the_real_job_and_reports(tmp_path, ray_lo
     assert stages["render_cpu_s_per_sample"] > 0 and stages["render_pool_processes"] >= 1
     train = json.loads((tmp_path / "work" / gpu_direct.TRAIN).read_text())
     assert train["samples_per_s"] > 0 and train["loader_samples_per_s_per_core"] > 0
-    assert {"recipe (grad checkpointing)", "no grad checkpointing"} == set(train["variants"])  # channels_last: CUDA
+    assert list(train["variants"]) == ["recipe (grad checkpointing)"]  # smoke: the recipe's step only
     assert "## Reinforcement stages on the device" in report and "## Training step" in report
 
 

@@ -380,7 +380,7 @@ def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
     from clipdr.benchmarks.train import _Trainer
 
     manifest, batches, loader_cpu_s = _train_inputs(world, smoke)
-    variants = {k: v for k, v in TRAIN_VARIANTS.items() if not (smoke and "train.channels_last=true" in v)}
+    variants = dict(list(TRAIN_VARIANTS.items())[:1]) if smoke else TRAIN_VARIANTS  # smoke: the path, once
     configs = {name: train_config(smoke, changes) for name, changes in variants.items()}
     trainers = {name: _Trainer(config, manifest, batches, torch.device(device)) for name, config in configs.items()}
     steps, warmup, rounds = (1, 1, 1) if smoke else (TRAIN_STEPS // TRAIN_ROUNDS, TRAIN_WARMUP, TRAIN_ROUNDS)
