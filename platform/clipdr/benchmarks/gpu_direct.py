@@ -291,8 +291,7 @@ def _train_inputs(world: str, smoke: bool):
 
     import torch
 
-    from clipdr import records
-    from clipdr.benchmarks.train import _Loader, _table
+    from clipdr.benchmarks.train import _Loader, _table, bench_manifest
     from clipdr.config import load_config
     from clipdr.data import sources
     from clipdr.models.teachers import teacher_spec
@@ -301,15 +300,9 @@ def _train_inputs(world: str, smoke: bool):
     tc = train_config(smoke).train
     teachers = stages_config(world, "", smoke).reinforce.teachers  # the recipe's data: DataCompDR's teachers
     recipe = load_config(DATACOMPDR12M)
-    manifest = records.Manifest(
-        teachers=tuple(teacher_spec(t, offline=True) for t in teachers),
-        augment=records.AugmentSpec.from_config(recipe.augment),
-        num_augmentations=2,  # the step reads one drawn view's embeddings: K does not change its cost
-        num_syn_captions=recipe.reinforce.num_syn_captions,
-        source_uri="synthetic://gpu-check",
-        source_fingerprint="sha256:0",
-        captioner=records.CaptionerSpec(name="gpu-check", kind="synthetic", model="none", pretrained=""),
-    )
+    # The recipe's S; K = 2, as the step reads one drawn view's embeddings (K does not change its cost).
+    specs = tuple(teacher_spec(t, offline=True) for t in teachers)
+    manifest = bench_manifest(specs, 2, recipe.reinforce.num_syn_captions)
     batch = tc.schedule.batch_size
     samples = list(sources.iter_source(world, collections.Counter()))
     repeats = -(-2 * batch // len(samples))  # two batches, repeating a small world under new keys

@@ -84,6 +84,19 @@ def _table(samples: list[sources.SourceSample], manifest: records.Manifest, rng:
     return records.build_table(columns, manifest)
 
 
+def bench_manifest(teachers: tuple[records.TeacherSpec, ...], num_views: int, num_captions: int) -> records.Manifest:
+    """The manifest of a benchmark's synthetic rows (no source, no captioner ran): ``teachers``, K and S."""
+    return records.Manifest(
+        teachers=teachers,
+        augment=records.AugmentSpec.from_config(Config().augment),
+        num_augmentations=num_views,
+        num_syn_captions=num_captions,
+        source_uri="synthetic://bench",
+        source_fingerprint="sha256:0",
+        captioner=records.CaptionerSpec(name="bench", kind="synthetic", model="none", pretrained=""),
+    )
+
+
 class _Loader:
     """One mode's replay stage (`data.ReplayBatch`) over the benchmark's rows, in this process."""
 
@@ -129,15 +142,7 @@ def main(args: argparse.Namespace) -> int:
         TeacherConfig(name=f"t{i}", model=name.strip(), logit_scale=100.0)
         for i, name in enumerate(args.teachers.split(","))
     )
-    manifest = records.Manifest(
-        teachers=tuple(teacher_spec(t, offline=True) for t in teacher_cfgs),
-        augment=records.AugmentSpec.from_config(Config().augment),
-        num_augmentations=args.views,
-        num_syn_captions=args.captions,
-        source_uri="synthetic://bench",
-        source_fingerprint="sha256:0",
-        captioner=records.CaptionerSpec(name="bench", kind="synthetic", model="none", pretrained=""),
-    )
+    manifest = bench_manifest(tuple(teacher_spec(t, offline=True) for t in teacher_cfgs), args.views, args.captions)
     rows = args.batch_size * 4
     with tempfile.TemporaryDirectory() as tmp:
         synthetic.generate(
@@ -228,15 +233,7 @@ def _io_lines(args: argparse.Namespace, samples: list[sources.SourceSample]) -> 
         )
         for name in ("first", "second")
     )
-    manifest = records.Manifest(
-        teachers=teachers,
-        augment=records.AugmentSpec.from_config(Config().augment),
-        num_augmentations=args.io_views,
-        num_syn_captions=args.io_captions,
-        source_uri="synthetic://bench",
-        source_fingerprint="sha256:0",
-        captioner=records.CaptionerSpec(name="bench", kind="synthetic", model="none", pretrained=""),
-    )
+    manifest = bench_manifest(teachers, args.io_views, args.io_captions)
     lines = train_io.measure(_table(samples, manifest, np.random.default_rng(0)), manifest)
     return [f"{args.image_size} px sources (encoded as the synthetic world writes them); " + lines[0], *lines[1:]]
 
