@@ -188,3 +188,18 @@ def test_model_pools_are_fixed_or_elastic_between_least_and_most():
     fixed, elastic = model_pool(2), model_pool(1, 8)
     assert (fixed.min_size, fixed.max_size) == (2, 2) and (elastic.min_size, elastic.max_size) == (1, 8)
     assert model_pool(2, 1).max_size == 2 and elastic.max_tasks_in_flight_per_actor == 1
+
+
+def test_a_recorded_run_continues_with_the_fingerprint_of_either_spelling(source, tmp_path):
+    """A reinforcement state recorded before a_k left the fingerprint (the legacy spelling) is the same run; another
+    input is not."""
+    from clipdr import runstate
+    from clipdr.reinforce import run as run_module
+
+    p = plan(config(source, tmp_path))
+    legacy = run_module.run_fingerprint(p.manifest, legacy=True)
+    assert legacy != p.fingerprint
+    for recorded in (p.fingerprint, legacy):
+        assert run_module.continues(runstate.RunState("r1", recorded), p), recorded
+    assert not run_module.continues(runstate.RunState("r1", runstate.fingerprint("other")), p)
+    assert not run_module.continues(None, p)

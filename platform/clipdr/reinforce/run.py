@@ -304,16 +304,20 @@ def count_duplicate_keys(shard_uris: list[str], *, num_buckets: int = 64) -> int
         return repeats
 
 
+def continues(state: runstate.RunState | None, p: Plan) -> bool:
+    """Whether the recorded reinforcement ``state`` is this plan's run (its MLflow run continues). A run recorded
+    before a_k left the fingerprint (`run_fingerprint`) carries the legacy one: the same input."""
+    return state is not None and any(
+        not state.changes(f, {}) for f in (p.fingerprint, run_fingerprint(p.manifest, legacy=True))
+    )
+
+
 def _tracker(config: Config, p: Plan):
     from clipdr.tracking import Tracker
 
     output = config.reinforce.output
     state = runstate.read(output, runstate.REINFORCE_STATE)
-    # A run recorded before a_k left the fingerprint (`run_fingerprint`) carries the legacy one: the same input.
-    same = state is not None and any(
-        not state.changes(f, {}) for f in (p.fingerprint, run_fingerprint(p.manifest, legacy=True))
-    )
-    run_id = state.mlflow_run_id if same else None
+    run_id = state.mlflow_run_id if continues(state, p) else None
     tracker = Tracker.start(EXPERIMENT, run_id=run_id, uri=config.tracking.uri, tags={"output": output})
     if run_id is None:
         runstate.write(output, runstate.REINFORCE_STATE, runstate.RunState(tracker.run_id, p.fingerprint))
