@@ -56,7 +56,7 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter.
+    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter, and to Core ML.
 
     Built with MobileCLIP's preprocessing (mean 0, std 1, bilinear), not open_clip's default: the routes test
     must see a route that drops the trained preprocessing fail, as it would for every MobileCLIP variant.
@@ -76,7 +76,7 @@ def exported(tmp_path_factory):
         },
         tags={"clipdr.mode": "reinforced"},
     )
-    cfg = ExportConfig(output=str(folder), onnx_exporter="torchscript")
+    cfg = ExportConfig(output=str(folder), onnx_exporter="torchscript", coreml=True)
     return Exported(folder, export.export_model(loaded, cfg, run, log=lambda message: None), loaded)
 
 
@@ -100,6 +100,8 @@ def test_export_writes_every_artifact_with_checks(exported):
         export.IMAGE_ONNX,
         export.TEXT_ONNX,
         *export.VARIANT_FILES.values(),
+        export.IMAGE_COREML,
+        export.TEXT_COREML,
         export.MANIFEST,
         export.MODEL_CARD,
         *tokenizer_assets.FILES,
@@ -193,10 +195,71 @@ def test_the_model_card_is_complete_and_its_evaluation_is_the_runs(exported):
         "mlflow.pyfunc.load_model('runs:/r123/model')",
         "mlflow models serve -m runs:/r123/model",
         "disabled_optimizers=['NchwcTransformer']",
+        export.IMAGE_COREML,
+        export.TEXT_COREML,
+        "ct.models.MLModel('image_encoder.mlpackage')",
+        "predict({'text': tokens.astype('int32')})['text_embedding']",
     ):
         assert expected in how, expected
     for (tower, variant), filename in export.VARIANT_FILES.items():
         assert re.search(rf"^\| {tower} \| {variant} \| ", sections["## Checks"], flags=re.M), filename
+
+
+def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(exported):
+    """The saved packages, read back as an app's Core ML would see them (spec only: predicting needs macOS, and
+    coremltools on Linux has no Core ML runtime). What can be run here, the torch program each package was converted
+    from, the export itself compared with the fused and trained models on other inputs (``parity.coreml``)."""
+    from coremltools.models import MLModel
+    from coremltools.proto import MIL_pb2
+
+    from clipdr import coreml
+
+    manifest = exported.result.manifest
+    assert max(manifest["parity"]["coreml"].values()) < 1e-4
+    image, tokens = export.example_inputs(exported.loaded.model, exported.loaded.name, batch_size=1)
+    params = manifest["parameters"]
+    for filename, tower, example, num_params, needed_ops in (
+        (export.IMAGE_COREML, "image", image, params["image_fused"], {"conv", "reduce_l2_norm"}),
+        # gather: the token table; reduce_argmax: the end-of-text position the text tower pools at.
+        (export.TEXT_COREML, "text", tokens, params["text_fused"], {"gather", "reduce_argmax", "reduce_l2_norm"}),
+    ):
+        path = exported.folder / filename
+        spec = MLModel(str(path), skip_model_load=True).get_spec()
+        assert spec.WhichOneof("Type") == "mlProgram"
+        assert coreml.describe(path) == {
+            "inputs": {tower: {"dtype": coreml.INPUT_DTYPES[tower], "shape": list(example.shape), "batch": [1, 64]}},
+            "outputs": {f"{tower}_embedding": {"dtype": "FLOAT16", "shape": [], "batch": [1, 1]}},
+            "spec_version": 7,  # iOS 16 / macOS 13
+        }
+        ops = coreml.op_types(path)
+        assert needed_ops <= set(ops), ops
+        assert "batch_norm" not in ops  # fused (reparameterised) towers have none left
+        # fp16 compute precision: the weights are stored in float16, and there are as many as the fused tower has
+        # (up to the few constants the converter adds or folds: the ViT's attention mask, ...), none in float32.
+        weights: dict[str, int] = {}
+        for block in spec.mlProgram.functions["main"].block_specializations.values():
+            for op in block.operations:
+                if op.type == "const":
+                    value = op.attributes["val"].type.tensorType
+                    dtype = MIL_pb2.DataType.Name(value.dataType)
+                    weights[dtype] = weights.get(dtype, 0) + int(np.prod([d.constant.size for d in value.dimensions]))
+        assert "FLOAT32" not in weights, weights
+        assert abs(weights["FLOAT16"] - num_params) < 0.01 * num_params, (weights, num_params)
+        assert manifest["files"][filename]["sha256"] == coreml.package_sha256(path)[1]
+
+
+def test_coreml_without_coremltools_is_a_clear_error(tmp_path, monkeypatch):
+    from clipdr import coreml
+
+    def missing():
+        raise coreml.CoreMLUnavailable("export.coreml needs coremltools: pip install 'clipdr[coreml]'")
+
+    monkeypatch.setattr(coreml, "_coremltools", missing)
+    with pytest.raises(export.ExportError, match=r"clipdr\[coreml\]"):
+        export.export_model(
+            loading.load("clipdr-tiny-vit"), ExportConfig(output=str(tmp_path), coreml=True), log=lambda m: None
+        )
+    assert not any(tmp_path.iterdir())
 
 
 def test_quantized_benchmark_measures_an_export_at_toy_size(exported, tmp_path):
