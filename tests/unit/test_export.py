@@ -233,7 +233,6 @@ def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(exported)
         }
         ops = coreml.op_types(path)
         assert needed_ops <= set(ops), ops
-        assert "batch_norm" not in ops  # fused (reparameterised) towers have none left
         # fp16 compute precision: the weights are stored in float16, and there are as many as the fused tower has
         # (up to the few constants the converter adds or folds: the ViT's attention mask, ...), none in float32.
         weights: dict[str, int] = {}
