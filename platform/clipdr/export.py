@@ -525,6 +525,8 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "- The fp16 and int8 ONNX encoders give slightly different embeddings from fp32 (see Checks); measure "
         "their accuracy on your task. The fp16 graphs are for hardware with fp16 arithmetic; on a CPU they are "
         "not faster.",
+        "- The Core ML encoders (when exported) compute in float16 and return float16 embeddings; they are checked "
+        "here through the torch program they were converted from, not run (Core ML predicts on macOS / iOS only).",
         "",
         "## Files",
         "",
