@@ -56,7 +56,7 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter, and to Core ML.
+    """clipdr-tiny-vit exported with the (fast) TorchScript ONNX exporter.
 
     Built with MobileCLIP's preprocessing (mean 0, std 1, bilinear), not open_clip's default: the routes test
     must see a route that drops the trained preprocessing fail, as it would for every MobileCLIP variant.
@@ -76,7 +76,7 @@ def exported(tmp_path_factory):
         },
         tags={"clipdr.mode": "reinforced"},
     )
-    cfg = ExportConfig(output=str(folder), onnx_exporter="torchscript", coreml=True)
+    cfg = ExportConfig(output=str(folder), onnx_exporter="torchscript")
     return Exported(folder, export.export_model(loaded, cfg, run, log=lambda message: None), loaded)
 
 
@@ -100,8 +100,6 @@ def test_export_writes_every_artifact_with_checks(exported):
         export.IMAGE_ONNX,
         export.TEXT_ONNX,
         *export.VARIANT_FILES.values(),
-        export.IMAGE_COREML,
-        export.TEXT_COREML,
         export.MANIFEST,
         export.MODEL_CARD,
         *tokenizer_assets.FILES,
@@ -195,39 +193,43 @@ def test_the_model_card_is_complete_and_its_evaluation_is_the_runs(exported):
         "mlflow.pyfunc.load_model('runs:/r123/model')",
         "mlflow models serve -m runs:/r123/model",
         "disabled_optimizers=['NchwcTransformer']",
-        export.IMAGE_COREML,
-        export.TEXT_COREML,
-        "ct.models.MLModel('image_encoder.mlpackage')",
-        "predict({'text': tokens.astype('int32')})['text_embedding']",
     ):
         assert expected in how, expected
     for (tower, variant), filename in export.VARIANT_FILES.items():
         assert re.search(rf"^\| {tower} \| {variant} \| ", sections["## Checks"], flags=re.M), filename
 
 
-def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(exported):
-    """The saved packages, read back as an app's Core ML would see them (spec only: predicting needs macOS, and
-    coremltools on Linux has no Core ML runtime). What can be run here, the torch program each package was converted
-    from, the export itself compared with the fused and trained models on other inputs (``parity.coreml``)."""
+def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(tmp_path):
+    """``clipdr export`` with ``export.coreml`` (as docs/export.md shows it); the saved packages, read back as an
+    app's Core ML would see them (spec only: predicting needs macOS, and coremltools on Linux has no Core ML
+    runtime). What can be run here, the torch program each package was converted from, the export itself compared
+    with the fused and trained models on other inputs (``parity.coreml``)."""
     from coremltools.models import MLModel
     from coremltools.proto import MIL_pb2
 
     from clipdr import coreml
+    from clipdr.cli import main
 
-    manifest = exported.result.manifest
+    folder = tmp_path / "export"
+    argv = ["export", "--set", "export.model=clipdr-tiny-vit", "--set", f"export.output={folder}"]
+    assert main([*argv, "--set", "export.coreml=true", "--set", "export.onnx=false"]) == 0  # ONNX: tests above
+    manifest = json.loads((folder / export.MANIFEST).read_text())
+    assert {export.IMAGE_COREML, export.TEXT_COREML} <= set(manifest["files"])
     assert max(manifest["parity"]["coreml"].values()) < 1e-4
-    image, tokens = export.example_inputs(exported.loaded.model, exported.loaded.name, batch_size=1)
+    size, context_length = manifest["preprocess"]["size"], manifest["architecture"]["context_length"]
+    height, width = (size, size) if isinstance(size, int) else size
     params = manifest["parameters"]
-    for filename, tower, example, num_params, needed_ops in (
-        (export.IMAGE_COREML, "image", image, params["image_fused"], {"conv", "reduce_l2_norm"}),
-        # gather: the token table; reduce_argmax: the end-of-text position the text tower pools at.
-        (export.TEXT_COREML, "text", tokens, params["text_fused"], {"gather", "reduce_argmax", "reduce_l2_norm"}),
+    # gather: the token table; reduce_argmax: the end-of-text position the text tower pools at.
+    text_ops = {"gather", "reduce_argmax", "reduce_l2_norm"}
+    for filename, tower, shape, num_params, needed_ops in (
+        (export.IMAGE_COREML, "image", [1, 3, height, width], params["image_fused"], {"conv", "reduce_l2_norm"}),
+        (export.TEXT_COREML, "text", [1, context_length], params["text_fused"], text_ops),
     ):
-        path = exported.folder / filename
+        path = folder / filename
         spec = MLModel(str(path), skip_model_load=True).get_spec()
         assert spec.WhichOneof("Type") == "mlProgram"
         assert coreml.describe(path) == {
-            "inputs": {tower: {"dtype": coreml.INPUT_DTYPES[tower], "shape": list(example.shape), "batch": [1, 64]}},
+            "inputs": {tower: {"dtype": coreml.INPUT_DTYPES[tower], "shape": shape, "batch": [1, 64]}},
             "outputs": {f"{tower}_embedding": {"dtype": "FLOAT16", "shape": [], "batch": [1, 1]}},
             "spec_version": 7,  # iOS 16 / macOS 13
         }
@@ -245,6 +247,19 @@ def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(exported)
         assert "FLOAT32" not in weights, weights
         assert abs(weights["FLOAT16"] - num_params) < 0.01 * num_params, (weights, num_params)
         assert manifest["files"][filename]["sha256"] == coreml.package_sha256(path)[1]
+    # The model card shows the Core ML route with these names.
+    card = (folder / export.MODEL_CARD).read_text()
+    how = card[card.index("## How to load") :]
+    for expected in (
+        "ct.models.MLModel('image_encoder.mlpackage')",
+        "image_model.predict({'image': pixels})['image_embedding']",
+        "ct.models.MLModel('text_encoder.mlpackage')",
+        "text_model.predict({'text': tokens.astype('int32')})['text_embedding']",
+        "float32 pixels (B, 3, H, W) from `preprocess` above",
+        "B from 1 to 64",
+    ):
+        assert expected in how, expected
+    assert f"| `{export.IMAGE_COREML}` |" in card and f"| `{export.TEXT_COREML}` |" in card
 
 
 def test_coreml_without_coremltools_is_a_clear_error(tmp_path, monkeypatch):
