@@ -353,6 +353,11 @@ REGISTRY: dict[str, Entry] = {
     "clipdr export --set export.model --set export.output": CoveredBy(
         ("tests/integration/test_export_cli.py::test_export_checkpoint_to_its_training_run",)
     ),
+    # docs/export.md: the Core ML export is `clipdr export`'s own code with export.coreml; test_export.py runs it on
+    # a tiny ViT (the CLI's loading and MLflow logging: test_export_cli.py), and test_docs_commands parses the key.
+    "clipdr export --set export.model --set export.output --set export.coreml": CoveredBy(
+        ("tests/unit/test_export.py::test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights",)
+    ),
     "clipdr promote --config jobs/configs/demo.toml": CoveredBy(
         ("tests/integration/test_lifecycle.py::test_promote_cli_prints_the_decision",)
     ),

@@ -412,6 +412,11 @@ class ExportConfig:
     onnx_exporter: OnnxExporter = _f(
         "dynamo", "torch.onnx exporter: dynamo (torch.export based) or torchscript (legacy)"
     )
+    coreml: bool = _f(
+        False,
+        "also export Core ML image and text encoders (image_encoder.mlpackage, text_encoder.mlpackage; of the fused "
+        "model, fp16 compute): needs the extra clipdr[coreml] (coremltools)",
+    )
     tolerance: float = _f(1e-4, "largest abs difference of embeddings allowed between exported and trained model")
     log_artifacts: bool = _f(True, "also log the export folder to the model's MLflow run, when it has one")
 

@@ -9,6 +9,8 @@ An export folder holds::
                                   clipdr.export.load_fused(name, <this file>)
     image_encoder.onnx            fused image tower: image (B, 3, H, W) float32, preprocessed -> image_embedding
     text_encoder.onnx             fused text tower: text (B, L) int64 tokens -> text_embedding (both L2-normalised)
+    image_encoder.mlpackage,      with export.coreml: the fused towers as Core ML ML programs (`clipdr.coreml`):
+    text_encoder.mlpackage        image float32 / text int32 in, float16 L2-normalised embeddings out
     export.json                   what was exported, from where, checksums, parity measurements
     MODEL_CARD.md                 architecture, parameters, training data and teachers, metrics, usage
     vocab.json, merges.txt,       the tokenizer for apps without Python (`clipdr.tokenizer_assets`):
@@ -37,6 +39,7 @@ import contextlib
 import datetime
 import hashlib
 import json
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import clipdr
-from clipdr import models, quantize, storage, tokenizer_assets
+from clipdr import coreml, models, quantize, storage, tokenizer_assets
 from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
@@ -58,6 +61,8 @@ OPEN_CLIP_CONFIG = "open_clip_config.json"
 FUSED_WEIGHTS = "fused_model.safetensors"
 IMAGE_ONNX = "image_encoder.onnx"
 TEXT_ONNX = "text_encoder.onnx"
+IMAGE_COREML = "image_encoder.mlpackage"  # folders (Core ML packages), not files
+TEXT_COREML = "text_encoder.mlpackage"
 # The smaller ONNX variants beside each fp32 encoder (`clipdr.quantize`): image_encoder.fp16.onnx, ...int8.onnx.
 ONNX_VARIANTS = tuple(v for v in quantize.VARIANTS if v != "fp32")
 VARIANT_FILES = {
@@ -74,6 +79,8 @@ _ALL_FILES = (
     IMAGE_ONNX,
     TEXT_ONNX,
     *VARIANT_FILES.values(),
+    IMAGE_COREML,
+    TEXT_COREML,
     MANIFEST,
     MODEL_CARD,
     *tokenizer_assets.FILES,
@@ -304,6 +311,63 @@ def export_variants(fused: nn.Module, name: str, folder: Path) -> dict[str, dict
     return checks
 
 
+# --------------------------------------------------------------------------- CoreML
+
+
+def export_coreml(
+    fused: nn.Module, reference: nn.Module, name: str, folder: Path, tolerance: float
+) -> dict[str, float]:
+    """Writes the Core ML image and text encoders of ``fused`` (`clipdr.coreml`) and checks what can be checked.
+
+    Core ML predicts on macOS only. Here the ExportedProgram each package was converted from is run on other inputs
+    (batch 3; exported at 2) and compared with the fused and trained models; the packages' specs are read back.
+
+    Returns:
+        Max abs embedding differences of the converted programs vs the fused and trained models (image, text).
+
+    Raises:
+        ExportError: A difference exceeds ``tolerance``, or a saved spec is not what was asked for.
+    """
+    image_BCHW, tokens_BL = example_inputs(fused, name, batch_size=2)
+    check_image_BCHW, check_tokens_BL = example_inputs(fused, name, batch_size=3, seed=1)
+    fused_image, fused_text = embeddings(fused, check_image_BCHW, check_tokens_BL)
+    ref_image, ref_text = embeddings(reference, check_image_BCHW, check_tokens_BL)
+    parity: dict[str, float] = {}
+    for tower, encoder, example, check, fused_emb, ref_emb, filename in (
+        ("image", ImageEncoder(fused), image_BCHW, check_image_BCHW, fused_image, ref_image, IMAGE_COREML),
+        ("text", TextEncoder(fused), tokens_BL, check_tokens_BL, fused_text, ref_text, TEXT_COREML),
+    ):
+        program = coreml.exported_program(encoder, example)
+        with torch.inference_mode():
+            converted_emb = program.module()(check).float()
+        parity[f"{tower}_program_vs_fused"] = max_abs_diff(converted_emb, fused_emb)
+        parity[f"{tower}_program_vs_trained"] = max_abs_diff(converted_emb, ref_emb)
+        output = f"{tower}_embedding"
+        model = coreml.convert(program, tower, output)
+        coreml.save(model, folder / filename, _coreml_descriptions(tower, name))
+        described = coreml.describe(folder / filename)
+        want_shape = list(example.shape[1:])
+        got = described["inputs"].get(tower, {})
+        if list(described["outputs"]) != [output] or got.get("shape", [])[1:] != want_shape:
+            raise ExportError(f"{filename}: unexpected spec {described}")
+    _check(parity, tolerance, "Core ML (the converted ExportedProgram) vs torch")
+    return parity
+
+
+def _coreml_descriptions(tower: str, name: str) -> dict[str, str]:
+    if tower == "image":
+        return {
+            "": f"{name} image encoder (fused), clipdr",
+            "image": "RGB pixels (B, 3, H, W), preprocessed: resized, cropped, scaled to [0, 1], minus mean, over std",
+            "image_embedding": "L2-normalised image embedding (B, D)",
+        }
+    return {
+        "": f"{name} text encoder (fused), clipdr",
+        "text": "token ids (B, context length) from the model's tokenizer (tokenizer.json), right-padded with 0",
+        "text_embedding": "L2-normalised text embedding (B, D)",
+    }
+
+
 # --------------------------------------------------------------------------- open_clip files
 
 
@@ -461,6 +525,8 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "- The fp16 and int8 ONNX encoders give slightly different embeddings from fp32 (see Checks); measure "
         "their accuracy on your task. The fp16 graphs are for hardware with fp16 arithmetic; on a CPU they are "
         "not faster.",
+        "- The Core ML encoders (when exported) compute in float16 and return float16 embeddings; they are checked "
+        "here through the torch program they were converted from, not run (Core ML predicts on macOS / iOS only).",
         "",
         "## Files",
         "",
@@ -473,6 +539,8 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         FUSED_WEIGHTS: "re-parameterised weights, for inference",
         IMAGE_ONNX: "fused image encoder -> L2-normalised embedding",
         TEXT_ONNX: "fused text encoder -> L2-normalised embedding",
+        IMAGE_COREML: "fused image encoder, Core ML ML program (fp16 compute)",
+        TEXT_COREML: "fused text encoder, Core ML ML program (fp16 compute)",
         **{
             file: f"{tower} encoder, {variant} ({_VARIANT_WHAT[variant]})"
             for (tower, variant), file in VARIANT_FILES.items()
@@ -486,7 +554,9 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "## Checks",
         "",
         f"Max abs embedding difference (tolerance {manifest['tolerance']:g}): fused vs trained "
-        f"{parity['fused']}; ONNX (onnxruntime) {parity.get('onnx', 'not exported')}.",
+        f"{parity['fused']}; ONNX (onnxruntime) {parity.get('onnx', 'not exported')}; Core ML "
+        f"{parity.get('coreml', 'not exported')} (the torch program each package was converted from: Core ML "
+        "itself predicts on macOS only, and computes in fp16 there).",
         "",
     ]
     if parity.get("onnx_variants"):
@@ -559,6 +629,8 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
                 f"disabled_optimizers={list(quantize.FP16_DISABLED_OPTIMIZERS)!r})",
             ]
         lines += ["```", ""]
+    if manifest.get("coreml"):
+        lines += _coreml_card(manifest["coreml"], manifest["architecture"]["context_length"])
     if manifest.get("tokenizer"):
         lines += [
             f"**Tokenizer files**, for apps without Python: `{tokenizer_assets.VOCAB}`, `{tokenizer_assets.MERGES}` "
@@ -591,6 +663,30 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _coreml_card(info: Mapping[str, Any], context_length: int) -> list[str]:
+    image, text = info["image"], info["text"]
+    return [
+        f"**Core ML** (`{image['file']}`, `{text['file']}`; ML programs, {info['compute_precision']} compute, "
+        f"{info['minimum_deployment_target']}+ / macOS 13+): `{image['input']}` takes float32 pixels (B, 3, H, W) "
+        f"from `preprocess` above (not an image type: the mean / std are applied by the app), `{text['input']}` "
+        f"int32 token ids (B, {context_length}) from the tokenizer files; both return float16 L2-normalised "
+        f"`{image['output']}` / `{text['output']}`; B from 1 to {info['max_batch']}. Predicting needs macOS or iOS:",
+        "",
+        "```python",
+        "import coremltools as ct",
+        "",
+        f"image_model = ct.models.MLModel({image['file']!r})",
+        f"image_emb = image_model.predict({{{image['input']!r}: pixels}})[{image['output']!r}]",
+        f"text_model = ct.models.MLModel({text['file']!r})",
+        f"text_emb = text_model.predict({{{text['input']!r}: tokens.astype('int32')}})[{text['output']!r}]",
+        "```",
+        "",
+        f"In Swift: `try MLModel(contentsOf: MLModel.compileModel(at: <url of {image['file']}>))`, inputs as "
+        "`MLMultiArray`.",
+        "",
+    ]
 
 
 _VARIANT_WHAT = {"fp16": "float16 weights and compute, float32 inputs and outputs", "int8": "dynamic int8 quantisation"}
@@ -670,12 +766,14 @@ def _local_folder(output: str) -> Iterator[Path]:
     if storage.is_s3(output):
         with tempfile.TemporaryDirectory() as tmp:
             yield Path(tmp)
-            for path in sorted(Path(tmp).iterdir()):
-                storage.write_bytes(storage.join(output, path.name), path.read_bytes())
+            for path in sorted(p for p in Path(tmp).rglob("*") if p.is_file()):  # packages are folders
+                storage.write_bytes(storage.join(output, path.relative_to(tmp).as_posix()), path.read_bytes())
         return
     folder = Path(storage.resolve(output)[1])
     folder.mkdir(parents=True, exist_ok=True)
     for stale in _ALL_FILES:  # a previous export's files must not pass for this one's
+        if (folder / stale).is_dir():
+            shutil.rmtree(folder / stale)
         with contextlib.suppress(FileNotFoundError):
             (folder / stale).unlink()
     yield folder
@@ -708,6 +806,11 @@ def export_model(
     """
     from safetensors.torch import save_file
 
+    if cfg.coreml:
+        try:
+            coreml._coremltools()
+        except coreml.CoreMLUnavailable as e:
+            raise ExportError(str(e)) from None
     if cfg.onnx and cfg.onnx_exporter not in EXPORTERS:
         raise ExportError(f"export.onnx_exporter must be one of {list(EXPORTERS)}, got {cfg.onnx_exporter!r}")
     if not cfg.tolerance > 0:
@@ -766,9 +869,22 @@ def export_model(
                     for variant in ONNX_VARIANTS
                 },
             }
+        if cfg.coreml:
+            log(f"export: Core ML encoders (coremltools, {coreml.COMPUTE_PRECISION} compute)")
+            manifest["parity"]["coreml"] = export_coreml(fused, model, name, folder, cfg.tolerance)
+            manifest["coreml"] = {
+                "compute_precision": coreml.COMPUTE_PRECISION,
+                "minimum_deployment_target": coreml.DEPLOYMENT_TARGET,
+                "max_batch": coreml.MAX_BATCH,
+                "image": {"file": IMAGE_COREML, "input": "image", "output": "image_embedding"},
+                "text": {"file": TEXT_COREML, "input": "text", "output": "text_embedding"},
+            }
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name not in (MANIFEST, MODEL_CARD):
                 manifest["files"][path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            elif path.is_dir() and path.name in (IMAGE_COREML, TEXT_COREML):
+                size, digest = coreml.package_sha256(path)
+                manifest["files"][path.name] = {"bytes": size, "sha256": digest}
         (folder / MODEL_CARD).write_text(model_card(manifest, run))
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"export: {len(manifest['files']) + 2} files -> {cfg.output}")
@@ -798,7 +914,10 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> ExportResult:
         tracker = tracking.open_run(run_summary.run_id, uri=cfg.tracking.uri)
         with _downloaded(ec.output) as folder:
             for path in sorted(folder.iterdir()):
-                tracker.log_artifact(path, "export")
+                if path.is_dir():  # a Core ML package
+                    tracker.log_artifacts(path, f"export/{path.name}")
+                else:
+                    tracker.log_artifact(path, "export")
         log(f"export: logged to MLflow run {run_summary.run_id} under export/")
     return result
 
@@ -809,6 +928,9 @@ def _downloaded(output: str) -> Iterator[Path]:
         yield Path(storage.resolve(output)[1])
         return
     with tempfile.TemporaryDirectory() as tmp:
-        for uri in storage.list_files(output):
-            (Path(tmp) / storage.basename(uri)).write_bytes(storage.read_bytes(uri))
+        prefix = output.rstrip("/") + "/"
+        for uri in storage.list_files(output, recursive=True):
+            local = Path(tmp) / uri[len(prefix) :] if uri.startswith(prefix) else Path(tmp) / storage.basename(uri)
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(storage.read_bytes(uri))
         yield Path(tmp)

@@ -140,6 +140,10 @@ class Tracker:
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(local_path), artifact_path)
 
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        """Logs the files under ``local_dir`` (recursively) under ``artifact_path``."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def start_system_metrics(self, interval_s: float = 10.0, node_id: str | None = None) -> SystemMetrics:
         """Samples CPU, memory, disk, network (and GPU where present) into the run every ``interval_s`` seconds
         until the returned monitor's ``finish()``; ``node_id`` prefixes the metrics when several processes log."""

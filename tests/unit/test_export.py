@@ -199,6 +199,83 @@ def test_the_model_card_is_complete_and_its_evaluation_is_the_runs(exported):
         assert re.search(rf"^\| {tower} \| {variant} \| ", sections["## Checks"], flags=re.M), filename
 
 
+def test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights(tmp_path):
+    """``clipdr export`` with ``export.coreml`` (as docs/export.md shows it); the saved packages, read back as an
+    app's Core ML would see them (spec only: predicting needs macOS, and coremltools on Linux has no Core ML
+    runtime). What can be run here, the torch program each package was converted from, the export itself compared
+    with the fused and trained models on other inputs (``parity.coreml``)."""
+    from coremltools.models import MLModel
+    from coremltools.proto import MIL_pb2
+
+    from clipdr import coreml
+    from clipdr.cli import main
+
+    folder = tmp_path / "export"
+    argv = ["export", "--set", "export.model=clipdr-tiny-vit", "--set", f"export.output={folder}"]
+    assert main([*argv, "--set", "export.coreml=true", "--set", "export.onnx=false"]) == 0  # ONNX: tests above
+    manifest = json.loads((folder / export.MANIFEST).read_text())
+    assert {export.IMAGE_COREML, export.TEXT_COREML} <= set(manifest["files"])
+    assert max(manifest["parity"]["coreml"].values()) < 1e-4
+    size, context_length = manifest["preprocess"]["size"], manifest["architecture"]["context_length"]
+    height, width = (size, size) if isinstance(size, int) else size
+    params = manifest["parameters"]
+    # gather: the token table; reduce_argmax: the end-of-text position the text tower pools at.
+    text_ops = {"gather", "reduce_argmax", "reduce_l2_norm"}
+    for filename, tower, shape, num_params, needed_ops in (
+        (export.IMAGE_COREML, "image", [1, 3, height, width], params["image_fused"], {"conv", "reduce_l2_norm"}),
+        (export.TEXT_COREML, "text", [1, context_length], params["text_fused"], text_ops),
+    ):
+        path = folder / filename
+        spec = MLModel(str(path), skip_model_load=True).get_spec()
+        assert spec.WhichOneof("Type") == "mlProgram"
+        assert coreml.describe(path) == {
+            "inputs": {tower: {"dtype": coreml.INPUT_DTYPES[tower], "shape": shape, "batch": [1, 64]}},
+            "outputs": {f"{tower}_embedding": {"dtype": "FLOAT16", "shape": [], "batch": [1, 1]}},
+            "spec_version": 7,  # iOS 16 / macOS 13
+        }
+        ops = coreml.op_types(path)
+        assert needed_ops <= set(ops), ops
+        # fp16 compute precision: the weights are stored in float16, and there are as many as the fused tower has
+        # (up to the few constants the converter adds or folds: the ViT's attention mask, ...), none in float32.
+        weights: dict[str, int] = {}
+        for block in spec.mlProgram.functions["main"].block_specializations.values():
+            for op in block.operations:
+                if op.type == "const":
+                    value = op.attributes["val"].type.tensorType
+                    dtype = MIL_pb2.DataType.Name(value.dataType)
+                    weights[dtype] = weights.get(dtype, 0) + int(np.prod([d.constant.size for d in value.dimensions]))
+        assert "FLOAT32" not in weights, weights
+        assert abs(weights["FLOAT16"] - num_params) < 0.01 * num_params, (weights, num_params)
+        assert manifest["files"][filename]["sha256"] == coreml.package_sha256(path)[1]
+    # The model card shows the Core ML route with these names.
+    card = (folder / export.MODEL_CARD).read_text()
+    how = card[card.index("## How to load") :]
+    for expected in (
+        "ct.models.MLModel('image_encoder.mlpackage')",
+        "image_model.predict({'image': pixels})['image_embedding']",
+        "ct.models.MLModel('text_encoder.mlpackage')",
+        "text_model.predict({'text': tokens.astype('int32')})['text_embedding']",
+        "float32 pixels (B, 3, H, W) from `preprocess` above",
+        "B from 1 to 64",
+    ):
+        assert expected in how, expected
+    assert f"| `{export.IMAGE_COREML}` |" in card and f"| `{export.TEXT_COREML}` |" in card
+
+
+def test_coreml_without_coremltools_is_a_clear_error(tmp_path, monkeypatch):
+    from clipdr import coreml
+
+    def missing():
+        raise coreml.CoreMLUnavailable("export.coreml needs coremltools: pip install 'clipdr[coreml]'")
+
+    monkeypatch.setattr(coreml, "_coremltools", missing)
+    with pytest.raises(export.ExportError, match=r"clipdr\[coreml\]"):
+        export.export_model(
+            loading.load("clipdr-tiny-vit"), ExportConfig(output=str(tmp_path), coreml=True), log=lambda m: None
+        )
+    assert not any(tmp_path.iterdir())
+
+
 def test_quantized_benchmark_measures_an_export_at_toy_size(exported, tmp_path):
     """What `python jobs/benchmark.py quantized` runs (`benchmarks.main`), on this module's export and a tiny world:
     the table has every variant, the fp32 ONNX row's deltas are zero by construction, the sizes are the files'."""

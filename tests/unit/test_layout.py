@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "losses": 1,
     "tokenizer_assets": 1,  # a model's tokenizer as files for apps: the export writes them
     "quantize": 1,  # fp16 / int8 variants of ONNX graphs: the export writes them, a benchmark measures them
+    "coreml": 1,  # Core ML packages of the torch encoders: the export writes them
     "data": 1,
     # Joining a Ray cluster: both Ray jobs need it and may not import each other, so it lives below them (design.md).
     "cluster": 1,
