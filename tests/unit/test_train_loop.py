@@ -267,3 +267,19 @@ def test_compile_wraps_the_forward_around_the_students_own_parameters():
     step = Step(model, plan, torch.device("cpu"))
     assert isinstance(step.forward, torch._dynamo.eval_frame.OptimizedModule) and step.forward._orig_mod is model
     assert Step(model, a_plan(), torch.device("cpu")).forward is model
+
+
+@pytest.mark.parametrize(
+    ("local_rank", "node_rank", "num_nodes", "expected"),
+    [
+        (0, 0, 1, (True, None)),  # one node: its first worker, unprefixed metrics (as before)
+        (1, 0, 1, (False, None)),
+        (0, 0, 3, (True, "node0")),  # several nodes: every node's first worker, under its node id
+        (0, 2, 3, (True, "node2")),
+        (3, 2, 3, (False, None)),
+    ],
+)
+def test_system_metrics_come_from_the_first_worker_of_every_node(local_rank, node_rank, num_nodes, expected):
+    from clipdr.train.loop import system_metrics_node
+
+    assert system_metrics_node(local_rank, node_rank, num_nodes) == expected

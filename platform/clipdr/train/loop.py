@@ -26,6 +26,7 @@ Checkpoints (files, metadata, commit, loading) are `clipdr.checkpoint`'s.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import sys
 import tempfile
@@ -44,6 +45,8 @@ from clipdr import progress as progress_lines
 from clipdr.config import TeacherConfig
 from clipdr.train import data, finetune
 from clipdr.train.plan import TrainPlan
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -405,6 +408,33 @@ class Published:
         return results
 
 
+def system_metrics_node(local_rank: int, node_rank: int, num_nodes: int) -> tuple[bool, str | None]:
+    """Whether this worker samples its node's system metrics (CPU, memory, GPU) into the run, and under which node
+    id: the first worker of every node; unprefixed on one node (as runs always were), ``node<rank>`` on several."""
+    if local_rank != 0:
+        return False, None
+    return True, (None if num_nodes == 1 else f"node{node_rank}")
+
+
+def _node_system_metrics(plan: TrainPlan, context: Any, tracker: Any) -> Any:
+    """The node's system-metrics sampler (`system_metrics_node`), or None. Rank 0 samples through its own run
+    handle; another node's first worker opens the run too, best effort: a node whose sampler cannot start trains
+    on, with a warning (its metrics are missing, nothing else)."""
+    from clipdr import tracking
+
+    num_nodes = max(1, context.get_world_size() // max(1, context.get_local_world_size()))
+    samples, node_id = system_metrics_node(context.get_local_rank(), context.get_node_rank(), num_nodes)
+    if not samples:
+        return None
+    if tracker is not None:
+        return tracker.tracker.start_system_metrics(node_id=node_id)
+    try:
+        return tracking.open_run(plan.mlflow_run_id, uri=plan.tracking_uri).start_system_metrics(node_id=node_id)
+    except Exception as e:  # system metrics never stop training
+        log.warning("system metrics of %s not sampled: %s", node_id, e)
+        return None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config = {"plan": TrainPlan.to_dict()}``."""
     import ray.train
@@ -434,16 +464,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tracker = MetricLogger.open(
             plan.mlflow_run_id, uri=plan.tracking_uri, outage_limit_s=plan.tracking.outage_limit_s
         )
-        monitor = tracker.tracker.start_system_metrics()
+    monitor = _node_system_metrics(plan, context, tracker)
     failed = True
     try:
         _train(plan, model, optimizer, progress, published, tracker, rank, world_size, device)
         failed = False
     finally:
-        if tracker is not None:
-            try:
+        try:
+            if tracker is not None:
                 tracker.close(raise_errors=not failed)  # sends what an outage held back, or fails with its error
-            finally:
+        finally:
+            if monitor is not None:
                 monitor.finish()
 
 
