@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -156,6 +157,12 @@ def test_logged_model_registered_evaluated_and_promoted(store, tmp_path):
     assert [a.path for a in client.list_artifacts(tracker.run_id, "evaluation")] == [
         "evaluation/step-000000000064.json"
     ]
+    # The version the alias named leads to its evaluation, and the record names the version (an alias moves).
+    tags = client.get_model_version(NAME, version.version).tags
+    assert tags[evaluate_run.EVALUATION_RUN_TAG] == tracker.run_id
+    assert tags[evaluate_run.EVALUATION_ARTIFACT_TAG] == "evaluation/step-000000000064.json"
+    record = client.download_artifacts(tracker.run_id, "evaluation/step-000000000064.json", str(tmp_path))
+    assert json.loads(Path(record).read_text())["model_version"] == f"{NAME}/{version.version}"
 
     decision = lifecycle.run(cfg, log=lambda message: None)
     assert decision.promoted and decision.candidate_value == pytest.approx(result.metrics[METRIC])

@@ -17,6 +17,8 @@ from clipdr.evaluate import engine, loading
 
 EVALUATION_TAG = "clipdr.evaluation_of"  # on new evaluation runs: the model they evaluated
 SOURCE_RUN_TAG = "clipdr.source_run_id"  # ... and the run that trained it, when known
+EVALUATION_RUN_TAG = "clipdr.evaluation.run_id"  # on a registered version: the run its last evaluation went to
+EVALUATION_ARTIFACT_TAG = "clipdr.evaluation.artifact"  # ... and that evaluation's record in the run
 
 
 class EvaluateError(ValueError):
@@ -78,7 +80,19 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
     else:
         step = (tracking.last_step(tracker.run_id, uri=cfg.tracking.uri) or 0) if not new_run else 0
     tracker.log_metrics(report.metrics, step=step)
-    tracker.log_dict({**report.to_dict(), "model": ec.model, "step": step}, f"evaluation/step-{step:012d}.json")
+    version = tracking.model_version_of(ec.model, uri=cfg.tracking.uri) if loading.is_mlflow_uri(ec.model) else None
+    evaluated = {"model": ec.model, "step": step}
+    if version is not None:  # an alias moves: the version it named when evaluated is what the record keeps
+        evaluated["model_version"] = f"{version.name}/{version.version}"
+    artifact = f"evaluation/step-{step:012d}.json"
+    tracker.log_dict({**report.to_dict(), **evaluated}, artifact)
+    if version is not None:  # the version leads to its evaluation (MLflow's model version page lists its tags)
+        tracking.set_model_version_tags(
+            version.name,
+            version.version,
+            {EVALUATION_RUN_TAG: tracker.run_id, EVALUATION_ARTIFACT_TAG: artifact},
+            uri=cfg.tracking.uri,
+        )
     if new_run:
         tracker.finish()
 
