@@ -296,6 +296,9 @@ REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
     "make test": External("creates .venv (pip, network) and runs this whole suite, which this test is part of"),
+    "python3 -m --no-deps --only-binary --python-version --implementation --platform -d": External(
+        "downloads wheels from PyPI (network), for a machine without it; jobs/gpu_check.sh installs them"
+    ),
     "bash jobs/gpu_check.sh": External(
         "needs one CUDA device (it stops at once without one: tests/integration/test_gpu_check.py checks that); the "
         "same test runs every phase in the script's CPU smoke mode"
