@@ -81,19 +81,16 @@ def _render(args: tuple[list, list]) -> list:
     return [render(batch) for batch in batches]
 
 
-def _timed_stage(stage, batches: list[dict], sync) -> tuple[list[dict], float, int]:
-    """(outputs, seconds, samples) of ``stage`` over ``batches``, timing all but the first (the warm-up)."""
-    from clipdr import records
-    from clipdr.reinforce import stages
-
+def _timed_stage(stage, batches: list[dict], sizes: list[int], sync) -> tuple[list[dict], float, int]:
+    """(outputs, seconds, samples) of ``stage`` over ``batches`` (of ``sizes`` samples), timing all but the first (the
+    warm-up)."""
     outputs = [stage(batches[0])]
     sync()
     started = time.perf_counter()
     outputs += [stage(batch) for batch in batches[1:]]
     sync()
     seconds = time.perf_counter() - started
-    samples = sum(len(stages.unpack_chunk(bytes(b[stages.CHUNK][0]))[records.KEY]) for b in batches[1:])
-    return outputs, seconds, samples
+    return outputs, seconds, sum(sizes[1:])
 
 
 def _teacher_precision_ab(embed, rendered: dict, sync, num_views: int = 1024, rounds: int = 3) -> dict:
@@ -176,6 +173,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     """The reinforcement stages at the recipe, directly; returns (and the caller stores) their figures."""
     import torch
 
+    from clipdr import records
     from clipdr.reinforce import cost, run, stages
 
     config = stages_config(world, str(work / "stages-out"), smoke)
@@ -185,19 +183,20 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     batches = [_batch(row) for task in p.tasks for row in reader.read(task)]
     if len(batches) < 2:
         raise ValueError(f"the stages need at least 2 chunks of {cfg.resources.batch_size} samples; got {len(batches)}")
+    sizes = [len(stages.unpack_chunk(bytes(b[stages.CHUNK][0]))[records.KEY]) for b in batches]  # samples a chunk
     specs = list(p.manifest.teachers)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     # Rendering, CPU: one core first (thread CPU time of one chunk), then every chunk over a pool of processes.
     cpu = time.thread_time()
     torch.set_num_threads(1)
-    _render((specs, batches[:1]))
-    render_cpu_s = (time.thread_time() - cpu) / cfg.resources.batch_size
+    _render((specs, [dict(batches[0])]))  # a copy: a stage replaces its batch's chunk, the original stays unrendered
+    render_cpu_s = (time.thread_time() - cpu) / sizes[0]
     torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
 
     # Captions first (the job's order), on unrendered chunks; the Caption stage decodes its own images.
     caption = stages.Caption(p.manifest.captioner, cfg.num_syn_captions, device, threads=torch.get_num_threads())
-    captioned, caption_s, caption_n = _timed_stage(caption, batches, sync)
+    captioned, caption_s, caption_n = _timed_stage(caption, batches, sizes, sync)
     caption_model = caption.captioner
 
     # Every chunk over a pool of processes, one a core but this one's (one process alone: rendered here instead).
@@ -219,7 +218,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     embed = stages.Embed(cfg.teachers, device, threads=torch.get_num_threads())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _, embed_s, embed_n = _timed_stage(embed, rendered, sync)
+    _, embed_s, embed_n = _timed_stage(embed, rendered, sizes, sync)
     embed_peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
     precision_ab = _teacher_precision_ab(embed, probe, sync)
     if device == "cuda":  # where the device time goes: the top kernels and host ops of each model stage
@@ -234,7 +233,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
         "config": f"{' + '.join(t.model for t in cfg.teachers)} (one shared render), captioner "
         f"{cfg.captioner.model} ({cfg.captioner.max_len} tokens, KV cache), K={cfg.num_augmentations}, "
         f"S={cfg.num_syn_captions}, chunks of {cfg.resources.batch_size}, random weights",
-        "num_samples": sum(len(stages.unpack_chunk(bytes(b[stages.CHUNK][0]))["key"]) for b in batches),
+        "num_samples": sum(sizes),
         "embed_samples_per_s": embed_rate,
         "teacher_views_per_s": embed_rate * cfg.num_augmentations * len(cfg.teachers),
         "caption_samples_per_s": caption_rate,
@@ -244,7 +243,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
         "caption_flops_per_sample": caption_flops,
         "flops_per_sample": estimate.flops_per_sample,
         "render_cpu_s_per_sample": render_cpu_s,
-        "render_pool_samples_per_s": len(batches) * cfg.resources.batch_size / render_pool_s,
+        "render_pool_samples_per_s": sum(sizes) / render_pool_s,
         "render_pool_processes": max(1, workers),
         "cores_per_device": render_cpu_s * both_rate,
         "embed_peak_bytes": embed_peak,
