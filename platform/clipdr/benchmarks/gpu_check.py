@@ -144,31 +144,30 @@ def make_data(work: Path, samples: int, smoke: bool) -> None:
     print(f"{samples} samples at {cfg.image_size}px in {time.monotonic() - started:.1f} s")
 
 
-def _device(work: Path, smoke: bool) -> tuple[str, float | None]:
-    """(torch device, dense bf16 peak FLOP/s or None in smoke mode) of the machine the env phase found."""
+def _direct(work: Path, smoke: bool, measure, result_name: str) -> None:
+    """Runs a direct phase, ``measure(world, device, peak)``, on the device the env phase found (the CPU in smoke
+    mode) and keeps its figures in ``work / result_name`` for the report."""
     from clipdr import accelerators
 
-    return ("cpu", None) if smoke else ("cuda", accelerators.peak_flops(_read(work, _ENV)["device"]))
+    device, peak = ("cpu", None) if smoke else ("cuda", accelerators.peak_flops(_read(work, _ENV)["device"]))
+    result = measure(_read(work, _DATA)["source"], device, peak)
+    _write(work / result_name, result)
+    print(json.dumps(result, indent=2))
 
 
 def stages(work: Path, samples: int, smoke: bool) -> None:
     """The reinforcement stages at the DataCompDR-12M recipe on the device, without Ray (`gpu_direct.run_stages`)."""
     from clipdr.benchmarks import gpu_direct
 
-    device, peak = _device(work, smoke)
-    result = gpu_direct.run_stages(_read(work, _DATA)["source"], work, device, peak, smoke)
-    _write(work / gpu_direct.STAGES, result)
-    print(json.dumps(result, indent=2))
+    run = lambda world, device, peak: gpu_direct.run_stages(world, work, device, peak, smoke)  # noqa: E731
+    _direct(work, smoke, run, gpu_direct.STAGES)
 
 
 def train(work: Path, samples: int, smoke: bool) -> None:
     """The MobileCLIP-S0 recipe's training step on the device, without Ray (`gpu_direct.run_train`)."""
     from clipdr.benchmarks import gpu_direct
 
-    device, peak = _device(work, smoke)
-    result = gpu_direct.run_train(_read(work, _DATA)["source"], device, peak, smoke)
-    _write(work / gpu_direct.TRAIN, result)
-    print(json.dumps(result, indent=2))
+    _direct(work, smoke, lambda world, device, peak: gpu_direct.run_train(world, device, peak, smoke), gpu_direct.TRAIN)
 
 
 def compile_step(work: Path, samples: int, smoke: bool) -> None:
@@ -178,10 +177,7 @@ def compile_step(work: Path, samples: int, smoke: bool) -> None:
     if smoke:
         print("compile: skipped in smoke mode (inductor takes minutes on a CPU; the unit tests cover the option)")
         return
-    device, peak = _device(work, smoke)
-    result = gpu_direct.run_compile(_read(work, _DATA)["source"], device, peak)
-    _write(work / gpu_direct.COMPILE, result)
-    print(json.dumps(result, indent=2))
+    _direct(work, smoke, gpu_direct.run_compile, gpu_direct.COMPILE)
 
 
 def job_config(work: Path, smoke: bool):
