@@ -328,6 +328,7 @@ def test_what_ray_ships_loads_without_torch(world):
     reinforced = pipeline.build_dataset(source, plan, cfg.augment, preprocess, 256, range(2))
     raw_cfg = dataclasses.replace(cfg.train, data=str(root / "world" / "teacher"), mode="clip")
     raw_uri, _, raw_files = open_data(raw_cfg)
+    assert pipeline.count_source_rows(raw_files) == 128  # the world's teacher corpus, counted by Ray tasks
     raw_plan = make_plan(dataclasses.replace(cfg, train=raw_cfg), [])
     raw = pipeline.build_dataset(
         pipeline.DataSource(raw_uri, tuple(raw_files), 128, None), raw_plan, cfg.augment, preprocess, 128, range(2)

