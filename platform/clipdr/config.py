@@ -71,8 +71,8 @@ class SynthConfig:
     """
 
     output: str = _f("data/synth", "where the world is written: a path, file:// or s3:// URI")
-    family: str = _f("shapes", "world family: shapes (the demo's) or tiles (other objects, attributes and captions)")
     seed: int = _f(0, "seed of the world; every sample is a pure function of (seed, split, index)")
+    family: str = _f("shapes", "world family: shapes (the demo's) or tiles (other objects, attributes and captions)")
     image_size: int = _f(64, "side of the square images in pixels (at least 16)")
     formats: tuple[str, ...] = _f(("webdataset",), "source formats of the caption splits: webdataset and/or parquet")
     shard_size: int = _f(1000, "samples per shard")

@@ -1,6 +1,9 @@
 """The built-in synthetic image-text world: the embedded default dataset.
 
-Every image shows one to three coloured shapes on a textured background, rendered procedurally. Each
+Every image shows one to three coloured shapes on a textured background, rendered procedurally. What the shapes,
+colours, sizes, positions, backgrounds, phrasings and web noise are is the world's family (``synth.family``,
+`clipdr.data.families`): ``shapes``, the default and the demo's, or ``tiles``; this module samples, renders and
+captions any family with the same code, and the names below (``SHAPES``, ``TASKS``, ...) are the first family's. Each
 sample is a pure function of ``(seed, split, index)``: its random generator is
 ``numpy.random.default_rng([seed, split_id, index])``, so any shard can be regenerated on its own, in any
 process, and comes out byte-identical.
@@ -13,7 +16,8 @@ Splits (disjoint: every split draws from its own random streams and keys carry t
   count and background, sometimes wrong, padded with filler, and sometimes unrelated to the image.
   This is the corpus that gets reinforced.
 - ``zeroshot``: single-object images for zero-shot classification, one clip_benchmark webdataset folder
-  per task (`TASKS`); ``object`` ("<colour> <shape>", 64 classes) is the headline task.
+  per task of the family (`Family.tasks`); ``object`` ("<colour> <shape>", 64 classes in the first family) is the
+  headline task, balanced: sample i shows object class i mod the number of classes.
 - ``retrieval``: images with clean captions, for image-text retrieval.
 
 Layout under ``SynthConfig.output``::
@@ -339,9 +343,9 @@ def _render_background(background: Background, side: int, image_size: int) -> Im
         # A linear ramp of +-1.5 pattern amplitudes around the colour, along one of four directions.
         ramp = np.linspace(-1.5 * _PATTERN_AMPLITUDE, 1.5 * _PATTERN_AMPLITUDE, side)
         ramp = ramp if seed % 2 else ramp[::-1]
-        offsets = ramp[:, None] if (seed // 2) % 2 else ramp[None, :]
-        pixels = np.asarray(rgb, dtype=np.float64) + np.broadcast_to(offsets, (side, side))[..., None]
-        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), mode="RGB")
+        line = np.clip(np.rint(np.asarray(rgb, dtype=np.float64) + ramp[:, None]), 0, 255).astype(np.uint8)
+        pixels = np.broadcast_to(line[:, None] if (seed // 2) % 2 else line[None, :], (side, side, 3))
+        return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
     scale = side / 64
     period = max(2, round(_PERIODS[seed % len(_PERIODS)] * scale))
     orientation = (seed // len(_PERIODS)) % _STRIPE_ORIENTATIONS
