@@ -53,7 +53,9 @@ class NoiseConfig:
     drop_position: float = _f(0.9, "probability that a noisy caption omits an object's position")
     drop_background: float = _f(0.85, "probability that a noisy caption omits the background")
     drop_colour: float = _f(0.1, "probability that a noisy caption omits an object's colour")
-    drop_shape: float = _f(0.1, "probability that a noisy caption says 'shape' instead of the shape's name")
+    drop_shape: float = _f(
+        0.1, "probability that a noisy caption says 'shape' (tiles: 'tile') instead of the shape's name (and its fill)"
+    )
     drop_object: float = _f(0.4, "probability that a noisy caption omits each object after the first")
     wrong_rate: float = _f(0.15, "probability that each attribute a noisy caption states is wrong")
     filler_rate: float = _f(0.6, "probability of adding web filler ('stock photo', '#design', ...)")
