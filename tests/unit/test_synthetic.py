@@ -146,8 +146,9 @@ def test_clean_captions_state_every_attribute():
     assert len(seen_templates) >= 5  # several phrasings, not one template
 
 
-def test_clean_position_phrases_never_contain_each_other():
-    phrases = list(synth.POSITION_PHRASES.values())
+@pytest.mark.parametrize("family", families.FAMILIES.values(), ids=lambda f: f.name)
+def test_clean_position_phrases_never_contain_each_other(family):
+    phrases = list(family.position_phrases.values())
     assert all(a == b or a not in b for a in phrases for b in phrases)
 
 
