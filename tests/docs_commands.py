@@ -26,7 +26,7 @@ SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 # First words that make a line in an unlabelled block a command someone could copy (it must then be labelled).
 COMMAND_WORDS = ("clipdr", "python", "make", "ray", "mlflow", "terraform", "kubectl", "docker", "pytest")
 # Top-level folders of the repository: a documented argument under one of them is a path that must exist.
-REPO_DIRS = ("jobs", "docker", "infra", "tests", "docs", "platform")
+REPO_DIRS = ("jobs", "docker", "infra", "tests", "docs", "platform", "scripts")
 
 _FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
 _HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
@@ -346,6 +346,17 @@ REGISTRY: dict[str, Entry] = {
         )
     ),
     "mlflow ui --backend-store-uri": External("starts a web server that runs until stopped; test_demo checks the hint"),
+    # docs/demo.md: the UI screenshot, and the demo on the second world family.
+    "python scripts/ui_screenshot.py --store --experiment --output": External(
+        "needs Chromium (a Debian package the CI machine may lack) and starts an MLflow server for minutes; "
+        "tests/unit/test_ui_screenshot.py checks its chart URL and that it stops before starting anything without one"
+    ),
+    "clipdr demo --config jobs/configs/demo_world2.toml": CoveredBy(
+        (
+            "tests/integration/test_demo.py::test_demo_runs_every_stage_into_mlflow_and_caches",
+            "tests/unit/test_synthetic.py::test_demo_world2_is_the_demo_lifecycle_on_the_tiles_family",
+        )
+    ),
     # Evaluate, export, promote.
     "clipdr evaluate --config jobs/configs/demo.toml --set evaluate.model": CoveredBy(
         ("tests/integration/test_lifecycle.py::test_evaluating_a_model_name_opens_a_linked_evaluation_run",)

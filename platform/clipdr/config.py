@@ -53,7 +53,9 @@ class NoiseConfig:
     drop_position: float = _f(0.9, "probability that a noisy caption omits an object's position")
     drop_background: float = _f(0.85, "probability that a noisy caption omits the background")
     drop_colour: float = _f(0.1, "probability that a noisy caption omits an object's colour")
-    drop_shape: float = _f(0.1, "probability that a noisy caption says 'shape' instead of the shape's name")
+    drop_shape: float = _f(
+        0.1, "probability that a noisy caption says 'shape' (tiles: 'tile') instead of the shape's name (and its fill)"
+    )
     drop_object: float = _f(0.4, "probability that a noisy caption omits each object after the first")
     wrong_rate: float = _f(0.15, "probability that each attribute a noisy caption states is wrong")
     filler_rate: float = _f(0.6, "probability of adding web filler ('stock photo', '#design', ...)")
@@ -72,6 +74,7 @@ class SynthConfig:
 
     output: str = _f("data/synth", "where the world is written: a path, file:// or s3:// URI")
     seed: int = _f(0, "seed of the world; every sample is a pure function of (seed, split, index)")
+    family: str = _f("shapes", "world family: shapes (the demo's) or tiles (other objects, attributes and captions)")
     image_size: int = _f(64, "side of the square images in pixels (at least 16)")
     formats: tuple[str, ...] = _f(("webdataset",), "source formats of the caption splits: webdataset and/or parquet")
     shard_size: int = _f(1000, "samples per shard")
