@@ -28,7 +28,7 @@ import pandas as pd
 import pytest
 import torch
 
-from clipdr import benchmarks, lifecycle, models, serving, tracking
+from clipdr import benchmarks, cli, lifecycle, models, serving, tracking
 from clipdr.benchmarks import serve as serve_bench
 from clipdr.cluster import free_port
 from tests.conftest import wait_http
@@ -172,7 +172,12 @@ def pyfunc_predict(registered: Registered, rows: dict) -> pd.DataFrame:
 ATOL = 64 * float(np.finfo(np.float32).eps)
 
 
-def test_clipdr_serve_embeds_images_and_texts_as_the_registered_pyfunc_predicts(ray_serve, registered):
+def test_clipdr_serve_embeds_images_and_texts_as_the_registered_pyfunc_predicts(ray_serve, registered, capsys):
+    # The alias is looked up in the registry before anything starts: one that is not set is refused at once.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", registered.tracking_uri)
+        assert cli.main(["serve", "--set", "serve.model=student", "--set", "serve.alias=nightly"]) == 2
+    assert "registered model 'student' has no alias 'nightly'" in capsys.readouterr().err
     served = serve_bench.info(ray_serve)
     assert served["model"] == f"models:/student/{registered.version}"
     assert (served["alias"], served["embedding_dim"]) == (lifecycle.CHAMPION, 64)
