@@ -402,6 +402,19 @@ REGISTRY: dict[str, Entry] = {
             "tests/integration/test_serve.py::test_a_malformed_request_gets_a_400_and_the_server_keeps_serving",
         )
     ),
+    # docs/export.md, README: `clipdr serve` runs until stopped; the integration test starts it as the CLI (the
+    # benchmark's `started`, which adds the port, host, alias and replicas), requests both endpoints and stops it.
+    "clipdr serve --set serve.model": CoveredBy(
+        (
+            "tests/integration/test_serve.py::test_clipdr_serve_embeds_images_and_texts_as_the_registered_pyfunc_predicts",
+            "tests/integration/test_serve.py::test_clipdr_serve_answers_a_malformed_request_with_a_4xx_and_goes_on_serving",
+        )
+    ),
+    # --model starts `clipdr serve` (the `started` of the test above) and measures it; the test runs the same
+    # `benchmarks.main` with --url against that server at toy size.
+    "python jobs/benchmark.py serve --model --requests --concurrency --output": CoveredBy(
+        ("tests/integration/test_serve.py::test_the_serve_load_test_runs_at_toy_size",)
+    ),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --flops-models --rows --rounds --output": Run(_TOY_CAPTIONER),

@@ -435,6 +435,21 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`clipdr serve`: a Ray Serve deployment of a registered model's alias, with image and text endpoints."""
+
+    model: str = _f("", "registered model name; the version its alias points at when the server starts is served")
+    alias: str = _f("champion", "registry alias whose version is served")
+    host: str = _f("127.0.0.1", "address the HTTP proxy listens on (0.0.0.0: every interface)")
+    port: int = _f(8000, "port the HTTP proxy listens on")
+    replicas: int = _f(1, "replicas of the model, each an actor holding one copy")
+    cpus_per_replica: float = _f(1.0, "CPUs reserved per replica (also its torch threads)")
+    max_ongoing_requests: int = _f(8, "requests a replica works on at once; more wait in the proxy's queue")
+    max_items: int = _f(64, "most images or texts in one request (more: HTTP 413)")
+    max_body_mb: float = _f(32.0, "largest request body in MiB (larger: HTTP 413)")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The one-command demo on the embedded default: the paper in miniature.
 
@@ -487,6 +502,7 @@ class Config:
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "zero-shot classification and retrieval evaluation")
     export: ExportConfig = _f(ExportConfig(), "exporting a model (open_clip weights, fused model, ONNX)")
     lifecycle: LifecycleConfig = _f(LifecycleConfig(), "registry aliases and the promotion gate")
+    serve: ServeConfig = _f(ServeConfig(), "serving a registered model over HTTP (Ray Serve)")
     tracking: TrackingConfig = _f(TrackingConfig(), "experiment tracking")
 
 
