@@ -237,9 +237,10 @@ class TrainLoss:
     use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
     caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
     local_loss: bool = _f(
-        False,
-        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
-        "global batches); the logged loss is then rank 0's share, the other parts stay global",
+        True,
+        "with more than one worker, each rank computes only its own rows of the similarity matrices (B x G memory "
+        "and FLOPs, not G x G), with the gradients of the full matrices; one worker computes the full matrices "
+        "either way. A memory knob: a resubmission may change it",
     )
     max_logit_scale: float = _f(100.0, "clamp of the student's logit scale in the loss and after every step")
 

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -56,11 +57,11 @@ _RESUMABLE_CHANGES = (
     "cost",
     "channels_last",
     "compile",
-)  # scaling, bookkeeping and speed knobs (memory layout, compilation)
+    "loss.local_loss",
+)  # scaling, bookkeeping and speed knobs (memory layout, compilation, which rows of the loss a rank computes)
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
 _LATER_SETTINGS = {
-    "loss.local_loss": False,
     "teacher_scales": [],
     "num_syn_captions": 0,
     "schedule.kind": "cosine",
@@ -146,14 +147,31 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
     return storage.join(cfg.output, run_name)
 
 
-def _recipe(cfg: Config) -> dict:
-    """The settings a resumed run must keep (everything but scaling and bookkeeping), nested like the config."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
-    for dotted, default in _LATER_SETTINGS.items():
+def _leaf(table: dict, dotted: str) -> tuple[dict, str]:
+    """The table holding the dotted key ``dotted`` of ``table``, and the key's last part."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        table = table[section]
+    return table, name
+
+
+def _without_resumable(train: dict) -> dict:
+    """``train`` (a [train] table, nested) without `_RESUMABLE_CHANGES`; a copy."""
+    train = copy.deepcopy(train)
+    for dotted in _RESUMABLE_CHANGES:
         *sections, name = dotted.split(".")
         table = train
         for section in sections:
-            table = table[section]
+            table = table.get(section, {})
+        table.pop(name, None)
+    return train
+
+
+def _recipe(cfg: Config) -> dict:
+    """The settings a resumed run must keep (everything but scaling and bookkeeping), nested like the config."""
+    train = _without_resumable(to_dict(cfg.train))
+    for dotted, default in _LATER_SETTINGS.items():
+        table, name = _leaf(train, dotted)
         if table[name] == default:
             del table[name]
     return {"train": train, "augment": to_dict(cfg.augment)}
@@ -161,8 +179,10 @@ def _recipe(cfg: Config) -> dict:
 
 def recorded_recipe(state: runstate.RunState) -> dict:
     """A run state's recipe in today's layout: runs recorded when [train] was flat (``train.lr``, now
-    ``train.optimizer.lr``) compare key for key with a resubmission's `_recipe` (`clipdr.config.upgrade`)."""
-    return upgrade(state.recipe)
+    ``train.optimizer.lr``) compare key for key with a resubmission's `_recipe` (`clipdr.config.upgrade`); a
+    setting that became resumable after it was recorded (``loss.local_loss``) is dropped."""
+    recipe = upgrade(state.recipe)
+    return {**recipe, "train": _without_resumable(recipe["train"])}
 
 
 # --------------------------------------------------------------------------- run
