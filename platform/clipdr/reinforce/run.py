@@ -90,15 +90,16 @@ class Plan:
 
 
 def run_fingerprint(manifest: records.Manifest, legacy: bool = False) -> str:
-    """What makes a shard's output: every setting of the manifest but its provenance and the teachers' a_k, and the
-    record schema.
+    """What makes a shard's output: every setting of the manifest but its provenance, its parts and the teachers' a_k,
+    and the record schema.
 
     A teacher's ``logit_scale`` (a_k) is recorded in the manifest as the default a training run distils with, but
     it changes no stored byte: it is a training choice (``train.loss.teacher_scales`` overrides it), so it is not
     part of what the shards are. ``legacy`` gives the fingerprint shards written before that decision carry (a_k
     included), so their partial outputs still resume.
     """
-    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    # Parts are added to a complete dataset by passes of their own, each with its own fingerprint (`reinforce.parts`).
+    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version", "parts")}
     if not legacy:
         settings["teachers"] = [{k: v for k, v in t.items() if k != "logit_scale"} for t in settings["teachers"]]
     return runstate.fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})

@@ -45,7 +45,7 @@ SHARD_ROWS = "_shard_rows"  # valid samples in the shard (on its last chunk)
 SHARD_SKIPPED = "_shard_skipped"  # JSON {reason: count} of the shard (on its last chunk)
 SYN_PREFIX = "_syn_"  # synthetic caption j travels as column _syn_<j> (flat strings convert to Arrow cleanly)
 VIEWS_PREFIX = "_views_"  # uint8 (N, K, 3, S, S) views of one augment.RenderKey: column _views_<S>_<interpolation>
-SHARD_METADATA_KEY = b"clipdr.reinforce"  # Parquet footer metadata of an output shard: provenance + skip counts
+SHARD_METADATA_KEY = records.SHARD_METADATA_KEY  # Parquet footer metadata of an output file: provenance + skip counts
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ def shard_metadata(run_fingerprint: str, source: str, skipped: dict[str, int]) -
 
 def read_shard_metadata(schema: pa.Schema) -> dict | None:
     """The provenance a reinforcement job wrote into a shard's footer, or None for foreign files."""
-    raw = (schema.metadata or {}).get(SHARD_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    return records.read_provenance(schema)
 
 
 def write_output_shard(
