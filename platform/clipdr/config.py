@@ -169,6 +169,14 @@ class ReinforceConfig:
         False, "validate the config and source, print the plan and its accelerator-hours; load no model, write nothing"
     )
     cost: ReinforceCost = _f(ReinforceCost(), "what the dry run's accelerator-hour projection assumes")
+    add: str = _f(
+        "",
+        "a pass adding a part to the complete dataset at output, rewriting nothing: 'captions' (the caption set "
+        "caption_set: S = num_syn_captions captions a sample from [reinforce.captioner], and every teacher's text "
+        "embeddings of it) or 'teacher' (the one teacher of [[reinforce.teachers]] the dataset lacks); empty: the "
+        "base job (docs/reinforce.md)",
+    )
+    caption_set: str = _f("", "name of the caption set a 'captions' pass adds (a lowercase identifier)")
 
 
 @dataclass(frozen=True)

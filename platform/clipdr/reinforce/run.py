@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from clipdr import augment, records, runstate, storage
 from clipdr import progress as progress_lines
 from clipdr.accelerators import AcceleratorError
-from clipdr.config import Config, flatten, to_dict
+from clipdr.config import Config, ReinforceConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce import cost
 from clipdr.reinforce.stages import ShardTask, read_shard_metadata
@@ -128,9 +128,29 @@ def _settings_differences(expected: records.Manifest, found: records.Manifest) -
     return diffs
 
 
+def captioner_spec(cfg: ReinforceConfig) -> records.CaptionerSpec:
+    """The spec of ``[reinforce.captioner]``, validated (no model is loaded)."""
+    from clipdr.models.captioners import validate_captioner
+
+    try:
+        captioner = records.CaptionerSpec(
+            name=cfg.captioner.model,
+            kind=cfg.captioner.kind,
+            model=cfg.captioner.model,
+            pretrained=cfg.captioner.pretrained,
+            top_p=cfg.captioner.top_p,
+            temperature=cfg.captioner.temperature,
+            max_len=cfg.captioner.max_len,
+            seed=cfg.seed,
+        )
+        validate_captioner(captioner)
+    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
+        raise ReinforceError(f"reinforce.captioner: {e}") from None
+    return captioner
+
+
 def plan(config: Config) -> Plan:
     """Validates everything that can be checked without models and compute, and decides what is left to do."""
-    from clipdr.models.captioners import validate_captioner
     from clipdr.models.teachers import TeacherError, teacher_spec
 
     cfg = config.reinforce
@@ -180,22 +200,8 @@ def plan(config: Config) -> Plan:
         for t, spec in resolved
         if spec is None
     )
-    captioner = None  # S = 0: an embeddings-only pass; no captioner is validated, loaded or recorded
-    try:
-        if cfg.num_syn_captions > 0:
-            captioner = records.CaptionerSpec(
-                name=cfg.captioner.model,
-                kind=cfg.captioner.kind,
-                model=cfg.captioner.model,
-                pretrained=cfg.captioner.pretrained,
-                top_p=cfg.captioner.top_p,
-                temperature=cfg.captioner.temperature,
-                max_len=cfg.captioner.max_len,
-                seed=cfg.seed,
-            )
-            validate_captioner(captioner)
-    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
-        raise ReinforceError(f"reinforce.captioner: {e}") from None
+    # S = 0: an embeddings-only pass; no captioner is validated, loaded or recorded
+    captioner = captioner_spec(cfg) if cfg.num_syn_captions > 0 else None
 
     if cfg.dry_run and (storage.is_s3(cfg.source) or storage.is_s3(cfg.output)):
         # A dry run validates what needs no network; object storage may be out of reach from here.
@@ -352,6 +358,10 @@ def run(config: Config, log=print) -> records.Manifest | None:
     from clipdr.reinforce.pipeline import run_pipeline
 
     cfg = config.reinforce
+    if cfg.add:  # a part added to a complete dataset (`clipdr.reinforce.parts`)
+        from clipdr.reinforce import parts
+
+        return parts.run(config, log)
     p = plan(config)
     log(p.describe())
     if cfg.dry_run:
