@@ -320,6 +320,11 @@ class TrainConfig:
     num_syn_captions: int = _f(
         0, "draw each sample's synthetic caption from the first n of the dataset's S; 0: all S (needs S >= n)"
     )
+    syn_caption_sets: tuple[str, ...] = _f(
+        (),
+        "caption sets the synthetic captions are drawn from, their captions concatenated in this order ('default': the "
+        "base shards' own; others added by reinforce.add = 'captions'); empty: every set the manifest lists",
+    )
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
     grad_checkpointing: bool = _f(False, "activation checkpointing of the towers (less memory, more compute)")

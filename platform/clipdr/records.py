@@ -1302,7 +1302,7 @@ def open_dataset(
     Args:
         uri_dir: The dataset directory (path, ``file://`` or ``s3://``).
         require_teachers: Teachers whose embeddings the caller needs.
-        min_syn_captions: Fewest synthetic captions a sample the caller needs.
+        min_syn_captions: Fewest synthetic captions a sample the caller needs (of all caption sets together).
         check_shards: Read every shard's Parquet footer (metadata only) to compare row counts and schemas.
         extra_files: What parquet files the manifest does not list cause: ``warn`` or ``error`` (`check_dataset`).
 
@@ -1318,10 +1318,11 @@ def open_dataset(
             f"dataset {uri_dir!r} lacks teachers {lacking}: it has {list(manifest.teacher_names)}, "
             f"the caller requires {list(require_teachers)}"
         )
-    if manifest.num_syn_captions < min_syn_captions:
+    num_syn_captions = sum(manifest.caption_sets.values())
+    if num_syn_captions < min_syn_captions:
         raise RecordsError(
-            f"dataset {uri_dir!r} has {manifest.num_syn_captions} synthetic captions a sample, "
-            f"the caller needs at least {min_syn_captions}"
+            f"dataset {uri_dir!r} has {num_syn_captions} synthetic captions a sample, the caller needs at least "
+            f"{min_syn_captions} (all its caption sets together)"
         )
     uris = _check_dataset(uri_dir, manifest, check_shards, extra_files, stacklevel=3)
     return ReinforcedDataset(uri=uri_dir, manifest=manifest, shard_uris=tuple(uris))
