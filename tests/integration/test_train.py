@@ -377,3 +377,54 @@ def test_train_ingest_keeps_the_stream_order(ray_local, tmp_path):
     shard = pipeline.data_config().configure({"train": stream}, 1, worker_handles=None, worker_node_ids=None)[0]
     seen = [batch[data.TEXT] for batch in shard["train"].iter_batches(batch_size=8, batch_format="numpy")]
     np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(reference))
+
+
+def test_a_caption_set_added_to_the_dataset_is_trained_on(world, tmp_path):
+    """`clipdr reinforce --set reinforce.add=captions` on Ray adds a caption set to a copy of the world's dataset,
+    rewriting none of its files; a run with ``train.syn_caption_sets`` then trains on that set and records it."""
+    import hashlib
+    import shutil
+
+    from clipdr import cli, records
+
+    root, config = world
+    dataset = tmp_path / "reinforced"
+    shutil.copytree(root / "reinforced", dataset)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset.rglob("*.parquet")}
+    # The documented command, in this process (on the suite's Ray), with the world's teacher and captioner.
+    (teacher,) = config.reinforce.teachers
+    settings = {
+        "reinforce.output": str(dataset),
+        "reinforce.add": "captions",
+        "reinforce.caption_set": "beam",
+        "reinforce.num_syn_captions": "1",
+        "reinforce.teachers": f'[{{name = "{teacher.name}", model = "{teacher.model}", logit_scale = 100.0}}]',
+        "reinforce.captioner.model": TINY_COCA,
+        "reinforce.captioner.pretrained": '""',
+        "reinforce.captioner.max_len": "8",
+        "reinforce.captioner.top_p": "0.5",
+        "reinforce.resources.batch_size": "32",
+        "tracking.uri": config.tracking.uri,
+    }
+    argv = ["reinforce", *(a for key, value in settings.items() for a in ("--set", f"{key}={value}"))]
+    assert cli.main(argv) == 0
+    manifest = records.read_manifest(str(dataset))
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    assert manifest.caption_sets == {"default": 2, "beam": 1} and len(list(dataset.rglob("*.parquet"))) == 8
+    assert manifest.part("captions__beam").captioner.top_p == 0.5
+    listed = (dataset / records.MANIFEST_NAME).read_bytes()
+    assert cli.main(argv) == 0 and (dataset / records.MANIFEST_NAME).read_bytes() == listed  # complete: nothing to do
+
+    cfg = train_config(
+        world,
+        "caption-set",
+        data=str(dataset),
+        syn_caption_sets=("beam",),
+        schedule=TrainSchedule(samples=2 * BATCH, batch_size=BATCH, warmup_samples=BATCH),
+        checkpoint=TrainCheckpoint(every=100),
+    )
+    result = train(cfg, log=lambda message: None)
+    params = MlflowClient(cfg.tracking.uri).get_run(result.mlflow_run_id).data.params
+    assert result.steps == 2 and params["distill.syn_caption_sets"] == "beam"
+    assert params["distill.syn_captions_used"] == "1" and params["train.syn_caption_sets"] == "['beam']"
+    assert records.open_dataset(str(dataset)).manifest == manifest

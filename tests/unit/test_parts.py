@@ -206,3 +206,18 @@ def test_adding_a_part_leaves_every_existing_file_byte_identical(tmp_path):
         warnings.simplefilter("error")
         records.open_dataset(str(tmp_path))
     assert storage.exists(str(tmp_path / records.part_file("captions__beam", base.shards[0].path)))
+
+
+def test_inspect_shows_the_parts_and_each_caption_sets_captions(tmp_path):
+    from clipdr import inspection
+    from tests.unit import test_train_data
+
+    uri, base = test_train_data.write_dataset(tmp_path, num_syn_captions=1)
+    add_part(pathlib.Path(uri), base, captions_part(base))
+    lines: list[str] = []
+    inspection.inspect(uri, str(tmp_path / "sheet.png"), num_samples=1, log=lines.append)
+    text = "\n".join(lines)
+    assert "part          captions__beam: caption set 'beam', S=3 a sample by" in text
+    assert "text embeddings of teachers alpha, beta_xl" in text
+    assert "  synthetic 0 " in text and "  beam 2 sample-0 set 2" in text
+    assert "syn_captions__beam" in text and "text_emb__alpha__beam" in text  # their bytes, from the part files
