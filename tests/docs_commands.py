@@ -319,7 +319,7 @@ REGISTRY: dict[str, Entry] = {
     "clipdr reinforce --config jobs/configs/datacompdr12m.toml --set reinforce.dry_run": Run(),
     # docs/reinforce.md: a caption set added to a complete dataset, on Ray, then trained on.
     "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.add --set reinforce.caption_set": CoveredBy(
-        ("tests/integration/test_train.py::test_a_caption_set_added_to_the_dataset_is_trained_on",)
+        ("tests/integration/test_train.py::test_a_caption_set_added_on_ray_feeds_the_training_input",)
     ),
     "clipdr train --config jobs/configs/mobileclip_s0.toml --set train.dry_run": Run(),
     "clipdr reinforce --config jobs/configs/mobileclip2_reinforce.toml --set reinforce.dry_run": Run(),

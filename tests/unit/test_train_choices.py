@@ -163,6 +163,12 @@ def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path):
         )
         assert (out[data.SYN_TEXT] == tokens).all()
 
+    # A run's data is the base and the parts it reads: a part it does not read leaves the fingerprint as it was.
+    from clipdr.train.run import data_fingerprint_of
+
+    assert data_fingerprint_of(uri, manifest, ["alpha"], ["default"]) == data_fingerprint_of(uri, base, ["alpha"])
+    assert data_fingerprint_of(uri, manifest, ["alpha"], ["beam"]) != data_fingerprint_of(uri, base, ["alpha"])
+
     with pytest.raises(TrainError, match=r"train.syn_caption_sets names \['long'\], which the dataset lacks"):
         make_plan(train_config(syn_caption_sets=("long",)), [], dataset_caption_sets=manifest.caption_sets)
     lacking = dataclasses.replace(manifest.part("captions__beam"), teachers=("alpha",))

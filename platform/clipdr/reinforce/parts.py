@@ -197,7 +197,8 @@ def plan(config: Config) -> PartPlan:
                 f"the dataset at {cfg.output!r} has part {part.name!r} already, made with other settings: choose "
                 "another reinforce.caption_set (or teacher name)"
             )
-        return PartPlan(manifest, listed, part.fingerprint, teachers, columns, tasks, (), complete=True)
+        done = tuple(t.output for t in tasks)
+        return PartPlan(manifest, listed, part.fingerprint, teachers, columns, tasks, done, complete=True)
     folder = storage.join(cfg.output, records.PARTS_DIR, part.name)
     found = storage.list_files(folder, (records.SHARD_SUFFIX,), recursive=True)
     expected = {t.output for t in tasks}
