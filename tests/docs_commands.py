@@ -317,6 +317,10 @@ REGISTRY: dict[str, Entry] = {
         ("tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",)
     ),
     "clipdr reinforce --config jobs/configs/datacompdr12m.toml --set reinforce.dry_run": Run(),
+    # docs/reinforce.md: a caption set added to a complete dataset, on Ray, then trained on.
+    "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.add --set reinforce.caption_set": CoveredBy(
+        ("tests/integration/test_train.py::test_a_caption_set_added_on_ray_feeds_the_training_input",)
+    ),
     "clipdr train --config jobs/configs/mobileclip_s0.toml --set train.dry_run": Run(),
     "clipdr reinforce --config jobs/configs/mobileclip2_reinforce.toml --set reinforce.dry_run": Run(),
     # Crashed on every run (ray.remote refused convert's functools.partial) until branch datacompdr's fix, which

@@ -172,6 +172,14 @@ class ReinforceConfig:
         False, "validate the config and source, print the plan and its accelerator-hours; load no model, write nothing"
     )
     cost: ReinforceCost = _f(ReinforceCost(), "what the dry run's accelerator-hour projection assumes")
+    add: str = _f(
+        "",
+        "a pass adding a part to the complete dataset at output, rewriting nothing: 'captions' (the caption set "
+        "caption_set: S = num_syn_captions captions a sample from [reinforce.captioner], and every teacher's text "
+        "embeddings of it) or 'teacher' (the one teacher of [[reinforce.teachers]] the dataset lacks); empty: the "
+        "base job (docs/reinforce.md)",
+    )
+    caption_set: str = _f("", "name of the caption set a 'captions' pass adds (a lowercase identifier)")
 
 
 @dataclass(frozen=True)
@@ -315,6 +323,11 @@ class TrainConfig:
     )
     num_syn_captions: int = _f(
         0, "draw each sample's synthetic caption from the first n of the dataset's S; 0: all S (needs S >= n)"
+    )
+    syn_caption_sets: tuple[str, ...] = _f(
+        (),
+        "caption sets the synthetic captions are drawn from, their captions concatenated in this order ('default': the "
+        "base shards' own; others added by reinforce.add = 'captions'); empty: every set the manifest lists",
     )
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")

@@ -56,6 +56,7 @@ EVERY_FIELD = TrainConfig(
     teachers=("alpha",),
     teacher_scales=(42.0,),
     num_syn_captions=3,
+    syn_caption_sets=("beam",),
     seed=11,
     precision="bf16",
     grad_checkpointing=True,
@@ -106,10 +107,10 @@ EVERY_FIELD = TrainConfig(
 
 # Plan sections, and keys of sections (dotted below the section), added after the pinned files were made; each is
 # compared on its own in its feature's tests.
-ADDED_SINCE = ("tracking", "num_syn_captions")
+ADDED_SINCE = ("tracking", "num_syn_captions", "syn_caption_sets")
 ADDED_KEYS = {
     "train": (
-        *("dry_run", "cost", "teacher_scales", "num_syn_captions", "channels_last", "compile"),
+        *("dry_run", "cost", "teacher_scales", "num_syn_captions", "syn_caption_sets", "channels_last", "compile"),
         *("finetune", "schedule.kind", "schedule.cooldown_samples"),
     ),
     "evaluate": ("suite", "seed", "allow_pickle"),
@@ -120,6 +121,7 @@ ADDED_KEYS = {
 LATER_CHOICES = {
     "teacher_scales": (),
     "num_syn_captions": 0,
+    "syn_caption_sets": (),
     "finetune": TrainFinetune(),
     "schedule.kind": "cosine",
     "schedule.cooldown_samples": 0,

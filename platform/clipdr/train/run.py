@@ -23,7 +23,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from clipdr.train import data
 from clipdr.train.plan import (
     Mode,
     TrainError,
+    caption_sets_used,
     check_config,
     check_evaluation,
     default_run_name,
@@ -64,6 +65,7 @@ _RESUMABLE_CHANGES = (
 _LATER_SETTINGS = {
     "teacher_scales": [],
     "num_syn_captions": 0,
+    "syn_caption_sets": [],
     "schedule.kind": "cosine",
     "schedule.cooldown_samples": 0,
     "finetune": to_dict(TrainFinetune()),
@@ -134,10 +136,18 @@ def _all_teachers(uri: str) -> list[str]:
     return list(records.read_manifest(uri).teacher_names)
 
 
-def data_fingerprint_of(uri: str, manifest: records.Manifest | None) -> str:
-    """What a run's data is, for refusing a resubmission on other data: the manifest of a reinforced dataset, the
-    shard names and sizes of raw source shards."""
-    return runstate.fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
+def data_fingerprint_of(
+    uri: str, manifest: records.Manifest | None, teachers: Sequence[str] = (), caption_sets: Sequence[str] = ()
+) -> str:
+    """What a run's data is, for refusing a resubmission on other data: the manifest of a reinforced dataset with
+    the parts the run reads (those of its ``teachers`` and ``caption_sets``: a part added later leaves a run's data as
+    it was), the shard names and sizes of raw source shards."""
+    if manifest is None:
+        return sources.fingerprint(sources.describe_shards(uri))
+    used = tuple(
+        p for p in manifest.parts if p.caption_set in caption_sets or (p.teacher and p.teacher.name in teachers)
+    )
+    return runstate.fingerprint(dataclasses.replace(manifest, parts=used).to_json())
 
 
 # --------------------------------------------------------------------------- resume
@@ -234,7 +244,7 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
             rows, source = dataset.manifest.num_rows, f"the manifest of {tc.data}"
             names = tc.teachers or dataset.manifest.teacher_names
             teachers = [dataset.manifest.teacher(n) for n in names] if Mode(tc.mode).distils else []
-            syn_captions = dataset.manifest.num_syn_captions
+            _, syn_captions = caption_sets_used(tc, dataset.manifest.caption_sets)
             _, why = syn_captions_used(tc, syn_captions)
             if why:
                 log(f"note          {why}")
@@ -263,7 +273,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     manifest = dataset.manifest if dataset else None
     teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ())) if Mode(tc.mode).distils else []
     preprocess = _student_preprocess(tc)
-    num_syn, why = syn_captions_used(tc, manifest.num_syn_captions) if manifest else (0, "")
+    caption_sets, dataset_syn = caption_sets_used(tc, manifest.caption_sets) if manifest else ((), 0)
+    num_syn, why = syn_captions_used(tc, dataset_syn) if manifest else (0, "")
+    caption_sets = caption_sets if num_syn else ()
     if manifest is not None and teacher_names:
         teacher_scales(tc, [manifest.teacher(n) for n in teacher_names])  # refused now, not after the run started
     if why:
@@ -272,7 +284,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     run_name = tc.run_name or default_run_name(tc)
     run_dir = _run_dir(tc, run_name)
     recipe = _recipe(cfg)
-    data_fingerprint = data_fingerprint_of(uri, manifest)
+    data_fingerprint = data_fingerprint_of(uri, manifest, teacher_names, caption_sets)
     ensure_ray()
 
     previous = runstate.read(run_dir, runstate.TRAIN_STATE)
@@ -333,11 +345,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         start_batches=start_epoch * batches_per_epoch,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.client.tracking_uri,
-        dataset_syn_captions=manifest.num_syn_captions if manifest else None,
+        dataset_caption_sets=manifest.caption_sets if manifest else None,
     )
     if previous is None:  # what the run distils with, defaults from the manifest resolved (`plan.teacher_scales`)
         chosen = {f"distill.a_k.{t.name}": t.logit_scale for t in plan.teacher_specs}
-        tracker.log_params({**chosen, "distill.syn_captions_used": num_syn})
+        sets = {"distill.syn_caption_sets": ",".join(plan.syn_caption_sets)} if plan.syn_caption_sets else {}
+        tracker.log_params({**chosen, "distill.syn_captions_used": num_syn, **sets})
     source = pipeline.DataSource(uri, tuple(files), rows_per_epoch, manifest)
     dataset_stream = pipeline.build_dataset(
         source, plan, cfg.augment, preprocess, rows_per_epoch, range(start_epoch, max(num_epochs, 1))
