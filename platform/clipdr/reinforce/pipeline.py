@@ -4,7 +4,9 @@
         --Caption (actor pool)--> + S synthetic captions
         --RenderViews (tasks, CPU, as many as free CPUs allow)--> + uint8 views, once per distinct teacher render
         --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
-        --WriteShards (one actor)--> complete output shards, one per source shard
+        --RouteChunks (tasks)--> WriteShards (``reinforce.resources.writers`` actors, each owning the output shards
+            `stages.writer_of` gives it; each streams a shard's chunks into its file as row groups, in chunk order)
+        --> complete output shards, one per source shard
 
 A stream row is one chunk of ``reinforce.resources.batch_size`` samples of one shard (see `stages`), so every
 model forward sees the same samples together whatever the parallelism: the output is a function of the config
@@ -40,7 +42,7 @@ import ray
 from clipdr import records, storage
 from clipdr.cluster import ensure_ray, storage_runtime_env
 from clipdr.config import ReinforceConfig
-from clipdr.reinforce.stages import Caption, Embed, ReadShards, RenderViews, ShardTask, WriteShards
+from clipdr.reinforce.stages import Caption, Embed, ReadShards, RenderViews, RouteChunks, ShardTask, WriteShards
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -201,14 +203,54 @@ def run_pipeline(
         compute=model_pool(res.teacher_actors, res.teacher_actors_max),
         **model_actor,
     )
-    ds = ds.map_batches(
-        WriteShards,
-        batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
-        fn_constructor_args=(cfg.output, manifest, run_fingerprint, {t.output: t.source for t in tasks}),
-        # One writer: all rows of a shard must meet in the same process.
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-        runtime_env=runtime_env,
-        **actor_fault_args(res.crash_retries),
+    writers = start_writers(cfg, tasks, manifest, run_fingerprint)
+    try:
+        ds = ds.map_batches(
+            RouteChunks(writers, ray.get),
+            batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
+            num_cpus=_ROUTE_CPUS,
+            runtime_env=runtime_env,
+            **task_fault_args(res.crash_retries),
+        )
+        return drain(ds, tasks, cfg.output, on_shard)
+    finally:
+        stop_writers(writers)
+
+
+_WRITER_CPUS = 0.25  # a writer encodes Parquet and waits on storage; `writers` of them share a CPU or so
+_ROUTE_CPUS = 0.25  # a routing task hands a chunk on and waits for its writer (a waiting task gives its CPU back)
+
+
+def start_writers(
+    cfg: ReinforceConfig, tasks: Sequence[ShardTask], manifest: records.Manifest, run_fingerprint: str
+) -> list:
+    """The writer actors (`stages.WriteShards`), ``reinforce.resources.writers`` of them; a chunk goes to the one
+    that owns its shard (`stages.writer_of`), so several shards are written at once, each by one process.
+
+    Plain actors, not a Ray Data actor stage: Ray Data hands a block to whichever actor of a pool is free, and every
+    chunk of a shard must meet in the same writer. A writer that dies is restarted and the call that was running is
+    retried ``crash_retries`` times, as a stage's worker is; the shards it was writing lose their open files, never
+    complete, and the job names them as failed (a rerun redoes them)."""
+    res = cfg.resources
+    actor = ray.remote(WriteShards).options(
+        num_cpus=_WRITER_CPUS,
+        runtime_env=storage_runtime_env(),
+        max_restarts=-1,
+        max_task_retries=res.crash_retries,
     )
-    return drain(ds, tasks, cfg.output, on_shard)
+    sources_by_output = {t.output: t.source for t in tasks}
+    return [actor.remote(cfg.output, manifest, run_fingerprint, sources_by_output) for _ in range(res.writers)]
+
+
+def stop_writers(writers: list) -> None:
+    """Discards what the writers hold of shards that did not complete (their temporary files), then ends them."""
+    try:
+        ray.get([w.close.remote() for w in writers], timeout=_WRITER_CLOSE_S)
+    except (ray.exceptions.RayError, TimeoutError):  # a writer that cannot close leaves hidden temporary files only
+        logging.getLogger(__name__).warning("a shard writer did not close; hidden temporary files may remain")
+    finally:
+        for w in writers:
+            ray.kill(w)
+
+
+_WRITER_CLOSE_S = 60.0
