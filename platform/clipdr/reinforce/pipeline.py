@@ -209,6 +209,9 @@ def run_pipeline(
             RouteChunks(writers, ray.get),
             batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
             num_cpus=_ROUTE_CPUS,
+            # A writer takes one call at a time: more routing tasks than two a writer would only wait, holding
+            # chunks and Ray Data's CPU budget, which the reads and renders need.
+            compute=ray.data.TaskPoolStrategy(size=2 * res.writers),
             runtime_env=runtime_env,
             **task_fault_args(res.crash_retries),
         )
@@ -218,7 +221,7 @@ def run_pipeline(
 
 
 _WRITER_CPUS = 0.25  # a writer encodes Parquet and waits on storage; `writers` of them share a CPU or so
-_ROUTE_CPUS = 0.25  # a routing task hands a chunk on and waits for its writer (a waiting task gives its CPU back)
+_ROUTE_CPUS = 0.1  # a routing task hands a chunk on and waits for its writer
 
 
 def start_writers(
