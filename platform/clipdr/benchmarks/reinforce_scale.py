@@ -9,7 +9,8 @@ about the stream, not the models. All the job's processes are read every ``SAMPL
 resident set size (RSS) is kept at its peak, grouped by what the process is at that moment (Ray titles a worker by
 the task or actor it runs; a pooled task worker that ran a read and then a route counts under each):
 
-* driver: this process (it runs the job's Ray Data executor);
+* driver: the layout's driver, a fresh process started for it (it runs the job's Ray Data executor), so that its
+  peak is that layout's alone;
 * read + render tasks, route tasks, model actors (teachers), writer actors, idle Ray workers, Ray system processes.
 
 Flat means: the peak of each kind with the most samples per shard within 10% of the peak with the fewest (the
@@ -82,9 +83,12 @@ def _layouts(text: str) -> list[tuple[int, int]]:
     return layouts
 
 
-def _kind(proc: psutil.Process) -> str:
-    if proc.pid == os.getpid():
+def _kind(proc: psutil.Process, driver_pid: int | None = None) -> str | None:
+    """The kind of one of the job's processes; None for this process when it only watches another driver."""
+    if proc.pid == driver_pid:
         return "driver"
+    if proc.pid == os.getpid():
+        return None
     title = " ".join(proc.cmdline())
     if not title.startswith("ray::"):
         return "Ray system processes"
@@ -92,10 +96,11 @@ def _kind(proc: psutil.Process) -> str:
 
 
 class _PeakRss:
-    """Reads the RSS of this process and all its descendants every `SAMPLE_S` while running; keeps each kind's peak
-    (the largest single process of that kind)."""
+    """Reads the RSS of this process's descendants every `SAMPLE_S` while running; keeps each kind's peak (the
+    largest single process of that kind). ``driver_pid``: the job's driver, a child process."""
 
-    def __init__(self) -> None:
+    def __init__(self, driver_pid: int) -> None:
+        self.driver_pid = driver_pid
         self.peak: dict[str, int] = collections.Counter()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -104,10 +109,11 @@ class _PeakRss:
         me = psutil.Process()
         for proc in [me, *me.children(recursive=True)]:
             try:
-                kind, rss = _kind(proc), proc.memory_info().rss
+                kind, rss = _kind(proc, self.driver_pid), proc.memory_info().rss
             except psutil.Error:  # ended between the listing and the read
                 continue
-            self.peak[kind] = max(self.peak[kind], rss)
+            if kind is not None:
+                self.peak[kind] = max(self.peak[kind], rss)
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
@@ -179,7 +185,37 @@ def _run(config: Config, on_shard=None) -> tuple[float, int]:
     return time.perf_counter() - began, sum(rows)
 
 
-def killed_run(config_json: str, kill_after: int) -> None:
+def driver_run(config_json: str, result_path: str) -> None:
+    """A layout's driver, a fresh process (its peak RSS is this layout's alone): runs the job, writes wall s and
+    rows as JSON to ``result_path``."""
+    from clipdr.cluster import ensure_ray
+
+    ensure_ray()  # joins the benchmark's Ray (RAY_ADDRESS)
+    wall_s, rows = _run(from_dict(Config, json.loads(config_json)))
+    Path(result_path).write_text(json.dumps({"wall_s": wall_s, "rows": rows}))
+
+
+def _driver(function: str, *args: str) -> subprocess.Popen:
+    """A second driver joined to this process's Ray, running ``function(*args)`` of this module."""
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    code = f"import sys; from clipdr.benchmarks import reinforce_scale as b; b.{function}(*sys.argv[1:])"
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=env)
+
+
+def _measured_run(config: Config, root: Path) -> tuple[tuple[float, int], dict[str, int]]:
+    result = root / "driver-result.json"
+    child = _driver("driver_run", json.dumps(to_dict(config)), str(result))
+    with _PeakRss(child.pid) as rss:
+        code = child.wait()
+    if code != 0:
+        raise RuntimeError(f"the layout's driver exited with {code}")
+    out = json.loads(result.read_text())
+    return (out["wall_s"], out["rows"]), dict(rss.peak)
+
+
+def killed_run(config_json: str, kill_after: str) -> None:
     """The second driver: runs the job and kills itself (SIGKILL, no clean-up) when ``kill_after`` shards landed."""
     from clipdr.cluster import ensure_ray
 
@@ -187,7 +223,7 @@ def killed_run(config_json: str, kill_after: int) -> None:
     ensure_ray()  # joins the benchmark's Ray (RAY_ADDRESS)
 
     def on_shard(landed: int) -> None:
-        if landed >= kill_after:
+        if landed >= int(kill_after):
             os.kill(os.getpid(), signal.SIGKILL)
 
     _run(config, on_shard)
@@ -217,15 +253,10 @@ def _wait_for_writers_to_end(deadline_s: float = 60.0) -> None:
 
 def _kill_and_resume(args: argparse.Namespace, config: Config, reference: str, root: Path) -> dict[str, object]:
     """Kills a driver mid-run, resumes, and checks exactly-once against the uninterrupted run ``reference``."""
-    import ray
-
     output = str(root / "killed")
     killed = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, output=output))
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
-    code = "import sys; from clipdr.benchmarks import reinforce_scale as b; b.killed_run(sys.argv[1], int(sys.argv[2]))"
-    child = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(to_dict(killed)), str(args.kill_after)], env=env, check=False
-    )
+    child = _driver("killed_run", json.dumps(to_dict(killed)), str(args.kill_after))
+    child.wait()
     if child.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the second driver was to kill itself, but exited with {child.returncode}")
     _wait_for_writers_to_end()
@@ -285,9 +316,9 @@ def main(args: argparse.Namespace) -> int:
                 source = _world(root, shards, samples, args.image_size)
                 config = _config(args, source, str(root / f"out-{i}"))
                 progress(f"layout {shards} x {samples}: reinforcing")
-                with _PeakRss() as rss:
-                    runs.append(_run(config))
-                peaks.append(dict(rss.peak))
+                run, peak = _measured_run(config, root)
+                runs.append(run)
+                peaks.append(peak)
                 progress(f"layout {shards} x {samples}: {runs[-1][1]} rows in {runs[-1][0]:.1f} s")
                 if i == args.kill_layout:
                     progress(f"layout {shards} x {samples}: kill after {args.kill_after} shards, then resume")
