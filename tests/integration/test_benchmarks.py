@@ -20,8 +20,9 @@ def test_reinforce_benchmark_runs_at_toy_size(ray_local, tmp_path):
     assert ray.is_initialized()  # the suite's Ray, which the benchmark joined, is left running
 
 
-# Slow tier: three job runs and two extra driver processes (each imports torch and joins Ray); it took 608 s on the
-# 2-core machine under a load average of 40-70 and cannot be shown to fit the default run's 20 s here.
+# Slow tier: three job runs and two extra driver processes (each imports torch and joins Ray): about 60 s on the
+# 2-core machine at a load average of 6-14 (the reinforce toy above took 45 s in the same run), beyond the 20 s the
+# default run could give it.
 @pytest.mark.slow
 def test_reinforce_scale_benchmark_runs_at_toy_size(ray_local, tmp_path):
     """What `python jobs/benchmark.py reinforce_scale` runs, at toy size (one layout): peak RSS by process kind, and
