@@ -426,6 +426,9 @@ REGISTRY: dict[str, Entry] = {
     "python jobs/benchmark.py reinforce --shards --shard-size --bound-shards --output": CoveredBy(
         ("tests/integration/test_benchmarks.py::test_reinforce_benchmark_runs_at_toy_size",)
     ),
+    "python jobs/benchmark.py reinforce_scale --layouts --kill-layout --kill-after --output": CoveredBy(
+        ("tests/integration/test_benchmarks.py::test_reinforce_scale_benchmark_runs_at_toy_size",)
+    ),
     "python jobs/benchmark.py reinforce --sim-rate --sim-size --views --shards --shard-size --bound-shards "
     "--batch-size --captions --caption-len --rounds --warmup --output": External(
         "starts a Ray of its own (its workers inherit the trace dir), so it cannot share the suite's, and runs for "

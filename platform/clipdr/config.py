@@ -137,6 +137,11 @@ class ReinforceResources:
     captioner_actors_max: int = _f(0, "most captioner actors, as teacher_actors_max; 0: captioner_actors, fixed")
     cpus_per_actor: float = _f(1.0, "CPUs reserved per model actor (also its torch threads)")
     gpus_per_actor: float = _f(1.0, "GPUs per model actor when device is cuda")
+    writers: int = _f(
+        2,
+        "writer actors; output shards are split among them (a stable hash of the shard name), each streaming its "
+        "shards to storage a chunk at a time; outputs do not depend on it",
+    )
     crash_retries: int = _f(
         2,
         "times a stage's work is retried after its worker process died (killed for memory, crashed) before that "

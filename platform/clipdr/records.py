@@ -46,6 +46,7 @@ Shape suffixes: N rows, K views a sample, S synthetic captions, D embedding widt
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime
 import difflib
@@ -1009,6 +1010,18 @@ def aug_params(data: pa.Table | pa.RecordBatch) -> np.ndarray:
 # --------------------------------------------------------------------------- shard files
 
 
+def _write_options(column_names: Sequence[str], embedding_compression: str) -> dict[str, Any]:
+    """Parquet writer settings of a shard (module docstring): the same for a whole-table and a streamed write."""
+    embeddings = {n for n in column_names if n.startswith((IMAGE_EMB_PREFIX, TEXT_EMB_PREFIX))}
+    return {
+        "compression": {
+            n: embedding_compression if n in embeddings else "none" if n == IMAGE else "zstd" for n in column_names
+        },
+        "use_dictionary": [IMAGE_EXT] if IMAGE_EXT in column_names else False,
+        "write_statistics": [KEY] if KEY in column_names else False,
+    }
+
+
 def write_shard(
     uri: str, table: pa.Table, row_group_size: int | None = None, embedding_compression: str = "none"
 ) -> None:
@@ -1027,25 +1040,65 @@ def write_shard(
             handle either, so this is the writer's choice, not part of the schema.
     """
     _check(uri.endswith(SHARD_SUFFIX), f"shard URI {uri!r} must end in {SHARD_SUFFIX}")
-    embeddings = {n for n in table.column_names if n.startswith((IMAGE_EMB_PREFIX, TEXT_EMB_PREFIX))}
-    codecs = {
-        n: embedding_compression if n in embeddings else "none" if n == IMAGE else "zstd" for n in table.column_names
-    }
     with storage.atomic_write(uri) as out:
         pq.write_table(
-            table,
-            out,
-            row_group_size=row_group_size,
-            compression=codecs,
-            use_dictionary=[IMAGE_EXT] if IMAGE_EXT in table.column_names else False,
-            write_statistics=[KEY] if KEY in table.column_names else False,
+            table, out, row_group_size=row_group_size, **_write_options(table.column_names, embedding_compression)
         )
+
+
+class ShardStreamWriter:
+    """Writes one shard a row group at a time, atomically: the streamed twin of `write_shard`, whose memory is one
+    row group, not the shard.
+
+    The file appears under ``uri`` only at `commit` (`storage.atomic_write`: a hidden temporary file renamed, or an
+    S3 multipart upload completed); `abort` (or any error) leaves nothing. Footer metadata known only at the end
+    (the shard's skip counts) is passed to `commit` and stored as Parquet key-value metadata; `read_shard_footer`
+    returns it in the schema's metadata, as it returns metadata a whole-table write stored in the schema itself.
+    """
+
+    def __init__(self, uri: str, schema: pa.Schema, embedding_compression: str = "none") -> None:
+        _check(uri.endswith(SHARD_SUFFIX), f"shard URI {uri!r} must end in {SHARD_SUFFIX}")
+        self.schema = schema
+        self._atomic = storage.atomic_write(uri)
+        out = self._atomic.__enter__()
+        try:
+            self._writer = pq.ParquetWriter(out, schema, **_write_options(schema.names, embedding_compression))
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self.num_rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        """Appends ``table`` (from `build_table`, this writer's schema) as one row group (up to ~1M rows)."""
+        self._writer.write_table(table)  # a table of another schema raises
+        self.num_rows += table.num_rows
+
+    def commit(self, metadata: Mapping[bytes, bytes] | None = None) -> None:
+        """Closes the file with ``metadata`` in its footer and makes it appear under its URI."""
+        try:
+            if metadata:
+                self._writer.add_key_value_metadata(dict(metadata))
+            self._writer.close()
+        except BaseException as e:
+            self._atomic.__exit__(type(e), e, e.__traceback__)
+            raise
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        """Discards what was written: nothing appears under the URI."""
+        aborted = RuntimeError("shard write aborted")
+        with contextlib.suppress(Exception):  # the file is discarded whatever state the writer is in
+            self._writer.close()
+        self._atomic.__exit__(RuntimeError, aborted, None)
 
 
 def read_shard(uri: str, columns: Sequence[str] | None = None) -> pa.Table:
     """Reads a shard (or some of its columns)."""
     fs, path = storage.resolve(uri)
-    return pq.read_table(path, filesystem=fs, columns=list(columns) if columns is not None else None)
+    with fs.open_input_file(path) as f:
+        parquet = pq.ParquetFile(f)
+        table = parquet.read(columns=list(columns) if columns is not None else None)
+        return table.replace_schema_metadata(_footer_metadata(table.schema, parquet.metadata))
 
 
 def read_shard_footer(uri: str) -> tuple[int, pa.Schema]:
@@ -1053,7 +1106,16 @@ def read_shard_footer(uri: str) -> tuple[int, pa.Schema]:
     fs, path = storage.resolve(uri)
     with fs.open_input_file(path) as f:
         parquet = pq.ParquetFile(f)
-        return parquet.metadata.num_rows, parquet.schema_arrow
+        schema = parquet.schema_arrow
+        return parquet.metadata.num_rows, schema.with_metadata(_footer_metadata(schema, parquet.metadata))
+
+
+def _footer_metadata(schema: pa.Schema, file_metadata: pq.FileMetaData) -> dict[bytes, bytes]:
+    """The schema's metadata with the file's key-value metadata: what a streamed write adds at its end
+    (`ShardStreamWriter.commit`) is not in the Arrow schema stored when the file was opened, so both kinds of shard
+    read alike."""
+    extra = {k: v for k, v in (file_metadata.metadata or {}).items() if k != b"ARROW:schema"}
+    return {**(schema.metadata or {}), **extra}
 
 
 def read_shard_with_parts(uri_dir: str, manifest: Manifest, shard_path: str, columns: Sequence[str]) -> pa.Table:

@@ -18,3 +18,20 @@ def test_reinforce_benchmark_runs_at_toy_size(ray_local, tmp_path):
     assert benchmarks.main(["reinforce", *toy], prog="jobs/benchmark.py") == 0
     assert "bound" in output.read_text()
     assert ray.is_initialized()  # the suite's Ray, which the benchmark joined, is left running
+
+
+# Slow tier: three job runs and two extra driver processes (each imports torch and joins Ray): about 60 s on the
+# 2-core machine at a load average of 6-14 (the reinforce toy above took 45 s in the same run), beyond the 20 s the
+# default run could give it.
+@pytest.mark.slow
+def test_reinforce_scale_benchmark_runs_at_toy_size(ray_local, tmp_path):
+    """What `python jobs/benchmark.py reinforce_scale` runs, at toy size (one layout): peak RSS by process kind, and
+    a second driver killed mid-run whose job the benchmark resumes exactly once (the benchmark exits 1 if not)."""
+    output = tmp_path / "scale.md"
+    toy = ["--layouts", "4x4", "--image-size", "16", "--views", "1", "--batch-size", "2", "--writers", "1"]
+    toy += ["--kill-after", "1", "--output", str(output)]
+    assert benchmarks.main(["reinforce_scale", *toy], prog="jobs/benchmark.py") == 0
+    text = output.read_text()
+    for kind in ("| driver |", "| writer actors |", "| model actors (teachers) |", "| exactly once | True |"):
+        assert kind in text, kind
+    assert ray.is_initialized()  # the suite's Ray, which the benchmark joined, is left running

@@ -72,6 +72,7 @@ def test_valid_plan_lists_every_shard(source, tmp_path):
             {"resources": ReinforceResources(teacher_actors=3, teacher_actors_max=2)},
             r"teacher_actors_max \(2\) is below teacher_actors \(3\)",
         ),
+        ({"resources": ReinforceResources(writers=0)}, r"batch_size, actor counts and writers must be >= 1"),
     ],
 )
 def test_bad_configs_fail_fast_naming_the_problem(source, tmp_path, changes, message):

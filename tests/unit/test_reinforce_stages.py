@@ -86,6 +86,81 @@ def test_the_writer_writes_the_same_bytes_whatever_order_chunks_arrive_in(tmp_pa
     assert stages.read_shard_metadata(table.schema)["skipped"] == {"corrupt_image": 2}
 
 
+def test_the_writer_streams_row_groups_spills_chunks_ahead_of_their_turn_and_routes_by_shard(tmp_path):
+    """Each in-order chunk is a row group on disk at once; a chunk ahead of its turn waits on disk when the memory
+    buffer is full; and two shards routed over three writers give the bytes one writer gives."""
+    import pyarrow.parquet as pq
+
+    manifest = make_manifest()
+    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    reference = tmp_path / "reference"
+    stages.WriteShards(str(reference), manifest, "fingerprint", {"part.parquet": "source.tar"})(
+        {c: np.concatenate([chunk[c] for chunk in chunks]) for c in chunks[0]}
+    )
+    assert pq.ParquetFile(reference / "part.parquet").metadata.num_row_groups == len(chunks)  # one per chunk
+
+    out = tmp_path / "spilled"
+    writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"}, buffer_bytes=0)
+    for i in (2, 0, 3):
+        writer(chunks[i])
+    assert len(writer.open["part.parquet"].waiting) == 2 and writer.buffered == 0  # chunks 2 and 3 on disk
+    spilled = os.listdir(writer._spill_dir)
+    assert len(spilled) == 2 and writer.open["part.parquet"].file.num_rows == 3  # chunk 0 written already
+    assert list(writer(chunks[1])["shard"]) == ["part.parquet"]
+    assert os.listdir(writer._spill_dir) == [] and writer.open == {}
+    writer.close()
+    assert (out / "part.parquet").read_bytes() == (reference / "part.parquet").read_bytes()
+
+    names = {"a.parquet": "a.tar", "e.parquet": "e.tar"}
+    assert stages.writer_of("a.parquet", 3) != stages.writer_of("e.parquet", 3)  # so the routing is exercised
+    routed = tmp_path / "routed"
+    route = stages.RouteChunks([stages.WriteShards(str(routed), manifest, "fingerprint", names) for _ in range(3)])
+    landed = []
+    for i in (1, 3, 0, 2):
+        for name in names:
+            batch = dict(chunks[i], **{stages.SHARD: np.array([name], dtype=object)})
+            landed += list(route(batch)["shard"])
+    assert sorted(landed) == sorted(names)
+    for name in names:  # only the source in the footer differs from the reference
+        got, want = records.read_shard(str(routed / name)), records.read_shard(str(reference / "part.parquet"))
+        assert got.replace_schema_metadata() == want.replace_schema_metadata()
+        assert stages.read_shard_metadata(records.read_shard_footer(str(routed / name))[1])["source"] == names[name]
+
+
+def test_a_writer_error_discards_the_shard_and_drops_its_later_chunks(tmp_path, monkeypatch):
+    manifest = make_manifest()
+    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    out = tmp_path / "out"
+    writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
+    writer(chunks[0])
+    writer(chunks[3])
+    original = records.build_table
+    monkeypatch.setattr(records, "build_table", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        writer(chunks[1])
+    monkeypatch.setattr(records, "build_table", original)
+    assert writer(chunks[2])["shard"].size == 0 and writer.open == {} and writer.buffered == 0
+    assert os.listdir(out) == []  # not even the hidden temporary file
+    writer.close()
+
+
+def test_a_streamed_shard_aborted_leaves_nothing_and_committed_carries_its_footer_metadata(tmp_path):
+    manifest = make_manifest()
+    table = records.build_table(make_columns(manifest, 3), manifest)
+    aborted = records.ShardStreamWriter(str(tmp_path / "a.parquet"), manifest.schema())
+    aborted.write(table)
+    aborted.abort()
+    assert os.listdir(tmp_path) == []
+    done = records.ShardStreamWriter(str(tmp_path / "b.parquet"), manifest.schema())
+    done.write(table)
+    done.write(table)
+    assert os.listdir(tmp_path) != ["b.parquet"]  # nothing under the final name before the commit
+    done.commit({b"clipdr.test": b"yes"})
+    num_rows, schema = records.read_shard_footer(str(tmp_path / "b.parquet"))
+    assert num_rows == 6 and schema.metadata[b"clipdr.test"] == b"yes"
+    assert records.read_shard(str(tmp_path / "b.parquet")).num_rows == 6
+
+
 def test_the_read_stage_holds_encoded_samples_not_decoded_images(tmp_path, monkeypatch):
     """Chunks keep encoded bytes only: within max_pixels a 260 KB PNG decodes to 192 MiB, and two chunks of decoded
     images (64 samples each by default) killed workers for memory."""

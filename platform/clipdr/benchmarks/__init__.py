@@ -17,6 +17,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "captioner": ("clipdr.benchmarks.captioner", "KV-cached caption generation against the uncached loop: FLOPs, time"),
     "latency": ("clipdr.benchmarks.latency", "image/text encoder latency of every variant, fused and not"),
     "reinforce": ("clipdr.benchmarks.reinforce", "reinforcement pipeline cost against the work it cannot skip"),
+    "reinforce_scale": (
+        "clipdr.benchmarks.reinforce_scale",
+        "reinforcement at scale: peak RSS per process kind against shard size, exactly-once after a kill",
+    ),
     "gpu_check": (
         "clipdr.benchmarks.gpu_check",
         "the reinforcement job at real sizes on a CUDA device (jobs/gpu_check.sh)",

@@ -4,7 +4,9 @@
         --Caption (actor pool)--> + S synthetic captions
         --RenderViews (tasks, CPU, as many as free CPUs allow)--> + uint8 views, once per distinct teacher render
         --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
-        --WriteShards (one actor)--> complete output shards, one per source shard
+        --RouteChunks (tasks)--> WriteShards (``reinforce.resources.writers`` actors, each owning the output shards
+            `stages.writer_of` gives it; each streams a shard's chunks into its file as row groups, in chunk order)
+        --> complete output shards, one per source shard
 
 A stream row is one chunk of ``reinforce.resources.batch_size`` samples of one shard (see `stages`), so every
 model forward sees the same samples together whatever the parallelism: the output is a function of the config
@@ -47,6 +49,7 @@ from clipdr.reinforce.stages import (
     ReadBase,
     ReadShards,
     RenderViews,
+    RouteChunks,
     ShardTask,
     WriteShards,
 )
@@ -210,29 +213,7 @@ def run_pipeline(
         compute=model_pool(res.teacher_actors, res.teacher_actors_max),
         **model_actor,
     )
-    ds = write_stage(ds, cfg, cfg.output, manifest, run_fingerprint, tasks)
-    return drain(ds, tasks, cfg.output, on_shard)
-
-
-def write_stage(
-    ds: ray.data.Dataset,
-    cfg: ReinforceConfig,
-    output_dir: str,
-    layout: records.Manifest | records.PartLayout,
-    run_fingerprint: str,
-    tasks: Sequence[ShardTask],
-) -> ray.data.Dataset:
-    """The writer at the end of a stream: the base job's (shards) and a part pass's (one part's files)."""
-    return ds.map_batches(
-        WriteShards,
-        batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
-        fn_constructor_args=(output_dir, layout, run_fingerprint, {t.output: t.source for t in tasks}),
-        # One writer: all rows of a shard must meet in the same process.
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.5,
-        runtime_env=storage_runtime_env(),
-        **actor_fault_args(cfg.resources.crash_retries),
-    )
+    return write_and_drain(ds, cfg, cfg.output, manifest, run_fingerprint, tasks, on_shard)
 
 
 def run_part_pipeline(
@@ -284,5 +265,76 @@ def run_part_pipeline(
         compute=model_pool(res.teacher_actors, res.teacher_actors_max),
         **model_actor,
     )
-    ds = write_stage(ds, cfg, output_dir, layout, run_fingerprint, tasks)
-    return drain(ds, tasks, output_dir, on_shard)
+    return write_and_drain(ds, cfg, output_dir, layout, run_fingerprint, tasks, on_shard)
+
+
+def write_and_drain(
+    ds: ray.data.Dataset,
+    cfg: ReinforceConfig,
+    output_dir: str,
+    layout: records.Manifest | records.PartLayout,
+    run_fingerprint: str,
+    tasks: Sequence[ShardTask],
+    on_shard: Callable[[str, int, float], None],
+) -> dict[str, str]:
+    """The end of a stream, the base job's (its shards) and a part pass's (one part's files): each chunk routed to
+    the writer that owns its shard, the stream drained; returns the failed shards as `drain` does."""
+    res = cfg.resources
+    writers = start_writers(cfg, output_dir, layout, run_fingerprint, tasks)
+    try:
+        ds = ds.map_batches(
+            RouteChunks(writers, ray.get),
+            batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
+            num_cpus=_ROUTE_CPUS,
+            # A writer takes one call at a time: more routing tasks than two a writer would only wait, holding
+            # chunks and Ray Data's CPU budget, which the reads and renders need.
+            compute=ray.data.TaskPoolStrategy(size=2 * res.writers),
+            runtime_env=storage_runtime_env(),
+            **task_fault_args(res.crash_retries),
+        )
+        return drain(ds, tasks, output_dir, on_shard)
+    finally:
+        stop_writers(writers)
+
+
+_WRITER_CPUS = 0.25  # a writer encodes Parquet and waits on storage; `writers` of them share a CPU or so
+_ROUTE_CPUS = 0.1  # a routing task hands a chunk on and waits for its writer
+
+
+def start_writers(
+    cfg: ReinforceConfig,
+    output_dir: str,
+    layout: records.Manifest | records.PartLayout,
+    run_fingerprint: str,
+    tasks: Sequence[ShardTask],
+) -> list:
+    """The writer actors (`stages.WriteShards`), ``reinforce.resources.writers`` of them; a chunk goes to the one
+    that owns its shard (`stages.writer_of`), so several shards are written at once, each by one process.
+
+    Plain actors, not a Ray Data actor stage: Ray Data hands a block to whichever actor of a pool is free, and every
+    chunk of a shard must meet in the same writer. A writer that dies is restarted and the call that was running is
+    retried ``crash_retries`` times, as a stage's worker is; the shards it was writing lose their open files, never
+    complete, and the job names them as failed (a rerun redoes them)."""
+    res = cfg.resources
+    actor = ray.remote(WriteShards).options(
+        num_cpus=_WRITER_CPUS,
+        runtime_env=storage_runtime_env(),
+        max_restarts=-1,
+        max_task_retries=res.crash_retries,
+    )
+    sources_by_output = {t.output: t.source for t in tasks}
+    return [actor.remote(output_dir, layout, run_fingerprint, sources_by_output) for _ in range(res.writers)]
+
+
+def stop_writers(writers: list) -> None:
+    """Discards what the writers hold of shards that did not complete (their temporary files), then ends them."""
+    try:
+        ray.get([w.close.remote() for w in writers], timeout=_WRITER_CLOSE_S)
+    except (ray.exceptions.RayError, TimeoutError):  # a writer that cannot close leaves hidden temporary files only
+        logging.getLogger(__name__).warning("a shard writer did not close; hidden temporary files may remain")
+    finally:
+        for w in writers:
+            ray.kill(w)
+
+
+_WRITER_CLOSE_S = 60.0

@@ -169,8 +169,16 @@ def plan(config: Config) -> Plan:
             f"reinforce.num_syn_captions (S={cfg.num_syn_captions}) must be >= 0 (0: an embeddings-only pass, no "
             "captioner)"
         )
-    if cfg.resources.batch_size < 1 or cfg.resources.teacher_actors < 1 or cfg.resources.captioner_actors < 1:
-        raise ReinforceError("reinforce.resources: batch_size and actor counts must be >= 1")
+    if (
+        min(
+            cfg.resources.batch_size,
+            cfg.resources.teacher_actors,
+            cfg.resources.captioner_actors,
+            cfg.resources.writers,
+        )
+        < 1
+    ):
+        raise ReinforceError("reinforce.resources: batch_size, actor counts and writers must be >= 1")
     for stage in ("teacher", "captioner"):
         least, most = getattr(cfg.resources, f"{stage}_actors"), getattr(cfg.resources, f"{stage}_actors_max")
         if most and most < least:

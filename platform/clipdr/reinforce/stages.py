@@ -9,9 +9,10 @@ batched forward depend on the batch's composition and size, and a stream of sing
 them freely. A chunk row carries bookkeeping besides the packed samples: its output shard, its index in the
 shard, whether it is the shard's last chunk, and (on the last chunk) the shard's valid-sample and skip counts.
 Reading streams: a shard is never held whole, only two chunks of encoded samples and at most two decoded images
-(the one being decoded, and the last, until the reader lets go of it). The writer collects a shard's chunks until
-it has all of them, then writes them in chunk order in one atomic file, so every output shard is either complete or
-absent, the same bytes whatever order chunks arrive in.
+(the one being decoded, and the last, until the reader lets go of it). Writers are several actors, each owning
+the output shards `writer_of` gives it; a writer streams a shard's chunks into a temporary file as Parquet row
+groups in chunk order (holding only the chunks that arrive ahead of their turn) and renames it when the last one is
+in, so every output shard is either complete or absent, the same bytes whatever order chunks arrive in.
 
 Views are rendered apart from the model: `RenderViews` (a CPU stage) decodes a chunk's images and renders its
 views once per distinct teacher render (`augment.RenderKey`: size and interpolation) as uint8 columns, and `Embed`
@@ -26,7 +27,12 @@ import collections
 import dataclasses
 import itertools
 import json
+import os
+import shutil
+import tempfile
 import time
+import uuid
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -343,53 +349,190 @@ class Embed:
         return samples
 
 
+DEFAULT_WRITER_BUFFER_BYTES = 256 * 1024 * 1024
+"""Out-of-order chunks a writer keeps in memory, in bytes, before it spills further ones to local disk."""
+
+
+def writer_of(shard: str, num_writers: int) -> int:
+    """The writer (0 .. ``num_writers`` - 1) that owns an output shard: a stable hash of its name (Python's ``hash``
+    of a str differs between processes), so every chunk of a shard meets in one writer whichever task routes it."""
+    return zlib.crc32(shard.encode()) % num_writers
+
+
+@dataclass
+class _OpenShard:
+    """A shard a writer is writing: its file (opened at its first chunk in order), the chunks that arrived ahead of
+    their turn, and what its last chunk said."""
+
+    file: records.ShardStreamWriter | None = None
+    next_index: int = 0
+    waiting: dict[int, bytes | str] = dataclasses.field(default_factory=dict)  # chunk bytes, or a spill file path
+    last: tuple[int, int, str] | None = None  # (last chunk index, rows, skip counts JSON)
+
+
 class WriteShards:
-    """Collects each output shard's chunks and writes the shard, in chunk order, once all of them arrived (one actor
-    only). Emits one row per completed shard: its name, row count and the time it was written.
+    """Writes the output shards routed to it, streaming: a shard's chunks become Parquet row groups in chunk order as
+    soon as each is next (`records.ShardStreamWriter`), and the file appears (atomically) when its last chunk is
+    written. Only chunks that arrive ahead of their turn wait, in memory up to ``buffer_bytes`` and on local disk
+    beyond, so a writer's memory does not grow with samples per shard. One of ``reinforce.resources.writers``
+    actors; `writer_of` says which shards are its own. The bytes of a shard do not depend on arrival order.
     """
 
     def __init__(
-        self, output_dir: str, manifest: records.Manifest, run_fingerprint: str, sources_by_output: dict[str, str]
+        self,
+        output_dir: str,
+        manifest: records.Manifest,
+        run_fingerprint: str,
+        sources_by_output: dict[str, str],
+        buffer_bytes: int = DEFAULT_WRITER_BUFFER_BYTES,
     ) -> None:
         self.output_dir = output_dir
         self.manifest = manifest
         self.run_fingerprint = run_fingerprint
         self.sources_by_output = sources_by_output
-        self.columns = manifest.schema().names
-        self.pending: dict[str, dict[int, bytes]] = collections.defaultdict(dict)
-        self.last: dict[str, tuple[int, int, str]] = {}  # shard -> (last chunk index, rows, skip counts JSON)
+        self.buffer_bytes = buffer_bytes
+        self.schema = manifest.schema()
+        self.columns = self.schema.names
+        self.open: dict[str, _OpenShard] = {}
+        self.failed: set[str] = set()  # shards that met an error here: their further chunks are dropped
+        self.buffered = 0  # bytes of out-of-order chunks held in memory
+        self._spill_dir: str | None = None
+
+    def add(
+        self, name: str, index: int, chunk: bytes, last: bool, shard_rows: int, skipped_json: str
+    ) -> list[tuple[str, int, float]]:
+        """Takes chunk ``index`` of shard ``name``; returns ``(name, rows, written_at)`` if that completed it.
+
+        An error fails the shard: its file is discarded, its later chunks are dropped, and the error propagates
+        (the stream drops the block, so the job names the shard as failed).
+        """
+        if name in self.failed:
+            return []
+        shard = self.open.setdefault(name, _OpenShard())
+        try:
+            assert index >= shard.next_index and index not in shard.waiting, f"shard {name} got chunk {index} twice"
+            if last:
+                shard.last = (index, shard_rows, skipped_json)
+            if index == shard.next_index:
+                self._write(name, shard, chunk)
+            else:
+                self._hold(shard, index, chunk)
+            while shard.next_index in shard.waiting:
+                self._write(name, shard, self._take(shard, shard.next_index))
+            if shard.last is None or shard.next_index <= shard.last[0]:
+                return []
+            rows = self._commit(name, shard)
+            return [(name, rows, time.time())]
+        except BaseException:
+            self._discard(name)
+            self.failed.add(name)
+            raise
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done_names: list[str] = []
-        done_rows: list[int] = []
-        done_at: list[float] = []
+        """A stream batch of chunk rows in, a row per completed shard out: its name, row count and write time."""
+        done = []
         for i, name in enumerate(str(s) for s in batch[SHARD]):
-            index = int(batch[CHUNK_INDEX][i])
-            assert index not in self.pending[name], f"shard {name} got chunk {index} twice"
-            self.pending[name][index] = bytes(batch[CHUNK][i])
-            if batch[LAST_CHUNK][i]:
-                self.last[name] = (index, int(batch[SHARD_ROWS][i]), str(batch[SHARD_SKIPPED][i]))
-            if name in self.last and len(self.pending[name]) == self.last[name][0] + 1:
-                done_names.append(name)
-                done_rows.append(self._write(name))
-                done_at.append(time.time())
-        return {
-            "shard": np.array(done_names, dtype=object),
-            "num_rows": np.array(done_rows, dtype=np.int64),
-            "written_at": np.array(done_at, dtype=np.float64),
-        }
+            done += self.add(
+                name,
+                int(batch[CHUNK_INDEX][i]),
+                bytes(batch[CHUNK][i]),
+                bool(batch[LAST_CHUNK][i]),
+                int(batch[SHARD_ROWS][i]),
+                str(batch[SHARD_SKIPPED][i]),
+            )
+        return written_rows(done)
 
-    def _write(self, name: str) -> int:
-        chunks = self.pending.pop(name)
-        _, expected_rows, skipped_json = self.last.pop(name)
-        parts = [unpack_chunk(chunks[index]) for index in sorted(chunks)]
-        merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-        assert len(merged[records.KEY]) == expected_rows, f"shard {name}: {len(merged[records.KEY])} rows"
-        columns = {c: merged[c] for c in self.columns if not records.is_syn_captions_column(c)}
+    def close(self) -> None:
+        """Discards every shard not complete (its temporary file and held chunks): the stream has ended."""
+        for name in list(self.open):
+            self._discard(name)
+        if self._spill_dir is not None:
+            shutil.rmtree(self._spill_dir, ignore_errors=True)
+            self._spill_dir = None
+
+    def _write(self, name: str, shard: _OpenShard, chunk: bytes) -> None:
+        if shard.file is None:
+            shard.file = records.ShardStreamWriter(storage.join(self.output_dir, name), self.schema)
+        samples = unpack_chunk(chunk)
+        del chunk
+        columns = {c: samples[c] for c in self.columns if not records.is_syn_captions_column(c)}
         for c in filter(records.is_syn_captions_column, self.columns):  # a shard's, or the set a captions part adds
-            columns[c] = syn_captions(merged)
+            columns[c] = syn_captions(samples)
+        shard.file.write(records.build_table(columns, self.manifest))
+        shard.next_index += 1
+
+    def _hold(self, shard: _OpenShard, index: int, chunk: bytes) -> None:
+        if self.buffered + len(chunk) <= self.buffer_bytes:
+            shard.waiting[index] = chunk
+            self.buffered += len(chunk)
+            return
+        if self._spill_dir is None:
+            self._spill_dir = tempfile.mkdtemp(prefix="clipdr-writer-")
+        path = os.path.join(self._spill_dir, uuid.uuid4().hex)
+        with open(path, "wb") as f:
+            f.write(chunk)
+        shard.waiting[index] = path
+
+    def _take(self, shard: _OpenShard, index: int) -> bytes:
+        held = shard.waiting.pop(index)
+        if isinstance(held, bytes):
+            self.buffered -= len(held)
+            return held
+        with open(held, "rb") as f:
+            chunk = f.read()
+        os.remove(held)
+        return chunk
+
+    def _commit(self, name: str, shard: _OpenShard) -> int:
+        _, expected_rows, skipped_json = shard.last
+        assert shard.file.num_rows == expected_rows, f"shard {name}: {shard.file.num_rows} rows, {expected_rows} read"
         metadata = shard_metadata(self.run_fingerprint, self.sources_by_output[name], json.loads(skipped_json))
-        return write_output_shard(self.output_dir, name, columns, self.manifest, metadata)
+        shard.file.commit(metadata)
+        del self.open[name]
+        return expected_rows
+
+    def _discard(self, name: str) -> None:
+        shard = self.open.pop(name, None)
+        if shard is None:
+            return
+        for index in list(shard.waiting):
+            self._take(shard, index)
+        if shard.file is not None:
+            shard.file.abort()
+
+
+def written_rows(done: Sequence[tuple[str, int, float]]) -> dict[str, np.ndarray]:
+    """The stream's output batch: a row per completed shard (name, rows, the writer's time when it was complete)."""
+    return {
+        "shard": np.array([name for name, _, _ in done], dtype=object),
+        "num_rows": np.array([rows for _, rows, _ in done], dtype=np.int64),
+        "written_at": np.array([at for _, _, at in done], dtype=np.float64),
+    }
+
+
+class RouteChunks:
+    """Hands each chunk row to the writer actor that owns its shard (`writer_of`) and passes on the rows of the shards
+    that completed (stream stage: tasks; the writers are Ray actor handles, or in-process `WriteShards` in tests)."""
+
+    def __init__(self, writers: Sequence, get=None) -> None:
+        self.writers = list(writers)
+        self.get = get  # ray.get for actor handles; None calls in-process writers directly
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        calls = []
+        for i, name in enumerate(str(s) for s in batch[SHARD]):
+            writer = self.writers[writer_of(name, len(self.writers))]
+            args = (
+                name,
+                int(batch[CHUNK_INDEX][i]),
+                bytes(batch[CHUNK][i]),
+                bool(batch[LAST_CHUNK][i]),
+                int(batch[SHARD_ROWS][i]),
+                str(batch[SHARD_SKIPPED][i]),
+            )
+            calls.append(writer.add(*args) if self.get is None else writer.add.remote(*args))
+        results = calls if self.get is None else self.get(calls)
+        return written_rows([row for done in results for row in done])
 
 
 # --------------------------------------------------------------------------- part passes (`reinforce.parts`)
