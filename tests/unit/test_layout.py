@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "runstate": 0,  # a resumable job's state beside its output: both Ray jobs keep theirs through it
     "progress": 0,  # the jobs' progress lines
     "accelerators": 0,  # device peaks: both dry runs and the GPU check divide by them
+    "stats": 0,  # the bootstrap of a study: pure numpy; evaluation builds its per-sample scores
     "models": 1,
     "losses": 1,
     "tokenizer_assets": 1,  # a model's tokenizer as files for apps: the export writes them
