@@ -460,10 +460,61 @@ class DemoConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """A pilot study (`clipdr study`): does reinforcement pay on this data, and by how much?
+
+    The [train] student is trained once per mode and seed on train.data for train.schedule.samples samples (the
+    same training path as `clipdr train`; fewer samples for a quicker pilot), each run a nested MLflow child of
+    one parent run that holds the report: per-mode means of the metrics with bootstrap intervals over evaluation
+    samples and seeds, the gain of each mode over the first, the samples-to-match ratio, learning curves with bands.
+    """
+
+    name: str = _f("study", "the parent MLflow run's name and its runs' prefix: <name>-<mode>[-seed<s>]")
+    output: str = _f("study", "where the report goes (<output>/<name>/), path")
+    modes: tuple[TrainMode, ...] = _f(("clip", "reinforced"), "modes compared; the first is the baseline")
+    seeds: tuple[int, ...] = _f((0, 1, 2), "train.seed of each mode's runs")
+    metric: str = _f(
+        "zeroshot/mean_top1",
+        "the headline metric (higher is better): a mean over evaluation samples (a task's top1/top5, a recall, "
+        "zeroshot/mean_top1, retrieval/mean_recall)",
+    )
+    parallel_jobs: int = _f(1, "training runs at once (threads of the study's process)")
+    bootstrap_resamples: int = _f(2000, "bootstrap resamples of the intervals")
+    bootstrap_seed: int = _f(0, "seed of the bootstrap draws")
+    confidence: float = _f(0.95, "confidence level of the intervals")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A hyper-parameter sweep (`clipdr sweep`): Ray Tune trials of the [train] run over any config keys.
+
+    Each trial trains the [train] config with its values through the same path as `clipdr train`, as a nested
+    MLflow child of one parent run that holds the summary table and a plot of the metric against each key.
+    """
+
+    name: str = _f("sweep", "the parent MLflow run's name and its trials' prefix: <name>-<digest of the values>")
+    output: str = _f("sweep", "where the summary and Ray Tune's state go (<output>/<name>/), path")
+    params: tuple[str, ...] = _f(
+        (), "swept keys, each key=[values] in TOML, e.g. train.optimizer.lr=[1e-3, 2e-3], train.loss.kd_weight=[0.5, 1]"
+    )
+    search: Literal["grid", "random"] = _f("grid", "grid: every combination; random: num_samples random draws")
+    num_samples: int = _f(4, "trials of a random search")
+    metric: str = _f(
+        "zeroshot/mean_top1", "the metric each trial reports: its run's last value (evaluation needs train.evaluate)"
+    )
+    goal: Literal["max", "min"] = _f("max", "whether the best trial has the highest or the lowest metric")
+    parallel_trials: int = _f(1, "trials at once (each its own Ray Train job)")
+    seed: int = _f(0, "seed of a random search's draws")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
     uri: str = _f("", "MLflow tracking URI; empty: sqlite file mlflow.db in the working directory")
+    parent_run_id: str = _f(
+        "", "MLflow run a new job run is nested under (tag mlflow.parentRunId; studies and sweeps set it); empty: none"
+    )
     outage_limit_s: float = _f(
         600.0,
         "how long training keeps its metrics while the tracking server does not answer, sending them once it does; "
@@ -481,6 +532,8 @@ class Config:
     datacompdr: DataCompDRConfig = _f(DataCompDRConfig(), "DataCompDR import")
     train: TrainConfig = _f(TrainConfig(), "training a student")
     demo: DemoConfig = _f(DemoConfig(), "the one-command demo")
+    study: StudyConfig = _f(StudyConfig(), "a pilot study: modes x seeds with bootstrap intervals")
+    sweep: SweepConfig = _f(SweepConfig(), "a hyper-parameter sweep with Ray Tune")
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "zero-shot classification and retrieval evaluation")
     export: ExportConfig = _f(ExportConfig(), "exporting a model (open_clip weights, fused model, ONNX)")
     lifecycle: LifecycleConfig = _f(LifecycleConfig(), "registry aliases and the promotion gate")

@@ -45,13 +45,15 @@ LAYERS: dict[str, int] = {
     "cli": 3,
     "jobs": 3,
     "demo": 3,  # runs every stage, as cli does
+    "study": 3,  # trains a student per mode and seed (as cli does) and reports with clipdr.stats
+    "sweep": 3,  # Ray Tune trials, each a training run
     "benchmarks": 3,  # runs the reinforcement and training jobs at toy sizes
 }
 NEVER_TOGETHER = (("reinforce", "train"),)  # their only contract is records (+ augment)
 ONLY_IMPORTER = {"mlflow": {"tracking"}}
 # Only the Ray jobs, and what launches them, import ray: cluster (joins or starts the cluster for both jobs) and the
 # entrypoints of layer 3.
-RAY_IMPORTERS = {"reinforce", "train", "cluster", "cli", "jobs", "demo", "benchmarks"}
+RAY_IMPORTERS = {"reinforce", "train", "cluster", "cli", "jobs", "demo", "benchmarks", "sweep"}
 
 
 def module_name(path: Path) -> str:
