@@ -497,8 +497,10 @@ class SweepConfig:
     params: tuple[str, ...] = _f(
         (), "swept keys, each key=[values] in TOML, e.g. train.optimizer.lr=[1e-3, 2e-3], train.loss.kd_weight=[0.5, 1]"
     )
-    search: Literal["grid", "random"] = _f("grid", "grid: every combination; random: num_samples random draws")
-    num_samples: int = _f(4, "trials of a random search")
+    search: Literal["grid", "random"] = _f(
+        "grid", "grid: every combination of the values; random: num_samples different combinations drawn at random"
+    )
+    num_samples: int = _f(4, "trials of a random search (at most the number of combinations)")
     metric: str = _f(
         "zeroshot/mean_top1", "the metric each trial reports: its run's last value (evaluation needs train.evaluate)"
     )

@@ -2,9 +2,11 @@
 
     sweep.params: ``key=[values]`` per swept key (any dotted config key: train.optimizer.lr, train.loss.kd_weight,
         train.teacher_scales, ...)
-    -> Ray Tune: a grid over all combinations (``search = "grid"``) or ``num_samples`` random draws (``"random"``);
-       each trial is one `train.run.run` of the config with its values, the training path of `clipdr train`, its
-       MLflow run a nested child of the sweep's parent run; it reports ``sweep.metric`` from its final evaluation
+    -> the trials: every combination of the values (``search = "grid"``) or ``num_samples`` different combinations
+       drawn at random (``"random"``, seeded by ``sweep.seed``: a trial is never drawn twice)
+    -> Ray Tune runs them, ``parallel_trials`` at a time: each trial is one `train.run.run` of the config with its
+       values, the training path of `clipdr train`, its MLflow run a nested child of the sweep's parent run; it
+       reports ``sweep.metric``, its run's last value
     -> the parent run holds the summary table (markdown, JSON) and a plot of the metric against each swept key, and
        the best trial's values as metrics.
 
@@ -15,6 +17,7 @@ starting its own Ray Train job; they ask Ray for no CPU of their own (the traini
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ CURVE_FILE = "sweep.png"
 REPORT_FILE = "sweep.md"
 SUMMARY_FILE = "sweep.json"
 SWEEP_TAG = "clipdr.sweep"
+TRIAL_KEY = "values"  # Ray Tune's trial config: {TRIAL_KEY: {config key: value}}
 
 
 @dataclass(frozen=True)
@@ -71,18 +75,30 @@ def check(sc: SweepConfig) -> None:
         raise ValueError("sweep.name must not be empty")
 
 
+def trials(sc: SweepConfig, values: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The trials' values: every combination (grid), or ``num_samples`` different ones drawn with ``seed``."""
+    import numpy as np
+
+    combos = [dict(zip(values, combo, strict=True)) for combo in itertools.product(*values.values())]
+    if sc.search == "grid":
+        return combos
+    picked = np.random.default_rng(sc.seed).choice(len(combos), size=min(sc.num_samples, len(combos)), replace=False)
+    return [combos[i] for i in sorted(picked)]
+
+
 def trial_name(sweep_name: str, values: dict[str, Any]) -> str:
     """A trial's run name, from its values: the same values find the same (cached) run."""
     return f"{sweep_name}-{runstate.fingerprint(values).removeprefix('sha256:')[:10]}"
 
 
-def _trial(values: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, metric: str) -> None:
-    """One Ray Tune trial: trains the base config with ``values`` and reports ``metric`` of its final evaluation."""
+def _trial(space: dict[str, Any], base: dict[str, Any], sweep_name: str, parent_run_id: str, metric: str) -> None:
+    """One Ray Tune trial: trains the base config with its values and reports ``metric``, its run's last value."""
     from ray import tune
 
     from clipdr import tracking
     from clipdr.train.run import run as train
 
+    values = space[TRIAL_KEY]
     cfg = from_dict(Config, base, "sweep trial")
     name = trial_name(sweep_name, values)
     cfg = replace(cfg, {**values, "train.run_name": name, "tracking.parent_run_id": parent_run_id})
@@ -116,12 +132,8 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> SweepResult:
         parent = study.parent_run(cfg, directory, sc.name, tags, params, cfg.train.experiment)
         log(f"sweep {sc.name!r}: {sc.search} over {', '.join(values)}, MLflow parent run {parent.run_id}")
         try:
-            if sc.search == "grid":
-                param_space = {key: tune.grid_search(v) for key, v in values.items()}
-                num_samples = 1
-            else:
-                param_space = {key: tune.choice(v) for key, v in values.items()}
-                num_samples = sc.num_samples
+            chosen = trials(sc, values)
+            log(f"sweep: {len(chosen)} trials, {sc.parallel_trials} at a time")
             trainable = tune.with_resources(
                 tune.with_parameters(
                     _trial, base=to_dict(cfg), sweep_name=sc.name, parent_run_id=parent.run_id, metric=sc.metric
@@ -130,32 +142,27 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> SweepResult:
             )
             tuner = tune.Tuner(
                 trainable,
-                param_space=param_space,
-                tune_config=tune.TuneConfig(
-                    num_samples=num_samples,
-                    max_concurrent_trials=sc.parallel_trials,
-                    search_alg=tune.search.BasicVariantGenerator(random_state=sc.seed),
-                ),
+                param_space={TRIAL_KEY: tune.grid_search(chosen)},
+                tune_config=tune.TuneConfig(max_concurrent_trials=sc.parallel_trials),
                 run_config=tune.RunConfig(name="tune", storage_path=directory, verbose=0),
             )
             grid = tuner.fit()
             errors = [r.error for r in grid if r.error is not None]
             if errors:
                 raise RuntimeError(f"{len(errors)} of {len(grid)} sweep trials failed; the first: {errors[0]}")
-            trials = [
-                {**{k: r.config[k] for k in values}, sc.metric: r.metrics[sc.metric], "run_id": r.metrics["run_id"]}
+            found = [
+                {**r.config[TRIAL_KEY], sc.metric: r.metrics[sc.metric], "run_id": r.metrics["run_id"]}
                 | {"run": r.metrics["run_name"]}
                 for r in grid
             ]
-            trials = list({t["run"]: t for t in trials}.values())  # a random search may draw the same values twice
-            trials.sort(key=lambda t: t[sc.metric], reverse=sc.goal == "max")
-            best = trials[0]
-            text = markdown(sc, list(values), trials)
+            found.sort(key=lambda t: t[sc.metric], reverse=sc.goal == "max")
+            best = found[0]
+            text = markdown(sc, list(values), found)
             out = Path(directory)
             out.mkdir(parents=True, exist_ok=True)
-            plot(sc, list(values), trials, out / CURVE_FILE)
+            plot(sc, list(values), found, out / CURVE_FILE)
             (out / REPORT_FILE).write_text(text)
-            (out / SUMMARY_FILE).write_text(json.dumps({"best": best, "trials": trials}, indent=2, default=str))
+            (out / SUMMARY_FILE).write_text(json.dumps({"best": best, "trials": found}, indent=2, default=str))
             parent.log_metrics({f"best/{sc.metric}": best[sc.metric]})
             parent.set_tags({"clipdr.sweep.best_run": best["run_id"]})
             for name in (CURVE_FILE, REPORT_FILE, SUMMARY_FILE):
@@ -165,7 +172,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> SweepResult:
             raise
         parent.finish("FINISHED")
     log(text)
-    return SweepResult(parent.run_id, trials, best, text)
+    return SweepResult(parent.run_id, found, best, text)
 
 
 def markdown(sc: SweepConfig, keys: list[str], trials: list[dict[str, Any]]) -> str:

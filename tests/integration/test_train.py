@@ -384,7 +384,12 @@ def test_a_sweep_trains_one_nested_run_per_trial_and_summarises(world, tmp_path,
     """`clipdr sweep` at toy size: a grid of two learning rates, each trial a Ray Tune trial training a nested run."""
     cfg = train_config(world, "", schedule=TrainSchedule(samples=4 * BATCH, batch_size=BATCH, warmup_samples=BATCH))
     sweep_cfg = SweepConfig(
-        name="lr", output=str(tmp_path), params=("train.optimizer.lr=[1e-3, 5e-3]",), metric="train/loss", goal="min"
+        name="lr",
+        output=str(tmp_path),
+        params=("train.optimizer.lr=[1e-3, 5e-3]",),
+        metric="train/loss",
+        goal="min",
+        parallel_trials=2,  # side by side, as the demo trains its jobs
     )
     settings = {**flatten(cfg.train, "train."), **flatten(cfg.tracking, "tracking."), **flatten(sweep_cfg, "sweep.")}
     sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from clipdr import study
-from clipdr.config import Config, StudyConfig, TrainConfig, TrainLoss, replace
+from clipdr import study, sweep
+from clipdr.config import Config, StudyConfig, SweepConfig, TrainConfig, TrainLoss, replace
 
 
 def test_runs_are_modes_times_seeds_the_baseline_without_distillation():
@@ -79,3 +79,30 @@ def test_the_report_says_when_the_gains_interval_includes_zero():
         | {"gains": {"zeroshot/mean_top1": {"reinforced": {"value": -0.05, "low": -0.09, "high": -0.01}}}}
     )
     assert "reinforced trails clip" in behind[0]
+
+
+def test_a_sweeps_trials_are_the_grid_or_distinct_random_draws_of_it():
+    params = ("train.optimizer.lr=[1e-3, 2e-3, 4e-3]", "train.loss.kd_weight=[0.5, 1.0]")
+    values = sweep.space(SweepConfig(params=params), Config())
+    grid = sweep.trials(SweepConfig(params=params), values)
+    assert {tuple(t.values()) for t in grid} == {(a, b) for a in (1e-3, 2e-3, 4e-3) for b in (0.5, 1)}
+    assert len(grid) == 6
+    drawn = sweep.trials(SweepConfig(params=params, search="random", num_samples=4, seed=1), values)
+    assert len({tuple(t.values()) for t in drawn}) == 4 and all(t in grid for t in drawn)  # never twice
+    assert drawn == sweep.trials(SweepConfig(params=params, search="random", num_samples=4, seed=1), values)
+    assert len(sweep.trials(SweepConfig(params=params, search="random", num_samples=50), values)) == 6
+    assert sweep.trial_name("s", grid[0]) == sweep.trial_name("s", dict(grid[0])) != sweep.trial_name("s", grid[1])
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (("train.optimizer.lr=1e-3",), r"expected key=\[value, ...\]"),
+        (("train.optimizer.lr=[1e-3]", "train.optimizer.lr=[2e-3]"), "names 'train.optimizer.lr' twice"),
+        (('train.mode=["clip", "plain"]',), "sweep.params train.mode='plain'"),
+        ((), "sweep.params is empty"),
+    ],
+)
+def test_a_sweeps_values_are_checked_before_any_trial(params, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.space(SweepConfig(params=params), Config())
