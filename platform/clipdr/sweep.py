@@ -12,7 +12,7 @@
 
 A trial's run is named after its values (``<name>-<digest>``), so a sweep run again finds its finished trials in
 their run states (`clipdr.runstate`) and trains only the others. Trials run as Ray Tune's function trainables, each
-starting its own Ray Train job; they ask Ray for no CPU of their own (the training workers do).
+starting its own Ray Train job; they ask Ray for almost no CPU of their own (`TRIAL_CPUS`: the workers take the CPUs).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ REPORT_FILE = "sweep.md"
 SUMMARY_FILE = "sweep.json"
 SWEEP_TAG = "clipdr.sweep"
 TRIAL_KEY = "values"  # Ray Tune's trial config: {TRIAL_KEY: {config key: value}}
+TRIAL_CPUS = 0.01  # a trial only waits on its Ray Train job, whose workers ask for the CPUs; Tune refuses 0
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> SweepResult:
                 tune.with_parameters(
                     _trial, base=to_dict(cfg), sweep_name=sc.name, parent_run_id=parent.run_id, metric=sc.metric
                 ),
-                {"CPU": 0},
+                {"CPU": TRIAL_CPUS},
             )
             tuner = tune.Tuner(
                 trainable,
