@@ -181,7 +181,7 @@ STAGES = (
     Stage(
         "demo",
         "Run the whole lifecycle on the embedded default, offline: world, teachers, reinforce, students, compare.",
-        ("demo", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
+        ("demo", "study", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
         job="clipdr.demo",
         errors=("clipdr.train.plan:TrainError", "clipdr.reinforce.run:ReinforceError"),
     ),
