@@ -437,8 +437,9 @@ class DemoConfig:
 
     [synth] makes the world; each of [reinforce]'s teachers (its `model`) and its captioner are first trained
     here with plain CLIP (the captioner with its caption loss) on the clean teacher corpus; [reinforce] then
-    reinforces the noisy student corpus with them; the [train] student is trained once per mode in `modes`, on
-    the same data for the same samples seen, evaluated on [evaluate] every train.eval_every samples.
+    reinforces the noisy student corpus with them; the [train] student is trained once per mode in `modes` and
+    seed of [study] `seeds` (a study: `clipdr.study`), on the same data for the same samples seen, evaluated on
+    [evaluate] every train.eval_every samples.
     """
 
     output: str = _f("data/demo", "where runs (<output>/runs) and the report (<output>/report) go")
@@ -455,7 +456,8 @@ class DemoConfig:
     )
     metric: str = _f("zeroshot/mean_top1", "the headline metric of the comparison, and of the promotion gate")
     registered_model: str = _f(
-        "clipdr-demo-student", "registry name of the students (each version candidate, gated to champion); empty: none"
+        "clipdr-demo-student",
+        "registry name of the students of the first seed (each version candidate, gated to champion); empty: none",
     )
 
 
