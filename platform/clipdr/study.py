@@ -119,11 +119,12 @@ def parent_run(
     cfg: Config, directory: str, name: str, tags: Mapping[str, str], params: Mapping[str, Any], experiment: str
 ) -> Any:
     """The parent MLflow run of a group of runs (a study, a sweep, the demo's pretraining): the one recorded in
-    ``directory`` (`runstate.PARENT_STATE`), reopened, else a new one with ``params``, recorded there."""
+    ``directory`` (`runstate.PARENT_STATE`) with the same ``params``, reopened; else a new one with ``params``,
+    recorded there (MLflow's params cannot change, so other settings are another parent run)."""
     from clipdr import tracking
 
     state = runstate.read(directory, runstate.PARENT_STATE)
-    if state is not None:
+    if state is not None and runstate.matches(state.fingerprint, runstate.fingerprint(params)):
         try:
             tracking.run_summary(state.mlflow_run_id, uri=cfg.tracking.uri)
         except tracking.RegistryError:  # recorded in another tracking store: a new parent in this one
@@ -194,8 +195,9 @@ def run_study(
     )
     try:
         results = train_all({j.name: j.cfg for j in study_jobs}, sc.parallel_jobs, log, parent.run_id)
-        for job in study_jobs:
-            tracking.open_run(results[job.name].mlflow_run_id, uri=cfg.tracking.uri).set_tags({STUDY_TAG: sc.name})
+        for job in study_jobs:  # a run found cached from another study joins this one: its report covers it
+            child = tracking.open_run(results[job.name].mlflow_run_id, uri=cfg.tracking.uri)
+            child.set_tags({STUDY_TAG: sc.name, tracking.PARENT_RUN_TAG: parent.run_id})
         scores = {job.name: _final_scores(cfg, results[job.name], log) for job in study_jobs}
         summary = summarize(cfg, study_jobs, results, scores)
         text = markdown(summary, reference_rows, title)
