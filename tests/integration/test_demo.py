@@ -66,7 +66,6 @@ def toy_config(root) -> Config:
             teacher_batch_size=32,
             captioner_samples=64,
             captioner_batch_size=32,
-            parallel_jobs=4,  # the four students (2 modes x 2 seeds) at once: their Ray Train start-ups overlap
         ),
         study=StudyConfig(seeds=(0, 1), bootstrap_resamples=200),
         tracking=TrackingConfig(uri=f"sqlite:///{root}/mlflow.db"),
