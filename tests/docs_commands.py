@@ -26,7 +26,7 @@ SHELL_LANGUAGES = ("bash", "sh", "shell", "console")
 # First words that make a line in an unlabelled block a command someone could copy (it must then be labelled).
 COMMAND_WORDS = ("clipdr", "python", "make", "ray", "mlflow", "terraform", "kubectl", "docker", "pytest")
 # Top-level folders of the repository: a documented argument under one of them is a path that must exist.
-REPO_DIRS = ("jobs", "docker", "infra", "tests", "docs", "platform")
+REPO_DIRS = ("jobs", "docker", "infra", "tests", "docs", "platform", "scripts")
 
 _FENCE = re.compile(r"^\s*```\s*([\w+-]*)")
 _HEREDOC = re.compile(r"<<-?\s*['\"]?(\w+)['\"]?")
@@ -320,6 +320,10 @@ REGISTRY: dict[str, Entry] = {
         ("tests/integration/test_job_submit.py::test_ray_job_submit_reinforce_round_trip",)
     ),
     "clipdr reinforce --config jobs/configs/datacompdr12m.toml --set reinforce.dry_run": Run(),
+    # docs/reinforce.md: a caption set added to a complete dataset, on Ray, then trained on.
+    "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.add --set reinforce.caption_set": CoveredBy(
+        ("tests/integration/test_train.py::test_a_caption_set_added_on_ray_feeds_the_training_input",)
+    ),
     "clipdr train --config jobs/configs/mobileclip_s0.toml --set train.dry_run": Run(),
     "clipdr reinforce --config jobs/configs/mobileclip2_reinforce.toml --set reinforce.dry_run": Run(),
     # Crashed on every run (ray.remote refused convert's functools.partial) until branch datacompdr's fix, which
@@ -357,6 +361,17 @@ REGISTRY: dict[str, Entry] = {
         )
     ),
     "mlflow ui --backend-store-uri": External("starts a web server that runs until stopped; test_demo checks the hint"),
+    # docs/demo.md: the UI screenshot, and the demo on the second world family.
+    "python scripts/ui_screenshot.py --store --experiment --output": External(
+        "needs Chromium (a Debian package the CI machine may lack) and starts an MLflow server for minutes; "
+        "tests/unit/test_ui_screenshot.py checks its chart URL and that it stops before starting anything without one"
+    ),
+    "clipdr demo --config jobs/configs/demo_world2.toml": CoveredBy(
+        (
+            "tests/integration/test_demo.py::test_demo_runs_every_stage_into_mlflow_and_caches",
+            "tests/unit/test_synthetic.py::test_demo_world2_is_the_demo_lifecycle_on_the_tiles_family",
+        )
+    ),
     # Evaluate, export, promote.
     "clipdr evaluate --config jobs/configs/demo.toml --set evaluate.model": CoveredBy(
         ("tests/integration/test_lifecycle.py::test_evaluating_a_model_name_opens_a_linked_evaluation_run",)
@@ -401,6 +416,19 @@ REGISTRY: dict[str, Entry] = {
             "tests/integration/test_serve.py::test_served_model_embeds_images_and_captions_as_the_model_does",
             "tests/integration/test_serve.py::test_a_malformed_request_gets_a_400_and_the_server_keeps_serving",
         )
+    ),
+    # docs/export.md, README: `clipdr serve` runs until stopped; the integration test starts it as the CLI (the
+    # benchmark's `started`, which adds the port, host, alias and replicas), requests both endpoints and stops it.
+    "clipdr serve --set serve.model": CoveredBy(
+        (
+            "tests/integration/test_serve.py::test_clipdr_serve_embeds_images_and_texts_as_the_registered_pyfunc_predicts",
+            "tests/integration/test_serve.py::test_clipdr_serve_answers_a_malformed_request_with_a_4xx_and_goes_on_serving",
+        )
+    ),
+    # --model starts `clipdr serve` (the `started` of the test above) and measures it; the test runs the same
+    # `benchmarks.main` with --url against that server at toy size.
+    "python jobs/benchmark.py serve --model --requests --concurrency --output": CoveredBy(
+        ("tests/integration/test_serve.py::test_the_serve_load_test_runs_at_toy_size",)
     ),
     "python jobs/benchmark.py captioner": Run(_TOY_CAPTIONER),
     "python jobs/benchmark.py captioner --output": Run(_TOY_CAPTIONER),

@@ -179,6 +179,13 @@ STAGES = (
         show=dataclasses.asdict,
     ),
     Stage(
+        "serve",
+        "Serve a registered model's alias (champion) with Ray Serve: image and text embedding endpoints over HTTP.",
+        ("serve", "tracking"),
+        job="clipdr.serving",
+        errors=("clipdr.serving:ServeError",),
+    ),
+    Stage(
         "demo",
         "Run the whole lifecycle on the embedded default, offline: world, teachers, reinforce, students, compare.",
         ("demo", "study", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),

@@ -53,7 +53,9 @@ class NoiseConfig:
     drop_position: float = _f(0.9, "probability that a noisy caption omits an object's position")
     drop_background: float = _f(0.85, "probability that a noisy caption omits the background")
     drop_colour: float = _f(0.1, "probability that a noisy caption omits an object's colour")
-    drop_shape: float = _f(0.1, "probability that a noisy caption says 'shape' instead of the shape's name")
+    drop_shape: float = _f(
+        0.1, "probability that a noisy caption says 'shape' (tiles: 'tile') instead of the shape's name (and its fill)"
+    )
     drop_object: float = _f(0.4, "probability that a noisy caption omits each object after the first")
     wrong_rate: float = _f(0.15, "probability that each attribute a noisy caption states is wrong")
     filler_rate: float = _f(0.6, "probability of adding web filler ('stock photo', '#design', ...)")
@@ -72,6 +74,7 @@ class SynthConfig:
 
     output: str = _f("data/synth", "where the world is written: a path, file:// or s3:// URI")
     seed: int = _f(0, "seed of the world; every sample is a pure function of (seed, split, index)")
+    family: str = _f("shapes", "world family: shapes (the demo's) or tiles (other objects, attributes and captions)")
     image_size: int = _f(64, "side of the square images in pixels (at least 16)")
     formats: tuple[str, ...] = _f(("webdataset",), "source formats of the caption splits: webdataset and/or parquet")
     shard_size: int = _f(1000, "samples per shard")
@@ -169,6 +172,14 @@ class ReinforceConfig:
         False, "validate the config and source, print the plan and its accelerator-hours; load no model, write nothing"
     )
     cost: ReinforceCost = _f(ReinforceCost(), "what the dry run's accelerator-hour projection assumes")
+    add: str = _f(
+        "",
+        "a pass adding a part to the complete dataset at output, rewriting nothing: 'captions' (the caption set "
+        "caption_set: S = num_syn_captions captions a sample from [reinforce.captioner], and every teacher's text "
+        "embeddings of it) or 'teacher' (the one teacher of [[reinforce.teachers]] the dataset lacks); empty: the "
+        "base job (docs/reinforce.md)",
+    )
+    caption_set: str = _f("", "name of the caption set a 'captions' pass adds (a lowercase identifier)")
 
 
 @dataclass(frozen=True)
@@ -234,9 +245,10 @@ class TrainLoss:
     use_syn_captions: bool = _f(True, "also train on one drawn synthetic caption a sample (0 with mode clip)")
     caption_loss_weight: float = _f(2.0, "weight of the captioning loss when the model is a CoCa")
     local_loss: bool = _f(
-        False,
-        "each rank computes only its own rows of the similarity matrices (B x G memory, not G x G; for very large "
-        "global batches); the logged loss is then rank 0's share, the other parts stay global",
+        True,
+        "with more than one worker, each rank computes only its own rows of the similarity matrices (B x G memory "
+        "and FLOPs, not G x G), with the gradients of the full matrices; one worker computes the full matrices "
+        "either way. A memory knob: a resubmission may change it",
     )
     max_logit_scale: float = _f(100.0, "clamp of the student's logit scale in the loss and after every step")
 
@@ -311,6 +323,11 @@ class TrainConfig:
     )
     num_syn_captions: int = _f(
         0, "draw each sample's synthetic caption from the first n of the dataset's S; 0: all S (needs S >= n)"
+    )
+    syn_caption_sets: tuple[str, ...] = _f(
+        (),
+        "caption sets the synthetic captions are drawn from, their captions concatenated in this order ('default': the "
+        "base shards' own; others added by reinforce.add = 'captions'); empty: every set the manifest lists",
     )
     seed: int = _f(0, "seed of initialisation and of the per-epoch view/caption draws")
     precision: Precision = _f("auto", "auto (bf16 autocast on GPU, fp32 on CPU), fp32 or bf16")
@@ -432,6 +449,21 @@ class LifecycleConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`clipdr serve`: a Ray Serve deployment of a registered model's alias, with image and text endpoints."""
+
+    model: str = _f("", "registered model name; the version its alias points at when the server starts is served")
+    alias: str = _f("champion", "registry alias whose version is served")
+    host: str = _f("127.0.0.1", "address the HTTP proxy listens on (0.0.0.0: every interface)")
+    port: int = _f(8000, "port the HTTP proxy listens on")
+    replicas: int = _f(1, "replicas of the model, each an actor holding one copy")
+    cpus_per_replica: float = _f(1.0, "CPUs reserved per replica (also its torch threads)")
+    max_ongoing_requests: int = _f(8, "requests a replica works on at once; more wait in the proxy's queue")
+    max_items: int = _f(64, "most images or texts in one request (more: HTTP 413)")
+    max_body_mb: float = _f(32.0, "largest request body in MiB (larger: HTTP 413)")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     """The one-command demo on the embedded default: the paper in miniature.
 
@@ -541,6 +573,7 @@ class Config:
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "zero-shot classification and retrieval evaluation")
     export: ExportConfig = _f(ExportConfig(), "exporting a model (open_clip weights, fused model, ONNX)")
     lifecycle: LifecycleConfig = _f(LifecycleConfig(), "registry aliases and the promotion gate")
+    serve: ServeConfig = _f(ServeConfig(), "serving a registered model over HTTP (Ray Serve)")
     tracking: TrackingConfig = _f(TrackingConfig(), "experiment tracking")
 
 

@@ -24,11 +24,11 @@ from clipdr.data import sources
 SHEET_PAD = 2  # pixels between views on the contact sheet
 
 
-def column_bytes(shard_uris: Sequence[str]) -> dict[str, int]:
-    """Stored (compressed) bytes of each top-level column over ``shard_uris``, from their Parquet footers: what a
-    read of that column fetches."""
+def column_bytes(shard_uris: Sequence[str], part_uris: Sequence[str] = ()) -> dict[str, int]:
+    """Stored (compressed) bytes of each top-level column over ``shard_uris`` and the part files ``part_uris`` (their
+    key column left out: the base's is counted), from their Parquet footers: what a read of that column fetches."""
     total: dict[str, int] = {}
-    for uri in shard_uris:
+    for uri in [*shard_uris, *part_uris]:
         fs, path = storage.resolve(uri)
         with fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -37,6 +37,8 @@ def column_bytes(shard_uris: Sequence[str]) -> dict[str, int]:
             for index in range(row_group.num_columns):
                 chunk = row_group.column(index)
                 name = chunk.path_in_schema.split(".")[0]
+                if name == records.KEY and uri in part_uris:
+                    continue
                 total[name] = total.get(name, 0) + chunk.total_compressed_size
     return total
 
@@ -62,7 +64,9 @@ def describe(dataset: records.ReinforcedDataset, sizes: dict[str, int] | None = 
         f"temperature {m.captioner.temperature:g}, seed {m.captioner.seed})"
         if m.captioner is not None
         else "captions      S=0: an embeddings-only pass, real captions only (no captioner ran)",
-        f"embeddings    {m.embedding_bytes_per_sample:,} bytes of fp16 a sample ((K + 1 + S) x sum(D) x 2)",
+        *(_describe_part(p) for p in m.parts),
+        f"embeddings    {m.embedding_bytes_per_sample:,} bytes of fp16 a sample ((K + 1 + S) x sum(D) x 2) in the "
+        "base shards",
     ]
     if sizes:
         total = sum(sizes.values())
@@ -71,17 +75,34 @@ def describe(dataset: records.ReinforcedDataset, sizes: dict[str, int] | None = 
     return "\n".join(lines)
 
 
+def _describe_part(part: records.PartSpec) -> str:
+    if part.kind == "captions":
+        c = part.captioner
+        return (
+            f"part          {part.name}: caption set {part.caption_set!r}, S={part.num_syn_captions} a sample by "
+            f"{c.kind} {c.model} ({c.generation_type}, top_p {c.top_p:g}, temperature {c.temperature:g}, seed "
+            f"{c.seed}); text embeddings of teachers {', '.join(part.teachers)}"
+        )
+    t = part.teacher
+    return (
+        f"part          {part.name}: teacher {t.name}: {t.model} ({t.pretrained or 'random init'}), D={t.embed_dim}, "
+        f"{t.image_size}px {t.interpolation}, default a_k {t.logit_scale:g}; text embeddings of caption sets "
+        f"{', '.join(part.caption_sets) or 'none added'}"
+    )
+
+
 def first_samples(dataset: records.ReinforcedDataset, count: int) -> dict:
-    """The first ``count`` samples of the dataset (from the first shards): key, image bytes, captions, views."""
+    """The first ``count`` samples of the dataset (from the first shards): key, image bytes, captions of every
+    caption set (`records.syn_captions_column`, added sets read from their parts), views."""
+    m = dataset.manifest
     columns = [records.KEY, records.IMAGE, records.CAPTION, records.AUG_PARAMS]
-    if dataset.manifest.num_syn_captions:
-        columns.append(records.SYN_CAPTIONS)
+    columns += [records.syn_captions_column(s) for s in m.caption_sets]
     out: dict[str, list] = {name: [] for name in columns}
-    for uri in dataset.shard_uris:
+    for shard in m.shards:
         left = count - len(out[records.KEY])
         if left <= 0:
             break
-        table = records.read_shard(uri, columns).slice(0, left)
+        table = records.read_shard_with_parts(dataset.uri, m, shard.path, columns).slice(0, left)
         for name in columns:
             if name == records.AUG_PARAMS:
                 out[name] += list(records.aug_params(table))
@@ -115,13 +136,17 @@ def inspect(uri: str, sheet_path: str, num_samples: int = 3, size: int = 96, log
     if num_samples < 1 or size < 1:
         raise ValueError(f"--samples and --size must be >= 1, got {num_samples} and {size}")
     dataset = records.open_dataset(uri)
-    log(describe(dataset, column_bytes(dataset.shard_uris)))
+    m = dataset.manifest
+    part_uris = [storage.join(uri, *s.path.split("/")) for p in m.parts for s in p.shards]
+    log(describe(dataset, column_bytes(dataset.shard_uris, part_uris)))
     samples = first_samples(dataset, num_samples)
     for i, key in enumerate(samples[records.KEY]):
         log(f"sample        {key}")
         log(f"  real        {samples[records.CAPTION][i]}")
-        for j, caption in enumerate(samples.get(records.SYN_CAPTIONS, [[]] * len(samples[records.KEY]))[i]):
-            log(f"  synthetic {j} {caption}")
+        for caption_set in m.caption_sets:
+            label = "synthetic" if caption_set == records.DEFAULT_CAPTION_SET else caption_set
+            for j, caption in enumerate(samples[records.syn_captions_column(caption_set)][i]):
+                log(f"  {label} {j} {caption}")
     out = io.BytesIO()
     contact_sheet(samples, size).save(out, format="PNG")
     storage.write_bytes(sheet_path, out.getvalue())

@@ -239,8 +239,9 @@ class DistillationLoss(nn.Module):
             for MobileCLIP2's); the teacher inputs of `forward` come in this order.
         use_syn_captions: Whether the loss of the synthetic captions is added to that of the real ones.
         max_logit_scale: Bound of the student's effective logit scale s.
-        local_loss: Each rank computes only its own rows of the similarity matrices (B x G memory instead of
-            G x G); its ``loss`` is then its share of the global loss (see the module docstring).
+        local_loss: With more than one rank, each rank computes only its own rows of the similarity matrices
+            (B x G memory instead of G x G); its ``loss`` is then its share of the global loss (see the module
+            docstring). A world of one computes the full matrices either way.
     """
 
     def __init__(
@@ -310,6 +311,7 @@ class DistillationLoss(nn.Module):
         with_teachers = self._check_inputs(img_BD, txt_BD, syn_txt_BD, teacher_img, teacher_txt, teacher_syn_txt)
         caption_sets = ["real", "syn"] if self.use_syn_captions else ["real"]
         world_size = _world()[0]
+        local = self.local_loss and world_size > 1  # one rank's rows are the whole matrix: compute it square
         dtype = torch.promote_types(img_BD.dtype, torch.float32)
 
         with torch.autocast(img_BD.device.type, enabled=False):
@@ -321,7 +323,7 @@ class DistillationLoss(nn.Module):
             student_B = [img_BD, txt_BD] + ([syn_txt_BD] if self.use_syn_captions else [])
             student_B = [x.to(dtype) for x in student_B]
             student_G = _gather_concat(student_B, with_grad=True)
-            student_R = student_B if self.local_loss else student_G
+            student_R = student_B if local else student_G
             img_RD, img_GD = student_R[0], student_G[0]
             txt_R = dict(zip(caption_sets, student_R[1:], strict=True))
             txt_G = dict(zip(caption_sets, student_G[1:], strict=True))
@@ -339,7 +341,14 @@ class DistillationLoss(nn.Module):
             loss = img_BD.new_zeros((), dtype=dtype)
             for caption_set in caption_sets:
                 clip, kd = self._caption_set_losses(
-                    scale, img_RD, txt_R[caption_set], img_GD, txt_G[caption_set], t_img_G, t_txt_G.get(caption_set)
+                    scale,
+                    img_RD,
+                    txt_R[caption_set],
+                    img_GD,
+                    txt_G[caption_set],
+                    t_img_G,
+                    t_txt_G.get(caption_set),
+                    local,
                 )
                 parts[f"clip_loss_{caption_set}"] = clip
                 if kd is not None:
@@ -355,7 +364,7 @@ class DistillationLoss(nn.Module):
         if with_teachers:
             parts["kd_loss"] = sum(parts[f"kd_loss_{c}"] for c in caption_sets)
         logged = {name: value.detach() for name, value in parts.items()}
-        if self.local_loss and world_size > 1:
+        if local:
             logged = _mean_over_ranks(logged)
         return {"loss": loss, **logged}
 
@@ -368,11 +377,13 @@ class DistillationLoss(nn.Module):
         txt_GD: Tensor,
         t_img_G: Sequence[Tensor],
         t_txt_G: Sequence[Tensor] | None,
+        local: bool,
     ) -> tuple[Tensor, Tensor | None]:
-        """``(L_clip, L_kd)`` of one caption set over this rank's rows; L_kd is None without teachers."""
+        """``(L_clip, L_kd)`` of one caption set over this rank's rows (its own with ``local``, all otherwise);
+        L_kd is None without teachers."""
         # Row i of this rank's block is global sample row_offset + i.
-        row_offset = _world()[1] * img_RD.shape[0] if self.local_loss else 0
-        if self.local_loss:
+        row_offset = _world()[1] * img_RD.shape[0] if local else 0
+        if local:
             logits_it_RG = scale * img_RD @ txt_GD.T
             logits_ti_RG = scale * txt_RD @ img_GD.T
         else:
@@ -389,7 +400,7 @@ class DistillationLoss(nn.Module):
             t_img_G,
             t_txt_G,
             self.teacher_scales,
-            square=not self.local_loss,
+            square=not local,
         )
         return clip, _kd_from_log_probs(logp_it_RG, logp_ti_RG, probs_it_RG, probs_ti_RG)
 

@@ -78,6 +78,11 @@ SYN_CAPTIONS = "syn_captions"
 AUG_PARAMS = "aug_params"
 IMAGE_EMB_PREFIX = "image_emb__"
 TEXT_EMB_PREFIX = "text_emb__"
+SYN_CAPTIONS_PREFIX = "syn_captions__"  # a caption set's column: syn_captions__<set>
+DEFAULT_CAPTION_SET = "default"  # the base shards' own synthetic captions (`SYN_CAPTIONS`)
+PARTS_DIR = "parts"  # <dataset>/parts/<part>/<base shard path>: a part's row-aligned sidecar files
+PART_KINDS = ("captions", "teacher")
+SHARD_METADATA_KEY = b"clipdr.reinforce"  # Parquet footer metadata of a written shard or part file: provenance
 
 NORM_TOLERANCE = 0.02  # |norm - 1| allowed for a stored embedding: fp16 rounding plus bf16/fp16 teacher math
 _TEACHER_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
@@ -121,6 +126,47 @@ def image_emb_column(teacher: str) -> str:
 def text_emb_column(teacher: str) -> str:
     """Name of the column holding ``teacher``'s (1+S, D) text embeddings."""
     return TEXT_EMB_PREFIX + validate_teacher_name(teacher)
+
+
+def validate_caption_set_name(name: str) -> str:
+    """Returns ``name`` if it can name a caption set (the rules of teacher names, `validate_teacher_name`)."""
+    if not isinstance(name, str) or len(name) > _MAX_TEACHER_NAME or not _TEACHER_NAME.fullmatch(name):
+        raise RecordsError(
+            f"invalid caption set name {name!r}: use a lowercase identifier of at most {_MAX_TEACHER_NAME} "
+            "characters, letters and digits joined by single underscores, starting with a letter (e.g. 'coca_beam')"
+        )
+    return name
+
+
+def syn_captions_column(caption_set: str) -> str:
+    """Name of the column holding caption set ``caption_set``'s (S_set,) captions (`SYN_CAPTIONS` for the default)."""
+    if caption_set == DEFAULT_CAPTION_SET:
+        return SYN_CAPTIONS
+    return SYN_CAPTIONS_PREFIX + validate_caption_set_name(caption_set)
+
+
+def is_syn_captions_column(name: str) -> bool:
+    """Whether column ``name`` holds synthetic captions (the base's `SYN_CAPTIONS` or a caption set's)."""
+    return name == SYN_CAPTIONS or name.startswith(SYN_CAPTIONS_PREFIX)
+
+
+def set_text_emb_column(teacher: str, caption_set: str) -> str:
+    """Name of the column holding ``teacher``'s (S_set, D) text embeddings of caption set ``caption_set`` (not the
+    default set: its embeddings are rows 1..S of `text_emb_column`)."""
+    _check(caption_set != DEFAULT_CAPTION_SET, "the default caption set's text embeddings are in text_emb__<teacher>")
+    return f"{text_emb_column(teacher)}__{validate_caption_set_name(caption_set)}"
+
+
+def part_name(kind: str, what: str) -> str:
+    """A part's name (its folder under `PARTS_DIR`): ``captions__<set>`` or ``teacher__<teacher>``."""
+    _check(kind in PART_KINDS, f"unknown part kind {kind!r}; known: {PART_KINDS}")
+    validate = validate_caption_set_name if kind == "captions" else validate_teacher_name
+    return f"{kind}__{validate(what)}"
+
+
+def part_file(part: str, shard_path: str) -> str:
+    """Path, relative to the dataset directory, of part ``part``'s file for the base shard ``shard_path``."""
+    return f"{PARTS_DIR}/{part}/{shard_path}"
 
 
 # --------------------------------------------------------------------------- specs and manifest
@@ -271,6 +317,73 @@ class ShardInfo:
         _check(_is_int(self.num_rows) and self.num_rows >= 0, f"shard {self.path!r}: num_rows must be >= 0")
 
 
+@dataclass(frozen=True)
+class PartSpec:
+    """A part added to a complete dataset after its base shards: one Parquet file a base shard, at
+    `part_file` ``(name, shard path)``, holding `KEY` and the part's columns in the base shard's row order (a join by
+    position, checked by key when read: `read_shard_with_parts`).
+
+    Attributes:
+        name: `part_name` of its kind and of what it adds, e.g. ``captions__coca_beam``, ``teacher__dfn``.
+        kind: ``captions``: a caption set (`syn_captions_column`) and every teacher's text embeddings of it
+            (`set_text_emb_column`); ``teacher``: a teacher's image and text embeddings (`image_emb_column`,
+            `text_emb_column`: K and 1 + S rows, as a base teacher's) and its text embeddings of each caption set
+            listed before it.
+        fingerprint: Of the settings and the base that made it; every file of the part carries it in its footer.
+        caption_set: The set a captions part adds ("" for a teacher part).
+        num_syn_captions: S_set, captions a row of that set (0 for a teacher part).
+        captioner: What wrote the set (captions parts only).
+        teacher: The teacher a teacher part adds (teacher parts only).
+        teachers: Teachers whose text embeddings of the set a captions part holds, in column order.
+        caption_sets: Caption sets whose text embeddings a teacher part holds, in column order.
+        shards: One file a base shard, in the manifest's shard order.
+    """
+
+    name: str
+    kind: str
+    fingerprint: str
+    caption_set: str = ""
+    num_syn_captions: int = 0
+    captioner: CaptionerSpec | None = None
+    teacher: TeacherSpec | None = None
+    teachers: tuple[str, ...] = ()
+    caption_sets: tuple[str, ...] = ()
+    shards: tuple[ShardInfo, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("teachers", "caption_sets", "shards"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        _check(self.kind in PART_KINDS, f"part {self.name!r}: unknown kind {self.kind!r}; known: {PART_KINDS}")
+        if self.kind == "captions":
+            _check(
+                self.captioner is not None and self.teacher is None and not self.caption_sets,
+                f"part {self.name!r}: a captions part records its captioner, and no teacher or caption_sets",
+            )
+            _check(
+                _is_int(self.num_syn_captions) and self.num_syn_captions >= 1,
+                f"part {self.name!r}: num_syn_captions must be >= 1, got {self.num_syn_captions!r}",
+            )
+            expected = part_name("captions", self.caption_set)
+            for teacher in self.teachers:
+                validate_teacher_name(teacher)
+        else:
+            _check(
+                self.teacher is not None and self.captioner is None and not self.teachers,
+                f"part {self.name!r}: a teacher part records its teacher, and no captioner or teachers",
+            )
+            _check(
+                self.caption_set == "" and self.num_syn_captions == 0,
+                f"part {self.name!r}: a teacher part has no caption_set nor num_syn_captions",
+            )
+            expected = part_name("teacher", self.teacher.name)
+            for caption_set in self.caption_sets:
+                validate_caption_set_name(caption_set)
+        _check(self.name == expected, f"part {self.name!r} of kind {self.kind!r} must be named {expected!r}")
+        _check(bool(self.fingerprint), f"part {self.name!r}: fingerprint must be non-empty")
+        _check(len(set(self.teachers)) == len(self.teachers), f"part {self.name!r}: duplicate teachers")
+        _check(len(set(self.caption_sets)) == len(self.caption_sets), f"part {self.name!r}: duplicate caption_sets")
+
+
 def _utc_now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -296,6 +409,8 @@ class Manifest:
         skipped: Source rows left out, as ``(reason, count)`` pairs sorted by reason; a mapping is accepted.
         has_uid: Whether shards carry the nullable `UID` column (the source's own sample ids); ``manifest.json``
             holds the key only when true, so manifests of datasets without it keep their bytes.
+        parts: Parts added to the complete dataset (`PartSpec`), in the order they were added; ``manifest.json``
+            holds the key only when there are some (the same reason).
         code_version: ``clipdr.__version__`` of the writer.
         created_at: ISO 8601 time the manifest was made (UTC).
         schema_version: Version of this record layout; this code reads `SCHEMA_VERSION`.
@@ -312,6 +427,7 @@ class Manifest:
     shards: tuple[ShardInfo, ...] = ()
     skipped: tuple[tuple[str, int], ...] = ()
     has_uid: bool = False
+    parts: tuple[PartSpec, ...] = ()
     code_version: str = __version__
     created_at: str = field(default_factory=_utc_now)
     schema_version: int = SCHEMA_VERSION
@@ -319,6 +435,7 @@ class Manifest:
     def __post_init__(self) -> None:
         object.__setattr__(self, "teachers", tuple(self.teachers))
         object.__setattr__(self, "shards", tuple(self.shards))
+        object.__setattr__(self, "parts", tuple(self.parts))
         skipped = self.skipped.items() if isinstance(self.skipped, Mapping) else self.skipped
         object.__setattr__(self, "skipped", tuple(sorted((r, c) for r, c in skipped)))
         _check(self.schema_version == SCHEMA_VERSION, _version_message(self.schema_version, "manifest"))
@@ -345,24 +462,94 @@ class Manifest:
             datetime.datetime.fromisoformat(self.created_at)
         except (TypeError, ValueError):
             raise RecordsError(f"created_at must be an ISO 8601 time, got {self.created_at!r}") from None
+        self._check_parts()
+
+    def _check_parts(self) -> None:
+        """Each part extends what was there when it was added, and has one file a base shard, row for row."""
+        names = [p.name for p in self.parts]
+        _check(len(set(names)) == len(names), f"part names must be unique, got {names}")
+        teachers = [t.name for t in self.teachers]
+        sets = [DEFAULT_CAPTION_SET] if self.num_syn_captions else []
+        for part in self.parts:
+            if part.kind == "captions":
+                _check(part.caption_set not in sets, f"part {part.name!r}: caption set {part.caption_set!r} exists")
+                _check(
+                    set(part.teachers) <= set(teachers),
+                    f"part {part.name!r}: text embeddings of teachers {list(part.teachers)}; the dataset has "
+                    f"{teachers}",
+                )
+                sets.append(part.caption_set)
+            else:
+                _check(part.teacher.name not in teachers, f"part {part.name!r}: teacher {part.teacher.name!r} exists")
+                _check(
+                    set(part.caption_sets) <= set(sets) - {DEFAULT_CAPTION_SET},
+                    f"part {part.name!r}: text embeddings of caption sets {list(part.caption_sets)}, the dataset has "
+                    f"{sets}",
+                )
+                teachers.append(part.teacher.name)
+            expected = [(part_file(part.name, s.path), s.num_rows) for s in self.shards]
+            found = [(s.path, s.num_rows) for s in part.shards]
+            if found != expected:
+                bad = next(
+                    (
+                        f"shard {b.path!r}: the part lists {f}"
+                        for b, e, f in zip(self.shards, expected, found, strict=False)
+                        if e != f
+                    ),
+                    f"it lists {len(found)} files for {len(expected)} base shards",
+                )
+                raise RecordsError(
+                    f"part {part.name!r} is not aligned with the base shards (one file a shard, at "
+                    f"{PARTS_DIR}/<part>/<shard path>, with the shard's row count): {bad}"
+                )
 
     # ----------------------------------------------------------------------- derived
 
     @property
+    def all_teachers(self) -> tuple[TeacherSpec, ...]:
+        """The base shards' teachers, then those parts added."""
+        return self.teachers + tuple(p.teacher for p in self.parts if p.kind == "teacher")
+
+    @property
     def teacher_names(self) -> tuple[str, ...]:
-        return tuple(t.name for t in self.teachers)
+        """Every teacher of the dataset (`all_teachers`)."""
+        return tuple(t.name for t in self.all_teachers)
 
     @property
     def embed_dims(self) -> dict[str, int]:
-        """Teacher name -> D."""
-        return {t.name: t.embed_dim for t in self.teachers}
+        """Teacher name -> D, of every teacher."""
+        return {t.name: t.embed_dim for t in self.all_teachers}
 
     def teacher(self, name: str) -> TeacherSpec:
-        """The spec of teacher ``name``; RecordsError lists the known ones."""
-        for spec in self.teachers:
+        """The spec of teacher ``name`` (the base's or a part's); RecordsError lists the known ones."""
+        for spec in self.all_teachers:
             if spec.name == name:
                 return spec
         raise RecordsError(f"no teacher {name!r} in this dataset; it has {list(self.teacher_names)}")
+
+    @property
+    def caption_sets(self) -> dict[str, int]:
+        """Caption set -> S_set: `DEFAULT_CAPTION_SET` (the base's S, when > 0), then those parts added."""
+        sets = {DEFAULT_CAPTION_SET: self.num_syn_captions} if self.num_syn_captions else {}
+        return sets | {p.caption_set: p.num_syn_captions for p in self.parts if p.kind == "captions"}
+
+    def part(self, name: str) -> PartSpec:
+        """The part ``name``; RecordsError lists the parts there are."""
+        for part in self.parts:
+            if part.name == name:
+                return part
+        raise RecordsError(f"no part {name!r} in this dataset's manifest; it lists {[p.name for p in self.parts]}")
+
+    def part_of_column(self, column: str) -> PartSpec | None:
+        """The part whose files hold ``column``; None when the base shards do."""
+        for part in self.parts:
+            if column in part_schema(self, part).names and column != KEY:
+                return part
+        return None
+
+    def without_parts(self) -> Manifest:
+        """This manifest as the base shards' job wrote it (what parts are fingerprinted against)."""
+        return dataclasses.replace(self, parts=())
 
     @property
     def num_rows(self) -> int:
@@ -380,7 +567,7 @@ class Manifest:
     @property
     def embedding_bytes_per_sample(self) -> int:
         """fp16 bytes of all embeddings of one sample: ``(K + 1 + S) * sum(D) * 2``."""
-        return (self.num_augmentations + 1 + self.num_syn_captions) * sum(self.embed_dims.values()) * 2
+        return (self.num_augmentations + 1 + self.num_syn_captions) * sum(t.embed_dim for t in self.teachers) * 2
 
     def schema(self) -> pa.Schema:
         """The Arrow schema every shard of this dataset has."""
@@ -399,11 +586,14 @@ class Manifest:
     # ----------------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data; ``skipped`` becomes a ``{reason: count}`` object; ``has_uid`` only when true."""
+        """Plain JSON-able data; ``skipped`` becomes a ``{reason: count}`` object; ``has_uid`` only when true,
+        ``parts`` only when there are some."""
         data = config.to_dict(self)
         data["skipped"] = dict(self.skipped)
         if not self.has_uid:
             del data["has_uid"]
+        if not self.parts:
+            del data["parts"]
         return {"schema_version": data.pop("schema_version"), **data}
 
     def to_json(self) -> str:
@@ -417,7 +607,7 @@ class Manifest:
         if "schema_version" not in data:
             raise RecordsError(f"{where}: missing key 'schema_version'")
         _check(data["schema_version"] == SCHEMA_VERSION, _version_message(data["schema_version"], where))
-        data = {"has_uid": False, **data}  # absent: a dataset without the uid column (`to_dict`)
+        data = {"has_uid": False, "parts": [], **data}  # absent: no uid column, no parts (`to_dict`)
         _check_keys(cls, data, "", where)
         skipped = data["skipped"]
         if not isinstance(skipped, dict):
@@ -529,6 +719,43 @@ def reinforced_schema(
     return pa.schema(fields)
 
 
+def part_schema(manifest: Manifest, part: PartSpec) -> pa.Schema:
+    """The Arrow schema every file of ``part`` has: `KEY`, then the part's columns (`PartSpec`)."""
+    fields = [pa.field(KEY, pa.string(), nullable=False)]
+    if part.kind == "captions":
+        S_set = part.num_syn_captions
+        fields.append(pa.field(syn_captions_column(part.caption_set), _fixed_list(pa.string(), S_set), False))
+        for name in part.teachers:
+            D = manifest.teacher(name).embed_dim
+            fields.append(
+                pa.field(set_text_emb_column(name, part.caption_set), _fixed_list(pa.float16(), S_set, D), False)
+            )
+        return pa.schema(fields)
+    spec, K, S = part.teacher, manifest.num_augmentations, manifest.num_syn_captions
+    fields += [
+        pa.field(image_emb_column(spec.name), _fixed_list(pa.float16(), K, spec.embed_dim), False),
+        pa.field(text_emb_column(spec.name), _fixed_list(pa.float16(), 1 + S, spec.embed_dim), False),
+    ]
+    sets = manifest.caption_sets
+    for caption_set in part.caption_sets:
+        _check(caption_set in sets, f"part {part.name!r}: no caption set {caption_set!r} in the dataset")
+        shape = (sets[caption_set], spec.embed_dim)
+        fields.append(pa.field(set_text_emb_column(spec.name, caption_set), _fixed_list(pa.float16(), *shape), False))
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """What a part pass writes: ``part`` of ``manifest`` (the dataset as it is before the part is added). It stands
+    where a writer takes a `Manifest` (``schema()``, `build_table`), so one writer serves shards and parts."""
+
+    manifest: Manifest
+    part: PartSpec
+
+    def schema(self) -> pa.Schema:
+        return part_schema(self.manifest, self.part)
+
+
 def _describe_type(value_type: pa.DataType) -> str:
     """``(30, 768) float16`` for nested fixed-size lists, the Arrow type name otherwise."""
     shape = []
@@ -624,7 +851,42 @@ def _embeddings(values: Any, column: str, shape: tuple[int, ...]) -> np.ndarray:
     return values_NRD
 
 
-def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
+def _syn_caption_array(values: Any, column: str, num_rows: int, value_type: pa.DataType) -> pa.Array:
+    """N rows of S_set captions as a fixed-size list column."""
+    S = value_type.list_size
+    rows = values.to_pylist() if isinstance(values, pa.Array | pa.ChunkedArray) else values
+    rows = [list(captions) for captions in rows]
+    lengths = {len(captions) for captions in rows}
+    _check(len(rows) == num_rows, f"column {column!r} has {len(rows)} rows, {KEY!r} has {num_rows}")
+    _check(lengths <= {S}, f"column {column!r} must hold S={S} captions a row, got lengths {sorted(lengths)}")
+    flat = _strings([c for captions in rows for c in captions], column, num_rows * S)
+    return pa.FixedSizeListArray.from_arrays(flat, type=value_type)
+
+
+def _build_part_table(columns: Mapping[str, Any], schema: pa.Schema, keys: pa.Array) -> pa.Table:
+    arrays = {KEY: keys}
+    for field_ in schema:
+        if field_.name == KEY:
+            continue
+        if is_syn_captions_column(field_.name):
+            arrays[field_.name] = _syn_caption_array(columns[field_.name], field_.name, len(keys), field_.type)
+        else:
+            shape = _describe_shape(field_.type)
+            arrays[field_.name] = _nested_array(_embeddings(columns[field_.name], field_.name, (len(keys), *shape)))
+    table = pa.Table.from_arrays([arrays[name] for name in schema.names], schema=schema)
+    assert table.schema.equals(schema), "build_table produced a schema other than the part's"
+    return table
+
+
+def _describe_shape(value_type: pa.DataType) -> tuple[int, ...]:
+    shape = []
+    while pa.types.is_fixed_size_list(value_type):
+        shape.append(value_type.list_size)
+        value_type = value_type.value_type
+    return tuple(shape)
+
+
+def build_table(columns: Mapping[str, Any], manifest: Manifest | PartLayout) -> pa.Table:
     """Builds one shard's table from columnar data, checking every column against the manifest's layout.
 
     Args:
@@ -637,7 +899,9 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
             (numpy, or anything ``np.asarray`` takes), L2-normalised; they are stored as fp16. The columns
             of a stored shard are accepted as they are read, so adding a teacher is: read the shard, add the
             new teacher's two columns, build with the new manifest, write.
-        manifest: Gives teachers, K, S and the number of RandAugment ops; its shards are not used.
+        manifest: Gives teachers, K, S and the number of RandAugment ops; its shards are not used. A `PartLayout`
+            builds a part's file instead: `KEY` and the part's columns (caption sets as N sequences of S_set
+            strings, embeddings as above).
 
     Returns:
         A table with ``manifest.schema()``, one chunk a column.
@@ -653,6 +917,8 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
     keys = _strings(columns[KEY], KEY, len(columns[KEY]))
     num_rows = len(keys)
     _check(len(set(keys.to_pylist())) == num_rows, f"column {KEY!r} has duplicate keys")
+    if isinstance(manifest, PartLayout):
+        return _build_part_table(columns, schema, keys)
     K, S = manifest.num_augmentations, manifest.num_syn_captions
     arrays: dict[str, pa.Array] = {KEY: keys}
     arrays[CAPTION] = _strings(columns[CAPTION], CAPTION, num_rows)
@@ -673,14 +939,9 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest) -> pa.Table:
     _check(arrays[IMAGE].null_count == 0, f"column {IMAGE!r} has {arrays[IMAGE].null_count} missing values")
 
     if S > 0:
-        syn = columns[SYN_CAPTIONS]
-        syn = syn.to_pylist() if isinstance(syn, pa.Array | pa.ChunkedArray) else syn
-        syn = [list(captions) for captions in syn]
-        lengths = {len(captions) for captions in syn}
-        _check(len(syn) == num_rows, f"column {SYN_CAPTIONS!r} has {len(syn)} rows, {KEY!r} has {num_rows}")
-        _check(lengths <= {S}, f"column {SYN_CAPTIONS!r} must hold S={S} captions a row, got lengths {sorted(lengths)}")
-        flat = _strings([c for captions in syn for c in captions], SYN_CAPTIONS, num_rows * S)
-        arrays[SYN_CAPTIONS] = pa.FixedSizeListArray.from_arrays(flat, type=schema.field(SYN_CAPTIONS).type)
+        arrays[SYN_CAPTIONS] = _syn_caption_array(
+            columns[SYN_CAPTIONS], SYN_CAPTIONS, num_rows, schema.field(SYN_CAPTIONS).type
+        )
 
     aug_NKL = _encode_aug_params(columns[AUG_PARAMS], num_rows, K, manifest.aug_param_length)
     arrays[AUG_PARAMS] = _nested_array(aug_NKL)
@@ -795,6 +1056,51 @@ def read_shard_footer(uri: str) -> tuple[int, pa.Schema]:
         return parquet.metadata.num_rows, parquet.schema_arrow
 
 
+def read_shard_with_parts(uri_dir: str, manifest: Manifest, shard_path: str, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of base shard ``shard_path`` (as the manifest lists it), each read from the file that holds it:
+    the shard, or a part's file for it (`Manifest.part_of_column`); a part that holds none of them is not opened.
+
+    Parts join by position: a part file holds the base shard's rows in its order. The join is checked here, by row
+    count and then by `KEY`, before any column is used.
+
+    Raises:
+        RecordsError: A column no file of the dataset holds; a part file whose rows or keys differ from its base
+            shard's (the message names the part and the shard).
+    """
+    paths = [s.path for s in manifest.shards]
+    _check(shard_path in paths, f"no shard {shard_path!r} in the manifest of {uri_dir!r}")
+    wanted: dict[str | None, list[str]] = {None: []}
+    for column in columns:
+        part = manifest.part_of_column(column)
+        if part is None and column not in manifest.schema().names:
+            raise RecordsError(f"no file of dataset {uri_dir!r} holds column {column!r}")
+        wanted.setdefault(part.name if part else None, []).append(column)
+    base_columns = list(dict.fromkeys([*wanted[None], *([KEY] if len(wanted) > 1 else [])]))
+    base = read_shard(storage.join(uri_dir, *shard_path.split("/")), base_columns)
+    tables = {None: base}
+    for name in [n for n in wanted if n is not None]:
+        uri = storage.join(uri_dir, *part_file(name, shard_path).split("/"))
+        try:
+            table = read_shard(uri, [KEY, *[c for c in wanted[name] if c != KEY]])
+        except (OSError, pa.ArrowException) as e:
+            raise RecordsError(f"part {name!r}, shard {shard_path!r}: cannot read {uri}: {e}") from None
+        if table.num_rows != base.num_rows:
+            raise RecordsError(
+                f"part {name!r}, shard {shard_path!r}: {table.num_rows} rows, the base shard has {base.num_rows}: "
+                "the part is not aligned with its base shard"
+            )
+        if not table.column(KEY).equals(base.column(KEY)):
+            keys = zip(table.column(KEY).to_pylist(), base.column(KEY).to_pylist(), strict=True)
+            row, (got, want) = next((i, pair) for i, pair in enumerate(keys) if pair[0] != pair[1])
+            raise RecordsError(
+                f"part {name!r}, shard {shard_path!r}: row {row} has key {got!r}, the base shard's {want!r}: the "
+                "part is not aligned with its base shard"
+            )
+        tables[name] = table
+    owner = {column: name for name, names in wanted.items() for column in names}
+    return pa.table({column: tables[owner[column]].column(column) for column in columns})
+
+
 FOOTER_READ_THREADS = 32
 
 
@@ -830,7 +1136,14 @@ def read_manifest(uri_dir: str) -> Manifest:
     return Manifest.from_json(storage.read_bytes(uri), where=f"manifest {uri}")
 
 
-def _shard_problem(uri: str, info: ShardInfo, expected: pa.Schema) -> str | None:
+def read_provenance(schema: pa.Schema) -> dict | None:
+    """What the job that wrote a shard or part file put in its footer (`SHARD_METADATA_KEY`: its fingerprint as
+    ``run_fingerprint``, its source, its skip counts), or None for a file no clipdr job wrote."""
+    raw = (schema.metadata or {}).get(SHARD_METADATA_KEY)
+    return json.loads(raw) if raw else None
+
+
+def _shard_problem(uri: str, info: ShardInfo, expected: pa.Schema, fingerprint: str | None = None) -> str | None:
     try:
         num_rows, schema = read_shard_footer(uri)
     except (OSError, pa.ArrowException) as e:
@@ -838,6 +1151,10 @@ def _shard_problem(uri: str, info: ShardInfo, expected: pa.Schema) -> str | None
     problems = schema_differences(expected, schema)
     if num_rows != info.num_rows:
         problems.insert(0, f"the manifest says {info.num_rows} rows, the Parquet footer {num_rows}")
+    if fingerprint is not None:
+        found = (read_provenance(schema) or {}).get("run_fingerprint")
+        if found != fingerprint:
+            problems.append(f"its footer's fingerprint is {found!r}, the part's {fingerprint!r} (made by another pass)")
     return f"{info.path}: {'; '.join(problems)}" if problems else None
 
 
@@ -847,12 +1164,15 @@ def check_dataset(
     check_shards: bool = True,
     extra_files: Literal["warn", "error"] = "warn",
 ) -> list[str]:
-    """Checks that the shards under ``uri_dir`` are those the manifest describes; returns their URIs.
+    """Checks that the shards and part files under ``uri_dir`` are those the manifest describes; returns the shards'
+    URIs.
 
     Raises:
-        RecordsError: A listed shard is missing; with ``check_shards``, a footer's row count or schema differs
-            from the manifest (all such shards are named); with ``extra_files="error"``, parquet files lie
-            there that the manifest does not list.
+        RecordsError: A listed shard or part file is missing; a part's folder holds a file that is not one of its
+            base shards'; with ``check_shards``, a footer's row count or schema differs from the manifest, or a part
+            file's footer lacks the part's fingerprint (all such files are named, parts with their part); with
+            ``extra_files="error"``, parquet files lie there that the manifest does not list, unlisted parts
+            (a part pass that has not finished) included.
 
     Extra parquet files only warn (`RecordsWarning`) by default: readers take the manifest's shards, never a
     directory listing, so files left by a crashed or partial rerun cannot leak into training; refusing would
@@ -861,32 +1181,74 @@ def check_dataset(
     return _check_dataset(uri_dir, manifest, check_shards, extra_files, stacklevel=3)
 
 
+def _shown(items: Sequence[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
 def _check_dataset(
     uri_dir: str, manifest: Manifest, check_shards: bool, extra_files: str, stacklevel: int
 ) -> list[str]:
     _check(extra_files in ("warn", "error"), f"extra_files must be 'warn' or 'error', got {extra_files!r}")
     uris = manifest.shard_uris(uri_dir)
-    present = set(storage.list_files(uri_dir, (SHARD_SUFFIX,), recursive=True))
+    prefix = storage.join(uri_dir, "")
+    parts_prefix = storage.join(uri_dir, PARTS_DIR, "")
+    everything = storage.list_files(uri_dir, (SHARD_SUFFIX,), recursive=True)
+    present = {u for u in everything if not u.startswith(parts_prefix)}
     missing = [s.path for s, uri in zip(manifest.shards, uris, strict=True) if uri not in present]
     if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise RecordsError(f"dataset {uri_dir!r}: {len(missing)} shards listed in its manifest are missing: {shown}")
-    extra = sorted(present - set(uris))
+        raise RecordsError(
+            f"dataset {uri_dir!r}: {len(missing)} shards listed in its manifest are missing: {_shown(missing)}"
+        )
+    extra = sorted(u.removeprefix(prefix) for u in present - set(uris))
+    part_files = {p.name: [storage.join(uri_dir, *s.path.split("/")) for s in p.shards] for p in manifest.parts}
+    for part in manifest.parts:
+        files = part_files[part.name]
+        folder = storage.join(uri_dir, PARTS_DIR, part.name, "")
+        found = {u for u in everything if u.startswith(folder)}
+        lacking = [
+            (b.path, s.path) for s, f, b in zip(part.shards, files, manifest.shards, strict=True) if f not in found
+        ]
+        if lacking:
+            raise RecordsError(
+                f"dataset {uri_dir!r}: part {part.name!r} lacks its files of {len(lacking)} shards, e.g. shard "
+                f"{lacking[0][0]!r} (file {lacking[0][1]!r} is missing)"
+            )
+        stray = sorted(u.removeprefix(prefix) for u in found - set(files))
+        if stray:
+            raise RecordsError(
+                f"dataset {uri_dir!r}: part {part.name!r} holds files of no base shard in its manifest: "
+                f"{_shown(stray)} (a part is one file a base shard, at {PARTS_DIR}/<part>/<shard path>)"
+            )
+    unlisted = sorted(
+        {u.removeprefix(parts_prefix).split("/")[0] for u in everything if u.startswith(parts_prefix)}
+        - {p.name for p in manifest.parts}
+    )
+    messages = []
     if extra:
-        prefix = storage.join(uri_dir, "")
-        shown = ", ".join(u.removeprefix(prefix) for u in extra[:5]) + (" ..." if len(extra) > 5 else "")
-        message = (
-            f"dataset {uri_dir!r} holds {len(extra)} parquet files its manifest does not list ({shown}); "
+        messages.append(
+            f"dataset {uri_dir!r} holds {len(extra)} parquet files its manifest does not list ({_shown(extra)}); "
             "left by a crashed or partial run? They are not read."
         )
+    if unlisted:
+        messages.append(
+            f"dataset {uri_dir!r} holds parts its manifest does not list ({_shown(unlisted)}): a part pass that has "
+            "not finished (a part is listed only once every base shard has its file)? They are not read."
+        )
+    for message in messages:
         if extra_files == "error":
             raise RecordsError(message)
         warnings.warn(message, RecordsWarning, stacklevel=stacklevel)
     if check_shards and uris:
-        expected = manifest.schema()
-        with concurrent.futures.ThreadPoolExecutor(min(_FOOTER_READERS, len(uris))) as pool:
-            found = pool.map(_shard_problem, uris, manifest.shards, [expected] * len(uris))
-            problems = [p for p in found if p is not None]
+        checks = [(uri, info, manifest.schema(), None, "") for uri, info in zip(uris, manifest.shards, strict=True)]
+        for part in manifest.parts:
+            schema = part_schema(manifest, part)
+            checks += [
+                (uri, info, schema, part.fingerprint, f"part {part.name!r}, shard {base.path!r}: ")
+                for uri, info, base in zip(part_files[part.name], part.shards, manifest.shards, strict=True)
+            ]
+        with concurrent.futures.ThreadPoolExecutor(min(_FOOTER_READERS, len(checks))) as pool:
+            found = pool.map(lambda check: _shard_problem(*check[:4]), checks)
+            problems = [f"{check[4]}{p}" for check, p in zip(checks, found, strict=True) if p is not None]
         if problems:
             shown = "\n  ".join(problems[:10]) + (
                 f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -940,7 +1302,7 @@ def open_dataset(
     Args:
         uri_dir: The dataset directory (path, ``file://`` or ``s3://``).
         require_teachers: Teachers whose embeddings the caller needs.
-        min_syn_captions: Fewest synthetic captions a sample the caller needs.
+        min_syn_captions: Fewest synthetic captions a sample the caller needs (of all caption sets together).
         check_shards: Read every shard's Parquet footer (metadata only) to compare row counts and schemas.
         extra_files: What parquet files the manifest does not list cause: ``warn`` or ``error`` (`check_dataset`).
 
@@ -956,10 +1318,11 @@ def open_dataset(
             f"dataset {uri_dir!r} lacks teachers {lacking}: it has {list(manifest.teacher_names)}, "
             f"the caller requires {list(require_teachers)}"
         )
-    if manifest.num_syn_captions < min_syn_captions:
+    num_syn_captions = sum(manifest.caption_sets.values())
+    if num_syn_captions < min_syn_captions:
         raise RecordsError(
-            f"dataset {uri_dir!r} has {manifest.num_syn_captions} synthetic captions a sample, "
-            f"the caller needs at least {min_syn_captions}"
+            f"dataset {uri_dir!r} has {num_syn_captions} synthetic captions a sample, the caller needs at least "
+            f"{min_syn_captions} (all its caption sets together)"
         )
     uris = _check_dataset(uri_dir, manifest, check_shards, extra_files, stacklevel=3)
     return ReinforcedDataset(uri=uri_dir, manifest=manifest, shard_uris=tuple(uris))

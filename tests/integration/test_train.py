@@ -329,6 +329,7 @@ def test_what_ray_ships_loads_without_torch(world):
     reinforced = pipeline.build_dataset(source, plan, cfg.augment, preprocess, 256, range(2))
     raw_cfg = dataclasses.replace(cfg.train, data=str(root / "world" / "teacher"), mode="clip")
     raw_uri, _, raw_files = open_data(raw_cfg)
+    assert pipeline.count_source_rows(raw_files) == 128  # the world's teacher corpus, counted by Ray tasks
     raw_plan = make_plan(dataclasses.replace(cfg, train=raw_cfg), [])
     raw = pipeline.build_dataset(
         pipeline.DataSource(raw_uri, tuple(raw_files), 128, None), raw_plan, cfg.augment, preprocess, 128, range(2)
@@ -410,3 +411,66 @@ def test_a_sweep_trains_one_nested_run_per_trial_and_summarises(world, tmp_path,
     assert (tmp_path / "lr" / sweep.REPORT_FILE).read_text().count("| lr-") == 2
     with pytest.raises(ValueError, match=r"sweep\.params train\.optimizer\.nope"):
         sweep.space(SweepConfig(params=("train.optimizer.nope=[1]",)), cfg)
+
+
+def test_a_caption_set_added_on_ray_feeds_the_training_input(world, tmp_path):
+    """`clipdr reinforce --set reinforce.add=captions` on Ray adds a caption set to a copy of the world's dataset,
+    rewriting none of its files; the training input of a run with ``train.syn_caption_sets = ["beam"]`` then reads
+    the set and its teacher targets from the part, on Ray Data (the train step it feeds is set-agnostic: the unit
+    tests check the replay, tests/unit/test_train_choices.py)."""
+    import hashlib
+    import shutil
+
+    from clipdr import cli, records
+    from clipdr.config import AugmentConfig
+    from clipdr.train import pipeline
+    from clipdr.train.plan import make_plan
+
+    root, config = world
+    dataset = tmp_path / "reinforced"
+    shutil.copytree(root / "reinforced", dataset)
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset.rglob("*.parquet")}
+    # The documented command, in this process (on the suite's Ray), with the world's teacher and captioner.
+    (teacher,) = config.reinforce.teachers
+    settings = {
+        "reinforce.output": str(dataset),
+        "reinforce.add": "captions",
+        "reinforce.caption_set": "beam",
+        "reinforce.num_syn_captions": "1",
+        "reinforce.teachers": f'[{{name = "{teacher.name}", model = "{teacher.model}", logit_scale = 100.0}}]',
+        "reinforce.captioner.model": TINY_COCA,
+        "reinforce.captioner.pretrained": '""',
+        "reinforce.captioner.max_len": "8",
+        "reinforce.captioner.top_p": "0.5",
+        "reinforce.resources.batch_size": "32",
+        "tracking.uri": config.tracking.uri,
+    }
+    argv = ["reinforce", *(a for key, value in settings.items() for a in ("--set", f"{key}={value}"))]
+    assert cli.main(argv) == 0
+    manifest = records.read_manifest(str(dataset))
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
+    assert manifest.caption_sets == {"default": 2, "beam": 1} and len(list(dataset.rglob("*.parquet"))) == 8
+    assert manifest.part("captions__beam").captioner.top_p == 0.5
+    listed = (dataset / records.MANIFEST_NAME).read_bytes()
+    assert cli.main(argv) == 0 and (dataset / records.MANIFEST_NAME).read_bytes() == listed  # complete: nothing to do
+
+    cfg = train_config(world, "caption-set", data=str(dataset), syn_caption_sets=("beam",))
+    plan = make_plan(cfg, [manifest.teacher("vit")], dataset_caption_sets=manifest.caption_sets)
+    assert plan.syn_caption_sets == ("beam",) and plan.num_syn_captions == 1
+    files = records.open_dataset(str(dataset)).shard_uris
+    source = pipeline.DataSource(str(dataset), files, manifest.num_rows, manifest)
+    preprocess = data.student_preprocess(STUDENT)
+    stream = pipeline.build_dataset(source, plan, AugmentConfig(), preprocess, manifest.num_rows, range(1))
+    batches = list(stream.iter_batches(batch_size=64, batch_format="numpy"))
+    got_NC = np.concatenate([b[data.teacher_syn_text_column("vit")] for b in batches])
+    stored = [
+        records.read_shard_with_parts(str(dataset), manifest, s.path, ["syn_captions__beam", "text_emb__vit__beam"])
+        for s in manifest.shards
+    ]
+    want_NC = np.concatenate([records.fixed_shape_numpy(t.column(1))[:, 0].astype(np.float32) for t in stored])
+    assert len(got_NC) == manifest.num_rows and (np.concatenate([b[data.SYN_INDEX] for b in batches]) == 0).all()
+    assert np.array_equal(np.unique(got_NC, axis=0), np.unique(want_NC, axis=0))  # the set's targets, each once
+    captions = [c[0] for t in stored for c in t.column(0).to_pylist()]
+    tokens = data._tokenize(data._tokenizer(STUDENT, preprocess.context_length), captions, preprocess.context_length)
+    got_tokens = np.concatenate([b[data.SYN_TEXT] for b in batches])
+    assert np.array_equal(np.unique(got_tokens, axis=0), np.unique(tokens, axis=0))

@@ -41,6 +41,7 @@ LAYERS: dict[str, int] = {
     "tracking": 2,
     "lifecycle": 2,  # the registry gate, on top of tracking; a training run marks its model a candidate
     "export": 2,  # loads models as evaluation does
+    "serving": 2,  # `clipdr serve`: a registered model on Ray Serve, loaded as tracking loads it
     "inspection": 2,  # `clipdr inspect`: reads a reinforced dataset (records) and replays its views (augment)
     "cli": 3,
     "jobs": 3,
@@ -51,9 +52,9 @@ LAYERS: dict[str, int] = {
 }
 NEVER_TOGETHER = (("reinforce", "train"),)  # their only contract is records (+ augment)
 ONLY_IMPORTER = {"mlflow": {"tracking"}}
-# Only the Ray jobs, and what launches them, import ray: cluster (joins or starts the cluster for both jobs) and the
-# entrypoints of layer 3.
-RAY_IMPORTERS = {"reinforce", "train", "cluster", "cli", "jobs", "demo", "benchmarks", "sweep"}
+# Only the Ray jobs (serving: a Ray Serve deployment), and what launches them, import ray: cluster (joins or starts
+# the cluster for both jobs) and the entrypoints of layer 3.
+RAY_IMPORTERS = {"reinforce", "train", "cluster", "serving", "cli", "jobs", "demo", "benchmarks", "sweep"}
 
 
 def module_name(path: Path) -> str:

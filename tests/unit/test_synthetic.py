@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipdr.config import NoiseConfig, SynthConfig
-from clipdr.data import sources
+from clipdr import cli
+from clipdr.config import NoiseConfig, SynthConfig, load_config
+from clipdr.data import families, sources
 from clipdr.data import synthetic as synth
 
 TINY = SynthConfig(
@@ -145,8 +146,9 @@ def test_clean_captions_state_every_attribute():
     assert len(seen_templates) >= 5  # several phrasings, not one template
 
 
-def test_clean_position_phrases_never_contain_each_other():
-    phrases = list(synth.POSITION_PHRASES.values())
+@pytest.mark.parametrize("family", families.FAMILIES.values(), ids=lambda f: f.name)
+def test_clean_position_phrases_never_contain_each_other(family):
+    phrases = list(family.position_phrases.values())
     assert all(a == b or a not in b for a in phrases for b in phrases)
 
 
@@ -428,6 +430,7 @@ def test_parallel_generation_writes_the_same_bytes(tmp_path):
         ({"num_student": -1}, "synth.num_student"),
         ({"max_objects": 4}, "synth.max_objects"),
         ({"noise": NoiseConfig(wrong_rate=1.5)}, "synth.noise.wrong_rate"),
+        ({"family": "cubes"}, "synth.family"),
     ],
 )
 def test_invalid_configs_are_refused(tmp_path, change, message):
@@ -440,3 +443,186 @@ def test_invalid_configs_are_refused(tmp_path, change, message):
 def test_unknown_split_is_refused():
     with pytest.raises(ValueError, match="unknown split 'train'"):
         synth.make_sample(SynthConfig(), "train", 0)
+
+
+# --------------------------------------------------------------------------- the second world family
+
+REPO = Path(__file__).resolve().parents[2]
+TILES = families.TILES
+# TINY's tar shards and zero-shot texts, hashed in path order, as the code before world families wrote them (commit
+# e050e01): the first family's worlds, so their cache markers and source fingerprints, are unchanged byte for byte.
+FIRST_FAMILY_DIGEST = "25dcfc958c57ff0f6a67969728cf607a0c205632d180288163f6b5bbb45c6918"
+# Two samples of each of the 36 object classes, so the balanced task can be counted.
+TINY_TILES = dataclasses.replace(TINY, family="tiles", formats=("webdataset",), num_zeroshot=72)
+
+
+def test_first_family_worlds_are_unchanged_byte_for_byte(world):
+    out, summary = world
+    digest = hashlib.sha256()
+    for path in sorted(p for p in out.rglob("*") if p.suffix in (".tar", ".txt")):
+        digest.update(path.relative_to(out).as_posix().encode())
+        digest.update(path.read_bytes())
+    assert digest.hexdigest() == FIRST_FAMILY_DIGEST
+    # The cache marker's identity is the one of before families; another family is another world.
+    assert "family" not in summary["config"] and summary["world_version"] == 2
+    assert synth._world_identity(dataclasses.replace(TINY, family="tiles"))["config"]["family"] == "tiles"
+
+
+@pytest.fixture(scope="module")
+def tiles_world(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiles")
+    return out, synth.generate(dataclasses.replace(TINY_TILES, output=str(out)))
+
+
+def test_tiles_zeroshot_tasks_are_the_familys_balanced_and_valid(tiles_world):
+    out, summary = tiles_world
+    tasks = synth.zeroshot_tasks(TILES)
+    assert list(tasks) == list(TILES.tasks) == list(summary["zeroshot_tasks"])
+    assert "fill" in tasks and len(tasks["object"]) == len(TILES.colours) * len(TILES.shapes) == 36
+    assert sorted(p.name for p in (out / "zeroshot").iterdir()) == sorted(tasks)
+    for task, classnames in tasks.items():
+        folder = out / "zeroshot" / task
+        assert (folder / "classnames.txt").read_text().splitlines() == list(classnames)
+        assert len(set(classnames)) == len(classnames) >= 2, task
+        templates = (folder / "zeroshot_classification_templates.txt").read_text().splitlines()
+        assert templates == list(TILES.zeroshot_templates[task]) and all(t.count("{c}") == 1 for t in templates)
+        labels = [
+            int(parts["cls"].decode())
+            for shard in range(int((folder / "test" / "nshards.txt").read_text()))
+            for parts in read_tar(folder / "test" / f"{shard}.tar").values()
+        ]
+        assert len(labels) == 72
+        counts = collections.Counter(labels)
+        # Every class occurs; the headline task exactly twice per class (sample i shows class i mod 36).
+        assert sorted(counts) == list(range(len(classnames))), (task, counts)
+        if task == "object":
+            assert set(counts.values()) == {2}
+    for index in range(0, 72, 7):  # a label names what the scene shows
+        sample = synth.make_sample(TINY_TILES, "zeroshot", index)
+        (obj,) = sample.meta["scene"]["objects"]
+        labels = sample.meta["labels"]
+        assert tasks["object"][labels["object"]] == f"{obj['colour']} {obj['shape']}"
+        assert tasks["fill"][labels["fill"]] == obj.get("fill", "solid")
+        assert tasks["position"][labels["position"]] == TILES.position_phrases[obj["position"]]
+        assert tasks["texture"][labels["texture"]] == sample.meta["scene"]["background"]["texture"]
+
+
+def test_tiles_samples_are_deterministic_and_differ_from_the_first_family():
+    first_words = set(synth.SHAPES) | set(synth.COLOURS) | set(synth.SIZES) | set(synth.BACKGROUND_COLOURS)
+    first_words |= set(synth.TEXTURES) - {"plain"}
+    for split in synth.SPLITS:
+        tiles = [synth.make_sample(TINY_TILES, split, i) for i in range(8)]
+        again = [synth.make_sample(TINY_TILES, split, i) for i in reversed(range(8))][::-1]
+        assert [(s.image_bytes, s.caption, s.meta) for s in tiles] == [
+            (s.image_bytes, s.caption, s.meta) for s in again
+        ]
+        shapes = [synth.make_sample(TINY, split, i) for i in range(8)]
+        assert all(a.image_bytes != b.image_bytes for a, b in zip(tiles, shapes, strict=True))
+        for sample in tiles:
+            objects = sample.meta["scene"]["objects"]
+            assert all(o["shape"] in TILES.shapes and o["position"] in TILES.positions for o in objects)
+            assert sample.meta["scene"]["background"]["texture"] in TILES.textures
+            if split != "student":  # clean captions (teacher, zero-shot, retrieval) speak the family's words only
+                assert not set(words(sample.caption)) & first_words, sample.caption
+            # The meta reproduces the image with the family's sizes.
+            scene = synth.Scene.from_dict(json.loads(json.dumps(sample.meta["scene"])))
+            assert synth.encode_jpeg(synth.render_scene(scene, TINY.image_size, TILES)) == sample.image_bytes
+
+
+def test_tiles_shapes_fills_and_textures_render_and_differ():
+    base = synth.sample_scene(np.random.default_rng(0), num_objects=1, family=TILES)
+    obj = dataclasses.replace(base.objects[0], size="huge", center=(0.5, 0.5), angle=0.0, fill="solid")
+    images = {}
+    for shape in TILES.shapes:
+        for fill in TILES.fills:
+            scene = dataclasses.replace(base, objects=(dataclasses.replace(obj, shape=shape, fill=fill),))
+            images[shape, fill] = np.asarray(synth.render_scene(scene, 64, TILES), dtype=np.int16)
+    for a in images:
+        for b in images:
+            if a < b:
+                assert np.abs(images[a] - images[b]).sum(axis=2).max() > 100, (a, b)
+    plain = dataclasses.replace(base.background, texture="plain")
+    for texture in TILES.textures:
+        bg = dataclasses.replace(plain, texture=texture)
+        pixels = np.asarray(synth.render_scene(synth.Scene(objects=(), background=bg), 32, TILES), dtype=np.int16)
+        spread = pixels.max(axis=(0, 1)) - pixels.min(axis=(0, 1))
+        assert (spread.max() == 0) == (texture == "plain"), texture
+
+
+def test_tiles_clean_captions_state_every_attribute():
+    rng = np.random.default_rng(5)
+    styles = set()
+    for scene in scenes(300, seed=5, family=TILES):
+        caption = synth.clean_caption(scene, rng, TILES)
+        count_word = synth.COUNT_WORDS[len(scene.objects)]
+        assert re.search(rf"\b{count_word} (tile|piece)s?\b", caption), caption
+        for obj in scene.objects:
+            phrases = {
+                fmt.format(
+                    size=obj.size, fill=obj.fill, colour=obj.colour, shape=obj.shape,
+                    position=TILES.position_phrases[obj.position],
+                )
+                for fmt, _ in TILES.caption_styles
+            }  # fmt: skip
+            found = [p for p in phrases if p in caption]
+            assert found, caption
+            styles.update(found)
+        assert f"{scene.background.colour}" in caption and scene.background.texture in caption, caption
+    assert len({re.sub(r"[a-z ]+", "", p) for p in styles}) >= 3  # several object phrasings, not one
+
+
+def test_tiles_noisy_captions_speak_with_the_familys_noise():
+    rng = np.random.default_rng(9)
+    listing = NoiseConfig(**{f.name: 0.0 for f in dataclasses.fields(NoiseConfig)})  # every attribute, said right
+    synonyms = fills = 0
+    one_object = scenes(1000, seed=9, num_objects=1, family=TILES)
+    for scene in one_object:
+        (obj,) = scene.objects
+        text = normalised(synth.noisy_caption(scene, rng, listing, TILES))
+        said_by_synonym = any(f" {s} " in text for s in TILES.colour_synonyms[obj.colour])
+        assert said_by_synonym != (f" {obj.colour} " in text), text  # one name of the colour, the own or another
+        synonyms += said_by_synonym
+        fills += f" {obj.fill} {obj.shape} " in text  # the fill is said with the shape
+    assert fills == len(one_object)
+    # 1000 draws: the binomial standard error is 0.015, so 0.06 is 4 sigma; the seeds are fixed anyway.
+    assert synonyms / len(one_object) == pytest.approx(TILES.synonym_rate, abs=0.06)
+    no_shape = dataclasses.replace(listing, drop_shape=1.0)
+    for scene in one_object[:50]:
+        tokens = words(synth.noisy_caption(scene, rng, no_shape, TILES))
+        assert "tile" in tokens and not set(tokens) & (set(TILES.shapes) | set(TILES.fills)), tokens
+    noisy = NoiseConfig(filler_rate=1.0, irrelevant_rate=0.5)
+    texts = [synth.noisy_caption(scene, rng, noisy, TILES) for scene in one_object[:300]]
+    assert any(f in t for t in texts for f in TILES.fillers) and any(t in TILES.irrelevant for t in texts)
+    assert not any(f in t for t in texts for f in synth.FILLERS if len(f) > 3)  # the first family's web noise
+    attribute_words = (
+        set(TILES.colours) | set(TILES.shapes) | set(TILES.sizes) | set(TILES.fills) | set(TILES.background_colours)
+    ) | {w for synonyms in TILES.colour_synonyms.values() for s in synonyms for w in s.split()}
+    for text in TILES.fillers + TILES.irrelevant:
+        assert not set(words(text)) & (attribute_words | set(TILES.textures) | {"tile", "piece", "backdrop"}), text
+
+
+def test_demo_world2_is_the_demo_lifecycle_on_the_tiles_family(tmp_path, monkeypatch):
+    """`clipdr demo --config jobs/configs/demo_world2.toml` (docs/demo.md): demo.toml's lifecycle, settings and all,
+    on a tiles world with its own noise and its own products and runs; the demo stage accepts it, and its world
+    generates (at toy size) with the family's zero-shot tasks where its evaluation reads them."""
+    demo = load_config(REPO / "jobs/configs/demo.toml")
+    world2 = load_config(REPO / "jobs/configs/demo_world2.toml")
+    assert (demo.synth.family, world2.synth.family) == ("shapes", "tiles")
+    assert world2.synth.noise != demo.synth.noise
+    renamed = (REPO / "jobs/configs/demo_world2.toml").read_text().replace("demo_world2", "demo")
+    (tmp_path / "renamed.toml").write_text(renamed.replace("clipdr-demo-world2", "clipdr-demo"))
+    same = load_config(tmp_path / "renamed.toml")
+    assert (
+        dataclasses.replace(same, synth=dataclasses.replace(same.synth, family="shapes", noise=NoiseConfig())) == demo
+    )
+    assert cli.build_parser().parse_args(["demo", "--config", "jobs/configs/demo_world2.toml"]).stage == "demo"
+
+    world = str(tmp_path / "world")
+    toy = ["--set", f"synth.output={world}", "--set", "synth.image_size=16"]
+    toy += [f"--set=synth.num_{split}=4" for split in synth.SPLITS]
+    monkeypatch.chdir(REPO)
+    assert cli.main(["synth", "--config", "jobs/configs/demo_world2.toml", *toy]) == 0
+    assert sorted(p.name for p in (tmp_path / "world" / "zeroshot").iterdir()) == sorted(TILES.tasks)
+    assert world2.evaluate.zeroshot == (f"{world2.synth.output}/zeroshot",)
+    assert world2.evaluate.retrieval == (f"{world2.synth.output}/retrieval",)
+    assert world2.reinforce.source == f"{world2.synth.output}/student"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,3 +114,64 @@ def test_an_embeddings_only_dataset_trains_reinforced_on_real_captions_only(tmp_
     want = ref_loss(batch, 0.5, [100.0, 100.0], syn=False)
     assert set(got) == set(want) and "kd_loss_syn" not in got
     torch.testing.assert_close(got["loss"], want["loss"].detach(), **TOL)
+
+
+def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path):
+    """train.syn_caption_sets picks the sets the synthetic caption is drawn from (their captions concatenated, in
+    order); the replay reads each set's captions and each teacher's text embeddings of them from the part."""
+    import pathlib
+
+    from tests.unit.test_parts import add_part, captions_part
+
+    uri, base = write_dataset(tmp_path, num_syn_captions=2)
+    manifest = add_part(pathlib.Path(uri), base, captions_part(base))  # set "beam": 3 captions a sample
+    assert manifest.caption_sets == {"default": 2, "beam": 3}
+    shard = manifest.shards[0].path
+    preprocess = data.student_preprocess(STUDENT)
+
+    for chosen, total in ((("beam",), 3), ((), 5), (("beam", "default"), 5)):
+        plan = make_plan(
+            train_config(syn_caption_sets=chosen), list(manifest.teachers), dataset_caption_sets=manifest.caption_sets
+        )
+        assert plan.syn_caption_sets == (chosen or ("default", "beam")) and plan.num_syn_captions == total
+        columns = pipeline._columns(plan, manifest)
+        assert (records.SYN_CAPTIONS in columns) == ("default" in plan.syn_caption_sets)
+        assert "syn_captions__beam" in columns and "text_emb__beta_xl__beam" in columns
+        table = records.read_shard_with_parts(uri, manifest, shard, columns)
+        out = data.ReplayBatch(manifest, preprocess, STUDENT, seed=1, epoch=0, caption_sets=plan.syn_caption_sets)(
+            table
+        )
+        j = out[data.SYN_INDEX]
+        assert j.max() < total and len(set(j.tolist())) > 1
+        # The drawn caption and its targets, from the concatenation of the chosen sets, set by set.
+        captions = {
+            "default": table.column(records.SYN_CAPTIONS).to_pylist() if records.SYN_CAPTIONS in columns else None,
+            "beam": table.column("syn_captions__beam").to_pylist(),
+        }
+        for name in DIMS:
+            embeddings = {
+                "default": records.text_embeddings(table, name)[:, 1:],
+                "beam": records.fixed_shape_numpy(table.column(f"text_emb__{name}__beam")),
+            }
+            stacked = np.concatenate([embeddings[s] for s in plan.syn_caption_sets], axis=1)
+            assert (out[data.teacher_syn_text_column(name)] == stacked[range(len(j)), j]).all()
+        texts = [[c for s in plan.syn_caption_sets for c in captions[s][i]] for i in range(len(j))]
+        tokens = data._tokenize(
+            data._tokenizer(STUDENT, preprocess.context_length),
+            [t[k] for t, k in zip(texts, j, strict=True)],
+            preprocess.context_length,
+        )
+        assert (out[data.SYN_TEXT] == tokens).all()
+
+    # A run's data is the base and the parts it reads: a part it does not read leaves the fingerprint as it was.
+    from clipdr.train.run import data_fingerprint_of
+
+    assert data_fingerprint_of(uri, manifest, ["alpha"], ["default"]) == data_fingerprint_of(uri, base, ["alpha"])
+    assert data_fingerprint_of(uri, manifest, ["alpha"], ["beam"]) != data_fingerprint_of(uri, base, ["alpha"])
+
+    with pytest.raises(TrainError, match=r"train.syn_caption_sets names \['long'\], which the dataset lacks"):
+        make_plan(train_config(syn_caption_sets=("long",)), [], dataset_caption_sets=manifest.caption_sets)
+    lacking = dataclasses.replace(manifest.part("captions__beam"), teachers=("alpha",))
+    only_alpha = dataclasses.replace(manifest, parts=(lacking,))
+    with pytest.raises(records.RecordsError, match="teacher 'beta_xl' has no text embeddings of caption set 'beam'"):
+        data.ReplayBatch(only_alpha, preprocess, STUDENT, seed=1, epoch=0, caption_sets=("beam",))

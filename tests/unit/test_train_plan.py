@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 import typing
 
 import pytest
 
+from clipdr import runstate
 from clipdr.config import Config, SynthConfig, TrainConfig, TrainMode, TrainSchedule, replace
 from clipdr.data import synthetic
 from clipdr.train.plan import Mode, TrainError, TrainPlan, check_config, default_run_name, make_plan
-from clipdr.train.run import _recipe, open_data
+from clipdr.train.run import _recipe, open_data, recorded_recipe
 from tests.unit.test_train_data import teacher, write_dataset
 
 GOOD = TrainConfig(data="somewhere", model="clipdr-tiny-mci", schedule=TrainSchedule(samples=1024, batch_size=64))
@@ -147,9 +149,24 @@ def test_the_plan_is_built_once_and_travels_as_plain_data():
 
 
 def test_a_setting_added_later_enters_the_recipe_only_when_set():
-    """Runs recorded before ``train.loss.local_loss`` existed must still resume (their recipe lacks it)."""
-    assert "local_loss" not in _recipe(Config(train=GOOD))["train"]["loss"]
-    assert _recipe(Config(train=replace(GOOD, {"loss.local_loss": True})))["train"]["loss"]["local_loss"] is True
+    """Runs recorded before ``train.schedule.kind`` existed must still resume (their recipe lacks it)."""
+    assert "kind" not in _recipe(Config(train=GOOD))["train"]["schedule"]
+    assert _recipe(Config(train=replace(GOOD, {"schedule.kind": "const"})))["train"]["schedule"]["kind"] == "const"
+
+
+@pytest.mark.parametrize("recorded", [None, False, True])
+def test_local_loss_is_a_memory_knob_a_resubmission_may_change(recorded):
+    """Which rows of the loss a rank computes changes memory, not the gradients (tests/unit/test_losses.py): it is
+    in no recipe, and a run recorded with either value, or before the key existed, resumes with the default."""
+    for local_loss in (False, True):
+        train = replace(GOOD, {"loss.local_loss": local_loss})
+        assert "local_loss" not in _recipe(Config(train=train))["train"]["loss"]
+    recipe = _recipe(Config(train=GOOD))
+    if recorded is not None:
+        recipe = json.loads(json.dumps(recipe))
+        recipe["train"]["loss"]["local_loss"] = recorded
+    state = runstate.RunState("0" * 32, "data", recipe, {"rows_per_epoch": 128})
+    assert recorded_recipe(state) == _recipe(Config(train=GOOD))
 
 
 def test_the_config_spells_exactly_the_modes():

@@ -29,6 +29,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "clipdr.benchmarks.quantized",
         "ONNX encoders fp32 vs fp16 vs int8: accuracy delta on evaluation sets, file size, CPU latency",
     ),
+    "serve": (
+        "clipdr.benchmarks.serve",
+        "load test of `clipdr serve` on 127.0.0.1: requests/s, p50/p99 latency, no failures, 4xx for malformed",
+    ),
     "train": ("clipdr.benchmarks.train", "train step cost of reinforced / clip / online_distill, loader vs trainer"),
 }
 

@@ -1,6 +1,9 @@
 """The built-in synthetic image-text world: the embedded default dataset.
 
-Every image shows one to three coloured shapes on a textured background, rendered procedurally. Each
+Every image shows one to three coloured shapes on a textured background, rendered procedurally. What the shapes,
+colours, sizes, positions, backgrounds, phrasings and web noise are is the world's family (``synth.family``,
+`clipdr.data.families`): ``shapes``, the default and the demo's, or ``tiles``; this module samples, renders and
+captions any family with the same code, and the names below (``SHAPES``, ``TASKS``, ...) are the first family's. Each
 sample is a pure function of ``(seed, split, index)``: its random generator is
 ``numpy.random.default_rng([seed, split_id, index])``, so any shard can be regenerated on its own, in any
 process, and comes out byte-identical.
@@ -13,7 +16,8 @@ Splits (disjoint: every split draws from its own random streams and keys carry t
   count and background, sometimes wrong, padded with filler, and sometimes unrelated to the image.
   This is the corpus that gets reinforced.
 - ``zeroshot``: single-object images for zero-shot classification, one clip_benchmark webdataset folder
-  per task (`TASKS`); ``object`` ("<colour> <shape>", 64 classes) is the headline task.
+  per task of the family (`Family.tasks`); ``object`` ("<colour> <shape>", 64 classes in the first family) is the
+  headline task, balanced: sample i shows object class i mod the number of classes.
 - ``retrieval``: images with clean captions, for image-text retrieval.
 
 Layout under ``SynthConfig.output``::
@@ -52,6 +56,8 @@ from PIL import Image, ImageDraw
 import clipdr
 from clipdr import storage
 from clipdr.config import Config, NoiseConfig, SynthConfig, to_dict
+from clipdr.data import families
+from clipdr.data.families import Family
 from clipdr.data.sources import SourceSample, write_parquet_shard, write_tar_shard, write_webdataset_shard
 
 # Bump whenever the rendered bytes or captions of a given config change, so cached worlds regenerate.
@@ -59,48 +65,22 @@ WORLD_VERSION = 2
 
 # --------------------------------------------------------------------------- vocabulary
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross", "hexagon", "ring")
-# Saturated object colours; backgrounds use a disjoint, muted palette so the two never share a name.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 35),
-    "orange": (250, 135, 15),
-    "yellow": (245, 225, 30),
-    "green": (35, 175, 60),
-    "cyan": (30, 205, 225),
-    "blue": (35, 75, 230),
-    "purple": (140, 50, 205),
-    "pink": (250, 120, 200),
-}
-SIZES = ("small", "large")
-# Object extent as a fraction of the image side. Large objects nearly fill a grid cell (1/3 of the side)
-# so that shapes stay recognisable at 32 px; small ones are half their area.
-SIZE_FRACTIONS = {"small": 0.22, "large": 0.32}
-# 3x3 grid cells in reading order, and how clean captions say them (no phrase contains another).
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
-POSITION_PHRASES = {
-    "top left": "in the top left",
-    "top": "at the top",
-    "top right": "in the top right",
-    "left": "on the left",
-    "center": "in the center",
-    "right": "on the right",
-    "bottom left": "in the bottom left",
-    "bottom": "at the bottom",
-    "bottom right": "in the bottom right",
-}
-BACKGROUND_COLOURS: dict[str, tuple[int, int, int]] = {
-    "white": (232, 232, 226),
-    "black": (32, 32, 34),
-    "gray": (125, 125, 125),
-    "beige": (205, 190, 155),
-    "brown": (105, 78, 58),
-    "olive": (105, 110, 68),
-}
-TEXTURES = ("plain", "striped", "dotted", "checkered", "grainy")
+# The first family's vocabulary under its historical names (the demo's world; benchmarks and tests use them).
+# A world's own vocabulary is its family's (`families.family(cfg.family)`).
+FIRST = families.SHAPES
+SHAPES = FIRST.shapes
+COLOURS = FIRST.colours
+SIZES = tuple(FIRST.sizes)
+SIZE_FRACTIONS = FIRST.sizes
+POSITIONS = FIRST.positions
+POSITION_PHRASES = FIRST.position_phrases
+BACKGROUND_COLOURS = FIRST.background_colours
+TEXTURES = FIRST.textures
+FILLERS = FIRST.fillers
+IRRELEVANT = FIRST.irrelevant
+ZEROSHOT_TEMPLATES = FIRST.zeroshot_templates
+TASKS = FIRST.tasks
 COUNT_WORDS = ("zero", "one", "two", "three", "four", "five")
-
-_COLOUR_NAMES = tuple(COLOURS)
-_BACKGROUND_NAMES = tuple(BACKGROUND_COLOURS)
 
 SPLITS = ("teacher", "student", "zeroshot", "retrieval")
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
@@ -117,47 +97,40 @@ _GRAIN_AMPLITUDE = 22
 
 # --------------------------------------------------------------------------- zero-shot tasks
 
-ZEROSHOT_TEMPLATES: dict[str, tuple[str, ...]] = {
-    "object": ("a photo of a {c}.", "a {c}.", "an image of a {c}.", "a {c} on a background.", "a drawing of a {c}."),
-    "shape": ("a photo of a {c}.", "a {c}.", "an image of a {c} shape.", "a drawing of a {c}."),
-    "colour": ("a photo of a {c} shape.", "a {c} object.", "an image of something {c}.", "a {c} shape."),
-    "size": ("a photo of a {c} shape.", "a {c} object.", "an image of a {c} shape."),
-    "position": ("a photo of a shape {c}.", "an object {c}.", "an image with a shape {c}."),
-    "background": ("a shape on a {c} background.", "a photo with a {c} background.", "an object on {c}."),
-    "texture": ("a shape on a {c} background.", "a photo with a {c} background.", "a {c} background."),
-}
-TASKS = tuple(ZEROSHOT_TEMPLATES)
 
-
-def zeroshot_tasks() -> dict[str, tuple[str, ...]]:
-    """Class names of every zero-shot task; a label is an index into its task's tuple."""
-    return {
-        "object": tuple(f"{colour} {shape}" for colour in COLOURS for shape in SHAPES),
-        "shape": SHAPES,
-        "colour": tuple(COLOURS),
-        "size": SIZES,
-        "position": tuple(POSITION_PHRASES[p] for p in POSITIONS),
-        "background": tuple(BACKGROUND_COLOURS),
-        "texture": TEXTURES,
+def zeroshot_tasks(family: Family = FIRST) -> dict[str, tuple[str, ...]]:
+    """Class names of every zero-shot task of a family; a label is an index into its task's tuple."""
+    classnames = {
+        "object": tuple(f"{colour} {shape}" for colour in family.colours for shape in family.shapes),
+        "shape": family.shapes,
+        "colour": tuple(family.colours),
+        "fill": family.fills,
+        "size": tuple(family.sizes),
+        "position": tuple(family.position_phrases.values()),
+        "background": tuple(family.background_colours),
+        "texture": family.textures,
     }
+    return {task: classnames[task] for task in family.tasks}
 
 
-def zeroshot_labels(scene: Scene) -> dict[str, int]:
-    """The label of a single-object scene in every zero-shot task."""
+def zeroshot_labels(scene: Scene, family: Family = FIRST) -> dict[str, int]:
+    """The label of a single-object scene in every zero-shot task of its family."""
     if len(scene.objects) != 1:
         raise ValueError(f"zero-shot labels need a single-object scene, got {len(scene.objects)} objects")
     obj = scene.objects[0]
-    colour_index = tuple(COLOURS).index(obj.colour)
-    shape_index = SHAPES.index(obj.shape)
-    return {
-        "object": colour_index * len(SHAPES) + shape_index,
+    colour_index = tuple(family.colours).index(obj.colour)
+    shape_index = family.shapes.index(obj.shape)
+    labels = {
+        "object": colour_index * len(family.shapes) + shape_index,
         "shape": shape_index,
         "colour": colour_index,
-        "size": SIZES.index(obj.size),
-        "position": POSITIONS.index(obj.position),
-        "background": tuple(BACKGROUND_COLOURS).index(scene.background.colour),
-        "texture": TEXTURES.index(scene.background.texture),
+        "fill": family.fills.index(obj.fill),
+        "size": tuple(family.sizes).index(obj.size),
+        "position": family.positions.index(obj.position),
+        "background": tuple(family.background_colours).index(scene.background.colour),
+        "texture": family.textures.index(scene.background.texture),
     }
+    return {task: labels[task] for task in family.tasks}
 
 
 # --------------------------------------------------------------------------- scenes
@@ -174,9 +147,10 @@ class SceneObject:
     rgb: tuple[int, int, int]
     center: tuple[float, float]  # (x, y) as fractions of the image side
     angle: float  # degrees
+    fill: str = "solid"  # "hollow": drawn as an outline (families with fills)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "shape": self.shape,
             "colour": self.colour,
             "size": self.size,
@@ -185,6 +159,8 @@ class SceneObject:
             "center": list(self.center),
             "angle": self.angle,
         }
+        # Solid, the only fill of the first family, is left out: its worlds' metadata predates fills.
+        return data if self.fill == "solid" else {**data, "fill": self.fill}
 
 
 @dataclass(frozen=True)
@@ -252,8 +228,9 @@ def sample_scene(
     num_objects: int | None = None,
     colour: str | None = None,
     shape: str | None = None,
+    family: Family = FIRST,
 ) -> Scene:
-    """Draws a random scene: objects in distinct grid cells, jittered within their cell.
+    """Draws a random scene of a family: objects in distinct grid cells, jittered within their cell.
 
     Args:
         rng: The sample's random generator; the scene is a pure function of its state.
@@ -261,50 +238,56 @@ def sample_scene(
         num_objects: Exact number of objects instead of a random count.
         colour: Colour of the first object instead of a random one.
         shape: Shape of the first object instead of a random one.
+        family: The world family whose vocabulary the scene uses.
     """
     if not 1 <= max_objects <= len(_COUNT_WEIGHTS):
         raise ValueError(f"max_objects must be between 1 and {len(_COUNT_WEIGHTS)}, got {max_objects}")
-    if colour is not None and colour not in COLOURS:
-        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(COLOURS)}")
-    if shape is not None and shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    if colour is not None and colour not in family.colours:
+        raise ValueError(f"unknown colour {colour!r}; known: {', '.join(family.colours)}")
+    if shape is not None and shape not in family.shapes:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(family.shapes)}")
+    positions = family.positions
     if num_objects is None:
         weights = _COUNT_WEIGHTS[:max_objects]
         u = rng.random() * sum(weights)
         num_objects = 1
         while num_objects < max_objects and u >= sum(weights[:num_objects]):
             num_objects += 1
-    elif not 1 <= num_objects <= len(POSITIONS):
-        raise ValueError(f"num_objects must be between 1 and {len(POSITIONS)}, got {num_objects}")
-    cells = list(range(len(POSITIONS)))
+    elif not 1 <= num_objects <= len(positions):
+        raise ValueError(f"num_objects must be between 1 and {len(positions)}, got {num_objects}")
+    colour_names, sizes = tuple(family.colours), tuple(family.sizes)
+    cells = list(range(len(positions)))
     objects = []
     for i in range(num_objects):
         cell = cells.pop(_randint(rng, len(cells)))
-        obj_colour = colour if (i == 0 and colour is not None) else _pick(rng, _COLOUR_NAMES)
-        obj_shape = shape if (i == 0 and shape is not None) else _pick(rng, SHAPES)
-        size = _pick(rng, SIZES)
+        obj_colour = colour if (i == 0 and colour is not None) else _pick(rng, colour_names)
+        obj_shape = shape if (i == 0 and shape is not None) else _pick(rng, family.shapes)
+        size = _pick(rng, sizes)
+        # Drawn only where there is a choice: a family without fills keeps the first family's random streams.
+        fill = _pick(rng, family.fills) if len(family.fills) > 1 else family.fills[0]
         # Jitter inside the cell so that objects in distinct cells never overlap.
-        slack = max(0.0, (1 / 3 - SIZE_FRACTIONS[size]) / 2)
-        row, col = divmod(cell, 3)
-        x = (col + 0.5) / 3 + _uniform(rng, -slack, slack)
-        y = (row + 0.5) / 3 + _uniform(rng, -slack, slack)
-        angle = 0.0 if obj_shape in ("circle", "ring") else _uniform(rng, -_MAX_ROTATION, _MAX_ROTATION)
+        slack = max(0.0, (1 / family.grid - family.sizes[size]) / 2)
+        row, col = divmod(cell, family.grid)
+        x = (col + 0.5) / family.grid + _uniform(rng, -slack, slack)
+        y = (row + 0.5) / family.grid + _uniform(rng, -slack, slack)
+        angle = 0.0 if obj_shape in family.round_shapes else _uniform(rng, -_MAX_ROTATION, _MAX_ROTATION)
         objects.append(
             SceneObject(
                 shape=obj_shape,
                 colour=obj_colour,
                 size=size,
-                position=POSITIONS[cell],
-                rgb=_jitter_rgb(rng, COLOURS[obj_colour], _OBJECT_JITTER),
+                position=positions[cell],
+                rgb=_jitter_rgb(rng, family.colours[obj_colour], _OBJECT_JITTER),
                 center=(round(x, 4), round(y, 4)),
                 angle=round(angle, 2),
+                fill=fill,
             )
         )
-    bg_colour = _pick(rng, _BACKGROUND_NAMES)
+    bg_colour = _pick(rng, tuple(family.background_colours))
     background = Background(
         colour=bg_colour,
-        texture=_pick(rng, TEXTURES),
-        rgb=_jitter_rgb(rng, BACKGROUND_COLOURS[bg_colour], _BACKGROUND_JITTER),
+        texture=_pick(rng, family.textures),
+        rgb=_jitter_rgb(rng, family.background_colours[bg_colour], _BACKGROUND_JITTER),
         texture_seed=_randint(rng, 2**31),
     )
     return Scene(objects=tuple(objects), background=background)
@@ -331,6 +314,9 @@ def _pattern_mask(texture: str, period: int, orientation: int, side: int) -> Ima
         u = xs % period - (period - 1) / 2
         v = ys % period - (period - 1) / 2
         mask = u * u + v * v < (0.22 * period) ** 2
+    elif texture == "gridded":  # thin lines along both axes
+        width = max(1, period // 4)
+        mask = (xs % period < width) | (ys % period < width)
     else:
         raise ValueError(f"no pattern for texture {texture!r}")
     return Image.fromarray(mask.astype(np.uint8), mode="L")
@@ -347,6 +333,19 @@ def _render_background(background: Background, side: int, image_size: int) -> Im
         grain = np.random.default_rng(seed).integers(-_GRAIN_AMPLITUDE, _GRAIN_AMPLITUDE + 1, size, dtype=np.int16)
         pixels = np.minimum(np.maximum(grain + np.asarray(rgb, dtype=np.int16), 0), 255).astype(np.uint8)
         return Image.fromarray(pixels, mode="RGB").resize((side, side), Image.Resampling.NEAREST)
+    if background.texture == "speckled":
+        # Sparse specks of the pattern's mark colour (see below) on output pixels, like the grain.
+        specks = np.random.default_rng(seed).random((image_size, image_size, 1)) < 0.08
+        shift = _PATTERN_AMPLITUDE if sum(rgb) < 3 * 128 else -_PATTERN_AMPLITUDE
+        pixels = np.clip(np.asarray(rgb, dtype=np.int16) + 2 * shift * specks, 0, 255).astype(np.uint8)
+        return Image.fromarray(pixels, mode="RGB").resize((side, side), Image.Resampling.NEAREST)
+    if background.texture == "gradient":
+        # A linear ramp of +-1.5 pattern amplitudes around the colour, along one of four directions.
+        ramp = np.linspace(-1.5 * _PATTERN_AMPLITUDE, 1.5 * _PATTERN_AMPLITUDE, side)
+        ramp = ramp if seed % 2 else ramp[::-1]
+        line = np.clip(np.rint(np.asarray(rgb, dtype=np.float64) + ramp[:, None]), 0, 255).astype(np.uint8)
+        pixels = np.broadcast_to(line[:, None] if (seed // 2) % 2 else line[None, :], (side, side, 3))
+        return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
     scale = side / 64
     period = max(2, round(_PERIODS[seed % len(_PERIODS)] * scale))
     orientation = (seed // len(_PERIODS)) % _STRIPE_ORIENTATIONS
@@ -391,14 +390,29 @@ def _unit_outline(shape: str) -> tuple[tuple[float, float], ...]:
         a, w = 1.05, 0.36
         points = [(-w, -a), (w, -a), (w, -w), (a, -w), (a, w), (w, w), (w, a), (-w, a), (-w, w), (-a, w), (-a, -w)]
         points.append((-w, -w))
+    # The tiles family's shapes (families.TILES).
+    elif shape == "pentagon":
+        points = [(x, y + 0.1) for x, y in _regular_polygon(5, 1.15, -90)]
+    elif shape == "arrow":  # pointing right
+        points = [(-1.1, -0.3), (0.2, -0.3), (0.2, -0.8), (1.15, 0.0), (0.2, 0.8), (0.2, 0.3), (-1.1, 0.3)]
+    elif shape == "crescent":  # a disc of radius 1.1 less one of 0.95 centred at x = 0.55 (they cross at 60 deg)
+        outer = [(1.1 * math.cos(a), 1.1 * math.sin(a)) for a in map(math.radians, range(60, 301, 10))]
+        inner = [(0.55 + 0.95 * math.cos(a), 0.95 * math.sin(a)) for a in map(math.radians, range(270, 89, -10))]
+        points = [(x + 0.275, y) for x, y in outer + inner]
+    elif shape == "bar":
+        points = [(-1.15, -0.45), (1.15, -0.45), (1.15, 0.45), (-1.15, 0.45)]
+    elif shape == "oval":
+        points = [(1.15 * math.cos(2 * math.pi * k / 32), 0.7 * math.sin(2 * math.pi * k / 32)) for k in range(32)]
+    elif shape == "chevron":  # pointing up
+        points = [(0.0, -0.9), (1.1, 0.2), (1.1, 0.85), (0.0, -0.2), (-1.1, 0.85), (-1.1, 0.2)]
     else:
         raise ValueError(f"no outline for shape {shape!r}")
     return tuple(points)
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int, extent: float) -> None:
     cx, cy = obj.center[0] * side, obj.center[1] * side
-    radius = SIZE_FRACTIONS[obj.size] * side / 2
+    radius = extent * side / 2
     if obj.shape in ("circle", "ring"):
         box = (cx - radius, cy - radius, cx + radius, cy + radius)
         if obj.shape == "circle":
@@ -411,18 +425,21 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, side: int) -> None
         (cx + radius * (x * cos_a - y * sin_a), cy + radius * (x * sin_a + y * cos_a))
         for x, y in _unit_outline(obj.shape)
     ]
-    draw.polygon(points, fill=obj.rgb)
+    if obj.fill == "hollow":
+        draw.polygon(points, outline=obj.rgb, width=max(2, round(radius * 0.3)))
+    else:
+        draw.polygon(points, fill=obj.rgb)
 
 
-def render_scene(scene: Scene, image_size: int = 64) -> Image.Image:
-    """Renders a scene as an RGB image of ``image_size`` x ``image_size`` pixels (anti-aliased)."""
+def render_scene(scene: Scene, image_size: int = 64, family: Family = FIRST) -> Image.Image:
+    """Renders a scene of a family as an RGB image of ``image_size`` x ``image_size`` pixels (anti-aliased)."""
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 pixels, got {image_size}")
     side = image_size * _SUPERSAMPLE
     canvas = _render_background(scene.background, side, image_size)
     draw = ImageDraw.Draw(canvas)
     for obj in scene.objects:
-        _draw_object(draw, obj, side)
+        _draw_object(draw, obj, side, family.sizes[obj.size])
     return canvas.reduce(_SUPERSAMPLE)
 
 
@@ -447,75 +464,28 @@ def _counted(n: int, noun: str) -> str:
     return f"{word} {noun}" + ("" if n == 1 else "s")
 
 
-def clean_caption(scene: Scene, rng: np.random.Generator) -> str:
-    """A compositional caption that states every attribute, in one of several phrasings.
+def clean_caption(scene: Scene, rng: np.random.Generator, family: Family = FIRST) -> str:
+    """A compositional caption that states every attribute, in one of the family's phrasings.
 
-    Always present: the count as a word ("two shapes"), and per object its size, colour, shape and
-    position phrase (`POSITION_PHRASES`), and the background's colour and texture.
+    Always present: the count as a word ("two shapes"), and per object its size, fill (families with fills),
+    colour, shape and position phrase (`Family.position_phrases`), and the background's colour and texture.
     """
-    noun = _pick(rng, ("shape", "object"))
+    noun = _pick(rng, family.nouns)
     count = _counted(len(scene.objects), noun)
     bg = scene.background
-    style = _randint(rng, 5)
-    if style in (0, 1, 2):
-        objs = [f"a {o.size} {o.colour} {o.shape} {POSITION_PHRASES[o.position]}" for o in scene.objects]
-    else:
-        objs = [f"{POSITION_PHRASES[o.position]} a {o.size} {o.colour} {o.shape}" for o in scene.objects]
-    if style == 0:
-        return f"{count} on a {bg.texture} {bg.colour} background: {_join(objs)}."
-    if style == 1:
-        return f"{_join(objs)}, on a {bg.texture} {bg.colour} background ({count} in total)."
-    if style == 2:
-        return f"a {bg.colour} {bg.texture} background with {count}: {_join(objs)}."
-    if style == 3:
-        return f"an image of {count}. {'; '.join(objs)}. the background is {bg.colour} and {bg.texture}."
-    return f"{count} ({'; '.join(objs)}) on a {bg.texture} {bg.colour} background."
+    object_format, caption_format = family.caption_styles[_randint(rng, len(family.caption_styles))]
+    objs = [
+        object_format.format(
+            size=o.size, fill=o.fill, colour=o.colour, shape=o.shape, position=family.position_phrases[o.position]
+        )
+        for o in scene.objects
+    ]
+    return caption_format.format(
+        count=count, texture=bg.texture, background=bg.colour, objects_and=_join(objs), objects_semi="; ".join(objs)
+    )
 
 
 # --------------------------------------------------------------------------- noisy captions
-
-FILLERS = (
-    "stock photo",
-    "free download",
-    "hd wallpaper",
-    "png",
-    "#design",
-    "#art",
-    "vector illustration",
-    "clipart",
-    "royalty free",
-    "icon",
-    "logo template",
-    "high resolution",
-    "4k",
-    "jpg",
-    "for kids",
-    "#minimal",
-    "graphic",
-    "isolated",
-    "editable",
-    "image",
-)
-IRRELEVANT = (
-    "best deals on shoes",
-    "click here to subscribe",
-    "home page banner",
-    "untitled-1",
-    "our team at the annual meeting",
-    "summer sale 50% off",
-    "wedding invitation template",
-    "cute puppy playing in the park",
-    "delicious pasta recipe",
-    "modern living room interior",
-    "product thumbnail",
-    "placeholder",
-    "map of europe",
-    "company logo",
-    "loading",
-    "profile picture",
-    "sunset over the mountains",
-    "download our app",
-)
 
 
 @dataclass(frozen=True)
@@ -528,19 +498,21 @@ class NoisyCaption:
     num_wrong: int  # of which wrong
 
 
-def _irrelevant_text(rng: np.random.Generator) -> str:
+def _irrelevant_text(rng: np.random.Generator, family: Family) -> str:
     kind = _randint(rng, 4)
     if kind == 0:
         return f"IMG_{_randint(rng, 10000):04d}"
     if kind == 1:
         return f"DSC{_randint(rng, 100000):05d}.jpg"
-    return _pick(rng, IRRELEVANT)
+    return _pick(rng, family.irrelevant)
 
 
-def noisy_caption_details(scene: Scene, rng: np.random.Generator, noise: NoiseConfig) -> NoisyCaption:
+def noisy_caption_details(
+    scene: Scene, rng: np.random.Generator, noise: NoiseConfig, family: Family = FIRST
+) -> NoisyCaption:
     """Web alt-text for a scene, with a record of how much of it is true. See `noisy_caption`."""
     if rng.random() < noise.irrelevant_rate:
-        return NoisyCaption(_irrelevant_text(rng), irrelevant=True, num_stated=0, num_wrong=0)
+        return NoisyCaption(_irrelevant_text(rng, family), irrelevant=True, num_stated=0, num_wrong=0)
     stated = wrong = 0
 
     def say(value: Any, choices: Sequence[Any]) -> Any:
@@ -559,27 +531,38 @@ def noisy_caption_details(scene: Scene, rng: np.random.Generator, noise: NoiseCo
             continue
         units = []
         if rng.random() >= noise.drop_size:
-            units.append(say(obj.size, SIZES))
+            units.append(say(obj.size, tuple(family.sizes)))
         if rng.random() >= noise.drop_colour:
-            units.append(say(obj.colour, tuple(COLOURS)))
-        units.append(say(obj.shape, SHAPES) if rng.random() >= noise.drop_shape else "shape")
+            colour = say(obj.colour, tuple(family.colours))
+            synonyms = family.colour_synonyms.get(colour, ())
+            # An everyday name is not a wrong one: it is counted as stated, never as wrong.
+            if synonyms and rng.random() < family.synonym_rate:
+                colour = _pick(rng, synonyms)
+            units.append(colour)
+        if rng.random() >= noise.drop_shape:
+            # A family with fills says an object's fill with its shape ("hollow arrow"): drop_shape drops both.
+            if len(family.fills) > 1:
+                units.append(say(obj.fill, family.fills))
+            units.append(say(obj.shape, family.shapes))
+        else:
+            units.append(family.generic_noun)
         if rng.random() >= noise.drop_position:
-            units.append(POSITION_PHRASES[say(obj.position, POSITIONS)])
+            units.append(family.position_phrases[say(obj.position, family.positions)])
         chunks.append(units)
     if len(scene.objects) > 1 and rng.random() >= noise.drop_count:
         n = say(len(scene.objects), range(1, len(_COUNT_WEIGHTS) + 1))
-        chunks.insert(0, [f"{n} shapes" if n > 1 else "1 shape"])
+        chunks.insert(0, [f"{n} {family.generic_noun}s" if n > 1 else f"1 {family.generic_noun}"])
     if rng.random() >= noise.drop_background:
         mode = _randint(rng, 3)  # colour and texture, colour only, texture only
         words = []
         if mode in (0, 2):
-            words.append(say(scene.background.texture, TEXTURES))
+            words.append(say(scene.background.texture, family.textures))
         if mode in (0, 1):
-            words.append(say(scene.background.colour, tuple(BACKGROUND_COLOURS)))
+            words.append(say(scene.background.colour, tuple(family.background_colours)))
         chunks.append([f"on {' '.join(words)} background"])
     if rng.random() < noise.filler_rate:
         for _ in range(1 + _randint(rng, 2)):
-            filler = [_pick(rng, FILLERS)]
+            filler = [_pick(rng, family.fillers)]
             chunks.insert(0 if rng.random() < 0.3 else len(chunks), filler)
     if rng.random() < noise.shuffle_rate:
         chunks = [[units[j] for j in rng.permutation(len(units))] for units in chunks]
@@ -593,15 +576,17 @@ def noisy_caption_details(scene: Scene, rng: np.random.Generator, noise: NoiseCo
     return NoisyCaption(text, irrelevant=False, num_stated=stated, num_wrong=wrong)
 
 
-def noisy_caption(scene: Scene, rng: np.random.Generator, noise: NoiseConfig) -> str:
+def noisy_caption(scene: Scene, rng: np.random.Generator, noise: NoiseConfig, family: Family = FIRST) -> str:
     """Short, incomplete, sometimes wrong web alt-text for a scene.
 
     Position, size, count and background are mostly omitted (``noise.drop_*``); every stated attribute
     is wrong with probability ``noise.wrong_rate``; filler ("stock photo", "#design", ...) is added with
     probability ``noise.filler_rate``; words and phrases are reordered with ``noise.shuffle_rate``; and a
-    fraction ``noise.irrelevant_rate`` of captions has nothing to do with the image ("IMG_4821").
+    fraction ``noise.irrelevant_rate`` of captions has nothing to do with the image ("IMG_4821"). The filler and
+    unrelated texts are the family's; a family with colour synonyms says a stated colour by one of them with
+    probability ``family.synonym_rate``.
     """
-    return noisy_caption_details(scene, rng, noise).text
+    return noisy_caption_details(scene, rng, noise, family).text
 
 
 # --------------------------------------------------------------------------- samples
@@ -627,18 +612,20 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> SourceSample:
     task -> class index) or ``noise`` (student: whether the caption is irrelevant, how many attributes it
     states and how many of those are wrong).
     """
+    family = families.family(cfg.family)
     rng = sample_rng(cfg.seed, split, index)
     meta: dict[str, Any] = {"split": split, "index": index}
     if split == "zeroshot":
-        # Balanced headline task: sample i shows object class i mod 64.
-        colour_index, shape_index = divmod(index % (len(COLOURS) * len(SHAPES)), len(SHAPES))
-        scene = sample_scene(rng, num_objects=1, colour=tuple(COLOURS)[colour_index], shape=SHAPES[shape_index])
-        caption = clean_caption(scene, rng)
-        meta["labels"] = zeroshot_labels(scene)
+        # Balanced headline task: sample i shows object class i mod the number of classes (64 in the first family).
+        colour_index, shape_index = divmod(index % (len(family.colours) * len(family.shapes)), len(family.shapes))
+        colour, shape = tuple(family.colours)[colour_index], family.shapes[shape_index]
+        scene = sample_scene(rng, num_objects=1, colour=colour, shape=shape, family=family)
+        caption = clean_caption(scene, rng, family)
+        meta["labels"] = zeroshot_labels(scene, family)
     else:
-        scene = sample_scene(rng, cfg.max_objects)
+        scene = sample_scene(rng, cfg.max_objects, family=family)
         if split == "student":
-            noisy = noisy_caption_details(scene, rng, cfg.noise)
+            noisy = noisy_caption_details(scene, rng, cfg.noise, family)
             caption = noisy.text
             meta["noise"] = {
                 "irrelevant": noisy.irrelevant,
@@ -646,9 +633,9 @@ def make_sample(cfg: SynthConfig, split: str, index: int) -> SourceSample:
                 "num_wrong": noisy.num_wrong,
             }
         else:
-            caption = clean_caption(scene, rng)
+            caption = clean_caption(scene, rng, family)
     meta["scene"] = scene.to_dict()
-    image = render_scene(scene, cfg.image_size)
+    image = render_scene(scene, cfg.image_size, family)
     return SourceSample(
         key=sample_key(split, index), image_bytes=encode_jpeg(image), caption=caption, meta=meta, image=image
     )
@@ -662,6 +649,8 @@ _FORMAT_SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
 
 def validate_config(cfg: SynthConfig) -> None:
     """Raises ValueError naming the first field of ``cfg`` that cannot make a world."""
+    if cfg.family not in families.FAMILIES:
+        raise ValueError(f"synth.family must be one of {list(families.FAMILIES)}, got {cfg.family!r}")
     if cfg.image_size < 16:
         raise ValueError(f"synth.image_size must be at least 16, got {cfg.image_size}")
     if cfg.seed < 0:
@@ -720,7 +709,7 @@ def _write_shard(cfg: SynthConfig, split: str, shard: int, start: int, stop: int
     samples = list(_samples(cfg, split, start, stop))
     written = []
     if split == "zeroshot":
-        for task in TASKS:
+        for task in families.family(cfg.family).tasks:
             name = _zeroshot_shard_name(task, shard)
             members = ((s.key, {"jpg": s.image_bytes, "cls": str(s.meta["labels"][task]).encode()}) for s in samples)
             count = write_tar_shard(storage.join(cfg.output, *name.split("/")), members)
@@ -742,6 +731,8 @@ def _world_identity(cfg: SynthConfig) -> dict[str, Any]:
     identity = to_dict(cfg)
     identity.pop("output")
     identity.pop("workers")
+    if identity["family"] == families.DEFAULT:  # worlds of the first family predate families: same identity
+        identity.pop("family")
     return {"world_version": WORLD_VERSION, "config": identity}
 
 
@@ -829,13 +820,14 @@ def generate(cfg: SynthConfig, progress: Callable[[str], None] | None = None) ->
             for future in concurrent.futures.as_completed(futures):
                 finished(futures[future], future.result())
 
-    classnames = zeroshot_tasks()
+    family = families.family(cfg.family)
+    classnames = zeroshot_tasks(family)
     num_zeroshot_shards = len(_shard_ranges(cfg, "zeroshot"))
     if num_zeroshot_shards:
-        for task in TASKS:
+        for task in family.tasks:
             texts = {
                 "classnames.txt": "\n".join(classnames[task]) + "\n",
-                "zeroshot_classification_templates.txt": "\n".join(ZEROSHOT_TEMPLATES[task]) + "\n",
+                "zeroshot_classification_templates.txt": "\n".join(family.zeroshot_templates[task]) + "\n",
                 "test/nshards.txt": f"{num_zeroshot_shards}\n",
             }
             for name, text in texts.items():
@@ -860,7 +852,8 @@ def generate(cfg: SynthConfig, progress: Callable[[str], None] | None = None) ->
             for split in SPLITS
         },
         "zeroshot_tasks": {
-            task: {"classnames": list(classnames[task]), "templates": list(ZEROSHOT_TEMPLATES[task])} for task in TASKS
+            task: {"classnames": list(classnames[task]), "templates": list(family.zeroshot_templates[task])}
+            for task in family.tasks
         },
         "seconds": round(elapsed, 2),
         "samples_per_second": round(total / max(elapsed, 1e-9), 1),

@@ -39,8 +39,17 @@ import ray
 
 from clipdr import records, storage
 from clipdr.cluster import ensure_ray, storage_runtime_env
-from clipdr.config import ReinforceConfig
-from clipdr.reinforce.stages import Caption, Embed, ReadShards, RenderViews, ShardTask, WriteShards
+from clipdr.config import ReinforceConfig, TeacherConfig
+from clipdr.reinforce.stages import (
+    Caption,
+    Embed,
+    EmbedPart,
+    ReadBase,
+    ReadShards,
+    RenderViews,
+    ShardTask,
+    WriteShards,
+)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -201,14 +210,79 @@ def run_pipeline(
         compute=model_pool(res.teacher_actors, res.teacher_actors_max),
         **model_actor,
     )
-    ds = ds.map_batches(
+    ds = write_stage(ds, cfg, cfg.output, manifest, run_fingerprint, tasks)
+    return drain(ds, tasks, cfg.output, on_shard)
+
+
+def write_stage(
+    ds: ray.data.Dataset,
+    cfg: ReinforceConfig,
+    output_dir: str,
+    layout: records.Manifest | records.PartLayout,
+    run_fingerprint: str,
+    tasks: Sequence[ShardTask],
+) -> ray.data.Dataset:
+    """The writer at the end of a stream: the base job's (shards) and a part pass's (one part's files)."""
+    return ds.map_batches(
         WriteShards,
         batch_size=1,  # one chunk a call: otherwise Ray bundles small blocks and shards land late
-        fn_constructor_args=(cfg.output, manifest, run_fingerprint, {t.output: t.source for t in tasks}),
+        fn_constructor_args=(output_dir, layout, run_fingerprint, {t.output: t.source for t in tasks}),
         # One writer: all rows of a shard must meet in the same process.
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=0.5,
-        runtime_env=runtime_env,
-        **actor_fault_args(res.crash_retries),
+        runtime_env=storage_runtime_env(),
+        **actor_fault_args(cfg.resources.crash_retries),
     )
-    return drain(ds, tasks, cfg.output, on_shard)
+
+
+def run_part_pipeline(
+    cfg: ReinforceConfig,
+    tasks: Sequence[ShardTask],
+    layout: records.PartLayout,
+    run_fingerprint: str,
+    teachers: Sequence[TeacherConfig],
+    columns: Sequence[str],
+    on_shard: Callable[[str, int, float], None],
+) -> dict[str, str]:
+    """Writes ``layout.part``'s files for ``tasks`` (base shards) under the dataset ``cfg.output``: the base's rows
+    cut into the chunks of its own job (`ReadBase`), then the captioner (a captions part) or the views rendered for
+    the new teacher (a teacher part), then `EmbedPart` with ``teachers``, then the same writer as the base job's.
+    Returns the failed shards as `run_pipeline` does."""
+    res, part = cfg.resources, layout.part
+    device = resolve_device(res.device)
+    threads = max(1, int(res.cpus_per_actor))
+    runtime_env = storage_runtime_env()
+    model_actor = {
+        "num_cpus": res.cpus_per_actor,
+        "num_gpus": res.gpus_per_actor if device == "cuda" else 0,
+        "batch_size": 1,
+        "runtime_env": runtime_env,
+        **actor_fault_args(res.crash_retries),
+    }
+    output_dir = storage.join(cfg.output, records.PARTS_DIR, part.name)
+    ds = ray.data.from_items([{"source": t.source, "output": t.output} for t in tasks], override_num_blocks=len(tasks))
+    configure_stream(ds.context)
+    read = ReadBase(res.batch_size, cfg.output, layout, run_fingerprint, columns)
+    ds = ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env, **task_fault_args(res.crash_retries))
+    if part.kind == "captions":
+        ds = ds.map_batches(
+            Caption,
+            fn_constructor_args=(part.captioner, part.num_syn_captions, device, threads),
+            compute=model_pool(res.captioner_actors, res.captioner_actors_max),
+            **model_actor,
+        )
+        sets = (part.caption_set,)
+    else:
+        renders = RenderViews((part.teacher,))
+        ds = ds.map_batches(
+            renders, batch_size=1, num_cpus=1, runtime_env=runtime_env, **task_fault_args(res.crash_retries)
+        )
+        sets = part.caption_sets
+    ds = ds.map_batches(
+        EmbedPart,
+        fn_constructor_args=(tuple(teachers), device, threads, part.kind, sets),
+        compute=model_pool(res.teacher_actors, res.teacher_actors_max),
+        **model_actor,
+    )
+    ds = write_stage(ds, cfg, output_dir, layout, run_fingerprint, tasks)
+    return drain(ds, tasks, output_dir, on_shard)

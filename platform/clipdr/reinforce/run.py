@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from clipdr import augment, records, runstate, storage
 from clipdr import progress as progress_lines
 from clipdr.accelerators import AcceleratorError
-from clipdr.config import Config, flatten, to_dict
+from clipdr.config import Config, ReinforceConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce import cost
 from clipdr.reinforce.stages import ShardTask, read_shard_metadata
@@ -90,15 +90,16 @@ class Plan:
 
 
 def run_fingerprint(manifest: records.Manifest, legacy: bool = False) -> str:
-    """What makes a shard's output: every setting of the manifest but its provenance and the teachers' a_k, and the
-    record schema.
+    """What makes a shard's output: every setting of the manifest but its provenance, its parts and the teachers' a_k,
+    and the record schema.
 
     A teacher's ``logit_scale`` (a_k) is recorded in the manifest as the default a training run distils with, but
     it changes no stored byte: it is a training choice (``train.loss.teacher_scales`` overrides it), so it is not
     part of what the shards are. ``legacy`` gives the fingerprint shards written before that decision carry (a_k
     included), so their partial outputs still resume.
     """
-    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version")}
+    # Parts are added to a complete dataset by passes of their own, each with its own fingerprint (`reinforce.parts`).
+    settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version", "parts")}
     if not legacy:
         settings["teachers"] = [{k: v for k, v in t.items() if k != "logit_scale"} for t in settings["teachers"]]
     return runstate.fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
@@ -127,9 +128,29 @@ def _settings_differences(expected: records.Manifest, found: records.Manifest) -
     return diffs
 
 
+def captioner_spec(cfg: ReinforceConfig) -> records.CaptionerSpec:
+    """The spec of ``[reinforce.captioner]``, validated (no model is loaded)."""
+    from clipdr.models.captioners import validate_captioner
+
+    try:
+        captioner = records.CaptionerSpec(
+            name=cfg.captioner.model,
+            kind=cfg.captioner.kind,
+            model=cfg.captioner.model,
+            pretrained=cfg.captioner.pretrained,
+            top_p=cfg.captioner.top_p,
+            temperature=cfg.captioner.temperature,
+            max_len=cfg.captioner.max_len,
+            seed=cfg.seed,
+        )
+        validate_captioner(captioner)
+    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
+        raise ReinforceError(f"reinforce.captioner: {e}") from None
+    return captioner
+
+
 def plan(config: Config) -> Plan:
     """Validates everything that can be checked without models and compute, and decides what is left to do."""
-    from clipdr.models.captioners import validate_captioner
     from clipdr.models.teachers import TeacherError, teacher_spec
 
     cfg = config.reinforce
@@ -179,22 +200,8 @@ def plan(config: Config) -> Plan:
         for t, spec in resolved
         if spec is None
     )
-    captioner = None  # S = 0: an embeddings-only pass; no captioner is validated, loaded or recorded
-    try:
-        if cfg.num_syn_captions > 0:
-            captioner = records.CaptionerSpec(
-                name=cfg.captioner.model,
-                kind=cfg.captioner.kind,
-                model=cfg.captioner.model,
-                pretrained=cfg.captioner.pretrained,
-                top_p=cfg.captioner.top_p,
-                temperature=cfg.captioner.temperature,
-                max_len=cfg.captioner.max_len,
-                seed=cfg.seed,
-            )
-            validate_captioner(captioner)
-    except ValueError as e:  # records.RecordsError (the spec's own checks: top_p, max_len, ...) included
-        raise ReinforceError(f"reinforce.captioner: {e}") from None
+    # S = 0: an embeddings-only pass; no captioner is validated, loaded or recorded
+    captioner = captioner_spec(cfg) if cfg.num_syn_captions > 0 else None
 
     if cfg.dry_run and (storage.is_s3(cfg.source) or storage.is_s3(cfg.output)):
         # A dry run validates what needs no network; object storage may be out of reach from here.
@@ -351,6 +358,10 @@ def run(config: Config, log=print) -> records.Manifest | None:
     from clipdr.reinforce.pipeline import run_pipeline
 
     cfg = config.reinforce
+    if cfg.add:  # a part added to a complete dataset (`clipdr.reinforce.parts`)
+        from clipdr.reinforce import parts
+
+        return parts.run(config, log)
     p = plan(config)
     log(p.describe())
     if cfg.dry_run:

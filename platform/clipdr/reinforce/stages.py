@@ -44,8 +44,9 @@ LAST_CHUNK = "_last_chunk"  # the shard's last chunk: it also carries the two co
 SHARD_ROWS = "_shard_rows"  # valid samples in the shard (on its last chunk)
 SHARD_SKIPPED = "_shard_skipped"  # JSON {reason: count} of the shard (on its last chunk)
 SYN_PREFIX = "_syn_"  # synthetic caption j travels as column _syn_<j> (flat strings convert to Arrow cleanly)
+SET_PREFIX = "_set_"  # caption j of an added caption set travels as column _set_<set>__<j> (a part pass)
 VIEWS_PREFIX = "_views_"  # uint8 (N, K, 3, S, S) views of one augment.RenderKey: column _views_<S>_<interpolation>
-SHARD_METADATA_KEY = b"clipdr.reinforce"  # Parquet footer metadata of an output shard: provenance + skip counts
+SHARD_METADATA_KEY = records.SHARD_METADATA_KEY  # Parquet footer metadata of an output file: provenance + skip counts
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,15 @@ def shard_metadata(run_fingerprint: str, source: str, skipped: dict[str, int]) -
 
 def read_shard_metadata(schema: pa.Schema) -> dict | None:
     """The provenance a reinforcement job wrote into a shard's footer, or None for foreign files."""
-    raw = (schema.metadata or {}).get(SHARD_METADATA_KEY)
-    return json.loads(raw) if raw else None
+    return records.read_provenance(schema)
 
 
 def write_output_shard(
-    output_dir: str, name: str, columns: dict, manifest: records.Manifest, metadata: dict[bytes, bytes]
+    output_dir: str,
+    name: str,
+    columns: dict,
+    manifest: records.Manifest | records.PartLayout,
+    metadata: dict[bytes, bytes],
 ) -> int:
     table = records.build_table(columns, manifest)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
@@ -269,9 +273,10 @@ class Caption:
         return samples
 
 
-def syn_captions(samples: dict[str, np.ndarray]) -> list[list[str]]:
-    """The S synthetic captions of each sample (empty lists before the captioner ran)."""
-    columns = sorted((c for c in samples if c.startswith(SYN_PREFIX)), key=lambda c: int(c[len(SYN_PREFIX) :]))
+def syn_captions(samples: dict[str, np.ndarray], prefix: str = SYN_PREFIX) -> list[list[str]]:
+    """The S synthetic captions of each sample (empty lists before the captioner ran); with the prefix of a caption
+    set (`set_prefix`), that set's captions."""
+    columns = sorted((c for c in samples if c.startswith(prefix)), key=lambda c: int(c[len(prefix) :]))
     num_rows = len(samples[records.KEY])
     return [[str(samples[c][i]) for c in columns] for i in range(num_rows)]
 
@@ -380,8 +385,140 @@ class WriteShards:
         parts = [unpack_chunk(chunks[index]) for index in sorted(chunks)]
         merged = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
         assert len(merged[records.KEY]) == expected_rows, f"shard {name}: {len(merged[records.KEY])} rows"
-        columns = {c: merged[c] for c in self.columns if c != records.SYN_CAPTIONS}
-        if records.SYN_CAPTIONS in self.columns:
-            columns[records.SYN_CAPTIONS] = syn_captions(merged)
+        columns = {c: merged[c] for c in self.columns if not records.is_syn_captions_column(c)}
+        for c in filter(records.is_syn_captions_column, self.columns):  # a shard's, or the set a captions part adds
+            columns[c] = syn_captions(merged)
         metadata = shard_metadata(self.run_fingerprint, self.sources_by_output[name], json.loads(skipped_json))
         return write_output_shard(self.output_dir, name, columns, self.manifest, metadata)
+
+
+# --------------------------------------------------------------------------- part passes (`reinforce.parts`)
+
+
+def set_prefix(caption_set: str) -> str:
+    """Prefix of the stream columns carrying an added caption set's captions (`syn_captions` reads them)."""
+    return f"{SET_PREFIX}{records.validate_caption_set_name(caption_set)}__"
+
+
+def image_size(image_bytes: bytes) -> tuple[int, int]:
+    """An encoded image's size from its header (the size `sources.decode_rgb` gives), without decoding pixels."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(image_bytes))) as image:
+        return image.size
+
+
+class ReadBase:
+    """Base shard -> chunks for a part pass: the base's rows (and the captions of the parts the pass needs), cut into
+    chunks exactly as `ReadShards` cut that shard's source, so every model forward sees the samples it would have
+    seen in the base's own job (keep ``batch_size``, as when resuming). A base shard without rows gets its (empty)
+    part file here.
+
+    Args:
+        chunk_rows: ``reinforce.resources.batch_size``.
+        dataset_uri: The dataset directory.
+        layout: The part being written, and the manifest it extends.
+        run_fingerprint: The part's fingerprint (into each file's footer).
+        columns: Columns of the dataset the pass reads (`records.read_shard_with_parts`).
+    """
+
+    def __init__(
+        self,
+        chunk_rows: int,
+        dataset_uri: str,
+        layout: records.PartLayout,
+        run_fingerprint: str,
+        columns: Sequence[str],
+        chunk_max_pixels: int = CHUNK_MAX_PIXELS,
+    ) -> None:
+        self.chunk_rows = chunk_rows
+        self.chunk_max_pixels = chunk_max_pixels
+        self.dataset_uri = dataset_uri
+        self.layout = layout
+        self.run_fingerprint = run_fingerprint
+        self.columns = list(columns)
+
+    @property
+    def output_dir(self) -> str:
+        return storage.join(self.dataset_uri, records.PARTS_DIR, self.layout.part.name)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for output in batch["output"]:
+            for row in self.read(str(output)):
+                yield _stream_row(row)
+
+    def _samples(self, table: pa.Table) -> dict[str, np.ndarray]:
+        samples = {}
+        for name in table.column_names:
+            column = table.column(name)
+            if records.is_syn_captions_column(name):
+                rows = column.to_pylist()
+                S = column.type.list_size
+                caption_set = name.removeprefix(records.SYN_CAPTIONS_PREFIX)
+                prefix = SYN_PREFIX if name == records.SYN_CAPTIONS else set_prefix(caption_set)
+                for j in range(S):
+                    samples[f"{prefix}{j}"] = np.array([row[j] for row in rows], dtype=object)
+            elif pa.types.is_fixed_size_list(column.type):
+                samples[name] = np.ascontiguousarray(records.fixed_shape_numpy(column))
+            else:
+                samples[name] = np.array(column.to_pylist(), dtype=object)
+        return samples
+
+    def read(self, shard_path: str) -> Iterator[dict[str, object]]:
+        table = records.read_shard_with_parts(self.dataset_uri, self.layout.manifest, shard_path, self.columns)
+        metadata = shard_metadata(self.run_fingerprint, shard_path, {})
+        if table.num_rows == 0:
+            empty = {name: [] for name in self.layout.schema().names}
+            write_output_shard(self.output_dir, shard_path, empty, self.layout, metadata)
+            return
+        samples = self._samples(table)
+        sizes = [image_size(b) for b in samples[records.IMAGE]]
+        chunks = list(_chunks(iter(enumerate(sizes)), self.chunk_rows, self.chunk_max_pixels))
+        for index, chunk in enumerate(chunks):
+            rows = [i for i, _ in chunk]
+            last = index == len(chunks) - 1
+            yield {
+                SHARD: shard_path,
+                CHUNK_INDEX: index,
+                CHUNK: pack_chunk({name: values[rows] for name, values in samples.items()}),
+                LAST_CHUNK: last,
+                SHARD_ROWS: table.num_rows if last else -1,
+                SHARD_SKIPPED: "{}" if last else "",
+            }
+
+
+class EmbedPart(Embed):
+    """The teachers' embeddings a part adds, one chunk per forward.
+
+    ``captions``: every teacher's text embeddings of the new set (its captions arrive from `Caption`, as a base
+    job's synthetic captions do). ``teacher``: the new teacher's image and text embeddings exactly as `Embed` computes
+    them in the base's own job (views rendered by `RenderViews`; the real and the default set's captions), then its
+    text embeddings of each added caption set.
+    """
+
+    def __init__(
+        self,
+        teachers: Sequence[TeacherConfig],
+        device: str,
+        threads: int,
+        kind: str,
+        caption_sets: Sequence[str],
+    ) -> None:
+        super().__init__(teachers, device, threads)
+        self.kind = kind
+        self.caption_sets = tuple(caption_sets)
+
+    def embed(self, samples: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.kind == "teacher":
+            samples = super().embed(samples)
+            sets = [(caption_set, syn_captions(samples, set_prefix(caption_set))) for caption_set in self.caption_sets]
+        else:
+            (caption_set,) = self.caption_sets
+            sets = [(caption_set, syn_captions(samples))]
+        for caption_set, captions in sets:
+            for teacher in self.ensemble.teachers:
+                column = records.set_text_emb_column(teacher.spec.name, caption_set)
+                samples[column] = teacher.embed_texts(captions)
+        return samples

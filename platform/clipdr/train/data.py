@@ -291,11 +291,21 @@ def _images(batch: Batch) -> list[bytes]:
     return [bytes(b) for b in batch[records.IMAGE]]
 
 
-def _syn_captions(batch: Batch, num_rows: int) -> list[list[str]]:
-    if isinstance(batch, pa.Table | pa.RecordBatch):
-        rows = _column(batch, records.SYN_CAPTIONS).to_pylist()
-    else:
-        rows = batch[records.SYN_CAPTIONS]
+def _check_set_embeddings(manifest: records.Manifest, teacher: str, caption_set: str) -> None:
+    """RecordsError when the dataset holds no text embeddings of ``caption_set`` by ``teacher`` (the distillation
+    targets of those captions)."""
+    if caption_set == records.DEFAULT_CAPTION_SET:
+        return  # rows 1..S of every teacher's text embeddings, a base teacher's or an added one's
+    column = records.set_text_emb_column(teacher, caption_set)
+    if manifest.part_of_column(column) is None:
+        raise records.RecordsError(
+            f"teacher {teacher!r} has no text embeddings of caption set {caption_set!r} ({column}): distil from "
+            "teachers that embedded it, or leave the set out of train.syn_caption_sets"
+        )
+
+
+def _syn_captions(batch: Batch, num_rows: int, column: str = records.SYN_CAPTIONS) -> list[list[str]]:
+    rows = _column(batch, column).to_pylist() if isinstance(batch, pa.Table | pa.RecordBatch) else batch[column]
     rows = [[str(c) for c in row] for row in rows]
     assert len(rows) == num_rows, (len(rows), num_rows)
     return rows
@@ -329,8 +339,11 @@ class ReplayBatch:
         use_syn_captions: Also draw, tokenise (and in ``reinforced`` mode, select the embedding of) one
             synthetic caption a sample; needs S >= 1.
         teachers: Teachers to output in ``reinforced`` mode; None for all of the manifest's, in its order.
-        num_syn_captions: Draw the synthetic caption from the first n of the dataset's S (its text embeddings are
-            rows 1..n); 0 for all S.
+        num_syn_captions: Draw the synthetic caption from the first n of the chosen sets' S (their captions
+            concatenated); 0 for all S.
+        caption_sets: The caption sets drawn from, in order (`records.Manifest.caption_sets`: ``default``, the
+            base shards' own, whose text embeddings are rows 1..S of `records.text_emb_column`, and sets added as
+            parts, whose embeddings are `records.set_text_emb_column`); None for every set of the manifest.
     """
 
     def __init__(
@@ -344,26 +357,34 @@ class ReplayBatch:
         use_syn_captions: bool = True,
         teachers: Sequence[str] | None = None,
         num_syn_captions: int = 0,
+        caption_sets: Sequence[str] | None = None,
     ) -> None:
         mode = _mode(mode)
-        if use_syn_captions and manifest.num_syn_captions < 1:
+        sets = manifest.caption_sets
+        self.caption_sets = tuple(sets if caption_sets is None else caption_sets)
+        unknown = [s for s in self.caption_sets if s not in sets]
+        if unknown:
+            raise records.RecordsError(f"no caption sets {unknown} in this dataset; it has {list(sets)}")
+        total = sum(sets[s] for s in self.caption_sets)
+        if use_syn_captions and total < 1:
             raise ValueError(
                 "use_syn_captions needs synthetic captions, but the dataset has none (num_syn_captions = 0)"
             )
-        if not 0 <= num_syn_captions <= manifest.num_syn_captions:
-            raise ValueError(
-                f"num_syn_captions = {num_syn_captions}: the dataset has {manifest.num_syn_captions} a sample (0: all)"
-            )
+        if not 0 <= num_syn_captions <= total:
+            raise ValueError(f"num_syn_captions = {num_syn_captions}: the caption sets have {total} a sample (0: all)")
         names = list(manifest.teacher_names if teachers is None else teachers)
         for name in names:
             manifest.teacher(name)  # RecordsError naming the known teachers
+            if mode.reads_embeddings and use_syn_captions:
+                for caption_set in self.caption_sets:
+                    _check_set_embeddings(manifest, name, caption_set)
         self.manifest = manifest
         self.preprocess = preprocess
         self.seed = int(seed)
         self.epoch = int(epoch)
         self.mode = mode
         self.use_syn_captions = bool(use_syn_captions)
-        self.num_syn_captions = num_syn_captions or manifest.num_syn_captions
+        self.num_syn_captions = num_syn_captions or total
         self.teachers = tuple(names) if mode.reads_embeddings else ()
         self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
         # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
@@ -393,7 +414,8 @@ class ReplayBatch:
         captions = [real_captions[i] for i in rows_N]
         out = {IMAGE: views[0], TEXT: self._tokenize(captions), AUG_INDEX: aug_index_N}
         if self.use_syn_captions:
-            syn = _syn_captions(batch, len(keys))
+            per_set = [self._set_captions(batch, s, len(keys)) for s in self.caption_sets]
+            syn = [[c for row in rows for c in row] for rows in zip(*per_set, strict=True)]  # sets concatenated
             syn_captions = [syn[i][j] for i, j in zip(rows_N, syn_index_N, strict=True)]
             out[SYN_TEXT] = self._tokenize(syn_captions)
             out[SYN_INDEX] = syn_index_N
@@ -410,8 +432,20 @@ class ReplayBatch:
             out[teacher_image_column(name)] = image_emb_NKD[rows_N, aug_index_N].astype(np.float32)
             out[teacher_text_column(name)] = text_emb_NED[rows_N, 0].astype(np.float32)
             if self.use_syn_captions:
-                out[teacher_syn_text_column(name)] = text_emb_NED[rows_N, 1 + syn_index_N].astype(np.float32)
+                syn_emb_NSD = np.concatenate(
+                    [
+                        text_emb_NED[:, 1:]
+                        if s == records.DEFAULT_CAPTION_SET
+                        else _nested(batch, records.set_text_emb_column(name, s), (manifest.caption_sets[s], D))
+                        for s in self.caption_sets
+                    ],
+                    axis=1,
+                )
+                out[teacher_syn_text_column(name)] = syn_emb_NSD[rows_N, syn_index_N].astype(np.float32)
         return out
+
+    def _set_captions(self, batch: Batch, caption_set: str, num_rows: int) -> list[list[str]]:
+        return _syn_captions(batch, num_rows, records.syn_captions_column(caption_set))
 
 
 @functools.lru_cache(maxsize=8)

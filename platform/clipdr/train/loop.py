@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -310,12 +311,17 @@ class LossSums:
             term = value.detach() * weight
             self._sums[name] = self._sums[name] + term if name in self._sums else term
 
-    def read(self) -> dict[str, float]:
-        """The sums as Python floats, in one device-to-host copy."""
+    def read(self, world_size: int = 1) -> dict[str, float]:
+        """The sums as Python floats, in one device-to-host copy. With several ranks, each sum is the mean of the
+        ranks' (one all-reduce, so every rank calls it at the same step): a rank's share of a local loss, or its
+        own caption loss, is then logged as the global value."""
         if not self._sums:
             return {}
-        values = torch.stack([v.to(torch.float64) for v in self._sums.values()]).tolist()
-        return dict(zip(self._sums, values, strict=True))
+        stacked = torch.stack([v.to(torch.float64) for v in self._sums.values()])
+        if world_size > 1:
+            dist.all_reduce(stacked, op=dist.ReduceOp.SUM)  # gloo has no AVG
+            stacked = stacked / world_size
+        return dict(zip(self._sums, stacked.tolist(), strict=True))
 
 
 def progress_line(progress: Progress, plan: TrainPlan, metrics: dict[str, float], eta: float | None) -> str:
@@ -555,9 +561,10 @@ def _train(
         done = progress.step >= plan.total_steps
 
         if progress.step % plan.train.log_every == 0 or done:
+            sums_read = sums.read(world_size)  # on every rank (a collective); the one host sync of the window
             if tracker is not None and progress.samples_seen > logged_until:
                 now = time.perf_counter()
-                means = {name: value / window_steps for name, value in sums.read().items()}  # the one host sync
+                means = {name: value / window_steps for name, value in sums_read.items()}
                 metrics = {f"train/{name}": value for name, value in means.items()}
                 metrics |= {
                     "train/lr": lr_at(progress.step - 1, plan),

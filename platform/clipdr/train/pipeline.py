@@ -60,19 +60,28 @@ def _epoch_order(files: Sequence[str], seed: int, epoch: int) -> list[str]:
     return [files[i] for i in order]
 
 
-def _columns(plan: TrainPlan) -> list[str]:
+def _columns(plan: TrainPlan, manifest: records.Manifest | None = None) -> list[str]:
+    """The columns a run reads: of the base shards, and of the parts holding its caption sets and teachers (the
+    plan's sets; when it names none, the manifest's, or without one the base's own)."""
     columns = [records.KEY, records.IMAGE, records.CAPTION, records.AUG_PARAMS]
-    if plan.use_syn_captions:
-        columns.append(records.SYN_CAPTIONS)
+    every_set = tuple(manifest.caption_sets) if manifest else (records.DEFAULT_CAPTION_SET,)
+    sets = (plan.syn_caption_sets or every_set) if plan.use_syn_captions else ()
+    columns += [records.syn_captions_column(s) for s in sets]
     if plan.mode.reads_embeddings:
         for name in plan.teacher_names:
             columns += [records.image_emb_column(name), records.text_emb_column(name)]
+            columns += [records.set_text_emb_column(name, s) for s in sets if s != records.DEFAULT_CAPTION_SET]
     return columns
 
 
 def count_source_rows(files: Sequence[str]) -> int:
-    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them."""
-    return _source_samples(files, storage_runtime_env()).count()
+    """Valid samples in raw source shards: one Ray task a shard reads (and decodes) them and returns only its count.
+
+    Plain tasks, not a Ray Data count: the samples never enter the object store, and no streaming executor starts
+    (3-4x less time for the demo's teacher corpus on 2 cores).
+    """
+    count = ray.remote(num_cpus=1, runtime_env=storage_runtime_env())(remote.count_source_shard)
+    return sum(ray.get([count.remote(uri) for uri in files]))
 
 
 def _source_samples(files: Sequence[str], runtime_env: dict) -> ray.data.Dataset:
@@ -106,7 +115,8 @@ def build_dataset(
         kind, arguments = remote.AUGMENT, {**common, "augment_cfg": to_dict(augment_cfg)}
     else:
         fs, _ = storage.resolve(source.uri)
-        columns = _columns(plan)
+        columns = _columns(plan, source.manifest)
+        with_parts = any(source.manifest.part_of_column(c) for c in columns)
         kind, arguments = (
             remote.REPLAY,
             {
@@ -116,6 +126,7 @@ def build_dataset(
                 "use_syn_captions": plan.use_syn_captions,
                 "num_syn_captions": plan.num_syn_captions,
                 "teachers": plan.teacher_names,
+                "caption_sets": list(plan.syn_caption_sets) or None,
             },
         )
     per_epoch = []
@@ -123,6 +134,8 @@ def build_dataset(
         files = _epoch_order(source.files, seed, epoch)
         if source.manifest is None:
             ds = _source_samples(files, runtime_env)
+        elif with_parts:
+            ds = _read_with_parts(source, files, columns, runtime_env)
         else:
             paths = [storage.resolve(f)[1] for f in files]
             ds = _read_parquet(paths, fs, runtime_env, columns)
@@ -163,6 +176,17 @@ def _read_parquet(paths: list[str], fs, runtime_env: dict, columns: list[str]) -
         finally:
             if chosen is None:
                 del os.environ[FOOTER_ACTORS_ENV]
+
+
+def _read_with_parts(
+    source: DataSource, files: Sequence[str], columns: list[str], runtime_env: dict
+) -> ray.data.Dataset:
+    """``columns`` of the shards ``files``, in their order, each shard joined by position with the part files that
+    hold some of them (`records.read_shard_with_parts`, which checks the join by key): one Ray task a shard."""
+    paths = dict(zip(source.manifest.shard_uris(source.uri), (s.path for s in source.manifest.shards), strict=True))
+    ds = ray.data.from_items([{"shard": paths[f]} for f in files], override_num_blocks=len(files))
+    read = remote.ReadWithParts(source.uri, source.manifest.to_dict(), columns)
+    return ds.map_batches(read, batch_size=1, num_cpus=1, runtime_env=runtime_env)
 
 
 def data_config() -> ray.train.DataConfig:

@@ -16,6 +16,7 @@ import dataclasses
 import enum
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +206,21 @@ def syn_captions_used(cfg: TrainConfig, dataset_syn_captions: int) -> tuple[int,
     return n or dataset_syn_captions, ""
 
 
+def caption_sets_used(cfg: TrainConfig, dataset_sets: Mapping[str, int]) -> tuple[tuple[str, ...], int]:
+    """``(sets, S)``: the caption sets a run draws its synthetic captions from, in order (``train.syn_caption_sets``;
+    empty: every set of ``dataset_sets``, the manifest's `records.Manifest.caption_sets`), and their captions a
+    sample together (the S that ``train.num_syn_captions`` takes the first n of)."""
+    chosen = tuple(cfg.syn_caption_sets) or tuple(dataset_sets)
+    require(len(set(chosen)) == len(chosen), f"train.syn_caption_sets repeats a set: {list(chosen)}")
+    unknown = [s for s in chosen if s not in dataset_sets]
+    require(
+        not unknown,
+        f"train.syn_caption_sets names {unknown}, which the dataset lacks: it has {list(dataset_sets)} (add a set "
+        "with reinforce.add = 'captions')",
+    )
+    return chosen, sum(dataset_sets[s] for s in chosen)
+
+
 def teacher_scales(cfg: TrainConfig, teachers: list[records.TeacherSpec]) -> tuple[float, ...]:
     """Each teacher's a_k this run distils with: ``train.teacher_scales`` when set (one per teacher, in loss order),
     else the ``logit_scale`` the manifest records. a_k is a training choice: stored data does not depend on it."""
@@ -246,6 +262,8 @@ class TrainPlan:
         kd_weight: lambda of the loss.
         use_syn_captions: Whether one synthetic caption a sample is trained on (`uses_syn_captions`, and the
             dataset has some: `syn_captions_used`).
+        syn_caption_sets: The caption sets whose captions, concatenated, are that S (`caption_sets_used`); empty
+            when the run trains on no synthetic captions, or the plan was made without the dataset's sets.
         num_syn_captions: The synthetic captions a sample the draws choose from (the first n of the dataset's S);
             0 when none are used, or when the dataset was not read (the replay then takes all S).
         precision: ``fp32`` or ``bf16`` (``auto`` resolved).
@@ -277,6 +295,7 @@ class TrainPlan:
     tracking_uri: str = ""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
     num_syn_captions: int = 0
+    syn_caption_sets: tuple[str, ...] = ()
 
     @property
     def teacher_names(self) -> list[str]:
@@ -317,6 +336,7 @@ class TrainPlan:
                 "tracking": from_dict(TrackingConfig, raw.get("tracking", {}), "train plan"),
                 "mode": Mode(raw["mode"]),
                 "teacher_specs": tuple(records.TeacherSpec(**t) for t in raw["teacher_specs"]),
+                "syn_caption_sets": tuple(raw.get("syn_caption_sets", ())),
             }
         )
 
@@ -336,9 +356,14 @@ def make_plan(
     mlflow_run_id: str = "",
     tracking_uri: str = "",
     dataset_syn_captions: int | None = None,
+    dataset_caption_sets: Mapping[str, int] | None = None,
 ) -> TrainPlan:
     """The workers' `TrainPlan` for ``cfg``, distilling from ``teachers`` (in loss order; ignored in clip) with the
-    a_k of `teacher_scales`; ``dataset_syn_captions`` is the data's S (None: not read, the config decides)."""
+    a_k of `teacher_scales`; ``dataset_syn_captions`` is the data's S (None: not read, the config decides), or
+    ``dataset_caption_sets`` its caption sets (`records.Manifest.caption_sets`; `caption_sets_used` chooses)."""
+    sets: tuple[str, ...] = ()
+    if dataset_caption_sets is not None:
+        sets, dataset_syn_captions = caption_sets_used(cfg.train, dataset_caption_sets)
     tc = cfg.train
     sched = tc.schedule
     mode = Mode(tc.mode)
@@ -352,6 +377,7 @@ def make_plan(
     else:
         num_syn, _ = syn_captions_used(tc, dataset_syn_captions)
         use_syn = num_syn > 0
+    sets = sets if use_syn else ()
     return TrainPlan(
         train=tc,
         evaluate=cfg.evaluate,
@@ -360,6 +386,7 @@ def make_plan(
         kd_weight=tc.loss.kd_weight if mode.distils else 0.0,
         use_syn_captions=use_syn,
         num_syn_captions=num_syn,
+        syn_caption_sets=sets,
         precision=_precision(tc),
         local_batch=sched.batch_size // tc.resources.workers,
         total_steps=total_steps,

@@ -40,6 +40,41 @@ def read_source_shard(row: dict) -> list[dict]:
     ]
 
 
+def count_source_shard(uri: str) -> int:
+    """Valid samples of the raw source shard ``uri``: `read_source_shard`'s rows, counted where they are read."""
+    import collections
+
+    from clipdr.data import sources
+
+    return sum(1 for _ in sources.iter_shard(uri, collections.Counter()))
+
+
+class ReadWithParts:
+    """A ``map_batches`` callable reading, for each ``shard`` path of a batch, ``columns`` of that base shard of the
+    dataset at ``uri`` joined with its part files (`records.read_shard_with_parts`); shipped as plain data."""
+
+    def __init__(self, uri: str, manifest: dict, columns: list[str]) -> None:
+        self.uri = uri
+        self.manifest = json.dumps(manifest, sort_keys=True)
+        self.columns = list(columns)
+
+    def __call__(self, batch: dict) -> Any:
+        import pyarrow as pa
+
+        from clipdr import records
+
+        manifest = _manifest(self.manifest)
+        tables = [records.read_shard_with_parts(self.uri, manifest, str(p), self.columns) for p in batch["shard"]]
+        return pa.concat_tables(tables)
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest(text: str) -> Any:
+    from clipdr import records
+
+    return records.Manifest.from_dict(json.loads(text))
+
+
 class BatchTransform:
     """A ``map_batches`` callable shipped as plain data: which transform (`REPLAY` or `AUGMENT`) and its arguments.
 

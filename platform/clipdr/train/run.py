@@ -18,11 +18,12 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from clipdr.train import data
 from clipdr.train.plan import (
     Mode,
     TrainError,
+    caption_sets_used,
     check_config,
     check_evaluation,
     default_run_name,
@@ -56,13 +58,14 @@ _RESUMABLE_CHANGES = (
     "cost",
     "channels_last",
     "compile",
-)  # scaling, bookkeeping and speed knobs (memory layout, compilation)
+    "loss.local_loss",
+)  # scaling, bookkeeping and speed knobs (memory layout, compilation, which rows of the loss a rank computes)
 # Settings of [train] added after runs were recorded, with the value every earlier run had: they enter a recipe only
 # when set otherwise, so that runs recorded before they existed still resume.
 _LATER_SETTINGS = {
-    "loss.local_loss": False,
     "teacher_scales": [],
     "num_syn_captions": 0,
+    "syn_caption_sets": [],
     "schedule.kind": "cosine",
     "schedule.cooldown_samples": 0,
     "finetune": to_dict(TrainFinetune()),
@@ -133,10 +136,18 @@ def _all_teachers(uri: str) -> list[str]:
     return list(records.read_manifest(uri).teacher_names)
 
 
-def data_fingerprint_of(uri: str, manifest: records.Manifest | None) -> str:
-    """What a run's data is, for refusing a resubmission on other data: the manifest of a reinforced dataset, the
-    shard names and sizes of raw source shards."""
-    return runstate.fingerprint(manifest.to_json()) if manifest else sources.fingerprint(sources.describe_shards(uri))
+def data_fingerprint_of(
+    uri: str, manifest: records.Manifest | None, teachers: Sequence[str] = (), caption_sets: Sequence[str] = ()
+) -> str:
+    """What a run's data is, for refusing a resubmission on other data: the manifest of a reinforced dataset with
+    the parts the run reads (those of its ``teachers`` and ``caption_sets``: a part added later leaves a run's data as
+    it was), the shard names and sizes of raw source shards."""
+    if manifest is None:
+        return sources.fingerprint(sources.describe_shards(uri))
+    used = tuple(
+        p for p in manifest.parts if p.caption_set in caption_sets or (p.teacher and p.teacher.name in teachers)
+    )
+    return runstate.fingerprint(dataclasses.replace(manifest, parts=used).to_json())
 
 
 # --------------------------------------------------------------------------- resume
@@ -146,14 +157,31 @@ def _run_dir(cfg: TrainConfig, run_name: str) -> str:
     return storage.join(cfg.output, run_name)
 
 
-def _recipe(cfg: Config) -> dict:
-    """The settings a resumed run must keep (everything but scaling and bookkeeping), nested like the config."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in _RESUMABLE_CHANGES}
-    for dotted, default in _LATER_SETTINGS.items():
+def _leaf(table: dict, dotted: str) -> tuple[dict, str]:
+    """The table holding the dotted key ``dotted`` of ``table``, and the key's last part."""
+    *sections, name = dotted.split(".")
+    for section in sections:
+        table = table[section]
+    return table, name
+
+
+def _without_resumable(train: dict) -> dict:
+    """``train`` (a [train] table, nested) without `_RESUMABLE_CHANGES`; a copy."""
+    train = copy.deepcopy(train)
+    for dotted in _RESUMABLE_CHANGES:
         *sections, name = dotted.split(".")
         table = train
         for section in sections:
-            table = table[section]
+            table = table.get(section, {})
+        table.pop(name, None)
+    return train
+
+
+def _recipe(cfg: Config) -> dict:
+    """The settings a resumed run must keep (everything but scaling and bookkeeping), nested like the config."""
+    train = _without_resumable(to_dict(cfg.train))
+    for dotted, default in _LATER_SETTINGS.items():
+        table, name = _leaf(train, dotted)
         if table[name] == default:
             del table[name]
     return {"train": train, "augment": to_dict(cfg.augment)}
@@ -161,8 +189,10 @@ def _recipe(cfg: Config) -> dict:
 
 def recorded_recipe(state: runstate.RunState) -> dict:
     """A run state's recipe in today's layout: runs recorded when [train] was flat (``train.lr``, now
-    ``train.optimizer.lr``) compare key for key with a resubmission's `_recipe` (`clipdr.config.upgrade`)."""
-    return upgrade(state.recipe)
+    ``train.optimizer.lr``) compare key for key with a resubmission's `_recipe` (`clipdr.config.upgrade`); a
+    setting that became resumable after it was recorded (``loss.local_loss``) is dropped."""
+    recipe = upgrade(state.recipe)
+    return {**recipe, "train": _without_resumable(recipe["train"])}
 
 
 # --------------------------------------------------------------------------- run
@@ -214,7 +244,7 @@ def dry_run(cfg: Config, log: Callable[[str], None] = print) -> None:
             rows, source = dataset.manifest.num_rows, f"the manifest of {tc.data}"
             names = tc.teachers or dataset.manifest.teacher_names
             teachers = [dataset.manifest.teacher(n) for n in names] if Mode(tc.mode).distils else []
-            syn_captions = dataset.manifest.num_syn_captions
+            _, syn_captions = caption_sets_used(tc, dataset.manifest.caption_sets)
             _, why = syn_captions_used(tc, syn_captions)
             if why:
                 log(f"note          {why}")
@@ -243,7 +273,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     manifest = dataset.manifest if dataset else None
     teacher_names = list(tc.teachers or (manifest.teacher_names if manifest else ())) if Mode(tc.mode).distils else []
     preprocess = _student_preprocess(tc)
-    num_syn, why = syn_captions_used(tc, manifest.num_syn_captions) if manifest else (0, "")
+    caption_sets, dataset_syn = caption_sets_used(tc, manifest.caption_sets) if manifest else ((), 0)
+    num_syn, why = syn_captions_used(tc, dataset_syn) if manifest else (0, "")
+    caption_sets = caption_sets if num_syn else ()
     if manifest is not None and teacher_names:
         teacher_scales(tc, [manifest.teacher(n) for n in teacher_names])  # refused now, not after the run started
     if why:
@@ -252,7 +284,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     run_name = tc.run_name or default_run_name(tc)
     run_dir = _run_dir(tc, run_name)
     recipe = _recipe(cfg)
-    data_fingerprint = data_fingerprint_of(uri, manifest)
+    data_fingerprint = data_fingerprint_of(uri, manifest, teacher_names, caption_sets)
     ensure_ray()
 
     previous = runstate.read(run_dir, runstate.TRAIN_STATE)
@@ -315,11 +347,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         start_batches=start_epoch * batches_per_epoch,
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.client.tracking_uri,
-        dataset_syn_captions=manifest.num_syn_captions if manifest else None,
+        dataset_caption_sets=manifest.caption_sets if manifest else None,
     )
     if previous is None:  # what the run distils with, defaults from the manifest resolved (`plan.teacher_scales`)
         chosen = {f"distill.a_k.{t.name}": t.logit_scale for t in plan.teacher_specs}
-        tracker.log_params({**chosen, "distill.syn_captions_used": num_syn})
+        sets = {"distill.syn_caption_sets": ",".join(plan.syn_caption_sets)} if plan.syn_caption_sets else {}
+        tracker.log_params({**chosen, "distill.syn_captions_used": num_syn, **sets})
     source = pipeline.DataSource(uri, tuple(files), rows_per_epoch, manifest)
     dataset_stream = pipeline.build_dataset(
         source, plan, cfg.augment, preprocess, rows_per_epoch, range(start_epoch, max(num_epochs, 1))
