@@ -292,6 +292,9 @@ _TOY_FINETUNE = (
     *("--output", "{tmp}/finetune.md"),
 )
 
+_DEMO_TEST = "tests/integration/test_demo.py::test_demo_runs_every_stage_into_mlflow_and_caches"  # runs clipdr study
+_SWEEP_TEST = "tests/integration/test_train.py::test_a_sweep_trains_one_nested_run_per_trial_and_summarises"
+
 REGISTRY: dict[str, Entry] = {
     # README: the two commands.
     "make demo": External("creates .venv (pip, network) and runs the 8-minute demo; test_demo runs it at toy size"),
@@ -327,6 +330,14 @@ REGISTRY: dict[str, Entry] = {
     # added this test.
     "clipdr datacompdr --set datacompdr.source --set datacompdr.output": CoveredBy(
         ("tests/integration/test_datacompdr_cli.py::test_cli_converts_numbered_shards_through_ray",)
+    ),
+    # Studies and sweeps (docs/study.md): each trains several runs, so the toy runs are in the integration tests.
+    "clipdr study --config jobs/configs/demo.toml --set study.seeds": CoveredBy((_DEMO_TEST,)),
+    "clipdr study --config jobs/configs/demo.toml --set train.schedule.samples --set study.seeds --set "
+    "study.parallel_jobs": CoveredBy((_DEMO_TEST,)),
+    "clipdr sweep --config jobs/configs/demo.toml --set sweep.params": CoveredBy((_SWEEP_TEST,)),
+    "clipdr sweep --config jobs/configs/demo.toml --set sweep.search --set sweep.num_samples --set sweep.params": (
+        CoveredBy((_SWEEP_TEST,))
     ),
     # Train.
     "python jobs/train.py --config jobs/configs/demo.toml --set train.run_name": CoveredBy(

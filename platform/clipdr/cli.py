@@ -133,6 +133,22 @@ STAGES = (
         show=dataclasses.asdict,
     ),
     Stage(
+        "study",
+        "Pilot study: the student in two or more modes x seeds, means and gains with bootstrap intervals (MLflow).",
+        ("study", "train", "augment", "evaluate", "tracking"),
+        job="clipdr.study",
+        errors=("clipdr.train.plan:TrainError", "builtins:ValueError"),
+        show=lambda result: {"parent_run_id": result.parent_run_id, "gains": result.summary["gains"]},
+    ),
+    Stage(
+        "sweep",
+        "Hyper-parameter sweep with Ray Tune over any config keys: one nested MLflow training run per trial.",
+        ("sweep", "train", "augment", "evaluate", "tracking"),
+        job="clipdr.sweep",
+        errors=("clipdr.train.plan:TrainError", "builtins:ValueError"),
+        show=lambda result: {"parent_run_id": result.parent_run_id, "best": result.best},
+    ),
+    Stage(
         "datacompdr",
         "Convert Apple's DataCompDR (joined with images) into clipdr's reinforced Parquet, without recomputing.",
         ("datacompdr",),
@@ -172,7 +188,7 @@ STAGES = (
     Stage(
         "demo",
         "Run the whole lifecycle on the embedded default, offline: world, teachers, reinforce, students, compare.",
-        ("demo", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
+        ("demo", "study", "synth", "augment", "reinforce", "train", "evaluate", "tracking"),
         job="clipdr.demo",
         errors=("clipdr.train.plan:TrainError", "clipdr.reinforce.run:ReinforceError"),
     ),

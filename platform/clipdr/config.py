@@ -474,8 +474,9 @@ class DemoConfig:
 
     [synth] makes the world; each of [reinforce]'s teachers (its `model`) and its captioner are first trained
     here with plain CLIP (the captioner with its caption loss) on the clean teacher corpus; [reinforce] then
-    reinforces the noisy student corpus with them; the [train] student is trained once per mode in `modes`, on
-    the same data for the same samples seen, evaluated on [evaluate] every train.eval_every samples.
+    reinforces the noisy student corpus with them; the [train] student is trained once per mode in `modes` and
+    seed of [study] `seeds` (a study: `clipdr.study`), on the same data for the same samples seen, evaluated on
+    [evaluate] every train.eval_every samples.
     """
 
     output: str = _f("data/demo", "where runs (<output>/runs) and the report (<output>/report) go")
@@ -492,8 +493,59 @@ class DemoConfig:
     )
     metric: str = _f("zeroshot/mean_top1", "the headline metric of the comparison, and of the promotion gate")
     registered_model: str = _f(
-        "clipdr-demo-student", "registry name of the students (each version candidate, gated to champion); empty: none"
+        "clipdr-demo-student",
+        "registry name of the students of the first seed (each version candidate, gated to champion); empty: none",
     )
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """A pilot study (`clipdr study`): does reinforcement pay on this data, and by how much?
+
+    The [train] student is trained once per mode and seed on train.data for train.schedule.samples samples (the
+    same training path as `clipdr train`; fewer samples for a quicker pilot), each run a nested MLflow child of
+    one parent run that holds the report: per-mode means of the metrics with bootstrap intervals over evaluation
+    samples and seeds, the gain of each mode over the first, the samples-to-match ratio, learning curves with bands.
+    """
+
+    name: str = _f("study", "the parent MLflow run's name and its runs' prefix: <name>-<mode>[-seed<s>]")
+    output: str = _f("study", "where the report goes (<output>/<name>/), path")
+    modes: tuple[TrainMode, ...] = _f(("clip", "reinforced"), "modes compared; the first is the baseline")
+    seeds: tuple[int, ...] = _f((0, 1, 2), "train.seed of each mode's runs")
+    metric: str = _f(
+        "zeroshot/mean_top1",
+        "the headline metric (higher is better): a mean over evaluation samples (a task's top1/top5, a recall, "
+        "zeroshot/mean_top1, retrieval/mean_recall)",
+    )
+    parallel_jobs: int = _f(1, "training runs at once (threads of the study's process)")
+    bootstrap_resamples: int = _f(2000, "bootstrap resamples of the intervals")
+    bootstrap_seed: int = _f(0, "seed of the bootstrap draws")
+    confidence: float = _f(0.95, "confidence level of the intervals")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A hyper-parameter sweep (`clipdr sweep`): Ray Tune trials of the [train] run over any config keys.
+
+    Each trial trains the [train] config with its values through the same path as `clipdr train`, as a nested
+    MLflow child of one parent run that holds the summary table and a plot of the metric against each key.
+    """
+
+    name: str = _f("sweep", "the parent MLflow run's name and its trials' prefix: <name>-<digest of the values>")
+    output: str = _f("sweep", "where the summary and Ray Tune's state go (<output>/<name>/), path")
+    params: tuple[str, ...] = _f(
+        (), "swept keys, each key=[values] in TOML, e.g. train.optimizer.lr=[1e-3, 2e-3], train.loss.kd_weight=[0.5, 1]"
+    )
+    search: Literal["grid", "random"] = _f(
+        "grid", "grid: every combination of the values; random: num_samples different combinations drawn at random"
+    )
+    num_samples: int = _f(4, "trials of a random search (at most the number of combinations)")
+    metric: str = _f(
+        "zeroshot/mean_top1", "the metric each trial reports: its run's last value (evaluation needs train.evaluate)"
+    )
+    goal: Literal["max", "min"] = _f("max", "whether the best trial has the highest or the lowest metric")
+    parallel_trials: int = _f(1, "trials at once (each its own Ray Train job)")
+    seed: int = _f(0, "seed of a random search's draws")
 
 
 @dataclass(frozen=True)
@@ -501,6 +553,9 @@ class TrackingConfig:
     """Where runs are recorded (MLflow). MLFLOW_TRACKING_URI in the environment wins."""
 
     uri: str = _f("", "MLflow tracking URI; empty: sqlite file mlflow.db in the working directory")
+    parent_run_id: str = _f(
+        "", "MLflow run a new job run is nested under (tag mlflow.parentRunId; studies and sweeps set it); empty: none"
+    )
     outage_limit_s: float = _f(
         600.0,
         "how long training keeps its metrics while the tracking server does not answer, sending them once it does; "
@@ -518,6 +573,8 @@ class Config:
     datacompdr: DataCompDRConfig = _f(DataCompDRConfig(), "DataCompDR import")
     train: TrainConfig = _f(TrainConfig(), "training a student")
     demo: DemoConfig = _f(DemoConfig(), "the one-command demo")
+    study: StudyConfig = _f(StudyConfig(), "a pilot study: modes x seeds with bootstrap intervals")
+    sweep: SweepConfig = _f(SweepConfig(), "a hyper-parameter sweep with Ray Tune")
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "zero-shot classification and retrieval evaluation")
     export: ExportConfig = _f(ExportConfig(), "exporting a model (open_clip weights, fused model, ONNX)")
     lifecycle: LifecycleConfig = _f(LifecycleConfig(), "registry aliases and the promotion gate")

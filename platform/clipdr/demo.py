@@ -3,12 +3,16 @@
     synthesize the world
     -> train two teachers of different architectures and a CoCa captioner on the clean teacher corpus
     -> reinforce the noisy student corpus with them (stored views, teacher embeddings, synthetic captions)
-    -> train the same student per mode (clip, reinforced, ...) for the same samples seen, evaluating as it goes
-    -> compare: a table, the samples the reinforced student needs to match the plain one, a learning-curve plot
+    -> a study (`clipdr.study`): the same student per mode (clip, reinforced, ...) and seed (study.seeds) for the
+       same samples seen, evaluating as it goes; the seed means with bootstrap intervals, the gain with its interval
+       (the report says when it includes zero), the samples the reinforced student needs to match the plain one, and
+       learning curves with bands
 
 Every stage is a real job (`synthetic.generate`, `train.run.run` on Ray Train, `reinforce.run.run` on Ray Data)
 and caches its product: the world has ``world.json``, a finished training run its result (`clipdr.runstate`), the
-reinforced dataset its manifest; a second `run` skips what is done. Every run goes to one MLflow experiment.
+reinforced dataset its manifest; a second `run` skips what is done. Every run goes to one MLflow experiment, the
+teachers and the captioner nested under a parent run ``demo-pretraining``, the students under ``demo-report`` (the
+study's parent, which holds the report).
 
 The training jobs of a stage run ``demo.parallel_jobs`` at a time, from threads of this process: much of a Ray
 Train job's start-up on a small machine is one process waiting for another to start, which a second job fills.
@@ -20,42 +24,17 @@ the jobs share, MLflow's tracking URI, is pinned for the whole demo (`tracking.p
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-from clipdr import checkpoint, storage
+from clipdr import checkpoint, storage, study
 from clipdr.config import Config, replace
 from clipdr.train.plan import Mode
 
-CURVE_FILE = "learning_curves.png"
-REPORT_FILE = "report.md"
-RETRIEVAL_METRIC = "retrieval/mean_recall"  # mean of R@1/5/10 both ways over the retrieval sets
-
-
-@dataclass(frozen=True)
-class Curve:
-    """A metric against samples seen, from a run's MLflow history."""
-
-    samples: tuple[int, ...]
-    values: tuple[float, ...]
-
-    def samples_to_reach(self, target: float) -> float | None:
-        """Samples seen at which the curve first reaches ``target`` (linear between evaluations); None if never."""
-        previous = (0, None)
-        for x, y in zip(self.samples, self.values, strict=True):
-            if y >= target:
-                x0, y0 = previous
-                if y0 is None or y == y0:
-                    return float(x)
-                return x0 + (target - y0) * (x - x0) / (y - y0)
-            previous = (x, y)
-        return None
+STUDENT = "student"  # the student study's name: its runs are student-<mode>[-seed<s>]
+PRETRAINING = "demo-pretraining"  # the parent run of the teachers and the captioner
+REPORT_RUN = "demo-report"  # the parent run of the students: the study, with the report
 
 
 def _stage(cfg: Config, train_changes: dict[str, object]) -> Config:
@@ -111,22 +90,25 @@ def pretraining_jobs(cfg: Config) -> dict[str, Config]:
     return jobs
 
 
+def student_study(cfg: Config) -> Config:
+    """The student stage as a study (`clipdr.study`): the [train] student on the reinforced dataset, in each mode of
+    ``demo.modes`` for each seed of ``study.seeds``, the first seed's runs registered as ``demo.registered_model``."""
+    base = _stage(_train_base(cfg), {"data": cfg.reinforce.output, "register": cfg.demo.registered_model})
+    demo = cfg.demo
+    return replace(
+        base,
+        {
+            "study.name": STUDENT,
+            "study.modes": list(demo.modes),
+            "study.metric": demo.metric,
+            "study.parallel_jobs": demo.parallel_jobs,
+        },
+    )
+
+
 def student_jobs(cfg: Config) -> dict[str, Config]:
-    """The student's training jobs (name -> config), one per mode of ``demo.modes``, on the reinforced dataset."""
-    base = _train_base(cfg)
-    return {
-        f"student-{mode}": _stage(
-            base,
-            {
-                "data": cfg.reinforce.output,
-                "mode": mode,
-                "loss.kd_weight": cfg.train.loss.kd_weight if Mode(mode).distils else 0.0,
-                "run_name": f"student-{mode}",
-                "register": cfg.demo.registered_model,
-            },
-        )
-        for mode in cfg.demo.modes
-    }
+    """The student's training jobs (name -> config): ``student-<mode>`` for the first seed, ``-seed<s>`` after."""
+    return {job.name: job.cfg for job in study.jobs(student_study(cfg))}
 
 
 def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
@@ -138,29 +120,21 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict:
 
 
 def _run(cfg: Config, log: Callable[[str], None]) -> dict:
-    from clipdr import lifecycle
+    from clipdr import lifecycle, tracking
     from clipdr.cluster import ensure_ray
     from clipdr.data import synthetic
     from clipdr.reinforce.run import run as reinforce
-    from clipdr.train.run import run as train
 
     demo = cfg.demo
     if demo.parallel_jobs < 1:
         raise ValueError(f"demo.parallel_jobs must be >= 1, got {demo.parallel_jobs}")
+    students = student_study(cfg)
+    study.check(students.study)  # before an hour of work, not after
     started = time.monotonic()
-    step = iter(range(1, 6))
+    step = iter(range(1, 5))
 
     def stage(message: str) -> None:
-        log(f"demo {next(step)}/5 [{time.monotonic() - started:5.0f} s]: {message}")
-
-    def train_all(jobs: dict[str, Config]) -> dict[str, Any]:
-        """Trains ``jobs`` (name -> config), ``demo.parallel_jobs`` at a time; every log line names its job."""
-
-        def one(name: str) -> Any:
-            return train(jobs[name], log=lambda message: log(f"[{name}] {message}"))
-
-        with concurrent.futures.ThreadPoolExecutor(demo.parallel_jobs, thread_name_prefix="demo-job") as pool:
-            return dict(zip(jobs, pool.map(one, jobs), strict=True))
+        log(f"demo {next(step)}/4 [{time.monotonic() - started:5.0f} s]: {message}")
 
     stage(f"synthetic world -> {cfg.synth.output}")
     synthetic.generate(cfg.synth, progress=log)
@@ -172,8 +146,20 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
         f"teachers {names} (plain CLIP) and the captioner ({captioner.model}, CoCa: + caption loss) on the clean "
         f"teacher corpus, {demo.parallel_jobs} jobs at a time"
     )
-    pretrained = train_all(jobs)
-    results = {f"teacher {t.name} ({t.model})": pretrained[f"teacher-{t.name}"] for t in cfg.reinforce.teachers}
+    parent = study.parent_run(
+        cfg,
+        storage.join(demo.output, "runs"),
+        PRETRAINING,
+        {"clipdr.job": "demo"},
+        {"jobs": list(jobs)},
+        demo.experiment,
+    )
+    try:
+        pretrained = study.train_all(jobs, demo.parallel_jobs, log, parent.run_id)
+    except BaseException:
+        parent.finish_failed()
+        raise
+    parent.finish("FINISHED")
     reinforce_cfg = dataclasses.replace(
         cfg.reinforce,
         teachers=tuple(
@@ -186,151 +172,38 @@ def _run(cfg: Config, log: Callable[[str], None]) -> dict:
     stage(f"reinforce the noisy student corpus -> {reinforce_cfg.output}")
     reinforce(dataclasses.replace(cfg, reinforce=reinforce_cfg), log=log)
 
+    sc = students.study
     stage(
-        f"student {cfg.train.model!r}, modes {', '.join(demo.modes)}, {cfg.train.schedule.samples} samples each, "
-        f"{demo.parallel_jobs} jobs at a time"
+        f"student {cfg.train.model!r}: a study of modes {', '.join(sc.modes)} x seeds {list(sc.seeds)}, "
+        f"{cfg.train.schedule.samples} samples each, {demo.parallel_jobs} jobs at a time"
     )
-    students = train_all(student_jobs(cfg))
-    for mode in demo.modes:  # in mode order, so that the gate's decisions do not depend on which job ended first
-        result = students[f"student-{mode}"]
-        results[f"student {mode}"] = result
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    teachers = []
+    for t in cfg.reinforce.teachers:
+        result = pretrained[f"teacher-{t.name}"]
+        metrics = tracking.run_summary(result.mlflow_run_id, uri=uri).metrics
+        teachers.append({"run": f"teacher {t.name} ({t.model})", "run_id": result.mlflow_run_id, **metrics})
+    found = study.run_study(
+        students,
+        log,
+        reference_rows=teachers,
+        title="Demo",
+        directory=storage.join(demo.output, "report"),
+        parent_name=REPORT_RUN,
+    )
+    for mode in sc.modes:  # in mode order, so that the gate's decisions do not depend on which job ended first
+        result = found.results[f"{STUDENT}-{mode}"]
         if demo.registered_model and result.registered_version:
             # Each new student version is the candidate; the gate makes it champion only if it beats the champion.
             decision = lifecycle.promote(
                 demo.registered_model, result.registered_version, demo.metric, uri=cfg.tracking.uri
             )
             log(f"lifecycle: {decision.reason}")
-
-    stage("compare")
-    report = compare(cfg, results, log)
-    log(f"demo finished in {time.monotonic() - started:.0f} s")
-    return report
-
-
-def compare(cfg: Config, results: dict, log: Callable[[str], None] = print) -> dict:
-    """The comparison table, sample-efficiency ratio and learning-curve plot, logged to a ``demo-report`` run."""
-    from clipdr import tracking
-
-    demo = cfg.demo
-    uri = tracking.tracking_uri(cfg.tracking.uri)
-    metric = demo.metric
-    rows = []
-    curves: dict[str, Curve] = {}
-    retrieval_curves: dict[str, Curve] = {}
-    for label, result in results.items():
-        metrics = tracking.run_summary(result.mlflow_run_id, uri=uri).metrics
-        rows.append(
-            {
-                "run": label,
-                "run_id": result.mlflow_run_id,
-                "samples_seen": result.samples_seen,
-                **{k: v for k, v in sorted(metrics.items()) if k.startswith(("zeroshot/", "retrieval/"))},
-            }
-        )
-        if label.startswith("student"):
-            mode = label.removeprefix("student ")
-            for key in (metric, RETRIEVAL_METRIC):
-                history = tracking.metric_history(result.mlflow_run_id, key, uri=uri)
-                curve = Curve(tuple(s for s, _ in history), tuple(v for _, v in history))
-                (curves if key == metric else retrieval_curves)[mode] = curve
-
-    summary: dict = {"metric": metric, "rows": rows}
-    if Mode.CLIP in curves and Mode.REINFORCED in curves and curves[Mode.CLIP].values:
-        clip_final = curves[Mode.CLIP].values[-1]
-        reinforced_final = curves[Mode.REINFORCED].values[-1]
-        reached = curves[Mode.REINFORCED].samples_to_reach(clip_final)
-        summary |= {
-            "clip_final": clip_final,
-            "reinforced_final": reinforced_final,
-            "gain": reinforced_final - clip_final,
-            "reinforced_samples_to_clip_final": reached,
-            "sample_ratio": (curves["clip"].samples[-1] / reached) if reached else None,
-        }
-
-    out_dir = Path(storage.join(demo.output, "report"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _plot({metric: curves, RETRIEVAL_METRIC: retrieval_curves}, rows, out_dir / CURVE_FILE)
-    text = _markdown(summary, curves)
-    (out_dir / REPORT_FILE).write_text(text)
-    (out_dir / "report.json").write_text(json.dumps(summary, indent=2, default=str))
-
-    with tracking.Tracker.start(demo.experiment, "demo-report", uri=cfg.tracking.uri, tags={"clipdr.job": "demo"}) as t:
-        if "gain" in summary:
-            t.log_metrics({k: summary[k] for k in ("clip_final", "reinforced_final", "gain") if summary[k] is not None})
-        for name in (CURVE_FILE, REPORT_FILE, "report.json"):
-            t.log_artifact(out_dir / name)
-        summary["report_run_id"] = t.run_id
-    log(text)
     experiment_id = tracking.experiment_id(demo.experiment, uri=uri)
     log(
-        f"report: {out_dir / REPORT_FILE}, plot: {out_dir / CURVE_FILE}\n"
-        f"open the runs in the MLflow UI (then http://127.0.0.1:5000/#/experiments/{experiment_id}):\n"
+        f"demo finished in {time.monotonic() - started:.0f} s\n"
+        f"open the runs in the MLflow UI (then http://127.0.0.1:5000/#/experiments/{experiment_id}; the student runs "
+        f"are nested under {REPORT_RUN!r}: expand it, select them, Compare):\n"
         f"  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000"
     )
-    return summary
-
-
-def _markdown(summary: dict, curves: dict[str, Curve]) -> str:
-    metric = summary["metric"]
-    rows = summary["rows"]
-    found = sorted({k for row in rows for k in row})
-    keys = [k for k in found if k.startswith("zeroshot/") and k.endswith("top1")]
-    keys += [k for k in found if k.startswith("retrieval/") and k.endswith("_R1")]
-    lines = [f"# Demo: {metric} at equal samples seen", ""]
-    if "gain" in summary:
-        reached = summary["reinforced_samples_to_clip_final"]
-        lines += [
-            f"- plain CLIP student, final: {summary['clip_final']:.3f}",
-            f"- reinforced student, final: {summary['reinforced_final']:.3f} "
-            f"({summary['gain']:+.3f}, {summary['gain'] / max(summary['clip_final'], 1e-9):+.0%})",
-            (
-                f"- the reinforced student reached the plain student's final {metric} after {reached:,.0f} samples: "
-                f"{summary['sample_ratio']:.1f}x fewer"
-                if reached
-                else f"- the reinforced student never reached the plain student's final {metric}"
-            ),
-            "",
-        ]
-    short = [k.removeprefix("zeroshot/").removesuffix("/top1").removeprefix("retrieval/") for k in keys]
-    lines += ["| run | samples | " + " | ".join(short) + " |", "|---|---|" + "---|" * len(keys)]
-    for row in rows:
-        values = " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in keys)
-        lines.append(f"| {row['run']} | {row['samples_seen']:,} | {values} |")
-    lines += ["", f"Learning curves ({metric} vs samples seen): " + CURVE_FILE]
-    for mode, curve in curves.items():
-        points = ", ".join(f"{s:,}: {v:.3f}" for s, v in zip(curve.samples, curve.values, strict=True))
-        lines.append(f"- {mode}: {points}")
-    return "\n".join(lines) + "\n"
-
-
-def _plot(panels: dict[str, dict[str, Curve]], rows: list[dict], path: Path) -> None:
-    """One panel per metric: each student mode's curve against samples seen, the teachers' final values dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
-    for ax, (metric, curves) in zip(axes[0], panels.items(), strict=True):
-        for mode, curve in curves.items():
-            ax.plot(curve.samples, curve.values, marker="o", label=f"student, {mode}")
-        for row in rows:
-            if row["run"].startswith("teacher") and metric in row:
-                ax.axhline(row[metric], linestyle="--", linewidth=1, color="grey")
-                ax.annotate(
-                    row["run"],
-                    (0.99, row[metric]),
-                    xycoords=("axes fraction", "data"),
-                    ha="right",
-                    va="bottom",
-                    fontsize=7,
-                    color="grey",
-                )
-        ax.set_xlabel("samples seen")
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best")
-    fig.suptitle("clipdr demo: reinforced vs plain CLIP student at equal samples seen")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return {**found.summary, "report_run_id": found.parent_run_id, "teachers": teachers}

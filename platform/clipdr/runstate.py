@@ -10,6 +10,7 @@ reinforcement's marker is its manifest (`clipdr.records`).
 |---|---|---|
 | reinforce | ``<output>/_reinforce_run.json`` (hidden from listings) | ``<output>/manifest.json`` |
 | train | ``<output>/<run_name>/clipdr_run.json`` | ``<output>/<run_name>/clipdr_result.json`` |
+| study, sweep | ``<report folder>/clipdr_parent_run.json`` (the parent MLflow run of its runs) | its runs' |
 
 Fingerprints are ``sha256:<64 hex>`` of a value's canonical JSON (or of a text as is), by `fingerprint`. Earlier
 versions spelled them two other ways, which `matches` still accepts so that existing datasets and runs resume: the
@@ -30,6 +31,7 @@ from clipdr.config import flatten
 REINFORCE_STATE = "_reinforce_run.json"
 TRAIN_STATE = "clipdr_run.json"
 TRAIN_RESULT = "clipdr_result.json"
+PARENT_STATE = "clipdr_parent_run.json"  # a study's or sweep's parent MLflow run, beside its report
 
 _PREFIX = "sha256:"
 _LEGACY_SHORT = len(_PREFIX) + 16  # training's data fingerprint before `fingerprint`

@@ -34,6 +34,7 @@ EXPERIMENT_KIND_TAG = ("mlflow.experimentKind", "custom_model_development")
 _PARAM_VALUE_LIMIT = 6000  # mlflow's limit on a parameter value's length
 _BATCH = 100  # mlflow's limit on params per log_batch call
 _METRICS_PER_BATCH = 1000  # mlflow's limit on metrics per log_batch call
+PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow nests a run under the run this tag names (the UI's run groups)
 _LOGGED_DATA = "clipdr"  # a logged model's files (`ClipEmbedder.save`) go to data/clipdr/ of the MLflow model
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,10 @@ class Tracker:
         run_id: str | None = None,
         uri: str = "",
         tags: Mapping[str, str] | None = None,
+        parent_run_id: str = "",
     ) -> Tracker:
-        """Starts a new run, or reopens ``run_id`` (a resumed job continues its own run)."""
+        """Starts a new run (nested under ``parent_run_id`` when given), or reopens ``run_id`` (a resumed job
+        continues its own run)."""
         resolved = tracking_uri(uri)
         client = MlflowClient(tracking_uri=resolved)
         if run_id:
@@ -78,7 +81,8 @@ class Tracker:
             client.update_run(run_id, status="RUNNING")
             return cls(client, run_id, run.info.experiment_id)
         experiment_id = _experiment_id(client, experiment, resolved)
-        run = client.create_run(experiment_id, run_name=run_name, tags=dict(tags or {}))
+        nested = {PARENT_RUN_TAG: parent_run_id} if parent_run_id else {}
+        run = client.create_run(experiment_id, run_name=run_name, tags={**dict(tags or {}), **nested})
         return cls(client, run.info.run_id, experiment_id)
 
     def __enter__(self) -> Tracker:
@@ -89,6 +93,10 @@ class Tracker:
             self.finish("FINISHED")
         else:
             self.finish_failed()
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         items = [Param(k, _param_value(v)) for k, v in params.items()]

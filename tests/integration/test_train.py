@@ -19,12 +19,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from clipdr import checkpoint, models, runstate, tracking
+from clipdr import checkpoint, cli, models, runstate, sweep, tracking
 from clipdr.config import (
     CaptionerConfig,
     Config,
     ReinforceConfig,
     ReinforceResources,
+    SweepConfig,
     SynthConfig,
     TeacherConfig,
     TrainCheckpoint,
@@ -378,6 +379,38 @@ def test_train_ingest_keeps_the_stream_order(ray_local, tmp_path):
     shard = pipeline.data_config().configure({"train": stream}, 1, worker_handles=None, worker_node_ids=None)[0]
     seen = [batch[data.TEXT] for batch in shard["train"].iter_batches(batch_size=8, batch_format="numpy")]
     np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(reference))
+
+
+def test_a_sweep_trains_one_nested_run_per_trial_and_summarises(world, tmp_path, capsys):
+    """`clipdr sweep` at toy size: a grid of two learning rates, each trial a Ray Tune trial training a nested run."""
+    cfg = train_config(world, "", schedule=TrainSchedule(samples=4 * BATCH, batch_size=BATCH, warmup_samples=BATCH))
+    sweep_cfg = SweepConfig(
+        name="lr",
+        output=str(tmp_path),
+        params=("train.optimizer.lr=[1e-3, 5e-3]",),
+        metric="train/loss",
+        goal="min",
+        parallel_trials=2,  # side by side, as the demo trains its jobs
+    )
+    settings = {**flatten(cfg.train, "train."), **flatten(cfg.tracking, "tracking."), **flatten(sweep_cfg, "sweep.")}
+    sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    assert cli.main(["sweep", *sets]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.rindex("\n{") + 1 :])  # what the stage prints last: the parent run and the best trial
+
+    client = MlflowClient(cfg.tracking.uri)
+    parent = client.get_run(shown["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(float(r.data.params["train.optimizer.lr"]) for r in children) == [1e-3, 5e-3]
+    assert all(r.info.status == "FINISHED" for r in [*children, parent])
+    losses = {r.info.run_id: r.data.metrics["train/loss"] for r in children}
+    assert shown["best"]["run_id"] == min(losses, key=losses.get)  # goal min: the lowest final loss
+    assert parent.data.metrics["best/train/loss"] == min(losses.values())
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {sweep.CURVE_FILE, sweep.REPORT_FILE, sweep.SUMMARY_FILE} <= artifacts
+    assert (tmp_path / "lr" / sweep.REPORT_FILE).read_text().count("| lr-") == 2
+    with pytest.raises(ValueError, match=r"sweep\.params train\.optimizer\.nope"):
+        sweep.space(SweepConfig(params=("train.optimizer.nope=[1]",)), cfg)
 
 
 def test_a_caption_set_added_on_ray_feeds_the_training_input(world, tmp_path):

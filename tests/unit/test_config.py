@@ -71,6 +71,10 @@ def test_file_then_overrides(tmp_path):
         (["evaluate.device=gpu"], r"evaluate.device: expected one of 'auto', 'cuda', 'cpu'"),
         (["export.onnx_exporter=tflite"], r"export.onnx_exporter: expected one of 'dynamo', 'torchscript'"),
         (['demo.modes=["clip", "online"]'], r"demo.modes\[1\]: expected one of 'reinforced'"),
+        (['study.modes=["clip", "plain"]'], r"study.modes\[1\]: expected one of 'reinforced'"),
+        (["study.seeds=3"], r"study.seeds: expected a list"),
+        (["sweep.search=bayes"], r"sweep.search: expected one of 'grid', 'random'"),
+        (["sweep.params=train.optimizer.lr=[1]"], r"sweep.params: expected a list"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):

@@ -472,3 +472,30 @@ def test_load_errors_say_what_is_accepted(tmp_path):
     _checkpoint(tmp_path / "ckpt", "clipdr-tiny-vit", step=1)
     with pytest.raises(ValueError, match="pretrained='x' only applies to a model name"):
         loading.load(str(tmp_path / "ckpt"), pretrained="x")
+
+
+def test_per_sample_scores_are_what_each_metric_is_the_mean_of(hand_set):
+    model, cfg = hand_set
+    plain = engine.evaluate(model, TOKENIZER_MODEL, cfg, "cpu")
+    report = engine.evaluate(model, TOKENIZER_MODEL, cfg, "cpu", per_sample=True)
+    assert report.metrics == plain.metrics and not plain.per_sample  # asking for them changes no value
+    scores = report.per_sample
+    # By hand (the tables above): the fourth zero-shot image is the one miss; image 0 finds its caption first;
+    # crimson, the first caption, is the only one to rank its image first; scarlet belongs to image 0 too.
+    assert scores["zeroshot/colours/top1"].values.tolist() == [1, 1, 1, 0, 1, 1]
+    assert scores["retrieval/pairs/image_to_text_R1"].values.tolist() == [1, 0, 0]
+    assert scores["retrieval/pairs/text_to_image_R1"].values.tolist() == [1, 0, 0, 0]
+    assert scores["retrieval/pairs/text_to_image_R1"].units.tolist() == [0, 0, 1, 2]
+    assert {s.group for s in scores.values()} == {"zeroshot/colours", "retrieval/pairs"}
+    for name, sample in scores.items():
+        assert sample.mean == pytest.approx(report.metrics[name], abs=1e-6), name
+    for metric in ("zeroshot/mean_top1", "retrieval/mean_recall", "retrieval/pairs/mean_recall"):
+        weights = engine.sample_mean_weights(metric, scores)
+        assert sum(w * scores[n].mean for n, w in weights.items()) == pytest.approx(report.metrics[metric], abs=1e-6)
+    with pytest.raises(ValueError, match="not a mean over evaluation samples"):
+        engine.sample_mean_weights("zeroshot/colours/mean_per_class_recall", scores)
+    subset = engine.evaluate(model, TOKENIZER_MODEL, EvaluateConfig(**{**vars(cfg), "max_samples": 2}), "cpu", True)
+    assert set(subset.per_sample) <= set(subset.metrics)  # named as the metrics: partial/...
+    assert engine.sample_mean_weights("partial/zeroshot/mean_top1", subset.per_sample) == {
+        "partial/zeroshot/colours/top1": 1.0
+    }

@@ -26,6 +26,7 @@ LAYERS: dict[str, int] = {
     "runstate": 0,  # a resumable job's state beside its output: both Ray jobs keep theirs through it
     "progress": 0,  # the jobs' progress lines
     "accelerators": 0,  # device peaks: both dry runs and the GPU check divide by them
+    "stats": 0,  # the bootstrap of a study: pure numpy; evaluation builds its per-sample scores
     "models": 1,
     "losses": 1,
     "tokenizer_assets": 1,  # a model's tokenizer as files for apps: the export writes them
@@ -45,13 +46,15 @@ LAYERS: dict[str, int] = {
     "cli": 3,
     "jobs": 3,
     "demo": 3,  # runs every stage, as cli does
+    "study": 3,  # trains a student per mode and seed (as cli does) and reports with clipdr.stats
+    "sweep": 3,  # Ray Tune trials, each a training run
     "benchmarks": 3,  # runs the reinforcement and training jobs at toy sizes
 }
 NEVER_TOGETHER = (("reinforce", "train"),)  # their only contract is records (+ augment)
 ONLY_IMPORTER = {"mlflow": {"tracking"}}
 # Only the Ray jobs (serving: a Ray Serve deployment), and what launches them, import ray: cluster (joins or starts
 # the cluster for both jobs) and the entrypoints of layer 3.
-RAY_IMPORTERS = {"reinforce", "train", "cluster", "serving", "cli", "jobs", "demo", "benchmarks"}
+RAY_IMPORTERS = {"reinforce", "train", "cluster", "serving", "cli", "jobs", "demo", "benchmarks", "sweep"}
 
 
 def module_name(path: Path) -> str:

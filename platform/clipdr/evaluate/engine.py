@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from clipdr import models
+from clipdr import models, stats
 from clipdr.config import EvaluateConfig
 from clipdr.data import sources
 from clipdr.evaluate import datasets, metrics, suite
@@ -242,10 +242,16 @@ def _load(
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Metrics of one evaluation, and what each dataset contributed (for the logged JSON and the console)."""
+    """Metrics of one evaluation, and what each dataset contributed (for the logged JSON and the console).
+
+    ``per_sample`` (with ``evaluate(..., per_sample=True)``): for each metric that is a mean over samples (a task's
+    ``top1``/``top5``, a retrieval set's six recalls), named as in ``metrics``, the samples' scores whose mean it is,
+    each with the dataset image it belongs to: what a bootstrap over evaluation samples resamples (`clipdr.stats`).
+    """
 
     metrics: dict[str, float]
     datasets: list[dict[str, Any]]
+    per_sample: dict[str, stats.SampleScores] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"metrics": self.metrics, "datasets": self.datasets}
@@ -319,12 +325,19 @@ def _check_config(cfg: EvaluateConfig) -> None:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str | torch.device = "cpu") -> EvalReport:
+def evaluate(
+    model: nn.Module,
+    model_name: str,
+    cfg: EvaluateConfig,
+    device: str | torch.device = "cpu",
+    per_sample: bool = False,
+) -> EvalReport:
     """Zero-shot classification and retrieval of ``model`` on the datasets of ``cfg``; see `evaluate_model`.
 
     Returns:
         The metrics and, per dataset, its kind, folder, sample count, skipped samples and its metrics under
-        clip_benchmark's names (`metrics.clip_benchmark_names`).
+        clip_benchmark's names (`metrics.clip_benchmark_names`); with ``per_sample``, the per-sample scores of
+        the metrics that are means over samples (`EvalReport`).
     """
     _check_config(cfg)
     device = resolve_device(device)
@@ -347,21 +360,29 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
         image_emb_ND = _encode(clip.encode_image, image_batches, device)
 
         results: dict[str, float] = {}
+        scores: dict[str, stats.SampleScores] = {}
         described = []
         for dataset in loaded:
             index_N = torch.tensor([position[r] for r in dataset.rows], device=device)
             dataset_emb_ND = image_emb_ND[index_N]
             if dataset.kind == ZEROSHOT:
                 assert dataset.task is not None
-                part = _zeroshot(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
+                part, hits, units = _zeroshot(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
                 num_classes = len(dataset.task.classnames)
                 extra = {"num_classes": num_classes, "num_templates": len(dataset.task.templates)}
                 extra["clip_benchmark"] = metrics.clip_benchmark_names(part, num_classes)
             else:
-                part = _retrieval(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
+                part, hits, units = _retrieval(clip, model_name, dataset, dataset_emb_ND, cfg.batch_size, device)
                 extra = {"num_captions": sum(len(c) for c in dataset.captions)}
                 extra["clip_benchmark"] = metrics.clip_benchmark_names(part)
             results.update({metrics.metric_name(dataset.kind, dataset.name, k): v for k, v in part.items()})
+            if per_sample:
+                group = metrics.metric_name(dataset.kind, dataset.name)
+                for k, hit in hits.items():
+                    unit = units[k].cpu().numpy()
+                    scores[metrics.metric_name(dataset.kind, dataset.name, k)] = stats.SampleScores(
+                        group, hit.cpu().numpy().astype(np.float64), unit, dataset.num_samples
+                    )
             described.append(
                 {"kind": dataset.kind, "name": dataset.name, "uri": dataset.uri, "num_samples": dataset.num_samples}
                 | extra
@@ -381,7 +402,18 @@ def evaluate(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: str
         by_dataset = {(d["kind"], d["name"]): d["clip_benchmark"] for d in described}
         if all((task.kind, task.name) in by_dataset for task in task_suite.tasks):  # not when tasks leaves some out
             results[metrics.metric_name(SUITE, task_suite.name, "mean")] = task_suite.aggregate(by_dataset)
-    return EvalReport(_mark_partial(results, cfg, len(selected) < num_found), described)
+    subset = len(selected) < num_found
+    return EvalReport(
+        _mark_partial(results, cfg, subset), described, {_partial_name(k, cfg, subset): v for k, v in scores.items()}
+    )
+
+
+def _partial_name(name: str, cfg: EvaluateConfig, subset: bool) -> str:
+    """``name``, or ``partial/<name>`` when a full evaluation would not give its value (`_mark_partial`)."""
+    means = {metrics.metric_name(ZEROSHOT, "mean_top1"), metrics.metric_name(RETRIEVAL, "mean_recall")}
+    if cfg.max_samples > 0 or (subset and name in means):
+        return metrics.metric_name(PARTIAL, *name.split("/"))
+    return name
 
 
 def _mark_partial(results: dict[str, float], cfg: EvaluateConfig, subset: bool) -> dict[str, float]:
@@ -392,12 +424,7 @@ def _mark_partial(results: dict[str, float], cfg: EvaluateConfig, subset: bool) 
     evaluation's value, and the promotion gate, which reads the latest value of a plain name, cannot be moved by a
     quick partial evaluation logged after the full one.
     """
-    means = {metrics.metric_name(ZEROSHOT, "mean_top1"), metrics.metric_name(RETRIEVAL, "mean_recall")}
-    if cfg.max_samples > 0:
-        return {metrics.metric_name(PARTIAL, *k.split("/")): v for k, v in results.items()}
-    if subset:
-        return {metrics.metric_name(PARTIAL, *k.split("/")) if k in means else k: v for k, v in results.items()}
-    return results
+    return {_partial_name(k, cfg, subset): v for k, v in results.items()}
 
 
 def _encode_tokens(clip: nn.Module, tokens_ML: Tensor, batch_size: int, device: torch.device) -> Tensor:
@@ -412,7 +439,8 @@ def _zeroshot(
     image_emb_ND: Tensor,
     batch_size: int,
     device: torch.device,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Tensor], dict[str, Tensor]]:
+    """The task's metrics, its per-image hits and, per hit, the image it belongs to."""
     task = dataset.task
     assert task is not None
     tokens_ML = _tokens(dataset, model_name)
@@ -420,7 +448,10 @@ def _zeroshot(
     num_classes, num_templates = len(task.classnames), len(task.templates)
     classifier_CD = metrics.classifier_weights(text_emb_MD.view(num_classes, num_templates, -1))
     logits_NC = torch.nn.functional.normalize(image_emb_ND, dim=-1) @ classifier_CD.T
-    return metrics.zeroshot_metrics(logits_NC, torch.tensor(dataset.labels, device=device))
+    labels_N = torch.tensor(dataset.labels, device=device)
+    hits = metrics.zeroshot_hits(logits_NC, labels_N)
+    image_N = torch.arange(len(labels_N))
+    return metrics.zeroshot_metrics(logits_NC, labels_N), hits, dict.fromkeys(hits, image_N)
 
 
 def _retrieval(
@@ -430,11 +461,15 @@ def _retrieval(
     image_emb_ND: Tensor,
     batch_size: int,
     device: torch.device,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, Tensor], dict[str, Tensor]]:
+    """The set's recalls, per image and per caption whether it was found at k, and the image each belongs to."""
     text_image_M = torch.tensor([i for i, captions in enumerate(dataset.captions) for _ in captions], device=device)
     tokens_ML = _tokens(dataset, model_name)
     text_emb_MD = _encode_tokens(clip, tokens_ML, batch_size, device)
-    return metrics.retrieval_metrics(image_emb_ND, text_emb_MD, text_image_M)
+    hits = metrics.retrieval_hits(image_emb_ND, text_emb_MD, text_image_M)
+    image_N = torch.arange(image_emb_ND.shape[0])
+    units = {k: image_N if k.startswith("image_to_text") else text_image_M for k in hits}
+    return metrics.recalls(hits), hits, units
 
 
 def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, device: Any) -> dict[str, float]:
@@ -461,3 +496,48 @@ def evaluate_model(model: nn.Module, model_name: str, cfg: EvaluateConfig, devic
         could not compute in full ``partial/<name>`` (`_mark_partial`).
     """
     return evaluate(model, model_name, cfg, device).metrics
+
+
+def sample_mean_weights(metric: str, names: Iterable[str]) -> dict[str, float]:
+    """``metric`` as a weighted sum of metrics that are means over samples (``{name: weight}``), so that a bootstrap
+    over evaluation samples can recompute it from `EvalReport.per_sample` (whose keys ``names`` are).
+
+    A per-sample metric is itself (weight 1); ``zeroshot/mean_top1`` is the mean of the tasks' ``top1``; a
+    retrieval set's ``mean_recall`` the mean of its six recalls, ``retrieval/mean_recall`` the mean of those
+    over the sets; the same with a ``partial/`` prefix. ``mean_per_class_recall`` and suite means are not means
+    over samples.
+
+    Raises:
+        ValueError: ``metric`` is none of these for the evaluated datasets.
+    """
+    partial = metrics.metric_name(PARTIAL) + "/"
+    plain = {name.removeprefix(partial): name for name in names}  # names as a full evaluation spells them
+
+    def leaves(prefix: str, suffixes: tuple[str, ...]) -> list[str]:
+        return sorted(n for n in plain if n.startswith(prefix + "/") and n.endswith(suffixes))
+
+    base = metric.removeprefix(partial)
+    recalls = tuple(f"_R{k}" for k in metrics.RECALL_KS)
+    if base in plain:
+        found = {base: 1.0}
+    elif base == metrics.metric_name(ZEROSHOT, "mean_top1"):
+        tasks = leaves(ZEROSHOT, ("/top1",))
+        found = {name: 1.0 / len(tasks) for name in tasks}
+    elif base == metrics.metric_name(RETRIEVAL, "mean_recall"):
+        sets = sorted({n.rsplit("/", 1)[0] for n in leaves(RETRIEVAL, recalls)})
+        found = {}
+        for prefix in sets:
+            parts = leaves(prefix, recalls)
+            found |= {name: 1.0 / (len(sets) * len(parts)) for name in parts}
+    elif base.startswith(RETRIEVAL + "/") and base.endswith("/mean_recall"):
+        parts = leaves(base.removesuffix("/mean_recall"), recalls)
+        found = {name: 1.0 / len(parts) for name in parts}
+    else:
+        found = {}
+    if not found:
+        known = ", ".join(sorted(names)[:12])
+        raise ValueError(
+            f"metric {metric!r} is not a mean over evaluation samples of this evaluation (per-sample metrics: "
+            f"{known}, ...; or zeroshot/mean_top1, retrieval/mean_recall, retrieval/<set>/mean_recall)"
+        )
+    return {plain[name]: weight for name, weight in found.items()}

@@ -64,16 +64,10 @@ def classifier_weights(text_emb_CTD: Tensor) -> Tensor:
     return F.normalize(emb_CTD.mean(dim=1), dim=-1)
 
 
-def zeroshot_metrics(logits_NC: Tensor, labels_N: Tensor) -> dict[str, float]:
-    """Top-1, top-5 accuracy and mean per-class recall of classification scores.
+def zeroshot_hits(logits_NC: Tensor, labels_N: Tensor) -> dict[str, Tensor]:
+    """Per image, whether its class is the top-1 and among the top-5 scores: ``top1``, ``top5`` (float 0/1, ``(N,)``).
 
-    Args:
-        logits_NC: Scores of every image for every class (any monotone scale: cosine similarities will do).
-        labels_N: True class indices.
-
-    Returns:
-        ``top1``, ``top5`` (top-C when there are fewer than 5 classes) and ``mean_per_class_recall``: the top-1
-        recall of each class that has images, averaged over those classes (balanced accuracy).
+    `zeroshot_metrics`' accuracies are their means; a bootstrap over images resamples them (`clipdr.stats`).
     """
     num_images, num_classes = logits_NC.shape
     if labels_N.shape != (num_images,):
@@ -85,13 +79,30 @@ def zeroshot_metrics(logits_NC: Tensor, labels_N: Tensor) -> dict[str, float]:
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{int(labels_N.min())}, {int(labels_N.max())}]")
     top_NK = logits_NC.topk(min(5, num_classes), dim=1).indices
     hit_NK = top_NK == labels_N[:, None]
-    correct1_N = hit_NK[:, 0].float()
+    return {"top1": hit_NK[:, 0].float(), "top5": hit_NK.any(dim=1).float()}
+
+
+def zeroshot_metrics(logits_NC: Tensor, labels_N: Tensor) -> dict[str, float]:
+    """Top-1, top-5 accuracy and mean per-class recall of classification scores.
+
+    Args:
+        logits_NC: Scores of every image for every class (any monotone scale: cosine similarities will do).
+        labels_N: True class indices.
+
+    Returns:
+        ``top1``, ``top5`` (top-C when there are fewer than 5 classes) and ``mean_per_class_recall``: the top-1
+        recall of each class that has images, averaged over those classes (balanced accuracy).
+    """
+    hits = zeroshot_hits(logits_NC, labels_N)
+    num_classes = logits_NC.shape[1]
+    labels_N = labels_N.to(logits_NC.device).long()
+    correct1_N = hits["top1"]
     per_class_hits_C = torch.zeros(num_classes, device=logits_NC.device).index_add_(0, labels_N, correct1_N)
     per_class_count_C = torch.bincount(labels_N, minlength=num_classes).float()
     present_C = per_class_count_C > 0
     return {
         "top1": correct1_N.mean().item(),
-        "top5": hit_NK.any(dim=1).float().mean().item(),
+        "top5": hits["top5"].mean().item(),
         "mean_per_class_recall": (per_class_hits_C[present_C] / per_class_count_C[present_C]).mean().item(),
     }
 
@@ -120,6 +131,25 @@ def retrieval_metrics(
     Returns:
         ``image_to_text_R{k}`` and ``text_to_image_R{k}`` for every k, and ``mean_recall``: their mean.
     """
+    return recalls(retrieval_hits(image_emb_ND, text_emb_MD, text_image_M, ks, chunk))
+
+
+def recalls(hits: dict[str, Tensor]) -> dict[str, float]:
+    """`retrieval_metrics` from `retrieval_hits`: each recall the mean of its hits, ``mean_recall`` their mean."""
+    metrics = {name: hit.mean().item() for name, hit in hits.items()}
+    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
+    return metrics
+
+
+def retrieval_hits(
+    image_emb_ND: Tensor,
+    text_emb_MD: Tensor,
+    text_image_M: Tensor,
+    ks: tuple[int, ...] = RECALL_KS,
+    chunk: int = 1024,
+) -> dict[str, Tensor]:
+    """Per image (``image_to_text_R{k}``, ``(N,)``) and per caption (``text_to_image_R{k}``, ``(M,)``), whether it
+    was found at k (float 0/1); `retrieval_metrics`' recalls are their means. Arguments as `retrieval_metrics`."""
     num_images, num_texts = image_emb_ND.shape[0], text_emb_MD.shape[0]
     if num_images == 0 or num_texts == 0:
         raise ValueError(f"retrieval metrics need images and texts, got {num_images} images and {num_texts} texts")
@@ -148,13 +178,9 @@ def retrieval_metrics(
         hit_mK = top_mK == text_image_M[start : start + sim_mN.shape[0], None]
         first_hit_M[start : start + sim_mN.shape[0]] = _first_true(hit_mK)
 
-    metrics = {}
-    for k in ks:
-        metrics[f"image_to_text_R{k}"] = (first_hit_N < k).float().mean().item()
-    for k in ks:
-        metrics[f"text_to_image_R{k}"] = (first_hit_M < k).float().mean().item()
-    metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
-    return metrics
+    hits = {f"image_to_text_R{k}": (first_hit_N < k).float() for k in ks}
+    hits |= {f"text_to_image_R{k}": (first_hit_M < k).float() for k in ks}
+    return hits
 
 
 def _first_true(hit_nK: Tensor) -> Tensor:

@@ -312,7 +312,9 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     if made_by is not None:  # the reinforcement run that made the data: the student's lineage in MLflow
         tracker_tags[REINFORCE_RUN_TAG] = made_by.mlflow_run_id
     if previous is None:
-        tracker = tracking.Tracker.start(tc.experiment, run_name, uri=cfg.tracking.uri, tags=tracker_tags)
+        tracker = tracking.Tracker.start(
+            tc.experiment, run_name, uri=cfg.tracking.uri, tags=tracker_tags, parent_run_id=cfg.tracking.parent_run_id
+        )
         _log_lineage(tracker, uri, data_fingerprint, manifest, len(files), rows_per_epoch)
         tracker.log_params(flatten(to_dict(tc), "train."))
         tracker.log_params({"data.fingerprint": data_fingerprint, "data.rows_per_epoch": rows_per_epoch})
