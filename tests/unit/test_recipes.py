@@ -16,7 +16,13 @@ PAPER_12M = [r for r in RECIPES if not r.startswith("finetune")]
 
 def test_every_recipe_in_jobs_configs_is_listed():
     shipped = {p.name for p in CONFIGS.glob("*.toml")}
-    reinforcement_and_demo = {"datacompdr12m.toml", "mobileclip2_reinforce.toml", "demo.toml", "gpu_check.toml"}
+    reinforcement_and_demo = {
+        "datacompdr12m.toml",
+        "mobileclip2_reinforce.toml",
+        "demo.toml",
+        "demo_world2.toml",
+        "gpu_check.toml",
+    }
     assert shipped - reinforcement_and_demo == set(RECIPES)
 
 
