@@ -42,7 +42,10 @@ def test_smoke_mode_reinforces_through_the_real_job_and_reports(tmp_path, ray_lo
     assert stages["render_cpu_s_per_sample"] > 0 and stages["render_pool_processes"] >= 1
     train = json.loads((tmp_path / "work" / gpu_direct.TRAIN).read_text())
     assert train["samples_per_s"] > 0 and train["loader_samples_per_s_per_core"] > 0
-    assert list(train["variants"]) == ["recipe (grad checkpointing)"]  # smoke: the recipe's step only
+    # Smoke: the recipe's step and the same step in mode clip; host syncs are counted on CUDA only.
+    assert list(train["variants"]) == ["recipe (grad checkpointing)", "mode clip (no distillation)"]
+    assert all(v["host_syncs_per_step"] is None and v["samples_per_s"] > 0 for v in train["variants"].values())
+    assert "| host syncs a step |" in report
     assert "## Reinforcement stages on the device" in report and "## Training step" in report
 
 

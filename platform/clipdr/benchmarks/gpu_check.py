@@ -334,16 +334,23 @@ def _train_table(tr: dict, compiled: dict | None) -> str:
             f"steps {compiled['first_steps_s']:.0f} s"
         ] = compiled
     lines = [
-        "| variant | samples/s, median (min-max) | MFU | peak memory | dry-run estimate | S0 recipe, device-hours |",
-        "|---|---|---|---|---|---|",
+        "| variant | samples/s, median (min-max) | MFU | peak memory | dry-run estimate | S0 recipe, device-hours "
+        "| host syncs a step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, v in variants.items():
         low, high = v["samples_per_s_range"]
         peak = "n/a (CPU)" if v["peak_bytes"] is None else f"{v['peak_bytes'] / 2**30:.2f} GiB"
+        syncs = v.get("host_syncs_per_step")
         lines.append(
             f"| {name} | {v['samples_per_s']:,.0f} ({low:,.0f}-{high:,.0f}) | {_pct(v['mfu'])} | {peak} | "
-            f"{v['estimated_bytes'] / 2**30:.2f} GiB | {v['recipe_device_hours']:,.1f} |"
+            f"{v['estimated_bytes'] / 2**30:.2f} GiB | {v['recipe_device_hours']:,.1f} | "
+            f"{'n/a (CPU)' if syncs is None else syncs} |"
         )
+    messages = {n: v["host_sync_messages"] for n, v in variants.items() if v.get("host_sync_messages")}
+    if messages:
+        lines.append("")
+        lines += [f"Host syncs of {n}, the first: {'; '.join(m)}" for n, m in messages.items()]
     cores = ", ".join(f"{n}: {c:.1f}" for n, c in tr["loader_cores_per_device"].items())
     loader = (
         f"Loader (`ReplayBatch`: decode, replay the drawn view at the student's size, tokenise; one core): "

@@ -273,9 +273,11 @@ def train_config(smoke: bool, changes: tuple[str, ...] = ()):
     return load_config(MOBILECLIP_S0, [*overrides, *changes])
 
 
-# The recipe's step and the speed knobs, compared round by round (channels_last is a CUDA option: not in smoke).
+# The recipe's step, the same step in mode clip (no distillation: what the teachers' targets cost), and the speed
+# knobs, compared round by round (channels_last is a CUDA option: not in smoke).
 TRAIN_VARIANTS = {
     "recipe (grad checkpointing)": (),
+    "mode clip (no distillation)": ("train.mode=clip",),
     "channels_last": ("train.channels_last=true",),
     "no grad checkpointing": ("train.grad_checkpointing=false",),
     "no grad checkpointing, channels_last": ("train.grad_checkpointing=false", "train.channels_last=true"),
@@ -364,6 +366,28 @@ def _steps(trainer, num_steps: int, device: str) -> tuple[float, int | None]:
     return num_steps * trainer.plan.train.schedule.batch_size / seconds, peak
 
 
+def _host_syncs(trainer, device: str) -> tuple[int, list[str]] | None:
+    """The host syncs one optimiser step makes (``torch.cuda.set_sync_debug_mode`` warns at each), and the first
+    few messages; None off CUDA, where nothing waits for a device."""
+    import warnings
+
+    import torch
+
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return len(syncs), syncs[:3]
+
+
 def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
     """The recipe's training step and its speed knobs on ``device``, interleaved round by round after warm-up, over
     batches the recipe's loader built from ``world``; their figures."""
@@ -372,12 +396,13 @@ def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
     from clipdr.benchmarks.train import _Trainer
 
     manifest, batches, loader_cpu_s = _train_inputs(world, smoke)
-    variants = dict(list(TRAIN_VARIANTS.items())[:1]) if smoke else TRAIN_VARIANTS  # smoke: the path, once
+    variants = dict(list(TRAIN_VARIANTS.items())[:2]) if smoke else TRAIN_VARIANTS  # smoke: both modes, once
     configs = {name: train_config(smoke, changes) for name, changes in variants.items()}
     trainers = {name: _Trainer(config, manifest, batches, torch.device(device)) for name, config in configs.items()}
     steps, warmup, rounds = (1, 1, 1) if smoke else (TRAIN_STEPS // TRAIN_ROUNDS, TRAIN_WARMUP, TRAIN_ROUNDS)
     for trainer in trainers.values():
         _steps(trainer, warmup, device)
+    syncs = {name: _host_syncs(trainer, device) for name, trainer in trainers.items()}
     rates: dict[str, list[float]] = {name: [] for name in trainers}
     peaks: dict[str, list[int]] = {name: [] for name in trainers}
     for r in range(rounds):
@@ -386,6 +411,9 @@ def run_train(world: str, device: str, peak: float | None, smoke: bool) -> dict:
             rates[name].append(rate)
             peaks[name] += [used] if used is not None else []
     results = {name: _variant(configs[name], manifest, rates[name], peaks[name], peak) for name in trainers}
+    for name, counted in syncs.items():
+        results[name]["host_syncs_per_step"] = None if counted is None else counted[0]
+        results[name]["host_sync_messages"] = None if counted is None else counted[1]
     recipe = next(iter(results.values()))
     tc = configs[next(iter(configs))].train
     return {
