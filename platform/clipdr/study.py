@@ -138,6 +138,20 @@ def parent_run(
     return tracker
 
 
+def log_report(parent: Any, directory: str, files: Mapping[str, str | Callable[[Path], None]]) -> None:
+    """Writes each of ``files`` into ``directory`` (text as is, or a function that draws into the path) and logs it
+    as an artifact of the ``parent`` run: the report of a study or a sweep."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = out / name
+        if callable(content):
+            content(path)
+        else:
+            path.write_text(content)
+        parent.log_artifact(path)
+
+
 def train_all(
     configs: Mapping[str, Config], parallel_jobs: int, log: Callable[[str], None], parent_run_id: str = ""
 ) -> dict[str, Any]:
@@ -201,19 +215,22 @@ def run_study(
         scores = {job.name: _final_scores(cfg, results[job.name], log) for job in study_jobs}
         summary = summarize(cfg, study_jobs, results, scores)
         text = markdown(summary, reference_rows, title)
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        plot(summary, reference_rows, out / CURVE_FILE)
-        (out / REPORT_FILE).write_text(text)
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
         parent.log_metrics(_parent_metrics(summary))
-        for name in (CURVE_FILE, REPORT_FILE, SUMMARY_FILE):
-            parent.log_artifact(out / name)
+        log_report(
+            parent,
+            directory,
+            {
+                CURVE_FILE: lambda path: plot(summary, reference_rows, path),
+                REPORT_FILE: text,
+                SUMMARY_FILE: json.dumps(summary, indent=2, default=str),
+            },
+        )
     except BaseException:
         parent.finish_failed()
         raise
     parent.finish("FINISHED")
     log(text)
+    out = Path(directory)
     log(f"study: report {out / REPORT_FILE}, plot {out / CURVE_FILE}, MLflow parent run {parent.run_id}")
     return StudyResult(parent.run_id, summary, results, text)
 

@@ -159,15 +159,17 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> SweepResult:
             found.sort(key=lambda t: t[sc.metric], reverse=sc.goal == "max")
             best = found[0]
             text = markdown(sc, list(values), found)
-            out = Path(directory)
-            out.mkdir(parents=True, exist_ok=True)
-            plot(sc, list(values), found, out / CURVE_FILE)
-            (out / REPORT_FILE).write_text(text)
-            (out / SUMMARY_FILE).write_text(json.dumps({"best": best, "trials": found}, indent=2, default=str))
             parent.log_metrics({f"best/{sc.metric}": best[sc.metric]})
             parent.set_tags({"clipdr.sweep.best_run": best["run_id"]})
-            for name in (CURVE_FILE, REPORT_FILE, SUMMARY_FILE):
-                parent.log_artifact(out / name)
+            study.log_report(
+                parent,
+                directory,
+                {
+                    CURVE_FILE: lambda path: plot(sc, list(values), found, path),
+                    REPORT_FILE: text,
+                    SUMMARY_FILE: json.dumps({"best": best, "trials": found}, indent=2, default=str),
+                },
+            )
         except BaseException:
             parent.finish_failed()
             raise
