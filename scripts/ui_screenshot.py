@@ -60,7 +60,7 @@ def free_port() -> int:
 
 
 def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as response:
+    with urllib.request.urlopen(url, timeout=60) as response:
         return json.loads(response.read())
 
 
@@ -203,6 +203,26 @@ _CLOSE_ASSISTANT = """(() => {
   }
   return false;
 })()"""
+# The filter selects the students, and the UI lists their parent run (the study) with them, collapsed, its children
+# hidden. Expands every parent (the +/- button of a run-name cell with children) and hides it (the row's eye), so the
+# charts show the children's lines, not the parent's summary bars. Returns how many rows the table shows (0 while it
+# has not drawn yet; a store without nested runs has no parent to expand).
+_EXPAND_AND_HIDE_PARENTS = """(() => {
+  const expanders = [...document.querySelectorAll('button[data-component-id*="runnamecellrenderer"]')];
+  for (const button of expanders) {
+    if (button.querySelector('path[d^="M7.25 7.25"]')) button.click();  // the "+" icon: collapsed
+    const row = button.closest('[role=row]');
+    const eye = row && row.querySelector('input.is-visibility-toggle-checkbox');
+    if (eye && eye.checked) eye.closest('label').click();
+  }
+  return document.querySelectorAll('.ag-pinned-left-cols-container [role=row]').length;
+})()"""
+# The chart of the metric, full screen: room for the legend of every run.
+_FULL_SCREEN = """(() => {
+  const button = document.querySelector('button[data-component-id="fullscreen_button_chartcard"]');
+  if (button) button.click();
+  return Boolean(button);
+})()"""
 # Rendered: one Plotly chart per matching metric, each with a line per run, and no spinner left.
 _CHARTS_DRAWN = """(() => {
   const plots = [...document.querySelectorAll('.js-plotly-plot')];
@@ -223,8 +243,10 @@ def screenshot(
             browser.open(url)
             browser.wait_for(_SEARCH_CHARTS % json.dumps(metric), "the chart view's search box", wait_s)
             browser.evaluate(_CLOSE_ASSISTANT)
+            browser.wait_for(_EXPAND_AND_HIDE_PARENTS, "the runs table", wait_s)
             browser.wait_for(_CHARTS_DRAWN % num_runs, f"a drawn chart of {metric!r} with {num_runs} runs", wait_s)
-            time.sleep(1.0)  # Plotly's resize after the panel closed
+            browser.evaluate(_FULL_SCREEN)
+            time.sleep(2.0)  # Plotly's resize after the panel closed and the chart opened full screen
             png = browser.screenshot()
         finally:
             browser.close()
