@@ -79,28 +79,36 @@ def finetuned(tmp_path_factory):
 def test_export_at_alpha_0_and_1_gives_the_start_and_the_finetuned_bytes(finetuned, monkeypatch):
     monkeypatch.chdir(finetuned.root)
 
-    def exported(finetuned, model: str, alpha: float, out: str) -> tuple[dict[str, torch.Tensor], dict]:
+    def exported(finetuned, model: str, alpha: float, out: str, log: bool) -> tuple[dict[str, torch.Tensor], dict]:
         args = ["export", "--set", f"export.model={model}", "--set", f"export.wise_alpha={alpha}"]
-        assert main([*args, "--set", f"export.output={out}", "--set", "export.onnx=false"]) == 0
+        args += [
+            "--set",
+            f"export.output={out}",
+            "--set",
+            "export.onnx=false",
+            "--set",
+            f"export.log_artifacts={str(log).lower()}",
+        ]
+        assert main(args) == 0
         folder = finetuned.root / out
         return load_file(str(folder / export.OPEN_CLIP_WEIGHTS)), json.loads((folder / export.MANIFEST).read_text())
 
     # The logged model is WiSE-FT at 0.5: the fine-tuned weights come from the checkpoint the run logged beside it.
-    weights, manifest = exported(finetuned, finetuned.uri, 1.0, "alpha1")
+    weights, manifest = exported(finetuned, finetuned.uri, 1.0, "alpha1", log=True)
     assert same_bytes(weights, finetuned.tuned)
     assert manifest["wise_ft"] == {
         "alpha": 1.0,
         "start": str(finetuned.root / "base"),
         "finetuned": f"runs:/{finetuned.run_id}/{checkpoint.ARTIFACT_PATH}",
     }
-    weights, manifest = exported(finetuned, str(finetuned.folder), 0.0, "alpha0")
+    weights, manifest = exported(finetuned, str(finetuned.folder), 0.0, "alpha0", log=False)
     assert same_bytes(weights, finetuned.start)
     assert manifest["wise_ft"]["finetuned"] == str(finetuned.folder)
     card = (finetuned.root / "alpha0" / export.MODEL_CARD).read_text()
     assert f"start + 0 x (fine-tuned - start), per tensor: the start `{finetuned.root / 'base'}`" in card
     # Beside the run's own export, not over it.
     logged = {a.path for a in MlflowClient(finetuned.store).list_artifacts(finetuned.run_id, "export/wise_ft")}
-    assert logged == {"export/wise_ft/alpha_0.00", "export/wise_ft/alpha_1.00"}
+    assert logged == {"export/wise_ft/alpha_1.00"}
 
 
 def test_alpha_half_is_wise_ft_tensor_for_tensor_and_the_logged_model(finetuned, monkeypatch):
