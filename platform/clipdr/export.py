@@ -515,7 +515,7 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "## Evaluation",
         "",
     ]
-    # At a WiSE-FT alpha, the metrics of that alpha (wise_ft/alpha_<a>/..., from training or `clipdr evaluate`).
+    # At a WiSE-FT alpha, the run's metrics of that alpha (wise_ft/alpha_<a>/..., train.finetune.eval_alphas).
     prefix = f"{wiseft.alpha_label(wise['alpha'])}/" if wise else ""
     metrics = {
         k.removeprefix(prefix): v
@@ -527,7 +527,7 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         lines += [f"Latest values on the training run{at} (fractions in [0, 1]).", "", "| metric | value |"]
         lines += ["|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     else:
-        set_alpha = f" with `evaluate.wise_alpha={wise['alpha']:g}`" if wise else ""
+        set_alpha = f" with `evaluate.wise_alpha={wise['alpha']:g}` (it logs to a run of its own)" if wise else ""
         lines.append(f"Not evaluated{at} yet: run `clipdr evaluate` on the model{set_alpha}.")
     lines += [
         "",

@@ -58,6 +58,8 @@ def finetuned(tmp_path_factory):
         )
         with tracking.Tracker.start("clipdr-train", "finetune") as tracker:
             tracker.log_params(flatten(to_dict(tc), "train."))  # the run's config, as clipdr.train.run logs it
+            # Its evaluations: of the logged model (at wise_alpha 0.5), and at eval_alphas = [1.0].
+            tracker.log_metrics({"zeroshot/mean_top1": 0.5, "wise_ft/alpha_1.00/zeroshot/mean_top1": 0.75}, step=32)
             folder = root / "finetune" / "checkpoint_000001"
             folder.mkdir(parents=True)
             meta = checkpoint.CheckpointMeta(NAME, "clip", "finetune", tracker.run_id, 4, 32, 4, 4)
@@ -101,6 +103,8 @@ def test_export_at_alpha_0_and_1_gives_the_start_and_the_finetuned_bytes(finetun
         "start": str(finetuned.root / "base"),
         "finetuned": f"runs:/{finetuned.run_id}/{checkpoint.ARTIFACT_PATH}",
     }
+    card = (finetuned.root / "alpha1" / export.MODEL_CARD).read_text()
+    assert "| zeroshot/mean_top1 | 0.7500 |" in card and "0.5000" not in card  # the run's metrics at that alpha
     weights, manifest = exported(finetuned, str(finetuned.folder), 0.0, "alpha0", log=False)
     assert same_bytes(weights, finetuned.start)
     assert manifest["wise_ft"]["finetuned"] == str(finetuned.folder)
