@@ -387,6 +387,14 @@ REGISTRY: dict[str, Entry] = {
     "clipdr export --set export.model --set export.output --set export.coreml": CoveredBy(
         ("tests/unit/test_export.py::test_coreml_packages_have_the_documented_spec_ops_and_fp16_weights",)
     ),
+    # docs/finetune.md: WiSE-FT after training needs a fine-tuning run in MLflow; the test publishes one as training
+    # does and runs both commands at toy size.
+    "clipdr evaluate --config jobs/configs/demo.toml --set evaluate.model --set evaluate.wise_alpha": CoveredBy(
+        ("tests/unit/test_wiseft.py::test_evaluate_at_an_alpha_logs_it_as_a_param_of_its_own_run",)
+    ),
+    "clipdr export --set export.model --set export.wise_alpha --set export.output": CoveredBy(
+        ("tests/unit/test_wiseft.py::test_export_at_alpha_0_and_1_gives_the_start_and_the_finetuned_bytes",)
+    ),
     "clipdr promote --config jobs/configs/demo.toml": CoveredBy(
         ("tests/integration/test_lifecycle.py::test_promote_cli_prints_the_decision",)
     ),

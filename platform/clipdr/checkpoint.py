@@ -43,8 +43,10 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 EMA_FILE = "ema.pt"
 META_FILE = "meta.json"
-# What a run's model is published as (MLflow artifacts, export): the weights and what they are.
-PUBLISHED_FILES = (MODEL_FILE, META_FILE)
+# What a run's model is published as (MLflow artifacts under ARTIFACT_PATH, export): the weights, their EMA when the
+# run kept one (`published_weights` of the downloaded folder is then the run's fine-tuned model) and what they are.
+PUBLISHED_FILES = (MODEL_FILE, EMA_FILE, META_FILE)
+ARTIFACT_PATH = "checkpoint"
 
 log = logging.getLogger(__name__)
 

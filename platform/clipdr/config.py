@@ -372,6 +372,15 @@ MOVED: dict[str, str] = {
 }
 
 
+# evaluate.wise_alpha / export.wise_alpha when WiSE-FT is off: the model as named.
+WISE_OFF = -1.0
+_WISE_ALPHA_HELP = (
+    "WiSE-FT of a fine-tuned model: start + alpha x (fine-tuned - start) in [0, 1], the start being what its training "
+    "run recorded (train.pretrained) and the fine-tuned weights its checkpoint's, before the run's own "
+    "train.finetune.wise_alpha (docs/finetune.md); -1: the model as named"
+)
+
+
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Zero-shot classification and image-text retrieval (`clipdr evaluate`, and evaluation during training).
@@ -408,6 +417,7 @@ class EvaluateConfig:
         "checkpoint folder (model.pt + meta.json), or an open_clip model name",
     )
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    wise_alpha: float = _f(WISE_OFF, _WISE_ALPHA_HELP + "; metrics are then logged as wise_ft/alpha_<a>/<metric>")
     allow_pickle: bool = _f(
         False,
         "also load an MLflow model logged as a pickle (before clipdr logged safetensors): unpickling runs any code "
@@ -425,6 +435,7 @@ class ExportConfig:
 
     model: str = _f("", "model to export: same forms as evaluate.model")
     pretrained: str = _f("", "with an open_clip name: pretrained tag, hf-hub id or local file; empty: random init")
+    wise_alpha: float = _f(WISE_OFF, _WISE_ALPHA_HELP)
     allow_pickle: bool = _f(False, "as evaluate.allow_pickle: also load an MLflow model logged as a pickle")
     output: str = _f("export", "folder the export is written to, path or s3://")
     onnx: bool = _f(

@@ -24,6 +24,10 @@ fine-tunable: fusing folds BatchNorm statistics in and cannot be undone), and th
 is a separate file and the ONNX graphs. Fusing changes outputs only by float rounding: the export checks that
 fused and ONNX embeddings match the trained model's within ``export.tolerance`` and records the differences.
 
+WiSE-FT (``export.wise_alpha``): the exported weights are ``start + alpha * (finetuned - start)`` of a fine-tuned
+model and the start its run recorded (`clipdr.evaluate.loading.with_wise_ft`); ``export.json`` keeps them under
+``wise_ft`` (alpha, start, where the fine-tuned weights came from) and the model card says so.
+
 Loading: `load_routes` writes the exact open_clip calls into ``export.json`` and the model card, and lists only
 calls that give the trained preprocessing. ``create_model_and_transforms(name, pretrained=<file>)`` alone does
 not: open_clip takes preprocessing from a pretrained *tag* and otherwise falls back to its defaults (OpenAI
@@ -52,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import clipdr
-from clipdr import coreml, models, quantize, storage, tokenizer_assets
+from clipdr import coreml, models, quantize, storage, tokenizer_assets, wiseft
 from clipdr.config import MOVED, Config, ExportConfig
 from clipdr.evaluate.loading import LoadedModel
 
@@ -495,6 +499,13 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in training.items()]
     else:
         lines.append("Unknown: the model was not loaded from a clipdr training checkpoint or MLflow run.")
+    wise = manifest.get("wise_ft")
+    if wise:
+        lines += [
+            "",
+            f"**WiSE-FT**: these weights are start + {wise['alpha']:g} x (fine-tuned - start), per tensor: the start "
+            f"`{wise['start']}` (what the training run started from), the fine-tuned weights `{wise['finetuned']}`.",
+        ]
     lines += [
         "",
         "The data's license is the dataset's: clipdr's synthetic world (`clipdr synth`) is generated (shapes, "
@@ -504,14 +515,20 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
         "## Evaluation",
         "",
     ]
+    # At a WiSE-FT alpha, the run's metrics of that alpha (wise_ft/alpha_<a>/..., train.finetune.eval_alphas).
+    prefix = f"{wiseft.alpha_label(wise['alpha'])}/" if wise else ""
     metrics = {
-        k: v for k, v in sorted((run.metrics if run else {}).items()) if k.startswith(("zeroshot/", "retrieval/"))
+        k.removeprefix(prefix): v
+        for k, v in sorted((run.metrics if run else {}).items())
+        if k.startswith((f"{prefix}zeroshot/", f"{prefix}retrieval/"))
     }
+    at = f" at WiSE-FT alpha {wise['alpha']:g} ({prefix}...)" if wise else ""
     if metrics:
-        lines += ["Latest values on the training run (fractions in [0, 1]).", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
+        lines += [f"Latest values on the training run{at} (fractions in [0, 1]).", "", "| metric | value |"]
+        lines += ["|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     else:
-        lines.append("Not evaluated yet: run `clipdr evaluate` on the model.")
+        set_alpha = f" with `evaluate.wise_alpha={wise['alpha']:g}` (it logs to a run of its own)" if wise else ""
+        lines.append(f"Not evaluated{at} yet: run `clipdr evaluate` on the model{set_alpha}.")
     lines += [
         "",
         "## Limitations",
@@ -642,7 +659,8 @@ def model_card(manifest: Mapping[str, Any], run: Any | None) -> str:
     lines += [
         "**MLflow pyfunc**: the model clipdr logged for this run takes raw images (encoded bytes; base64 over "
         "HTTP) and/or captions and returns L2-normalised embeddings, preprocessing and tokenising inside; its "
-        "weights are safetensors, nothing is unpickled. Needs clipdr installed.",
+        "weights are safetensors, nothing is unpickled. Needs clipdr installed."
+        + (" It holds the run's own weights, not this export's WiSE-FT." if manifest.get("wise_ft") else ""),
         "",
         "```python",
         "import mlflow.pyfunc",
@@ -737,7 +755,7 @@ def _training_info(loaded: LoadedModel, run: Any | None) -> dict[str, Any]:
         ("samples seen", loaded.samples_seen),
         ("knowledge-distillation weight", params.get("train.loss.kd_weight")),
         ("synthetic captions", params.get("train.loss.use_syn_captions")),
-        ("initialised from", params.get("train.pretrained") or None),
+        ("initialised from", params.get(wiseft.START_PARAM) or None),
         ("MLflow run", f"{run.run_name} ({run.run_id})" if run else loaded.run_id or None),
     ):
         if value not in (None, ""):
@@ -839,6 +857,7 @@ def export_model(
         "load": load_routes(config),
         "logit_scale": float(model.logit_scale.detach().exp()),
         "training": _training_info(loaded, run),
+        "wise_ft": loaded.wise_ft,
         "tolerance": cfg.tolerance,
         "parity": {"fused": fused_parity},
         "files": {},
@@ -898,11 +917,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> ExportResult:
 
     ec = cfg.export
     try:
+        wise = loading.wise_ft_on(ec.wise_alpha, "export.wise_alpha")
         loaded = loading.load(
             ec.model, ec.pretrained, "cpu", tracking_uri=cfg.tracking.uri, allow_pickle=ec.allow_pickle
         )
     except (ValueError, FileNotFoundError) as e:
         raise ExportError(f"export.model: {e}") from None
+    if wise:
+        try:
+            loaded = loading.with_wise_ft(loaded, ec.wise_alpha, cfg.tracking.uri, "export.wise_alpha")
+        except (ValueError, FileNotFoundError) as e:
+            raise ExportError(str(e)) from None
+        log(f"export: WiSE-FT at alpha {ec.wise_alpha:g} with the start {loaded.wise_ft['start']}")
     run_summary = None
     if loaded.run_id:
         try:
@@ -912,13 +938,15 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> ExportResult:
     result = export_model(loaded, ec, run_summary, log)
     if ec.log_artifacts and run_summary is not None:
         tracker = tracking.open_run(run_summary.run_id, uri=cfg.tracking.uri)
+        # Beside the run's own export, not over it: export/wise_ft/alpha_0.30/...
+        under = f"export/{wiseft.alpha_label(ec.wise_alpha)}" if loaded.wise_ft else "export"
         with _downloaded(ec.output) as folder:
             for path in sorted(folder.iterdir()):
                 if path.is_dir():  # a Core ML package
-                    tracker.log_artifacts(path, f"export/{path.name}")
+                    tracker.log_artifacts(path, f"{under}/{path.name}")
                 else:
-                    tracker.log_artifact(path, "export")
-        log(f"export: logged to MLflow run {run_summary.run_id} under export/")
+                    tracker.log_artifact(path, under)
+        log(f"export: logged to MLflow run {run_summary.run_id} under {under}/")
     return result
 
 

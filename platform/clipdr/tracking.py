@@ -907,6 +907,18 @@ def run_summary(run_id: str, *, uri: str = "") -> RunSummary:
     )
 
 
+def download_run_artifacts(run_id: str, path: str, dst: str | Path, *, uri: str = "") -> Path:
+    """The artifacts run ``run_id`` logged under ``path``, downloaded into the local folder ``dst``.
+
+    Raises:
+        RegistryError: The run logged nothing under ``path``.
+    """
+    client = _client(uri)
+    if not client.list_artifacts(run_id, path):
+        raise RegistryError(f"MLflow run {run_id} has no artifacts under {path!r} ({tracking_uri(uri)})")
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
 def open_run(run_id: str, *, uri: str = "") -> Tracker:
     """A `Tracker` on an existing run that leaves its status alone (do not `finish` it): evaluation results
     go to a training run that may be running, finished or failed, and must stay so."""

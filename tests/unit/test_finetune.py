@@ -1,5 +1,6 @@
-"""Fine-tuning (`clipdr.train.finetune` and its use in `clipdr.train.loop`): start points, LiT locks, layer-wise lr
-decay, weight EMA, WiSE-FT and the const / const-cooldown schedules, on the tiny models in plain torch (no Ray)."""
+"""Fine-tuning (`clipdr.train.finetune`, `clipdr.wiseft` and their use in `clipdr.train.loop`): start points, LiT
+locks, layer-wise lr decay, weight EMA, WiSE-FT and the const / const-cooldown schedules, on the tiny models in plain
+torch (no Ray)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipdr import checkpoint, models
+from clipdr import checkpoint, models, wiseft
 from clipdr.config import Config, TrainConfig, TrainFinetune, TrainOptimizer, TrainSchedule
 from clipdr.train import finetune, loop
 from clipdr.train.plan import TrainError, check_config, make_plan
@@ -175,16 +176,16 @@ def test_wise_ft_alpha_0_and_1_are_the_start_and_the_finetuned_bytes(vit_state):
     assert all(torch.equal(published.weights(model, 0.0)[k], v) for k, v in vit_state.items())
     assert all(torch.equal(published.weights(model, 1.0)[k], v) for k, v in published.ema.state.items())
     for alpha, want in ((0.0, vit_state), (1.0, tuned)):
-        mixed = finetune.wise_ft(vit_state, tuned, alpha)
+        mixed = wiseft.wise_ft(vit_state, tuned, alpha)
         assert all(mixed[k].numpy().tobytes() == v.numpy().tobytes() for k, v in want.items()), alpha
-    half = finetune.wise_ft(vit_state, tuned, 0.5)
+    half = wiseft.wise_ft(vit_state, tuned, 0.5)
     for name, value in tuned.items():
         midpoint = (vit_state[name].double() + value.double()) / 2
         # One float32 lerp: a rounding of the difference, of its product and of the sum.
         bound = 3 * EPS32 * midpoint.abs().max().clamp_min(value.abs().max()).item()
         torch.testing.assert_close(half[name].double(), midpoint, rtol=0, atol=bound)
     with pytest.raises(ValueError, match="alpha"):
-        finetune.wise_ft(vit_state, tuned, 1.5)
+        wiseft.wise_ft(vit_state, tuned, 1.5)
 
 
 # --------------------------------------------------------------------------- schedules
@@ -227,10 +228,10 @@ def test_start_from_a_checkpoint_folder_and_from_an_mlflow_model(tmp_path, monke
     run = tmp_path / "run" / "checkpoint_000000"
     run.mkdir(parents=True)
     checkpoint.save(run, vit_state, meta)
-    started = finetune.create_start("clipdr-tiny-vit", str(tmp_path / "run"), seed=5)  # a run's storage folder
+    started = wiseft.create_start("clipdr-tiny-vit", str(tmp_path / "run"), seed=5)  # a run's storage folder
     assert all(torch.equal(started.state_dict()[k], v) for k, v in vit_state.items())
     with pytest.raises(ValueError, match=r"holds model .clipdr-tiny-vit., but train[.]model is .clipdr-tiny-mci."):
-        finetune.load_start(str(run), "clipdr-tiny-mci")
+        wiseft.load_start(str(run), "clipdr-tiny-mci")
 
     from clipdr import tracking
 
@@ -241,6 +242,6 @@ def test_start_from_a_checkpoint_folder_and_from_an_mlflow_model(tmp_path, monke
         return models.ClipEmbedder(logged, "clipdr-tiny-vit"), {"clipdr_model": "clipdr-tiny-vit"}
 
     monkeypatch.setattr(tracking, "load_model", fake_load_model)
-    started = finetune.create_start("clipdr-tiny-vit", "models:/student/3", seed=5, tracking_uri="sqlite:///x.db")
+    started = wiseft.create_start("clipdr-tiny-vit", "models:/student/3", seed=5, tracking_uri="sqlite:///x.db")
     assert calls == [("models:/student/3", "sqlite:///x.db", False)]  # safetensors only, never a pickle
     assert all(torch.equal(started.state_dict()[k], v) for k, v in vit_state.items())

@@ -41,6 +41,9 @@ LAYERS: dict[str, int] = {
     "tracking": 2,
     "lifecycle": 2,  # the registry gate, on top of tracking; a training run marks its model a candidate
     "export": 2,  # loads models as evaluation does
+    # Start points and WiSE-FT: training, evaluation and export interpolate with a run's start. It reads MLflow
+    # starts through tracking, so it shares their layer; below them in the import graph (the cycle check holds it).
+    "wiseft": 2,
     "serving": 2,  # `clipdr serve`: a registered model on Ray Serve, loaded as tracking loads it
     "inspection": 2,  # `clipdr inspect`: reads a reinforced dataset (records) and replays its views (augment)
     "cli": 3,

@@ -113,7 +113,7 @@ ADDED_KEYS = {
         *("dry_run", "cost", "teacher_scales", "num_syn_captions", "syn_caption_sets", "channels_last", "compile"),
         *("finetune", "schedule.kind", "schedule.cooldown_samples"),
     ),
-    "evaluate": ("suite", "seed", "allow_pickle"),
+    "evaluate": ("suite", "seed", "allow_pickle", "wise_alpha"),
 }
 # Keys of ADDED_KEYS that change the plan or the recipe when set (a_k, the synthetic captions drawn from, the schedule's
 # curve, fine-tuning): the pinned jobs are rebuilt with them at their defaults (tests/unit/test_train_choices.py and

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipdr import augment, models
+from clipdr import augment, models, wiseft
 from clipdr.config import (
     Config,
     SynthConfig,
@@ -281,7 +281,7 @@ def main(args: argparse.Namespace) -> int:
         timings[label] = time.perf_counter() - t0
         print(f"finetune: {label} in {timings[label]:.1f} s", flush=True)
     for alpha in alphas:
-        model.load_state_dict(finetune.wise_ft(start, tuned_full, alpha))
+        model.load_state_dict(wiseft.wise_ft(start, tuned_full, alpha))
         rows.append((f"WiSE-FT of full, alpha {alpha:g}", measure(model)))
 
     table = [

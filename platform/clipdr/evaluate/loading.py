@@ -9,18 +9,23 @@ A model is named by:
   checkpoints (a training run's storage folder: the complete one with the most steps is taken);
 - an open_clip / clipdr model name, with ``pretrained`` an open_clip tag, an hf-hub id, a local file, or empty
   for random initialisation.
+
+`with_wise_ft` then replaces a fine-tuned model's weights by WiSE-FT with the start its training run recorded
+(``evaluate.wise_alpha``, ``export.wise_alpha``; `clipdr.wiseft`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from clipdr import checkpoint, models, storage
+from clipdr import checkpoint, models, storage, wiseft
+from clipdr.config import WISE_OFF
 
 _MLFLOW_SCHEMES = ("runs:/", "models:/")
 
@@ -37,6 +42,8 @@ class LoadedModel:
         run_id: The MLflow run that trained it ("" when unknown).
         samples_seen: Training samples seen when it was saved, when known (training logs metrics at this step).
         meta: The checkpoint's `checkpoint.CheckpointMeta` as a dict, or the logged model's metadata.
+        wise_ft: With `with_wise_ft`: its alpha, the start (the run's ``train.pretrained``) and where the fine-tuned
+            weights came from; None for the model as named.
     """
 
     model: nn.Module
@@ -46,6 +53,7 @@ class LoadedModel:
     run_id: str = ""
     samples_seen: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    wise_ft: dict[str, Any] | None = None
 
 
 def is_mlflow_uri(spec: str) -> bool:
@@ -148,3 +156,85 @@ def load(
 def _no_pretrained(spec: str, pretrained: str) -> None:
     if pretrained:
         raise ValueError(f"pretrained={pretrained!r} only applies to a model name, not to {spec!r}")
+
+
+# --------------------------------------------------------------------------- WiSE-FT after training
+
+
+def wise_ft_on(alpha: float, key: str) -> bool:
+    """Whether ``key`` (``evaluate.wise_alpha``, ``export.wise_alpha``) asks for WiSE-FT; `ValueError` unless it is
+    `clipdr.config.WISE_OFF` or in [0, 1]."""
+    if alpha == WISE_OFF:
+        return False
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"{key} must be in [0, 1] ({WISE_OFF:g}: off), got {alpha}")
+    return True
+
+
+def with_wise_ft(loaded: LoadedModel, alpha: float, tracking_uri: str = "", key: str = "wise_alpha") -> LoadedModel:
+    """``loaded`` with the weights ``start + alpha * (finetuned - start)`` (`clipdr.wiseft.wise_ft`).
+
+    The start is what ``loaded``'s training run recorded (`clipdr.wiseft.recorded_start`), built as training built
+    it (`clipdr.wiseft.create_start`). The fine-tuned weights are the run's own, before its
+    ``train.finetune.wise_alpha``: a checkpoint's published weights (its EMA when it kept one), or for an MLflow
+    model the logged weights when they are not interpolated, else the checkpoint the run logged beside them.
+
+    Raises:
+        ValueError: ``alpha`` outside [0, 1], a model without a training run or whose run recorded no start, a
+            start of another architecture, or a logged model whose fine-tuned weights the run did not log.
+    """
+    from clipdr import tracking
+
+    if not wise_ft_on(alpha, key):
+        raise ValueError(f"{key}: WiSE-FT needs an alpha in [0, 1], got {alpha:g} (off)")
+    if loaded.kind == "name" or not loaded.run_id:
+        raise ValueError(
+            f"{key}: {loaded.source} has no recorded start: WiSE-FT interpolates a fine-tuned model (a training "
+            "checkpoint or a logged model of a run with train.pretrained set) with the start its run recorded"
+        )
+    try:
+        params = tracking.run_summary(loaded.run_id, uri=tracking_uri).params
+    except tracking.RegistryError as e:
+        raise ValueError(f"{key}: {loaded.source}: no recorded start, its training run is not found ({e})") from None
+    start_of = wiseft.recorded_start(params, loaded.run_id)
+    if start_of.model != loaded.name:
+        raise ValueError(
+            f"{key}: {loaded.source} is a {loaded.name!r}, but its training run {loaded.run_id} trained "
+            f"{start_of.model!r} ({wiseft.MODEL_PARAM}): not the same architecture"
+        )
+    finetuned, where = _finetuned_weights(loaded, tracking_uri, key)
+    try:
+        start = wiseft.create_start(start_of.model, start_of.pretrained, seed=0, tracking_uri=tracking_uri)
+    except (RuntimeError, FileNotFoundError) as e:  # open_clip's missing file or unknown tag
+        raise ValueError(f"{key}: the recorded start {start_of.pretrained!r} cannot be loaded: {e}") from None
+    loaded.model.load_state_dict(wiseft.wise_ft(start.state_dict(), finetuned, alpha))
+    record = {"alpha": alpha, "start": start_of.pretrained, "finetuned": where}
+    return dataclasses.replace(loaded, wise_ft=record)
+
+
+def _finetuned_weights(loaded: LoadedModel, tracking_uri: str, key: str) -> tuple[dict[str, Any], str]:
+    """The fine-tuned weights of ``loaded`` (see `with_wise_ft`) and where they come from."""
+    from clipdr import tracking
+
+    own = {k: v.detach().to("cpu").clone() for k, v in loaded.model.state_dict().items()}
+    if loaded.kind == "checkpoint":
+        return own, loaded.source  # published weights, never interpolated
+    logged_alpha = wiseft.logged_alpha(loaded.meta)
+    if logged_alpha == 1.0:
+        return own, loaded.source
+    where = f"runs:/{loaded.run_id}/{checkpoint.ARTIFACT_PATH}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            folder = tracking.download_run_artifacts(loaded.run_id, checkpoint.ARTIFACT_PATH, tmp, uri=tracking_uri)
+        except tracking.RegistryError as e:
+            raise ValueError(
+                f"{key}: {loaded.source} holds WiSE-FT at alpha {logged_alpha:g} and its run logged no checkpoint "
+                f"to take the fine-tuned weights from ({e}): name the run's checkpoint folder instead"
+            ) from None
+        ema_decay = float(loaded.meta.get(wiseft.LOGGED_EMA_DECAY) or 0.0)
+        if ema_decay > 0 and not (folder / checkpoint.EMA_FILE).exists():
+            raise ValueError(
+                f"{key}: {loaded.source} holds WiSE-FT at alpha {logged_alpha:g} of an EMA, but its run logged no "
+                f"{checkpoint.EMA_FILE} (runs before the EMA was logged): name the run's checkpoint folder instead"
+            )
+        return checkpoint.published_weights(folder), where

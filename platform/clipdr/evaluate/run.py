@@ -4,6 +4,13 @@ Where metrics go: ``evaluate.run_id`` when set; else the model's training run (a
 a checkpoint's ``mlflow_run_id``), so the MLflow UI compares runs on them; else a new run in
 ``evaluate.experiment`` tagged with what it evaluated. Metrics are logged at the step training uses (samples
 seen) when the model records it, so a final evaluation lands at the end of the training curves.
+
+With ``evaluate.wise_alpha`` the model evaluated is WiSE-FT of the fine-tuned model with its run's start
+(`loading.with_wise_ft`). It goes to a new evaluation run (``evaluate.run_id`` still wins) tagged with the training
+run, so that its alpha is a param (``evaluate.wise_alpha``: MLflow params cannot change, so one run an alpha); its
+metrics are ``wise_ft/alpha_<a>/<metric>``, the names training gives its ``train.finetune.eval_alphas``, and its
+record ``evaluation/wise_ft/alpha_<a>/step-<n>.json``. A registered version's evaluation tags are left alone: the
+weights evaluated are not that version's.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from clipdr import tracking
+from clipdr import tracking, wiseft
 from clipdr.config import Config, flatten
 from clipdr.evaluate import engine, loading
 
@@ -27,7 +34,7 @@ class EvaluateError(ValueError):
 
 @dataclass(frozen=True)
 class EvaluationResult:
-    """What `run` did: the metrics, the MLflow run and step they were logged at, and the model evaluated."""
+    """What `run` did: the metrics as logged, the MLflow run and step they were logged at, and the model evaluated."""
 
     metrics: dict[str, float]
     run_id: str
@@ -39,7 +46,7 @@ class EvaluationResult:
 def _target_run(cfg: Config, loaded: loading.LoadedModel, log: Callable[[str], None]) -> tuple[tracking.Tracker, bool]:
     """The tracker to log to and whether it is a new run (to be finished here)."""
     ec, uri = cfg.evaluate, cfg.tracking.uri
-    run_id = ec.run_id or loaded.run_id
+    run_id = ec.run_id or ("" if loaded.wise_ft else loaded.run_id)  # one alpha a run: its param
     if run_id:
         try:
             return tracking.open_run(run_id, uri=uri), False
@@ -52,7 +59,8 @@ def _target_run(cfg: Config, loaded: loading.LoadedModel, log: Callable[[str], N
     tags = {EVALUATION_TAG: ec.model, "clipdr.job": "evaluate", "clipdr.student": loaded.name}
     if loaded.run_id:
         tags[SOURCE_RUN_TAG] = loaded.run_id
-    tracker = tracking.Tracker.start(ec.experiment, f"eval-{loaded.name}", uri=uri, tags=tags)
+    name = f"eval-{loaded.name}" + (f"-alpha_{ec.wise_alpha:.2f}" if loaded.wise_ft else "")
+    tracker = tracking.Tracker.start(ec.experiment, name, uri=uri, tags=tags)
     tracker.log_params(flatten(ec, "evaluate."))
     return tracker, True
 
@@ -63,10 +71,14 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
     if not ec.model:
         raise EvaluateError("set evaluate.model: runs:/<id>/model, models:/<name>@<alias>, a checkpoint or a name")
     try:
+        wise = loading.wise_ft_on(ec.wise_alpha, "evaluate.wise_alpha")
         device = engine.resolve_device(ec.device)
         loaded = loading.load(
             ec.model, ec.pretrained, device, tracking_uri=cfg.tracking.uri, allow_pickle=ec.allow_pickle
         )
+        if wise:
+            loaded = loading.with_wise_ft(loaded, ec.wise_alpha, cfg.tracking.uri, "evaluate.wise_alpha")
+            log(f"evaluate: WiSE-FT at alpha {ec.wise_alpha:g} with the start {loaded.wise_ft['start']}")
         log(f"evaluate: {loaded.name} from {loaded.source} on {device}")
         report = engine.evaluate(loaded.model, loaded.name, ec, device)
     except (ValueError, FileNotFoundError) as e:
@@ -79,14 +91,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
         step = loaded.samples_seen
     else:
         step = (tracking.last_step(tracker.run_id, uri=cfg.tracking.uri) or 0) if not new_run else 0
-    tracker.log_metrics(report.metrics, step=step)
+    prefix = f"{wiseft.alpha_label(ec.wise_alpha)}/" if loaded.wise_ft else ""
+    metrics = {prefix + k: v for k, v in report.metrics.items()}
+    tracker.log_metrics(metrics, step=step)
     version = tracking.model_version_of(ec.model, uri=cfg.tracking.uri) if loading.is_mlflow_uri(ec.model) else None
-    evaluated = {"model": ec.model, "step": step}
+    evaluated: dict = {"model": ec.model, "step": step}
     if version is not None:  # an alias moves: the version it named when evaluated is what the record keeps
         evaluated["model_version"] = f"{version.name}/{version.version}"
-    artifact = f"evaluation/step-{step:012d}.json"
+    if loaded.wise_ft:
+        evaluated["wise_ft"] = loaded.wise_ft
+    artifact = f"evaluation/{prefix}step-{step:012d}.json"
     tracker.log_dict({**report.to_dict(), **evaluated}, artifact)
-    if version is not None:  # the version leads to its evaluation (MLflow's model version page lists its tags)
+    if version is not None and not loaded.wise_ft:  # the version leads to its evaluation (MLflow's version page)
         tracking.set_model_version_tags(
             version.name,
             version.version,
@@ -96,12 +112,12 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> EvaluationResult:
     if new_run:
         tracker.finish()
 
-    width = max(len(k) for k in report.metrics)
-    for key, value in sorted(report.metrics.items()):
+    width = max(len(k) for k in metrics)
+    for key, value in sorted(metrics.items()):
         log(f"  {key:<{width}}  {value:.4f}")
     for dataset in report.datasets:
         if dataset["skipped"]:
             log(f"evaluate: {dataset['kind']} {dataset['name']}: skipped {dataset['skipped']}")
     where = "new evaluation run" if new_run else "run"
-    log(f"evaluate: {len(report.metrics)} metrics -> MLflow {where} {tracker.run_id} at step {step}")
-    return EvaluationResult(report.metrics, tracker.run_id, step, loaded.name, report)
+    log(f"evaluate: {len(metrics)} metrics -> MLflow {where} {tracker.run_id} at step {step}")
+    return EvaluationResult(metrics, tracker.run_id, step, loaded.name, report)

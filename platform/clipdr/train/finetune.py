@@ -1,12 +1,9 @@
-"""Fine-tuning without forgetting: where a run starts, and what keeps the start's abilities (``[train.finetune]``).
+"""Fine-tuning without forgetting: what keeps the start's abilities (``[train.finetune]``).
 
 Plain torch, no Ray: the worker loop (`clipdr.train.loop`), the driver (`clipdr.train.run`) and the forgetting
-benchmark (`clipdr.benchmarks.finetune`) call the same functions.
+benchmark (`clipdr.benchmarks.finetune`) call the same functions. Where a run starts (``train.pretrained``) and
+WiSE-FT with that start are `clipdr.wiseft`'s, which evaluation and export share.
 
-- **Start points** (`is_start_folder`, `load_start`): ``train.pretrained`` names an open_clip tag, ``hf-hub:`` id or
-  weights file (open_clip loads those), a clipdr training checkpoint or run storage folder (its newest complete
-  checkpoint, `clipdr.checkpoint`), or an MLflow model (``runs:/<id>/model``, ``models:/<name>/<version>``) logged by
-  clipdr, read as safetensors (`clipdr.tracking.load_model`, never unpickled).
 - **LiT** (`lock_towers`): open_clip's ``lock_image_tower`` / ``lock_text_tower``, the last N groups left unlocked.
 - **Layer-wise lr decay** (`layer_depths`, `param_groups`): a parameter at depth d of a tower of top depth T trains
   at ``lr * layer_decay ** (T - d)``. Depth: 0 for the input side (patch/token/position embeddings, stem,
@@ -16,7 +13,6 @@ benchmark (`clipdr.benchmarks.finetune`) call the same functions.
   head). The image tower is everything under ``visual.``, the text tower the rest; ``logit_scale`` and
   ``logit_bias`` keep the full lr.
 - **Weight EMA** (`WeightEma`): ``ema = decay * ema + (1 - decay) * weights`` after every optimiser step.
-- **WiSE-FT** (`wise_ft`): ``start + alpha * (finetuned - start)``; alpha 1 is the fine-tuned model, 0 the start.
 """
 
 from __future__ import annotations
@@ -27,82 +23,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from clipdr import checkpoint, storage
-
-_MLFLOW_SCHEMES = ("runs:/", "models:/")
 _BLOCK = re.compile(r"(?:^|\.)(?:resblocks|blocks|stages|layers|layer)\.(\d+)(?:\.|$)")
 _INPUT_SIDE = ("embed", "conv1", "stem", "ln_pre", "patch", "cls_token", "class_embedding", "positional")
 _SHARED = ("logit_scale", "logit_bias")
-
-
-# --------------------------------------------------------------------------- start points
-
-
-def is_mlflow_start(pretrained: str) -> bool:
-    """Whether ``train.pretrained`` is an MLflow model URI."""
-    return pretrained.startswith(_MLFLOW_SCHEMES)
-
-
-def is_start_folder(pretrained: str) -> bool:
-    """Whether ``train.pretrained`` is a folder holding a clipdr checkpoint (a checkpoint, or a run's storage)."""
-    return (
-        bool(pretrained) and not is_mlflow_start(pretrained) and storage.exists(pretrained) and not _is_file(pretrained)
-    )
-
-
-def _is_file(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(uri)
-    return fs.get_file_info(path).type == pafs.FileType.File
-
-
-def load_start(pretrained: str, model_name: str, tracking_uri: str = "") -> dict[str, Tensor] | None:
-    """The start weights ``train.pretrained`` names when clipdr reads them (a checkpoint folder or an MLflow model),
-    checked against ``model_name``; None for what open_clip loads itself (tag, hf-hub id, weights file) or nothing.
-
-    Raises:
-        ValueError: A folder without a complete checkpoint, or a start of another architecture.
-    """
-    if is_mlflow_start(pretrained):
-        from clipdr import tracking
-
-        logged, metadata = tracking.load_model(pretrained, tracking=tracking_uri, allow_pickle=False)
-        name = metadata.get("clipdr_model") or logged.model_name
-        _same_model(pretrained, str(name), model_name)
-        return {k: v.detach().cpu() for k, v in logged.clip.state_dict().items()}
-    if is_start_folder(pretrained):
-        found = checkpoint.latest(pretrained)
-        if found is None:
-            raise ValueError(
-                f"train.pretrained {pretrained!r} is a folder without a complete clipdr checkpoint "
-                f"({checkpoint.MODEL_FILE}, {checkpoint.META_FILE}) in it or in its sub-folders"
-            )
-        folder, meta = found
-        _same_model(folder, meta.model, model_name)
-        return checkpoint.published_weights(folder)  # a run with EMA published its average
-    return None
-
-
-def create_start(
-    model_name: str, pretrained: str, seed: int, device: torch.device | str = "cpu", tracking_uri: str = ""
-) -> nn.Module:
-    """The model a run starts from (train mode, on ``device``): ``pretrained``'s weights, or a random init seeded
-    with ``seed`` when it is empty."""
-    from clipdr import models
-
-    torch.manual_seed(seed)
-    start = load_start(pretrained, model_name, tracking_uri) if pretrained else None
-    by_open_clip = pretrained if pretrained and start is None else None
-    model = models.create_model(model_name, pretrained=by_open_clip, device=device)
-    if start is not None:
-        model.load_state_dict(start)
-    return model
-
-
-def _same_model(where: str, found: str, wanted: str) -> None:
-    if found != wanted:
-        raise ValueError(f"train.pretrained {where!r} holds model {found!r}, but train.model is {wanted!r}")
 
 
 # --------------------------------------------------------------------------- LiT
@@ -189,7 +112,7 @@ def param_groups(
     ]
 
 
-# --------------------------------------------------------------------------- EMA and WiSE-FT
+# --------------------------------------------------------------------------- EMA
 
 
 class WeightEma:
@@ -221,27 +144,3 @@ class WeightEma:
             raise ValueError("the checkpoint's EMA does not hold this model's tensors")
         for name, value in state.items():
             self.state[name].copy_(value)
-
-
-def wise_ft(start: Mapping[str, Tensor], finetuned: Mapping[str, Tensor], alpha: float) -> dict[str, Tensor]:
-    """WiSE-FT: ``start + alpha * (finetuned - start)`` for floating tensors (``torch.lerp``); alpha 1 returns the
-    fine-tuned tensors and 0 the start's, exactly. Non-floating buffers (counters) are the fine-tuned model's."""
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"WiSE-FT alpha must be in [0, 1], got {alpha}")
-    if set(start) != set(finetuned):
-        raise ValueError("WiSE-FT needs the start and the fine-tuned model to hold the same tensors")
-    out = {}
-    for name, tuned in finetuned.items():
-        origin = start[name].to(tuned.device)
-        if alpha == 1.0 or not tuned.is_floating_point():
-            out[name] = tuned.detach().clone()
-        elif alpha == 0.0:
-            out[name] = origin.detach().clone()
-        else:
-            out[name] = torch.lerp(origin.to(tuned.dtype), tuned.detach(), alpha)
-    return out
-
-
-def alpha_label(alpha: float) -> str:
-    """The metric prefix of an evaluation at WiSE-FT ``alpha`` (``wise_ft/alpha_0.50``)."""
-    return f"wise_ft/alpha_{alpha:.2f}"

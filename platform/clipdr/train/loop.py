@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clipdr import augment, checkpoint, losses, records
+from clipdr import augment, checkpoint, losses, records, wiseft
 from clipdr import progress as progress_lines
 from clipdr.config import TeacherConfig
 from clipdr.train import data, finetune
@@ -104,11 +104,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 def build_student(plan: TrainPlan, device: torch.device) -> nn.Module:
     """The student in train mode on ``device``: initialised from ``plan.train.seed``, or from ``train.pretrained``
-    (`clipdr.train.finetune.load_start`), with the towers ``[train.finetune]`` locks frozen."""
+    (`clipdr.wiseft.create_start`), with the towers ``[train.finetune]`` locks frozen."""
     from open_clip import CoCa
 
     tc = plan.train
-    model = finetune.create_start(tc.model, tc.pretrained, tc.seed, device, plan.tracking_uri)
+    model = wiseft.create_start(tc.model, tc.pretrained, tc.seed, device, plan.tracking_uri)
     if isinstance(model, CoCa) and not tc.pretrained:
         from clipdr.models.captioners import init_coca_decoder
 
@@ -385,7 +385,7 @@ class Published:
 
     def weights(self, model: nn.Module, alpha: float) -> dict[str, Tensor]:
         tuned = self.finetuned(model)
-        return tuned if alpha == 1.0 or self.start is None else finetune.wise_ft(self.start, tuned, alpha)
+        return tuned if alpha == 1.0 or self.start is None else wiseft.wise_ft(self.start, tuned, alpha)
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Metrics of the published weights, then ``wise_ft/alpha_<a>/<metric>`` at every ``eval_alphas``."""
@@ -394,7 +394,7 @@ class Published:
         raw = _unwrap(model)
         ft = self.plan.train.finetune
         results: dict[str, float] = {}
-        for alpha, prefix in ((ft.wise_alpha, ""), *((a, finetune.alpha_label(a) + "/") for a in ft.eval_alphas)):
+        for alpha, prefix in ((ft.wise_alpha, ""), *((a, wiseft.alpha_label(a) + "/") for a in ft.eval_alphas)):
             if self.ema is None and alpha == 1.0:
                 target = raw  # the model itself: no copy
             else:

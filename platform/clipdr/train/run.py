@@ -388,25 +388,24 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     return _finish(cfg, tracker, result, run_name, log)
 
 
-def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
-    """Logs the final checkpoint and model (registered if asked) to the run and closes it."""
-    from clipdr import models, tracking
-    from clipdr.train import finetune
+def publish(cfg: Config, tracker: Any, directory: str | Path, run_name: str) -> tuple[checkpoint.CheckpointMeta, Any]:
+    """Logs the checkpoint in the local folder ``directory`` to ``tracker``'s run: its published files (the
+    fine-tuned weights, `checkpoint.PUBLISHED_FILES`) and the model, WiSE-FT with the start at
+    ``train.finetune.wise_alpha`` (`clipdr.wiseft`; registered if asked). Returns the checkpoint's meta and the
+    `tracking.LoggedModel`."""
+    from clipdr import models, tracking, wiseft
 
     tc = cfg.train
-    final = result.checkpoint
-    if final is None:
-        raise TrainError(f"run {run_name!r} finished without a checkpoint")
-    with final.as_directory() as directory:
-        meta = checkpoint.CheckpointMeta.read(directory)
-        for name in checkpoint.PUBLISHED_FILES:
-            tracker.log_artifact(Path(directory) / name, "checkpoint")
-        clip = models.create_model(meta.model)
-        weights = checkpoint.published_weights(directory)  # the EMA, with train.finetune.ema_decay
+    meta = checkpoint.CheckpointMeta.read(directory)
+    for name in checkpoint.PUBLISHED_FILES:  # the fine-tuned weights, which evaluation and export may interpolate
+        if (Path(directory) / name).exists():  # ema.pt only with train.finetune.ema_decay
+            tracker.log_artifact(Path(directory) / name, checkpoint.ARTIFACT_PATH)
+    clip = models.create_model(meta.model)
+    weights = checkpoint.published_weights(directory)  # the EMA, with train.finetune.ema_decay
     alpha = tc.finetune.wise_alpha
     if alpha != 1.0:  # WiSE-FT with the start (train.pretrained)
-        start = finetune.create_start(tc.model, tc.pretrained, tc.seed, tracking_uri=tracker.client.tracking_uri)
-        weights = finetune.wise_ft(start.state_dict(), weights, alpha)
+        start = wiseft.create_start(tc.model, tc.pretrained, tc.seed, tracking_uri=tracker.client.tracking_uri)
+        weights = wiseft.wise_ft(start.state_dict(), weights, alpha)
     clip.load_state_dict(weights)
     embedder = models.ClipEmbedder(clip.eval(), meta.model).eval()
     logged = tracking.log_model(
@@ -416,12 +415,23 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
             "clipdr_model": meta.model,
             "mode": meta.mode,
             "samples_seen": meta.samples_seen,
-            "ema_decay": tc.finetune.ema_decay,
-            "wise_alpha": alpha,
+            wiseft.LOGGED_EMA_DECAY: tc.finetune.ema_decay,
+            wiseft.LOGGED_ALPHA: alpha,
         },
         registered_model_name=tc.register,
         version_tags={"mode": tc.mode, "student": tc.model, "dataset": tc.data, "run_name": run_name},
     )
+    return meta, logged
+
+
+def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable[[str], None]) -> TrainResult:
+    """Logs the final checkpoint and model (registered if asked) to the run and closes it."""
+    tc = cfg.train
+    final = result.checkpoint
+    if final is None:
+        raise TrainError(f"run {run_name!r} finished without a checkpoint")
+    with final.as_directory() as directory:
+        meta, logged = publish(cfg, tracker, directory, run_name)
     if logged.version:  # a new registered version is the candidate the evaluation gate may promote
         from clipdr import lifecycle
 
