@@ -157,10 +157,10 @@ def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path, schema_
             replay = data.ReplayBatch(
                 manifest, preprocess, STUDENT, seed=plan.train.seed, epoch=epoch, caption_sets=plan.syn_caption_sets
             )
-            narrow = replay(records.read_shard_with_parts(uri, manifest, shard, columns))
-            out = replay(table)
-            for name, values in out.items():
-                assert np.array_equal(narrow[name], values), name
+            out = replay(records.read_shard_with_parts(uri, manifest, shard, columns))
+            if epoch == 0:  # the drawn columns alone give what the whole records give
+                for name, values in replay(table).items():
+                    assert np.array_equal(out[name], values), name
             outs.append(out)
         j = np.concatenate([out[data.SYN_INDEX] for out in outs])
         assert j.max() < total and len(set(j.tolist())) > 1
