@@ -26,7 +26,8 @@ SHEET_PAD = 2  # pixels between views on the contact sheet
 
 def column_bytes(shard_uris: Sequence[str], part_uris: Sequence[str] = ()) -> dict[str, int]:
     """Stored (compressed) bytes of each top-level column over ``shard_uris`` and the part files ``part_uris`` (their
-    key column left out: the base's is counted), from their Parquet footers: what a read of that column fetches."""
+    key column left out: the base's is counted), from their Parquet footers: what a read of that column fetches. The
+    row columns of a view-major dataset count under their record column (`records.record_column`)."""
     total: dict[str, int] = {}
     for uri in [*shard_uris, *part_uris]:
         fs, path = storage.resolve(uri)
@@ -36,7 +37,7 @@ def column_bytes(shard_uris: Sequence[str], part_uris: Sequence[str] = ()) -> di
             row_group = meta.row_group(group)
             for index in range(row_group.num_columns):
                 chunk = row_group.column(index)
-                name = chunk.path_in_schema.split(".")[0]
+                name = records.record_column(chunk.path_in_schema.split(".")[0])
                 if name == records.KEY and uri in part_uris:
                     continue
                 total[name] = total.get(name, 0) + chunk.total_compressed_size
@@ -49,7 +50,8 @@ def describe(dataset: records.ReinforcedDataset, sizes: dict[str, int] | None = 
     rows = max(m.num_rows, 1)
     lines = [
         f"dataset       {dataset.uri}",
-        f"made          {m.created_at} by clipdr {m.code_version} (record schema {m.schema_version})",
+        f"made          {m.created_at} by clipdr {m.code_version} (record schema {m.schema_version}"
+        + (", view-major)" if m.view_major else ")"),
         f"source        {m.source_uri} (fingerprint {m.source_fingerprint[:16]})",
         f"samples       {m.num_rows:,} in {len(m.shards)} shards; {m.num_skipped:,} skipped"
         + (f" ({', '.join(f'{reason} {count:,}' for reason, count in m.skipped)})" if m.skipped else ""),

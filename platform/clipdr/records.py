@@ -21,6 +21,25 @@ length of one encoded view, `augment.encoded_length`)::
     text_emb__<teacher>      fixed_size_list<fixed_size_list<float16, D>, 1+S> row 0 the real caption, rows 1..S
                                                                       the synthetic captions in `syn_captions` order
 
+Layout versions (`SCHEMA_VERSIONS`; the manifest's ``schema_version`` says which; new datasets are written as
+`SCHEMA_VERSION`). The table above is version 1, and it stays the *record layout*: the columns `build_table` takes
+and the accessors (`image_embeddings`, `text_embeddings`, `aug_params`, `stacked`) give, whatever the version, so
+writers and readers of whole records do not see the version. Version 2 (`VIEW_MAJOR`) stores each row of a
+per-view or per-text-row column (`is_row_major`: ``aug_params``, every ``image_emb__<t>``, ``text_emb__<t>`` and a
+caption set's ``text_emb__<t>__<set>``) as a column of its own, ``<column>__<row>`` (`row_column`)::
+
+    aug_params__<k>          fixed_size_list<float32, L>   view k's parameters, k in [0, K)
+    image_emb__<t>__<k>      fixed_size_list<float16, D>   teacher t's embedding of view k
+    text_emb__<t>__<r>       fixed_size_list<float16, D>   row r of text_emb__<t>, r in [0, 1+S)
+    text_emb__<t>__<set>__<r> fixed_size_list<float16, D>  row r of an added caption set's embeddings (a part)
+
+because Parquet reads a column chunk whole: training uses one view and one synthetic caption of a sample an epoch,
+and in version 1 it fetched all K views and 1 + S text rows to use one of each (10x the bytes it used at
+DataCompDR's layout; 1.04x in version 2: docs/bench/train.md). `drawn_columns` gives the columns of one drawn
+(view, caption); `read_shard_with_parts` also takes record-layout names and stacks their rows back. Synthetic
+captions stay one list column: a few hundred bytes a sample, read whole. Version 1 datasets stay readable and
+trainable; a part takes its dataset's version.
+
 Every field but ``uid`` is non-nullable. ``uid`` exists only in datasets whose manifest says ``has_uid`` (a
 DataCompDR conversion: it is how users join back to DataComp's metadata), and is null for a sample whose source
 gave none; a manifest without ``has_uid`` (every dataset written before the column existed) omits the key, so
@@ -66,7 +85,9 @@ import pyarrow.parquet as pq
 from clipdr import __version__, augment, config, storage
 from clipdr.config import AugmentConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what new datasets are written as
+SCHEMA_VERSIONS = (1, 2)  # what this code reads (module docstring, "Layout versions")
+VIEW_MAJOR = 2  # the first version that stores each view and text row in a column of its own
 MANIFEST_NAME = "manifest.json"
 SHARD_SUFFIX = ".parquet"
 
@@ -156,6 +177,38 @@ def set_text_emb_column(teacher: str, caption_set: str) -> str:
     default set: its embeddings are rows 1..S of `text_emb_column`)."""
     _check(caption_set != DEFAULT_CAPTION_SET, "the default caption set's text embeddings are in text_emb__<teacher>")
     return f"{text_emb_column(teacher)}__{validate_caption_set_name(caption_set)}"
+
+
+_ROW_INDEX = re.compile(r"0|[1-9][0-9]*")
+_ROW_SUFFIX = re.compile(r"__(?:0|[1-9][0-9]*)$")
+
+
+def row_column(column: str, row: int) -> str:
+    """Name of the stored column holding row ``row`` of per-row column ``column`` in a view-major dataset
+    (`VIEW_MAJOR`): ``aug_params__3``, ``image_emb__openai__3``, ``text_emb__openai__0``, ``text_emb__openai__beam__2``.
+
+    The suffix is ``__`` and the row's decimal digits. Teacher and caption set names start with a letter and hold no
+    ``__`` (`validate_teacher_name`), so no teacher's or caption set's column can end that way: ``text_emb__t__2`` is
+    row 2 of ``text_emb__t``, never a caption set named ``2``, and every name stays a plain SQL identifier.
+    """
+    _check(is_row_major(column), f"column {column!r} has no rows of its own to store apart")
+    _check(_is_int(row) and row >= 0, f"row must be an integer >= 0, got {row!r}")
+    return f"{column}__{row}"
+
+
+def is_row_major(column: str) -> bool:
+    """Whether ``column`` (a name of the record layout: `Manifest.record_schema`) is one whose rows a view-major
+    dataset stores as columns of their own: `AUG_PARAMS` and every teacher's embeddings."""
+    if column == AUG_PARAMS:
+        return True
+    return column.startswith((IMAGE_EMB_PREFIX, TEXT_EMB_PREFIX)) and not _ROW_SUFFIX.search(column)
+
+
+def record_column(column: str) -> str:
+    """The record-layout column a stored column belongs to: ``image_emb__t`` for ``image_emb__t__3`` (`row_column`),
+    ``column`` itself otherwise."""
+    base, _, row = column.rpartition("__")
+    return base if base and _ROW_INDEX.fullmatch(row) and is_row_major(base) else column
 
 
 def part_name(kind: str, what: str) -> str:
@@ -439,7 +492,7 @@ class Manifest:
         object.__setattr__(self, "parts", tuple(self.parts))
         skipped = self.skipped.items() if isinstance(self.skipped, Mapping) else self.skipped
         object.__setattr__(self, "skipped", tuple(sorted((r, c) for r, c in skipped)))
-        _check(self.schema_version == SCHEMA_VERSION, _version_message(self.schema_version, "manifest"))
+        _check(self.schema_version in SCHEMA_VERSIONS, _version_message(self.schema_version, "manifest"))
         _check(len(self.teachers) >= 1, "a manifest needs at least one teacher")
         names = [t.name for t in self.teachers]
         _check(len(set(names)) == len(names), f"teacher names must be unique, got {names}")
@@ -542,11 +595,51 @@ class Manifest:
         raise RecordsError(f"no part {name!r} in this dataset's manifest; it lists {[p.name for p in self.parts]}")
 
     def part_of_column(self, column: str) -> PartSpec | None:
-        """The part whose files hold ``column``; None when the base shards do."""
+        """The part whose files hold ``column`` (a stored name, or a name of the record layout); None when the base
+        shards do."""
+        column = self.stored_columns(column)[0]
         for part in self.parts:
             if column in part_schema(self, part).names and column != KEY:
                 return part
         return None
+
+    @property
+    def view_major(self) -> bool:
+        """Whether each view and text row is a column of its own (`VIEW_MAJOR`, module docstring)."""
+        return self.schema_version >= VIEW_MAJOR
+
+    def record_schema(self) -> pa.Schema:
+        """The base shards' columns as `build_table` takes them and the accessors give them, whatever the layout
+        version: every per-view or per-text-row value one ``(R, ...)`` list column (the version 1 layout)."""
+        return reinforced_schema(
+            self.teachers,
+            self.num_augmentations,
+            self.num_syn_captions,
+            num_aug_ops=self.augment.num_ops,
+            has_uid=self.has_uid,
+            schema_version=1,
+        )
+
+    def stored_columns(self, column: str) -> list[str]:
+        """The stored columns that hold ``column`` of the record layout (`record_schema`, a part's included): itself,
+        or in a view-major dataset its rows' columns (`row_column`), in row order. A name the record layout does not
+        know (a stored row column, say) is returned as it is."""
+        if not self.view_major or not is_row_major(column):
+            return [column]
+        fields = [self.record_schema(), *(part_schema(self, p, record=True) for p in self.parts)]
+        for schema in fields:
+            if column in schema.names:
+                return [row_column(column, r) for r in range(schema.field(column).type.list_size)]
+        return [column]
+
+    def captioner_of(self, caption_set: str) -> CaptionerSpec:
+        """What wrote caption set ``caption_set`` (`caption_sets`); RecordsError lists the sets there are."""
+        if caption_set == DEFAULT_CAPTION_SET and self.num_syn_captions:
+            return self.captioner
+        for part in self.parts:
+            if part.kind == "captions" and part.caption_set == caption_set:
+                return part.captioner
+        raise RecordsError(f"no caption set {caption_set!r} in this dataset; it has {list(self.caption_sets)}")
 
     def without_parts(self) -> Manifest:
         """This manifest as the base shards' job wrote it (what parts are fingerprinted against)."""
@@ -571,13 +664,14 @@ class Manifest:
         return (self.num_augmentations + 1 + self.num_syn_captions) * sum(t.embed_dim for t in self.teachers) * 2
 
     def schema(self) -> pa.Schema:
-        """The Arrow schema every shard of this dataset has."""
+        """The Arrow schema every shard of this dataset has (its layout version's: `record_schema` for version 1)."""
         return reinforced_schema(
             self.teachers,
             self.num_augmentations,
             self.num_syn_captions,
             num_aug_ops=self.augment.num_ops,
             has_uid=self.has_uid,
+            schema_version=self.schema_version,
         )
 
     def shard_uris(self, uri_dir: str) -> list[str]:
@@ -607,7 +701,7 @@ class Manifest:
             raise RecordsError(f"{where}: expected a JSON object, got {type(data).__name__}")
         if "schema_version" not in data:
             raise RecordsError(f"{where}: missing key 'schema_version'")
-        _check(data["schema_version"] == SCHEMA_VERSION, _version_message(data["schema_version"], where))
+        _check(data["schema_version"] in SCHEMA_VERSIONS, _version_message(data["schema_version"], where))
         data = {"has_uid": False, "parts": [], **data}  # absent: no uid column, no parts (`to_dict`)
         _check_keys(cls, data, "", where)
         skipped = data["skipped"]
@@ -632,12 +726,13 @@ class Manifest:
 
 
 def _version_message(version: Any, where: str) -> str:
+    readable = " and ".join(str(v) for v in SCHEMA_VERSIONS)
     if _is_int(version) and version > SCHEMA_VERSION:
         return (
             f"{where} has schema_version {version}: written by a newer clipdr? "
-            f"This code (clipdr {__version__}) reads version {SCHEMA_VERSION}"
+            f"This code (clipdr {__version__}) reads versions {readable}"
         )
-    return f"{where} has unknown schema_version {version!r}; this code reads version {SCHEMA_VERSION}"
+    return f"{where} has unknown schema_version {version!r}; this code reads versions {readable}"
 
 
 def _nested_dataclasses(tp: Any, value: Any, key: str) -> list[tuple[type, dict[str, Any], str]]:
@@ -685,6 +780,7 @@ def reinforced_schema(
     num_syn_captions: int,
     num_aug_ops: int = AugmentSpec().num_ops,
     has_uid: bool = False,
+    schema_version: int = SCHEMA_VERSION,
 ) -> pa.Schema:
     """The Arrow schema of a reinforced shard (module docstring).
 
@@ -694,6 +790,8 @@ def reinforced_schema(
         num_syn_captions: S; 0 leaves out the ``syn_captions`` column.
         num_aug_ops: RandAugment ops a view (``AugmentSpec.num_ops``), which fixes L.
         has_uid: Include the nullable ``uid`` column.
+        schema_version: The layout version (`SCHEMA_VERSIONS`); from `VIEW_MAJOR` on, each row of a per-view or
+            per-text-row column is a column of its own (`stored_schema`).
     """
     for spec in teachers:
         validate_teacher_name(spec.name)
@@ -717,11 +815,30 @@ def reinforced_schema(
                 text_emb_column(spec.name), _fixed_list(pa.float16(), 1 + num_syn_captions, spec.embed_dim), False
             ),
         ]
+    return stored_schema(pa.schema(fields), schema_version)
+
+
+def stored_schema(record: pa.Schema, schema_version: int) -> pa.Schema:
+    """The stored schema of columns ``record`` (the record layout: `Manifest.record_schema`) in layout version
+    ``schema_version``: the same for version 1; from `VIEW_MAJOR` on, each per-row column (`is_row_major`) of shape
+    (R, ...) becomes R columns of shape (...), named by `row_column`, in row order and in its place."""
+    _check(schema_version in SCHEMA_VERSIONS, _version_message(schema_version, "the layout"))
+    if schema_version < VIEW_MAJOR:
+        return record
+    fields = []
+    for field_ in record:
+        if is_row_major(field_.name):
+            row_type = field_.type.value_type
+            fields += [pa.field(row_column(field_.name, r), row_type, False) for r in range(field_.type.list_size)]
+        else:
+            fields.append(field_)
     return pa.schema(fields)
 
 
-def part_schema(manifest: Manifest, part: PartSpec) -> pa.Schema:
-    """The Arrow schema every file of ``part`` has: `KEY`, then the part's columns (`PartSpec`)."""
+def part_schema(manifest: Manifest, part: PartSpec, record: bool = False) -> pa.Schema:
+    """The Arrow schema every file of ``part`` has: `KEY`, then the part's columns (`PartSpec`), in the dataset's
+    layout version (`stored_schema`); with ``record``, as `build_table` takes them (`Manifest.record_schema`)."""
+    version = 1 if record else manifest.schema_version
     fields = [pa.field(KEY, pa.string(), nullable=False)]
     if part.kind == "captions":
         S_set = part.num_syn_captions
@@ -731,7 +848,7 @@ def part_schema(manifest: Manifest, part: PartSpec) -> pa.Schema:
             fields.append(
                 pa.field(set_text_emb_column(name, part.caption_set), _fixed_list(pa.float16(), S_set, D), False)
             )
-        return pa.schema(fields)
+        return stored_schema(pa.schema(fields), version)
     spec, K, S = part.teacher, manifest.num_augmentations, manifest.num_syn_captions
     fields += [
         pa.field(image_emb_column(spec.name), _fixed_list(pa.float16(), K, spec.embed_dim), False),
@@ -742,7 +859,7 @@ def part_schema(manifest: Manifest, part: PartSpec) -> pa.Schema:
         _check(caption_set in sets, f"part {part.name!r}: no caption set {caption_set!r} in the dataset")
         shape = (sets[caption_set], spec.embed_dim)
         fields.append(pa.field(set_text_emb_column(spec.name, caption_set), _fixed_list(pa.float16(), *shape), False))
-    return pa.schema(fields)
+    return stored_schema(pa.schema(fields), version)
 
 
 @dataclass(frozen=True)
@@ -753,8 +870,15 @@ class PartLayout:
     manifest: Manifest
     part: PartSpec
 
+    @property
+    def schema_version(self) -> int:
+        return self.manifest.schema_version
+
     def schema(self) -> pa.Schema:
         return part_schema(self.manifest, self.part)
+
+    def record_schema(self) -> pa.Schema:
+        return part_schema(self.manifest, self.part, record=True)
 
 
 def _describe_type(value_type: pa.DataType) -> str:
@@ -825,6 +949,16 @@ def _nested_array(values_NX: np.ndarray) -> pa.Array:
     return array
 
 
+def _stored_arrays(column: str, values_NRX: np.ndarray, schema_version: int) -> dict[str, pa.Array]:
+    """Per-row column ``column`` as stored in layout ``schema_version`` (`stored_schema`): one nested array, or one
+    a row (each row's values copied together, so a read of it is one contiguous column)."""
+    if schema_version < VIEW_MAJOR:
+        return {column: _nested_array(values_NRX)}
+    return {
+        row_column(column, r): _nested_array(np.ascontiguousarray(values_NRX[:, r])) for r in range(values_NRX.shape[1])
+    }
+
+
 def _encode_aug_params(values: Any, num_rows: int, num_augmentations: int, length: int) -> np.ndarray:
     """The (N, K, L) float32 encoding of the views: already-encoded arrays, or `augment.AugParams` objects."""
     if not isinstance(values, np.ndarray | pa.Array | pa.ChunkedArray):
@@ -864,16 +998,18 @@ def _syn_caption_array(values: Any, column: str, num_rows: int, value_type: pa.D
     return pa.FixedSizeListArray.from_arrays(flat, type=value_type)
 
 
-def _build_part_table(columns: Mapping[str, Any], schema: pa.Schema, keys: pa.Array) -> pa.Table:
+def _build_part_table(columns: Mapping[str, Any], layout: PartLayout, keys: pa.Array) -> pa.Table:
     arrays = {KEY: keys}
-    for field_ in schema:
+    for field_ in layout.record_schema():
         if field_.name == KEY:
             continue
         if is_syn_captions_column(field_.name):
             arrays[field_.name] = _syn_caption_array(columns[field_.name], field_.name, len(keys), field_.type)
         else:
             shape = _describe_shape(field_.type)
-            arrays[field_.name] = _nested_array(_embeddings(columns[field_.name], field_.name, (len(keys), *shape)))
+            values = _embeddings(columns[field_.name], field_.name, (len(keys), *shape))
+            arrays.update(_stored_arrays(field_.name, values, layout.schema_version))
+    schema = layout.schema()
     table = pa.Table.from_arrays([arrays[name] for name in schema.names], schema=schema)
     assert table.schema.equals(schema), "build_table produced a schema other than the part's"
     return table
@@ -890,8 +1026,11 @@ def _describe_shape(value_type: pa.DataType) -> tuple[int, ...]:
 def build_table(columns: Mapping[str, Any], manifest: Manifest | PartLayout) -> pa.Table:
     """Builds one shard's table from columnar data, checking every column against the manifest's layout.
 
+    Writers hand it the same arrays whatever the dataset's layout version; it lays them out by version
+    (`stored_schema`: in a view-major dataset, each row of a per-view or per-text-row array becomes a column).
+
     Args:
-        columns: Exactly the columns of ``manifest.schema()``, keyed by this module's names: `KEY`,
+        columns: Exactly the columns of ``manifest.record_schema()``, keyed by this module's names: `KEY`,
             `CAPTION`, `IMAGE_EXT` string sequences (image_ext lowercase without a dot, e.g. ``jpg``);
             `IMAGE` a sequence of bytes; `UID` (when ``manifest.has_uid``) strings or None;
             `SYN_CAPTIONS` (when S > 0) N sequences of S strings;
@@ -911,15 +1050,16 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest | PartLayout) -> 
         RecordsError: A missing or unknown column, a wrong row count or shape, missing values, duplicate keys,
             or embeddings that are not finite and L2-normalised. The message names the column.
     """
-    schema = manifest.schema()
-    missing = [name for name in schema.names if name not in columns]
-    unknown = [name for name in columns if name not in schema.names]
+    record = manifest.record_schema()
+    missing = [name for name in record.names if name not in columns]
+    unknown = [name for name in columns if name not in record.names]
     _check(not missing and not unknown, f"build_table: missing columns {missing}, unknown columns {unknown}")
     keys = _strings(columns[KEY], KEY, len(columns[KEY]))
     num_rows = len(keys)
     _check(len(set(keys.to_pylist())) == num_rows, f"column {KEY!r} has duplicate keys")
     if isinstance(manifest, PartLayout):
-        return _build_part_table(columns, schema, keys)
+        return _build_part_table(columns, manifest, keys)
+    schema, version = manifest.schema(), manifest.schema_version
     K, S = manifest.num_augmentations, manifest.num_syn_captions
     arrays: dict[str, pa.Array] = {KEY: keys}
     arrays[CAPTION] = _strings(columns[CAPTION], CAPTION, num_rows)
@@ -941,14 +1081,15 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest | PartLayout) -> 
 
     if S > 0:
         arrays[SYN_CAPTIONS] = _syn_caption_array(
-            columns[SYN_CAPTIONS], SYN_CAPTIONS, num_rows, schema.field(SYN_CAPTIONS).type
+            columns[SYN_CAPTIONS], SYN_CAPTIONS, num_rows, record.field(SYN_CAPTIONS).type
         )
 
     aug_NKL = _encode_aug_params(columns[AUG_PARAMS], num_rows, K, manifest.aug_param_length)
-    arrays[AUG_PARAMS] = _nested_array(aug_NKL)
+    arrays.update(_stored_arrays(AUG_PARAMS, aug_NKL, version))
     for spec in manifest.teachers:
         for column, rows in ((image_emb_column(spec.name), K), (text_emb_column(spec.name), 1 + S)):
-            arrays[column] = _nested_array(_embeddings(columns[column], column, (num_rows, rows, spec.embed_dim)))
+            values = _embeddings(columns[column], column, (num_rows, rows, spec.embed_dim))
+            arrays.update(_stored_arrays(column, values, version))
 
     table = pa.Table.from_arrays([arrays[name] for name in schema.names], schema=schema)
     assert table.schema.equals(schema), "build_table produced a schema other than the manifest's"
@@ -992,19 +1133,101 @@ def fixed_shape_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def stacked(data: pa.Table | pa.RecordBatch, column: str) -> np.ndarray:
+    """Per-row column ``column`` of the record layout (`is_row_major`) as an (N, R, ...) array, from either layout:
+    the nested column (version 1, zero-copy as `fixed_shape_numpy`), or the columns of its rows (`row_column`; all R
+    of them must be in ``data``; one copy)."""
+    names = data.schema.names
+    if column in names:
+        return fixed_shape_numpy(data.column(column))
+    prefix = column + "__"
+    rows = sorted(
+        int(n[len(prefix) :]) for n in names if n.startswith(prefix) and _ROW_INDEX.fullmatch(n[len(prefix) :])
+    )
+    _check(bool(rows), f"no column {column!r} nor columns of its rows; the data has {names}")
+    _check(rows == list(range(len(rows))), f"column {column!r}: the data holds its rows {rows}, not all of 0..R-1")
+    return np.stack([fixed_shape_numpy(data.column(row_column(column, r))) for r in rows], axis=1)
+
+
 def image_embeddings(data: pa.Table | pa.RecordBatch, teacher: str) -> np.ndarray:
-    """``teacher``'s image embeddings, fp16 (N, K, D); row k is view k of `aug_params`."""
-    return fixed_shape_numpy(_column(data, image_emb_column(teacher)))
+    """``teacher``'s image embeddings, fp16 (N, K, D); row k is view k of `aug_params`. Either layout (`stacked`)."""
+    return stacked(data, image_emb_column(teacher))
 
 
 def text_embeddings(data: pa.Table | pa.RecordBatch, teacher: str) -> np.ndarray:
-    """``teacher``'s text embeddings, fp16 (N, 1+S, D); row 0 the real caption, rows 1..S `syn_captions`."""
-    return fixed_shape_numpy(_column(data, text_emb_column(teacher)))
+    """``teacher``'s text embeddings, fp16 (N, 1+S, D); row 0 the real caption, rows 1..S `syn_captions`. Either
+    layout (`stacked`)."""
+    return stacked(data, text_emb_column(teacher))
 
 
 def aug_params(data: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """The encoded views, float32 (N, K, L); ``augment.AugParams.from_array(views_NKL[i, k])`` decodes one."""
-    return fixed_shape_numpy(_column(data, AUG_PARAMS))
+    """The encoded views, float32 (N, K, L); ``augment.AugParams.from_array(views_NKL[i, k])`` decodes one. Either
+    layout (`stacked`)."""
+    return stacked(data, AUG_PARAMS)
+
+
+# --------------------------------------------------------------------------- reading one drawn view
+
+
+def caption_row(manifest: Manifest, caption_sets: Sequence[str], index: int) -> tuple[str, int]:
+    """Synthetic caption ``index`` of the captions of ``caption_sets`` concatenated in that order (how training
+    numbers them), as ``(its caption set, its row in the set)``."""
+    sets = manifest.caption_sets
+    for caption_set in caption_sets:
+        _check(caption_set in sets, f"no caption set {caption_set!r} in this dataset; it has {list(sets)}")
+        if 0 <= index < sets[caption_set]:
+            return caption_set, index
+        index -= sets[caption_set]
+    raise RecordsError(f"caption sets {list(caption_sets)} have {sum(sets[s] for s in caption_sets)} captions a row")
+
+
+def set_text_rows(teacher: str, caption_set: str) -> tuple[str, int]:
+    """``(column, first row)`` of ``teacher``'s text embeddings of caption set ``caption_set``: rows 1.. of
+    `text_emb_column` for the base shards' own set, rows 0.. of `set_text_emb_column` for an added one."""
+    if caption_set == DEFAULT_CAPTION_SET:
+        return text_emb_column(teacher), 1
+    return set_text_emb_column(teacher, caption_set), 0
+
+
+def drawn_columns(
+    manifest: Manifest,
+    teachers: Sequence[str] = (),
+    caption_sets: Sequence[str] = (),
+    view: int | None = None,
+    syn_caption: int | None = None,
+) -> list[str]:
+    """The stored columns a read needs for one drawn view and synthetic caption of every sample: `KEY`, `IMAGE`,
+    `CAPTION`, view ``view``'s parameters, the captions of ``caption_sets``, and of each of ``teachers`` the
+    embedding of view ``view``, of the real caption and of synthetic caption ``syn_caption`` (numbered over the
+    sets concatenated: `caption_row`).
+
+    In a view-major dataset (`Manifest.view_major`) that is one row column each (`row_column`); ``view`` or
+    ``syn_caption`` None takes every row instead (a draw per sample). A version 1 dataset stores all rows in one
+    column, so it gives the whole columns whatever the draw. Columns of parts are named as the base's: pass them
+    to `read_shard_with_parts`.
+    """
+    K = manifest.num_augmentations
+    _check(view is None or (_is_int(view) and 0 <= view < K), f"view must be in [0, {K}), got {view!r}")
+
+    def rows(column: str, chosen: Sequence[int] | None) -> list[str]:
+        stored = manifest.stored_columns(column)
+        return stored if not manifest.view_major or chosen is None else [stored[r] for r in chosen]
+
+    views = None if view is None else [view]
+    columns = [KEY, IMAGE, CAPTION, *rows(AUG_PARAMS, views)]
+    columns += [syn_captions_column(s) for s in caption_sets]
+    if syn_caption is None:
+        syn_rows = [(s, None) for s in caption_sets]
+    else:
+        syn_rows = [caption_row(manifest, caption_sets, syn_caption)]
+    for teacher in teachers:
+        columns += rows(image_emb_column(teacher), views)
+        columns += rows(text_emb_column(teacher), [0])  # the real caption
+        for caption_set, row in syn_rows:
+            column, first = set_text_rows(teacher, caption_set)
+            count = manifest.caption_sets[caption_set]
+            columns += rows(column, range(first, first + count) if row is None else [first + row])
+    return list(dict.fromkeys(columns))
 
 
 # --------------------------------------------------------------------------- shard files
@@ -1121,6 +1344,8 @@ def _footer_metadata(schema: pa.Schema, file_metadata: pq.FileMetaData) -> dict[
 def read_shard_with_parts(uri_dir: str, manifest: Manifest, shard_path: str, columns: Sequence[str]) -> pa.Table:
     """``columns`` of base shard ``shard_path`` (as the manifest lists it), each read from the file that holds it:
     the shard, or a part's file for it (`Manifest.part_of_column`); a part that holds none of them is not opened.
+    Columns are stored names (`drawn_columns`), or names of the record layout (`Manifest.record_schema`), which a
+    view-major dataset gives back as that layout's ``(R, ...)`` column, its rows read and stacked.
 
     Parts join by position: a part file holds the base shard's rows in its order. The join is checked here, by row
     count and then by `KEY`, before any column is used.
@@ -1131,8 +1356,9 @@ def read_shard_with_parts(uri_dir: str, manifest: Manifest, shard_path: str, col
     """
     paths = [s.path for s in manifest.shards]
     _check(shard_path in paths, f"no shard {shard_path!r} in the manifest of {uri_dir!r}")
+    stored = {column: manifest.stored_columns(column) for column in columns}
     wanted: dict[str | None, list[str]] = {None: []}
-    for column in columns:
+    for column in dict.fromkeys(name for names in stored.values() for name in names):
         part = manifest.part_of_column(column)
         if part is None and column not in manifest.schema().names:
             raise RecordsError(f"no file of dataset {uri_dir!r} holds column {column!r}")
@@ -1160,7 +1386,14 @@ def read_shard_with_parts(uri_dir: str, manifest: Manifest, shard_path: str, col
             )
         tables[name] = table
     owner = {column: name for name, names in wanted.items() for column in names}
-    return pa.table({column: tables[owner[column]].column(column) for column in columns})
+
+    def value(column: str) -> pa.ChunkedArray | pa.Array:
+        if stored[column] == [column]:
+            return tables[owner[column]].column(column)
+        rows = [fixed_shape_numpy(tables[owner[name]].column(name)) for name in stored[column]]
+        return _nested_array(np.stack(rows, axis=1))  # a record-layout column read from a view-major dataset
+
+    return pa.table({column: value(column) for column in columns})
 
 
 FOOTER_READ_THREADS = 32

@@ -48,7 +48,7 @@ def teacher_part(caption_sets=(SET,)) -> records.PartSpec:
 def part_columns(layout: records.PartLayout, keys: list[str], seed: int) -> dict:
     rng = np.random.default_rng(seed)
     columns = {records.KEY: keys}
-    for field in layout.schema():
+    for field in layout.record_schema():  # what build_table takes, whatever the layout version
         if field.name == records.KEY:
             continue
         if records.is_syn_captions_column(field.name):
@@ -89,11 +89,19 @@ def test_a_manifest_without_parts_keeps_its_bytes_and_one_with_parts_round_trips
     assert again == manifest
     assert manifest.caption_sets == {records.DEFAULT_CAPTION_SET: S, SET: S_SET}
     assert manifest.teacher_names == ("openai", "datacomp_xl", "dfn")
-    assert records.part_schema(manifest, manifest.part("teacher__dfn")).names == [
+    part = manifest.part("teacher__dfn")
+    assert records.part_schema(manifest, part, record=True).names == [
         "key",
         "image_emb__dfn",
         "text_emb__dfn",
         "text_emb__dfn__beam",
+    ]
+    # A part takes its dataset's layout: view-major here, one column a view and a text row.
+    assert manifest.view_major and records.part_schema(manifest, part).names == [
+        "key",
+        *(f"image_emb__dfn__{k}" for k in range(manifest.num_augmentations)),
+        *(f"text_emb__dfn__{r}" for r in range(1 + S)),
+        *(f"text_emb__dfn__beam__{r}" for r in range(S_SET)),
     ]
     assert records.open_dataset(str(root), require_teachers=["dfn"]).manifest == manifest
 
@@ -144,7 +152,7 @@ def test_misaligned_missing_unlisted_and_foreign_part_files_are_refused_naming_p
     ):
         records.open_dataset(str(root))
     part_file.write_bytes(original)
-    _rewrite(part_file, lambda t: t.drop_columns(["text_emb__openai__beam"]))
+    _rewrite(part_file, lambda t: t.drop_columns(["text_emb__openai__beam__0"]))
     with pytest.raises(records.RecordsError, match=r"part 'captions__beam', shard .*missing columns"):
         records.open_dataset(str(root))
 

@@ -111,7 +111,7 @@ def test_teacher_names_are_validated():
 
 
 def test_schema_for_two_teachers_with_different_dims():
-    schema = records.reinforced_schema(TEACHERS, K, S, num_aug_ops=2)
+    schema = records.reinforced_schema(TEACHERS, K, S, num_aug_ops=2, schema_version=1)
     assert schema.names == [
         records.KEY,
         records.IMAGE,
@@ -139,9 +139,9 @@ def test_schema_for_two_teachers_with_different_dims():
     assert shape_and_leaf("text_emb__datacomp_xl") == ((1 + S, 24), pa.float16())
     assert shape_and_leaf(records.AUG_PARAMS) == ((K, 9), pa.float32())
     assert shape_and_leaf(records.SYN_CAPTIONS) == ((S,), pa.string())
-    assert make_manifest().schema().equals(schema)
+    assert make_manifest(schema_version=1).schema().equals(schema) and make_manifest().record_schema().equals(schema)
     # Without synthetic captions the column is left out, and text embeddings hold the real caption only.
-    no_syn = records.reinforced_schema(TEACHERS, K, 0)
+    no_syn = records.reinforced_schema(TEACHERS, K, 0, schema_version=1)
     assert records.SYN_CAPTIONS not in no_syn.names
     assert no_syn.field("text_emb__openai").type.list_size == 1
 
@@ -204,7 +204,7 @@ def test_shard_footers_are_read_in_parallel_in_order_and_fail_loudly(tmp_path, m
 
 
 def test_embedding_accessors_are_zero_copy_and_handle_slices_and_chunks(tmp_path):
-    manifest = make_manifest()
+    manifest = make_manifest(schema_version=1)  # one list column a teacher: its rows are a view of Arrow memory
     columns = make_columns(manifest, 10)
     expected_NKD = columns["image_emb__openai"].astype(np.float16)
     uri = str(tmp_path / "part.parquet")
@@ -240,11 +240,11 @@ def test_build_table_accepts_encoded_views_and_empty_shards():
 
 
 def test_adding_a_teacher_rebuilds_from_a_stored_shard(tmp_path):
-    old = make_manifest(TEACHERS[:1])
+    old = make_manifest(TEACHERS[:1], schema_version=1)  # a view-major shard is read by record names to rebuild
     uri = str(tmp_path / "part.parquet")
     records.write_shard(uri, records.build_table(make_columns(old, 4), old))
     stored = records.read_shard(uri)
-    new = make_manifest((*TEACHERS[:1], teacher("dfn", 8)))
+    new = make_manifest((*TEACHERS[:1], teacher("dfn", 8)), schema_version=1)
     rng = np.random.default_rng(5)
     columns = {name: stored[name] for name in stored.column_names}
     columns["image_emb__dfn"] = unit_vectors(rng, 4, K, 8)
@@ -303,19 +303,24 @@ def _scaled_one(values: np.ndarray, factor: float) -> np.ndarray:
     return values
 
 
-def test_fp16_bytes_match_formula_in_memory_and_on_disk(tmp_path):
+@pytest.mark.parametrize("schema_version", records.SCHEMA_VERSIONS)
+def test_fp16_bytes_match_formula_in_memory_and_on_disk(tmp_path, schema_version):
     # DataCompDR as MOBILECLIP.md states it: (K + 1 + S) x T x D x 2 bytes a sample.
     big = [teacher("openai", 768), teacher("datacomp_xl", 768)]
     assert make_manifest(big, 30, 5).embedding_bytes_per_sample == 36 * 2 * 768 * 2 == 110_592
     assert make_manifest(big, 10, 5).embedding_bytes_per_sample == 16 * 2 * 768 * 2 == 49_152
 
-    manifest = make_manifest((teacher("openai", 256), teacher("datacomp_xl", 384)))
+    manifest = make_manifest((teacher("openai", 256), teacher("datacomp_xl", 384)), schema_version=schema_version)
     per_sample = manifest.embedding_bytes_per_sample
     assert per_sample == (K + 1 + S) * (256 + 384) * 2
     num_rows = 12
     table = records.build_table(make_columns(manifest, num_rows), manifest)
     embedding_columns = [n for n in table.column_names if n.startswith(("image_emb__", "text_emb__"))]
-    in_memory = sum(table[n].chunk(0).flatten().flatten().buffers()[1].size for n in embedding_columns)
+    depth = 2 if schema_version == 1 else 1  # (R, D) lists, or one column a row of D
+    leaves = [table[n].chunk(0) for n in embedding_columns]
+    for _ in range(depth):
+        leaves = [leaf.flatten() for leaf in leaves]
+    in_memory = sum(leaf.buffers()[1].size for leaf in leaves)
     assert in_memory == num_rows * per_sample
     assert sum(table[n].nbytes for n in embedding_columns) == num_rows * per_sample  # no validity bitmaps
 
@@ -461,8 +466,11 @@ def _edited(edit) -> str:
         (lambda d: d["teachers"][0].update(embed_dim=True), r"teachers\[0\].embed_dim: expected an integer"),
         (lambda d: d["augment"].update(num_ops=2.5), r"augment.num_ops: expected an integer"),
         (lambda d: d.update(skipped=[["x", 1]]), r"skipped: expected an object of reason -> count"),
-        (lambda d: d.update(schema_version=2), r"schema_version 2: written by a newer clipdr\? .* reads version 1"),
-        (lambda d: d.update(schema_version="1"), r"unknown schema_version '1'; this code reads version 1"),
+        (
+            lambda d: d.update(schema_version=3),
+            r"schema_version 3: written by a newer clipdr\? .* reads versions 1 and 2",
+        ),
+        (lambda d: d.update(schema_version="1"), r"unknown schema_version '1'; this code reads versions 1 and 2"),
         (lambda d: d.pop("schema_version"), r"missing key 'schema_version'"),
         (lambda d: d["teachers"][0].update(name="Open AI"), r"invalid teacher name 'Open AI'"),
         (lambda d: d.update(captioner=None), r"num_syn_captions is 2 but no captioner is recorded"),
@@ -516,7 +524,9 @@ def test_open_dataset_refuses_newer_schema_version(tmp_path):
     data = json.loads((tmp_path / "manifest.json").read_text())
     data["schema_version"] = 7
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(records.RecordsError, match=r"schema_version 7: written by a newer clipdr\? .*reads version 1"):
+    with pytest.raises(
+        records.RecordsError, match=r"schema_version 7: written by a newer clipdr\? .*reads versions 1 and 2"
+    ):
         records.open_dataset(str(tmp_path))
 
 
@@ -552,9 +562,9 @@ def test_open_dataset_refuses_row_count_mismatch(tmp_path):
 
 
 def test_open_dataset_refuses_shard_schema_mismatch(tmp_path):
-    manifest = write_dataset(tmp_path, make_manifest())
+    manifest = write_dataset(tmp_path, make_manifest(schema_version=1))
     # A shard made with K=3 views and another datacomp_xl width, under the manifest's name.
-    other = make_manifest((teacher("openai", 16), teacher("datacomp_xl", 32)), num_augmentations=3)
+    other = make_manifest((teacher("openai", 16), teacher("datacomp_xl", 32)), num_augmentations=3, schema_version=1)
     uri = str(tmp_path / manifest.shards[1].path)
     records.write_shard(uri, records.build_table(make_columns(other, 3), other))
     with pytest.raises(records.RecordsError) as excinfo:
@@ -566,11 +576,11 @@ def test_open_dataset_refuses_shard_schema_mismatch(tmp_path):
     assert "column 'text_emb__datacomp_xl' is (3, 32) float16, the manifest says (3, 24) float16" in message
     assert "column 'aug_params' is (3, 9) float32, the manifest says (4, 9) float32" in message
     # A teacher the manifest does not know, or one it lists but the shard lacks, is named too.
-    extra_teacher = make_manifest((*TEACHERS, teacher("dfn", 8)))
+    extra_teacher = make_manifest((*TEACHERS, teacher("dfn", 8)), schema_version=1)
     records.write_shard(uri, records.build_table(make_columns(extra_teacher, 3), extra_teacher))
     with pytest.raises(records.RecordsError, match=r"unexpected columns \['image_emb__dfn', 'text_emb__dfn'\]"):
         records.open_dataset(str(tmp_path))
-    one_teacher = make_manifest(TEACHERS[:1])
+    one_teacher = make_manifest(TEACHERS[:1], schema_version=1)
     records.write_shard(uri, records.build_table(make_columns(one_teacher, 3), one_teacher))
     with pytest.raises(
         records.RecordsError, match=r"missing columns \['image_emb__datacomp_xl', 'text_emb__datacomp_xl'\]"
@@ -616,3 +626,116 @@ def test_s3_round_trip(s3_bucket):
     table = records.read_shard(dataset.shard_uris[1])
     assert table.num_rows == 3
     assert records.text_embeddings(table, "datacomp_xl").shape == (3, 1 + S, 24)
+
+
+# --------------------------------------------------------------------------- layout version 2 (view-major)
+
+
+def test_view_major_round_trip_gives_the_arrays_of_layout_1(tmp_path):
+    v2 = make_manifest()
+    v1 = dataclasses.replace(v2, schema_version=1)
+    assert v2.schema_version == records.SCHEMA_VERSION == records.VIEW_MAJOR and v2.view_major and not v1.view_major
+    columns = make_columns(v2, 5)
+    names = v2.schema().names
+    assert records.AUG_PARAMS not in names and records.image_emb_column("openai") not in names
+    assert [n for n in names if n.startswith("image_emb__openai")] == [f"image_emb__openai__{k}" for k in range(K)]
+    assert [n for n in names if n.startswith("text_emb__openai")] == [f"text_emb__openai__{r}" for r in range(1 + S)]
+    assert v2.schema().field("aug_params__0").type == pa.list_(
+        pa.field("item", pa.float32(), False), v2.aug_param_length
+    )
+    assert v2.record_schema() == v1.schema() == v1.record_schema()
+    tables = {}
+    for manifest in (v1, v2):
+        uri = str(tmp_path / f"v{manifest.schema_version}.parquet")
+        records.write_shard(uri, records.build_table(columns, manifest))
+        tables[manifest.schema_version] = records.read_shard(uri)
+        assert records.schema_differences(manifest.schema(), tables[manifest.schema_version].schema) == []
+    for accessor, column in (
+        (records.image_embeddings, records.image_emb_column),
+        (records.text_embeddings, records.text_emb_column),
+    ):
+        for spec in TEACHERS:
+            got_v1, got_v2 = accessor(tables[1], spec.name), accessor(tables[2], spec.name)
+            assert got_v2.dtype == np.float16 and np.array_equal(got_v1, got_v2)
+            assert np.array_equal(got_v2, np.asarray(columns[column(spec.name)]).astype(np.float16))
+    assert np.array_equal(records.aug_params(tables[1]), records.aug_params(tables[2]))
+    assert records.aug_params(tables[2]).shape == (5, K, v2.aug_param_length)
+    with pytest.raises(records.RecordsError, match=r"holds its rows \[0, 2\], not all of 0..R-1"):
+        records.image_embeddings(tables[2].select(["image_emb__openai__0", "image_emb__openai__2"]), "openai")
+
+
+def test_drawn_columns_read_one_view_and_caption_row_or_whole_columns_in_layout_1(tmp_path):
+    v2 = make_manifest()
+    v1 = dataclasses.replace(v2, schema_version=1)
+    columns = make_columns(v2, 4)
+    uri = str(tmp_path / "v2.parquet")
+    records.write_shard(uri, records.build_table(columns, v2))
+    drawn = records.drawn_columns(v2, ["openai"], [records.DEFAULT_CAPTION_SET], view=2, syn_caption=1)
+    assert drawn == [
+        records.KEY,
+        records.IMAGE,
+        records.CAPTION,
+        "aug_params__2",
+        records.SYN_CAPTIONS,
+        "image_emb__openai__2",
+        "text_emb__openai__0",
+        "text_emb__openai__2",  # synthetic caption 1 is text row 1 + 1
+    ]
+    table = records.read_shard(uri, drawn)
+    assert table.column_names == drawn
+    image_NKD = columns["image_emb__openai"].astype(np.float16)
+    text_NED = columns["text_emb__openai"].astype(np.float16)
+    assert np.array_equal(records.fixed_shape_numpy(table.column("image_emb__openai__2")), image_NKD[:, 2])
+    assert np.array_equal(records.fixed_shape_numpy(table.column("text_emb__openai__2")), text_NED[:, 2])
+    # a draw per sample (view or caption None) takes every row; no teacher, no embeddings
+    assert records.drawn_columns(v2, ["openai"], [records.DEFAULT_CAPTION_SET], view=0)[-S:] == [
+        f"text_emb__openai__{r}" for r in range(1, 1 + S)
+    ]
+    assert records.drawn_columns(v2, (), (), view=3) == [records.KEY, records.IMAGE, records.CAPTION, "aug_params__3"]
+    # layout 1 holds every row in one column: the whole columns, whatever the draw
+    assert records.drawn_columns(v1, ["openai"], [records.DEFAULT_CAPTION_SET], view=2, syn_caption=1) == [
+        records.KEY,
+        records.IMAGE,
+        records.CAPTION,
+        records.AUG_PARAMS,
+        records.SYN_CAPTIONS,
+        "image_emb__openai",
+        "text_emb__openai",
+    ]
+    with pytest.raises(records.RecordsError, match=r"view must be in \[0, 4\)"):
+        records.drawn_columns(v2, view=K)
+
+
+def test_row_columns_cannot_clash_with_caption_sets_or_teachers():
+    # A caption set's column is text_emb__<t>__<set>; a row's is <column>__<digits>. Set and teacher names start with
+    # a letter, so no set or teacher name makes a row's name, and a row of a set's column is still unambiguous.
+    assert records.row_column(records.text_emb_column("openai"), 2) == "text_emb__openai__2"
+    assert records.row_column(records.set_text_emb_column("openai", "r0"), 0) == "text_emb__openai__r0__0"
+    for name in ("0", "2", "12"):
+        with pytest.raises(records.RecordsError):
+            records.validate_caption_set_name(name)
+        with pytest.raises(records.RecordsError):
+            records.validate_teacher_name(name)
+    for clashing in ("r0", "v1", "row_2", "a2"):  # names a `__r<j>` or `__v<k>` suffix would have clashed with
+        column = records.set_text_emb_column("openai", clashing)
+        assert records.is_row_major(column) and not records.is_row_major(records.row_column(column, 0))
+    assert not records.is_row_major("text_emb__openai__3") and records.is_row_major(records.AUG_PARAMS)
+    with pytest.raises(records.RecordsError, match="no rows of its own"):
+        records.row_column(records.CAPTION, 0)
+    manifest = make_manifest(teachers=(teacher("t", 8), teacher("t_0", 8)))
+    names = manifest.schema().names
+    assert len(names) == len(set(names)) == 4 + 1 + K + 2 * (K + 1 + S)
+
+
+def test_layout_version_enters_the_fingerprints_and_old_manifests_keep_theirs():
+    from clipdr.reinforce.run import run_fingerprint
+    from clipdr.train.run import data_fingerprint_of
+
+    v1 = records.Manifest.from_json(MANIFEST_V1.read_bytes())
+    assert v1.schema_version == 1 and not v1.view_major
+    v2 = dataclasses.replace(v1, schema_version=2)
+    assert records.Manifest.from_json(v2.to_json()) == v2
+    assert run_fingerprint(v2) != run_fingerprint(v1) and run_fingerprint(v2, legacy=True) != REINFORCE_FINGERPRINT_V1
+    assert not runstate.matches(TRAIN_DATA_FINGERPRINT_V1, data_fingerprint_of("", v2))
+    with pytest.raises(records.RecordsError, match="unknown schema_version 0; this code reads versions 1 and 2"):
+        dataclasses.replace(v1, schema_version=0)

@@ -202,11 +202,12 @@ def test_an_added_teacher_writes_what_a_run_with_both_teachers_writes(base, tmp_
     columns = [records.KEY, "image_emb__mci", "text_emb__mci"]
     for shard in manifest.shards:
         added = records.read_shard_with_parts(str(root / "data"), manifest, shard.path, columns)
-        scratch = records.read_shard(str(root / "both" / shard.path), columns)
+        scratch = records.read_shard(str(root / "both" / shard.path))  # view-major: its rows stacked by `stacked`
         for column in columns[1:]:
-            assert np.array_equal(
-                records.fixed_shape_numpy(added.column(column)), records.fixed_shape_numpy(scratch.column(column))
-            ), (shard.path, column)
+            assert np.array_equal(records.fixed_shape_numpy(added.column(column)), records.stacked(scratch, column)), (
+                shard.path,
+                column,
+            )
         assert added.column(records.KEY).to_pylist() == scratch.column(records.KEY).to_pylist()
     assert both.teacher_names == manifest.teacher_names
 

@@ -204,3 +204,27 @@ def test_a_recorded_run_continues_with_the_fingerprint_of_either_spelling(source
         assert run_module.continues(runstate.RunState("r1", recorded), p), recorded
     assert not run_module.continues(runstate.RunState("r1", runstate.fingerprint("other")), p)
     assert not run_module.continues(None, p)
+
+
+def test_a_partial_run_of_record_layout_1_is_refused_not_completed_in_layout_2(source, tmp_path):
+    """A shard an earlier clipdr wrote in layout 1 (view per list column) is never joined by layout 2 shards: the plan
+    refuses, naming the layout, where a shard of the current layout would count as done."""
+    from clipdr import records
+    from clipdr.reinforce import run as run_module
+    from clipdr.reinforce.stages import shard_metadata, write_output_shard
+    from tests.unit.test_records import make_columns
+
+    cfg = config(source, tmp_path)
+    p = plan(cfg)
+    assert p.manifest.schema_version == records.SCHEMA_VERSION == 2
+    v1 = dataclasses.replace(p.manifest, schema_version=1)
+    assert run_module.run_fingerprint(v1) != p.fingerprint
+    first = p.tasks[0].output
+    metadata = shard_metadata(run_module.run_fingerprint(v1), "src", {})
+    write_output_shard(cfg.reinforce.output, first, make_columns(v1, 3, prefix="a"), v1, metadata)
+    with pytest.raises(ReinforceError, match=r"record layout version 1 \(this one writes version 2"):
+        plan(cfg)
+    write_output_shard(
+        cfg.reinforce.output, first, make_columns(p.manifest, 3), p.manifest, shard_metadata(p.fingerprint, "src", {})
+    )
+    assert plan(cfg).done == (first,)

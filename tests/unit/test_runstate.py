@@ -42,6 +42,7 @@ MANIFEST = records.Manifest(
     source_fingerprint="sha256:0123",
     created_at="2026-01-01T00:00:00+00:00",
     code_version="0.1.0",
+    schema_version=1,  # the layout of the datasets and runs recorded before (view-major is version 2)
 )
 SHARDS = [
     sources.SourceShard("s3://b/x-1.tar", "x-1.tar", 100),

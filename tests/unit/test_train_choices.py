@@ -56,19 +56,20 @@ def test_one_of_two_teachers_reads_and_outputs_only_its_columns(tmp_path):
     cfg = train_config(teachers=("beta_xl",), teacher_scales=(50.0,))
     plan = make_plan(cfg, [chosen], dataset_syn_captions=manifest.num_syn_captions)
     assert [(t.name, t.logit_scale) for t in plan.teacher_specs] == [("beta_xl", 50.0)]
-    columns = pipeline._columns(plan)
-    assert records.image_emb_column("beta_xl") in columns
-    assert not any(c.endswith("__alpha") for c in columns)
+    columns = pipeline._columns(plan, manifest, 0)
+    assert any(c.startswith(records.image_emb_column("beta_xl")) for c in columns)
+    assert not any("__alpha" in c for c in columns)
 
     # The replay gets only the projected columns: the other teacher's are not there to be used.
-    table = records.read_shard(records.open_dataset(uri).shard_uris[0], columns)
+    shard = records.open_dataset(uri).shard_uris[0]
+    table, whole = records.read_shard(shard, columns), records.read_shard(shard)
     replay = data.ReplayBatch(
-        manifest, data.student_preprocess(STUDENT), STUDENT, seed=1, epoch=0, teachers=plan.teacher_names
+        manifest, data.student_preprocess(STUDENT), STUDENT, seed=plan.train.seed, epoch=0, teachers=plan.teacher_names
     )
     out = replay(table)
     k, j = out[data.AUG_INDEX], out[data.SYN_INDEX]
-    stored_image = records.image_embeddings(table, "beta_xl")
-    stored_text = records.text_embeddings(table, "beta_xl")
+    stored_image = records.image_embeddings(whole, "beta_xl")
+    stored_text = records.text_embeddings(whole, "beta_xl")
     assert (out[data.teacher_image_column("beta_xl")] == stored_image[range(len(k)), k]).all()
     assert (out[data.teacher_syn_text_column("beta_xl")] == stored_text[range(len(j)), 1 + j]).all()
     assert not any(name.endswith("__alpha") for name in out)
@@ -100,11 +101,18 @@ def test_an_embeddings_only_dataset_trains_reinforced_on_real_captions_only(tmp_
     assert syn_captions_used(cfg.train, 0) == (0, NO_SYN_CAPTIONS_NOTE)
     plan = make_plan(cfg, list(manifest.teachers), dataset_syn_captions=0)
     assert plan.mode is Mode.REINFORCED and not plan.use_syn_captions
-    assert records.SYN_CAPTIONS not in pipeline._columns(plan)
+    columns = pipeline._columns(plan, manifest, 0)
+    assert records.SYN_CAPTIONS not in columns and "text_emb__alpha__0" in columns  # the real caption's row only
+    assert len([c for c in columns if c.startswith(records.TEXT_EMB_PREFIX)]) == len(DIMS)
 
-    table = records.read_shard(dataset.shard_uris[0], pipeline._columns(plan))
+    table = records.read_shard(dataset.shard_uris[0], columns)
     replay = data.ReplayBatch(
-        manifest, data.student_preprocess(STUDENT), STUDENT, seed=1, epoch=0, use_syn_captions=plan.use_syn_captions
+        manifest,
+        data.student_preprocess(STUDENT),
+        STUDENT,
+        seed=plan.train.seed,
+        epoch=0,
+        use_syn_captions=plan.use_syn_captions,
     )
     out = replay(table)
     assert data.SYN_TEXT not in out and not any(n.startswith(data.TEACHER_SYN_TEXT_PREFIX) for n in out)
@@ -116,14 +124,16 @@ def test_an_embeddings_only_dataset_trains_reinforced_on_real_captions_only(tmp_
     torch.testing.assert_close(got["loss"], want["loss"].detach(), **TOL)
 
 
-def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path):
+@pytest.mark.parametrize("schema_version", records.SCHEMA_VERSIONS)
+def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path, schema_version):
     """train.syn_caption_sets picks the sets the synthetic caption is drawn from (their captions concatenated, in
-    order); the replay reads each set's captions and each teacher's text embeddings of them from the part."""
+    order); the replay reads each set's captions and each teacher's text embeddings of them from the part (in a
+    view-major dataset only the drawn caption's row, one j an epoch, so several epochs cover the sets)."""
     import pathlib
 
     from tests.unit.test_parts import add_part, captions_part
 
-    uri, base = write_dataset(tmp_path, num_syn_captions=2)
+    uri, base = write_dataset(tmp_path, num_syn_captions=2, schema_version=schema_version)
     manifest = add_part(pathlib.Path(uri), base, captions_part(base))  # set "beam": 3 captions a sample
     assert manifest.caption_sets == {"default": 2, "beam": 3}
     shard = manifest.shards[0].path
@@ -134,15 +144,28 @@ def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path):
             train_config(syn_caption_sets=chosen), list(manifest.teachers), dataset_caption_sets=manifest.caption_sets
         )
         assert plan.syn_caption_sets == (chosen or ("default", "beam")) and plan.num_syn_captions == total
-        columns = pipeline._columns(plan, manifest)
-        assert (records.SYN_CAPTIONS in columns) == ("default" in plan.syn_caption_sets)
-        assert "syn_captions__beam" in columns and "text_emb__beta_xl__beam" in columns
-        table = records.read_shard_with_parts(uri, manifest, shard, columns)
-        out = data.ReplayBatch(manifest, preprocess, STUDENT, seed=1, epoch=0, caption_sets=plan.syn_caption_sets)(
-            table
-        )
-        j = out[data.SYN_INDEX]
+        epochs = range(1 if schema_version == 1 else 3)
+        drawn = [pipeline._columns(plan, manifest, epoch) for epoch in epochs]
+        assert all((records.SYN_CAPTIONS in columns) == ("default" in plan.syn_caption_sets) for columns in drawn)
+        assert all("syn_captions__beam" in columns for columns in drawn)
+        if schema_version == 1:  # whole columns; a view-major epoch reads the drawn caption's row alone
+            assert "text_emb__beta_xl__beam" in drawn[0]
+        whole = [*manifest.record_schema().names, "syn_captions__beam", *(f"text_emb__{n}__beam" for n in DIMS)]
+        table = records.read_shard_with_parts(uri, manifest, shard, whole)  # rows stacked back in layout 2
+        outs = []
+        for epoch, columns in zip(epochs, drawn, strict=True):
+            replay = data.ReplayBatch(
+                manifest, preprocess, STUDENT, seed=plan.train.seed, epoch=epoch, caption_sets=plan.syn_caption_sets
+            )
+            out = replay(records.read_shard_with_parts(uri, manifest, shard, columns))
+            if epoch == 0:  # the drawn columns alone give what the whole records give
+                for name, values in replay(table).items():
+                    assert np.array_equal(out[name], values), name
+            outs.append(out)
+        j = np.concatenate([out[data.SYN_INDEX] for out in outs])
         assert j.max() < total and len(set(j.tolist())) > 1
+        out = outs[0]
+        j = out[data.SYN_INDEX]
         # The drawn caption and its targets, from the concatenation of the chosen sets, set by set.
         captions = {
             "default": table.column(records.SYN_CAPTIONS).to_pylist() if records.SYN_CAPTIONS in columns else None,
@@ -151,7 +174,7 @@ def test_caption_sets_added_as_a_part_are_chosen_at_train_time(tmp_path):
         for name in DIMS:
             embeddings = {
                 "default": records.text_embeddings(table, name)[:, 1:],
-                "beam": records.fixed_shape_numpy(table.column(f"text_emb__{name}__beam")),
+                "beam": records.stacked(table, f"text_emb__{name}__beam"),
             }
             stacked = np.concatenate([embeddings[s] for s in plan.syn_caption_sets], axis=1)
             assert (out[data.teacher_syn_text_column(name)] == stacked[range(len(j)), j]).all()

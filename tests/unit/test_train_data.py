@@ -33,15 +33,20 @@ def teacher(name: str, dim: int) -> records.TeacherSpec:
     )
 
 
-def make_manifest(num_syn_captions: int = S) -> records.Manifest:
+def make_manifest(
+    num_syn_captions: int = S, schema_version: int = records.SCHEMA_VERSION, generation_type: str = "top_p"
+) -> records.Manifest:
     return records.Manifest(
+        schema_version=schema_version,
         teachers=tuple(teacher(name, dim) for name, dim in DIMS.items()),
         augment=records.AugmentSpec(hflip=0.5),
         num_augmentations=K,
         num_syn_captions=num_syn_captions,
         source_uri="synthetic://world",
         source_fingerprint="sha256:0",
-        captioner=records.CaptionerSpec(name="tiny", kind="synthetic", model="none", pretrained="")
+        captioner=records.CaptionerSpec(
+            name="tiny", kind="synthetic", model="none", pretrained="", generation_type=generation_type
+        )
         if num_syn_captions
         else None,
     )
@@ -59,9 +64,10 @@ def unit_fp16(rng: np.random.Generator, *shape: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
 
 
-def write_dataset(root, num_syn_captions: int = S, num_shards: int = 1) -> tuple[str, records.Manifest]:
-    """A reinforced dataset of ``NUM_ROWS`` rows a shard (keys unique over shards) under ``root``."""
-    manifest = make_manifest(num_syn_captions)
+def write_dataset(root, num_syn_captions: int = S, num_shards: int = 1, **layout) -> tuple[str, records.Manifest]:
+    """A reinforced dataset of ``NUM_ROWS`` rows a shard (keys unique over shards) under ``root``; ``layout``: the
+    manifest's ``schema_version`` and captioner ``generation_type``."""
+    manifest = make_manifest(num_syn_captions, **layout)
     rng = np.random.default_rng(0)
     shards = []
     for shard in range(num_shards):
@@ -89,6 +95,8 @@ def write_dataset(root, num_syn_captions: int = S, num_shards: int = 1) -> tuple
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
+    """The whole first shard of a dataset in the layout new datasets have (view-major: one view and caption an
+    epoch); `test_a_layout_1_dataset_trains_on_whole_columns_drawn_per_key` covers layout 1."""
     uri, _ = write_dataset(tmp_path_factory.mktemp("reinforced"))
     opened = data.check_dataset(uri, Mode.REINFORCED, list(DIMS), min_syn_captions=1)
     return opened.manifest, records.read_shard(opened.shard_uris[0])
@@ -149,7 +157,9 @@ def test_check_dataset_refuses_what_a_mode_lacks(tmp_path):
 
 def test_outputs_select_stored_rows_and_replay_view_k(dataset, preprocess):
     manifest, table = dataset
-    out = replay_batch(manifest, preprocess)(table)
+    # An epoch whose shared draw is neither row 0 nor caption 0, so a selection that ignored them could not pass.
+    epoch = next(e for e in range(32) if 0 not in data.shared_draw(manifest, 7, e, [records.DEFAULT_CAPTION_SET], S))
+    out = replay_batch(manifest, preprocess, epoch=epoch)(table)
     N, (H, W), T = NUM_ROWS, preprocess.image_size, preprocess.context_length
     assert out[data.IMAGE].shape == (N, 3, H, W) and out[data.IMAGE].dtype == np.uint8
     for name in (data.TEXT, data.SYN_TEXT):
@@ -208,9 +218,11 @@ def test_same_seed_and_epoch_give_the_same_rows_whatever_the_batching(dataset, p
 
 def test_epoch_changes_the_draws_and_draws_cover_every_index(dataset, preprocess):
     manifest, table = dataset
-    epoch0, epoch1 = (replay_batch(manifest, preprocess, epoch=e)(table) for e in (0, 1))
-    assert not np.array_equal(epoch0[data.AUG_INDEX], epoch1[data.AUG_INDEX])
-    assert not np.array_equal(epoch0[data.IMAGE], epoch1[data.IMAGE])
+    epochs = [replay_batch(manifest, preprocess, epoch=e)(table) for e in range(4)]
+    assert any(not np.array_equal(epochs[0][data.AUG_INDEX], e[data.AUG_INDEX]) for e in epochs[1:])
+    assert any(not np.array_equal(epochs[0][data.IMAGE], e[data.IMAGE]) for e in epochs[1:])
+    if manifest.view_major:  # one view and one caption a whole epoch (`data.shared_draw`)
+        assert all(len(set(e[data.AUG_INDEX])) == len(set(e[data.SYN_INDEX])) == 1 for e in epochs)
 
     keys = [f"key-{i}" for i in range(600)]
     k_N, j_N = data.draw_indices(7, 0, keys, K, S)
@@ -358,3 +370,65 @@ def test_parquet_footer_pool_grows_with_the_files_up_to_ray_datas_default(files,
     from clipdr.train.pipeline import footer_actors
 
     assert footer_actors(files) == actors
+
+
+@pytest.mark.parametrize("generation_type", ["top_p", "beam_search"])
+def test_a_view_major_epoch_reads_only_its_drawn_columns(tmp_path, preprocess, generation_type):
+    """The columns the training input reads in an epoch (`pipeline._columns`: one view's, one caption row's) alone
+    give the batch that the whole records give. Beam-search captions are ordered by score, so caption j is drawn
+    per sample and every caption row is read; views are independent draws, so one view serves the epoch."""
+    from clipdr.config import Config, TrainConfig, replace
+    from clipdr.train import pipeline
+    from clipdr.train.plan import make_plan
+
+    uri, manifest = write_dataset(tmp_path, schema_version=2, generation_type=generation_type)
+    shard = records.open_dataset(uri).shard_uris[0]
+    cfg = replace(TrainConfig(), {"model": STUDENT, "data": uri, "teachers": tuple(DIMS), "seed": 7})
+    plan = make_plan(Config(train=cfg), [manifest.teacher(n) for n in DIMS])
+    for epoch in range(2):
+        transform = replay_batch(manifest, preprocess, epoch=epoch)
+        columns = pipeline._columns(plan, manifest, epoch)
+        assert columns == records.drawn_columns(
+            manifest, list(DIMS), [records.DEFAULT_CAPTION_SET], transform.view, transform.syn_caption
+        )
+        syn_rows = 1 if generation_type == "top_p" else S
+        assert len(columns) == 3 + 1 + 1 + len(DIMS) * (2 + syn_rows)
+        whole, narrow = transform(records.read_shard(shard)), transform(records.read_shard(shard, columns))
+        assert sorted(whole) == sorted(narrow)
+        for name, values in whole.items():
+            assert np.array_equal(narrow[name], values), name
+        assert set(whole[data.AUG_INDEX]) == {transform.view}
+        if generation_type == "top_p":
+            assert set(whole[data.SYN_INDEX]) == {transform.syn_caption}
+        else:
+            assert transform.syn_caption is None and len(set(whole[data.SYN_INDEX])) > 1
+    draws = [data.shared_draw(manifest, 7, epoch, [records.DEFAULT_CAPTION_SET], S) for epoch in range(8)]
+    assert len({view for view, _ in draws}) > 1  # each epoch draws afresh
+    assert all(view in range(K) for view, _ in draws)
+
+
+def test_a_layout_1_dataset_trains_on_whole_columns_drawn_per_key(tmp_path, preprocess):
+    """Datasets written before the view-major layout: read whole (every view in one column), k and j drawn per
+    (seed, epoch, key), the targets the stored rows k, 0 and 1 + j, the views replayed from row k."""
+    uri, manifest = write_dataset(tmp_path, schema_version=1)
+    transform = replay_batch(manifest, preprocess)
+    assert (transform.view, transform.syn_caption) == (None, None)
+    columns = records.drawn_columns(manifest, list(DIMS), [records.DEFAULT_CAPTION_SET], 0, 0)
+    assert columns[3] == records.AUG_PARAMS and columns[-1] == records.text_emb_column("beta_xl")
+    table = records.read_shard(records.open_dataset(uri).shard_uris[0], columns)
+    out = transform(table)
+    keys = table.column(records.KEY).to_pylist()
+    k_N, j_N = data.draw_indices(7, 0, keys, K, S)
+    assert np.array_equal(out[data.AUG_INDEX], k_N) and np.array_equal(out[data.SYN_INDEX], j_N)
+    assert len(set(k_N)) > 1 and len(set(j_N)) > 1
+    rows = np.arange(NUM_ROWS)
+    for name in DIMS:
+        image_NKD, text_NED = records.image_embeddings(table, name), records.text_embeddings(table, name)
+        assert np.array_equal(out[data.teacher_image_column(name)], image_NKD[rows, k_N].astype(np.float32))
+        assert np.array_equal(out[data.teacher_text_column(name)], text_NED[:, 0].astype(np.float32))
+        assert np.array_equal(out[data.teacher_syn_text_column(name)], text_NED[rows, 1 + j_N].astype(np.float32))
+    views_NKL, images = records.aug_params(table), table.column(records.IMAGE).to_pylist()
+    for i in (0, NUM_ROWS - 1):
+        params = augment.AugParams.from_array(views_NKL[i, k_N[i]])
+        replayed = augment.replay_uint8(sources.decode_rgb(images[i]), params, preprocess.image_size, "bilinear")
+        assert torch.equal(torch.from_numpy(out[data.IMAGE][i]), replayed)

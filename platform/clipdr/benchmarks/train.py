@@ -68,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _table(samples: list[sources.SourceSample], manifest: records.Manifest, rng: np.random.Generator):
+    return records.build_table(_record_columns(samples, manifest, rng), manifest)
+
+
+def _record_columns(samples: list[sources.SourceSample], manifest: records.Manifest, rng: np.random.Generator):
+    """The rows' columns as `records.build_table` takes them (sampled views, random unit embeddings)."""
     n, K, S = len(samples), manifest.num_augmentations, manifest.num_syn_captions
     columns = {
         records.KEY: [s.key for s in samples],
@@ -81,7 +86,7 @@ def _table(samples: list[sources.SourceSample], manifest: records.Manifest, rng:
         for column, count in ((records.image_emb_column(spec.name), K), (records.text_emb_column(spec.name), 1 + S)):
             x = rng.standard_normal((n, count, spec.embed_dim)).astype(np.float32)
             columns[column] = x / np.linalg.norm(x, axis=-1, keepdims=True)
-    return records.build_table(columns, manifest)
+    return columns
 
 
 def bench_manifest(teachers: tuple[records.TeacherSpec, ...], num_views: int, num_captions: int) -> records.Manifest:
@@ -234,7 +239,7 @@ def _io_lines(args: argparse.Namespace, samples: list[sources.SourceSample]) -> 
         for name in ("first", "second")
     )
     manifest = bench_manifest(teachers, args.io_views, args.io_captions)
-    lines = train_io.measure(_table(samples, manifest, np.random.default_rng(0)), manifest)
+    lines = train_io.measure(_record_columns(samples, manifest, np.random.default_rng(0)), manifest)
     return [f"{args.image_size} px sources (encoded as the synthetic world writes them); " + lines[0], *lines[1:]]
 
 

@@ -5,24 +5,28 @@ back through a file object that counts every byte pyarrow fetches (footer includ
 reads it:
 
 * ``whole record``: every column (what a read without a projection fetches);
-* ``projected``: only the columns the run uses (`clipdr.train.pipeline._columns`), for the run choices of
-  ``CHOICES``: both teachers with real and synthetic captions, one teacher, real captions only.
+* ``run's columns``: only the columns the run reads in an epoch (`clipdr.train.pipeline._columns`), for the run
+  choices of ``CHOICES``: both teachers with real and synthetic captions, one teacher, real captions only.
+
+Each in both layout versions of the record (`records.SCHEMA_VERSIONS`), written from the same rows: version 1 keeps
+each sample's K views and 1 + S text rows in one list column each, version 2 (view-major) one column a view and a
+text row, so an epoch's read fetches only its drawn view's and caption's columns.
 
 Bytes *used* are what `data.ReplayBatch` turns into the batch: the key, the image, the real caption (and one
 synthetic caption), ONE view's parameters, and per teacher ONE image-embedding row and one text row per caption.
 
-A projection cannot fetch one row of a ``(K, D)`` list column: Parquet reads a column chunk's pages whole. The
-``view-major (prototype)`` line measures the layout that would (docs/reinforce.md, "Reading only the drawn view"):
-one column per view for the view parameters and each teacher's image embeddings, one per text row for the text
-embeddings, so a read of one drawn (view, caption) fetches exactly those columns. It is a prototype written here
-only, not the record schema.
+A projection cannot fetch one row of a ``(K, D)`` list column: Parquet reads a column chunk's pages whole, which is
+why version 1 reads ~10x what it uses and version 2 exists (docs/reinforce.md, "Reading only the drawn view").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +38,12 @@ from clipdr.train import pipeline
 from clipdr.train.plan import make_plan
 
 CHOICES = (  # (label, teachers used (None: all), synthetic captions used)
-    ("projected: 2 teachers, real + synthetic captions", None, True),
-    ("projected: 1 teacher, real + synthetic captions", 1, True),
-    ("projected: 2 teachers, real captions only", None, False),
+    ("run's columns: 2 teachers, real + synthetic captions", None, True),
+    ("run's columns: 1 teacher, real + synthetic captions", 1, True),
+    ("run's columns: 2 teachers, real captions only", None, False),
 )
+LAYOUTS = {1: "1 (a list column a value)", 2: "2 (view-major)"}
+EPOCH = 0  # the columns of any epoch's draw have the same sizes: every view's row, every text row, is D wide
 
 
 class CountingFile(io.RawIOBase):
@@ -94,60 +100,39 @@ def bytes_used(table: pa.Table, manifest: records.Manifest, teachers: list[str],
     return used + sum(rows * manifest.teacher(name).embed_dim * 2 for name in teachers)
 
 
-def view_major(table: pa.Table, manifest: records.Manifest) -> pa.Table:
-    """The prototype layout: each (K, X) or (1+S, D) list column split into one column per row."""
-    arrays, names = [], []
-    for name in table.column_names:
-        column = table.column(name)
-        if name == records.AUG_PARAMS or name.startswith((records.IMAGE_EMB_PREFIX, records.TEXT_EMB_PREFIX)):
-            values = records.fixed_shape_numpy(column)
-            for row in range(values.shape[1]):
-                arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(values[:, row].ravel()), values.shape[2]))
-                names.append(f"{name}__{row}")
-        else:
-            arrays.append(column)
-            names.append(name)
-    return pa.Table.from_arrays(arrays, names=names)
-
-
-def measure(table: pa.Table, manifest: records.Manifest) -> list[str]:
-    """The markdown lines of the bytes table for ``table`` (a shard's rows) written as a shard and read back."""
-    rows = table.num_rows
-    all_teachers = list(manifest.teacher_names)
-    lines = [
-        f"{rows} rows, K={manifest.num_augmentations}, S={manifest.num_syn_captions}, teachers "
-        + ", ".join(f"{t.name} (D={t.embed_dim})" for t in manifest.teachers)
-        + "; bytes a sample, footer included; ratio = read / used.",
-        "",
-        "| read | bytes read a sample | bytes used a sample | read / used |",
-        "|---|---|---|---|",
-    ]
+def measure(columns: Mapping[str, Any], manifest: records.Manifest) -> list[str]:
+    """The markdown lines of the bytes table for ``columns`` (a shard's rows, as `records.build_table` takes them)
+    written in each layout version and read back as the training input reads it."""
+    used_full = None
+    lines = []
     with tempfile.TemporaryDirectory() as tmp:
-        shard = str(Path(tmp) / "shard.parquet")
-        records.write_shard(shard, table)
-        used_full = bytes_used(table, manifest, all_teachers, True)
-        read = bytes_read(shard, None) / rows
-        lines.append(f"| whole record | {read:,.0f} | {used_full:,.0f} | {read / used_full:.2f} |")
-        for label, count, syn in CHOICES:
-            teachers = all_teachers[:count] if count else all_teachers
-            cfg = replace(
-                TrainConfig(),
-                {"model": "x", "data": "d", "teachers": tuple(teachers), "loss.use_syn_captions": syn},
-            )
-            plan = make_plan(Config(train=cfg), [manifest.teacher(n) for n in teachers])
-            read = bytes_read(shard, pipeline._columns(plan)) / rows
-            used = bytes_used(table, manifest, teachers, syn)
-            lines.append(f"| {label} | {read:,.0f} | {used:,.0f} | {read / used:.2f} |")
-        prototype = str(Path(tmp) / "view-major.parquet")
-        records.write_shard(prototype, view_major(table, manifest))
-        k, j = manifest.num_augmentations - 1, 1  # any drawn view and synthetic caption: every one reads the same
-        columns = [records.KEY, records.IMAGE, records.CAPTION, records.SYN_CAPTIONS, f"{records.AUG_PARAMS}__{k}"]
-        for name in all_teachers:
-            text = records.text_emb_column(name)
-            columns += [f"{records.image_emb_column(name)}__{k}", f"{text}__0", f"{text}__{j}"]
-        read = bytes_read(prototype, columns) / rows
-        lines.append(
-            f"| view-major (prototype): 2 teachers, real + synthetic captions | {read:,.0f} | {used_full:,.0f} | "
-            f"{read / used_full:.2f} |"
-        )
+        for version in records.SCHEMA_VERSIONS:
+            layout = dataclasses.replace(manifest, schema_version=version)
+            table = records.build_table(columns, layout)
+            rows, all_teachers = table.num_rows, list(layout.teacher_names)
+            if used_full is None:
+                used_full = bytes_used(table, layout, all_teachers, True)
+                lines += [
+                    f"{rows} rows, K={layout.num_augmentations}, S={layout.num_syn_captions}, teachers "
+                    + ", ".join(f"{t.name} (D={t.embed_dim})" for t in layout.teachers)
+                    + "; bytes a sample, footer included; ratio = read / used.",
+                    "",
+                    "| layout | read | bytes read a sample | bytes used a sample | read / used |",
+                    "|---|---|---|---|---|",
+                ]
+            name = LAYOUTS[version]
+            shard = str(Path(tmp) / f"layout-{version}.parquet")
+            records.write_shard(shard, table)
+            read = bytes_read(shard, None) / rows
+            lines.append(f"| {name} | whole record | {read:,.0f} | {used_full:,.0f} | {read / used_full:.2f} |")
+            for label, count, syn in CHOICES:
+                teachers = all_teachers[:count] if count else all_teachers
+                cfg = replace(
+                    TrainConfig(),
+                    {"model": "x", "data": "d", "teachers": tuple(teachers), "loss.use_syn_captions": syn},
+                )
+                plan = make_plan(Config(train=cfg), [layout.teacher(n) for n in teachers])
+                read = bytes_read(shard, pipeline._columns(plan, layout, EPOCH)) / rows
+                used = bytes_used(table, layout, teachers, syn)
+                lines.append(f"| {name} | {label} | {read:,.0f} | {used:,.0f} | {read / used:.2f} |")
     return lines

@@ -80,13 +80,14 @@ def _scale_free(spec: records.TeacherSpec) -> records.TeacherSpec:
 
 def part_fingerprint(manifest: records.Manifest, part: records.PartSpec) -> str:
     """What makes a part's files: its settings (a teacher's a_k left out), the base shards' fingerprint (their
-    settings, names and row counts) and the fingerprints of the caption sets a teacher part embeds."""
+    settings, names and row counts) and the fingerprints of the caption sets a teacher part embeds. A part takes the
+    dataset's layout version (`records.part_schema`), which enters as ``schema``."""
     settings = {k: v for k, v in to_dict(part).items() if k not in ("fingerprint", "shards")}
     if part.teacher is not None:
         settings["teacher"] = to_dict(_scale_free(part.teacher))
     reads = [manifest.part(records.part_name("captions", s)).fingerprint for s in part.caption_sets]
     base = run_fingerprint(manifest.without_parts())
-    return runstate.fingerprint({"part": settings, "base": base, "reads": reads, "schema": records.SCHEMA_VERSION})
+    return runstate.fingerprint({"part": settings, "base": base, "reads": reads, "schema": manifest.schema_version})
 
 
 def _teacher_configs(config: Config, manifest: records.Manifest) -> tuple[dict[str, TeacherConfig], list[str]]:

@@ -91,7 +91,8 @@ class Plan:
 
 def run_fingerprint(manifest: records.Manifest, legacy: bool = False) -> str:
     """What makes a shard's output: every setting of the manifest but its provenance, its parts and the teachers' a_k,
-    and the record schema.
+    and the record layout version (`records.SCHEMA_VERSIONS`: a partial run of one layout is never completed with
+    shards of another).
 
     A teacher's ``logit_scale`` (a_k) is recorded in the manifest as the default a training run distils with, but
     it changes no stored byte: it is a training choice (``train.loss.teacher_scales`` overrides it), so it is not
@@ -102,7 +103,7 @@ def run_fingerprint(manifest: records.Manifest, legacy: bool = False) -> str:
     settings = {k: v for k, v in to_dict(manifest).items() if k not in ("created_at", "code_version", "parts")}
     if not legacy:
         settings["teachers"] = [{k: v for k, v in t.items() if k != "logit_scale"} for t in settings["teachers"]]
-    return runstate.fingerprint({"manifest": settings, "schema": records.SCHEMA_VERSION})
+    return runstate.fingerprint({"manifest": settings, "schema": manifest.schema_version})
 
 
 def _without_scales(teachers: tuple[records.TeacherSpec, ...]) -> tuple[records.TeacherSpec, ...]:
@@ -253,12 +254,21 @@ def plan(config: Config) -> Plan:
         return Plan(manifest, fingerprint, tasks, tuple(t.output for t in tasks), complete=True)
 
     expected = {t.output for t in tasks}
+    v1 = dataclasses.replace(manifest, schema_version=1)
+    older_layouts = (run_fingerprint(v1), run_fingerprint(v1, legacy=True)) if manifest.schema_version > 1 else ()
     done = []
     found_uris = storage.list_files(cfg.output, (records.SHARD_SUFFIX,), recursive=True)
     for uri, (_, schema) in zip(found_uris, records.read_shard_footers(found_uris), strict=True):
         name = uri[len(cfg.output.rstrip("/")) + 1 :]
         meta = read_shard_metadata(schema)
         made_by = meta.get("run_fingerprint", "") if meta is not None else ""
+        if name in expected and any(runstate.matches(made_by, f) for f in older_layouts):
+            raise ReinforceError(
+                f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier clipdr wrote in record layout "
+                f"version 1 (this one writes version {manifest.schema_version}, `records.SCHEMA_VERSIONS`): a partial "
+                "run is never completed with shards of another layout. Finish it with the clipdr that started it, "
+                "or delete the output (or choose another) to redo it in the new layout"
+            )
         if name not in expected or not any(runstate.matches(made_by, f) for f in (fingerprint, legacy_fingerprint)):
             raise ReinforceError(
                 f"reinforce.output {cfg.output!r} holds {name!r}, which an earlier run made with other settings or "

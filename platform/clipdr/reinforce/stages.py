@@ -192,7 +192,7 @@ class ReadShards:
         chunks = _chunks(samples, self.chunk_rows, self.chunk_max_pixels)
         current = next(chunks, None)
         if current is None:
-            empty = {name: [] for name in self.manifest.schema().names}
+            empty = {name: [] for name in self.manifest.record_schema().names}
             metadata = shard_metadata(self.run_fingerprint, task.source, dict(skipped))
             write_output_shard(self.output_dir, task.output, empty, self.manifest, metadata)
             return
@@ -392,7 +392,7 @@ class WriteShards:
         self.sources_by_output = sources_by_output
         self.buffer_bytes = buffer_bytes
         self.schema = manifest.schema()
-        self.columns = self.schema.names
+        self.columns = manifest.record_schema().names  # what `records.build_table` takes, whatever the layout
         self.open: dict[str, _OpenShard] = {}
         self.failed: set[str] = set()  # shards that met an error here: their further chunks are dropped
         self.buffered = 0  # bytes of out-of-order chunks held in memory
@@ -613,7 +613,7 @@ class ReadBase:
         table = records.read_shard_with_parts(self.dataset_uri, self.layout.manifest, shard_path, self.columns)
         metadata = shard_metadata(self.run_fingerprint, shard_path, {})
         if table.num_rows == 0:
-            empty = {name: [] for name in self.layout.schema().names}
+            empty = {name: [] for name in self.layout.record_schema().names}
             write_output_shard(self.output_dir, shard_path, empty, self.layout, metadata)
             return
         samples = self._samples(table)

@@ -4,9 +4,13 @@ The reinforced dataset (`clipdr.records`) stores, per sample, the image bytes, K
 synthetic captions and every teacher's embeddings of the K views and of the 1+S captions. Training does no
 teacher work: for each sample and epoch it
 
-1. draws an augmentation index ``k`` in [0, K) and a synthetic caption index ``j`` in [0, S) from a blake2b hash
-   of ``(seed, epoch, key)`` (`draw_indices`): stable across processes, workers and batch layouts, and never
-   touching a global RNG;
+1. draws an augmentation index ``k`` in [0, K) and a synthetic caption index ``j`` in [0, S) from a blake2b hash:
+   of ``(seed, epoch)`` for a view-major dataset (`records.VIEW_MAJOR`), one (k, j) for every sample of the epoch,
+   so the read fetches only those rows' columns (`shared_draw`, `records.drawn_columns`); of ``(seed, epoch, key)``
+   for a version 1 dataset, whose rows are read whole anyway (`draw_indices`), and for j when a drawn caption set's
+   captions are ordered (beam search: `SAMPLED_GENERATION_TYPES`). Stable across processes, workers and batch
+   layouts, and never touching a global RNG. Why a shared draw leaves the training distribution as it is:
+   docs/reinforce.md, "Reading only the drawn view";
 2. decodes the image and replays view ``k`` at the student's resolution, interpolation and normalisation
    (`augment.replay`, the same function the reinforcement job rendered the teachers' views with);
 3. tokenises the real caption and synthetic caption ``j`` with the student's tokenizer;
@@ -227,10 +231,40 @@ def student_preprocess(name: str) -> StudentPreprocess:
 
 # --------------------------------------------------------------------------- draws
 
+SAMPLED_GENERATION_TYPES = ("top_p", "top_k")
+"""Decodings whose S captions of an image are independent draws, so caption j of one sample is exchangeable with
+caption j of another and one j may serve a whole epoch (`shared_draw`). Beam search orders them by score: its sets
+keep a draw per sample."""
+
 
 def _hash64(seed: int, epoch: int, key: str, what: str) -> int:
     payload = json.dumps([int(seed), int(epoch), str(key), what]).encode()
     return int.from_bytes(hashlib.blake2b(payload, digest_size=8).digest(), "little")
+
+
+def shared_draw(
+    manifest: records.Manifest, seed: int, epoch: int, caption_sets: Sequence[str], num_syn_captions: int
+) -> tuple[int | None, int | None]:
+    """The view k and synthetic caption j that every sample uses in ``epoch``, a pure function of ``(seed, epoch)``.
+
+    Args:
+        manifest: The dataset's; only a view-major one (`records.Manifest.view_major`) shares a draw.
+        seed: Run-level seed.
+        epoch: Epoch number; each epoch draws afresh.
+        caption_sets: The caption sets drawn from (empty: no synthetic caption is used).
+        num_syn_captions: n, the first captions of those sets concatenated that j is drawn from (0: none).
+
+    Returns:
+        ``(k, j)``; None where the draw is per sample (`draw_indices`): both for a version 1 dataset, j when no
+        caption is drawn or a set's captioner decodes other than by sampling (`SAMPLED_GENERATION_TYPES`).
+    """
+    if not manifest.view_major:
+        return None, None
+    view = _hash64(seed, epoch, "", "aug:epoch") % manifest.num_augmentations
+    sampled = all(manifest.captioner_of(s).generation_type in SAMPLED_GENERATION_TYPES for s in caption_sets)
+    if num_syn_captions < 1 or not caption_sets or not sampled:
+        return view, None
+    return view, _hash64(seed, epoch, "", "syn:epoch") % num_syn_captions
 
 
 def draw_indices(
@@ -311,6 +345,32 @@ def _syn_captions(batch: Batch, num_rows: int, column: str = records.SYN_CAPTION
     return rows
 
 
+def _has(batch: Batch, name: str) -> bool:
+    return name in (batch.schema.names if isinstance(batch, pa.Table | pa.RecordBatch) else batch)
+
+
+def _select(batch: Batch, column: str, rows_N: np.ndarray, num_rows: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Row ``rows_N[i]`` of sample i of per-row column ``column`` (`records.is_row_major`, ``num_rows`` rows of
+    ``shape``), from either layout: the whole nested column (version 1), or the drawn rows' own columns
+    (`records.row_column`), the only ones a view-major read fetches. A row of -1 gives zeros and reads nothing."""
+    N, wanted_N = len(rows_N), rows_N >= 0
+    if _has(batch, column):
+        values_NRX = _nested(batch, column, (num_rows, *shape))
+        out = values_NRX[np.arange(N), np.where(wanted_N, rows_N, 0)]
+        out[~wanted_N] = 0
+        return out
+    out = None
+    for row in np.unique(rows_N[wanted_N]):
+        name = records.row_column(column, int(row))
+        if not _has(batch, name):
+            names = batch.schema.names if isinstance(batch, pa.Table | pa.RecordBatch) else list(batch)
+            raise records.RecordsError(f"no column {column!r} nor its row {name!r}; the batch has {names}")
+        values_NX = _nested(batch, name, shape)
+        out = np.zeros_like(values_NX) if out is None else out
+        out[rows_N == row] = values_NX[rows_N == row]
+    return np.zeros((N, *shape), dtype=np.float32) if out is None else out
+
+
 def _nested(batch: Batch, name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Column ``name`` as an (N, *shape) array; RecordsError when it has another shape."""
     if isinstance(batch, pa.Table | pa.RecordBatch):
@@ -386,6 +446,10 @@ class ReplayBatch:
         self.use_syn_captions = bool(use_syn_captions)
         self.num_syn_captions = num_syn_captions or total
         self.teachers = tuple(names) if mode.reads_embeddings else ()
+        # A view-major dataset: the (k, j) every sample of this epoch uses; None where it is drawn per sample.
+        drawn_sets = self.caption_sets if self.use_syn_captions else ()
+        drawn_S = self.num_syn_captions if self.use_syn_captions else 0
+        self.view, self.syn_caption = shared_draw(manifest, self.seed, self.epoch, drawn_sets, drawn_S)
         self.tokenizer = _tokenizer(tokenizer_name, preprocess.context_length)
         # online_distill: each teacher's preprocessing and tokenizer, to feed it the student's view and captions.
         self.online: list[tuple[records.TeacherSpec, Any]] = []
@@ -402,13 +466,13 @@ class ReplayBatch:
         K, S = manifest.num_augmentations, manifest.num_syn_captions
         keys = _strings(batch, records.KEY)
         drawn_S = self.num_syn_captions if self.use_syn_captions else 0
-        aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, drawn_S)
-        views_NKL = _nested(batch, records.AUG_PARAMS, (K, manifest.aug_param_length))
+        drawn_aug_N, drawn_syn_N = self._draw(keys, drawn_S)
+        views_NL = _select(batch, records.AUG_PARAMS, drawn_aug_N, K, (manifest.aug_param_length,))
         pres = [self.preprocess] + [
             StudentPreprocess(spec.image_size, spec.mean, spec.std, spec.interpolation, 1) for spec, _ in self.online
         ]
-        views, rows_N = _replay_rows(keys, _images(batch), views_NKL, aug_index_N, pres)
-        aug_index_N, syn_index_N = aug_index_N[rows_N], syn_index_N[rows_N]
+        views, rows_N = _replay_rows(keys, _images(batch), views_NL, drawn_aug_N, pres)
+        aug_index_N, syn_index_N = drawn_aug_N[rows_N], drawn_syn_N[rows_N]
 
         real_captions = _strings(batch, records.CAPTION)
         captions = [real_captions[i] for i in rows_N]
@@ -427,22 +491,35 @@ class ReplayBatch:
                 out[teacher_syn_tokens_column(spec.name)] = _tokenize(tokenizer, syn_captions, length)
         for name in self.teachers:
             D = manifest.teacher(name).embed_dim
-            image_emb_NKD = _nested(batch, records.image_emb_column(name), (K, D))
-            text_emb_NED = _nested(batch, records.text_emb_column(name), (1 + S, D))
-            out[teacher_image_column(name)] = image_emb_NKD[rows_N, aug_index_N].astype(np.float32)
-            out[teacher_text_column(name)] = text_emb_NED[rows_N, 0].astype(np.float32)
+            image_emb_ND = _select(batch, records.image_emb_column(name), drawn_aug_N, K, (D,))
+            real_emb_ND = _select(batch, records.text_emb_column(name), np.zeros_like(drawn_aug_N), 1 + S, (D,))
+            out[teacher_image_column(name)] = image_emb_ND[rows_N].astype(np.float32)
+            out[teacher_text_column(name)] = real_emb_ND[rows_N].astype(np.float32)
             if self.use_syn_captions:
-                syn_emb_NSD = np.concatenate(
-                    [
-                        text_emb_NED[:, 1:]
-                        if s == records.DEFAULT_CAPTION_SET
-                        else _nested(batch, records.set_text_emb_column(name, s), (manifest.caption_sets[s], D))
-                        for s in self.caption_sets
-                    ],
-                    axis=1,
-                )
-                out[teacher_syn_text_column(name)] = syn_emb_NSD[rows_N, syn_index_N].astype(np.float32)
+                syn_emb_ND = np.zeros((len(keys), D), dtype=np.float32)
+                first_of_set = 0  # caption j of the sets concatenated is row j - first_of_set of its set
+                for caption_set in self.caption_sets:
+                    count = manifest.caption_sets[caption_set]
+                    inside_N = (drawn_syn_N >= first_of_set) & (drawn_syn_N < first_of_set + count)
+                    if inside_N.any():
+                        column, first = records.set_text_rows(name, caption_set)
+                        stored_rows = (1 + S) if caption_set == records.DEFAULT_CAPTION_SET else count
+                        rows = np.where(inside_N, drawn_syn_N - first_of_set + first, -1)
+                        syn_emb_ND[inside_N] = _select(batch, column, rows, stored_rows, (D,))[inside_N]
+                    first_of_set += count
+                out[teacher_syn_text_column(name)] = syn_emb_ND[rows_N]
         return out
+
+    def _draw(self, keys: Sequence[str], drawn_S: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's (k, j): this epoch's shared ones (`shared_draw`), or per key (`draw_indices`) where none is."""
+        K, N = self.manifest.num_augmentations, len(keys)
+        per_key = self.view is None or (drawn_S > 0 and self.syn_caption is None)
+        aug_index_N, syn_index_N = draw_indices(self.seed, self.epoch, keys, K, drawn_S) if per_key else (None, None)
+        if self.view is not None:
+            aug_index_N = np.full(N, self.view, dtype=np.int64)
+        if self.syn_caption is not None or drawn_S == 0:
+            syn_index_N = np.full(N, -1 if drawn_S == 0 else self.syn_caption, dtype=np.int64)
+        return aug_index_N, syn_index_N
 
     def _set_captions(self, batch: Batch, caption_set: str, num_rows: int) -> list[list[str]]:
         return _syn_captions(batch, num_rows, records.syn_captions_column(caption_set))
@@ -463,11 +540,12 @@ def _tokenize(tokenizer: Any, texts: list[str], context_length: int) -> np.ndarr
 def _replay_rows(
     keys: Sequence[str],
     images: Sequence[bytes],
-    views_NKL: np.ndarray,
+    views_NL: np.ndarray,
     aug_index_N: np.ndarray,
     pres: Sequence[StudentPreprocess],
 ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Each row's drawn view replayed at every preprocessing of ``pres``; a row that fails is stood in for.
+    """Each row's drawn view (``views_NL``, view ``aug_index_N`` of the row) replayed at every preprocessing of
+    ``pres``; a row that fails is stood in for.
 
     A row whose image does not decode or whose stored view does not load or replay (a ValueError: e.g. a magnitude
     outside `augment.check_op`, from a dataset written before conversions checked it) must not fail the batch, nor
@@ -484,9 +562,9 @@ def _replay_rows(
     out = [np.empty((N, 3, *pre.image_size), dtype=np.uint8) for pre in pres]
     good_N = np.ones(N, dtype=bool)
     failures = []
-    for i, (key, image_bytes, views_KL, k) in enumerate(zip(keys, images, views_NKL, aug_index_N, strict=True)):
+    for i, (key, image_bytes, view_L, k) in enumerate(zip(keys, images, views_NL, aug_index_N, strict=True)):
         try:
-            image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(views_KL[k])
+            image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(view_L)
             for view_NCHW, p in zip(out, pres, strict=True):
                 view_NCHW[i] = augment.replay_uint8(image, view, p.image_size, p.interpolation).numpy()
         except ValueError as e:  # sources.InvalidSampleError is one

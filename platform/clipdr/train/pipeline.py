@@ -1,7 +1,8 @@
 """Ray Data wiring of the training input; every loader resource setting is applied here and only here.
 
     reinforced Parquet shards (epoch e: shard order permuted by (seed, e))
-        --read_parquet (only the columns the run uses: its teachers, its captions)--> ReplayBatch(epoch=e) (CPU tasks)
+        --read_parquet (only the columns the run uses: its teachers, its captions, and in a view-major dataset
+          only epoch e's drawn view and caption rows)--> ReplayBatch(epoch=e) (CPU tasks)
         --limit to whole global batches--> epoch e's rows
     union over epochs [start_epoch, num_epochs) --> TorchTrainer(datasets={"train": ...}) --> streaming_split
         --> each worker: iter_torch_batches(local batch)
@@ -10,8 +11,10 @@ Raw source shards (``clip`` mode on data that was never reinforced) are read one
 source readers (`clipdr.data.sources`, so corrupt samples are skipped the same way) and go through
 `data.AugmentBatch` instead.
 
-Each epoch's draws (view k, caption j) are fixed by ``(seed, epoch, key)`` whatever the block layout; with one
-loader actor and ``preserve_order`` the row order is fixed too, so a single-worker run is reproducible end to end.
+Each epoch's draws (view k, caption j) are fixed by ``(seed, epoch)`` in a view-major dataset (one k and j for
+the epoch, so one projection a read: `data.shared_draw`) and by ``(seed, epoch, key)`` in a version 1 dataset,
+whatever the block layout; with one loader actor and ``preserve_order`` the row order is fixed too, so a
+single-worker run is reproducible end to end.
 
 The map functions go into the stream as `remote` objects (plain data, built where they run), so that Ray's
 control-plane processes that unpickle the stream do not import torch and open_clip.
@@ -60,18 +63,15 @@ def _epoch_order(files: Sequence[str], seed: int, epoch: int) -> list[str]:
     return [files[i] for i in order]
 
 
-def _columns(plan: TrainPlan, manifest: records.Manifest | None = None) -> list[str]:
-    """The columns a run reads: of the base shards, and of the parts holding its caption sets and teachers (the
-    plan's sets; when it names none, the manifest's, or without one the base's own)."""
-    columns = [records.KEY, records.IMAGE, records.CAPTION, records.AUG_PARAMS]
-    every_set = tuple(manifest.caption_sets) if manifest else (records.DEFAULT_CAPTION_SET,)
-    sets = (plan.syn_caption_sets or every_set) if plan.use_syn_captions else ()
-    columns += [records.syn_captions_column(s) for s in sets]
-    if plan.mode.reads_embeddings:
-        for name in plan.teacher_names:
-            columns += [records.image_emb_column(name), records.text_emb_column(name)]
-            columns += [records.set_text_emb_column(name, s) for s in sets if s != records.DEFAULT_CAPTION_SET]
-    return columns
+def _columns(plan: TrainPlan, manifest: records.Manifest, epoch: int) -> list[str]:
+    """The columns a run reads in ``epoch`` (`records.drawn_columns`): of the base shards, and of the parts holding
+    its caption sets and teachers (the plan's sets; when it names none, the manifest's), and in a view-major dataset
+    only the rows of the epoch's drawn view and caption (`data.shared_draw`)."""
+    sets = (plan.syn_caption_sets or tuple(manifest.caption_sets)) if plan.use_syn_captions else ()
+    teachers = plan.teacher_names if plan.mode.reads_embeddings else ()
+    num_syn = (plan.num_syn_captions or sum(manifest.caption_sets[s] for s in sets)) if sets else 0
+    view, syn_caption = data.shared_draw(manifest, plan.train.seed, epoch, sets, num_syn)
+    return records.drawn_columns(manifest, teachers, sets, view, syn_caption)
 
 
 def count_source_rows(files: Sequence[str]) -> int:
@@ -115,8 +115,6 @@ def build_dataset(
         kind, arguments = remote.AUGMENT, {**common, "augment_cfg": to_dict(augment_cfg)}
     else:
         fs, _ = storage.resolve(source.uri)
-        columns = _columns(plan, source.manifest)
-        with_parts = any(source.manifest.part_of_column(c) for c in columns)
         kind, arguments = (
             remote.REPLAY,
             {
@@ -134,11 +132,13 @@ def build_dataset(
         files = _epoch_order(source.files, seed, epoch)
         if source.manifest is None:
             ds = _source_samples(files, runtime_env)
-        elif with_parts:
-            ds = _read_with_parts(source, files, columns, runtime_env)
         else:
-            paths = [storage.resolve(f)[1] for f in files]
-            ds = _read_parquet(paths, fs, runtime_env, columns)
+            columns = _columns(plan, source.manifest, epoch)
+            if any(source.manifest.part_of_column(c) for c in columns):
+                ds = _read_with_parts(source, files, columns, runtime_env)
+            else:
+                paths = [storage.resolve(f)[1] for f in files]
+                ds = _read_parquet(paths, fs, runtime_env, columns)
         _set_stream_options(ds.context)
         ds = ds.map_batches(remote.BatchTransform(kind, **arguments, epoch=epoch), **tasks)
         per_epoch.append(ds.limit(rows_per_epoch))
