@@ -163,32 +163,31 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
 
 
 def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp_path, monkeypatch):
+    """A crashed run left one complete shard (the S3 run's, byte for byte), a partial temporary file and no manifest;
+    its reruns finish it exactly once. They use other parallelism than the S3 run (two captioner actors, an elastic
+    teacher pool of one to two), so Ray bundles the stream differently: every shard they write must still be the S3
+    run's, byte for byte (an output shard is a function of the config and its source shard alone)."""
     config, valid_keys, _ = setup
-    # Other parallelism than the S3 run (two captioner actors, an elastic teacher pool of one to two): Ray bundles
-    # the stream differently.
+    s3_config, s3_manifest, _ = s3_run
     wide = dataclasses.replace(config.reinforce.resources, teacher_actors=1, teacher_actors_max=2, captioner_actors=2)
     config = with_output(config, str(tmp_path / "out"))
     config = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, resources=wide))
-    first = run(config, log=lambda message: None)
     out = config.reinforce.output
-    s3_config, s3_manifest, _ = s3_run
-    assert [s.path for s in first.shards] == [s.path for s in s3_manifest.shards]
-    for shard in first.shards:  # every output shard is a function of (config, source shard): the same bytes
-        local_bytes = (tmp_path / "out" / shard.path).read_bytes()
-        assert local_bytes == storage.read_bytes(storage.join(s3_config.reinforce.output, shard.path)), shard.path
-    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
-    original_bytes = (tmp_path / "out" / "student-00001.parquet").read_bytes()
 
-    # A crash: the manifest was never written, one shard is missing and a partial temporary file lies around.
-    os.remove(os.path.join(out, records.MANIFEST_NAME))
-    os.remove(os.path.join(out, "student-00001.parquet"))
+    def s3_bytes(shard: str) -> bytes:
+        return storage.read_bytes(storage.join(s3_config.reinforce.output, shard))
+
+    # The crash: of the four output shards one was written, one was being written, and there is no manifest.
+    os.makedirs(out)
+    (tmp_path / "out" / "student-00000.parquet").write_bytes(s3_bytes("student-00000.parquet"))
     with open(os.path.join(out, ".student-00001.parquet.tmp-dead"), "wb") as f:
         f.write(b"PAR1 partial")
     messages = []
 
     # The rerun meets a storage fault after planning: every read of source shard student-00001.tar fails with EIO
-    # (the kernel's own, from reading /proc/self/mem at offset 0) for longer than the retries last. The job fails,
-    # naming the shard and the error, and writes nothing for it: no output shard, no manifest, no skip recorded.
+    # (the kernel's own, from reading /proc/self/mem at offset 0) for longer than the retries last. The job writes
+    # the other two missing shards, then fails naming that shard and the error, and writes nothing for it: no output
+    # shard, no manifest, no skip recorded.
     source_shard = os.path.join(config.reinforce.source, "student-00001.tar")
     real_run_pipeline = pipeline.run_pipeline
 
@@ -206,9 +205,12 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
         outage.setenv(storage.RETRY_BUDGET_ENV, "1")  # forwarded to the Ray workers
         with pytest.raises(Exception, match=r"(?s)student-00001\.tar.*Errno 5"):
             run(config, log=messages.append)
+    assert any("1/4 shards done" in m for m in messages)  # the plan kept the complete shard
     assert not os.path.exists(os.path.join(out, "student-00001.parquet"))
     assert not os.path.exists(os.path.join(out, records.MANIFEST_NAME))
     assert "3/4 shards complete" in messages[-1] and "rerun" in messages[-1]
+    before = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
+    assert sorted(before) == ["student-00000.parquet", "student-00002.parquet", "zz-bad.parquet"]
 
     # The outage is over: the rerun redoes that shard.
     messages.clear()
@@ -216,18 +218,16 @@ def test_resume_after_crash_is_exactly_once_and_deterministic(setup, s3_run, tmp
 
     assert any("3/4 shards done" in m for m in messages)  # the plan saw three complete shards
     after = {p: os.stat(os.path.join(out, p)).st_mtime_ns for p in os.listdir(out) if p.endswith(".parquet")}
-    assert {p: t for p, t in after.items() if p != "student-00001.parquet"} == {
-        p: t for p, t in before.items() if p != "student-00001.parquet"
-    }  # finished shards were not redone
-    assert dataclasses.replace(resumed, created_at=first.created_at) == first
+    assert {p: t for p, t in after.items() if p != "student-00001.parquet"} == before  # complete ones not redone
+    assert dataclasses.replace(resumed, created_at=s3_manifest.created_at) == s3_manifest
     keys = sorted(k for uri in records.open_dataset(out).shard_uris for k in records.read_shard(uri)["key"].to_pylist())
     assert keys == valid_keys
-
-    # Same config and seed: the redone shard is the original, byte for byte.
-    assert (tmp_path / "out" / "student-00001.parquet").read_bytes() == original_bytes
+    # Same config and seed, other parallelism: every shard is the S3 run's, byte for byte.
+    for shard in s3_manifest.shards:
+        assert (tmp_path / "out" / shard.path).read_bytes() == s3_bytes(shard.path), shard.path
 
     # A complete dataset is left alone; other settings on the same output are refused.
-    assert run(config, log=messages.append).num_rows == first.num_rows
+    assert run(config, log=messages.append).num_rows == s3_manifest.num_rows
     assert "already complete" in messages[-1]
     other = dataclasses.replace(config, reinforce=dataclasses.replace(config.reinforce, num_augmentations=3))
     with pytest.raises(ReinforceError, match=r"other settings.*num_augmentations"):
