@@ -21,6 +21,7 @@ from clipdr.reinforce.stages import ShardTask
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.timeout(900)  # retried without end, the drain would never return: a hang guard, not a speed bound
 def test_a_shard_that_kills_its_worker_fails_alone_after_a_bounded_number_of_tries(ray_local, tmp_path):
     crash_retries = 1
     attempts = tmp_path / "attempts"
@@ -52,7 +53,6 @@ def test_a_shard_that_kills_its_worker_fails_alone_after_a_bounded_number_of_tri
                 "written_at": np.full(len(names), time.time()),
             }
 
-    started = time.monotonic()
     ds = ray.data.from_items([{"source": t.source, "output": t.output} for t in tasks], override_num_blocks=len(tasks))
     pipeline.configure_stream(ds.context)
     ds = ds.map_batches(read, batch_size=1, num_cpus=0.5, **pipeline.task_fault_args(crash_retries))
@@ -70,4 +70,3 @@ def test_a_shard_that_kills_its_worker_fails_alone_after_a_bounded_number_of_tri
     assert list(failed) == ["src/hostile.tar"]
     assert "a stage failed on it" in failed["src/hostile.tar"]
     assert len(list(attempts.iterdir())) == 1 + crash_retries  # Ray Data's default retried it without end
-    assert time.monotonic() - started < 120

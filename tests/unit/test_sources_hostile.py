@@ -139,11 +139,11 @@ def test_a_badly_framed_pax_header_breaks_the_shard_in_linear_time(tmp_path):
     )
     (tmp_path / "s.tar").write_bytes(raw)
 
-    started = time.monotonic()
+    started = time.process_time()  # CPU time of this process: the regexes' cost, whatever else the machine runs
     result = _read(tmp_path / "s.tar")
 
     assert result == (["good0"], Counter({SkipReason.BROKEN_TAR: 1}))
-    assert time.monotonic() - started < 1.0
+    assert time.process_time() - started < 1.0
 
 
 # ----------------------------------------------------------------------------------------------------------
