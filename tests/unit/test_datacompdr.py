@@ -574,7 +574,9 @@ def test_chosen_caption_sets_only_and_a_non_default_set_trains(tmp_path: Path):
     from clipdr.train.plan import make_plan
 
     source = MultiSetSource(tmp_path)
-    with pytest.raises(datacompdr.DataCompDRError, match=r"names \['syn_text_coca'\], which the source's syn.json lacks"):
+    with pytest.raises(
+        datacompdr.DataCompDRError, match=r"names \['syn_text_coca'\], which the source's syn.json lacks"
+    ):
         conversion.choose_caption_sets(SETS, ["syn_text_coca"])
     S, caption_sets = conversion.choose_caption_sets(SETS, ["syn_text_dfn_mscoco38k"])
     layout = DataCompDRLayout(
