@@ -292,6 +292,8 @@ _TOY_FINETUNE = (
     *("--output", "{tmp}/finetune.md"),
 )
 
+# Runs docs/reinforce.md's growing dataset (base, captions, teacher, inspect, train) on the suite's Ray.
+_GROW_TEST = "tests/integration/test_train.py::test_a_caption_set_added_on_ray_feeds_the_training_input"
 _DEMO_TEST = "tests/integration/test_demo.py::test_demo_runs_every_stage_into_mlflow_and_caches"  # runs clipdr study
 _SWEEP_TEST = "tests/integration/test_train.py::test_a_sweep_trains_one_nested_run_per_trial_and_summarises"
 
@@ -324,6 +326,21 @@ REGISTRY: dict[str, Entry] = {
     "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.add --set reinforce.caption_set": CoveredBy(
         ("tests/integration/test_train.py::test_a_caption_set_added_on_ray_feeds_the_training_input",)
     ),
+    # docs/reinforce.md: the growing dataset on the demo world, every step; one test runs the whole flow at toy size.
+    "clipdr synth --config jobs/configs/demo.toml": Run(_TOY_SYNTH),
+    **{
+        shape: CoveredBy((_GROW_TEST,))
+        for shape in (
+            "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.output --set reinforce.num_syn_captions "
+            "--set reinforce.teachers",
+            "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.output --set reinforce.add "
+            "--set reinforce.caption_set --set reinforce.num_syn_captions --set reinforce.teachers",
+            "clipdr reinforce --config jobs/configs/demo.toml --set reinforce.output --set reinforce.add",
+            "clipdr inspect data/demo/grown --samples --sheet",
+            "clipdr train --config jobs/configs/demo.toml --set train.data --set train.mode --set train.teachers "
+            "--set train.teacher_scales --set train.syn_caption_sets --set train.run_name",
+        )
+    },
     "clipdr train --config jobs/configs/mobileclip_s0.toml --set train.dry_run": Run(),
     "clipdr reinforce --config jobs/configs/mobileclip2_reinforce.toml --set reinforce.dry_run": Run(),
     # Crashed on every run (ray.remote refused convert's functools.partial) until branch datacompdr's fix, which

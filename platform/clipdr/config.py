@@ -197,6 +197,11 @@ class DataCompDRConfig:
     reference_max_side: int = _f(
         512, "longest image side the crop windows refer to (DataComp's img2dataset resize); 0: use images as they are"
     )
+    caption_sets: tuple[str, ...] = _f(
+        (),
+        "the source's caption sets to import, by syn.json key: 'syn_text' becomes the set 'default', "
+        "'syn_text_<tag>' the set <tag> (docs/reinforce.md); empty: every set the source has",
+    )
 
 
 @dataclass(frozen=True)

@@ -413,64 +413,132 @@ def test_a_sweep_trains_one_nested_run_per_trial_and_summarises(world, tmp_path,
         sweep.space(SweepConfig(params=("train.optimizer.nope=[1]",)), cfg)
 
 
-def test_a_caption_set_added_on_ray_feeds_the_training_input(world, tmp_path):
-    """`clipdr reinforce --set reinforce.add=captions` on Ray adds a caption set to a copy of the world's dataset,
-    rewriting none of its files; the training input of a run with ``train.syn_caption_sets = ["beam"]`` then reads
-    the set and its teacher targets from the part, on Ray Data (the train step it feeds is set-agnostic: the unit
-    tests check the replay, tests/unit/test_train_choices.py)."""
+def test_a_caption_set_added_on_ray_feeds_the_training_input(world, tmp_path, capsys):
+    """The growing dataset of docs/reinforce.md, every command as documented, on Ray: an embeddings-only base pass
+    over half the world's student corpus, `reinforce.add=captions` (the set ``beam``), `reinforce.add=teacher` (a
+    tiny MCi), `clipdr inspect`, then `clipdr train` in reinforced mode picking both teachers with their own a_k and
+    the set ``beam``. No pass rewrites a file; the training input (Ray Data, parts joined by position) draws the
+    set's captions and targets (the train step it feeds is set-agnostic: tests/unit/test_train_choices.py)."""
     import hashlib
     import shutil
 
-    from clipdr import cli, records
+    from clipdr import records
     from clipdr.config import AugmentConfig
     from clipdr.train import pipeline
     from clipdr.train.plan import make_plan
 
     root, config = world
-    dataset = tmp_path / "reinforced"
-    shutil.copytree(root / "reinforced", dataset)
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset.rglob("*.parquet")}
-    # The documented command, in this process (on the suite's Ray), with the world's teacher and captioner.
+    source = tmp_path / "student"
+    source.mkdir()
+    for shard in sorted((root / "world" / "student").glob("*.tar"))[:2]:  # 128 samples: the flow, not the volume
+        shutil.copy(shard, source)
+    dataset = tmp_path / "grown"
     (teacher,) = config.reinforce.teachers
-    settings = {
-        "reinforce.output": str(dataset),
+    vit = f'{{name = "{teacher.name}", model = "{teacher.model}", logit_scale = 100.0}}'
+    mci = '{name = "mci", model = "clipdr-tiny-mci", logit_scale = 50.0}'
+
+    def reinforce_cli(**settings: str) -> None:
+        """`clipdr reinforce --set ...` in this process (on the suite's Ray), with the world's captioner."""
+        common = {
+            "reinforce.output": str(dataset),
+            "reinforce.num_augmentations": "2",
+            "reinforce.captioner.model": TINY_COCA,
+            "reinforce.captioner.pretrained": '""',
+            "reinforce.captioner.max_len": "8",
+            "reinforce.resources.batch_size": "32",
+            "tracking.uri": config.tracking.uri,
+        }
+        argv = ["reinforce", *(a for k, v in {**common, **settings}.items() for a in ("--set", f"{k}={v}"))]
+        assert cli.main(argv) == 0
+
+    def digests() -> dict[Path, str]:
+        return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in dataset.rglob("*.parquet")}
+
+    # 1. The base: embeddings only (S = 0), one teacher.
+    reinforce_cli(
+        **{"reinforce.source": str(source), "reinforce.num_syn_captions": "0", "reinforce.teachers": f"[{vit}]"}
+    )
+    base = records.read_manifest(str(dataset))
+    assert (base.num_syn_captions, base.captioner, base.caption_sets, base.num_rows) == (0, None, {}, 128)
+    before = digests()
+
+    # 2. A caption set, with the dataset's teacher's text embeddings of it; a second run has nothing to do.
+    captions = {
         "reinforce.add": "captions",
         "reinforce.caption_set": "beam",
         "reinforce.num_syn_captions": "1",
-        "reinforce.teachers": f'[{{name = "{teacher.name}", model = "{teacher.model}", logit_scale = 100.0}}]',
-        "reinforce.captioner.model": TINY_COCA,
-        "reinforce.captioner.pretrained": '""',
-        "reinforce.captioner.max_len": "8",
+        "reinforce.teachers": f"[{vit}]",
         "reinforce.captioner.top_p": "0.5",
-        "reinforce.resources.batch_size": "32",
-        "tracking.uri": config.tracking.uri,
     }
-    argv = ["reinforce", *(a for key, value in settings.items() for a in ("--set", f"{key}={value}"))]
-    assert cli.main(argv) == 0
-    manifest = records.read_manifest(str(dataset))
-    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in before} == before
-    assert manifest.caption_sets == {"default": 2, "beam": 1} and len(list(dataset.rglob("*.parquet"))) == 8
-    assert manifest.part("captions__beam").captioner.top_p == 0.5
+    reinforce_cli(**captions)
     listed = (dataset / records.MANIFEST_NAME).read_bytes()
-    assert cli.main(argv) == 0 and (dataset / records.MANIFEST_NAME).read_bytes() == listed  # complete: nothing to do
+    reinforce_cli(**captions)
+    assert (dataset / records.MANIFEST_NAME).read_bytes() == listed  # complete: nothing to do
 
-    cfg = train_config(world, "caption-set", data=str(dataset), syn_caption_sets=("beam",))
-    plan = make_plan(cfg, [manifest.teacher("vit")], dataset_caption_sets=manifest.caption_sets)
+    # 3. A teacher: the one of reinforce.teachers the dataset lacks, embedding the views and every set present.
+    reinforce_cli(**{"reinforce.add": "teacher", "reinforce.teachers": f"[{vit}, {mci}]"})
+    manifest = records.read_manifest(str(dataset))
+    assert {p: h for p, h in digests().items() if p in before} == before  # no pass rewrote a base file
+    assert manifest.teacher_names == ("vit", "mci") and manifest.caption_sets == {"beam": 1}
+    assert manifest.part("captions__beam").captioner.top_p == 0.5
+    assert manifest.part("teacher__mci").caption_sets == ("beam",) and len(digests()) == 3 * len(before)
+
+    # 4. What it holds.
+    capsys.readouterr()
+    assert cli.main(["inspect", str(dataset), "--samples", "1", "--sheet", str(tmp_path / "views.png")]) == 0
+    shown = capsys.readouterr().out
+    assert "S=0: an embeddings-only pass" in shown and "part          captions__beam: caption set 'beam'" in shown
+    assert (
+        "part          teacher__mci: teacher mci: clipdr-tiny-mci" in shown
+        and "text embeddings of caption sets beam" in shown
+    )
+
+    # 5. The training input of a run picking the set, on Ray Data: the set's captions and targets, each once.
+    cfg = train_config(world, "grown", data=str(dataset), syn_caption_sets=("beam",), teachers=("mci", "vit"))
+    plan = make_plan(cfg, [manifest.teacher(n) for n in ("mci", "vit")], dataset_caption_sets=manifest.caption_sets)
     assert plan.syn_caption_sets == ("beam",) and plan.num_syn_captions == 1
     files = records.open_dataset(str(dataset)).shard_uris
-    source = pipeline.DataSource(str(dataset), files, manifest.num_rows, manifest)
+    source_data = pipeline.DataSource(str(dataset), files, manifest.num_rows, manifest)
     preprocess = data.student_preprocess(STUDENT)
-    stream = pipeline.build_dataset(source, plan, AugmentConfig(), preprocess, manifest.num_rows, range(1))
+    stream = pipeline.build_dataset(source_data, plan, AugmentConfig(), preprocess, manifest.num_rows, range(1))
     batches = list(stream.iter_batches(batch_size=64, batch_format="numpy"))
-    got_NC = np.concatenate([b[data.teacher_syn_text_column("vit")] for b in batches])
     stored = [
-        records.read_shard_with_parts(str(dataset), manifest, s.path, ["syn_captions__beam", "text_emb__vit__beam"])
+        records.read_shard_with_parts(
+            str(dataset), manifest, s.path, ["syn_captions__beam", "text_emb__vit__beam", "text_emb__mci__beam"]
+        )
         for s in manifest.shards
     ]
-    want_NC = np.concatenate([records.fixed_shape_numpy(t.column(1))[:, 0].astype(np.float32) for t in stored])
-    assert len(got_NC) == manifest.num_rows and (np.concatenate([b[data.SYN_INDEX] for b in batches]) == 0).all()
-    assert np.array_equal(np.unique(got_NC, axis=0), np.unique(want_NC, axis=0))  # the set's targets, each once
-    captions = [c[0] for t in stored for c in t.column(0).to_pylist()]
-    tokens = data._tokenize(data._tokenizer(STUDENT, preprocess.context_length), captions, preprocess.context_length)
+    assert np.concatenate([b[data.SYN_INDEX] for b in batches]).tolist() == [0] * manifest.num_rows
+    for column, name in ((1, "vit"), (2, "mci")):
+        got_NC = np.concatenate([b[data.teacher_syn_text_column(name)] for b in batches])
+        want_NC = np.concatenate([records.fixed_shape_numpy(t.column(column))[:, 0].astype(np.float32) for t in stored])
+        assert np.array_equal(np.unique(got_NC, axis=0), np.unique(want_NC, axis=0))
+    captions_N = [c[0] for t in stored for c in t.column(0).to_pylist()]
+    tokens = data._tokenize(data._tokenizer(STUDENT, preprocess.context_length), captions_N, preprocess.context_length)
     got_tokens = np.concatenate([b[data.SYN_TEXT] for b in batches])
     assert np.array_equal(np.unique(got_tokens, axis=0), np.unique(tokens, axis=0))
+
+    # 6. `clipdr train` in reinforced mode on it, as documented (toy schedule): the choices reach the run.
+    run = {
+        "train.data": str(dataset),
+        "train.mode": "reinforced",
+        "train.teachers": '["mci", "vit"]',
+        "train.teacher_scales": "[40.0, 90.0]",
+        "train.syn_caption_sets": '["beam"]',
+        "train.run_name": "grown",
+        "train.output": str(tmp_path / "runs"),
+        "train.model": STUDENT,
+        "train.experiment": "test-train",
+        "train.schedule.samples": "64",
+        "train.schedule.batch_size": "32",
+        "train.schedule.warmup_samples": "32",
+        "tracking.uri": config.tracking.uri,
+    }
+    assert cli.main(["train", *(a for k, v in run.items() for a in ("--set", f"{k}={v}"))]) == 0
+    run_id = runstate.read(str(tmp_path / "runs" / "grown"), runstate.TRAIN_STATE).mlflow_run_id
+    params = MlflowClient(config.tracking.uri).get_run(run_id).data.params
+    assert {k: params[k] for k in ("distill.a_k.mci", "distill.a_k.vit", "distill.syn_caption_sets")} == {
+        "distill.a_k.mci": "40.0",
+        "distill.a_k.vit": "90.0",
+        "distill.syn_caption_sets": "beam",
+    }

@@ -445,7 +445,12 @@ def test_embedding_split_and_tolerance():
     "kwargs",
     [
         {"num_augmentations": 0},
-        {"num_syn_captions": 0},
+        {"num_syn_captions": -1},
+        {"caption_sets": (("syn_text", 5),)},  # syn_text is the default set: num_syn_captions is its S
+        {"caption_sets": (("syn_text_a", 0),)},
+        {"caption_sets": (("syn_text_a-b", 1), ("syn_text_a_b", 1))},  # both name the set a_b
+        {"caption_sets": (("syn_text_default", 1),)},
+        {"caption_sets": (("captions", 1),)},
         {"transforms": ("rand_augment",)},
         {"transforms": ("random_resized_crop", "sharpen")},
         {"transforms": ("resize", "random_resized_crop")},
@@ -459,3 +464,158 @@ def test_embedding_split_and_tolerance():
 def test_bad_layouts_are_value_errors(kwargs):
     with pytest.raises(datacompdr.DataCompDRError):
         DataCompDRLayout(**kwargs)
+
+
+# --------------------------------------------------------------------------- several caption sets (DFNDR, RayGen)
+
+# RayGen's keys: syn.json ``syn_text{tag}``, embeddings ``<key>_emb``; ``dci-short`` is a real DFN CoCa fine-tune name.
+SETS = {"syn_text": 5, "syn_text_dci-short": 2, "syn_text_dfn_mscoco38k": 3}
+SET_NAMES = {"syn_text": "default", "syn_text_dci-short": "dci_short", "syn_text_dfn_mscoco38k": "dfn_mscoco38k"}
+
+
+class MultiSetSource:
+    """One joined tar in the multi-set layout (RayGen's split ``text_emb`` + ``<key>_emb``), with a sample lacking a
+    set's captions and one lacking a set's embeddings."""
+
+    def __init__(self, root: Path) -> None:
+        self.src = str(root / "multi")
+        rng = np.random.default_rng(7)
+        self.expected: dict[str, dict] = {}
+        samples = []
+        for i, (key, drop) in enumerate(
+            [
+                ("m0", None),
+                ("m1", None),
+                ("m2", "syn:syn_text_dci-short"),
+                ("m3", "emb:syn_text_dfn_mscoco38k"),
+                ("m4", None),
+            ]
+        ):
+            syn = {k: [f"{k} caption {j} of {key}" for j in range(n)] for k, n in SETS.items()}
+            emb = {"image_emb": unit_rows(rng, K), "text_emb": unit_rows(rng, 1)}
+            emb |= {f"{k}_emb": unit_rows(rng, n) for k, n in SETS.items()}
+            if drop:
+                where, _, set_key = drop.partition(":")
+                (syn if where == "syn" else emb).pop(set_key if where == "syn" else f"{set_key}_emb")
+            width, height = 32 + i, 24
+            members = {
+                "png": encode_image(width, height, 40 + i),
+                "txt": f"real caption of {key}".encode(),
+                "json": json.dumps({"uid": f"uid-{key}"}).encode(),
+                "syn.json": json.dumps(syn).encode(),
+                "paug.json": json.dumps({"param_aug": records_for(rng, (width, height))}).encode(),
+                "npz" if i % 2 == 0 else "pth.gz": (npz_bytes if i % 2 == 0 else pth_gz_bytes)(**emb),
+            }
+            if i % 2:
+                emb = {k: bf16_round_trip(v) for k, v in emb.items()}
+            samples.append((key, members))
+            self.expected[key] = {"syn": syn, "emb": emb, "drop": drop}
+        write_tar_shard(storage.join(self.src, "00000000.tar"), samples)
+
+    def halves(self, key: str, emb_key: str) -> dict[str, np.ndarray]:
+        rows = self.expected[key]["emb"][emb_key]
+        return {
+            n: h / np.linalg.norm(h, axis=1, keepdims=True) for n, h in zip(NAMES, np.split(rows, 2, 1), strict=True)
+        }
+
+
+def test_every_caption_set_of_the_source_is_imported_by_name_as_parts_training_reads(tmp_path: Path):
+    source = MultiSetSource(tmp_path)
+    (shard,) = conversion.list_source_shards(source.src)
+    found = datacompdr.find_caption_sets(shard.uri)
+    assert found == SETS  # syn_text first, then by key
+    S, caption_sets = conversion.choose_caption_sets(found)
+    layout = DataCompDRLayout(
+        num_augmentations=K, num_syn_captions=S, caption_sets=caption_sets, reference_max_side=None
+    )
+    assert (S, layout.set_names) == (5, ("dci_short", "dfn_mscoco38k"))
+    out = str(tmp_path / "out")
+    manifest = conversion.convert(source.src, out, layout=layout)
+
+    dataset = records.open_dataset(out, require_teachers=NAMES, extra_files="error")  # parts' footers checked
+    assert manifest.caption_sets == {SET_NAMES[k]: n for k, n in SETS.items()}
+    assert dict(manifest.skipped) == {"missing_caption_set": 2}  # m2 lacks a set's captions, m3 its embeddings
+    part = manifest.part("captions__dfn_mscoco38k")
+    assert (part.captioner.name, part.teachers) == ("syn_text_dfn_mscoco38k", NAMES)
+    keys = ["m0", "m1", "m4"]
+    columns = [records.SYN_CAPTIONS, *(records.text_emb_column(n) for n in NAMES)]
+    for key, _ in caption_sets:
+        name = SET_NAMES[key]
+        columns += [records.syn_captions_column(name), *(records.set_text_emb_column(n, name) for n in NAMES)]
+    table = records.read_shard_with_parts(out, dataset.manifest, manifest.shards[0].path, [records.KEY, *columns])
+    assert table.column(records.KEY).to_pylist() == keys
+    for i, key in enumerate(keys):
+        want = source.expected[key]
+        assert table.column(records.SYN_CAPTIONS)[i].as_py() == want["syn"]["syn_text"]
+        for name, halves in source.halves(key, "syn_text_emb").items():  # the default set: rows 1.. of text_emb
+            np.testing.assert_allclose(records.text_embeddings(table, name)[i, 1:], halves, atol=1e-4)
+        for set_key, _ in caption_sets:
+            set_name = SET_NAMES[set_key]
+            assert table.column(records.syn_captions_column(set_name))[i].as_py() == want["syn"][set_key]
+            for name, halves in source.halves(key, f"{set_key}_emb").items():  # fp16 of unit vectors: ~2e-5
+                column = table.column(records.set_text_emb_column(name, set_name))
+                np.testing.assert_allclose(records.fixed_shape_numpy(column)[i], halves, atol=1e-4)
+
+    # A rerun keeps every file; a lost part file reconverts its shard alone.
+    before = file_stats(out)
+    assert without_time(conversion.convert(source.src, out, layout=layout)) == without_time(manifest)
+    assert file_stats(out) == before
+    storage.delete(storage.join(out, records.part_file("captions__dci_short", manifest.shards[0].path)))
+    assert without_time(conversion.convert(source.src, out, layout=layout)) == without_time(manifest)
+    records.open_dataset(out, extra_files="error")
+
+
+def test_chosen_caption_sets_only_and_a_non_default_set_trains(tmp_path: Path):
+    """DFNDR's training reads one set (run_dfndr2b.sh: ``^syn_text_dfn_mscoco38k$``): imported alone, the base is an
+    embeddings-only dataset, the set a part, and one training step on it draws its captions and its targets."""
+    from clipdr.config import Config, TrainConfig, TrainLoss
+    from clipdr.train import data, pipeline
+    from clipdr.train.loop import Step, build_student
+    from clipdr.train.plan import make_plan
+
+    source = MultiSetSource(tmp_path)
+    with pytest.raises(
+        datacompdr.DataCompDRError, match=r"names \['syn_text_coca'\], which the source's syn.json lacks"
+    ):
+        conversion.choose_caption_sets(SETS, ["syn_text_coca"])
+    S, caption_sets = conversion.choose_caption_sets(SETS, ["syn_text_dfn_mscoco38k"])
+    layout = DataCompDRLayout(
+        num_augmentations=K, num_syn_captions=S, caption_sets=caption_sets, reference_max_side=None
+    )
+    out = str(tmp_path / "out")
+    manifest = conversion.convert(source.src, out, layout=layout)
+    assert (manifest.num_syn_captions, manifest.captioner, manifest.caption_sets) == (0, None, {"dfn_mscoco38k": 3})
+    assert dict(manifest.skipped) == {"missing_caption_set": 1}  # m3; m2 lacks only a set not imported
+    assert records.SYN_CAPTIONS not in manifest.schema().names
+
+    student = "clipdr-tiny-vit"
+    cfg = Config(
+        train=TrainConfig(data=out, model=student, loss=TrainLoss(kd_weight=0.5), syn_caption_sets=("dfn_mscoco38k",))
+    )
+    plan = make_plan(cfg, list(manifest.teachers), dataset_caption_sets=manifest.caption_sets)
+    assert plan.syn_caption_sets == ("dfn_mscoco38k",) and plan.num_syn_captions == 3
+    columns = pipeline._columns(plan, manifest)
+    table = records.read_shard_with_parts(out, manifest, manifest.shards[0].path, columns)
+    preprocess = data.student_preprocess(student)
+    out_batch = data.ReplayBatch(manifest, preprocess, student, seed=0, epoch=0, caption_sets=plan.syn_caption_sets)(
+        table
+    )
+    j = out_batch[data.SYN_INDEX]
+    for name in NAMES:
+        stored = records.fixed_shape_numpy(table.column(records.set_text_emb_column(name, "dfn_mscoco38k")))
+        assert (out_batch[data.teacher_syn_text_column(name)] == stored[range(len(j)), j]).all()
+    texts = table.column(records.syn_captions_column("dfn_mscoco38k")).to_pylist()
+    want = data._tokenize(
+        data._tokenizer(student, preprocess.context_length),
+        [t[k] for t, k in zip(texts, j, strict=True)],
+        preprocess.context_length,
+    )
+    assert (out_batch[data.SYN_TEXT] == want).all()
+
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in out_batch.items() if isinstance(v, np.ndarray)}
+    model = build_student(plan, torch.device("cpu"))
+    parts = Step(model, plan, torch.device("cpu"))(batch)
+    assert {"kd_loss_syn", "clip_loss_syn"} <= set(parts) and torch.isfinite(parts["loss"])
+    parts["loss"].backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert sum(g is not None and bool(g.abs().sum() > 0) for g in grads) > len(grads) // 2

@@ -12,6 +12,12 @@ images users fetch with img2dataset and join back by uid). After the join, one s
     <key>.pth.gz      gzip'd ``torch.save`` of the same dict as bfloat16 tensors     (DataCompDR-12M-bf16)
     <key>.jpg / .txt  image and real caption, present only once the user joined them in
 
+A source with several caption sets (RayGen's output, DFNDR-2B) holds one ``syn.json`` key a set, ``syn_text`` (no
+tag) or ``syn_text_<tag>`` (e.g. ``syn_text_dfn_mscoco38k``), and the set's text embeddings as ``<key>_emb``
+(S_set rows) beside ``text_emb`` (then the real caption alone) in the embedding member. ``syn_text`` is imported as
+the ``default`` set, each ``syn_text_<tag>`` as the set `caption_set_name` of its key (`DataCompDRLayout.caption_sets`;
+docs/reinforce.md, "Several caption sets", lists what was read to learn this).
+
 What was verified, and where (public code read, not copied):
 
 - apple/ml-mobileclip ``training/open_clip.patch`` (``preprocess_dr``, the reader Apple trains with) and
@@ -103,10 +109,11 @@ import io
 import json
 import logging
 import math
+import re
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -114,7 +121,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from clipdr import augment
+from clipdr import augment, records
 from clipdr.data import sources
 from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason
 from clipdr.records import AugmentSpec, CaptionerSpec, TeacherSpec
@@ -158,6 +165,14 @@ DATACOMPDR_CAPTIONER = CaptionerSpec(
 )
 """The captioner of DataCompDR's synthetic captions (text cut at end-of-text and at the first ".")."""
 
+
+def source_captioner(key: str) -> CaptionerSpec:
+    """What the manifest records as the captioner of a source caption set other than ``syn_text`` (a part's
+    ``captioner``): Apple's shards do not say which model wrote a set, so only its ``syn.json`` key is known (the
+    name); the model is recorded as ``unrecorded`` rather than guessed from the key."""
+    return CaptionerSpec(name=key, kind="open_clip", model="unrecorded", pretrained="")
+
+
 DATACOMPDR_AUGMENT = AugmentSpec(
     scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), num_ops=2, magnitude=9, num_magnitude_bins=31, hflip=0.0
 )
@@ -191,6 +206,13 @@ NPZ_EXTENSION = "npz"
 PTH_GZ_EXTENSION = "pth.gz"
 _TEXT_MEMBERS = (PAUG_EXTENSION, SYN_EXTENSION, URL_EXTENSION, sources.CAPTION_EXTENSION, sources.META_EXTENSION)
 _EMBEDDING_MEMBERS = (NPZ_EXTENSION, PTH_GZ_EXTENSION)  # in order of preference, as apple's preprocess_dr
+SYN_TEXT_KEY = "syn_text"
+"""The ``syn.json`` key of DataCompDR's one caption set, and of a RayGen set written without a tag: the ``default``
+set of the imported dataset (the base shards' own synthetic captions)."""
+_SYN_TEXT_TAGGED = "syn_text_"  # RayGen's ``syn_text{tag_suffix}``, e.g. ``syn_text_dfn_mscoco38k``
+EMB_KEY_SUFFIX = "_emb"
+"""A caption set's text embeddings: ``<syn.json key>_emb`` in the ``npz`` / ``pth.gz`` member (RayGen's
+``{key}_emb``; Apple's trainer reads ``syn_text_i_key + "_emb"``)."""
 _IMAGE_KEYS = ("image_emb", "image_emb{self.tag_suffix}")  # the second: RayGen's gen.py writes it literally
 _MIN_NORM = 1e-6
 
@@ -222,7 +244,11 @@ class DataCompDRSkipReason(StrEnum):
     MISSING_SYN_CAPTIONS = "missing_syn_captions"
     """No ``syn.json`` member."""
     INVALID_SYN_CAPTIONS = "invalid_syn_captions"
-    """``syn.json`` is not JSON or has no ``syn_text`` list of S strings."""
+    """``syn.json`` is not JSON, or a caption set imported is not a list of strings of its S_set."""
+    MISSING_CAPTION_SET = "missing_caption_set"
+    """A caption set imported (`DataCompDRLayout`: ``syn_text`` or one of ``caption_sets``) is absent from the
+    sample's ``syn.json``, or its text embeddings (``<key>_emb``) from its embedding member: every row of an imported
+    dataset has every set it lists, so the sample is left out."""
     MISSING_EMBEDDINGS = "missing_embeddings"
     """Neither an ``npz`` nor a ``pth.gz`` member."""
     INVALID_EMBEDDINGS = "invalid_embeddings"
@@ -247,13 +273,46 @@ def _check(condition: bool, message: str) -> None:
         raise DataCompDRError(message)
 
 
+def caption_set_name(key: str) -> str:
+    """The clipdr caption set of ``syn.json`` key ``key``: `SYN_TEXT_KEY` is `records.DEFAULT_CAPTION_SET`,
+    ``syn_text_<tag>`` is ``<tag>`` lowercased with every run of other characters than letters and digits made one
+    ``_`` (``syn_text_dfn_mscoco38k`` -> ``dfn_mscoco38k``, ``syn_text_dci-short`` -> ``dci_short``).
+
+    Raises:
+        DataCompDRError: ``key`` is not a caption set key, or its tag makes no valid set name (or ``default``).
+    """
+    if key == SYN_TEXT_KEY:
+        return records.DEFAULT_CAPTION_SET
+    _check(
+        isinstance(key, str) and key.startswith(_SYN_TEXT_TAGGED) and len(key) > len(_SYN_TEXT_TAGGED),
+        f"{key!r} is not a caption set key of Apple's syn.json ({SYN_TEXT_KEY!r} or '{_SYN_TEXT_TAGGED}<tag>')",
+    )
+    name = re.sub(r"[^a-z0-9]+", "_", key[len(_SYN_TEXT_TAGGED) :].lower()).strip("_")
+    _check(name != records.DEFAULT_CAPTION_SET, f"syn.json key {key!r} would name the set of {SYN_TEXT_KEY!r}")
+    try:
+        return records.validate_caption_set_name(name)
+    except records.RecordsError as e:
+        raise DataCompDRError(f"syn.json key {key!r}: {e}") from None
+
+
+def is_caption_set_key(key: Any) -> bool:
+    """Whether a ``syn.json`` key holds a caption set (what Apple's trainer selects with its default
+    ``^syn_text.*$``)."""
+    return isinstance(key, str) and (key == SYN_TEXT_KEY or key.startswith(_SYN_TEXT_TAGGED))
+
+
 @dataclass(frozen=True)
 class DataCompDRLayout:
     """How a DataCompDR variant stores its samples; the defaults are DataCompDR-12M's.
 
     Attributes:
         num_augmentations: K, views a sample (30 for DataCompDR-12M, 10 for DataCompDR-1B).
-        num_syn_captions: S, synthetic captions a sample.
+        num_syn_captions: S, captions a sample of the ``syn_text`` set, imported as the ``default`` set (the base
+            shards' ``syn_captions`` and rows 1..S of ``text_emb``); 0 leaves ``syn_text`` out (a DFNDR source without
+            it, or a choice): the base is then an embeddings-only dataset and the sets are all parts.
+        caption_sets: The source's other caption sets to import, ``(syn.json key, S_set)`` in import order, e.g.
+            ``(("syn_text_dfn_mscoco38k", 5),)``; each becomes the caption set `caption_set_name` of its key, a
+            ``captions`` part (`records.PartSpec`) laid out as ``reinforce.add = "captions"`` lays out a set.
         augment: The augmentation config the views were drawn with; ``num_ops`` is how many RandAugment ops a
             converted view holds.
         transforms: The transforms with random parameters in each ``param_aug`` record, in Apple's Compose order
@@ -266,6 +325,7 @@ class DataCompDRLayout:
 
     num_augmentations: int = 30
     num_syn_captions: int = 5
+    caption_sets: tuple[tuple[str, int], ...] = ()
     augment: AugmentSpec = DATACOMPDR_AUGMENT
     transforms: tuple[str, ...] = ("random_resized_crop", "rand_augment")
     view_size: int = 224
@@ -274,11 +334,22 @@ class DataCompDRLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "transforms", tuple(self.transforms))
+        object.__setattr__(self, "caption_sets", tuple((k, n) for k, n in self.caption_sets))
         for name in ("num_augmentations", "num_syn_captions", "view_size"):
             value = getattr(self, name)
             _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer, got {value!r}")
         _check(self.num_augmentations >= 1, f"num_augmentations (K) must be >= 1, got {self.num_augmentations}")
-        _check(self.num_syn_captions >= 1, f"num_syn_captions (S) must be >= 1, got {self.num_syn_captions}")
+        _check(self.num_syn_captions >= 0, f"num_syn_captions (S) must be >= 0, got {self.num_syn_captions}")
+        for key, count in self.caption_sets:
+            _check(key != SYN_TEXT_KEY, f"caption_sets: {SYN_TEXT_KEY!r} is the default set; num_syn_captions is its S")
+            _check(
+                isinstance(count, int) and not isinstance(count, bool) and count >= 1,
+                f"caption_sets: {key!r} needs S_set >= 1 captions a sample, got {count!r}",
+            )
+        names = self.set_names
+        _check(
+            len(set(names)) == len(names), f"caption_sets {[k for k, _ in self.caption_sets]} name sets {names} twice"
+        )
         _check(self.view_size >= 1, f"view_size must be >= 1, got {self.view_size}")
         _check(
             self.reference_max_side is None
@@ -303,6 +374,11 @@ class DataCompDRLayout:
             list(self.transforms) == sorted(set(self.transforms), key=_RECORD_ORDER.index),
             f"transforms must be distinct and in Apple's Compose order {list(_RECORD_ORDER)}, got {self.transforms}",
         )
+
+    @property
+    def set_names(self) -> tuple[str, ...]:
+        """The clipdr names of `caption_sets`, in their order (`caption_set_name`)."""
+        return tuple(caption_set_name(key) for key, _ in self.caption_sets)
 
     @property
     def has_mixing(self) -> bool:
@@ -330,6 +406,9 @@ class DataCompDRSample:
         text_emb: Teacher name -> float32 (1 + S, D) text embeddings, L2-normalised; row 0 the real caption.
         norm_error: Largest ``|norm - 1|`` of the stored embeddings before renormalising.
         image: The decoded RGB image.
+        set_captions: Caption set name -> its S_set captions, for each of the layout's ``caption_sets``.
+        set_text_emb: Caption set name -> teacher name -> float32 (S_set, D) text embeddings of those captions,
+            L2-normalised.
     """
 
     key: str
@@ -344,6 +423,8 @@ class DataCompDRSample:
     text_emb: dict[str, np.ndarray]
     norm_error: float
     image: PIL.Image.Image | None = None
+    set_captions: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    set_text_emb: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- augmentation params
@@ -549,17 +630,45 @@ def _member(group: Mapping[str | None, Any], ext: str, missing: str, invalid: st
     return data
 
 
-def _syn_captions(group: Mapping[str | None, Any], num_syn_captions: int) -> tuple[str, ...]:
+def _syn_json(group: Mapping[str | None, Any]) -> dict:
+    """The decoded ``syn.json`` member: caption set key -> captions."""
     raw = _member(
         group, SYN_EXTENSION, DataCompDRSkipReason.MISSING_SYN_CAPTIONS, DataCompDRSkipReason.INVALID_SYN_CAPTIONS
     )
     data = _json(raw, DataCompDRSkipReason.INVALID_SYN_CAPTIONS)
-    captions = data.get("syn_text") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise _skip(DataCompDRSkipReason.INVALID_SYN_CAPTIONS, "syn.json is not an object of caption sets")
+    return data
+
+
+def _captions(syn: dict, key: str, count: int) -> tuple[str, ...]:
+    """Caption set ``key`` of a decoded ``syn.json``: ``count`` strings."""
+    if key not in syn:
+        raise _skip(DataCompDRSkipReason.MISSING_CAPTION_SET, f"syn.json lacks {key!r}; it has {sorted(syn)}")
+    captions = syn[key]
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-        raise _skip(DataCompDRSkipReason.INVALID_SYN_CAPTIONS, "syn.json has no 'syn_text' list of strings")
-    if len(captions) != num_syn_captions:
-        raise _skip(DataCompDRSkipReason.INVALID_SYN_CAPTIONS, f"{len(captions)} captions, S={num_syn_captions}")
+        raise _skip(DataCompDRSkipReason.INVALID_SYN_CAPTIONS, f"syn.json {key!r} is not a list of strings")
+    if len(captions) != count:
+        raise _skip(DataCompDRSkipReason.INVALID_SYN_CAPTIONS, f"{len(captions)} captions in {key!r}, S={count}")
     return tuple(captions)
+
+
+def caption_sets_of(syn_json: bytes) -> dict[str, int]:
+    """The caption sets a sample's ``syn.json`` member holds: key -> number of captions, ``syn_text`` first, then the
+    others sorted by key; empty when the member does not decode to an object of lists of strings.
+    """
+    try:
+        data = json.loads(syn_json)
+    except (ValueError, RecursionError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    found = {
+        key: len(value)
+        for key, value in data.items()
+        if is_caption_set_key(key) and isinstance(value, list) and value and all(isinstance(c, str) for c in value)
+    }
+    return dict(sorted(found.items(), key=lambda item: (item[0] != SYN_TEXT_KEY, item[0])))
 
 
 def _gunzip(data: bytes, max_bytes: int) -> bytes:
@@ -608,8 +717,11 @@ def _load_pth_gz(data: bytes, max_bytes: int) -> dict[str, np.ndarray]:
     return {str(name): tensor.float().numpy() for name, tensor in obj.items()}
 
 
-def _raw_embeddings(group: Mapping[str | None, Any], max_bytes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(image_KE, text_RE)`` as stored, float32; R = 1 + S rows of text."""
+def _raw_embeddings(
+    group: Mapping[str | None, Any], max_bytes: int, layout: DataCompDRLayout
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """``(image_KE, text_RE, sets)`` as stored, float32: R = 1 + S rows of text (the real caption, then ``syn_text``'s
+    S when imported: row 0 alone when it is not), and each of ``layout.caption_sets``' (S_set, E) rows by key."""
     ext = next((e for e in _EMBEDDING_MEMBERS if e in group), None)
     if ext is None:
         raise _skip(DataCompDRSkipReason.MISSING_EMBEDDINGS)
@@ -619,13 +731,20 @@ def _raw_embeddings(group: Mapping[str | None, Any], max_bytes: int) -> tuple[np
     text = arrays.get("text_emb")
     if image is None or text is None:
         raise _skip(DataCompDRSkipReason.INVALID_EMBEDDINGS, f"{ext} lacks image_emb / text_emb: {sorted(arrays)}")
+    missing = [key + EMB_KEY_SUFFIX for key, _ in layout.caption_sets if key + EMB_KEY_SUFFIX not in arrays]
+    if missing:
+        raise _skip(DataCompDRSkipReason.MISSING_CAPTION_SET, f"{ext} lacks {missing}: it has {sorted(arrays)}")
+    syn_key = SYN_TEXT_KEY + EMB_KEY_SUFFIX
     try:
         image_KE, text_RE = np.asarray(image, np.float32), np.asarray(text, np.float32)
-        if "syn_text_emb" in arrays:  # RayGen's split layout: 1 real row + S synthetic rows
-            text_RE = np.concatenate([text_RE, np.asarray(arrays["syn_text_emb"], np.float32)])
+        if layout.num_syn_captions == 0:  # row 0 is the real caption in both layouts (Apple's text_emb_all[capi])
+            text_RE = text_RE[:1]
+        elif syn_key in arrays:  # RayGen's split layout: 1 real row + S synthetic rows
+            text_RE = np.concatenate([text_RE, np.asarray(arrays[syn_key], np.float32)])
+        sets = {key: np.asarray(arrays[key + EMB_KEY_SUFFIX], np.float32) for key, _ in layout.caption_sets}
     except (ValueError, TypeError) as e:
         raise _skip(DataCompDRSkipReason.EMBEDDING_SHAPE_MISMATCH, f"{ext}: {e}") from None
-    return image_KE, text_RE
+    return image_KE, text_RE, sets
 
 
 def split_embeddings(
@@ -703,14 +822,24 @@ def _build(
         raise _skip(SkipReason.MISSING_IMAGE, "no image member: not joined with its image")
     raw_paug = _member(group, PAUG_EXTENSION, DataCompDRSkipReason.MISSING_PAUG, DataCompDRSkipReason.INVALID_PAUG)
     record_views = parse_param_aug(_json(raw_paug, DataCompDRSkipReason.INVALID_PAUG), layout)
-    syn_captions = _syn_captions(group, layout.num_syn_captions)
-    image_KE, text_RE = _raw_embeddings(group, config.max_image_bytes)
+    syn = _syn_json(group) if layout.num_syn_captions or layout.caption_sets else {}
+    syn_captions = _captions(syn, SYN_TEXT_KEY, layout.num_syn_captions) if layout.num_syn_captions else ()
+    set_captions = {
+        name: _captions(syn, key, count)
+        for name, (key, count) in zip(layout.set_names, layout.caption_sets, strict=True)
+    }
+    image_KE, text_RE, set_RE = _raw_embeddings(group, config.max_image_bytes, layout)
     num_rows = {"image_emb": (image_KE, layout.num_augmentations), "text_emb": (text_RE, 1 + layout.num_syn_captions)}
+    num_rows |= {key + EMB_KEY_SUFFIX: (set_RE[key], count) for key, count in layout.caption_sets}
     for name, (array, rows) in num_rows.items():
         if array.ndim != 2 or array.shape[0] != rows:
             raise _skip(DataCompDRSkipReason.EMBEDDING_SHAPE_MISMATCH, f"{name} has shape {array.shape}, {rows} rows")
     image_emb, image_error = split_embeddings(image_KE, teachers, layout.norm_tolerance)
     text_emb, text_error = split_embeddings(text_RE, teachers, layout.norm_tolerance)
+    set_text_emb, set_error = {}, 0.0
+    for name, (set_key, _) in zip(layout.set_names, layout.caption_sets, strict=True):
+        set_text_emb[name], error = split_embeddings(set_RE[set_key], teachers, layout.norm_tolerance)
+        set_error = max(set_error, error)
     try:
         source = sources.build_sample(
             key, group[image_ext], group.get(sources.CAPTION_EXTENSION), group.get(sources.META_EXTENSION), config
@@ -731,9 +860,30 @@ def _build(
         views=views,
         image_emb=image_emb,
         text_emb=text_emb,
-        norm_error=max(image_error, text_error),
+        norm_error=max(image_error, text_error, set_error),
         image=source.image,
+        set_captions=set_captions,
+        set_text_emb=set_text_emb,
     )
+
+
+def find_caption_sets(uri: str, config: ReaderConfig = DEFAULT_READER_CONFIG, max_samples: int = 64) -> dict[str, int]:
+    """The caption sets of a source, as its first sample with a readable ``syn.json`` in shard ``uri`` holds them
+    (`caption_sets_of`: key -> S_set, ``syn_text`` first); empty when none of its first ``max_samples`` has one.
+
+    A source's samples share their sets (Apple's generators write every key for every sample of a run); a sample
+    that lacks one of those imported is skipped (``missing_caption_set``), so a conversion lists each set once, up
+    front, for every shard.
+    """
+    try:
+        for i, (_, group) in enumerate(_iter_groups(uri, config)):
+            raw = group.get(SYN_EXTENSION)
+            found = caption_sets_of(raw) if isinstance(raw, bytes) else {}
+            if found or i + 1 >= max_samples:
+                return found
+    except (sources.UnreadableShardError, sources.BrokenShardError) as e:
+        logger.warning("cannot read the caption sets of %s: %s", uri, e)
+    return {}
 
 
 def iter_shard(

@@ -8,6 +8,13 @@ skip counts, so a rerun reuses the shards that match and converts only the rest;
 come from their footers. A source shard that cannot be opened at all writes nothing (retried on the next run).
 ``Manifest.augment_seed`` is meaningless here: the views come from Apple's generator, not `augment.sample`.
 
+Caption sets. ``syn_text`` (DataCompDR's one set) is the base's ``default`` set; every other set the layout imports
+(`DataCompDRLayout.caption_sets`, e.g. DFNDR's ``syn_text_dfn_mscoco38k``) is a ``captions`` part, one file a base
+shard at `records.part_file`, written as ``reinforce.add = "captions"`` writes a set (`records.PartLayout`,
+`records.build_table`; `KEY`, the set's captions, each teacher's text embeddings of them, in the base shard's row
+order) and carrying the part's fingerprint in its footer, so training reads it with no code of its own. A shard is
+reused only when its base file and every part file match.
+
 Shape suffixes: K views a sample, S synthetic captions, L the length of a view's parameters, D one teacher's width.
 """
 
@@ -33,9 +40,12 @@ from clipdr.data.datacompdr import (
     DATACOMPDR_CAPTIONER,
     DATACOMPDR_TEACHERS,
     DEFAULT_LAYOUT,
+    SYN_TEXT_KEY,
     DataCompDRError,
     DataCompDRLayout,
+    find_caption_sets,
     iter_shard,
+    source_captioner,
 )
 from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason, SourceShard
 from clipdr.records import CaptionerSpec, Manifest, ShardInfo, TeacherSpec
@@ -83,8 +93,41 @@ def list_source_shards(source_uri: str) -> list[SourceShard]:
 
 def _settings_digest(teachers: Sequence[TeacherSpec], layout: DataCompDRLayout) -> str:
     """Digest of what shapes a converted shard's content, so a rerun with other settings reconverts."""
-    payload = {"teachers": [dataclasses.asdict(t) for t in teachers], "layout": dataclasses.asdict(layout)}
+    layout_dict = dataclasses.asdict(layout)
+    if not layout.caption_sets:  # conversions made before the key existed keep their digest
+        del layout_dict["caption_sets"]
+    payload = {"teachers": [dataclasses.asdict(t) for t in teachers], "layout": layout_dict}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def caption_set_parts(
+    teachers: Sequence[TeacherSpec], layout: DataCompDRLayout, shards: Sequence[ShardInfo] = ()
+) -> tuple[records.PartSpec, ...]:
+    """The ``captions`` parts of ``layout.caption_sets``, in order, each with one file a base shard of ``shards``.
+
+    A part's fingerprint is a digest of the conversion settings and its source key: the same for every file of the
+    part, and unchanged by shards added to the source, so files are reused shard by shard as base shards are.
+    """
+    settings = _settings_digest(teachers, layout)
+    parts = []
+    for name, (key, count) in zip(layout.set_names, layout.caption_sets, strict=True):
+        part_name = records.part_name("captions", name)
+        payload = {"settings": settings, "key": key, "num_syn_captions": count}
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+        files = tuple(ShardInfo(records.part_file(part_name, s.path), s.num_rows) for s in shards)
+        parts.append(
+            records.PartSpec(
+                name=part_name,
+                kind="captions",
+                fingerprint=f"datacompdr:{digest}",
+                caption_set=name,
+                num_syn_captions=count,
+                captioner=source_captioner(key),
+                teachers=tuple(t.name for t in teachers),
+                shards=files,
+            )
+        )
+    return tuple(parts)
 
 
 def build_manifest(
@@ -104,6 +147,7 @@ def build_manifest(
     skipped: collections.Counter = collections.Counter()
     for result in results:
         skipped.update(result.skipped)
+    infos = tuple(r.info for r in results if r.info is not None)
     return Manifest(
         teachers=tuple(teachers),
         augment=layout.augment,
@@ -111,11 +155,12 @@ def build_manifest(
         num_syn_captions=layout.num_syn_captions,
         source_uri=source_uri,
         source_fingerprint=sources.fingerprint(shards),
-        captioner=captioner,
+        captioner=captioner if layout.num_syn_captions else None,  # S = 0: syn_text is not imported
         augment_seed=0,  # meaningless here: Apple's generator drew the views
-        shards=tuple(r.info for r in results if r.info is not None),
+        shards=infos,
         skipped=dict(skipped),
         has_uid=True,  # DataComp's uid, from each sample's json member: how users join back to DataComp metadata
+        parts=caption_set_parts(teachers, layout, infos),
     )
 
 
@@ -144,6 +189,22 @@ def completed_shard(
     if records.schema_differences(manifest.schema(), schema) or {k: meta.get(k) for k in expected} != expected:
         logger.info("reconverting %s: it was written from another source shard or with other settings", uri)
         return None
+    for part in manifest.parts:
+        part_uri = storage.join(output_uri, *records.part_file(part.name, shard.output_path).split("/"))
+        try:
+            part_rows, part_schema = records.read_shard_footer(part_uri)
+        except (OSError, pa.ArrowException) as e:  # missing: the run died between the base file and this one
+            logger.info("reconverting %s: its part file %s does not read (%s)", uri, part_uri, e)
+            return None
+        provenance = records.read_provenance(part_schema) or {}
+        if (
+            part_rows != num_rows
+            or records.schema_differences(records.part_schema(manifest, part), part_schema)
+            or {k: provenance.get(k) for k in (*expected, "run_fingerprint")}
+            != {**expected, "run_fingerprint": part.fingerprint}
+        ):
+            logger.info("reconverting %s: its part file %s was written by another conversion", uri, part_uri)
+            return None
     return ShardResult(
         shard=shard,
         info=ShardInfo(path=shard.output_path, num_rows=num_rows),
@@ -194,6 +255,10 @@ def convert_shard(
     syn_captions, views = [], []
     image_emb: dict[str, list[np.ndarray]] = {t.name: [] for t in teachers}
     text_emb: dict[str, list[np.ndarray]] = {t.name: [] for t in teachers}
+    set_captions: dict[str, list] = {p.caption_set: [] for p in manifest.parts}
+    set_emb: dict[tuple[str, str], list[np.ndarray]] = {
+        (p.caption_set, t.name): [] for p in manifest.parts for t in teachers
+    }
     worst = 0.0
     for sample in iter_shard(shard.uri, skipped, teachers=teachers, layout=layout, config=config):
         rows[records.KEY].append(sample.key)
@@ -206,6 +271,10 @@ def convert_shard(
         for spec in teachers:  # fp16 right away: half the memory of a shard held whole
             image_emb[spec.name].append(sample.image_emb[spec.name].astype(np.float16))
             text_emb[spec.name].append(sample.text_emb[spec.name].astype(np.float16))
+        for name, captions in set_captions.items():
+            captions.append(list(sample.set_captions[name]))
+            for spec in teachers:
+                set_emb[name, spec.name].append(sample.set_text_emb[name][spec.name].astype(np.float16))
         worst = max(worst, sample.norm_error)
     counts = {str(k): int(v) for k, v in sorted(skipped.items())}
     if skipped[str(SkipReason.UNREADABLE_SHARD)]:
@@ -213,18 +282,36 @@ def convert_shard(
 
     K, S, L = manifest.num_augmentations, manifest.num_syn_captions, manifest.aug_param_length
     columns: dict[str, Any] = dict(rows)
-    columns[records.SYN_CAPTIONS] = syn_captions
+    if S:  # S = 0: syn_text is not imported, and the schema has no syn_captions column
+        columns[records.SYN_CAPTIONS] = syn_captions
     columns[records.AUG_PARAMS] = np.stack(views) if views else np.zeros((0, K, L), np.float32)
     for spec in teachers:
         D = spec.embed_dim
         columns[records.image_emb_column(spec.name)] = _stack(image_emb.pop(spec.name), (K, D))
         columns[records.text_emb_column(spec.name)] = _stack(text_emb.pop(spec.name), (1 + S, D))
     table = records.build_table(columns, manifest)
-    footer = {**_provenance(shard, _settings_digest(teachers, layout)), "skipped": counts, "max_norm_error": worst}
+    provenance = _provenance(shard, _settings_digest(teachers, layout))
+    footer = {**provenance, "skipped": counts, "max_norm_error": worst}
     table = table.replace_schema_metadata({_FOOTER_KEY: json.dumps(footer, sort_keys=True).encode()})
     uri = storage.join(output_uri, *shard.output_path.split("/"))
+    keys = rows[records.KEY]
     del columns, rows, syn_captions, views  # the table holds what is still needed
     records.write_shard(uri, table, row_group_size=row_group_size, embedding_compression=embedding_compression)
+    for part in manifest.parts:  # after the base file: a part file never exists without the base it aligns with
+        name = part.caption_set
+        part_columns: dict[str, Any] = {records.KEY: keys, records.syn_captions_column(name): set_captions.pop(name)}
+        for spec in teachers:
+            column = records.set_text_emb_column(spec.name, name)
+            part_columns[column] = _stack(set_emb.pop((name, spec.name)), (part.num_syn_captions, spec.embed_dim))
+        part_table = records.build_table(part_columns, records.PartLayout(manifest, part))
+        meta = {**provenance, "run_fingerprint": part.fingerprint}
+        part_table = part_table.replace_schema_metadata(
+            {records.SHARD_METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
+        )
+        part_uri = storage.join(output_uri, *records.part_file(part.name, shard.output_path).split("/"))
+        records.write_shard(
+            part_uri, part_table, row_group_size=row_group_size, embedding_compression=embedding_compression
+        )
     logger.info(
         "converted %s -> %s: %d rows, skipped %s, max |norm - 1| %.2e", shard.uri, uri, table.num_rows, counts, worst
     )
@@ -347,18 +434,51 @@ def convert(
     return finish(output_uri, final)
 
 
+def choose_caption_sets(found: dict[str, int], chosen: Sequence[str] = ()) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """The layout's caption sets from those a source has (`find_caption_sets`): ``(S of syn_text, or 0; the other
+    sets as (key, S_set))``, ``chosen`` (syn.json keys, in order) or all of ``found``.
+
+    Raises:
+        DataCompDRError: A chosen key the source lacks, or a duplicate.
+    """
+    keys = list(chosen) or list(found)
+    _check(len(set(keys)) == len(keys), f"datacompdr.caption_sets names a set twice: {list(chosen)}")
+    lacking = [k for k in keys if k not in found]
+    _check(
+        not lacking,
+        f"datacompdr.caption_sets names {lacking}, which the source's syn.json lacks; it has {list(found) or 'none'}",
+    )
+    S = found[SYN_TEXT_KEY] if SYN_TEXT_KEY in keys else 0
+    return S, tuple((k, found[k]) for k in keys if k != SYN_TEXT_KEY)
+
+
 def run(cfg: Config, log: Callable[[str], None] = print) -> Manifest:
     """Converts ``cfg.datacompdr.source`` into ``cfg.datacompdr.output``, one Ray task a source shard (`convert`).
 
+    The caption sets are those of the source's first sample with a ``syn.json`` (`find_caption_sets`), or the
+    ``datacompdr.caption_sets`` chosen among them.
+
     Raises:
-        DataCompDRError: Source or output unset, an inconsistent layout, or a source without tar shards.
+        DataCompDRError: Source or output unset, an inconsistent layout, a source without tar shards, or a chosen
+            caption set the source lacks.
         FileNotFoundError: The source does not exist.
     """
     from clipdr.reinforce.pipeline import map_shards_on_ray  # Ray only when the job runs
 
     c = cfg.datacompdr
     _check(bool(c.source and c.output), "set datacompdr.source and datacompdr.output")
-    layout = DataCompDRLayout(num_augmentations=c.num_augmentations, reference_max_side=c.reference_max_side or None)
+    shards = list_source_shards(c.source)
+    found = find_caption_sets(shards[0].uri)
+    num_syn_captions, caption_sets = choose_caption_sets(found, c.caption_sets)
+    layout = DataCompDRLayout(
+        num_augmentations=c.num_augmentations,
+        num_syn_captions=num_syn_captions,
+        caption_sets=caption_sets,
+        reference_max_side=c.reference_max_side or None,
+    )
+    imported = [f"{SYN_TEXT_KEY} -> {records.DEFAULT_CAPTION_SET}"] if num_syn_captions else []
+    imported += [f"{key} -> {name}" for (key, _), name in zip(caption_sets, layout.set_names, strict=True)]
+    log(f"caption sets of the source (key: S): {found or 'none'}; imported as: {', '.join(imported) or 'none'}")
     manifest = convert(c.source, c.output, layout=layout, map_shards=map_shards_on_ray)
     log(f"{manifest.num_rows} samples ({manifest.num_skipped} skipped) -> {c.output}")
     return manifest
