@@ -594,17 +594,20 @@ def test_chosen_caption_sets_only_and_a_non_default_set_trains(tmp_path: Path):
     )
     plan = make_plan(cfg, list(manifest.teachers), dataset_caption_sets=manifest.caption_sets)
     assert plan.syn_caption_sets == ("dfn_mscoco38k",) and plan.num_syn_captions == 3
-    columns = pipeline._columns(plan, manifest)
-    table = records.read_shard_with_parts(out, manifest, manifest.shards[0].path, columns)
+    shard = manifest.shards[0].path
+    columns = pipeline._columns(plan, manifest, 0)  # epoch 0's drawn view and caption
+    table = records.read_shard_with_parts(out, manifest, shard, columns)
     preprocess = data.student_preprocess(student)
     out_batch = data.ReplayBatch(manifest, preprocess, student, seed=0, epoch=0, caption_sets=plan.syn_caption_sets)(
         table
     )
     j = out_batch[data.SYN_INDEX]
-    for name in NAMES:
-        stored = records.fixed_shape_numpy(table.column(records.set_text_emb_column(name, "dfn_mscoco38k")))
+    sets = [records.set_text_emb_column(name, "dfn_mscoco38k") for name in NAMES]
+    whole = records.read_shard_with_parts(out, manifest, shard, [records.syn_captions_column("dfn_mscoco38k"), *sets])
+    for name, column in zip(NAMES, sets, strict=True):
+        stored = records.stacked(whole, column)  # every row, in either layout
         assert (out_batch[data.teacher_syn_text_column(name)] == stored[range(len(j)), j]).all()
-    texts = table.column(records.syn_captions_column("dfn_mscoco38k")).to_pylist()
+    texts = whole.column(records.syn_captions_column("dfn_mscoco38k")).to_pylist()
     want = data._tokenize(
         data._tokenizer(student, preprocess.context_length),
         [t[k] for t, k in zip(texts, j, strict=True)],
