@@ -117,10 +117,9 @@ def model_pool(size: int, max_size: int = 0, calls: int = 1) -> ray.data.ActorPo
 
     ``calls`` chunks in flight per actor, each run in a thread of the actor as it arrives (the stage itself
     serialises its device work). The chunks in flight on an actor that dies are all retried and charged a try, so a
-    hostile chunk that kills its actor again and again also uses up the tries of the chunks beside it: one (Ray
-    Data's default is two, queued) for a stage that decodes images (the captioner), `TEACHER_CALLS` for the teacher
-    stage, whose device would otherwise wait through every hand-over (docs/bench/reinforce.md, "Simulated
-    accelerator")."""
+    hostile chunk that kills its actor again and again also uses up the tries of the chunks beside it: one for a
+    stage that decodes images (the captioner), `TEACHER_CALLS` for the teacher stage, whose device would otherwise
+    wait through every hand-over (docs/bench/reinforce.md, "Simulated accelerator")."""
     threads = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     if max_size <= size:
         return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=calls, **threads)
