@@ -189,6 +189,10 @@ def test_model_pools_are_fixed_or_elastic_between_least_and_most():
     fixed, elastic = model_pool(2), model_pool(1, 8)
     assert (fixed.min_size, fixed.max_size) == (2, 2) and (elastic.min_size, elastic.max_size) == (1, 8)
     assert model_pool(2, 1).max_size == 2 and elastic.max_tasks_in_flight_per_actor == 1
+    assert not elastic.enable_true_multi_threading  # one chunk at a time, as the captioner has it
+    two_deep = model_pool(1, 4, calls=2)  # the teacher stage's: two chunks in flight, each run in its own thread
+    assert two_deep.max_tasks_in_flight_per_actor == two_deep.max_concurrent_calls_per_actor == 2
+    assert two_deep.enable_true_multi_threading and (two_deep.min_size, two_deep.max_size) == (1, 4)
 
 
 def test_a_recorded_run_continues_with_the_fingerprint_of_either_spelling(source, tmp_path):

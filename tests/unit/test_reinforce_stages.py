@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import math
 import os
@@ -300,15 +301,114 @@ def test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy
     np.testing.assert_allclose(np.linalg.norm(emb_NKD.astype(np.float32), axis=-1), 1.0, atol=2e-3)  # fp16 rounding
     assert np.array_equal(emb_NKD, in_actor[records.image_emb_column("sim")])  # either design, the same output
     (device,) = sim_accel.read_traces(tmp_path).values()  # one process: both Embed stages' models, in start order
-    assert [views for _, _, views in device] == [6 * K, 6 * K]
-    assert all(end - start >= 6 * K / 2000 for start, end, _ in device)  # slept its views' time
+    assert [f.views for f in device] == [6 * K, 0, 6 * K, 0]  # an image and a text forward a chunk
+    assert all(f.end - f.start >= f.views / 2000 for f in device)  # took its views' time
+    assert all(f.end - f.start >= f.work_s for f in device)  # or its work's, if longer
     intervals = stage.ensemble.teachers[0].model.busy
-    assert intervals == [(pytest.approx(device[0][0], abs=1e-5), pytest.approx(device[0][1], abs=1e-5))]
-    assert sim_accel.busy_fraction(intervals) == 1.0  # one forward: busy all its wall time
+    assert intervals == [(pytest.approx(f.start, abs=1e-5), pytest.approx(f.end, abs=1e-5)) for f in device[:2]]
+    assert sim_accel.busy_fraction(intervals[:1]) == 1.0  # one forward: busy all its wall time
     assert sim_accel.busy_fraction([(0.0, 1.0), (3.0, 4.0)]) == pytest.approx(0.5)
     assert sim_accel.busy_fraction([]) == 0.0
     with pytest.raises(ValueError, match="clipdr-sim-accel-<size px>"):
         sim_accel.parse("clipdr-sim-accel-x")
+
+
+def _rendered_chunks(tmp_path, teachers, num_samples: int, chunk_rows: int) -> list[dict[str, np.ndarray]]:
+    """The rendered chunk rows of one shard, as the teacher stage receives them."""
+    manifest = make_manifest(teachers=tuple(_spec(t) for t in teachers), num_syn_captions=0)
+    sources.write_webdataset_shard(str(tmp_path / "s.tar"), _samples(num_samples, size=40))
+    read = stages.ReadShards(chunk_rows, str(tmp_path / "out"), manifest, "fingerprint")
+    render = stages.RenderViews(manifest.teachers)
+    return [render(stages._stream_row(row)) for row in read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s"))]
+
+
+def _spec(teacher):
+    from clipdr.models.teachers import teacher_spec
+
+    return teacher_spec(teacher)
+
+
+def _copy(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: values.copy() for name, values in batch.items()}
+
+
+def test_two_calls_at_once_return_their_own_chunks_with_serial_forwards_and_a_failure_stays_its_own(
+    tmp_path, monkeypatch
+):
+    """The teacher actor's two-deep pipeline (two chunks in flight, a thread each, `pipeline.TEACHER_CALLS`): every
+    call returns its own chunk, byte for byte what one call at a time returns; the device's forwards never overlap;
+    a forward that fails raises in its own call only, leaves no forward traced, and frees the device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipdr.config import TeacherConfig
+    from clipdr.models import sim_accel
+
+    monkeypatch.setenv(sim_accel.TRACE_DIR_ENV, str(tmp_path))
+    teachers = tuple(TeacherConfig(name=f"sim{i}", model="clipdr-sim-accel-16@400") for i in range(2))  # 20 ms a view
+    chunks = _rendered_chunks(tmp_path, teachers, num_samples=7, chunk_rows=2)  # 2, 2, 2, 1 samples
+    stage = stages.Embed(teachers, "cpu", 1)
+    model = stage.ensemble.teachers[1].model
+    encode_image = model.encode_image
+
+    def fail_on_the_short_chunk(images_BCHW):
+        if len(images_BCHW) == K:  # the 1-sample chunk: a device fault inside the forward
+            raise RuntimeError("device fault")
+        return encode_image(images_BCHW)
+
+    monkeypatch.setattr(model, "encode_image", fail_on_the_short_chunk)
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(stage, _copy(chunk)) for chunk in chunks]
+    with pytest.raises(RuntimeError, match="device fault"):
+        futures[-1].result()
+    assert not stage.ensemble.device_lock.locked()
+    (device,) = sim_accel.read_traces(tmp_path).values()
+    # 3 chunks x 2 teachers, and the first teacher's forward of the chunk that failed in the second's
+    assert sorted(f.views for f in device if f.views) == [K] + [2 * K] * 6
+    assert all(a.end <= b.start for a, b in itertools.pairwise(device))  # one forward at a time
+
+    monkeypatch.delenv(sim_accel.TRACE_DIR_ENV)
+    fast = tuple(dataclasses.replace(t, model="clipdr-sim-accel-16@1000000") for t in teachers)  # same projection
+    serial = stages.Embed(fast, "cpu", 1)
+    for chunk, future in zip(chunks[:-1], futures[:-1], strict=True):
+        got, want = future.result(), serial(_copy(chunk))
+        assert list(got) == list(want) and got[stages.CHUNK_INDEX][0] == chunk[stages.CHUNK_INDEX][0]
+        assert got[stages.CHUNK][0] == want[stages.CHUNK][0]  # its own samples, the same bytes
+
+
+def test_the_next_chunk_is_staged_while_the_device_runs_the_current_one(tmp_path, monkeypatch):
+    """While one call holds the device, the other call's host work (unpacking, staging its views) runs: it does not
+    wait for the forward to end."""
+    import threading
+    import time
+
+    from clipdr.config import TeacherConfig
+    from clipdr.models import sim_accel, teachers
+
+    monkeypatch.setenv(sim_accel.TRACE_DIR_ENV, str(tmp_path))
+    config = (TeacherConfig(name="sim", model=f"clipdr-sim-accel-16@{2 * K}"),)  # 1 s a forward of 2 samples
+    first, second = _rendered_chunks(tmp_path, config, num_samples=4, chunk_rows=2)
+    stage = stages.Embed(config, "cpu", 1)
+    staged_at: list[tuple[float, int]] = []  # when a call's views were on the device, and forwards done by then
+    stage_views = teachers.stage_views
+
+    def recording(views_NKCHW, device):
+        staged = stage_views(views_NKCHW, device)
+        staged_at.append((time.time(), len(stage.ensemble.teachers[0].model.busy)))
+        return staged
+
+    monkeypatch.setattr(teachers, "stage_views", recording)
+    running = threading.Thread(target=stage, args=(first,))
+    running.start()
+    deadline = time.time() + 30
+    while not stage.ensemble.device_lock.locked() and time.time() < deadline:
+        time.sleep(0.005)
+    assert stage.ensemble.device_lock.locked(), "the first call never reached the device"
+    stage(second)
+    running.join()
+    (forward_1, _, forward_2, _) = sim_accel.read_traces(tmp_path).popitem()[1]  # image and text forwards
+    second_staged, forwards_done = staged_at[1]
+    assert forwards_done == 0 and forward_1.start < second_staged < forward_1.end  # during the first forward
+    assert forward_2.start >= forward_1.end
 
 
 def test_an_embeddings_only_pass_writes_shards_without_synthetic_captions(tmp_path):

@@ -31,18 +31,23 @@ Ratios are per round, then median (min-max) over rounds:
 Storage: bytes of the stored embedding columns per sample against the fp16 arithmetic (K + 1 + S) x sum(D) x 2.
 
 With ``--sim-rate VIEWS_PER_S`` it measures instead whether the pipeline keeps a device busy, without a device:
-two simulated-accelerator teachers (`clipdr.models.sim_accel`: a forward sleeps ``views / rate`` seconds, off the
-CPU) that share one render, as DataCompDR's two ViT-L-14 teachers do, and the tiny CoCa (random weights) writing
+two simulated-accelerator teachers (`clipdr.models.sim_accel`: a forward takes ``views / rate`` seconds, its device
+work, normalising the uint8 views included, first and the rest slept off the CPU) that share one render, as
+DataCompDR's two ViT-L-14 teachers do, and the tiny CoCa (random weights) writing
 ``--captions`` captions of at most ``--caption-len`` tokens (a job needs S >= 1; keep it short, its CPU competes
 with rendering). Interleaved round by round after a warm-up:
 
-* render stage: the pipeline as it is (`RenderViews` CPU tasks feed the teacher actor uint8 views);
-* render in actor: the earlier design (the teacher actor decodes and renders its views before each forward);
+* render stage: the pipeline as it is (`RenderViews` CPU tasks feed the teacher actor uint8 views; the actor takes
+  two chunks at once, so that one's host work overlaps the other's forwards);
+* render in actor: the earlier design (the teacher actor decodes and renders its views before each forward, one
+  chunk at a time);
 * render CPU: decoding and rendering the first ``--bound-shards`` shards in this process (one thread), the CPU
   a sample that rendering needs.
 
-Busy fraction of a device (a teacher actor) = time inside the simulated forwards / wall time from its first
-forward's start to its last forward's end. Cores per device the recipe needs = render CPU s a sample x the
+Busy fraction of a device (a teacher actor) = time inside the simulated forwards (image and text) / wall time from
+its first forward's start to its last forward's end. A forward whose work on this CPU outlasts its views' device time
+(high rates) takes that long: the share of such forwards is reported, as there the simulation's CPU, not the
+pipeline, set the device's pace. Cores per device the recipe needs = render CPU s a sample x the
 device's samples/s (rate / (K x teachers)); when that exceeds the cores this machine can give rendering (all but
 one, which the driver, Ray and the actor keep busy, times the share of a core the one-process render got: below 1
 on a loaded machine), rendering is the limit and the busy fraction says by how much.
@@ -259,6 +264,14 @@ def _storage(output: str, p) -> tuple[float, float]:
 SIM_TEACHERS = 2  # like DataCompDR's two ViT-L-14 teachers: one render feeds both
 
 
+def _sim_rate(config: Config) -> float:
+    """The views/s of the simulated teachers of ``config`` (all the same model)."""
+    from clipdr.models import sim_accel
+
+    (rate,) = {sim_accel.parse(t.model).views_per_s for t in config.reinforce.teachers}
+    return rate
+
+
 class _SimPipeline:
     """The job over every shard with simulated-accelerator teachers, one design; per call, the devices' mean busy
     fraction (kept in ``busy``) and a `timing.Measurement` of the busy window (wall: first forward's start to last
@@ -271,6 +284,8 @@ class _SimPipeline:
         self.runs = 0
         self.busy: list[float] = []
         self.devices: list[int] = []
+        self.overran: list[float] = []  # share of image forwards whose work outlasted their views' device time
+        self.rate = _sim_rate(config)
 
     def __call__(self) -> timing.Measurement:
         from clipdr.models import sim_accel
@@ -292,12 +307,14 @@ class _SimPipeline:
         devices = sim_accel.read_traces(self.trace_dir)
         if not devices:
             raise RuntimeError(f"no simulated forwards were traced: was Ray started with {sim_accel.TRACE_DIR_ENV}?")
-        fractions = [sim_accel.busy_fraction([(a, b) for a, b, _ in forwards]) for forwards in devices.values()]
+        fractions = [sim_accel.busy_fraction([(f.start, f.end) for f in forwards]) for forwards in devices.values()]
         self.busy.append(sum(fractions) / len(fractions))
         self.devices.append(len(devices))
-        starts = [a for forwards in devices.values() for a, _, _ in forwards]
-        ends = [b for forwards in devices.values() for _, b, _ in forwards]
-        inside = sum(b - a for forwards in devices.values() for a, b, _ in forwards)
+        images = [f for forwards in devices.values() for f in forwards if f.views]
+        self.overran.append(sum(f.work_s > f.views / self.rate for f in images) / len(images))
+        starts = [f.start for forwards in devices.values() for f in forwards]
+        ends = [f.end for forwards in devices.values() for f in forwards]
+        inside = sum(f.end - f.start for forwards in devices.values() for f in forwards)
         return timing.Measurement(max(ends) - min(starts), inside, sum(rows))
 
 
@@ -423,6 +440,10 @@ def main_sim(args: argparse.Namespace) -> int:
             share.format(),
         ),
         ("devices (teacher actors) traced per run", ", ".join(str(n) for n in stage.devices[kept])),
+        (
+            "share of image forwards whose simulated work (on this CPU) outlasted their device time, render stage",
+            timing.summarize(stage.overran[kept]).format(),
+        ),
         ("verdict", limit),
     ]
     setup = (

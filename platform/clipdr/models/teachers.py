@@ -8,6 +8,12 @@ and runs its forward (`Teacher.embed_views`): the same pixels and the same norma
 `augment.replay`, which training replays views with. Embeddings are L2-normalised in fp32 and returned as fp16,
 the dtype the reinforced record stores.
 
+A forward is split where a device splits it: host work (`stage_views`: the uint8 views into pinned memory and an
+asynchronous copy to the device; tokenising captions), then device work (`Teacher.forward_views`,
+`Teacher.forward_texts`: normalisation, forward, L2 normalisation, copy back). `TeacherEnsemble` holds the device
+for the device work only (`TeacherEnsemble.device_lock`), so a model actor that takes two chunks at once prepares
+the next one on the host while the device runs the current one (`clipdr.reinforce.stages.Embed`).
+
 ``clipdr-sim-accel-<size>[@<views/s>]`` names a simulated accelerator (`clipdr.models.sim_accel`), a teacher
 whose forward sleeps a fixed time per view, for measuring the pipeline without a device.
 
@@ -20,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -158,33 +165,66 @@ class Teacher:
             spec = _make_spec(cfg, embed_dim, pp["size"], models.Preprocess.from_open_clip(pp))
         self.spec = spec
 
+    def _device_time(self, num_views: int) -> contextlib.AbstractContextManager:
+        """The span of one forward on the device: a simulated accelerator's forward takes its views' time."""
+        if isinstance(self.model, sim_accel.SimAccel):
+            return self.model.forward_time(num_views)
+        return contextlib.nullcontext()
+
     @torch.inference_mode()
     def embed_views(self, views_NKCHW: np.ndarray) -> np.ndarray:
         """(N, K, D) fp16 embeddings of uint8 views rendered at this teacher's `augment.RenderKey`
-        (`augment.render_views`).
-
-        Host-to-device copy of the uint8 views (a quarter of float32's bytes), normalisation and forward on the
-        device, device-to-host copy of the embeddings: nothing else runs here.
-        """
-        N, K = views_NKCHW.shape[:2]
-        assert views_NKCHW.dtype == np.uint8 and views_NKCHW.shape[-1] == self.spec.image_size, views_NKCHW.shape
-        views_NKCHW = np.require(views_NKCHW, requirements=("C", "W"))  # torch wants writable memory
-        views_BCHW = torch.from_numpy(views_NKCHW).flatten(0, 1).to(self.device)
-        batch_BCHW = augment.normalize(views_BCHW, self.spec.mean, self.spec.std)
-        with _autocast(self.device):
-            emb_BD = self.model.encode_image(batch_BCHW)
-        emb_BD = F.normalize(emb_BD.float(), dim=-1)
-        return emb_BD.reshape(N, K, emb_BD.shape[-1]).cpu().numpy().astype(np.float16)
+        (`augment.render_views`): `stage_views`, then `forward_views`."""
+        return self.forward_views(stage_views(views_NKCHW, self.device), len(views_NKCHW))
 
     @torch.inference_mode()
+    def forward_views(self, views_BCHW: torch.Tensor, num_samples: int) -> np.ndarray:
+        """(N, K, D) fp16 embeddings of N x K uint8 views already on the device (`stage_views`): normalisation and
+        forward on the device, device-to-host copy of the embeddings. Device work only: the caller holds the
+        device (`TeacherEnsemble.device_lock`)."""
+        assert views_BCHW.dtype == torch.uint8 and views_BCHW.shape[-1] == self.spec.image_size, views_BCHW.shape
+        with self._device_time(len(views_BCHW)):
+            batch_BCHW = augment.normalize(views_BCHW, self.spec.mean, self.spec.std)
+            with _autocast(self.device):
+                emb_BD = self.model.encode_image(batch_BCHW)
+            emb_BD = F.normalize(emb_BD.float(), dim=-1).cpu()
+        return emb_BD.reshape(num_samples, -1, emb_BD.shape[-1]).numpy().astype(np.float16)
+
+    def tokenize(self, captions: Sequence[Sequence[str]]) -> torch.Tensor:
+        """Host work of a text forward: every sample's captions (same count T for each) as tokens, on the host
+        (`forward_texts` copies them: a copy from pageable memory would wait for the device's running forward)."""
+        return self.tokenizer([text for sample in captions for text in sample])
+
+    @torch.inference_mode()
+    def forward_texts(self, tokens_BL: torch.Tensor, num_samples: int) -> np.ndarray:
+        """(N, T, D) fp16 embeddings of the tokens `tokenize` gave for N samples. Device work only, as
+        `forward_views`."""
+        with self._device_time(0):
+            with _autocast(self.device):
+                emb_BD = self.model.encode_text(tokens_BL.to(self.device))
+            emb_BD = F.normalize(emb_BD.float(), dim=-1).cpu()
+        return emb_BD.reshape(num_samples, -1, emb_BD.shape[-1]).numpy().astype(np.float16)
+
     def embed_texts(self, captions: Sequence[Sequence[str]]) -> np.ndarray:
         """(N, T, D) fp16 embeddings of each sample's captions (same count T for every sample)."""
-        flat = [text for sample in captions for text in sample]
-        tokens_BL = self.tokenizer(flat).to(self.device)
-        with _autocast(self.device):
-            emb_BD = self.model.encode_text(tokens_BL)
-        emb_BD = F.normalize(emb_BD.float(), dim=-1)
-        return emb_BD.reshape(len(captions), -1, emb_BD.shape[-1]).cpu().numpy().astype(np.float16)
+        return self.forward_texts(self.tokenize(captions), len(captions))
+
+
+def stage_views(views_NKCHW: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host work of an image forward: uint8 views (N, K, 3, S, S) as one (N x K, 3, S, S) uint8 batch on ``device``.
+
+    On CUDA through pinned memory, copied asynchronously: the copy is queued on the device behind the forward it
+    may be running, and the caller goes on (torch's pinned-memory allocator keeps the buffer until the copy is done).
+    A quarter of float32's bytes cross; the normalisation to float runs on the device, in `Teacher.forward_views`.
+    On the CPU the array itself, made writable (torch wants writable memory; an Arrow buffer is read-only).
+    """
+    assert views_NKCHW.dtype == np.uint8 and views_NKCHW.ndim == 5, (views_NKCHW.dtype, views_NKCHW.shape)
+    if device.type == "cuda":
+        pinned_NKCHW = torch.empty(views_NKCHW.shape, dtype=torch.uint8, pin_memory=True)
+        pinned_NKCHW.numpy()[...] = views_NKCHW
+        return pinned_NKCHW.flatten(0, 1).to(device, non_blocking=True)
+    views_NKCHW = np.require(views_NKCHW, requirements=("C", "W"))
+    return torch.from_numpy(views_NKCHW).flatten(0, 1).to(device)
 
 
 class TeacherEnsemble:
@@ -198,6 +238,12 @@ class TeacherEnsemble:
             raise TeacherError(f"reinforce.teachers: duplicate teacher names in {names}")
         self.device = torch.device(device)
         self.teachers = [Teacher(t, self.device, teacher_spec(t, offline=True)) for t in teachers]
+        # One device: its forwards run one at a time, while the host work of another call (another thread of the
+        # model actor) runs beside them.
+        self.device_lock = threading.Lock()
+        # Not every tokenizer may be used by two threads at once (a Hugging Face fast tokenizer raises "Already
+        # borrowed"): tokenising is host work, but one call at a time.
+        self._tokenize_lock = threading.Lock()
 
     @property
     def specs(self) -> tuple[TeacherSpec, ...]:
@@ -207,8 +253,31 @@ class TeacherEnsemble:
         self, views: Mapping[augment.RenderKey, np.ndarray], captions: Sequence[Sequence[str]]
     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """``{teacher: (image_emb_NKD, text_emb_NTD)}`` for a batch of samples, from their uint8 views of every
-        `augment.render_keys` entry (``{key: views_NKCHW}``) and their captions."""
-        return {
-            t.spec.name: (t.embed_views(views[augment.RenderKey.of(t.spec)]), t.embed_texts(captions))
-            for t in self.teachers
-        }
+        `augment.render_keys` entry (``{key: views_NKCHW}``) and their captions.
+
+        The host work first (each render's views staged once, whichever teachers share it; the captions tokenised),
+        then the device's, holding it (`device_lock`) only for that.
+        """
+        staged = {key: stage_views(views_NKCHW, self.device) for key, views_NKCHW in views.items()}
+        tokens = self._tokenize(captions)
+        with self.device_lock:
+            return {
+                t.spec.name: (
+                    t.forward_views(staged[augment.RenderKey.of(t.spec)], len(captions)),
+                    t.forward_texts(tokens_BL, len(captions)),
+                )
+                for t, tokens_BL in zip(self.teachers, tokens, strict=True)
+            }
+
+    def embed_texts(self, captions: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+        """``{teacher: text_emb_NTD}`` of each sample's captions, holding the device only for the forwards."""
+        tokens = self._tokenize(captions)
+        with self.device_lock:
+            return {
+                t.spec.name: t.forward_texts(tokens_BL, len(captions))
+                for t, tokens_BL in zip(self.teachers, tokens, strict=True)
+            }
+
+    def _tokenize(self, captions: Sequence[Sequence[str]]) -> list[torch.Tensor]:
+        with self._tokenize_lock:
+            return [t.tokenize(captions) for t in self.teachers]

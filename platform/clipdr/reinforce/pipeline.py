@@ -25,7 +25,8 @@ Up to the captioner only encoded image bytes and small arrays travel (the captio
 The teachers' views are rendered in a CPU stage of their own, sized by Ray Data's autoscaling apart from the model
 actors, and travel to the teacher actor as uint8 (`stages.RenderViews`), so the teacher actor only copies them to
 its device, normalises them there, runs its forwards and copies the embeddings back (docs/reinforce.md says why
-and what was measured). The captioner runs before the teachers so that a single actor embeds both the views and
+and what was measured); it takes two chunks at once (`TEACHER_CALLS`), so that the host work of one overlaps the
+other's forwards. The captioner runs before the teachers so that a single actor embeds both the views and
 the 1+S captions with the teachers loaded once.
 """
 
@@ -103,16 +104,26 @@ def actor_fault_args(crash_retries: int) -> dict:
     return {"max_restarts": -1, "max_task_retries": crash_retries}
 
 
-def model_pool(size: int, max_size: int = 0) -> ray.data.ActorPoolStrategy:
+TEACHER_CALLS = 2
+"""Chunks a teacher actor holds at once, each in a thread of its own (`stages.Embed`): while the device runs one
+chunk's forwards, the host unpacks and stages the next and packs the last. Its input is rendered views, fixed in
+size by the recipe, not the images a hostile shard could make huge."""
+
+
+def model_pool(size: int, max_size: int = 0, calls: int = 1) -> ray.data.ActorPoolStrategy:
     """A model stage's actor pool: ``size`` actors, or elastic from ``size`` to ``max_size`` (Ray Data adds actors
     while chunks wait and resources allow, so a job starts with the devices it gets and takes more as nodes join;
-    outputs do not depend on the pool's size, as a chunk is fixed by its shard). One chunk in flight per actor (Ray
-    Data's default is two): the chunks in flight on an actor that dies are all retried and charged a try, so a
-    hostile chunk that kills its actor again and again would also use up the tries of an innocent chunk queued
-    behind it. A chunk's forward takes far longer than handing the actor the next one."""
+    outputs do not depend on the pool's size, as a chunk is fixed by its shard).
+
+    ``calls`` chunks in flight per actor, each run in a thread of the actor as it arrives (the stage itself
+    serialises its device work). The chunks in flight on an actor that dies are all retried and charged a try, so a
+    hostile chunk that kills its actor again and again also uses up the tries of the chunks beside it: one for a
+    stage that decodes images (the captioner), `TEACHER_CALLS` for the teacher stage, whose device would otherwise
+    wait through every hand-over (docs/bench/reinforce.md, "Simulated accelerator")."""
+    threads = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     if max_size <= size:
-        return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
-    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size, max_tasks_in_flight_per_actor=1)
+        return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=calls, **threads)
+    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size, max_tasks_in_flight_per_actor=calls, **threads)
 
 
 class _DroppedBlocks(logging.Handler):
@@ -210,7 +221,8 @@ def run_pipeline(
     ds = ds.map_batches(
         Embed,
         fn_constructor_args=(cfg.teachers, device, threads, render_in_actor),
-        compute=model_pool(res.teacher_actors, res.teacher_actors_max),
+        # The earlier design renders in the actor, one chunk at a time, as it did.
+        compute=model_pool(res.teacher_actors, res.teacher_actors_max, 1 if render_in_actor else TEACHER_CALLS),
         **model_actor,
     )
     return write_and_drain(ds, cfg, cfg.output, manifest, run_fingerprint, tasks, on_shard)
@@ -262,7 +274,7 @@ def run_part_pipeline(
     ds = ds.map_batches(
         EmbedPart,
         fn_constructor_args=(tuple(teachers), device, threads, part.kind, sets),
-        compute=model_pool(res.teacher_actors, res.teacher_actors_max),
+        compute=model_pool(res.teacher_actors, res.teacher_actors_max, TEACHER_CALLS),
         **model_actor,
     )
     return write_and_drain(ds, cfg, output_dir, layout, run_fingerprint, tasks, on_shard)

@@ -318,6 +318,11 @@ class Embed:
     """Adds every teacher's image embeddings of the K stored views and text embeddings of 1+S captions, one chunk
     per forward. The views arrive rendered (`RenderViews`); with ``render_in_actor`` this stage renders them itself
     before its forwards instead: the earlier design, kept so that the benchmark can compare the two in one run.
+
+    Two calls may run at once, each in a thread of the actor (`clipdr.reinforce.pipeline.TEACHER_CALLS`): a two-deep
+    pipeline. The ensemble holds the device only for the device work (`TeacherEnsemble.embed`), so while one chunk's
+    forwards run, the other call unpacks its chunk and stages its views (pinned memory, copy to the device), or packs
+    the chunk whose forwards just ended. Each call returns its own chunk, whatever the order the two finish in.
     """
 
     def __init__(
@@ -661,7 +666,6 @@ class EmbedPart(Embed):
             (caption_set,) = self.caption_sets
             sets = [(caption_set, syn_captions(samples))]
         for caption_set, captions in sets:
-            for teacher in self.ensemble.teachers:
-                column = records.set_text_emb_column(teacher.spec.name, caption_set)
-                samples[column] = teacher.embed_texts(captions)
+            for name, text_emb_NTD in self.ensemble.embed_texts(captions).items():
+                samples[records.set_text_emb_column(name, caption_set)] = text_emb_NTD
         return samples
