@@ -13,8 +13,8 @@ reinforcement's marker is its manifest (`clipdr.records`).
 | study, sweep | ``<report folder>/clipdr_parent_run.json`` (the parent MLflow run of its runs) | its runs' |
 
 A study also keeps each run's final per-sample evaluation beside the run (``<output>/<run_name>/
-clipdr_final_scores.json``, under the fingerprint of the model and the [evaluate] settings), so that a later study of
-the same runs reads it instead of evaluating again.
+clipdr_final_scores.json``, under the fingerprint of the model, the [evaluate] settings and the evaluation files), so
+that a later study of the same runs reads it instead of evaluating again.
 
 Fingerprints are ``sha256:<64 hex>`` of a value's canonical JSON (or of a text as is), by `fingerprint`. Earlier
 versions spelled them two other ways, which `matches` still accepts so that existing datasets and runs resume: the

@@ -239,14 +239,15 @@ def run_study(
 def _final_scores(cfg: Config, result: Any, log: Callable[[str], None]) -> Any:
     """The per-sample evaluation of a run's final model: the MLflow model it logged, the weights its final
     evaluation evaluated (the EMA, WiSE-FT applied). Kept beside the run (`runstate.FINAL_SCORES`) under the
-    fingerprint of the model and the [evaluate] settings: a later study of the same finished run reads it back
-    instead of loading and evaluating the model again."""
+    fingerprint of the model, the [evaluate] settings and the evaluation files (`_evaluation_files`): a later study
+    of the same finished run reads it back instead of loading and evaluating the model again."""
     from clipdr.evaluate import engine, loading
     from clipdr.train.run import resolve_paths, run_dir
 
     resolved = resolve_paths(cfg)
     uri = storage.join(run_dir(resolved.train, result.run_name), runstate.FINAL_SCORES)
-    key = runstate.fingerprint({"model": result.model_uri, "evaluate": to_dict(resolved.evaluate)})
+    evaluated = {"model": result.model_uri, "evaluate": to_dict(resolved.evaluate)}
+    key = runstate.fingerprint(evaluated | {"files": _evaluation_files(resolved.evaluate)})
     report = read_scores(uri, key)
     if report is not None:
         log(f"study: {result.run_name}: final evaluation read from {uri}")
@@ -257,6 +258,20 @@ def _final_scores(cfg: Config, result: Any, log: Callable[[str], None]) -> Any:
     write_scores(uri, key, report)
     log(f"study: {result.run_name}: final evaluation kept {len(report.per_sample)} per-sample metrics")
     return report
+
+
+def _evaluation_files(ev: Any) -> list[list[Any]]:
+    """What the evaluation reads, cheaply (listings, no reads but the suite file's): every file under each of
+    [evaluate]'s zero-shot and retrieval folders with its size, and the suite file's fingerprint."""
+    found: list[list[Any]] = []
+    for folder in (*ev.zeroshot, *ev.retrieval):
+        files = storage.list_files(folder, recursive=True)
+        fs, _ = storage.resolve(folder)
+        infos = fs.get_file_info([storage.resolve(f)[1] for f in files]) if files else []
+        found += [[f, info.size] for f, info in zip(files, infos, strict=True)]
+    if ev.suite:
+        found.append([ev.suite, runstate.fingerprint(storage.read_bytes(ev.suite).decode())])
+    return found
 
 
 def write_scores(uri: str, key: str, report: Any) -> None:

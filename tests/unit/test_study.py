@@ -136,3 +136,20 @@ def test_a_runs_final_scores_read_back_only_under_their_fingerprint(tmp_path):
         assert got.units.dtype.kind == "i" and got.values.dtype == np.float64
     assert study.read_scores(uri, "sha256:other") is None
     assert study.read_scores(str(tmp_path / "none.json"), "sha256:one") is None
+
+
+def test_the_final_scores_key_sees_the_evaluation_files(tmp_path):
+    """Evaluation sets rewritten in place (same [evaluate] settings, other files) make cached scores stale: the
+    listing the key is made of changes with a file's size or a new file."""
+    from clipdr.config import EvaluateConfig
+
+    task = tmp_path / "zeroshot" / "shapes"
+    (task / "test").mkdir(parents=True)
+    (task / "classnames.txt").write_text("circle\nsquare\n")
+    (task / "test" / "0.tar").write_bytes(b"x" * 10)
+    ev = EvaluateConfig(zeroshot=(str(tmp_path / "zeroshot"),))
+    before = study._evaluation_files(ev)
+    assert [size for _, size in before] == [len("circle\nsquare\n"), 10]
+    assert study._evaluation_files(ev) == before
+    (task / "test" / "0.tar").write_bytes(b"x" * 11)
+    assert study._evaluation_files(ev) != before
