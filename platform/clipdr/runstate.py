@@ -12,6 +12,10 @@ reinforcement's marker is its manifest (`clipdr.records`).
 | train | ``<output>/<run_name>/clipdr_run.json`` | ``<output>/<run_name>/clipdr_result.json`` |
 | study, sweep | ``<report folder>/clipdr_parent_run.json`` (the parent MLflow run of its runs) | its runs' |
 
+A study also keeps each run's final per-sample evaluation beside the run (``<output>/<run_name>/
+clipdr_final_scores.json``, under the fingerprint of the model, the [evaluate] settings and the evaluation files), so
+that a later study of the same runs reads it instead of evaluating again.
+
 Fingerprints are ``sha256:<64 hex>`` of a value's canonical JSON (or of a text as is), by `fingerprint`. Earlier
 versions spelled them two other ways, which `matches` still accepts so that existing datasets and runs resume: the
 bare hex digest (reinforcement shards and state) and ``sha256:`` with the first 16 hex digits (training state).
@@ -32,6 +36,7 @@ REINFORCE_STATE = "_reinforce_run.json"
 TRAIN_STATE = "clipdr_run.json"
 TRAIN_RESULT = "clipdr_result.json"
 PARENT_STATE = "clipdr_parent_run.json"  # a study's or sweep's parent MLflow run, beside its report
+FINAL_SCORES = "clipdr_final_scores.json"  # a study's per-sample final evaluation of a finished training run
 
 _PREFIX = "sha256:"
 _LEGACY_SHORT = len(_PREFIX) + 16  # training's data fingerprint before `fingerprint`

@@ -11,7 +11,8 @@
        MLflow UI (select them, Compare).
 
 Every training run is cached as `clipdr train` caches it (`clipdr.runstate`): a second study trains only runs it has
-not finished, and the parent run is reopened (its id is kept beside the report). The demo's student stage is a study
+not finished, evaluates none it has evaluated with the same [evaluate] settings (each run's per-sample scores are kept
+beside it), and the parent run is reopened (its id is kept beside the report). The demo's student stage is a study
 (`clipdr.demo`).
 """
 
@@ -237,14 +238,73 @@ def run_study(
 
 def _final_scores(cfg: Config, result: Any, log: Callable[[str], None]) -> Any:
     """The per-sample evaluation of a run's final model: the MLflow model it logged, the weights its final
-    evaluation evaluated (the EMA, WiSE-FT applied)."""
+    evaluation evaluated (the EMA, WiSE-FT applied). Kept beside the run (`runstate.FINAL_SCORES`) under the
+    fingerprint of the model, the [evaluate] settings and the evaluation files (`_evaluation_files`): a later study
+    of the same finished run reads it back instead of loading and evaluating the model again."""
     from clipdr.evaluate import engine, loading
+    from clipdr.train.run import resolve_paths, run_dir
 
+    resolved = resolve_paths(cfg)
+    uri = storage.join(run_dir(resolved.train, result.run_name), runstate.FINAL_SCORES)
+    evaluated = {"model": result.model_uri, "evaluate": to_dict(resolved.evaluate)}
+    key = runstate.fingerprint(evaluated | {"files": _evaluation_files(resolved.evaluate)})
+    report = read_scores(uri, key)
+    if report is not None:
+        log(f"study: {result.run_name}: final evaluation read from {uri}")
+        return report
     device = engine.resolve_device(cfg.evaluate.device)
     loaded = loading.load(result.model_uri, device=device, tracking_uri=cfg.tracking.uri)
     report = engine.evaluate(loaded.model, loaded.name, cfg.evaluate, device, per_sample=True)
+    write_scores(uri, key, report)
     log(f"study: {result.run_name}: final evaluation kept {len(report.per_sample)} per-sample metrics")
     return report
+
+
+def _evaluation_files(ev: Any) -> list[list[Any]]:
+    """What the evaluation reads, cheaply (listings, no reads but the suite file's): every file under each of
+    [evaluate]'s zero-shot and retrieval folders with its size, and the suite file's fingerprint."""
+    found: list[list[Any]] = []
+    for folder in (*ev.zeroshot, *ev.retrieval):
+        files = storage.list_files(folder, recursive=True)
+        fs, _ = storage.resolve(folder)
+        infos = fs.get_file_info([storage.resolve(f)[1] for f in files]) if files else []
+        found += [[f, info.size] for f, info in zip(files, infos, strict=True)]
+    if ev.suite:
+        found.append([ev.suite, runstate.fingerprint(storage.read_bytes(ev.suite).decode())])
+    return found
+
+
+def write_scores(uri: str, key: str, report: Any) -> None:
+    """Writes ``report`` (an `clipdr.evaluate.engine.EvalReport` with its per-sample scores) to ``uri`` as JSON,
+    under the fingerprint ``key``."""
+    per_sample = {
+        name: {"group": s.group, "values": s.values.tolist(), "units": s.units.tolist(), "num_units": s.num_units}
+        for name, s in report.per_sample.items()
+    }
+    payload = {"fingerprint": key, "metrics": report.metrics, "datasets": report.datasets, "per_sample": per_sample}
+    storage.write_bytes(uri, json.dumps(payload).encode())
+
+
+def read_scores(uri: str, key: str) -> Any:
+    """The report `write_scores` wrote to ``uri`` under the fingerprint ``key``; None when there is none, or it was
+    written for another model or other evaluation settings."""
+    from clipdr.evaluate import engine
+
+    if not storage.exists(uri):
+        return None
+    payload = json.loads(storage.read_bytes(uri))
+    if payload.get("fingerprint") != key:
+        return None
+    per_sample = {
+        name: stats.SampleScores(
+            s["group"],
+            np.asarray(s["values"], dtype=np.float64),
+            np.asarray(s["units"], dtype=np.int64),
+            s["num_units"],
+        )
+        for name, s in payload["per_sample"].items()
+    }
+    return engine.EvalReport(payload["metrics"], payload["datasets"], per_sample)
 
 
 # --------------------------------------------------------------------------- statistics

@@ -83,7 +83,7 @@ def _toml(table: dict, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local):
+def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local, capsys):
     cfg = toy_config(tmp_path)
     messages: list[str] = []
     report = demo.run(cfg, log=messages.append)
@@ -138,6 +138,9 @@ def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local):
     finished = [m for m in messages if "] train: run" in m and "is complete" in m]
     assert len(finished) == 6  # teacher, captioner, four students
     assert any("is already complete: nothing to do" in m for m in messages)  # the reinforced dataset
+    # Nor evaluates: each student's per-sample final scores are read back from beside its run.
+    assert sum("final evaluation read from" in m for m in messages) == 4
+    assert not any("final evaluation kept" in m for m in messages)
     reruns = client.search_runs([experiment.experiment_id])
     assert len(reruns) == len(runs)  # the parents are reopened, not duplicated
 
@@ -145,7 +148,9 @@ def test_demo_runs_every_stage_into_mlflow_and_caches(tmp_path, ray_local):
     students_cfg = demo.student_study(cfg)
     sections = {k: v for k, v in to_dict(students_cfg).items() if k in ("train", "augment", "evaluate", "tracking")}
     (tmp_path / "study.toml").write_text(_toml(sections))
+    capsys.readouterr()
     assert cli.main(["study", "--config", str(tmp_path / "study.toml"), *_sets(students_cfg, tmp_path)]) == 0
+    assert capsys.readouterr().out.count("final evaluation read from") == 4  # another report folder, the same runs
     found = json.loads((tmp_path / "pilot" / "student" / study.SUMMARY_FILE).read_text())
     assert found["gains"] == report["gains"]  # same runs, same bootstrap seed
 

@@ -106,3 +106,50 @@ def test_a_sweeps_trials_are_the_grid_or_distinct_random_draws_of_it():
 def test_a_sweeps_values_are_checked_before_any_trial(params, message):
     with pytest.raises(ValueError, match=message):
         sweep.space(SweepConfig(params=params), Config())
+
+
+def test_a_runs_final_scores_read_back_only_under_their_fingerprint(tmp_path):
+    """What a study keeps beside a run (`study.write_scores`) reads back as the same report, and not at all for
+    another model or other [evaluate] settings (another fingerprint)."""
+    import numpy as np
+
+    from clipdr import stats
+    from clipdr.evaluate import engine
+
+    hits = stats.SampleScores("zeroshot/a", np.array([1.0, 0.0, 1.0]), np.array([0, 1, 2]), 3)
+    recalls = stats.SampleScores("retrieval/b", np.array([0.0, 1.0]), np.array([1, 1]), 4)
+    report = engine.EvalReport(
+        {"zeroshot/a/top1": 2 / 3, "retrieval/b/image_to_text_R@1": 0.5},
+        [{"kind": "zeroshot", "name": "a", "num_samples": 3}],
+        {"zeroshot/a/top1": hits, "retrieval/b/image_to_text_R@1": recalls},
+    )
+    uri = str(tmp_path / "run" / "scores.json")
+    study.write_scores(uri, "sha256:one", report)
+    back = study.read_scores(uri, "sha256:one")
+    assert back.metrics == report.metrics and back.datasets == report.datasets
+    assert back.per_sample.keys() == report.per_sample.keys()
+    for name, scores in report.per_sample.items():
+        got = back.per_sample[name]
+        assert (got.group, got.num_units) == (scores.group, scores.num_units)
+        np.testing.assert_array_equal(got.values, scores.values)
+        np.testing.assert_array_equal(got.units, scores.units)
+        assert got.units.dtype.kind == "i" and got.values.dtype == np.float64
+    assert study.read_scores(uri, "sha256:other") is None
+    assert study.read_scores(str(tmp_path / "none.json"), "sha256:one") is None
+
+
+def test_the_final_scores_key_sees_the_evaluation_files(tmp_path):
+    """Evaluation sets rewritten in place (same [evaluate] settings, other files) make cached scores stale: the
+    listing the key is made of changes with a file's size or a new file."""
+    from clipdr.config import EvaluateConfig
+
+    task = tmp_path / "zeroshot" / "shapes"
+    (task / "test").mkdir(parents=True)
+    (task / "classnames.txt").write_text("circle\nsquare\n")
+    (task / "test" / "0.tar").write_bytes(b"x" * 10)
+    ev = EvaluateConfig(zeroshot=(str(tmp_path / "zeroshot"),))
+    before = study._evaluation_files(ev)
+    assert [size for _, size in before] == [len("circle\nsquare\n"), 10]
+    assert study._evaluation_files(ev) == before
+    (task / "test" / "0.tar").write_bytes(b"x" * 11)
+    assert study._evaluation_files(ev) != before

@@ -153,7 +153,8 @@ def data_fingerprint_of(
 # --------------------------------------------------------------------------- resume
 
 
-def _run_dir(cfg: TrainConfig, run_name: str) -> str:
+def run_dir(cfg: TrainConfig, run_name: str) -> str:
+    """Where run ``run_name`` of ``cfg`` keeps its checkpoints, state and result: ``<output>/<run_name>``."""
     return storage.join(cfg.output, run_name)
 
 
@@ -282,22 +283,22 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         log(f"train: {why}")
 
     run_name = tc.run_name or default_run_name(tc)
-    run_dir = _run_dir(tc, run_name)
+    directory = run_dir(tc, run_name)
     recipe = _recipe(cfg)
     data_fingerprint = data_fingerprint_of(uri, manifest, teacher_names, caption_sets)
     ensure_ray()
 
-    previous = runstate.read(run_dir, runstate.TRAIN_STATE)
+    previous = runstate.read(directory, runstate.TRAIN_STATE)
     if previous is not None:
         previous = dataclasses.replace(previous, recipe=recorded_recipe(previous))
         changed = previous.changes(data_fingerprint, recipe, "the training data")
         if changed:
             raise TrainError(
-                f"run {run_name!r} at {run_dir} was started with other settings; resubmitting resumes it, so they "
+                f"run {run_name!r} at {directory} was started with other settings; resubmitting resumes it, so they "
                 f"must match (or choose another train.run_name): {'; '.join(changed)}"
             )
         rows_per_epoch = previous.facts["rows_per_epoch"]
-        finished = runstate.read_result(run_dir, runstate.TRAIN_RESULT)
+        finished = runstate.read_result(directory, runstate.TRAIN_RESULT)
         if finished is not None:  # a finished run: resubmitting it is a no-op
             result = TrainResult(**finished)
             log(f"train: run {run_name!r} is complete ({result.steps} steps); nothing to do")
@@ -324,7 +325,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
             tracker.log_dict(manifest.to_dict(), "data/manifest.json")
         tracker.log_dict(to_dict(cfg), "config.json")
         state = runstate.RunState(tracker.run_id, data_fingerprint, recipe, {"rows_per_epoch": rows_per_epoch})
-        runstate.write(run_dir, runstate.TRAIN_STATE, state)
+        runstate.write(directory, runstate.TRAIN_STATE, state)
         log(f"train: run {run_name!r}, MLflow run {tracker.run_id}")
     else:
         tracker = tracking.Tracker.start(tc.experiment, run_id=previous.mlflow_run_id, uri=cfg.tracking.uri)
@@ -333,7 +334,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
     total_steps = math.ceil(sched.samples / (sched.batch_size * sched.accum_steps))
     batches_per_epoch = rows_per_epoch // sched.batch_size  # micro-batches each worker takes from one epoch
     total_batches = total_steps * sched.accum_steps
-    resume = checkpoint.latest(run_dir)
+    resume = checkpoint.latest(directory)
     done_batches = resume[1].batches if resume else 0
     start_epoch = done_batches // batches_per_epoch
     num_epochs = math.ceil(total_batches / batches_per_epoch)
@@ -440,13 +441,13 @@ def _finish(cfg: Config, tracker: Any, result: Any, run_name: str, log: Callable
     result = TrainResult(
         run_name=run_name,
         mlflow_run_id=tracker.run_id,
-        checkpoint=storage.join(_run_dir(tc, run_name), Path(final.path).name),
+        checkpoint=storage.join(run_dir(tc, run_name), Path(final.path).name),
         steps=meta.step,
         samples_seen=meta.samples_seen,
         model_uri=logged.uri,
         registered_version=logged.version,
     )
-    runstate.write_result(_run_dir(tc, run_name), runstate.TRAIN_RESULT, dataclasses.asdict(result))
+    runstate.write_result(run_dir(tc, run_name), runstate.TRAIN_RESULT, dataclasses.asdict(result))
     where = f", registered as {logged.registered_name} v{logged.version} @candidate" if logged.version else ""
     log(f"train: {meta.step} steps, {meta.samples_seen} samples; model {logged.uri}{where}")
     return result
