@@ -611,13 +611,16 @@ class Manifest:
     def record_schema(self) -> pa.Schema:
         """The base shards' columns as `build_table` takes them and the accessors give them, whatever the layout
         version: every per-view or per-text-row value one ``(R, ...)`` list column (the version 1 layout)."""
+        return self._schema(1)
+
+    def _schema(self, schema_version: int) -> pa.Schema:
         return reinforced_schema(
             self.teachers,
             self.num_augmentations,
             self.num_syn_captions,
             num_aug_ops=self.augment.num_ops,
             has_uid=self.has_uid,
-            schema_version=1,
+            schema_version=schema_version,
         )
 
     def stored_columns(self, column: str) -> list[str]:
@@ -665,14 +668,7 @@ class Manifest:
 
     def schema(self) -> pa.Schema:
         """The Arrow schema every shard of this dataset has (its layout version's: `record_schema` for version 1)."""
-        return reinforced_schema(
-            self.teachers,
-            self.num_augmentations,
-            self.num_syn_captions,
-            num_aug_ops=self.augment.num_ops,
-            has_uid=self.has_uid,
-            schema_version=self.schema_version,
-        )
+        return self._schema(self.schema_version)
 
     def shard_uris(self, uri_dir: str) -> list[str]:
         """URIs of the shards under the dataset directory ``uri_dir``, in manifest order."""
