@@ -93,20 +93,20 @@ def header_bomb(args: argparse.Namespace, tmp: str) -> None:
 def read_shard(args: argparse.Namespace, tmp: str) -> None:
     """One shard through `ReadShards.read`: its first chunk row only, every chunk row (each dropped when the next
     comes), or (``--hold whole``) every sample of the shard kept in a list."""
-    from clipdr.reinforce import stages
+    from clipdr.reinforce import chunks, stages
     from tests.unit.test_records import make_manifest
 
     read = stages.ReadShards(16, os.path.join(tmp, "out"), make_manifest(), "fingerprint")
     warm = _shard(os.path.join(tmp, "warm.tar"), 2)  # imports and codecs loaded before the baseline
-    next(read.read(stages.ShardTask(warm, "w.parquet")))
+    next(read.read(chunks.ShardTask(warm, "w.parquet")))
     shard = _shard(os.path.join(tmp, "shard.tar"), args.images, args.png_side)
     before = _peak_mib()
     if args.hold == "whole":
         held = list(sources.iter_shard(shard, collections.Counter()))
     elif args.hold == "stream":
-        held = [len(row[stages.CHUNK]) for row in read.read(stages.ShardTask(shard, "s.parquet"))]
+        held = [len(row[chunks.CHUNK]) for row in read.read(chunks.ShardTask(shard, "s.parquet"))]
     else:
-        held = next(read.read(stages.ShardTask(shard, "s.parquet")))
+        held = next(read.read(chunks.ShardTask(shard, "s.parquet")))
     what = f"PNGs {args.png_side}x{args.png_side}" if args.png_side else "JPEGs 256x256"
     size = os.path.getsize(shard) / 2**20
     del held

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clipdr import augment, records, storage
+from clipdr import augment, augparams, records, storage
 from clipdr.data import sources
 
 SHEET_PAD = 2  # pixels between views on the contact sheet
@@ -121,7 +121,7 @@ def contact_sheet(samples: dict, size: int) -> Image.Image:
     sheet = Image.new("RGB", (max(num_views * step - SHEET_PAD, 1), max(num_rows * step - SHEET_PAD, 1)), "white")
     for row, (image_bytes, views_KL) in enumerate(zip(samples[records.IMAGE], views, strict=True)):
         image = sources.decode_rgb(image_bytes)
-        for k, params in enumerate(augment.views_from_array(views_KL)):
+        for k, params in enumerate(augparams.views_from_array(views_KL)):
             view_CHW = augment.replay_uint8(image, params, size, "bicubic").numpy()
             sheet.paste(Image.fromarray(np.ascontiguousarray(view_CHW.transpose(1, 2, 0))), (k * step, row * step))
     return sheet

@@ -7,7 +7,7 @@ module spells a column name. A reinforced dataset is a directory (local or ``s3:
     <dataset>/<shard>.parquet ...    one row per sample, paths relative to the directory
 
 Columns of a shard (N rows; K views a sample, S synthetic captions, D a teacher's embedding width, L the
-length of one encoded view, `augment.encoded_length`)::
+length of one encoded view, `augparams.encoded_length`)::
 
     key                      string                                   unique id of the sample in its source
     image                    binary                                   encoded image bytes (dataset is self-contained)
@@ -16,7 +16,7 @@ length of one encoded view, `augment.encoded_length`)::
     uid                      string, nullable                         the source's own id of the sample, e.g.
                                                                       DataComp's uid (only with ``has_uid``)
     syn_captions             fixed_size_list<string, S>               synthetic captions (absent when S = 0)
-    aug_params               fixed_size_list<fixed_size_list<float32, L>, K>   `augment.AugParams.to_array` per view
+    aug_params               fixed_size_list<fixed_size_list<float32, L>, K>   `augparams.AugParams.to_array` per view
     image_emb__<teacher>     fixed_size_list<fixed_size_list<float16, D>, K>   one row per view
     text_emb__<teacher>      fixed_size_list<fixed_size_list<float16, D>, 1+S> row 0 the real caption, rows 1..S
                                                                       the synthetic captions in `syn_captions` order
@@ -82,7 +82,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from clipdr import __version__, augment, config, storage
+from clipdr import __version__, augparams, config, storage
 from clipdr.config import AugmentConfig
 
 SCHEMA_VERSION = 2  # what new datasets are written as
@@ -659,7 +659,7 @@ class Manifest:
     @property
     def aug_param_length(self) -> int:
         """L, the length of one encoded view."""
-        return augment.encoded_length(self.augment.num_ops)
+        return augparams.encoded_length(self.augment.num_ops)
 
     @property
     def embedding_bytes_per_sample(self) -> int:
@@ -802,7 +802,7 @@ def reinforced_schema(
     if num_syn_captions > 0:  # pyarrow cannot write a fixed_size_list of size 0
         fields.append(pa.field(SYN_CAPTIONS, _fixed_list(pa.string(), num_syn_captions), nullable=False))
     fields.append(
-        pa.field(AUG_PARAMS, _fixed_list(pa.float32(), num_augmentations, augment.encoded_length(num_aug_ops)), False)
+        pa.field(AUG_PARAMS, _fixed_list(pa.float32(), num_augmentations, augparams.encoded_length(num_aug_ops)), False)
     )
     for spec in teachers:
         fields += [
@@ -956,10 +956,10 @@ def _stored_arrays(column: str, values_NRX: np.ndarray, schema_version: int) -> 
 
 
 def _encode_aug_params(values: Any, num_rows: int, num_augmentations: int, length: int) -> np.ndarray:
-    """The (N, K, L) float32 encoding of the views: already-encoded arrays, or `augment.AugParams` objects."""
+    """The (N, K, L) float32 encoding of the views: already-encoded arrays, or `augparams.AugParams` objects."""
     if not isinstance(values, np.ndarray | pa.Array | pa.ChunkedArray):
         values = [
-            augment.views_to_array(views) if len(views) and isinstance(views[0], augment.AugParams) else views
+            augparams.views_to_array(views) if len(views) and isinstance(views[0], augparams.AugParams) else views
             for views in values
         ]
     values_NKL = _fixed_shape(values, np.float32, (num_rows, num_augmentations, length), AUG_PARAMS)
@@ -1030,7 +1030,7 @@ def build_table(columns: Mapping[str, Any], manifest: Manifest | PartLayout) -> 
             `CAPTION`, `IMAGE_EXT` string sequences (image_ext lowercase without a dot, e.g. ``jpg``);
             `IMAGE` a sequence of bytes; `UID` (when ``manifest.has_uid``) strings or None;
             `SYN_CAPTIONS` (when S > 0) N sequences of S strings;
-            `AUG_PARAMS` an (N, K, L) numeric array or N sequences of K `augment.AugParams`;
+            `AUG_PARAMS` an (N, K, L) numeric array or N sequences of K `augparams.AugParams`;
             `image_emb_column(t)` (N, K, D) and `text_emb_column(t)` (N, 1+S, D) arrays of any float dtype
             (numpy, or anything ``np.asarray`` takes), L2-normalised; they are stored as fp16. The columns
             of a stored shard are accepted as they are read, so adding a teacher is: read the shard, add the
@@ -1157,7 +1157,7 @@ def text_embeddings(data: pa.Table | pa.RecordBatch, teacher: str) -> np.ndarray
 
 
 def aug_params(data: pa.Table | pa.RecordBatch) -> np.ndarray:
-    """The encoded views, float32 (N, K, L); ``augment.AugParams.from_array(views_NKL[i, k])`` decodes one. Either
+    """The encoded views, float32 (N, K, L); ``augparams.AugParams.from_array(views_NKL[i, k])`` decodes one. Either
     layout (`stacked`)."""
     return stacked(data, AUG_PARAMS)
 

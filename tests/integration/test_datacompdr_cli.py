@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from clipdr import augment, records, storage
+from clipdr import augparams, records, storage
 from clipdr.cli import main
 from clipdr.data import datacompdr
 from clipdr.data.sources import write_tar_shard
@@ -43,11 +43,11 @@ def sample(rng: np.random.Generator, shard: int, i: int, ops: list = ()) -> tupl
     return key, members, expected
 
 
-def expected_view(record: list) -> augment.AugParams:
+def expected_view(record: list) -> augparams.AugParams:
     (top, left, height, width), ops = record
     scale = {"TranslateX": 1 / 224, "Solarize": 1 / 255}
     mapped = tuple((op, m * scale.get(datacompdr.DATACOMPDR_OP_NAMES[op], 1.0)) for op, m in ops)
-    return augment.AugParams(top, left, height, width, False, mapped)
+    return augparams.AugParams(top, left, height, width, False, mapped)
 
 
 def test_cli_converts_numbered_shards_through_ray(ray_local, tmp_path, capsys):
@@ -81,7 +81,7 @@ def test_cli_converts_numbered_shards_through_ray(ray_local, tmp_path, capsys):
         for i, key in enumerate(keys):
             want = expected[key]
             assert table.column(records.SYN_CAPTIONS)[i].as_py() == [f"synthetic {j} of {key}" for j in range(S)]
-            assert augment.views_from_array(views_NKL[i]) == [expected_view(r) for r in want["paug"]]
+            assert augparams.views_from_array(views_NKL[i]) == [expected_view(r) for r in want["paug"]]
             for t, name in enumerate(NAMES):  # fp16 storage of unit vectors
                 half = slice(t * D, (t + 1) * D)
                 np.testing.assert_allclose(

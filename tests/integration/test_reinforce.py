@@ -14,7 +14,7 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from clipdr import augment, records, storage
+from clipdr import augment, augparams, records, storage
 from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceResources, SynthConfig, TeacherConfig
 from clipdr.data import sources, synthetic
 from clipdr.models.captioners import TINY_COCA, build_coca
@@ -137,7 +137,7 @@ def test_reinforce_to_s3_matches_direct_teacher_forward(setup, s3_run):
     views_NKL = records.aug_params(table)
     for row in (0, 5):
         image = sources.decode_rgb(table.column(records.IMAGE)[row].as_py())
-        views = augment.views_from_array(views_NKL[row])
+        views = augparams.views_from_array(views_NKL[row])
         direct = teacher.embed_views(augment.render_views([image], [views], augment.RenderKey.of(teacher.spec)))[0]
         np.testing.assert_allclose(records.image_embeddings(table, "mci")[row], direct, atol=2e-3)
         captions = [table.column(records.CAPTION)[row].as_py(), *table.column(records.SYN_CAPTIONS)[row].as_py()]

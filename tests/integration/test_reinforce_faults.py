@@ -16,7 +16,7 @@ import pytest
 import ray
 
 from clipdr.reinforce import pipeline
-from clipdr.reinforce.stages import ShardTask
+from clipdr.reinforce.chunks import ShardTask
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from clipdr import augment
-from clipdr.augment import OP_NAMES, AugParams
+from clipdr import augment, augparams
+from clipdr.augparams import OP_NAMES, AugParams
 from clipdr.records import AugmentSpec
 
 MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -60,7 +60,7 @@ def torchvision_view(image_CHW: torch.Tensor, cfg: AugmentSpec, size: int, seed:
 def test_op_list_is_torchvisions():
     space = v2.RandAugment._AUGMENTATION_SPACE
     assert tuple(space) == OP_NAMES
-    assert {name for name, (_, signed) in space.items() if signed} == augment.SIGNED_OPS
+    assert {name for name, (_, signed) in space.items() if signed} == augparams.SIGNED_OPS
 
 
 def test_sampling_is_reproducible_and_keyed():
@@ -207,7 +207,7 @@ def test_pil_and_tensor_inputs_give_the_same_view():
 
 
 @pytest.mark.parametrize(
-    ("name", "sign"), [(name, 1.0) for name in OP_NAMES] + [(name, -1.0) for name in sorted(augment.SIGNED_OPS)]
+    ("name", "sign"), [(name, 1.0) for name in OP_NAMES] + [(name, -1.0) for name in sorted(augparams.SIGNED_OPS)]
 )
 def test_each_op_matches_torchvision(name, sign):
     # Sampled magnitudes at bin 9 of 31 (torchvision's default); a non-square view.
@@ -224,7 +224,7 @@ def test_each_op_matches_torchvision(name, sign):
         "Posterize": 7.0,
         "Solarize": 0.7,
     }.get(name, 0.0)
-    magnitude = augment.AugParams(0, 0, 1, 1, ops=((OP[name], sign * magnitude),)).ops[0][1]
+    magnitude = augparams.AugParams(0, 0, 1, 1, ops=((OP[name], sign * magnitude),)).ops[0][1]
     view_CHW = augment.replay_uint8(smooth_image(), AugParams(20, 30, 180, 240), (48, 72))
     height, width = view_CHW.shape[-2:]
     expected_CHW = v2.RandAugment()._apply_image_or_video_transform(
@@ -286,16 +286,16 @@ def test_dict_round_trip_is_json():
 def test_array_round_trip_is_exact_and_arrow_stores_it():
     cfg = AugmentSpec(hflip=0.5)
     views = augment.sample_views((4000, 3000), "key", 30, cfg)
-    views_KL = augment.views_to_array(views)
-    assert views_KL.dtype == np.float32 and views_KL.shape == (30, augment.encoded_length(cfg.num_ops)) == (30, 9)
-    assert augment.views_from_array(views_KL) == views
+    views_KL = augparams.views_to_array(views)
+    assert views_KL.dtype == np.float32 and views_KL.shape == (30, augparams.encoded_length(cfg.num_ops)) == (30, 9)
+    assert augparams.views_from_array(views_KL) == views
     assert all(AugParams.from_array(view.to_array()) == view for view in views)
     # A column of K views per row: fixed_size_list<fixed_size_list<float32, L>, K>, back to numpy without loss.
     rows_NKL = np.stack([views_KL, views_KL[::-1]])
     flat = pa.array(rows_NKL.reshape(-1), pa.float32())
     column = pa.FixedSizeListArray.from_arrays(pa.FixedSizeListArray.from_arrays(flat, 9), 30)
     back_NKL = column.flatten().flatten().to_numpy().reshape(2, 30, 9)
-    assert augment.views_from_array(back_NKL[1]) == views[::-1]
+    assert augparams.views_from_array(back_NKL[1]) == views[::-1]
 
 
 def test_params_are_canonical():
@@ -351,7 +351,7 @@ def test_crop_outside_the_image_is_a_value_error():
         lambda: AugParams(0, 0, 10, 10, ops=((1,),)),
         lambda: AugParams.from_array(np.zeros(6, np.float32)),
         lambda: AugParams.from_dict({"top": 0, "left": 0, "height": 1, "width": 1, "flip": False}),
-        lambda: augment.views_to_array([AugParams(0, 0, 1, 1), AugParams(0, 0, 1, 1, ops=((0, 0.0),))]),
+        lambda: augparams.views_to_array([AugParams(0, 0, 1, 1), AugParams(0, 0, 1, 1, ops=((0, 0.0),))]),
         lambda: augment.replay_uint8(noise_image(), AugParams(0, 0, 10, 10), 0),
         lambda: augment.replay_uint8(noise_image(), AugParams(0, 0, 10, 10), 16, interpolation="lanczos"),
         lambda: augment.replay_uint8(torch.zeros(3, 8, 8), AugParams(0, 0, 4, 4), 16),
@@ -380,11 +380,11 @@ def test_one_magnitude_check_for_storing_and_replaying(name, valid, invalid):
     # What check_op accepts, replay applies; what it refuses cannot be stored in AugParams, nor applied.
     image_CHW = F.pil_to_tensor(noise_image(16, 12))
     for magnitude in valid:
-        augment.check_op(OP[name], magnitude)
+        augparams.check_op(OP[name], magnitude)
         augment.replay_uint8(image_CHW, AugParams(0, 0, 12, 16, ops=((OP[name], magnitude),)), 8)
     for magnitude in invalid:
         with pytest.raises(ValueError, match=name):
-            augment.check_op(OP[name], magnitude)
+            augparams.check_op(OP[name], magnitude)
         with pytest.raises(ValueError, match=rf"ops\[0\]: {name}"):
             AugParams(0, 0, 12, 16, ops=((OP[name], magnitude),))
         with pytest.raises(ValueError, match=name):

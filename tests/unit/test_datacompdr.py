@@ -18,7 +18,7 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.autoaugment import _apply_op
 
-from clipdr import augment, records, storage
+from clipdr import augment, augparams, records, storage
 from clipdr.data import datacompdr
 from clipdr.data.datacompdr import DataCompDRLayout, DataCompDRSampleError, DataCompDRSkipReason
 from clipdr.data.sources import decode_rgb, write_tar_shard
@@ -84,7 +84,7 @@ def records_for(rng: np.random.Generator, frame: tuple[int, int]) -> list:
     return out
 
 
-def expected_view(record: list, scale: tuple[float, float] = (1.0, 1.0)) -> augment.AugParams:
+def expected_view(record: list, scale: tuple[float, float] = (1.0, 1.0)) -> augparams.AugParams:
     """The clipdr view of a record, written out independently of the module (module docstring table)."""
     (top, left, h, w), ops = record
     sy, sx = scale
@@ -95,8 +95,8 @@ def expected_view(record: list, scale: tuple[float, float] = (1.0, 1.0)) -> augm
             magnitude = magnitude / 224
         elif name == "Solarize":
             magnitude = magnitude / 255
-        mapped.append((augment.OP_NAMES.index(name), magnitude))
-    return augment.AugParams(round(top * sy), round(left * sx), round(h * sy), round(w * sx), False, tuple(mapped))
+        mapped.append((augparams.OP_NAMES.index(name), magnitude))
+    return augparams.AugParams(round(top * sy), round(left * sx), round(h * sy), round(w * sx), False, tuple(mapped))
 
 
 class Fixture:
@@ -239,7 +239,7 @@ def test_converted_dataset_matches_the_fixture(fixture: Fixture, tmp_path: Path)
         for name in NAMES:  # fp16 storage of unit vectors: ~2e-5 absolute
             np.testing.assert_allclose(records.image_embeddings(table, name)[i], want["image_emb"][name], atol=1e-4)
             np.testing.assert_allclose(records.text_embeddings(table, name)[i], want["text_emb"][name], atol=1e-4)
-        views = augment.views_from_array(views_NKL[i])
+        views = augparams.views_from_array(views_NKL[i])
         assert views == want["views"]
         image = decode_rgb(table.column(records.IMAGE)[i].as_py())
         size = 224 if i % 2 else 256  # replay works on the stored image, at the teachers' and a student's resolution
@@ -288,7 +288,7 @@ def test_stale_manifest_goes_first_and_other_settings_reconvert(fixture: Fixture
     table = records.read_shard(records.open_dataset(out).shard_uris[0])
     i = table.column(records.KEY).to_pylist().index("a5")
     raw = fixture.expected["a5"]["views"][0]
-    assert augment.views_from_array(records.aug_params(table)[i])[0].window == tuple(v // 2 for v in raw.window)
+    assert augparams.views_from_array(records.aug_params(table)[i])[0].window == tuple(v // 2 for v in raw.window)
     assert dict(manifest.skipped) == dict(fixture.skipped)
 
 
@@ -326,7 +326,7 @@ def test_unreadable_and_missing_sources(tmp_path: Path):
 
 
 def test_op_table_is_torchvisions_and_clipdrs():
-    assert datacompdr.DATACOMPDR_OP_NAMES == tuple(V1_SPACE) == augment.OP_NAMES
+    assert datacompdr.DATACOMPDR_OP_NAMES == tuple(V1_SPACE) == augparams.OP_NAMES
 
 
 @pytest.mark.parametrize(
@@ -343,7 +343,7 @@ def test_mapped_ops_replay_as_torchvision_v1_applied_them(name: str, sign: float
     layout = DataCompDRLayout(num_augmentations=1, augment=records.AugmentSpec(num_ops=1), view_size=64)
     view = datacompdr.map_view(datacompdr.parse_record(record, layout), (80, 60), layout)
     assert view.window == (5, 7, 50, 60) and not view.flip
-    crop = augment.replay_uint8(source, augment.AugParams(*view.window), 64)
+    crop = augment.replay_uint8(source, augparams.AugParams(*view.window), 64)
     apple = _apply_op(crop, name, magnitude, InterpolationMode.NEAREST, None)
     ours = augment.replay_uint8(source, view, 64)
     # v1 and v2 saturation/sharpness kernels round differently by one grey level; everything else is exact.

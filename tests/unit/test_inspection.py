@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from clipdr import augment, cli, inspection, records
+from clipdr import augment, augparams, cli, inspection, records
 from clipdr.data import sources
 from tests.unit.test_train_data import NUM_ROWS, K, write_dataset
 
@@ -36,7 +36,7 @@ def test_inspect_prints_the_manifest_and_captions_and_writes_the_views(tmp_path,
     assert image.shape == (2 * step - inspection.SHEET_PAD, K * step - inspection.SHEET_PAD, 3)
     table = records.read_shard(records.open_dataset(uri).shard_uris[0])
     for row, k in ((0, 0), (1, K - 1)):  # the cell of (sample, view) is that view replayed from its parameters
-        params = augment.AugParams.from_array(records.aug_params(table)[row, k])
+        params = augparams.AugParams.from_array(records.aug_params(table)[row, k])
         decoded = sources.decode_rgb(table.column(records.IMAGE)[row].as_py())
         want = augment.replay_uint8(decoded, params, SIZE, "bicubic").numpy().transpose(1, 2, 0)
         assert np.array_equal(image[row * step : row * step + SIZE, k * step : k * step + SIZE], want)

@@ -20,6 +20,7 @@ LAYERS: dict[str, int] = {
     "__init__": 0,  # the package root: only its version
     "config": 0,
     "records": 0,
+    "augparams": 0,  # a stored view and its encoding: records store it, augment samples and replays it
     "augment": 0,
     "storage": 0,
     "checkpoint": 0,  # the checkpoint files: training writes them, evaluation, export and the demo read them
@@ -223,6 +224,17 @@ def test_core_layers_do_not_import_ray_or_mlflow():
         "import sys, clipdr.config, clipdr.storage, clipdr.records, clipdr.augment, clipdr.data.sources, "
         "clipdr.data.synthetic, clipdr.checkpoint, clipdr.runstate; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_what_only_moves_records_imports_no_torch():
+    # The reinforcement job's writer actors and routing tasks import these alone (`clipdr.reinforce.chunks`); a
+    # process that imports torch holds about 600 MiB more before it holds any data.
+    code = (
+        "import sys, clipdr.records, clipdr.augparams, clipdr.reinforce.chunks; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'PIL')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

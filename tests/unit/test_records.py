@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipdr import augment, config, records, runstate, storage
+from clipdr import augment, augparams, config, records, runstate, storage
 from clipdr.config import AugmentConfig
 
 K, S = 4, 2  # distinct, so a mix-up of image (K) and text (1+S) rows cannot pass
@@ -164,7 +164,7 @@ def test_shard_round_trip(tmp_path):
     assert table[records.SYN_CAPTIONS].to_pylist() == columns[records.SYN_CAPTIONS]
     views_NKL = records.aug_params(table)
     assert views_NKL.shape == (6, K, 9) and views_NKL.dtype == np.float32
-    assert [augment.views_from_array(v) for v in views_NKL] == columns[records.AUG_PARAMS]
+    assert [augparams.views_from_array(v) for v in views_NKL] == columns[records.AUG_PARAMS]
     for spec in TEACHERS:
         image_NKD = records.image_embeddings(table, spec.name)
         text_NRD = records.text_embeddings(table, spec.name)
@@ -231,7 +231,7 @@ def test_embedding_accessors_are_zero_copy_and_handle_slices_and_chunks(tmp_path
 def test_build_table_accepts_encoded_views_and_empty_shards():
     manifest = make_manifest(num_syn_captions=0)
     columns = make_columns(manifest, 3)
-    columns[records.AUG_PARAMS] = np.stack([augment.views_to_array(v) for v in columns[records.AUG_PARAMS]])
+    columns[records.AUG_PARAMS] = np.stack([augparams.views_to_array(v) for v in columns[records.AUG_PARAMS]])
     table = records.build_table(columns, manifest)
     np.testing.assert_array_equal(records.aug_params(table), columns[records.AUG_PARAMS])
     assert records.text_embeddings(table, "openai").shape == (3, 1, 16)
@@ -396,7 +396,7 @@ def test_existing_manifest_reads_back_and_reserialises_byte_identically():
     manifest = records.Manifest.from_json(data)
     assert manifest.to_json().encode() == data
     assert manifest.augment.scale == (0.25, 1.0) and manifest.augment.num_ops == 3 and manifest.augment.hflip == 0.5
-    assert manifest.aug_param_length == augment.encoded_length(3)
+    assert manifest.aug_param_length == augparams.encoded_length(3)
 
 
 def test_existing_manifest_keeps_its_data_fingerprints():

@@ -20,7 +20,7 @@ from clipdr import models, records
 from clipdr.config import CaptionerConfig, Config, ReinforceConfig, ReinforceResources, TeacherConfig
 from clipdr.data import sources
 from clipdr.models.captioners import TINY_COCA
-from clipdr.reinforce import parts, stages
+from clipdr.reinforce import chunks, parts, stages
 from clipdr.reinforce import run as reinforce_run
 from clipdr.reinforce.run import ReinforceError
 from tests.unit.test_sources import _samples
@@ -79,7 +79,7 @@ def reinforce_in_process(config: Config) -> records.Manifest:
     read = stages.ReadShards(cfg.resources.batch_size, cfg.output, p.manifest, p.fingerprint)
     caption = _stage(stages.Caption, p.manifest.captioner, cfg.num_syn_captions, "cpu", 1)
     embed = _stage(stages.Embed, cfg.teachers, "cpu", 1)
-    write = stages.WriteShards(cfg.output, p.manifest, p.fingerprint, {t.output: t.source for t in p.tasks})
+    write = chunks.WriteShards(cfg.output, p.manifest, p.fingerprint, {t.output: t.source for t in p.tasks})
     for task in p.pending:
         _drain(read.read(task), caption, stages.RenderViews(p.manifest.teachers), embed, write)
     return reinforce_run._finish_manifest(cfg.output, p)
@@ -101,7 +101,7 @@ def add_in_process(config: Config, only: int | None = None) -> records.Manifest 
         first = stages.RenderViews((part.teacher,))
         caption_sets = part.caption_sets
     embed = _stage(stages.EmbedPart, p.teachers, "cpu", 1, part.kind, caption_sets)
-    write = stages.WriteShards(read.output_dir, p.layout, p.fingerprint, {t.output: t.source for t in p.tasks})
+    write = chunks.WriteShards(read.output_dir, p.layout, p.fingerprint, {t.output: t.source for t in p.tasks})
     for task in p.pending[:only]:
         _drain(read.read(task.output), first, embed, write)
     return None if only is not None else parts._finish(cfg.output, p)

@@ -86,7 +86,7 @@ def test_an_embeddings_only_pass_has_no_captioner_and_resumes_like_any_other(sou
     shards carrying the fingerprint spelling of before that decision."""
     from clipdr import records
     from clipdr.reinforce import run as run_module
-    from clipdr.reinforce.stages import shard_metadata, write_output_shard
+    from clipdr.reinforce.chunks import shard_metadata, write_output_shard
     from tests.unit.test_records import make_columns
 
     bogus = CaptionerConfig(kind="gpt", model="nope", pretrained="")
@@ -215,7 +215,7 @@ def test_a_partial_run_of_record_layout_1_is_refused_not_completed_in_layout_2(s
     refuses, naming the layout, where a shard of the current layout would count as done."""
     from clipdr import records
     from clipdr.reinforce import run as run_module
-    from clipdr.reinforce.stages import shard_metadata, write_output_shard
+    from clipdr.reinforce.chunks import shard_metadata, write_output_shard
     from tests.unit.test_records import make_columns
 
     cfg = config(source, tmp_path)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipdr import augment, records, storage
+from clipdr import augment, augparams, records, storage
 from clipdr.data import sources
-from clipdr.reinforce import stages
+from clipdr.reinforce import chunks, stages
 from tests.conftest import FlakyFileSystem
 from tests.unit.test_records import K, make_columns, make_manifest
 from tests.unit.test_sources import _samples
@@ -31,7 +31,7 @@ def test_a_packed_chunk_round_trips_dtypes_shapes_and_values():
         "emb": rng.standard_normal((3, 2, 5)).astype(np.float16),
         "count": np.array([1, 2, 3], dtype=np.int64),
     }
-    unpacked = stages.unpack_chunk(stages.pack_chunk(columns))
+    unpacked = chunks.unpack_chunk(chunks.pack_chunk(columns))
     assert list(unpacked) == list(columns)
     for name, want in columns.items():
         got = unpacked[name]
@@ -47,24 +47,24 @@ def _stream_chunks(manifest: records.Manifest, num_rows: int, chunk_rows: int) -
         records.IMAGE: np.array(columns[records.IMAGE], dtype=object),
         records.IMAGE_EXT: np.array(columns[records.IMAGE_EXT], dtype=object),
         records.CAPTION: np.array(columns[records.CAPTION], dtype=object),
-        records.AUG_PARAMS: np.stack([augment.views_to_array(v) for v in columns[records.AUG_PARAMS]]),
+        records.AUG_PARAMS: np.stack([augparams.views_to_array(v) for v in columns[records.AUG_PARAMS]]),
     }
     for j in range(manifest.num_syn_captions):
-        samples[f"{stages.SYN_PREFIX}{j}"] = np.array([c[j] for c in columns[records.SYN_CAPTIONS]], dtype=object)
+        samples[f"{chunks.SYN_PREFIX}{j}"] = np.array([c[j] for c in columns[records.SYN_CAPTIONS]], dtype=object)
     for spec in manifest.teachers:
         for column in (records.image_emb_column(spec.name), records.text_emb_column(spec.name)):
             samples[column] = columns[column].astype(np.float16)
     starts = list(range(0, num_rows, chunk_rows))
     return [
         {
-            stages.SHARD: np.array(["part.parquet"], dtype=object),
-            stages.CHUNK_INDEX: np.array([index]),
-            stages.CHUNK: np.array(
-                [stages.pack_chunk({c: v[start : start + chunk_rows] for c, v in samples.items()})], dtype=object
+            chunks.SHARD: np.array(["part.parquet"], dtype=object),
+            chunks.CHUNK_INDEX: np.array([index]),
+            chunks.CHUNK: np.array(
+                [chunks.pack_chunk({c: v[start : start + chunk_rows] for c, v in samples.items()})], dtype=object
             ),
-            stages.LAST_CHUNK: np.array([index == len(starts) - 1]),
-            stages.SHARD_ROWS: np.array([num_rows if index == len(starts) - 1 else -1]),
-            stages.SHARD_SKIPPED: np.array([json.dumps({"corrupt_image": 2}) if index == len(starts) - 1 else ""]),
+            chunks.LAST_CHUNK: np.array([index == len(starts) - 1]),
+            chunks.SHARD_ROWS: np.array([num_rows if index == len(starts) - 1 else -1]),
+            chunks.SHARD_SKIPPED: np.array([json.dumps({"corrupt_image": 2}) if index == len(starts) - 1 else ""]),
         }
         for index, start in enumerate(starts)
     ]
@@ -72,19 +72,19 @@ def _stream_chunks(manifest: records.Manifest, num_rows: int, chunk_rows: int) -
 
 def test_the_writer_writes_the_same_bytes_whatever_order_chunks_arrive_in(tmp_path):
     manifest = make_manifest()
-    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    stream = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
     written = {}
     for name, order in (("in_order", [0, 1, 2, 3]), ("last_first", [3, 1, 0, 2])):
         out = tmp_path / name
-        writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
-        done = [writer(chunks[i]) for i in order]
+        writer = chunks.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
+        done = [writer(stream[i]) for i in order]
         assert [list(d["shard"]) for d in done] == [[], [], [], ["part.parquet"]]  # complete only with all chunks
         assert int(done[-1]["num_rows"][0]) == 10
         written[name] = (out / "part.parquet").read_bytes()
     assert written["in_order"] == written["last_first"]
     table = records.read_shard(str(tmp_path / "in_order" / "part.parquet"))
     assert table.column(records.KEY).to_pylist() == [f"k{i}" for i in range(10)]
-    assert stages.read_shard_metadata(table.schema)["skipped"] == {"corrupt_image": 2}
+    assert chunks.read_shard_metadata(table.schema)["skipped"] == {"corrupt_image": 2}
 
 
 def test_the_writer_streams_row_groups_spills_chunks_ahead_of_their_turn_and_routes_by_shard(tmp_path):
@@ -93,54 +93,54 @@ def test_the_writer_streams_row_groups_spills_chunks_ahead_of_their_turn_and_rou
     import pyarrow.parquet as pq
 
     manifest = make_manifest()
-    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    stream = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
     reference = tmp_path / "reference"
-    stages.WriteShards(str(reference), manifest, "fingerprint", {"part.parquet": "source.tar"})(
-        {c: np.concatenate([chunk[c] for chunk in chunks]) for c in chunks[0]}
+    chunks.WriteShards(str(reference), manifest, "fingerprint", {"part.parquet": "source.tar"})(
+        {c: np.concatenate([chunk[c] for chunk in stream]) for c in stream[0]}
     )
-    assert pq.ParquetFile(reference / "part.parquet").metadata.num_row_groups == len(chunks)  # one per chunk
+    assert pq.ParquetFile(reference / "part.parquet").metadata.num_row_groups == len(stream)  # one per chunk
 
     out = tmp_path / "spilled"
-    writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"}, buffer_bytes=0)
+    writer = chunks.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"}, buffer_bytes=0)
     for i in (2, 0, 3):
-        writer(chunks[i])
+        writer(stream[i])
     assert len(writer.open["part.parquet"].waiting) == 2 and writer.buffered == 0  # chunks 2 and 3 on disk
     spilled = os.listdir(writer._spill_dir)
     assert len(spilled) == 2 and writer.open["part.parquet"].file.num_rows == 3  # chunk 0 written already
-    assert list(writer(chunks[1])["shard"]) == ["part.parquet"]
+    assert list(writer(stream[1])["shard"]) == ["part.parquet"]
     assert os.listdir(writer._spill_dir) == [] and writer.open == {}
     writer.close()
     assert (out / "part.parquet").read_bytes() == (reference / "part.parquet").read_bytes()
 
     names = {"a.parquet": "a.tar", "e.parquet": "e.tar"}
-    assert stages.writer_of("a.parquet", 3) != stages.writer_of("e.parquet", 3)  # so the routing is exercised
+    assert chunks.writer_of("a.parquet", 3) != chunks.writer_of("e.parquet", 3)  # so the routing is exercised
     routed = tmp_path / "routed"
-    route = stages.RouteChunks([stages.WriteShards(str(routed), manifest, "fingerprint", names) for _ in range(3)])
+    route = chunks.RouteChunks([chunks.WriteShards(str(routed), manifest, "fingerprint", names) for _ in range(3)])
     landed = []
     for i in (1, 3, 0, 2):
         for name in names:
-            batch = dict(chunks[i], **{stages.SHARD: np.array([name], dtype=object)})
+            batch = dict(stream[i], **{chunks.SHARD: np.array([name], dtype=object)})
             landed += list(route(batch)["shard"])
     assert sorted(landed) == sorted(names)
     for name in names:  # only the source in the footer differs from the reference
         got, want = records.read_shard(str(routed / name)), records.read_shard(str(reference / "part.parquet"))
         assert got.replace_schema_metadata() == want.replace_schema_metadata()
-        assert stages.read_shard_metadata(records.read_shard_footer(str(routed / name))[1])["source"] == names[name]
+        assert chunks.read_shard_metadata(records.read_shard_footer(str(routed / name))[1])["source"] == names[name]
 
 
 def test_a_writer_error_discards_the_shard_and_drops_its_later_chunks(tmp_path, monkeypatch):
     manifest = make_manifest()
-    chunks = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
+    stream = _stream_chunks(manifest, num_rows=10, chunk_rows=3)
     out = tmp_path / "out"
-    writer = stages.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
-    writer(chunks[0])
-    writer(chunks[3])
+    writer = chunks.WriteShards(str(out), manifest, "fingerprint", {"part.parquet": "source.tar"})
+    writer(stream[0])
+    writer(stream[3])
     original = records.build_table
     monkeypatch.setattr(records, "build_table", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):
-        writer(chunks[1])
+        writer(stream[1])
     monkeypatch.setattr(records, "build_table", original)
-    assert writer(chunks[2])["shard"].size == 0 and writer.open == {} and writer.buffered == 0
+    assert writer(stream[2])["shard"].size == 0 and writer.open == {} and writer.buffered == 0
     assert os.listdir(out) == []  # not even the hidden temporary file
     writer.close()
 
@@ -179,9 +179,9 @@ def test_the_read_stage_holds_encoded_samples_not_decoded_images(tmp_path, monke
 
     monkeypatch.setattr(stages.sources, "iter_shard", iter_shard)
     alive, keys = [], []
-    for row in read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet")):
+    for row in read.read(chunks.ShardTask(str(tmp_path / "s.tar"), "s.parquet")):
         alive.append(sum(image() is not None for image in decoded))
-        chunk = stages.unpack_chunk(row[stages.CHUNK])
+        chunk = chunks.unpack_chunk(row[chunks.CHUNK])
         keys += list(chunk[records.KEY])
         assert chunk[records.AUG_PARAMS].shape[0] == len(chunk[records.KEY])
 
@@ -195,11 +195,11 @@ def test_a_chunk_closes_early_at_its_pixel_budget(tmp_path):
     Image.new("RGB", (64, 48), "red").save(image, "PNG")  # 3,072 pixels
     samples = [sources.SourceSample(f"{i:03d}", image.getvalue(), "a red box", image_ext="png") for i in range(6)]
     sources.write_webdataset_shard(str(tmp_path / "s.tar"), samples)
-    task = stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet")
+    task = chunks.ShardTask(str(tmp_path / "s.tar"), "s.parquet")
 
     def chunk_sizes(**kwargs) -> list[int]:
         read = stages.ReadShards(4, str(tmp_path / "out"), make_manifest(), "fingerprint", **kwargs)
-        return [len(stages.unpack_chunk(row[stages.CHUNK])[records.KEY]) for row in read.read(task)]
+        return [len(chunks.unpack_chunk(row[chunks.CHUNK])[records.KEY]) for row in read.read(task)]
 
     assert chunk_sizes() == [4, 2]
     assert chunk_sizes(chunk_max_pixels=3 * 3072) == [3, 3]
@@ -214,7 +214,7 @@ def test_a_shard_the_storage_fails_to_read_raises_and_writes_nothing(tmp_path, m
     read = stages.ReadShards(2, str(tmp_path / "out"), manifest, "fingerprint")
     os.symlink("/proc/self/mem", tmp_path / "eio.tar")  # reading it fails with the kernel's EIO
     with pytest.raises(sources.ShardReadError, match=r"eio\.tar.*Errno 5"):
-        list(read.read(stages.ShardTask(str(tmp_path / "eio.tar"), "eio.parquet")))
+        list(read.read(chunks.ShardTask(str(tmp_path / "eio.tar"), "eio.parquet")))
 
     # A break part-way: the chunks before it went down the stream, but none is the last, so the writer never
     # completes the shard.
@@ -225,8 +225,8 @@ def test_a_shard_the_storage_fails_to_read_raises_and_writes_nothing(tmp_path, m
     monkeypatch.setattr(sources, "_READ_BUFFER_BYTES", 4096)
     rows = []
     with pytest.raises(sources.ShardReadError, match="reset"):
-        rows.extend(read.read(stages.ShardTask(shard, "s.parquet")))
-    assert rows and not any(row[stages.LAST_CHUNK] for row in rows)
+        rows.extend(read.read(chunks.ShardTask(shard, "s.parquet")))
+    assert rows and not any(row[chunks.LAST_CHUNK] for row in rows)
     assert not (tmp_path / "out").exists()
 
 
@@ -238,7 +238,7 @@ def _embed_input(tmp_path, teachers, num_samples: int = 5) -> tuple[list, record
     manifest = make_manifest(teachers=ensemble.specs, num_syn_captions=0)
     sources.write_webdataset_shard(str(tmp_path / "s.tar"), _samples(num_samples, size=40))
     read = stages.ReadShards(num_samples, str(tmp_path / "out"), manifest, "fingerprint")
-    (row,) = read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s.parquet"))
+    (row,) = read.read(chunks.ShardTask(str(tmp_path / "s.tar"), "s.parquet"))
     return ensemble, manifest, stages._stream_row(row)
 
 
@@ -255,7 +255,7 @@ def test_views_render_once_per_teacher_render_and_embed_like_trainings_replay(tm
         TeacherConfig(name="sim", model="clipdr-sim-accel-32@100000"),  # shares the ViT's render
     )
     ensemble, manifest, batch = _embed_input(tmp_path, teachers)
-    rendered = stages.unpack_chunk(stages.RenderViews(manifest.teachers)(batch)[stages.CHUNK][0])
+    rendered = chunks.unpack_chunk(stages.RenderViews(manifest.teachers)(batch)[chunks.CHUNK][0])
     view_columns = sorted(c for c in rendered if c.startswith(stages.VIEWS_PREFIX))
     assert view_columns == ["_views_32_bicubic", "_views_64_bilinear"]
     assert rendered["_views_64_bilinear"].dtype == np.uint8 and rendered["_views_64_bilinear"].shape[1:] == (
@@ -265,10 +265,10 @@ def test_views_render_once_per_teacher_render_and_embed_like_trainings_replay(tm
         64,
     )
 
-    embedded = stages.unpack_chunk(stages.Embed(teachers, "cpu", 1)(batch)[stages.CHUNK][0])
+    embedded = chunks.unpack_chunk(stages.Embed(teachers, "cpu", 1)(batch)[chunks.CHUNK][0])
     assert not any(c.startswith(stages.VIEWS_PREFIX) for c in embedded)  # views never reach the writer
     images = [sources.decode_rgb(bytes(b)) for b in rendered[records.IMAGE]]
-    views = [augment.views_from_array(v) for v in rendered[records.AUG_PARAMS]]
+    views = [augparams.views_from_array(v) for v in rendered[records.AUG_PARAMS]]
     for teacher in ensemble.teachers:
         s = teacher.spec
         replayed_BCHW = torch.stack(
@@ -293,8 +293,8 @@ def test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy
     _, manifest, batch = _embed_input(tmp_path, teachers, num_samples=6)
     rendered = stages.RenderViews(manifest.teachers)(batch)
     stage = stages.Embed(teachers, "cpu", 1)
-    out = stages.unpack_chunk(stage(rendered)[stages.CHUNK][0])
-    in_actor = stages.unpack_chunk(stages.Embed(teachers, "cpu", 1, render_in_actor=True)(batch)[stages.CHUNK][0])
+    out = chunks.unpack_chunk(stage(rendered)[chunks.CHUNK][0])
+    in_actor = chunks.unpack_chunk(stages.Embed(teachers, "cpu", 1, render_in_actor=True)(batch)[chunks.CHUNK][0])
 
     emb_NKD = out[records.image_emb_column("sim")]
     assert emb_NKD.shape == (6, K, sim_accel.EMBED_DIM)
@@ -319,7 +319,7 @@ def _rendered_chunks(tmp_path, teachers, num_samples: int, chunk_rows: int) -> l
     sources.write_webdataset_shard(str(tmp_path / "s.tar"), _samples(num_samples, size=40))
     read = stages.ReadShards(chunk_rows, str(tmp_path / "out"), manifest, "fingerprint")
     render = stages.RenderViews(manifest.teachers)
-    return [render(stages._stream_row(row)) for row in read.read(stages.ShardTask(str(tmp_path / "s.tar"), "s"))]
+    return [render(stages._stream_row(row)) for row in read.read(chunks.ShardTask(str(tmp_path / "s.tar"), "s"))]
 
 
 def _spec(teacher):
@@ -345,7 +345,7 @@ def test_two_calls_at_once_return_their_own_chunks_with_serial_forwards_and_a_fa
 
     monkeypatch.setenv(sim_accel.TRACE_DIR_ENV, str(tmp_path))
     teachers = tuple(TeacherConfig(name=f"sim{i}", model="clipdr-sim-accel-16@400") for i in range(2))  # 20 ms a view
-    chunks = _rendered_chunks(tmp_path, teachers, num_samples=7, chunk_rows=2)  # 2, 2, 2, 1 samples
+    stream = _rendered_chunks(tmp_path, teachers, num_samples=7, chunk_rows=2)  # 2, 2, 2, 1 samples
     stage = stages.Embed(teachers, "cpu", 1)
     model = stage.ensemble.teachers[1].model
     encode_image = model.encode_image
@@ -357,7 +357,7 @@ def test_two_calls_at_once_return_their_own_chunks_with_serial_forwards_and_a_fa
 
     monkeypatch.setattr(model, "encode_image", fail_on_the_short_chunk)
     with ThreadPoolExecutor(2) as pool:
-        futures = [pool.submit(stage, _copy(chunk)) for chunk in chunks]
+        futures = [pool.submit(stage, _copy(chunk)) for chunk in stream]
     with pytest.raises(RuntimeError, match="device fault"):
         futures[-1].result()
     assert not stage.ensemble.device_lock.locked()
@@ -369,10 +369,10 @@ def test_two_calls_at_once_return_their_own_chunks_with_serial_forwards_and_a_fa
     monkeypatch.delenv(sim_accel.TRACE_DIR_ENV)
     fast = tuple(dataclasses.replace(t, model="clipdr-sim-accel-16@1000000") for t in teachers)  # same projection
     serial = stages.Embed(fast, "cpu", 1)
-    for chunk, future in zip(chunks[:-1], futures[:-1], strict=True):
+    for chunk, future in zip(stream[:-1], futures[:-1], strict=True):
         got, want = future.result(), serial(_copy(chunk))
-        assert list(got) == list(want) and got[stages.CHUNK_INDEX][0] == chunk[stages.CHUNK_INDEX][0]
-        assert got[stages.CHUNK][0] == want[stages.CHUNK][0]  # its own samples, the same bytes
+        assert list(got) == list(want) and got[chunks.CHUNK_INDEX][0] == chunk[chunks.CHUNK_INDEX][0]
+        assert got[chunks.CHUNK][0] == want[chunks.CHUNK][0]  # its own samples, the same bytes
 
 
 def test_the_next_chunk_is_staged_while_the_device_runs_the_current_one(tmp_path, monkeypatch):
@@ -420,7 +420,7 @@ def test_an_embeddings_only_pass_writes_shards_without_synthetic_captions(tmp_pa
     _, manifest, batch = _embed_input(tmp_path, teachers, num_samples=3)
     batch = stages.RenderViews(manifest.teachers)(batch)
     embedded = stages.Embed(teachers, "cpu", 1)(batch)
-    writer = stages.WriteShards(str(tmp_path / "out"), manifest, "fingerprint", {"s.parquet": "s.tar"})
+    writer = chunks.WriteShards(str(tmp_path / "out"), manifest, "fingerprint", {"s.parquet": "s.tar"})
     assert list(writer(embedded)["shard"]) == ["s.parquet"]
     final = records.write_manifest(
         str(tmp_path / "out"), dataclasses.replace(manifest, shards=(records.ShardInfo("s.parquet", 3),))

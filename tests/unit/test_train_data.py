@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from clipdr import augment, models, records
+from clipdr import augment, augparams, models, records
 from clipdr.config import AugmentConfig, to_dict
 from clipdr.data import sources
 from clipdr.train import data, remote
@@ -187,7 +187,7 @@ def test_outputs_select_stored_rows_and_replay_view_k(dataset, preprocess):
     views_NKL = records.aug_params(table)
     rows = table.to_pylist()
     for i, row in enumerate(rows):
-        params = augment.views_from_array(views_NKL[i])[k_N[i]]
+        params = augparams.views_from_array(views_NKL[i])[k_N[i]]
         image = sources.decode_rgb(row[records.IMAGE])
         assert torch.equal(
             torch.from_numpy(out[data.IMAGE][i]), augment.replay_uint8(image, params, (H, W), "bilinear")
@@ -262,7 +262,7 @@ def test_online_distill_feeds_each_teacher_the_students_view_and_captions(datase
         view_NCHW = out[data.teacher_view_column(name)]
         assert view_NCHW.shape == (NUM_ROWS, 3, spec.image_size, spec.image_size)
         for i in (0, NUM_ROWS - 1):
-            params = augment.views_from_array(records.aug_params(table)[i])[out[data.AUG_INDEX][i]]
+            params = augparams.views_from_array(records.aug_params(table)[i])[out[data.AUG_INDEX][i]]
             expected = augment.replay_uint8(sources.decode_rgb(images[i]), params, spec.image_size, spec.interpolation)
             assert torch.equal(torch.from_numpy(view_NCHW[i]), expected)
         assert np.array_equal(out[data.teacher_tokens_column(name)], tokenizer(captions).numpy())
@@ -346,7 +346,7 @@ def test_a_row_that_does_not_replay_is_replaced_not_fatal(dataset, preprocess, c
     # outputs (row 0, with none before it, the next good one), and a warning names each.
     manifest, table = dataset
     bad_views = records.aug_params(table).copy()
-    bad_views[[0, 3], :, 5:7] = [augment.OP_NAMES.index("Color"), -1.5]
+    bad_views[[0, 3], :, 5:7] = [augparams.OP_NAMES.index("Color"), -1.5]
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     columns[records.AUG_PARAMS] = bad_views
     columns[records.IMAGE] = columns[records.IMAGE].copy()
@@ -429,6 +429,6 @@ def test_a_layout_1_dataset_trains_on_whole_columns_drawn_per_key(tmp_path, prep
         assert np.array_equal(out[data.teacher_syn_text_column(name)], text_NED[rows, 1 + j_N].astype(np.float32))
     views_NKL, images = records.aug_params(table), table.column(records.IMAGE).to_pylist()
     for i in (0, NUM_ROWS - 1):
-        params = augment.AugParams.from_array(views_NKL[i, k_N[i]])
+        params = augparams.AugParams.from_array(views_NKL[i, k_N[i]])
         replayed = augment.replay_uint8(sources.decode_rgb(images[i]), params, preprocess.image_size, "bilinear")
         assert torch.equal(torch.from_numpy(out[data.IMAGE][i]), replayed)

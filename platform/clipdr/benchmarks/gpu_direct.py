@@ -67,9 +67,9 @@ def stages_config(world: str, output: str, smoke: bool):
 
 
 def _batch(row: dict) -> dict:
-    from clipdr.reinforce import stages
+    from clipdr.reinforce import chunks
 
-    return {stages.CHUNK: np.array([row[stages.CHUNK]], dtype=object)}
+    return {chunks.CHUNK: np.array([row[chunks.CHUNK]], dtype=object)}
 
 
 def _render(args: tuple[list, list]) -> list:
@@ -104,10 +104,10 @@ def _teacher_precision_ab(embed, rendered: dict, sync, num_views: int = 1024, ro
 
     from clipdr import augment
     from clipdr.models.teachers import _autocast
-    from clipdr.reinforce import stages
+    from clipdr.reinforce import chunks, stages
 
     teacher = embed.ensemble.teachers[0]
-    views = stages.unpack_chunk(bytes(rendered[stages.CHUNK][0]))[
+    views = chunks.unpack_chunk(bytes(rendered[chunks.CHUNK][0]))[
         stages.views_column(augment.RenderKey.of(teacher.spec))
     ]
     views_BCHW = torch.from_numpy(np.ascontiguousarray(views)).flatten(0, 1)[:num_views].to(teacher.device)
@@ -148,15 +148,15 @@ def _profile(
     from torch.profiler import ProfilerActivity, profile
 
     from clipdr import records
-    from clipdr.reinforce import stages
+    from clipdr.reinforce import chunks, stages
 
-    samples = stages.unpack_chunk(bytes(batch[stages.CHUNK][0]))
+    samples = chunks.unpack_chunk(bytes(batch[chunks.CHUNK][0]))
     images = stages._decode(samples[records.IMAGE][:num_samples])
     keys = [str(k) for k in samples[records.KEY][:num_samples]]
     tables = []
     for name, fn in (
         (f"captioner, {num_samples} images", lambda: captioner.generate(images, keys, num_captions)),
-        ("teachers, one chunk", lambda: embed.embed(stages.unpack_chunk(bytes(rendered[stages.CHUNK][0])))),
+        ("teachers, one chunk", lambda: embed.embed(chunks.unpack_chunk(bytes(rendered[chunks.CHUNK][0])))),
     ):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             fn()
@@ -174,7 +174,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     import torch
 
     from clipdr import records
-    from clipdr.reinforce import cost, run, stages
+    from clipdr.reinforce import chunks, cost, run, stages
 
     config = stages_config(world, str(work / "stages-out"), smoke)
     cfg = config.reinforce
@@ -183,7 +183,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     batches = [_batch(row) for task in p.tasks for row in reader.read(task)]
     if len(batches) < 2:
         raise ValueError(f"the stages need at least 2 chunks of {cfg.resources.batch_size} samples; got {len(batches)}")
-    sizes = [len(stages.unpack_chunk(bytes(b[stages.CHUNK][0]))[records.KEY]) for b in batches]  # samples a chunk
+    sizes = [len(chunks.unpack_chunk(bytes(b[chunks.CHUNK][0]))[records.KEY]) for b in batches]  # samples a chunk
     specs = list(p.manifest.teachers)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -214,7 +214,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
             rendered[i::workers] = part
     render_pool_s = time.perf_counter() - started  # includes the pool's start-up: a lower bound of its rate
 
-    probe = {stages.CHUNK: rendered[-1][stages.CHUNK].copy()}  # the stages replace a batch's chunks in place
+    probe = {chunks.CHUNK: rendered[-1][chunks.CHUNK].copy()}  # the stages replace a batch's chunks in place
     embed = stages.Embed(cfg.teachers, device, threads=torch.get_num_threads())
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

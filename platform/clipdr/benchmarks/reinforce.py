@@ -329,14 +329,14 @@ class _RenderCost:
         self.tasks = tasks
 
     def __call__(self) -> timing.Measurement:
-        from clipdr.reinforce import stages
+        from clipdr.reinforce import chunks, stages
 
-        chunks = [stages.unpack_chunk(row[stages.CHUNK]) for task in self.tasks for row in self.read.read(task)]
+        unpacked = [chunks.unpack_chunk(row[chunks.CHUNK]) for task in self.tasks for row in self.read.read(task)]
         wall, cpu = time.perf_counter(), time.thread_time()
-        for chunk in chunks:
+        for chunk in unpacked:
             stages.render_chunk(chunk, self.keys)
         return timing.Measurement(
-            time.perf_counter() - wall, time.thread_time() - cpu, sum(len(c[records.KEY]) for c in chunks)
+            time.perf_counter() - wall, time.thread_time() - cpu, sum(len(c[records.KEY]) for c in unpacked)
         )
 
 

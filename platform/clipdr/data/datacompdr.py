@@ -37,7 +37,7 @@ What was verified, and where (public code read, not copied):
   random_horizontal_flip, rand_augment, random_erase, mixup, cutmix`` (preceded by the mixing partner's id when mixup
   or cutmix is configured). So a DataCompDR record is ``[[top, left, height, width], [[op_index, magnitude], x2]]``:
   torchvision v1 ``RandomResizedCrop.get_params`` (i, j, h, w) and v1 ``RandAugment`` ops, whose ``op_index`` indexes
-  the same 14 names in the same order as `augment.OP_NAMES` and whose magnitude is torchvision v1's *applied* value
+  the same 14 names in the same order as `augparams.OP_NAMES` and whose magnitude is torchvision v1's *applied* value
   (with its sign), computed on the 224 x 224 crop output.
 - ``scripts/gen.py`` there: each teacher's embedding is open_clip's (L2-normalised) output, concatenated along the
   feature axis in teacher order; ``datasetio.py`` writes ``npz`` (numpy) or ``pth.gz`` (bf16 torch) and the JSON
@@ -47,7 +47,7 @@ What was verified, and where (public code read, not copied):
   resize_mode='keep_ratio_largest', resize_only_if_bigger=True``: the images Apple reinforced, the frame of the crop
   windows, have a longest side of at most 512.
 
-Mapping onto `augment.AugParams` (`map_view`):
+Mapping onto `augparams.AugParams` (`map_view`):
 
 ==============================================  =============================================================
 DataCompDR record entry                         clipdr
@@ -63,7 +63,7 @@ rand_augment [[op_index, m], ...]               ops, op by name (identical table
   Brightness, Color, Contrast, Sharpness        same (factor offset, factor = 1 + m)
   Posterize (bits kept, 4..8)                   same
   Solarize (threshold, 0..255)                  m / 255 (fraction of white)
-  a magnitude replay cannot apply               skipped, ``invalid_magnitude`` (`augment.check_op`: a factor
+  a magnitude replay cannot apply               skipped, ``invalid_magnitude`` (`augparams.check_op`: a factor
                                                 below 0, a non-integer Posterize, ...)
 rand_augment null (skipped when p < 1)          ``num_ops`` Identity ops, which replay to the same pixels
 fewer ops than ``augment.num_ops``              padded with Identity ops
@@ -121,7 +121,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from clipdr import augment, records
+from clipdr import augment, augparams, records
 from clipdr.data import sources
 from clipdr.data.sources import DEFAULT_READER_CONFIG, ReaderConfig, SkipReason
 from clipdr.records import AugmentSpec, CaptionerSpec, TeacherSpec
@@ -182,7 +182,7 @@ DATACOMP_MAX_SIDE = 512
 """Longest side of DataComp's image download (img2dataset ``keep_ratio_largest``, only if bigger)."""
 
 # apple/ml-mobileclip(-dr) dr/transforms.py RandAugment.op_names: op_index in a record indexes this tuple.
-DATACOMPDR_OP_NAMES: tuple[str, ...] = augment.OP_NAMES  # Apple's dr/transforms.py keeps torchvision's order
+DATACOMPDR_OP_NAMES: tuple[str, ...] = augparams.OP_NAMES  # Apple's dr/transforms.py keeps torchvision's order
 
 # Transforms with random parameters, in the order Apple's Compose composes (and compresses) them.
 _RECORD_ORDER = (
@@ -234,7 +234,7 @@ class DataCompDRSkipReason(StrEnum):
     """``paug.json`` is not JSON, has no ``param_aug`` list of K records, or a record has the wrong structure,
     a non-integer crop coordinate, an unknown op index, a non-finite magnitude or more ops than configured."""
     INVALID_MAGNITUDE = "invalid_magnitude"
-    """A RandAugment magnitude that clipdr's replay cannot apply (`augment.check_op`): a Brightness, Color,
+    """A RandAugment magnitude that clipdr's replay cannot apply (`augparams.check_op`): a Brightness, Color,
     Contrast or Sharpness factor below 0, a Posterize that is not an integer 0..8, a Solarize threshold outside
     0..255. Checked here so that training never meets it."""
     UNSUPPORTED_AUGMENTATION = "unsupported_augmentation"
@@ -418,7 +418,7 @@ class DataCompDRSample:
     image_ext: str
     caption: str
     syn_captions: tuple[str, ...]
-    views: tuple[augment.AugParams, ...]
+    views: tuple[augparams.AugParams, ...]
     image_emb: dict[str, np.ndarray]
     text_emb: dict[str, np.ndarray]
     norm_error: float
@@ -498,11 +498,13 @@ def _parse_ops(value: Any, num_ops: int, view_size: int) -> tuple[tuple[int, flo
         name = DATACOMPDR_OP_NAMES[op_index]
         magnitude = to_clipdr_magnitude(name, _number(op[1], f"op {position} ({name}) magnitude"), view_size)
         try:
-            augment.check_op(augment.OP_NAMES.index(name), magnitude)  # what replay enforces, so training replays it
+            augparams.check_op(
+                augparams.OP_NAMES.index(name), magnitude
+            )  # what replay enforces, so training replays it
         except ValueError as e:
             raise _skip(DataCompDRSkipReason.INVALID_MAGNITUDE, f"op {position}: {e}") from None
-        ops.append((augment.OP_NAMES.index(name), magnitude))
-    ops += [(augment.OP_NAMES.index("Identity"), 0.0)] * (num_ops - len(ops))
+        ops.append((augparams.OP_NAMES.index(name), magnitude))
+    ops += [(augparams.OP_NAMES.index("Identity"), 0.0)] * (num_ops - len(ops))
     return tuple(ops)
 
 
@@ -542,7 +544,7 @@ def parse_record(record: Any, layout: DataCompDRLayout = DEFAULT_LAYOUT) -> Reco
     ops = (
         _parse_ops(entries["rand_augment"], layout.augment.num_ops, layout.view_size)
         if "rand_augment" in entries
-        else ((augment.OP_NAMES.index("Identity"), 0.0),) * layout.augment.num_ops
+        else ((augparams.OP_NAMES.index("Identity"), 0.0),) * layout.augment.num_ops
     )
     return RecordView(window=window, flip=bool(flip), ops=ops)
 
@@ -569,7 +571,7 @@ def _scale_span(start: int, length: int, factor: float, limit: int) -> tuple[int
 
 def map_view(
     view: RecordView, image_size: tuple[int, int], layout: DataCompDRLayout = DEFAULT_LAYOUT
-) -> augment.AugParams:
+) -> augparams.AugParams:
     """The clipdr view of a parsed record, for a joined image of ``image_size`` ``(width, height)``.
 
     Raises:
@@ -588,7 +590,7 @@ def map_view(
         top, crop_h = _scale_span(top, crop_h, height / ref_height, height)
         left, crop_w = _scale_span(left, crop_w, width / ref_width, width)
     try:
-        return augment.AugParams(top, left, crop_h, crop_w, view.flip, view.ops)
+        return augparams.AugParams(top, left, crop_h, crop_w, view.flip, view.ops)
     except ValueError as e:
         raise _skip(DataCompDRSkipReason.INVALID_PAUG, str(e)) from None
 

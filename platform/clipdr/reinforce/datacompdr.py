@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from clipdr import augment, records, storage
+from clipdr import augparams, records, storage
 from clipdr.config import Config
 from clipdr.data import sources
 from clipdr.data.datacompdr import (
@@ -267,7 +267,7 @@ def convert_shard(
         rows[records.CAPTION].append(sample.caption)
         rows[records.UID].append(sample.uid)
         syn_captions.append(list(sample.syn_captions))
-        views.append(augment.views_to_array(sample.views))
+        views.append(augparams.views_to_array(sample.views))
         for spec in teachers:  # fp16 right away: half the memory of a shard held whole
             image_emb[spec.name].append(sample.image_emb[spec.name].astype(np.float16))
             text_emb[spec.name].append(sample.text_emb[spec.name].astype(np.float16))

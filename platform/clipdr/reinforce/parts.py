@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from clipdr import progress as progress_lines
 from clipdr import records, runstate, storage
 from clipdr.config import Config, TeacherConfig, flatten, to_dict
+from clipdr.reinforce.chunks import ShardTask, read_shard_metadata
 from clipdr.reinforce.run import EXPERIMENT, ReinforceError, ShardsFailedError, captioner_spec, run_fingerprint
-from clipdr.reinforce.stages import ShardTask, read_shard_metadata
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@
         --RenderViews (tasks, CPU, as many as free CPUs allow)--> + uint8 views, once per distinct teacher render
         --Embed (actor pool, GPUs when present)--> + per-teacher image (K x D) and text ((1+S) x D) embeddings
         --RouteChunks (tasks)--> WriteShards (``reinforce.resources.writers`` actors, each owning the output shards
-            `stages.writer_of` gives it; each streams a shard's chunks into its file as row groups, in chunk order)
+            `chunks.writer_of` gives it; each streams a shard's chunks into its file as row groups, in chunk order)
         --> complete output shards, one per source shard
 
 A stream row is one chunk of ``reinforce.resources.batch_size`` samples of one shard (see `stages`), so every
@@ -43,17 +43,8 @@ import ray
 from clipdr import records, storage
 from clipdr.cluster import ensure_ray, storage_runtime_env
 from clipdr.config import ReinforceConfig, TeacherConfig
-from clipdr.reinforce.stages import (
-    Caption,
-    Embed,
-    EmbedPart,
-    ReadBase,
-    ReadShards,
-    RenderViews,
-    RouteChunks,
-    ShardTask,
-    WriteShards,
-)
+from clipdr.reinforce.chunks import RouteChunks, ShardTask, WriteShards
+from clipdr.reinforce.stages import Caption, Embed, EmbedPart, ReadBase, ReadShards, RenderViews
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -320,8 +311,8 @@ def start_writers(
     run_fingerprint: str,
     tasks: Sequence[ShardTask],
 ) -> list:
-    """The writer actors (`stages.WriteShards`), ``reinforce.resources.writers`` of them; a chunk goes to the one
-    that owns its shard (`stages.writer_of`), so several shards are written at once, each by one process.
+    """The writer actors (`chunks.WriteShards`), ``reinforce.resources.writers`` of them; a chunk goes to the one
+    that owns its shard (`chunks.writer_of`), so several shards are written at once, each by one process.
 
     Plain actors, not a Ray Data actor stage: Ray Data hands a block to whichever actor of a pool is free, and every
     chunk of a shard must meet in the same writer. A writer that dies is restarted and the call that was running is

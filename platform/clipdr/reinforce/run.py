@@ -22,7 +22,7 @@ from clipdr.accelerators import AcceleratorError
 from clipdr.config import Config, ReinforceConfig, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce import cost
-from clipdr.reinforce.stages import ShardTask, read_shard_metadata
+from clipdr.reinforce.chunks import ShardTask, read_shard_metadata
 
 EXPERIMENT = "reinforce"
 

@@ -21,7 +21,7 @@ teacher work: for each sample and epoch it
 class: the tokenizer loads once per actor) over ``batch_format="pyarrow"`` batches; it also takes a dict of
 numpy arrays. Each output row depends only on its own input row and ``(seed, epoch)``, so outputs are identical
 whatever the batch size, the split into blocks or the row order; the one exception is a row whose view does not
-replay (a corrupt image, or a magnitude outside `augment.check_op`): the previous good row of its batch stands in
+replay (a corrupt image, or a magnitude outside `augparams.check_op`): the previous good row of its batch stands in
 for it, and a warning names it (`_replay_rows` says why it is replaced rather than dropped). `check_dataset`
 opens a dataset for a training mode and refuses one that lacks what the mode needs.
 
@@ -69,7 +69,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from clipdr import augment, models, records
+from clipdr import augment, augparams, models, records
 from clipdr.data import sources
 from clipdr.train.plan import MODES, Mode
 
@@ -548,7 +548,7 @@ def _replay_rows(
     ``pres``; a row that fails is stood in for.
 
     A row whose image does not decode or whose stored view does not load or replay (a ValueError: e.g. a magnitude
-    outside `augment.check_op`, from a dataset written before conversions checked it) must not fail the batch, nor
+    outside `augparams.check_op`, from a dataset written before conversions checked it) must not fail the batch, nor
     shorten it: every rank steps on whole batches of a fixed size, and an epoch is cut to a row count the plan
     fixed, so a missing row would desynchronise the ranks or end the stream early. The row is replaced by the
     previous good row of the batch (the next one for the first), which keeps every count; each replacement is
@@ -564,7 +564,7 @@ def _replay_rows(
     failures = []
     for i, (key, image_bytes, view_L, k) in enumerate(zip(keys, images, views_NL, aug_index_N, strict=True)):
         try:
-            image, view = sources.decode_rgb(image_bytes), augment.AugParams.from_array(view_L)
+            image, view = sources.decode_rgb(image_bytes), augparams.AugParams.from_array(view_L)
             for view_NCHW, p in zip(out, pres, strict=True):
                 view_NCHW[i] = augment.replay_uint8(image, view, p.image_size, p.interpolation).numpy()
         except ValueError as e:  # sources.InvalidSampleError is one
@@ -582,7 +582,7 @@ def _replay_rows(
     return out, rows_N
 
 
-def _render(images: Sequence[Any], params: Sequence[augment.AugParams], pre: StudentPreprocess) -> np.ndarray:
+def _render(images: Sequence[Any], params: Sequence[augparams.AugParams], pre: StudentPreprocess) -> np.ndarray:
     """(N, 3, H, W) uint8: each image's view replayed at ``pre``'s size and interpolation."""
     image_NCHW = np.empty((len(images), 3, *pre.image_size), dtype=np.uint8)
     for i, (image, view) in enumerate(zip(images, params, strict=True)):
