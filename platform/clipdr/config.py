@@ -23,6 +23,7 @@ from typing import Any, Literal
 # Enumerated settings: a value outside these fails at load, naming the key and the valid values.
 TrainMode = Literal["reinforced", "clip", "online_distill"]  # `clipdr.train.plan.Mode` says what each means
 Precision = Literal["auto", "fp32", "bf16"]
+TeacherPrecision = Literal["auto", "bf16"]  # `clipdr.models.teachers.Teacher` says what each computes
 Device = Literal["auto", "cuda", "cpu"]
 OnnxExporter = Literal["dynamo", "torchscript"]
 LrSchedule = Literal["cosine", "const", "const-cooldown"]
@@ -32,13 +33,19 @@ class ConfigError(ValueError):
     """A configuration file or override that does not fit the typed config."""
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a default and its help text."""
+OMIT_DEFAULT = "omit_default"
+"""Field metadata: `to_dict` leaves the key out while it holds its default, so a key added to a stored record (a
+manifest, a fingerprinted setting) keeps the bytes and fingerprints written before it existed; reading fills it in."""
+
+
+def _f(default: Any, help: str, omit_default: bool = False) -> Any:
+    """A dataclass field with a default and its help text; ``omit_default``: see `OMIT_DEFAULT`."""
     if isinstance(default, list | dict | set):
         raise TypeError("config defaults must be immutable (use tuples)")
+    metadata = {"help": help, **({OMIT_DEFAULT: True} if omit_default else {})}
     if dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: default, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # --------------------------------------------------------------------------- sections
@@ -107,6 +114,12 @@ class TeacherConfig:
     model: str = _f("", "open_clip architecture, e.g. ViT-L-14")
     pretrained: str = _f("", "open_clip tag, hf-hub:org/name, or a local checkpoint file; empty: random init")
     logit_scale: float = _f(100.0, "the teacher's inverse temperature a_k in the distillation targets")
+    precision: TeacherPrecision = _f(
+        "auto",
+        "auto: fp32 weights, under bf16 autocast on CUDA; bf16: bf16 weights and activations on every device (no "
+        "casts; other rounding, so the dataset records it)",
+        omit_default=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -728,17 +741,27 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
     return _build(Config, table, "", where if not overrides else f"{where} + --set")
 
 
+def _written(value: Any, f: dataclasses.Field) -> bool:
+    return not (f.metadata.get(OMIT_DEFAULT) and getattr(value, f.name) == f.default)
+
+
 def to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain TOML/JSON-able data (tuples become lists)."""
+    """The config as plain TOML/JSON-able data (tuples become lists; `OMIT_DEFAULT` keys only when set)."""
 
     def plain(value: Any) -> Any:
         if dataclasses.is_dataclass(value):
-            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value) if _written(value, f)}
         if isinstance(value, tuple):
             return [plain(v) for v in value]
         return value
 
     return plain(config)
+
+
+def fields_dict(value: Any) -> dict[str, Any]:
+    """A flat dataclass's fields by name, values as they are (as ``dataclasses.asdict`` gives them, tuples kept),
+    without `OMIT_DEFAULT` keys at their defaults."""
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if _written(value, f)}
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "stored config") -> Any:

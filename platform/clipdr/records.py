@@ -286,6 +286,9 @@ class TeacherSpec:
         mean: Per-channel normalisation mean of its preprocessing.
         std: Per-channel normalisation std of its preprocessing.
         interpolation: Resize interpolation of its preprocessing (``bicubic``, ``bilinear``, ...).
+        precision: What its forwards computed in (`config.TeacherPrecision`): ``auto`` (fp32 weights, bf16 autocast
+            on CUDA) or ``bf16`` (bf16 weights and activations). Written only when not ``auto``, so manifests and
+            fingerprints from before it existed are unchanged.
     """
 
     name: str
@@ -297,6 +300,7 @@ class TeacherSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
+    precision: str = field(default="auto", metadata={config.OMIT_DEFAULT: True})
 
     def __post_init__(self) -> None:
         validate_teacher_name(self.name)
@@ -309,6 +313,8 @@ class TeacherSpec:
         _check(self.logit_scale > 0, f"{where}: logit_scale must be > 0, got {self.logit_scale!r}")
         _check(len(self.mean) == 3 and len(self.std) == 3, f"{where}: mean and std need 3 channels each")
         _check(all(s > 0 for s in self.std), f"{where}: std must be > 0, got {self.std!r}")
+        precisions = typing.get_args(config.TeacherPrecision)
+        _check(self.precision in precisions, f"{where}: precision must be one of {precisions}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -753,8 +759,11 @@ def _check_keys(cls: type, data: dict[str, Any], prefix: str, where: str) -> Non
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecordsError(f"unknown key {prefix + name!r} in {where}{hint}; allowed: {', '.join(allowed)}")
-    for name in allowed:
+    for f in dataclasses.fields(cls):
+        name = f.name
         if name not in data:
+            if f.metadata.get(config.OMIT_DEFAULT):  # written only when set (`config.OMIT_DEFAULT`)
+                continue
             raise RecordsError(f"{where}: missing key {prefix + name!r}")
         for sub_cls, sub_data, sub_key in _nested_dataclasses(hints[name], data[name], prefix + name):
             _check_keys(sub_cls, sub_data, f"{sub_key}.", where)

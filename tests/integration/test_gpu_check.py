@@ -72,7 +72,7 @@ def test_without_ray_the_direct_phases_still_report(tmp_path, monkeypatch):
         "cores_per_device": 0.2,
         "embed_peak_bytes": None,
         "dataset_samples": 100,
-        "teacher_precision_ab": {"bf16 autocast (the job)": 5.0},
+        "teacher_precision_ab": {"auto: bf16 autocast (the recipe)": 5.0},
     }
     (work / gpu_direct.STAGES).write_text(json.dumps(stages))
     real_find_spec = importlib.util.find_spec

@@ -417,6 +417,23 @@ def test_existing_manifest_keeps_its_data_fingerprints():
     assert runstate.matches(TRAIN_DATA_FINGERPRINT_V1, data_fingerprint_of("", manifest))
 
 
+def test_a_teachers_precision_is_written_only_when_set_and_enters_the_fingerprints():
+    # `precision` came after datasets existed: at "auto" it is not written (the pinned manifest above keeps its
+    # bytes and fingerprints); "bf16" is other data (another rounding), so it is written and fingerprinted.
+    from clipdr.reinforce.run import run_fingerprint
+
+    manifest = records.Manifest.from_json(MANIFEST_V1.read_bytes())
+    assert {t.precision for t in manifest.teachers} == {"auto"}
+    first, *rest = manifest.teachers
+    bf16 = dataclasses.replace(manifest, teachers=(dataclasses.replace(first, precision="bf16"), *rest))
+    data = json.loads(bf16.to_json())
+    assert data["teachers"][0]["precision"] == "bf16" and not any("precision" in t for t in data["teachers"][1:])
+    assert records.Manifest.from_json(bf16.to_json()) == bf16
+    assert run_fingerprint(bf16) != run_fingerprint(manifest)
+    with pytest.raises(records.RecordsError, match=r"precision must be one of \('auto', 'bf16'\), got 'fp8'"):
+        dataclasses.replace(first, precision="fp8")
+
+
 def test_augment_spec_is_built_from_the_run_config_field_by_field():
     cfg = AugmentConfig(scale=(0.3, 0.9), ratio=(0.5, 2.0), num_ops=3, magnitude=5, num_magnitude_bins=11, hflip=0.5)
     spec = records.AugmentSpec.from_config(cfg)

@@ -116,6 +116,20 @@ def test_an_embeddings_only_pass_has_no_captioner_and_resumes_like_any_other(sou
         plan(with_captions)
 
 
+def test_a_teachers_precision_is_recorded_and_a_dataset_of_another_is_not_continued(source, tmp_path):
+    from clipdr import records
+
+    bf16 = dataclasses.replace(TINY, precision="bf16")
+    p = plan(config(source, tmp_path, teachers=(bf16,)))
+    assert p.manifest.teacher("vit").precision == "bf16" and p.fingerprint != plan(config(source, tmp_path)).fingerprint
+    out = tmp_path / "out"
+    shards = tuple(records.ShardInfo(t.output, 0) for t in p.tasks)
+    auto = plan(config(source, tmp_path))
+    records.write_manifest(str(out), dataclasses.replace(auto.manifest, shards=shards), verify=False)
+    with pytest.raises(ReinforceError, match=r"made with other settings \(teachers\)"):
+        plan(config(source, tmp_path, teachers=(bf16,)))
+
+
 def test_bad_augment_config_is_refused(source, tmp_path):
     cfg = dataclasses.replace(config(source, tmp_path), augment=load_config(None, ["augment.scale=[0.9, 0.1]"]).augment)
     with pytest.raises(ReinforceError, match=r"augment\.scale"):

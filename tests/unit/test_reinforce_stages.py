@@ -284,6 +284,30 @@ def test_views_render_once_per_teacher_render_and_embed_like_trainings_replay(tm
         assert np.array_equal(embedded[records.image_emb_column(s.name)], direct_NKD), s.name
 
 
+def test_a_bf16_teacher_runs_in_bf16_and_stays_within_bf16_rounding_of_auto(tmp_path):
+    """``precision = "bf16"``: the teacher's weights are bf16 (no autocast casts on a GPU), the embeddings it
+    stores differ from ``auto``'s (fp32 here) by bf16 rounding only, and its spec records it."""
+    import torch
+
+    from clipdr.config import TeacherConfig
+
+    auto = (TeacherConfig(name="vit", model="clipdr-tiny-vit"),)
+    bf16 = (TeacherConfig(name="vit", model="clipdr-tiny-vit", precision="bf16"),)
+    _, manifest, batch = _embed_input(tmp_path, auto)
+    rendered = stages.RenderViews(manifest.teachers)(batch)
+    stage = stages.Embed(bf16, "cpu", 1)
+    (teacher,) = stage.ensemble.teachers
+    assert teacher.spec.precision == "bf16" and {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    got = chunks.unpack_chunk(stage(_copy(rendered))[chunks.CHUNK][0])
+    want = chunks.unpack_chunk(stages.Embed(auto, "cpu", 1)(_copy(rendered))[chunks.CHUNK][0])
+    for column in (records.image_emb_column("vit"), records.text_emb_column("vit")):
+        a, b = got[column].astype(np.float32), want[column].astype(np.float32)
+        assert a.dtype == b.dtype and not np.array_equal(a, b), column  # another rounding, so recorded
+        # bf16 keeps 8 significant bits (u = 2^-8): each of the tiny tower's few matmul/norm layers rounds its output
+        # once, so the unit-length embedding stays within a few u of fp32's (fp16 storage adds 2^-11).
+        np.testing.assert_allclose(a, b, rtol=0, atol=8 * 2.0**-8, err_msg=column)
+
+
 def test_the_simulated_accelerator_runs_through_the_stages_and_accounts_its_busy_time(tmp_path, monkeypatch):
     from clipdr.config import TeacherConfig
     from clipdr.models import sim_accel

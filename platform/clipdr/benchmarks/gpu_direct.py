@@ -94,9 +94,10 @@ def _timed_stage(stage, batches: list[dict], sizes: list[int], sync) -> tuple[li
 
 
 def _teacher_precision_ab(embed, rendered: dict, sync, num_views: int = 1024, rounds: int = 3) -> dict:
-    """Views/s of the first teacher's image forward on ``num_views`` of a chunk's views, under bf16 autocast (what
-    the job runs: fp32 weights) and with bf16 weights (no casts, bf16 norms), interleaved round by round after a
-    warm-up; the median round of each. A measurement for the choice, not what the job does."""
+    """Views/s of the first teacher's image forward on ``num_views`` of a chunk's views in each of its precisions
+    (`config.TeacherPrecision`): ``auto`` (fp32 weights under bf16 autocast) and ``bf16`` (bf16 weights, no casts),
+    interleaved round by round after a warm-up; the median round of each. The recipe chooses one; this measures
+    both, whichever it chose."""
     import copy
     import statistics
 
@@ -113,16 +114,23 @@ def _teacher_precision_ab(embed, rendered: dict, sync, num_views: int = 1024, ro
     views_BCHW = torch.from_numpy(np.ascontiguousarray(views)).flatten(0, 1)[:num_views].to(teacher.device)
     x = augment.normalize(views_BCHW, teacher.spec.mean, teacher.spec.std)
     on_device = teacher.device.type == "cuda"
-    bf16 = copy.deepcopy(teacher.model).to(torch.bfloat16) if on_device else None
+    own = teacher.spec.precision
+    auto_model = teacher.model if own == "auto" else copy.deepcopy(teacher.model).float()
+    bf16_model = (
+        teacher.model if own == "bf16" else (copy.deepcopy(teacher.model).to(torch.bfloat16) if on_device else None)
+    )
 
     def autocast() -> None:
-        with _autocast(teacher.device):
-            teacher.model.encode_image(x)
+        with _autocast(teacher.device, "auto"):
+            auto_model.encode_image(x)
 
     def weights() -> None:
-        bf16.encode_image(x.to(torch.bfloat16))
+        bf16_model.encode_image(x.to(torch.bfloat16))
 
-    variants = {"bf16 autocast (the job)": autocast, **({"bf16 weights": weights} if on_device else {})}
+    variants = {
+        f"auto: bf16 autocast{' (the recipe)' if own == 'auto' else ''}": autocast,
+        **({f"bf16 weights{' (the recipe)' if own == 'bf16' else ''}": weights} if on_device else {}),
+    }
     seconds: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
         for r in range(rounds + 1):
@@ -230,7 +238,7 @@ def run_stages(world: str, work: Path, device: str, peak: float | None, smoke: b
     embed_rate, caption_rate = embed_n / embed_s, caption_n / caption_s
     both_rate = 1 / (1 / embed_rate + 1 / caption_rate)  # one device running both stages, back to back
     result = {
-        "config": f"{' + '.join(t.model for t in cfg.teachers)} (one shared render), captioner "
+        "config": f"{' + '.join(f'{t.model} ({t.precision})' for t in cfg.teachers)} (one shared render), captioner "
         f"{cfg.captioner.model} ({cfg.captioner.max_len} tokens, KV cache), K={cfg.num_augmentations}, "
         f"S={cfg.num_syn_captions}, chunks of {cfg.resources.batch_size}, random weights",
         "num_samples": sum(sizes),

@@ -143,10 +143,12 @@ class SimAccel(torch.nn.Module):
         if not self._forwards_open:  # called on its own, not inside a teacher's forward: a forward of its own
             with self.forward_time(len(images_BCHW)):
                 return self.encode_image(images_BCHW)
-        pooled_BCHW = torch.nn.functional.adaptive_avg_pool2d(images_BCHW.float(), self.pooled)
+        pooled_BCHW = torch.nn.functional.adaptive_avg_pool2d(images_BCHW.to(self.image_proj.dtype), self.pooled)
         return pooled_BCHW.flatten(1) @ self.image_proj
 
     def encode_text(self, tokens_BL: torch.Tensor) -> torch.Tensor:
-        counts_BV = torch.zeros(len(tokens_BL), self.text_proj.shape[0], device=tokens_BL.device)
+        counts_BV = torch.zeros(
+            len(tokens_BL), self.text_proj.shape[0], dtype=self.text_proj.dtype, device=tokens_BL.device
+        )
         counts_BV.scatter_add_(1, tokens_BL, torch.ones_like(tokens_BL, dtype=counts_BV.dtype))
         return counts_BV @ self.text_proj

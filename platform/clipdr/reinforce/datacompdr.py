@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipdr import augparams, records, storage
-from clipdr.config import Config
+from clipdr.config import Config, fields_dict
 from clipdr.data import sources
 from clipdr.data.datacompdr import (
     DATACOMPDR_CAPTIONER,
@@ -96,7 +96,7 @@ def _settings_digest(teachers: Sequence[TeacherSpec], layout: DataCompDRLayout) 
     layout_dict = dataclasses.asdict(layout)
     if not layout.caption_sets:  # conversions made before the key existed keep their digest
         del layout_dict["caption_sets"]
-    payload = {"teachers": [dataclasses.asdict(t) for t in teachers], "layout": layout_dict}
+    payload = {"teachers": [fields_dict(t) for t in teachers], "layout": layout_dict}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from clipdr import augment, records, runstate, storage
 from clipdr import progress as progress_lines
 from clipdr.accelerators import AcceleratorError
-from clipdr.config import Config, ReinforceConfig, flatten, to_dict
+from clipdr.config import Config, ReinforceConfig, fields_dict, flatten, to_dict
 from clipdr.data import sources
 from clipdr.reinforce import cost
 from clipdr.reinforce.chunks import ShardTask, read_shard_metadata
@@ -347,7 +347,7 @@ def _tracker(config: Config, p: Plan):
     if run_id is None:
         runstate.write(output, runstate.REINFORCE_STATE, runstate.RunState(tracker.run_id, p.fingerprint))
         tracker.log_params({**flatten(config.reinforce, "reinforce."), **flatten(config.augment, "augment.")})
-        tracker.log_dict([dataclasses.asdict(t) for t in p.manifest.teachers], "teachers.json")
+        tracker.log_dict([fields_dict(t) for t in p.manifest.teachers], "teachers.json")
         if p.manifest.captioner is not None:  # an embeddings-only pass (S = 0) has none
             tracker.log_dict(dataclasses.asdict(p.manifest.captioner), "captioner.json")
         source = p.manifest.source_uri

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clipdr import records, storage
-from clipdr.config import Config, EvaluateConfig, TrackingConfig, TrainConfig, from_dict, to_dict
+from clipdr.config import Config, EvaluateConfig, TrackingConfig, TrainConfig, fields_dict, from_dict, to_dict
 
 
 class TrainError(ValueError):
@@ -322,7 +322,7 @@ class TrainPlan:
             "evaluate": to_dict(self.evaluate),
             "tracking": to_dict(self.tracking),
             "mode": str(self.mode),
-            "teacher_specs": [dataclasses.asdict(t) for t in self.teacher_specs],
+            "teacher_specs": [fields_dict(t) for t in self.teacher_specs],
         }
         return out
 

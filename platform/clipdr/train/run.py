@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from clipdr import checkpoint, records, runstate, storage
-from clipdr.config import Config, TrainConfig, TrainFinetune, flatten, to_dict, upgrade
+from clipdr.config import Config, TrainConfig, TrainFinetune, fields_dict, flatten, to_dict, upgrade
 from clipdr.data import sources
 from clipdr.train import data
 from clipdr.train.plan import (
@@ -321,7 +321,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         tracker.log_params({"data.fingerprint": data_fingerprint, "data.rows_per_epoch": rows_per_epoch})
         if manifest is not None:
             for spec in manifest.teachers:
-                tracker.log_params({f"teacher.{spec.name}": json.dumps(dataclasses.asdict(spec))})
+                tracker.log_params({f"teacher.{spec.name}": json.dumps(fields_dict(spec))})
             tracker.log_dict(manifest.to_dict(), "data/manifest.json")
         tracker.log_dict(to_dict(cfg), "config.json")
         state = runstate.RunState(tracker.run_id, data_fingerprint, recipe, {"rows_per_epoch": rows_per_epoch})
