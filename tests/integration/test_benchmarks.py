@@ -31,7 +31,8 @@ def test_reinforce_scale_benchmark_runs_at_toy_size(ray_local, tmp_path):
     """What `python jobs/benchmark.py reinforce_scale` runs, at toy size (one layout): peak RSS by process kind, and
     a second driver killed mid-run whose job the benchmark resumes exactly once (the benchmark exits 1 if not)."""
     output = tmp_path / "scale.md"
-    toy = ["--layouts", "4x4", "--image-size", "16", "--views", "1", "--batch-size", "2", "--writers", "1"]
+    # 8 shards, killed after the first lands: under load the writers go on committing until Ray ends them.
+    toy = ["--layouts", "8x4", "--image-size", "16", "--views", "1", "--batch-size", "2", "--writers", "1"]
     toy += ["--kill-after", "1", "--output", str(output)]
     assert benchmarks.main(["reinforce_scale", *toy], prog="jobs/benchmark.py") == 0
     text = output.read_text()

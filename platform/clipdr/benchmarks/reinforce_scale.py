@@ -261,6 +261,11 @@ def _kill_and_resume(args: argparse.Namespace, config: Config, reference: str, r
         raise RuntimeError(f"the second driver was to kill itself, but exited with {child.returncode}")
     _wait_for_writers_to_end()
     before = _shard_files(output)
+    if len(before) == len(_shard_files(reference)):
+        raise RuntimeError(
+            f"the killed driver's writers completed all {len(before)} shards before they ended: nothing was left to "
+            "resume; kill earlier (--kill-after) or give the layout more shards"
+        )
     resume_s, redone_rows = _run(killed)
     after = _shard_files(output)
     expected = _shard_files(reference)
