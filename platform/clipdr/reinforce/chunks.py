@@ -204,15 +204,8 @@ class WriteShards:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A stream batch of chunk rows in, a row per completed shard out: its name, row count and write time."""
         done = []
-        for i, name in enumerate(str(s) for s in batch[SHARD]):
-            done += self.add(
-                name,
-                int(batch[CHUNK_INDEX][i]),
-                bytes(batch[CHUNK][i]),
-                bool(batch[LAST_CHUNK][i]),
-                int(batch[SHARD_ROWS][i]),
-                str(batch[SHARD_SKIPPED][i]),
-            )
+        for i in range(len(batch[SHARD])):
+            done += self.add(*_add_args(batch, i))
         return written_rows(done)
 
     def close(self) -> None:
@@ -274,6 +267,18 @@ class WriteShards:
             shard.file.abort()
 
 
+def _add_args(batch: dict[str, np.ndarray], i: int) -> tuple[str, int, bytes, bool, int, str]:
+    """Row ``i`` of a stream batch of chunk rows as the arguments of `WriteShards.add`."""
+    return (
+        str(batch[SHARD][i]),
+        int(batch[CHUNK_INDEX][i]),
+        bytes(batch[CHUNK][i]),
+        bool(batch[LAST_CHUNK][i]),
+        int(batch[SHARD_ROWS][i]),
+        str(batch[SHARD_SKIPPED][i]),
+    )
+
+
 def written_rows(done: Sequence[tuple[str, int, float]]) -> dict[str, np.ndarray]:
     """The stream's output batch: a row per completed shard (name, rows, the writer's time when it was complete)."""
     return {
@@ -293,16 +298,9 @@ class RouteChunks:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         calls = []
-        for i, name in enumerate(str(s) for s in batch[SHARD]):
-            writer = self.writers[writer_of(name, len(self.writers))]
-            args = (
-                name,
-                int(batch[CHUNK_INDEX][i]),
-                bytes(batch[CHUNK][i]),
-                bool(batch[LAST_CHUNK][i]),
-                int(batch[SHARD_ROWS][i]),
-                str(batch[SHARD_SKIPPED][i]),
-            )
+        for i in range(len(batch[SHARD])):
+            args = _add_args(batch, i)
+            writer = self.writers[writer_of(args[0], len(self.writers))]
             calls.append(writer.add(*args) if self.get is None else writer.add.remote(*args))
         results = calls if self.get is None else self.get(calls)
         return written_rows([row for done in results for row in done])
