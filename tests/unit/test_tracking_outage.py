@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,12 +90,19 @@ def test_metrics_logged_while_the_server_is_down_arrive_in_order_after_it_return
     logger.flush()
 
     server.stop()
-    started = time.monotonic()
-    for step in range(3, 8):  # while nothing answers: neither raises nor waits
-        logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
-        stamps[step * 64] = int(time.time() * 1000)
-        time.sleep(0.1)
-    assert time.monotonic() - started < 2.0
+
+    def log_while_down() -> None:  # while nothing answers: neither raises nor waits
+        for step in range(3, 8):
+            logger.log_metrics({"train/loss": 1.0 / (step + 1), "train/lr": 0.1}, step=step * 64)
+            stamps[step * 64] = int(time.time() * 1000)
+            time.sleep(0.1)
+
+    # A log_metrics that waited for the server would wait until it returns, below: forever here. The join's bound
+    # is that, not a speed (the loop sleeps 0.5 s in all).
+    caller = threading.Thread(target=log_while_down)
+    caller.start()
+    caller.join(timeout=60)
+    assert not caller.is_alive(), "log_metrics waited for the server"
     assert logger.pending == 10  # held back, not dropped
 
     server.start()  # the same port and store
@@ -129,19 +137,19 @@ def test_a_failing_job_keeps_its_own_error_when_the_server_is_down(monkeypatch):
     # Before the fix: the run's FAILED status was sent after MLflow's retries, and its error replaced the job's.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # keeps the unfixed code's failure quick
     tracker = tracking.Tracker(MlflowClient(f"http://127.0.0.1:{free_port()}"), "0" * 32, "0")
-    started = time.monotonic()
     with pytest.raises(RuntimeError, match="the job's own error"), tracker:
         raise RuntimeError("the job's own error")
-    assert time.monotonic() - started < 5
 
 
 def test_stopping_system_metrics_does_not_wait_for_the_server(monkeypatch):
     # MLflow's sampler asks the server for the run's status after each sample, with MLflow's retries (7 by default,
-    # minutes; 3 here, ~14 s) in its own thread, and its finish() waited for that thread.
+    # minutes) in its own thread, and its finish() waited for that thread. Here 3 retries, 20 s and 40 s apart
+    # (urllib3's backoff, factor 10: the first retry is at once): a finish() that waited would take 60 s or more.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "10")
     tracker = tracking.Tracker(MlflowClient(f"http://127.0.0.1:{free_port()}"), "0" * 32, "0")
     started = time.monotonic()
     monitor = tracker.start_system_metrics(interval_s=0.1)
     time.sleep(1.0)  # its thread is now inside those retries
     monitor.finish(timeout_s=1.0)
-    assert time.monotonic() - started < 8
+    assert time.monotonic() - started < 30  # half the retries' 60 s: not a speed, whether it waited for them
