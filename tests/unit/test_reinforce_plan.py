@@ -209,6 +209,15 @@ def test_model_pools_are_fixed_or_elastic_between_least_and_most():
     assert two_deep.enable_true_multi_threading and (two_deep.min_size, two_deep.max_size) == (1, 4)
 
 
+def test_a_job_starts_no_more_writers_than_shards_to_write():
+    """A writer owning no shard would cost a process start and write nothing: a one-shard pass starts one."""
+    pytest.importorskip("ray")
+    from clipdr.reinforce.pipeline import num_writers
+
+    assert [num_writers(2, n) for n in (1, 2, 5)] == [1, 2, 2]
+    assert num_writers(4, 0) == 1  # a job with nothing to write never gets here; still a valid pool
+
+
 def test_a_recorded_run_continues_with_the_fingerprint_of_either_spelling(source, tmp_path):
     """A reinforcement state recorded before a_k left the fingerprint (the legacy spelling) is the same run; another
     input is not."""

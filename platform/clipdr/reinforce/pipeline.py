@@ -282,7 +282,6 @@ def write_and_drain(
 ) -> dict[str, str]:
     """The end of a stream, the base job's (its shards) and a part pass's (one part's files): each chunk routed to
     the writer that owns its shard, the stream drained; returns the failed shards as `drain` does."""
-    res = cfg.resources
     writers = start_writers(cfg, output_dir, layout, run_fingerprint, tasks)
     try:
         ds = ds.map_batches(
@@ -291,9 +290,9 @@ def write_and_drain(
             num_cpus=_ROUTE_CPUS,
             # A writer takes one call at a time: more routing tasks than two a writer would only wait, holding
             # chunks and Ray Data's CPU budget, which the reads and renders need.
-            compute=ray.data.TaskPoolStrategy(size=2 * res.writers),
+            compute=ray.data.TaskPoolStrategy(size=2 * len(writers)),
             runtime_env=storage_runtime_env(),
-            **task_fault_args(res.crash_retries),
+            **task_fault_args(cfg.resources.crash_retries),
         )
         return drain(ds, tasks, output_dir, on_shard)
     finally:
@@ -311,7 +310,8 @@ def start_writers(
     run_fingerprint: str,
     tasks: Sequence[ShardTask],
 ) -> list:
-    """The writer actors (`chunks.WriteShards`), ``reinforce.resources.writers`` of them; a chunk goes to the one
+    """The writer actors (`chunks.WriteShards`), ``reinforce.resources.writers`` of them but never more than the
+    shards to write (`num_writers`: one more would own none and only cost a process start); a chunk goes to the one
     that owns its shard (`chunks.writer_of`), so several shards are written at once, each by one process.
 
     Plain actors, not a Ray Data actor stage: Ray Data hands a block to whichever actor of a pool is free, and every
@@ -326,7 +326,13 @@ def start_writers(
         max_task_retries=res.crash_retries,
     )
     sources_by_output = {t.output: t.source for t in tasks}
-    return [actor.remote(output_dir, layout, run_fingerprint, sources_by_output) for _ in range(res.writers)]
+    count = num_writers(res.writers, len(tasks))
+    return [actor.remote(output_dir, layout, run_fingerprint, sources_by_output) for _ in range(count)]
+
+
+def num_writers(configured: int, num_shards: int) -> int:
+    """Writer actors a job starts: ``reinforce.resources.writers``, at most one a shard to write (at least one)."""
+    return max(1, min(configured, num_shards))
 
 
 def stop_writers(writers: list) -> None:
