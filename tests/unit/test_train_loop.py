@@ -283,3 +283,37 @@ def test_system_metrics_come_from_the_first_worker_of_every_node(local_rank, nod
     from clipdr.train.loop import system_metrics_node
 
     assert system_metrics_node(local_rank, node_rank, num_nodes) == expected
+
+
+@pytest.mark.parametrize(("ray_hands", "driver_found", "restored"), [(4, 8, 8), (8, 4, 8), (8, 8, 8), (None, 8, 8)])
+def test_a_worker_restores_the_newer_of_ray_trains_checkpoint_and_the_drivers(
+    tmp_path, monkeypatch, ray_hands, driver_found, restored
+):
+    """A killed job's worker can write a checkpoint its killed controller never registers: on resubmission Ray
+    Train hands the older one while the driver found the newer on storage and starts the data stream after it. The
+    worker restores the newer (its weights, not only its step), and after a restart within the fit, Ray's."""
+    import ray.train
+
+    from clipdr import checkpoint
+    from clipdr.train import loop
+
+    plan = a_plan()
+    folders = {}
+    cpu = torch.device("cpu")
+    for step in (4, 8):
+        model = build_student(plan, cpu)
+        weights = {k: v + step if v.is_floating_point() else v for k, v in model.state_dict().items()}  # each its own
+        meta = checkpoint.CheckpointMeta(
+            STUDENT, str(plan.mode), "unit", "", step, 16 * step, 2 * step, plan.total_steps
+        )
+        folders[step] = tmp_path / f"checkpoint_{step}"
+        folders[step].mkdir()
+        checkpoint.save(folders[step], weights, meta, make_optimizer(model, plan, cpu).state_dict())
+    handed = None if ray_hands is None else ray.train.Checkpoint.from_directory(str(folders[ray_hands]))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: handed)
+    plan = dataclasses.replace(plan, resume_from=str(folders[driver_found]))
+    model = build_student(plan, cpu)
+    progress = loop._restore(model, make_optimizer(model, plan, cpu), plan, None)
+    assert (progress.step, progress.batches) == (restored, restored * 2)
+    want = checkpoint.load_weights(folders[restored])
+    assert all(torch.equal(t, want[k]) for k, t in model.state_dict().items())

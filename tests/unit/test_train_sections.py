@@ -107,7 +107,7 @@ EVERY_FIELD = TrainConfig(
 
 # Plan sections, and keys of sections (dotted below the section), added after the pinned files were made; each is
 # compared on its own in its feature's tests.
-ADDED_SINCE = ("tracking", "num_syn_captions", "syn_caption_sets")
+ADDED_SINCE = ("tracking", "num_syn_captions", "syn_caption_sets", "resume_from")
 ADDED_KEYS = {
     "train": (
         *("dry_run", "cost", "teacher_scales", "num_syn_captions", "syn_caption_sets", "channels_last", "compile"),

@@ -8,7 +8,8 @@ and every restart sees the same decisions. The loop:
    decay only on weight matrices (and layer-wise lr multipliers), warmup then ``train.schedule.kind`` on the optimizer
    step, and the loss (`losses.DistillationLoss`, plus the
    captioning loss when the student is a CoCa);
-2. restores the latest checkpoint Ray Train hands it (``ray.train.get_checkpoint()``): weights, optimiser,
+2. restores the newer of the checkpoint Ray Train hands it (``ray.train.get_checkpoint()``) and the driver's
+   (`TrainPlan.resume_from`, `_restore`): weights, optimiser,
    scheduler, step, samples seen, micro-batches consumed, RNG state; then skips the micro-batches its dataset
    stream has already delivered (the driver starts the stream at the checkpoint's epoch, so at most one epoch);
 3. steps through ``get_dataset_shard("train").iter_torch_batches`` with gradient accumulation, clipping,
@@ -274,25 +275,46 @@ class Progress:
 def _restore(
     model: nn.Module, optimizer: torch.optim.Optimizer, plan: TrainPlan, ema: finetune.WeightEma | None
 ) -> Progress:
+    """Restores the newest of two checkpoints: the one Ray Train hands this worker (``ray.train.get_checkpoint()``:
+    this fit's latest, after a worker restart) and the one the driver resumed from (`TrainPlan.resume_from`, where
+    the data stream starts). At a resubmission they are the same, unless the killed job's worker wrote a checkpoint
+    that its killed controller never registered: then Ray Train hands the older one, the driver found the newer on
+    storage and started the stream after it, and only restoring the newer one lets the run go on."""
     import ray.train
 
     found = ray.train.get_checkpoint()
-    if found is None:
-        return Progress()
-    with found.as_directory() as directory:
-        meta = checkpoint.CheckpointMeta.read(directory)
-        if meta.model != plan.train.model or meta.total_steps != plan.total_steps:
-            raise RuntimeError(
-                f"checkpoint {found.path} is of model {meta.model!r} with {meta.total_steps} steps; this run "
-                f"trains {plan.train.model!r} for {plan.total_steps}: use another run_name, or the same settings"
-            )
-        _unwrap(model).load_state_dict(checkpoint.load_weights(directory))
-        checkpoint.load_train_state(directory, optimizer)
-        if ema is not None:
-            saved = checkpoint.load_ema(directory)
-            if saved is None:
-                raise RuntimeError(f"checkpoint {found.path} holds no weight EMA, and this run keeps one")
-            ema.load(saved)
+    if found is not None:
+        with found.as_directory() as directory:
+            meta = checkpoint.CheckpointMeta.read(directory)
+            if not plan.resume_from or meta.step >= checkpoint.CheckpointMeta.read(plan.resume_from).step:
+                return _load_checkpoint(directory, str(found.path), meta, model, optimizer, plan, ema)
+    if plan.resume_from:
+        meta = checkpoint.CheckpointMeta.read(plan.resume_from)
+        return _load_checkpoint(plan.resume_from, plan.resume_from, meta, model, optimizer, plan, ema)
+    return Progress()
+
+
+def _load_checkpoint(
+    directory: str,
+    where: str,
+    meta: checkpoint.CheckpointMeta,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: TrainPlan,
+    ema: finetune.WeightEma | None,
+) -> Progress:
+    if meta.model != plan.train.model or meta.total_steps != plan.total_steps:
+        raise RuntimeError(
+            f"checkpoint {where} is of model {meta.model!r} with {meta.total_steps} steps; this run "
+            f"trains {plan.train.model!r} for {plan.total_steps}: use another run_name, or the same settings"
+        )
+    _unwrap(model).load_state_dict(checkpoint.load_weights(directory))
+    checkpoint.load_train_state(directory, optimizer)
+    if ema is not None:
+        saved = checkpoint.load_ema(directory)
+        if saved is None:
+            raise RuntimeError(f"checkpoint {where} holds no weight EMA, and this run keeps one")
+        ema.load(saved)
     return Progress(meta.step, meta.samples_seen, meta.batches)
 
 

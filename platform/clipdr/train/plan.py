@@ -273,6 +273,9 @@ class TrainPlan:
         threads: torch threads per worker.
         run_name: The run's name (Ray Train storage folder and MLflow run name).
         start_batches: Micro-batches per worker that come before the first one the dataset stream delivers.
+        resume_from: The newest complete checkpoint of the run's storage when the driver planned it
+            (`clipdr.checkpoint.latest`; empty: none), which ``start_batches`` follows: a worker restores it unless
+            Ray Train hands it a newer one (`clipdr.train.loop`).
         mlflow_run_id: The run's MLflow run id (reopened by rank 0).
         tracking_uri: Where that run lives.
         tracking: The ``[tracking]`` section (how long rank 0 keeps metrics through a tracking outage).
@@ -291,6 +294,7 @@ class TrainPlan:
     threads: int
     run_name: str
     start_batches: int = 0
+    resume_from: str = ""
     mlflow_run_id: str = ""
     tracking_uri: str = ""
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
@@ -353,6 +357,7 @@ def make_plan(
     *,
     run_name: str = "",
     start_batches: int = 0,
+    resume_from: str = "",
     mlflow_run_id: str = "",
     tracking_uri: str = "",
     dataset_syn_captions: int | None = None,
@@ -394,6 +399,7 @@ def make_plan(
         threads=max(1, int(tc.resources.cpus_per_worker)),
         run_name=run_name or default_run_name(tc),
         start_batches=start_batches,
+        resume_from=resume_from,
         mlflow_run_id=mlflow_run_id,
         tracking_uri=tracking_uri,
         tracking=cfg.tracking,

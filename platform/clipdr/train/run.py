@@ -346,6 +346,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> TrainResult | None:
         [manifest.teacher(n) for n in teacher_names] if manifest else [],
         run_name=run_name,
         start_batches=start_epoch * batches_per_epoch,
+        resume_from=resume[0] if resume else "",
         mlflow_run_id=tracker.run_id,
         tracking_uri=tracker.client.tracking_uri,
         dataset_caption_sets=manifest.caption_sets if manifest else None,
