@@ -260,15 +260,14 @@ def _kill_and_resume(args: argparse.Namespace, config: Config, reference: str, r
     if child.returncode != -signal.SIGKILL:
         raise RuntimeError(f"the second driver was to kill itself, but exited with {child.returncode}")
     _wait_for_writers_to_end()
-    before = _shard_files(output)
-    if len(before) == len(_shard_files(reference)):
+    before, expected = _shard_files(output), _shard_files(reference)
+    if len(before) == len(expected):
         raise RuntimeError(
             f"the killed driver's writers completed all {len(before)} shards before they ended: nothing was left to "
             "resume; kill earlier (--kill-after) or give the layout more shards"
         )
     resume_s, redone_rows = _run(killed)
     after = _shard_files(output)
-    expected = _shard_files(reference)
     keys = collections.Counter()
     for name in after:
         keys.update(pq.read_table(storage.join(output, name), columns=[records.KEY]).column(0).to_pylist())
